@@ -1,0 +1,126 @@
+"""Pure tensor functions for token layouts: packing kept tokens, gathering along the token axis, attention masks.
+
+A *layout* maps the slots of a (possibly shortened) sequence to token indices of the full input: ``idx`` of shape
+``(B, T')`` holds, per row, the indices of the kept tokens in their original order, right-aligned (left padding,
+as ``generate`` expects), with ``-1`` in the padding slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pack_right", "take", "compose", "build_attention_mask"]
+
+
+def pack_right(keep: torch.Tensor) -> torch.Tensor:
+    """Right-aligned indices of the kept tokens of each row.
+
+    Args:
+        keep: ``(B, T)`` bool, True for tokens that stay.
+
+    Returns:
+        ``(B, T')`` long with ``T' = max_b keep[b].sum()``: the kept indices in order, ``-1`` in left padding slots.
+    """
+    counts = keep.sum(dim=1)  # (B,)
+    width = int(counts.max()) if keep.numel() else 0
+    rank = keep.long().cumsum(dim=1) - 1  # (B, T) rank among the row's kept tokens
+    slot = rank + (width - counts)[:, None]  # (B, T) right-aligned slot of each kept token
+    idx = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
+    rows, cols = keep.nonzero(as_tuple=True)
+    idx[rows, slot[rows, cols]] = cols
+    return idx
+
+
+def compose(outer: torch.Tensor | None, inner: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Express a layout over token indices as slots of an earlier layout.
+
+    Args:
+        outer: ``(B, T_o)`` the earlier layout (``None`` = identity over the ``num_tokens`` tokens).
+        inner: ``(B, T_i)`` token indices (``-1`` pad), each present in ``outer``.
+        num_tokens: number of tokens ``T`` the layouts index into.
+
+    Returns:
+        ``(B, T_i)``: for each slot of ``inner``, the slot of ``outer`` holding the same token (``-1`` for pads).
+    """
+    if outer is None:
+        return inner
+    inverse = torch.full((outer.shape[0], num_tokens + 1), -1, dtype=torch.long, device=outer.device)
+    slots = torch.arange(outer.shape[1], device=outer.device).expand_as(outer)
+    inverse.scatter_(1, torch.where(outer >= 0, outer, num_tokens), slots)  # pads land in the spare column
+    inverse[:, num_tokens] = -1
+    return inverse.gather(1, torch.where(inner >= 0, inner, num_tokens))
+
+
+def take(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather the slots of a layout along a token axis whose batch axis is ``dim - 1``.
+
+    The batch axis of ``x`` may have size 1 (broadcast, as rotary tables often do). Padding slots (``-1``) take
+    token 0's values; callers mask them.
+
+    Args:
+        x: tensor with a token axis ``dim`` and a batch axis ``dim - 1``.
+        idx: ``(B, T')`` layout.
+        dim: the token axis of ``x``.
+
+    Returns:
+        ``x`` with its batch axis expanded to ``B`` and its token axis replaced by the ``T'`` slots.
+    """
+    dim = dim % x.dim()
+    batch, width = idx.shape
+    shape = list(x.shape)
+    shape[dim - 1] = batch
+    x = x.expand(*shape)
+    view = [1] * x.dim()
+    view[dim - 1], view[dim] = batch, width
+    out_shape = shape.copy()
+    out_shape[dim] = width
+    index = idx.clamp(min=0).view(view).expand(*out_shape)
+    return x.gather(dim, index)
+
+
+def build_attention_mask(
+    q_cols: torch.Tensor,
+    q_valid: torch.Tensor,
+    k_cols: torch.Tensor,
+    k_valid: torch.Tensor,
+    *,
+    window: int | None,
+    kind: str,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Causal + padding (+ sliding-window) mask between query and key slots identified by original columns.
+
+    Columns are indices in the full (never withdrawn) sequence, so causality and sliding windows mean exactly what
+    they mean for the unmodified model. Invalid query slots attend to themselves only, so softmax stays finite.
+
+    Args:
+        q_cols: ``(B, Tq)`` original column of each query slot (``-1`` for padding slots).
+        q_valid: ``(B, Tq)`` bool, query slot holds a real token.
+        k_cols: ``(B, Tk)`` original column of each key slot; the last ``Tq`` key slots are the query slots.
+        k_valid: ``(B, Tk)`` bool, key slot holds a real (attendable) token.
+        window: sliding-window width (keys with ``q - k >= window`` are hidden), or ``None``.
+        kind: ``"sdpa"`` (bool mask, True = attend; may return ``None`` when plain causal) or ``"eager"`` (additive).
+        dtype: dtype of the additive mask for ``"eager"``.
+
+    Returns:
+        ``(B, 1, Tq, Tk)`` mask, or ``None`` when ``kind == "sdpa"`` and the mask is exactly SDPA's own causal one.
+    """
+    num_q, num_k = q_cols.shape[1], k_cols.shape[1]
+    diff = q_cols[:, :, None] - k_cols[:, None, :]  # (B, Tq, Tk)
+    allowed = k_valid[:, None, :] & (diff >= 0)
+    if window is not None:
+        allowed &= diff < window
+    self_slot = torch.arange(num_q, device=q_cols.device) + (num_k - num_q)  # key slot of each query
+    allowed[:, torch.arange(num_q, device=q_cols.device), self_slot] |= ~q_valid
+    if kind == "sdpa":
+        if bool(allowed.all()):
+            return None  # decode step with nothing hidden
+        if num_q == num_k and bool(q_valid.all()) and bool(k_valid.all()):
+            causal = torch.ones(num_q, num_k, dtype=torch.bool, device=allowed.device).tril()
+            if torch.equal(allowed, causal.expand_as(allowed)):
+                return None  # SDPA's is_causal fast path gives the same result
+        return allowed[:, None]
+    if kind == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    raise ValueError(f"unsupported mask kind {kind!r}")
