@@ -1,0 +1,162 @@
+"""Wall-clock measurement helpers: random-weight LLaVA-shaped models, prefill / decode timing, KV-cache bytes.
+
+Used by ``benchmarks/prefill.py`` and the comparison report. Nothing here is a test: timings depend on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria
+
+__all__ = ["LlavaShape", "build_random_llava", "llava_prompt", "time_prefill", "time_decode", "kv_cache_bytes"]
+
+IMAGE_TOKEN_ID = 32000
+
+
+@dataclass(frozen=True)
+class LlavaShape:
+    """Shape of a random-weight LLaVA-1.5-like model (the decoder is Llama; the vision tower is small).
+
+    Defaults give a ~0.8 B-parameter decoder (24 layers of d = 1536, FFN 4096, 12 heads of 128: MHA as Vicuna).
+    ``LlavaShape.llava_7b()`` is LLaVA-1.5-7B's decoder (32 x 4096, FFN 11008).
+    """
+
+    hidden_size: int = 1536
+    num_layers: int = 24
+    intermediate_size: int = 4096
+    num_heads: int = 12
+    num_kv_heads: int = 12
+    vocab_size: int = 32064
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 64
+
+    @classmethod
+    def llava_7b(cls, num_layers: int = 32) -> LlavaShape:
+        """LLaVA-1.5-7B's decoder shape (optionally with fewer layers)."""
+        return cls(hidden_size=4096, num_layers=num_layers, intermediate_size=11008, num_heads=32, num_kv_heads=32)
+
+    @property
+    def image_tokens(self) -> int:
+        """Visual tokens per image (CLS dropped, as LLaVA's default feature selection)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_random_llava(shape: LlavaShape, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                       attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+    """A real ``LlavaForConditionalGeneration`` with random weights of the given shape, in eval mode."""
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=2 * shape.vision_hidden,
+                              num_hidden_layers=2, num_attention_heads=2, image_size=shape.image_size,
+                              patch_size=shape.patch_size)
+    text = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                       num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+                       num_key_value_heads=shape.num_kv_heads, vocab_size=shape.vocab_size,
+                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    return model
+
+
+def llava_prompt(shape: LlavaShape, text_before: int = 35, text_after: int = 40, batch: int = 1,
+                 device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A LLaVA-1.5-like prompt: ``text_before`` text tokens, one image, ``text_after`` text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = []
+    for _ in range(batch):
+        before = torch.randint(3, 32000, (text_before,), generator=gen)
+        after = torch.randint(3, 32000, (text_after,), generator=gen)
+        ids.append(torch.cat([before, torch.full((shape.image_tokens,), IMAGE_TOKEN_ID), after]))
+    input_ids = torch.stack(ids).to(device)
+    pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=gen).to(device=device, dtype=dtype)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], runs: int, warmup: int = 1, device: torch.device | None = None
+                ) -> tuple[float, list[float]]:
+    """Median wall time of ``fn`` over ``runs`` runs (after ``warmup``), and all the times, in seconds."""
+    device = device or torch.device("cpu")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def time_prefill(model: nn.Module, inputs: dict[str, torch.Tensor], runs: int = 3, warmup: int = 1
+                 ) -> tuple[float, list[float]]:
+    """Median prefill time (``logits_to_keep=1`` with a KV cache, as ``generate`` does)."""
+
+    @torch.inference_mode()
+    def run() -> None:
+        model(**inputs, logits_to_keep=1, use_cache=True)
+
+    return median_time(run, runs, warmup, model.device)
+
+
+class _StepClock(StoppingCriteria):
+    """Records the time after every generation step (the criteria run once per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def time_decode(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int = 16) -> tuple[float, int]:
+    """Greedy-generate ``new_tokens`` tokens; return the median per-token decode time (s) and the KV-cache bytes."""
+    clock = _StepClock(model.device)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             stopping_criteria=[clock], return_dict_in_generate=True)
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]  # step 0 is the prefill
+    return statistics.median(steps), kv_cache_bytes(out.past_key_values)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of every layer of a transformers cache."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def threads(num: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count."""
+    old = torch.get_num_threads()
+    if num:
+        torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

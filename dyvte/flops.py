@@ -1,0 +1,104 @@
+"""Analytic prefill FLOPs of the text decoder under withdrawal.
+
+Two conventions, both counted per decoder layer for ``n`` tokens, hidden ``d``, FFN width ``m``:
+
+* ``"detailed"`` (default): real FLOPs, 2 per multiply-add, of every matrix product: the q/k/v/o projections with
+  grouped-query attention (k and v project to ``n_kv_heads * head_dim``), dense attention scores and weighted sum
+  ``2 * 2 * n * n * heads * head_dim`` (a causal kernel may skip half; SDPA's math path and FlopCounterMode do not),
+  the gated FFN ``2 * 3 * n * d * m``, and the LM head on ``lm_head_tokens`` positions. Norms, rotary and
+  activations are ignored (elementwise, < 1%). This equals ``torch.utils.flop_counter.FlopCounterMode``'s count.
+* ``"paper"``: the FastV/VTW-style multiply-add count ``4 n d^2 + 2 n^2 d + 3 n d m`` per layer (full MHA, gated FFN,
+  no LM head), for comparison with published tables.
+
+Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PrefillFlops", "prefill_flops", "layer_flops"]
+
+
+@dataclass(frozen=True)
+class PrefillFlops:
+    """Prefill FLOPs of the text decoder, per row.
+
+    Attributes:
+        flops: FLOPs with withdrawal (``(B,)`` float64 tensor, or a float for scalar inputs).
+        full: FLOPs of the unmodified model on the same rows.
+        ratio: ``flops / full``.
+        convention: ``"detailed"`` or ``"paper"`` (see module docstring).
+    """
+
+    flops: torch.Tensor | float
+    full: torch.Tensor | float
+    ratio: torch.Tensor | float
+    convention: str
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_flops(config, num_tokens: torch.Tensor, convention: str = "detailed") -> torch.Tensor:
+    """FLOPs of one decoder layer on ``num_tokens`` tokens (float64 tensor, elementwise)."""
+    cfg = _text_config(config)
+    n = torch.as_tensor(num_tokens, dtype=torch.float64)
+    d = cfg.hidden_size
+    m = cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    if convention == "paper":
+        return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+    if convention != "detailed":
+        raise ValueError(f"convention must be 'detailed' or 'paper', got {convention!r}")
+    q_o = 2 * (2 * n * d * heads * head_dim)  # q and o projections
+    k_v = 2 * (2 * n * d * kv_heads * head_dim)  # k and v projections (GQA)
+    attention = 2 * (2 * n * n * heads * head_dim)  # scores and weighted sum
+    ffn = 2 * 3 * n * d * m  # gate, up, down
+    return q_o + k_v + attention + ffn
+
+
+def prefill_flops(
+    config,
+    num_tokens,
+    num_visual,
+    exit_layer=None,
+    *,
+    convention: str = "detailed",
+    lm_head_tokens: int = 1,
+) -> PrefillFlops:
+    """Prefill FLOPs of the text decoder for rows withdrawn at ``exit_layer``.
+
+    Args:
+        config: the model config (multimodal or text).
+        num_tokens: tokens in the row (padding excluded); int or ``(B,)`` tensor.
+        num_visual: visual tokens in the row; int or ``(B,)`` tensor.
+        exit_layer: exit layer K in ``[0, L]`` (``None`` or ``L`` = never withdraw); int or ``(B,)`` tensor.
+        convention: ``"detailed"`` (real FLOPs, GQA, LM head) or ``"paper"`` (see module docstring).
+        lm_head_tokens: positions the LM head runs on (``generate`` uses 1); ignored by ``"paper"``.
+
+    Returns:
+        :class:`PrefillFlops` with per-row FLOPs, the full model's FLOPs and their ratio.
+    """
+    cfg = _text_config(config)
+    num_layers = cfg.num_hidden_layers
+    scalar = all(not isinstance(v, torch.Tensor) or v.dim() == 0 for v in (num_tokens, num_visual, exit_layer))
+    n = torch.as_tensor(num_tokens, dtype=torch.float64)
+    v = torch.as_tensor(num_visual, dtype=torch.float64)
+    k = torch.as_tensor(num_layers if exit_layer is None else exit_layer, dtype=torch.float64)
+    if bool((v > n).any()) or bool((v < 0).any()):
+        raise ValueError("num_visual must be in [0, num_tokens]")
+    if bool((k < 0).any()) or bool((k > num_layers).any()):
+        raise ValueError(f"exit_layer must be in [0, {num_layers}]")
+    head = 0.0 if convention == "paper" else 2.0 * lm_head_tokens * cfg.hidden_size * cfg.vocab_size
+    full = num_layers * layer_flops(cfg, n, convention) + head
+    withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * layer_flops(cfg, n - v, convention) + head
+    ratio = withdrawn / full
+    if scalar:
+        return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)
+    return PrefillFlops(withdrawn, full, ratio, convention)
