@@ -1,0 +1,577 @@
+"""Tiny, randomly initialised vision-language models with real processors, built fully in memory.
+
+Test-support module (not a test file). For each family in :data:`FAMILIES`, :func:`make_tiny` builds a tiny
+model (text decoder: hidden 64, ``num_layers`` layers, 4 heads / 2 kv heads where the family allows; vision tower:
+hidden 32, 1-2 layers) plus the family's *real* processor class with an in-memory word-level tokenizer built
+with the ``tokenizers`` library. :func:`make_batch` produces ragged, left-padded batches whose rows hold
+different numbers of images (and, for dynamic-resolution families, images of different sizes). Nothing touches
+the network or the hub. Image processors are the ``...ImageProcessorPil`` classes (no torchvision).
+
+Image sizes in ``rows`` are ``(height, width)`` in pixels.
+
+Per-family facts (placeholders per image for sizes (h, w) = 32x32 / 48x32 / 32x48 / 48x48, in a row with one
+image; "placeholder" = the token id the model scatters vision features into; see :data:`IMAGE_TOKENS`):
+
+- ``llava``: CLIP 32 px / patch 8, strategy "default" (CLS dropped): 16 / 16 / 16 / 16 (the CLIP processor
+  resizes + centre-crops to 32x32).
+- ``llava_next``: anyres, pinpoints [[32,32],[32,64],[64,32],[64,64]], CLIP 32 px / patch 8: 36 / 46 / 44 / 88
+  (base 16 + unpadded anyres grid + one newline token per grid row): the count depends on size and aspect.
+- ``llava_onevision``: SigLIP 32 px / patch 8 + Qwen2, same pinpoints: 36 / 46 / 44 / 88 in single-image rows.
+  Quirk: in a row with several images the processor/model use the base features only (no anyres) plus one
+  newline: 17 per image, whatever the size (the processor returns ``batch_num_images``).
+- ``qwen2_vl`` / ``qwen2_5_vl``: patch 4, merge 2, one placeholder per 8x8 pixels: 16 / 24 / 24 / 36 (16x16 -> 4).
+  ``<|vision_start|>``/``<|vision_end|>`` surround the ``<|image_pad|>`` run. mrope (``mrope_section=[2, 3, 3]``,
+  head_dim 16): ``position_ids`` are 3-D; in generate they are 4xBxL. Qwen2.5-VL's vision tower uses window
+  attention (window 16 px) in layer 0 and full attention in the last layer. The processor also returns
+  ``mm_token_type_ids``.
+- ``internvl``: 32 px tiles, patch 4, pixel-shuffle 0.5 -> 16 ``<IMG_CONTEXT>`` per tile; dynamic tiling as in real
+  InternVL (``crop_to_patches=True``, 1-4 tiles + a thumbnail tile when more than one): 16 / 48 / 48 / 80. Each
+  image is wrapped in ``<img>``/``</img>``, separate tokens that are *not* placeholders.
+- ``gemma3``: SigLIP 32 px / patch 4 pooled to ``mm_tokens_per_image=16``: 16 ``<image_soft_token>`` per image,
+  between ``<start_of_image>``/``<end_of_image>`` (the prompt carries ``<start_of_image>``; the ``\n\n`` around
+  it vanish in the whitespace tokenizer). 4 text layers with ``layer_types`` = [sliding, sliding, sliding, full]
+  (the pattern repeats for other depths) and ``sliding_window=8``, so the window binds on every test sequence.
+  The processor returns ``token_type_ids`` (1 on image tokens: bidirectional attention among image tokens).
+  Embeddings are tied (as in real Gemma3).
+- ``idefics3`` / ``smolvlm``: vision 32 px / patch 4, scale factor 2 -> 16 ``<image>`` per image, no image
+  splitting (``do_image_splitting=False``): 16 / 16 / 16 / 16 (images are resized to longest edge 32 and padded;
+  ``pixel_attention_mask`` is returned). Each image is ``<fake_token_around_image><global-img>`` + 16 x
+  ``<image>`` + ``<fake_token_around_image>``. SmolVLM needs ``num2words``.
+
+Quirk common to the video-slot processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, SmolVLM): without
+torchvision they cannot even be built with ``video_processor=None``, nor saved or reloaded;
+:func:`allow_missing_video_processor` (applied by :func:`make_tiny` and :func:`save_and_reload`) patches
+``ProcessorMixin.get_attributes`` to fix this. With it, every family round-trips through ``save_pretrained`` /
+``AutoModelForImageTextToText`` / ``AutoProcessor`` offline with identical inputs and logits.
+
+Greedy decoding of a random model sits on near-ties and often stops early on eos: compare logits, not tokens.
+
+Rows without images next to rows with images work for every family (images are passed as one list per row).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import BatchFeature, PreTrainedTokenizerFast
+
+FAMILIES: list[str] = [
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "internvl",
+    "gemma3",
+    "idefics3",
+    "smolvlm",
+]
+
+#: Text decoder sizes shared by all families.
+TEXT_HIDDEN = 64
+TEXT_HEADS = 4
+TEXT_KV_HEADS = 2
+TEXT_INTERMEDIATE = 128
+#: Vision tower sizes shared by all families.
+VISION_HIDDEN = 32
+VISION_LAYERS = 2
+VISION_HEADS = 2
+VISION_INTERMEDIATE = 64
+#: Placeholder tokens per image in a single-image row, by image size (height, width), for the tiny processors.
+IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
+    "llava": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+    "llava_next": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
+    "llava_onevision": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
+    "qwen2_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "qwen2_5_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "internvl": {(32, 32): 16, (48, 32): 48, (32, 48): 48, (48, 48): 80},
+    "gemma3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+    "idefics3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+    "smolvlm": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+}
+#: Families whose placeholder count per image depends on the image size.
+DYNAMIC_RESOLUTION: list[str] = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"]
+#: Pinpoints for the anyres families (LLaVA-NeXT, LLaVA-OneVision).
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+_SYLLABLES_A = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "vu", "ho", "ze"]
+_SYLLABLES_B = ["ran", "mel", "tos", "pik", "dun", "sar", "lev", "bom", "gil", "fet", "nok", "wix"]
+#: Plain words of the tiny vocabulary (144 words).
+WORDS: list[str] = [a + b for a in _SYLLABLES_A for b in _SYLLABLES_B]
+
+# Special tokens per family: (bos, eos, pad, unk) plus extra special tokens exposed as tokenizer attributes.
+_BASIC = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+_QWEN_BASIC = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
+_GEMMA_BASIC = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+_ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+_IDEFICS_EXTRA = {
+    "image_token": "<image>",
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+
+_FAMILY_SPECIALS: dict[str, tuple[dict[str, str | None], dict[str, str], list[str]]] = {
+    # family: (basic special tokens, extra special tokens (attribute -> token), other added special tokens)
+    "llava": (_BASIC, {"image_token": "<image>"}, []),
+    "llava_next": (_BASIC, {"image_token": "<image>"}, []),
+    "llava_onevision": (_QWEN_BASIC, {"image_token": "<image>", "video_token": "<video>"}, []),
+    "qwen2_vl": (
+        _QWEN_BASIC,
+        {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+        ["<|im_start|>"],
+    ),
+    "internvl": (
+        _QWEN_BASIC,
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+        [],
+    ),
+    "gemma3": (
+        _GEMMA_BASIC,
+        {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+        [],
+    ),
+    "idefics3": (_BASIC, _IDEFICS_EXTRA, _ROW_COL),
+    "smolvlm": (_BASIC, {**_IDEFICS_EXTRA, "video_token": "<video>"}, _ROW_COL),
+}
+_FAMILY_SPECIALS["qwen2_5_vl"] = _FAMILY_SPECIALS["qwen2_vl"]
+
+#: Placeholder string a prompt carries once per image, per family (the processor expands it).
+PROMPT_IMAGE_TOKEN: dict[str, str] = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "llava_onevision": "<image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "internvl": "<IMG_CONTEXT>",
+    "gemma3": "<start_of_image>",
+    "idefics3": "<image>",
+    "smolvlm": "<image>",
+}
+
+
+def allow_missing_video_processor() -> None:
+    """Let processors with a video slot work with ``video_processor=None`` when torchvision is absent.
+
+    Without torchvision, ``transformers.VideoProcessorMixin`` / ``AutoVideoProcessor`` do not exist, so for
+    Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL and SmolVLM processors (a) the constructor's class check fails
+    on any ``video_processor`` argument, even ``None`` (``AttributeError: type object 'VIDEO_PROCESSOR_MAPPING'
+    has no attribute '_extra_content'``), (b) ``save_pretrained`` fails on ``None._auto_class`` and (c)
+    ``from_pretrained`` tries to load a video processor. This idempotent patch makes
+    ``ProcessorMixin.get_attributes`` leave out video sub-processors when torchvision is not installed, which
+    fixes all three; it changes nothing when torchvision is present.
+    """
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return
+    original = ProcessorMixin.__dict__["get_attributes"].__func__
+    if getattr(original, "_tiny_models_patched", False):
+        return
+
+    def get_attributes(cls: type) -> list[str]:
+        return [name for name in original(cls) if "video" not in name]
+
+    get_attributes._tiny_models_patched = True  # type: ignore[attr-defined]
+    ProcessorMixin.get_attributes = classmethod(get_attributes)  # type: ignore[method-assign,assignment]
+
+
+def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """Build the in-memory word-level tokenizer of ``family`` (special tokens first, then :data:`WORDS`).
+
+    Llama/Gemma-style families prepend the bos token to every sequence; Qwen-style ones have no bos.
+    The tokenizer pads on the left.
+    """
+    basic, extra, others = _FAMILY_SPECIALS[family]
+    specials: list[str] = []
+    for tok in [*basic.values(), *extra.values(), *others]:
+        if tok is not None and tok not in specials:
+            specials.append(tok)
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=basic["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    backend.add_special_tokens(specials)
+    bos = basic["bos_token"]
+    if bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        padding_side="left",
+        extra_special_tokens=dict(extra),
+        **{k: v for k, v in basic.items() if v is not None},
+    )
+    return tokenizer
+
+
+def _text_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """Llama/Qwen2-style text-decoder kwargs shared by most families."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": TEXT_HIDDEN,
+        "intermediate_size": TEXT_INTERMEDIATE,
+        "num_attention_heads": TEXT_HEADS,
+        "num_key_value_heads": TEXT_KV_HEADS,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict[str, Any]:
+    """Tiny CLIP/SigLIP-style vision-tower kwargs."""
+    return {
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "num_hidden_layers": VISION_LAYERS,
+        "num_attention_heads": VISION_HEADS,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
+def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> tuple[Any, Any]:
+    """Return ``(config, processor)`` for ``family`` (tokenizer already built)."""
+    import transformers as tf
+
+    tk = tokenizer
+    text = {**_text_kwargs(tk), "num_hidden_layers": num_layers}
+    img_mean = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+    if family == "llava":
+        config = tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
+            text_config=tf.LlamaConfig(**text),
+            image_token_index=tk.image_token_id,
+            image_seq_length=16,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            projector_hidden_act="gelu",
+        )
+        ip = tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **img_mean)
+        proc = tf.LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tk,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    elif family == "llava_next":
+        config = tf.LlavaNextConfig(
+            vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
+            text_config=tf.LlamaConfig(**text),
+            image_token_index=tk.image_token_id,
+            image_grid_pinpoints=PINPOINTS,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            image_seq_length=16,
+        )
+        ip = tf.LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32},
+            crop_size={"height": 32, "width": 32},
+            image_grid_pinpoints=PINPOINTS,
+            **img_mean,
+        )
+        proc = tf.LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tk,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
+    elif family == "llava_onevision":
+        config = tf.LlavaOnevisionConfig(
+            vision_config=tf.SiglipVisionConfig(**_clip_vision(32, 8)),
+            text_config=tf.Qwen2Config(**text),
+            image_token_index=tk.image_token_id,
+            video_token_index=tk.video_token_id,
+            image_grid_pinpoints=PINPOINTS,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+        )
+        ip = tf.LlavaOnevisionImageProcessorPil(
+            size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS, **img_mean
+        )
+        proc = tf.LlavaOnevisionProcessor(
+            image_processor=ip,
+            tokenizer=tk,
+            video_processor=None,
+            num_image_tokens=16,
+            vision_feature_select_strategy="full",
+        )
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        text = {**text, "rope_parameters": rope}
+        if family == "qwen2_vl":
+            vision = tf.Qwen2VLVisionConfig(
+                depth=VISION_LAYERS,
+                embed_dim=VISION_HIDDEN,
+                hidden_size=TEXT_HIDDEN,
+                mlp_ratio=2,
+                num_heads=VISION_HEADS,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            )
+            cfg_cls, text_cls, proc_cls = tf.Qwen2VLConfig, tf.Qwen2VLTextConfig, tf.Qwen2VLProcessor
+        else:
+            vision = tf.Qwen2_5_VLVisionConfig(
+                depth=VISION_LAYERS,
+                hidden_size=VISION_HIDDEN,
+                intermediate_size=VISION_INTERMEDIATE,
+                out_hidden_size=TEXT_HIDDEN,
+                num_heads=VISION_HEADS,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=16,
+                fullatt_block_indexes=[VISION_LAYERS - 1],
+            )
+            cfg_cls, text_cls, proc_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLTextConfig, tf.Qwen2_5_VLProcessor
+        config = cfg_cls(
+            text_config=text_cls(**text),
+            vision_config=vision,
+            image_token_id=tk.image_token_id,
+            video_token_id=tk.video_token_id,
+            vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+        )
+        ip = tf.Qwen2VLImageProcessorPil(
+            min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+        )
+        proc = proc_cls(image_processor=ip, tokenizer=tk, video_processor=None)
+    elif family == "internvl":
+        config = tf.InternVLConfig(
+            vision_config=tf.InternVLVisionConfig(
+                hidden_size=VISION_HIDDEN,
+                num_hidden_layers=VISION_LAYERS,
+                num_attention_heads=VISION_HEADS,
+                intermediate_size=VISION_INTERMEDIATE,
+                image_size=[32, 32],
+                patch_size=[4, 4],
+            ),
+            text_config=tf.Qwen2Config(**text),
+            image_token_id=tk.context_image_token_id,
+            image_seq_length=16,
+            downsample_ratio=0.5,
+            tie_word_embeddings=False,
+        )
+        ip = tf.GotOcr2ImageProcessorPil(
+            size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4, **img_mean
+        )
+        proc = tf.InternVLProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_length=16)
+    elif family == "gemma3":
+        pattern = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+        layer_types = [pattern[i % len(pattern)] for i in range(num_layers)]
+        gtext = {
+            **text,
+            "head_dim": TEXT_HIDDEN // TEXT_HEADS,
+            "query_pre_attn_scalar": TEXT_HIDDEN // TEXT_HEADS,
+            "sliding_window": 8,
+            "layer_types": layer_types,
+            "tie_word_embeddings": True,
+        }
+        config = tf.Gemma3Config(
+            text_config=tf.Gemma3TextConfig(**gtext),
+            vision_config=tf.SiglipVisionConfig(**_clip_vision(32, 4)),
+            mm_tokens_per_image=16,
+            boi_token_index=tk.boi_token_id,
+            eoi_token_index=tk.eoi_token_id,
+            image_token_index=tk.image_token_id,
+            tie_word_embeddings=True,
+        )
+        ip = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **img_mean)
+        proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tk, image_seq_length=16)
+    elif family in ("idefics3", "smolvlm"):
+        if family == "idefics3":
+            cfg_cls, vis_cls, ip_cls = tf.Idefics3Config, tf.Idefics3VisionConfig, tf.Idefics3ImageProcessorPil
+        else:
+            cfg_cls, vis_cls, ip_cls = tf.SmolVLMConfig, tf.SmolVLMVisionConfig, tf.SmolVLMImageProcessorPil
+        config = cfg_cls(
+            vision_config=vis_cls(**_clip_vision(32, 4)),
+            text_config=tf.LlamaConfig(**text),
+            image_token_id=tk.image_token_id,
+            scale_factor=2,
+            pad_token_id=tk.pad_token_id,
+        )
+        ip = ip_cls(
+            do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, **img_mean
+        )
+        if family == "idefics3":
+            proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tk, image_seq_len=16)
+        else:
+            proc = tf.SmolVLMProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_len=16)
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if "video_processor" in inspect.signature(type(proc).__init__).parameters:
+        # Keep the attribute (left unset by the patched ``get_attributes``); it is saved as ``null`` and handed
+        # back as ``video_processor=None`` by ``from_pretrained`` (SmolVLM's ``__init__`` requires the argument).
+        proc.video_processor = None
+    return config, proc
+
+
+_MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
+}
+
+
+def make_tiny(
+    family: str,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    num_layers: int = 4,
+    seed: int = 0,
+) -> tuple[Any, Any]:
+    """Build a tiny random model of ``family`` and its real processor.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        attn: attention implementation ("sdpa" or "eager"), applied to the whole model (text decoder included).
+        dtype: parameter dtype.
+        num_layers: number of text-decoder layers.
+        seed: seed for the random initialisation (same seed -> same weights).
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode with a greedy-ready ``generation_config``.
+    """
+    import transformers as tf
+
+    if family not in _MODEL_CLASSES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    allow_missing_video_processor()
+    tokenizer = make_tokenizer(family)
+    config, processor = _build(family, tokenizer, num_layers)
+    torch.manual_seed(seed)
+    model_cls = getattr(tf, _MODEL_CLASSES[family])
+    model = model_cls._from_config(config, attn_implementation=attn, dtype=dtype)
+    model.eval()
+    gc = model.generation_config
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.bos_token_id = tokenizer.bos_token_id
+    gc.do_sample = False
+    return model, processor
+
+
+def make_image(height: int, width: int, rng: np.random.Generator) -> Image.Image:
+    """A random RGB PIL image of the given size."""
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
+
+
+def _row_rng(seed: int, row_id: int) -> np.random.Generator:
+    """Per-row generator, so that a row's content depends only on ``(seed, row_id)``."""
+    return np.random.default_rng([seed, row_id])
+
+
+def make_prompt(family: str, row: Sequence[tuple[int, int]], row_id: int = 0, seed: int = 0) -> str:
+    """Prompt of random words (``2 + 3 * row_id + {0,1,2}`` of them) after one image placeholder per image."""
+    rng = _row_rng(seed, row_id)
+    n_words = 2 + 3 * row_id + int(rng.integers(0, 3))
+    words = " ".join(WORDS[int(j)] for j in rng.integers(0, len(WORDS), size=n_words))
+    placeholders = " ".join(PROMPT_IMAGE_TOKEN[family] for _ in row)
+    return f"{placeholders} {words}" if placeholders else words
+
+
+def make_row_images(row: Sequence[tuple[int, int]], row_id: int = 0, seed: int = 0) -> list[Image.Image]:
+    """The random images of one row (sizes ``(height, width)``)."""
+    rng = _row_rng(seed + 7919, row_id)
+    return [make_image(h, w, rng) for (h, w) in row]
+
+
+def make_batch(
+    processor: Any,
+    family: str,
+    rows: Sequence[Sequence[tuple[int, int]]],
+    seed: int = 0,
+    row_ids: Sequence[int] | None = None,
+) -> BatchFeature:
+    """Left-padded batch of torch tensors, one row per entry of ``rows``.
+
+    Args:
+        processor: the processor returned by :func:`make_tiny` for ``family``.
+        family: one of :data:`FAMILIES`.
+        rows: per row, the list of image sizes ``(height, width)``; ``[]`` is a text-only row. E.g.
+            ``[[(32, 32)], [(48, 32), (32, 32)], []]``. Rows get prompts of different lengths.
+        seed: seed for the random words and pixels.
+        row_ids: index used to generate each row's content (default ``range(len(rows))``). A row's words and
+            pixels depend only on ``(seed, row_id)``, so ``make_batch(p, f, [rows[i]], seed, row_ids=[i])`` is
+            row ``i`` of ``make_batch(p, f, rows, seed)`` alone (without padding).
+    """
+    ids = list(range(len(rows))) if row_ids is None else list(row_ids)
+    images = [make_row_images(row, i, seed) for row, i in zip(rows, ids, strict=True)]
+    text = [make_prompt(family, row, i, seed) for row, i in zip(rows, ids, strict=True)]
+    kwargs: dict[str, Any] = {"text": text, "padding": True, "return_tensors": "pt"}
+    if any(images):
+        kwargs["images"] = images
+    processor.tokenizer.padding_side = "left"
+    return processor(**kwargs)
+
+
+def image_token_id(model: Any) -> int:
+    """The placeholder token id the model scatters vision features into."""
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return int(value)
+    raise AttributeError("config has no image token id")
+
+
+def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> tuple[Any, Any]:
+    """Save ``model`` and ``processor`` with ``save_pretrained`` and load them back offline.
+
+    Loads with ``AutoModelForImageTextToText.from_pretrained`` / ``AutoProcessor.from_pretrained`` under
+    ``HF_HUB_OFFLINE=1``; keeps the model's dtype and attention implementation. Returns ``(model, processor)``.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    allow_missing_video_processor()
+    path = Path(tmp_path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        attn = model.config.text_config._attn_implementation
+        reloaded = AutoModelForImageTextToText.from_pretrained(path, dtype=model.dtype, attn_implementation=attn)
+        reloaded_proc = AutoProcessor.from_pretrained(path)
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    reloaded.eval()
+    return reloaded, reloaded_proc
