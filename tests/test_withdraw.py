@@ -1,0 +1,129 @@
+"""The five invariants of DESIGN §5 for static withdrawal, on tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dyvte
+from dyvte.registry import resolve
+
+from .oracle import oracle_logits, visual_mask
+from .tiny_models import FAMILIES, make_batch, make_tiny
+
+ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
+NEW_TOKENS = 4
+TOL = 2e-6  # fp32; measured max |diff| ~1e-7 (different GEMM shapes round differently)
+
+
+def encode(processor, family: str, rows, only: int | None = None) -> dict:
+    """The left-padded batch of ``rows``, or row ``only`` of it alone, from the family's real processor."""
+    if only is None:
+        return dict(make_batch(processor, family, rows))
+    return dict(make_batch(processor, family, [rows[only]], row_ids=[only]))
+
+
+def greedy(model, inputs, **kwargs):
+    ids = resolve(model).visual_ids.tolist()
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
+    return out[:, -NEW_TOKENS:]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor
+
+
+def test_rows_are_ragged(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS)
+    counts = visual_mask(model, inputs["input_ids"]).sum(1).tolist()
+    assert counts[2] == 0 and counts[0] > 0 and counts[1] > 0 and counts[1] != counts[0]
+    assert (inputs["attention_mask"] == 0).any()  # left padding present
+
+
+def test_never_withdraw_is_identity(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_tokens = greedy(model, inputs)
+    with dyvte.withdraw(model, layer=resolve(model).num_layers) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+        assert torch.equal(greedy(model, inputs), base_tokens)
+        assert handle.output_positions is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_withdrawal_equals_masking_oracle(tiny, attn):
+    family, _, processor = tiny
+    model, _ = make_tiny(family, attn=attn)
+    inputs = encode(processor, family, ROWS)
+    kept = ~visual_mask(model, inputs["input_ids"]) & inputs["attention_mask"].bool()  # (B, T)
+    for layer in range(resolve(model).num_layers):
+        reference = oracle_logits(model, inputs, layer)
+        with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
+            out = model(**inputs).logits  # (B, T_kept, V)
+            mapped = handle.to_input_positions(out, float("nan"))
+        assert out.shape[1] < inputs["input_ids"].shape[1]
+        assert not mapped[kept].isnan().any(), "a kept text position has no output"
+        diff = (mapped[kept] - reference[kept]).abs().max().item()
+        assert diff <= TOL, f"{family}/{attn} K={layer}: max |withdrawn - oracle| = {diff:.2e}"
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_generate_with_cache_equals_without(tiny, layer):
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS)
+    with dyvte.withdraw(model, layer=layer):
+        cached = greedy(model, inputs, use_cache=True)
+        uncached = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_ragged_batch_equals_rows_alone(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS)
+    with dyvte.withdraw(model, layer=2) as handle:
+        with torch.no_grad():
+            last = model(**inputs).logits[:, -1]  # (B, V) next-token logits
+        batch_tokens = greedy(model, inputs)
+        assert handle.exit_layers.tolist() == [2, 2, 2]
+        for row in range(len(ROWS)):
+            alone = encode(processor, family, ROWS, only=row)
+            with torch.no_grad():
+                torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert torch.equal(greedy(model, alone), batch_tokens[row : row + 1]), f"{family}: row {row} differs"
+
+
+def test_remove_restores_the_model(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS)
+    spec = resolve(model)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    handle = dyvte.withdraw(model, layer=1)
+    with torch.no_grad():
+        assert model(**inputs).logits.shape != base.shape
+    handle.remove()
+    handle.remove()  # idempotent
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert all(not layer._forward_pre_hooks for layer in spec.layers)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+
+
+def test_bf16_and_sampling_llava():
+    model, processor = make_tiny("llava", dtype=torch.bfloat16)
+    inputs = encode(processor, "llava", ROWS)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    ids = resolve(model).visual_ids.tolist()
+    with dyvte.withdraw(model, layer=2):
+        assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
+        runs = []
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            runs.append(model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=20,
+                                       suppress_tokens=ids, use_cache=use_cache))
+    assert torch.equal(*runs)
