@@ -40,8 +40,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    shape = LlavaShape(hidden_size=args.hidden, num_layers=args.layers, intermediate_size=args.ffn,
-                       num_heads=args.heads, num_kv_heads=args.heads)
+    shape = LlavaShape(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        intermediate_size=args.ffn,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+    )
     ks = args.ks or sorted({round(i * args.layers / 6) for i in range(7)})
     rows = []
     with threads(args.threads):
@@ -51,8 +56,15 @@ def main() -> None:
             decoder_params = sum(p.numel() for p in model.model.language_model.parameters())
             inputs = llava_prompt(shape, device=args.device, dtype=dtype)
             num_tokens = inputs["input_ids"].shape[1]
-            logger.info("%s: decoder %.2f B params, %d tokens (%d visual), device %s, %d threads", name,
-                        decoder_params / 1e9, num_tokens, shape.image_tokens, args.device, torch.get_num_threads())
+            logger.info(
+                "%s: decoder %.2f B params, %d tokens (%d visual), device %s, %d threads",
+                name,
+                decoder_params / 1e9,
+                num_tokens,
+                shape.image_tokens,
+                args.device,
+                torch.get_num_threads(),
+            )
             full_time, _ = time_prefill(model, inputs, runs=args.runs)
             full_decode, full_kv = time_decode(model, inputs, args.new_tokens)
             for k in ks:
@@ -61,20 +73,40 @@ def main() -> None:
                     decode, kv = time_decode(model, inputs, args.new_tokens)
                 ideal = 1 / dyvte.prefill_flops(model.config, num_tokens, shape.image_tokens, k).ratio
                 measured = full_time / t
-                rows.append((name, k, full_time, t, max(times) - min(times), measured, ideal, measured / ideal,
-                             full_decode, decode, full_kv, kv))
+                rows.append(
+                    (
+                        name,
+                        k,
+                        full_time,
+                        t,
+                        max(times) - min(times),
+                        measured,
+                        ideal,
+                        measured / ideal,
+                        full_decode,
+                        decode,
+                        full_kv,
+                        kv,
+                    )
+                )
                 logger.info("  K=%d done: %.3fs vs %.3fs", k, t, full_time)
             del model
 
-    print(f"\nPrefill benchmark on {platform.processor() or platform.machine()} ({args.device}), "
-          f"{args.runs} runs (median; spread = max-min of the withdrawn runs), decoder L={shape.num_layers} "
-          f"d={shape.hidden_size}, prompt 35 text + {shape.image_tokens} visual + 40 text tokens\n")
-    print("| dtype | K | prefill full (s) | prefill withdrawn (s) | spread (s) | speedup | FLOPs-ideal | "
-          "measured/ideal | decode full (ms/tok) | decode withdrawn (ms/tok) | KV full (MB) | KV withdrawn (MB) |")
+    print(
+        f"\nPrefill benchmark on {platform.processor() or platform.machine()} ({args.device}), "
+        f"{args.runs} runs (median; spread = max-min of the withdrawn runs), decoder L={shape.num_layers} "
+        f"d={shape.hidden_size}, prompt 35 text + {shape.image_tokens} visual + 40 text tokens\n"
+    )
+    print(
+        "| dtype | K | prefill full (s) | prefill withdrawn (s) | spread (s) | speedup | FLOPs-ideal | "
+        "measured/ideal | decode full (ms/tok) | decode withdrawn (ms/tok) | KV full (MB) | KV withdrawn (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, k, full_t, t, spread, sp, ideal, ratio, dec_f, dec_w, kv_f, kv_w in rows:
-        print(f"| {name} | {k} | {full_t:.3f} | {t:.3f} | {spread:.3f} | {sp:.2f}x | {ideal:.2f}x | {ratio:.2f} | "
-              f"{dec_f * 1e3:.1f} | {dec_w * 1e3:.1f} | {kv_f / 2**20:.1f} | {kv_w / 2**20:.1f} |")
+        print(
+            f"| {name} | {k} | {full_t:.3f} | {t:.3f} | {spread:.3f} | {sp:.2f}x | {ideal:.2f}x | {ratio:.2f} | "
+            f"{dec_f * 1e3:.1f} | {dec_w * 1e3:.1f} | {kv_f / 2**20:.1f} | {kv_w / 2**20:.1f} |"
+        )
 
 
 if __name__ == "__main__":

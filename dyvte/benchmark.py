@@ -49,18 +49,37 @@ class LlavaShape:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_random_llava(shape: LlavaShape, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-                       attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+def build_random_llava(
+    shape: LlavaShape, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", attn: str = "sdpa", seed: int = 0
+) -> LlavaForConditionalGeneration:
     """A real ``LlavaForConditionalGeneration`` with random weights of the given shape, in eval mode."""
-    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=2 * shape.vision_hidden,
-                              num_hidden_layers=2, num_attention_heads=2, image_size=shape.image_size,
-                              patch_size=shape.patch_size)
-    text = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                       num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-                       num_key_value_heads=shape.num_kv_heads, vocab_size=shape.vocab_size,
-                       max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden,
+        intermediate_size=2 * shape.vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        vocab_size=shape.vocab_size,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config)
@@ -71,8 +90,15 @@ def build_random_llava(shape: LlavaShape, dtype: torch.dtype = torch.bfloat16, d
     return model
 
 
-def llava_prompt(shape: LlavaShape, text_before: int = 35, text_after: int = 40, batch: int = 1,
-                 device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+def llava_prompt(
+    shape: LlavaShape,
+    text_before: int = 35,
+    text_after: int = 40,
+    batch: int = 1,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """A LLaVA-1.5-like prompt: ``text_before`` text tokens, one image, ``text_after`` text tokens."""
     gen = torch.Generator().manual_seed(seed)
     ids = []
@@ -90,8 +116,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], runs: int, warmup: int = 1, device: torch.device | None = None
-                ) -> tuple[float, list[float]]:
+def median_time(
+    fn: Callable[[], object], runs: int, warmup: int = 1, device: torch.device | None = None
+) -> tuple[float, list[float]]:
     """Median wall time of ``fn`` over ``runs`` runs (after ``warmup``), and all the times, in seconds."""
     device = device or torch.device("cpu")
     for _ in range(warmup):
@@ -106,8 +133,9 @@ def median_time(fn: Callable[[], object], runs: int, warmup: int = 1, device: to
     return statistics.median(times), times
 
 
-def time_prefill(model: nn.Module, inputs: dict[str, torch.Tensor], runs: int = 3, warmup: int = 1
-                 ) -> tuple[float, list[float]]:
+def time_prefill(
+    model: nn.Module, inputs: dict[str, torch.Tensor], runs: int = 3, warmup: int = 1
+) -> tuple[float, list[float]]:
     """Median prefill time (``logits_to_keep=1`` with a KV cache, as ``generate`` does)."""
 
     @torch.inference_mode()
@@ -134,8 +162,14 @@ def time_decode(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: i
     """Greedy-generate ``new_tokens`` tokens; return the median per-token decode time (s) and the KV-cache bytes."""
     clock = _StepClock(model.device)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             stopping_criteria=[clock], return_dict_in_generate=True)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            stopping_criteria=[clock],
+            return_dict_in_generate=True,
+        )
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]  # step 0 is the prefill
     return statistics.median(steps), kv_cache_bytes(out.past_key_values)
 

@@ -89,8 +89,10 @@ class Withdrawal:
             if isinstance(layer, bool) or not isinstance(layer, int):
                 raise TypeError(f"layer must be an int in [0, {num_layers}], got {layer!r}")
             if not 0 <= layer <= num_layers:
-                raise ValueError(f"layer K={layer} is out of range: this model has L={num_layers} decoder layers, "
-                                 f"so K must be in [0, {num_layers}] (K = {num_layers} never withdraws)")
+                raise ValueError(
+                    f"layer K={layer} is out of range: this model has L={num_layers} decoder layers, "
+                    f"so K must be in [0, {num_layers}] (K = {num_layers} never withdraws)"
+                )
         self.layer = layer
         self.exit_layers: torch.Tensor | None = None
         self.output_positions: torch.Tensor | None = None
@@ -171,8 +173,10 @@ class Withdrawal:
             raise WithdrawalError("withdrawal needs input_ids or inputs_embeds")
         if visual_mask is not None:
             if visual_mask.shape != (batch, num_tokens):
-                raise WithdrawalError(f"visual_mask has shape {tuple(visual_mask.shape)}, expected "
-                                      f"{(batch, num_tokens)} (one entry per input token)")
+                raise WithdrawalError(
+                    f"visual_mask has shape {tuple(visual_mask.shape)}, expected "
+                    f"{(batch, num_tokens)} (one entry per input token)"
+                )
             visual = visual_mask.to(device=device, dtype=torch.bool)
         elif input_ids is not None:
             visual = torch.isin(input_ids, self.spec.visual_ids.to(device))
@@ -194,8 +198,10 @@ class Withdrawal:
         attention_2d = kwargs.get("attention_mask")
         if isinstance(attention_2d, torch.Tensor) and attention_2d.dim() == 2:
             if attention_2d.shape != (batch, past + num_tokens):
-                raise WithdrawalError(f"attention_mask has shape {tuple(attention_2d.shape)}, expected "
-                                      f"{(batch, past + num_tokens)} (past {past} + current {num_tokens} columns)")
+                raise WithdrawalError(
+                    f"attention_mask has shape {tuple(attention_2d.shape)}, expected "
+                    f"{(batch, past + num_tokens)} (past {past} + current {num_tokens} columns)"
+                )
             valid = attention_2d[:, past:].to(device=device, dtype=torch.bool)
         elif attention_2d is None:
             valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
@@ -209,9 +215,17 @@ class Withdrawal:
             self.exit_layers = torch.full((batch,), self.spec.num_layers, dtype=torch.long)
         elif self.exit_layers is None or self.exit_layers.shape[0] != batch:
             raise WithdrawalError("batch size changed between prefill and decode")
-        fwd = _Forward(batch=batch, num_tokens=num_tokens, past=past, visual=visual, valid=valid,
-                       attention_2d=attention_2d, kind=kind, new_sequence=new_sequence,
-                       exited=torch.zeros(batch, dtype=torch.bool, device=device))
+        fwd = _Forward(
+            batch=batch,
+            num_tokens=num_tokens,
+            past=past,
+            visual=visual,
+            valid=valid,
+            attention_2d=attention_2d,
+            kind=kind,
+            new_sequence=new_sequence,
+            exited=torch.zeros(batch, dtype=torch.bool, device=device),
+        )
         if "labels" in kwargs and kwargs["labels"] is not None and self.first_exit < self.spec.num_layers:
             fwd.labels = kwargs.pop("labels")  # the loss is computed on the kept positions in _post_forward
         self._fwd = fwd
@@ -250,8 +264,10 @@ class Withdrawal:
     def _pre_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         fwd = self._fwd
         if fwd is None:
-            raise WithdrawalError("a hooked decoder layer ran outside a call of the top-level model; call the "
-                                  "model returned by from_pretrained (forward or generate)")
+            raise WithdrawalError(
+                "a hooked decoder layer ran outside a call of the top-level model; call the "
+                "model returned by from_pretrained (forward or generate)"
+            )
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T_cur, D)
         rows = self._exiting(index, hidden, fwd)
         if bool(rows.any()):
@@ -298,8 +314,9 @@ class Withdrawal:
 
     def _mask(self, index: int, fwd: _Forward, cache: Any, dtype: torch.dtype) -> torch.Tensor | None:
         layer_cache = cache.layers[index] if cache is not None and hasattr(cache, "layers") else None
-        cache_window = getattr(layer_cache, "sliding_window", None) if getattr(layer_cache, "is_sliding", False) \
-            else None
+        cache_window = (
+            getattr(layer_cache, "sliding_window", None) if getattr(layer_cache, "is_sliding", False) else None
+        )
         window = self.spec.sliding_window[index]
         memo = (window, cache_window, layer_cache is None)
         if memo in fwd.masks:
@@ -311,13 +328,15 @@ class Withdrawal:
             cached = layer_cache.get_seq_length()
             expected = past.cols.shape[1]
             if cached != expected:
-                raise WithdrawalError(f"KV cache of layer {index} holds {cached} tokens where this withdrawal "
-                                      f"put {expected}: the cache was modified outside dyvte")
+                raise WithdrawalError(
+                    f"KV cache of layer {index} holds {cached} tokens where this withdrawal "
+                    f"put {expected}: the cache was modified outside dyvte"
+                )
             p_cols, p_valid = past.cols, past.valid
             if fwd.attention_2d is not None:  # the caller's current mask decides which past columns count
                 p_valid = p_valid & fwd.attention_2d.gather(1, p_cols.clamp(min=0)).bool()
             if cache_window is not None:  # a sliding cache returns only its last window-1 entries
-                p_cols, p_valid = p_cols[:, -(cache_window - 1):], p_valid[:, -(cache_window - 1):]
+                p_cols, p_valid = p_cols[:, -(cache_window - 1) :], p_valid[:, -(cache_window - 1) :]
             k_cols, k_valid = torch.cat([p_cols, q_cols], 1), torch.cat([p_valid, q_valid], 1)
         mask = build_attention_mask(q_cols, q_valid, k_cols, k_valid, window=window, kind=fwd.kind, dtype=dtype)
         fwd.masks[memo] = mask
@@ -345,7 +364,7 @@ class Withdrawal:
         """
         if self.output_positions is None:
             return x
-        pos = self.output_positions[:, -x.shape[1]:].to(x.device)  # (B, T_x)
+        pos = self.output_positions[:, -x.shape[1] :].to(x.device)  # (B, T_x)
         num_tokens = self._last_tokens
         out = x.new_full((x.shape[0], num_tokens + 1, *x.shape[2:]), fill_value)
         target = torch.where(pos >= 0, pos, num_tokens)  # padding slots go to a spare row
@@ -357,12 +376,13 @@ class Withdrawal:
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # (B, T) target of each position
         idx = self.output_positions
         if idx is not None:
-            idx = idx[:, -logits.shape[1]:]
+            idx = idx[:, -logits.shape[1] :]
             shifted = torch.where(idx >= 0, shifted.gather(1, idx.clamp(min=0)), -100)
         else:
-            shifted = shifted[:, -logits.shape[1]:]
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device),
-                                                 ignore_index=-100)
+            shifted = shifted[:, -logits.shape[1] :]
+        return torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100
+        )
 
 
 def withdraw(model: nn.Module, layer: int | None = None, **kwargs: Any) -> Withdrawal:

@@ -7,8 +7,17 @@ from torch.utils.flop_counter import FlopCounterMode
 import dyvte
 from dyvte.benchmark import LlavaShape, build_random_llava, llava_prompt
 
-SHAPE = LlavaShape(hidden_size=64, num_layers=3, intermediate_size=96, num_heads=4, num_kv_heads=2, vocab_size=32064,
-                   image_size=56, patch_size=14, vision_hidden=32)
+SHAPE = LlavaShape(
+    hidden_size=64,
+    num_layers=3,
+    intermediate_size=96,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=32064,
+    image_size=56,
+    patch_size=14,
+    vision_hidden=32,
+)
 
 
 @pytest.fixture(scope="module")

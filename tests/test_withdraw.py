@@ -124,6 +124,14 @@ def test_bf16_and_sampling_llava():
         runs = []
         for use_cache in (True, False):
             torch.manual_seed(0)
-            runs.append(model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=20,
-                                       suppress_tokens=ids, use_cache=use_cache))
+            runs.append(
+                model.generate(
+                    **inputs,
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=True,
+                    top_k=20,
+                    suppress_tokens=ids,
+                    use_cache=use_cache,
+                )
+            )
     assert torch.equal(*runs)

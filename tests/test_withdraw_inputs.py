@@ -22,15 +22,17 @@ def llava():
 
 
 def test_unsupported_model_names_the_supported_families():
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, vocab_size=50))
+    model = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=50)
+    )
     with pytest.raises(dyvte.UnsupportedModelError, match="llava, llava_next.*qwen2_vl"):
         dyvte.withdraw(model, layer=1)
     assert not model._forward_pre_hooks
 
 
-@pytest.mark.parametrize(("layer", "error"), [(-1, ValueError), (5, ValueError), ("2", TypeError), (True, TypeError),
-                                              (None, TypeError)])
+@pytest.mark.parametrize(
+    ("layer", "error"), [(-1, ValueError), (5, ValueError), ("2", TypeError), (True, TypeError), (None, TypeError)]
+)
 def test_layer_out_of_range(llava, layer, error):
     model, _ = llava
     with pytest.raises(error, match="layer"):
@@ -78,8 +80,11 @@ def test_foreign_cache_is_refused(llava):
     model, inputs = llava
     with torch.no_grad():
         cache = model(**inputs, use_cache=True).past_key_values  # built without withdrawal
-        step = {"input_ids": inputs["input_ids"][:, -1:], "past_key_values": cache,
-                "attention_mask": torch.cat([inputs["attention_mask"], inputs["attention_mask"][:, -1:]], 1)}
+        step = {
+            "input_ids": inputs["input_ids"][:, -1:],
+            "past_key_values": cache,
+            "attention_mask": torch.cat([inputs["attention_mask"], inputs["attention_mask"][:, -1:]], 1),
+        }
         with dyvte.withdraw(model, layer=1), pytest.raises(dyvte.WithdrawalError, match="not produced under"):
             model(**step)
 
