@@ -487,7 +487,7 @@ def make_tiny(
 
 def make_image(height: int, width: int, rng: np.random.Generator) -> Image.Image:
     """A random RGB PIL image of the given size."""
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), mode="RGB")
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
 def _row_rng(seed: int, row_id: int) -> np.random.Generator:
