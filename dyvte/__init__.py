@@ -1,15 +1,27 @@
 """dyvte: visual-token withdrawal (VTW), learned dynamic exit (DyVTE) and pruning for HF vision-language models."""
 
+from .calibrate import Calibration, calibrate
+from .data import DataError
+from .evaluate import EvalResult, evaluate
 from .flops import PrefillFlops, prefill_flops
+from .methods import Calibrated, Full, Static
 from .registry import REGISTRY, UnsupportedModelError, supported_model_types
 from .withdraw import Withdrawal, WithdrawalError, withdraw
 
 __all__ = [
-    "PrefillFlops",
     "REGISTRY",
+    "Calibrated",
+    "Calibration",
+    "DataError",
+    "EvalResult",
+    "Full",
+    "PrefillFlops",
+    "Static",
     "UnsupportedModelError",
     "Withdrawal",
     "WithdrawalError",
+    "calibrate",
+    "evaluate",
     "prefill_flops",
     "supported_model_types",
     "withdraw",

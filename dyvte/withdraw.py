@@ -385,7 +385,7 @@ class Withdrawal:
         )
 
 
-def withdraw(model: nn.Module, layer: int | None = None, **kwargs: Any) -> Withdrawal:
+def withdraw(model: nn.Module, layer: int | None = None, *, calibration: Any = None) -> Withdrawal:
     """Withdraw every visual token of every row after decoder layer ``layer - 1`` (VTW).
 
     Usable as a context manager or kept as a handle (``handle.remove()`` restores the model exactly)::
@@ -396,7 +396,8 @@ def withdraw(model: nn.Module, layer: int | None = None, **kwargs: Any) -> Withd
     Args:
         model: a supported transformers ``...ForConditionalGeneration`` model (see ``dyvte.supported_model_types()``).
         layer: exit layer K in ``[0, L]``; ``0`` withdraws before the first layer, ``L`` never withdraws.
-        **kwargs: reserved for other policies (exit heads, calibration).
+        calibration: instead of ``layer``, a :class:`dyvte.Calibration` (or a path to its directory / JSON file):
+            its chosen layer is used, after checking that it was made for this kind of model.
 
     Returns:
         The :class:`Withdrawal` handle.
@@ -405,8 +406,16 @@ def withdraw(model: nn.Module, layer: int | None = None, **kwargs: Any) -> Withd
     ``output_positions`` (``-1`` = padding slot) and ``to_input_positions`` map them back to input positions.
     For ``inputs_embeds``-only calls pass ``visual_mask=`` (``(B, T)`` bool) to the model call.
     """
-    if kwargs:
-        raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+    model = unwrap(model)
+    if calibration is not None:
+        if layer is not None:
+            raise TypeError("pass either layer= or calibration=, not both")
+        from .calibrate import Calibration
+
+        if not isinstance(calibration, Calibration):
+            calibration = Calibration.load(calibration)
+        calibration.check_model(model)
+        layer = calibration.layer
     if layer is None:
-        raise TypeError("withdraw() needs layer=K")
-    return Withdrawal(unwrap(model), layer=layer)
+        raise TypeError("withdraw() needs layer=K or calibration=")
+    return Withdrawal(model, layer=layer)

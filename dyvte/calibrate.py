@@ -1,0 +1,195 @@
+"""VTW calibration: choose one static exit layer K by the KL criterion.
+
+For every candidate K, the KL divergence ``KL(P_withdrawn || P_full)`` of the next-token distribution at the scored
+positions (the first answer position, or every teacher-forced answer position), averaged per sample, then over
+samples. The chosen K is the smallest whose mean KL is <= the threshold eta (VTW: 20 samples, eta = 3e-3 for
+LLaVA-1.5-7B). K = L has KL 0 by construction, so "no K meets eta" means K = L: never withdraw.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .registry import resolve, unwrap
+from .withdraw import withdraw
+
+__all__ = ["Calibration", "calibrate", "kl_divergence", "scored_positions"]
+
+logger = logging.getLogger(__name__)
+
+FILENAME = "calibration.json"
+
+
+@dataclass
+class Calibration:
+    """Result of :func:`calibrate`.
+
+    Attributes:
+        layer: chosen exit layer K (``num_layers`` when no K meets the threshold).
+        kl_per_layer: mean KL at K = 0..L (index K).
+        threshold: eta.
+        num_samples: samples averaged.
+        positions: ``"first"`` (first answer position) or ``"answer"`` (every teacher-forced answer position).
+        model_type: the calibrated model's ``model_type``.
+        num_layers: its decoder layer count L.
+        met: whether some K < L met the threshold.
+    """
+
+    layer: int
+    kl_per_layer: list[float]
+    threshold: float
+    num_samples: int
+    positions: str
+    model_type: str
+    num_layers: int
+    met: bool
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``calibration.json`` into ``directory`` (created if needed); returns the file path."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        file = path / FILENAME
+        file.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return file
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration from a directory holding ``calibration.json`` or from the file itself."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / FILENAME
+        try:
+            data = json.loads(file.read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{file} is not a dyvte calibration file: {err}") from err
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` if ``model`` is not the kind of model this calibration was made for."""
+        spec = resolve(model)
+        if (spec.model_type, spec.num_layers) != (self.model_type, self.num_layers):
+            raise ValueError(
+                f"calibration made for {self.model_type} with {self.num_layers} layers, "
+                f"not for {spec.model_type} with {spec.num_layers} layers"
+            )
+
+
+def kl_divergence(logits_withdrawn: torch.Tensor, logits_full: torch.Tensor) -> torch.Tensor:
+    """``KL(P_withdrawn || P_full)`` over the last axis, in float32: ``(..., V) -> (...)``."""
+    log_w = torch.log_softmax(logits_withdrawn.float(), dim=-1)
+    log_f = torch.log_softmax(logits_full.float(), dim=-1)
+    return (log_w.exp() * (log_w - log_f)).sum(-1)
+
+
+def scored_positions(batch: dict, positions: str) -> torch.Tensor:
+    """``(B, T)`` bool: the positions whose next-token distribution is compared.
+
+    ``"first"``: the last prompt position (left padding: column ``T - 1`` without labels; with labels, the position
+    before the first answer token). ``"answer"``: every position that predicts a labelled token.
+    """
+    ids = batch["input_ids"]
+    labels = batch.get("labels")
+    if labels is None:
+        if positions != "first":
+            raise ValueError("positions='answer' needs batches with labels (teacher-forced answers)")
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, -1] = True
+        return mask
+    predicts = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)  # (B, T): next token labelled
+    if positions == "answer":
+        return predicts
+    if positions != "first":
+        raise ValueError(f"positions must be 'first' or 'answer', got {positions!r}")
+    first = predicts.long().argmax(1)  # (B,) first labelled prediction
+    return torch.zeros_like(predicts).scatter_(1, first[:, None], True) & predicts.any(1, keepdim=True)
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[dict],
+    threshold: float = 3e-3,
+    *,
+    positions: str = "first",
+    layers: Iterable[int] | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Choose the static exit layer by the VTW KL criterion.
+
+    Args:
+        model: a supported model, in eval mode.
+        batches: model-input dicts (``input_ids``, ``attention_mask``, pixel tensors, optionally ``labels`` marking
+            teacher-forced answer tokens). Iterated once per candidate layer, so a list is best.
+        threshold: eta > 0; the chosen K is the smallest whose mean KL <= eta.
+        positions: ``"first"`` (first answer position, as VTW) or ``"answer"`` (every answer position).
+        layers: candidate layers (default ``0..L``; L is always added).
+        progress: show a progress bar over layers.
+
+    Returns:
+        The :class:`Calibration`, with the whole KL curve (``nan`` for layers not scored).
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold eta must be > 0, got {threshold}")
+    model = unwrap(model)
+    spec = resolve(model)
+    num_layers = spec.num_layers
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration needs at least one batch")
+    candidates = sorted(set(range(num_layers + 1) if layers is None else layers) | {num_layers})
+    if candidates[0] < 0 or candidates[-1] > num_layers:
+        raise ValueError(f"candidate layers must be in [0, {num_layers}]")
+
+    full: list[torch.Tensor] = []  # per batch: (N_positions, V) full-model logits at the scored positions
+    masks: list[torch.Tensor] = []
+    for batch in batches:
+        mask = scored_positions(batch, positions)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        full.append(model(**inputs).logits[mask].float())
+        masks.append(mask)
+    rows = torch.cat([m.any(1) for m in masks])  # samples with at least one scored position
+    num_samples = int(rows.sum())
+    if num_samples == 0:
+        raise ValueError("no sample has a scored position (are all labels -100?)")
+
+    curve = [float("nan")] * (num_layers + 1)
+    for layer in tqdm(candidates, desc="calibration (layers)", disable=not progress):
+        per_sample = []
+        for batch, mask, reference in zip(batches, masks, full, strict=True):
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with withdraw(model, layer=layer) as handle:
+                logits = handle.to_input_positions(model(**inputs).logits)  # (B, T, V)
+            kl = torch.zeros(mask.shape, dtype=torch.float32)
+            kl[mask] = kl_divergence(logits[mask], reference)
+            count = mask.sum(1)
+            per_sample.append((kl.sum(1) / count.clamp(min=1))[count > 0])  # mean over a sample's positions
+        curve[layer] = float(torch.cat(per_sample).mean())
+    meeting = [k for k in candidates if k < num_layers and curve[k] <= threshold]
+    chosen = meeting[0] if meeting else num_layers
+    if not meeting:
+        logger.warning(
+            "no exit layer K < %d has mean KL <= %.2g (smallest: %.3g): K = L, never withdraw",
+            num_layers,
+            threshold,
+            min(curve[k] for k in candidates if k < num_layers) if len(candidates) > 1 else float("nan"),
+        )
+    return Calibration(
+        layer=chosen,
+        kl_per_layer=curve,
+        threshold=threshold,
+        num_samples=num_samples,
+        positions=positions,
+        model_type=spec.model_type,
+        num_layers=num_layers,
+        met=bool(meeting),
+    )

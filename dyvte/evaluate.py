@@ -1,0 +1,241 @@
+"""The evaluation harness: a dataset of (image, question, answer) through ``generate`` under a method.
+
+Per question type and overall: exact-match accuracy, agreement with a reference (normally the full model's answers),
+exit-layer mean and percentiles, mean prefill FLOPs relative to the full model (``dyvte.prefill_flops``, detailed
+convention, text decoder + LM head on one position), and wall-clock prefill and total generation time per sample
+(overall only: batches mix question types). Metrics are accumulated with ``torchmetrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchmetrics.aggregation import CatMetric, MeanMetric
+from tqdm.auto import tqdm
+
+from .benchmark import _StepClock
+from .data import build_inputs, iter_batches, normalize_answer
+from .flops import prefill_flops
+from .methods import Full, Method
+from .registry import resolve, unwrap
+
+__all__ = ["EvalResult", "evaluate", "format_table", "format_per_type", "plot_sweep"]
+
+logger = logging.getLogger(__name__)
+OVERALL = "all"
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` measured for one method.
+
+    Attributes:
+        method: the method's name.
+        metrics: per question type (and ``"all"``): accuracy, agreement, exit-layer mean / p10 / p50 / p90,
+            relative prefill FLOPs, sample count; ``"all"`` also has prefill_ms and total_ms per sample.
+        answers: normalized predicted answers, in dataset order.
+        exit_layers: per-sample exit layers, in dataset order.
+        relative_flops: per-sample prefill FLOPs relative to the full model, in dataset order.
+    """
+
+    method: str
+    metrics: dict[str, dict[str, float]]
+    answers: list[str] = field(repr=False)
+    exit_layers: list[int] = field(repr=False)
+    relative_flops: list[float] = field(repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        """Overall exact-match accuracy."""
+        return self.metrics[OVERALL]["accuracy"]
+
+    @property
+    def flops(self) -> float:
+        """Overall mean relative prefill FLOPs."""
+        return self.metrics[OVERALL]["relative_flops"]
+
+    def save(self, path: str | Path) -> None:
+        """Write the result as JSON."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        """Read a result written by :meth:`save`."""
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class _Meters:
+    """torchmetrics accumulators for one group of samples."""
+
+    def __init__(self) -> None:
+        self.accuracy, self.agreement, self.flops = MeanMetric(), MeanMetric(), MeanMetric()
+        self.exits = CatMetric()
+
+    def update(self, correct: torch.Tensor, agree: torch.Tensor, flops: torch.Tensor, exits: torch.Tensor) -> None:
+        self.accuracy.update(correct.float())
+        self.agreement.update(agree.float())
+        self.flops.update(flops.float())
+        self.exits.update(exits.float())
+
+    def compute(self) -> dict[str, float]:
+        exits = self.exits.compute().flatten()
+        q = torch.quantile(exits, torch.tensor([0.1, 0.5, 0.9]))
+        return {
+            "accuracy": float(self.accuracy.compute()),
+            "agreement": float(self.agreement.compute()),
+            "relative_flops": float(self.flops.compute()),
+            "exit_mean": float(exits.mean()),
+            "exit_p10": float(q[0]),
+            "exit_p50": float(q[1]),
+            "exit_p90": float(q[2]),
+            "samples": int(exits.numel()),
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    processor,
+    dataset,
+    method: Method | None = None,
+    *,
+    reference: EvalResult | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+) -> EvalResult:
+    """Run ``dataset`` through greedy ``generate`` under ``method`` and measure it.
+
+    Args:
+        model: a supported model in eval mode.
+        processor: its processor (chat template, left padding).
+        dataset: a ``datasets.Dataset`` (or list) of records with ``image``, ``question``, ``answer`` and
+            optionally ``qtype``.
+        method: what to run (default: the full model).
+        reference: a result whose answers define "agreement" (default: the method's own answers when it is the
+            full model; otherwise the full model is run first).
+        batch_size: rows per ``generate`` call.
+        max_new_tokens: generation length (answers are short).
+        progress: show a progress bar over batches.
+
+    Returns:
+        The :class:`EvalResult`.
+    """
+    method = method or Full()
+    model = unwrap(model)
+    spec = resolve(model)
+    if reference is None and not isinstance(method, Full):
+        logger.info("no reference given: running the full model first for agreement")
+        reference = evaluate(
+            model, processor, dataset, Full(), batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
+        )
+    if reference is not None and len(reference.answers) != len(dataset):
+        raise ValueError(f"reference has {len(reference.answers)} answers for {len(dataset)} samples")
+    meters: dict[str, _Meters] = defaultdict(_Meters)
+    answers: list[str] = []
+    exits_all: list[int] = []
+    flops_all: list[float] = []
+    prefill_s = total_s = 0.0
+    num_batches = (len(dataset) + batch_size - 1) // batch_size
+    batches = iter_batches(dataset, batch_size)
+    for index, records in enumerate(tqdm(batches, total=num_batches, desc=method.name, disable=not progress)):
+        inputs = build_inputs(processor, records, offset=index * batch_size)
+        inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        clock = _StepClock(model.device)
+        with method.apply(model) as handle:
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[clock])
+            total_s += time.perf_counter() - start
+            exits = handle.exit_layers.clone() if handle is not None and handle.exit_layers is not None else None
+        prefill_s += clock.stamps[0] - start
+        if exits is None:
+            exits = torch.full((len(records),), spec.num_layers)
+        texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        predicted = [normalize_answer(t) for t in texts]
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        visual = torch.isin(ids, spec.visual_ids).sum(1)
+        relative = prefill_flops(model.config, mask.sum(1), visual, exits).ratio
+        first = len(answers)
+        for row, record in enumerate(records):
+            pred = predicted[row]
+            ref = reference.answers[first + row] if reference is not None else pred
+            correct = torch.tensor([pred == normalize_answer(str(record["answer"]))])
+            agree = torch.tensor([pred == ref])
+            for group in {OVERALL, str(record.get("qtype", OVERALL))}:
+                meters[group].update(correct, agree, relative[row : row + 1], exits[row : row + 1])
+        answers.extend(predicted)
+        exits_all.extend(int(e) for e in exits)
+        flops_all.extend(float(r) for r in relative)
+    metrics = {group: meter.compute() for group, meter in sorted(meters.items())}
+    metrics[OVERALL]["prefill_ms"] = 1e3 * prefill_s / len(answers)
+    metrics[OVERALL]["total_ms"] = 1e3 * total_s / len(answers)
+    return EvalResult(method.name, metrics, answers, exits_all, flops_all)
+
+
+def format_table(results: list[EvalResult]) -> str:
+    """Markdown table, one row per result: overall accuracy, agreement, exit layers, FLOPs and time."""
+    lines = [
+        "| method | accuracy | agreement | exit mean (p10/p50/p90) | rel. prefill FLOPs | prefill ms/sample | "
+        "total ms/sample |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r.metrics[OVERALL]
+        lines.append(
+            f"| {r.method} | {m['accuracy']:.3f} | {m['agreement']:.3f} | {m['exit_mean']:.2f} "
+            f"({m['exit_p10']:.0f}/{m['exit_p50']:.0f}/{m['exit_p90']:.0f}) | {m['relative_flops']:.3f} | "
+            f"{m['prefill_ms']:.1f} | {m['total_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_per_type(results: list[EvalResult], key: str = "accuracy") -> str:
+    """Markdown table of one metric per question type (columns) for each result (rows)."""
+    types = sorted({t for r in results for t in r.metrics if t != OVERALL})
+    lines = ["| method | " + " | ".join([*types, OVERALL]) + " |", "|---" * (len(types) + 2) + "|"]
+    for r in results:
+        cells = [f"{r.metrics[t][key]:.3f}" if t in r.metrics else "-" for t in [*types, OVERALL]]
+        lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(results: list[EvalResult], path: str | Path, title: str = "accuracy vs prefill FLOPs") -> None:
+    """PNG: overall accuracy against mean relative prefill FLOPs; one series per method family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[EvalResult]] = defaultdict(list)
+    for r in results:
+        series[r.method.split(" ")[0]].append(r)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for family, points in series.items():
+        points = sorted(points, key=lambda r: r.flops)
+        ax.plot([p.flops for p in points], [p.accuracy for p in points], marker="o", label=family)
+        if family == "static":
+            for p in points:
+                ax.annotate(
+                    p.method.split("=")[-1],
+                    (p.flops, p.accuracy),
+                    fontsize=7,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
+    ax.set_xlabel("prefill FLOPs relative to the full model (text decoder)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

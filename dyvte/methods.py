@@ -1,0 +1,82 @@
+"""Methods the evaluation harness can run: each opens a context on the model and names itself.
+
+A method's ``apply(model)`` is a context manager yielding the active handle (or ``None``); the harness reads the
+per-row exit layers from ``handle.exit_layers`` after each ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .calibrate import Calibration
+from .withdraw import withdraw
+
+__all__ = ["Method", "Full", "Static", "Calibrated", "parse_method"]
+
+
+class Method:
+    """Base class: ``name`` for tables, ``apply(model)`` as a context manager."""
+
+    name: str = "method"
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module) -> Iterator[Any]:
+        yield None
+
+
+@dataclass
+class Full(Method):
+    """The unmodified model."""
+
+    name: str = "full"
+
+
+@dataclass
+class Static(Method):
+    """Static withdrawal at exit layer ``layer`` (VTW)."""
+
+    layer: int = 0
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"static K={self.layer}"
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module) -> Iterator[Any]:
+        with withdraw(model, layer=self.layer) as handle:
+            yield handle
+
+
+@dataclass
+class Calibrated(Method):
+    """Static withdrawal at a calibrated layer."""
+
+    calibration: Calibration
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"calibrated eta={self.calibration.threshold:g} (K={self.calibration.layer})"
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module) -> Iterator[Any]:
+        with withdraw(model, calibration=self.calibration) as handle:
+            yield handle
+
+
+def parse_method(spec: str, num_layers: int) -> list[Method]:
+    """Methods from a short string: ``full``, ``static:K``, ``static:all`` (K = 0..L), ``calibrated:PATH``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "full":
+        return [Full()]
+    if kind == "static":
+        if arg == "all":
+            return [Static(k) for k in range(num_layers + 1)]
+        return [Static(int(k)) for k in arg.split(",")]
+    if kind == "calibrated":
+        return [Calibrated(Calibration.load(arg))]
+    raise ValueError(f"unknown method {spec!r}: use full, static:K[,K...], static:all or calibrated:PATH")
