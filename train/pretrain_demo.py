@@ -1,0 +1,18 @@
+"""Trains the embedded demo MLLM from scratch and saves it to checkpoints/demo-mllm (+ dataset to demo-data).
+
+    python train/pretrain_demo.py --config configs/pretrain_demo.yaml
+
+Any field can be overridden on the command line, e.g. ``--train.mllm.steps 100`` for a smoke run.
+"""
+
+import json
+import logging
+
+from jsonargparse import CLI
+
+from dyvte.demo.pretrain import run_pretraining
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    result = CLI(run_pretraining, as_positional=False)
+    print(json.dumps(result, indent=2))
