@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,10 +83,19 @@ class Withdrawal:
             (``-1`` for padding slots), or ``None`` when the output has the input's positions.
     """
 
-    def __init__(self, model: nn.Module, layer: int | None = None) -> None:
+    def __init__(self, model: nn.Module, layer: int | Sequence[int] | torch.Tensor | None = None) -> None:
         self.spec: ModelSpec = resolve(model)
         num_layers = self.spec.num_layers
-        if layer is not None:
+        self._row_layers: torch.Tensor | None = None  # (B,) per-row static exit layers
+        if isinstance(layer, (torch.Tensor, list, tuple)):
+            rows = torch.as_tensor(layer)
+            if rows.dim() != 1 or rows.numel() == 0 or rows.is_floating_point() or rows.dtype == torch.bool:
+                raise TypeError(f"per-row layers must be a non-empty 1-D sequence of ints, got {layer!r}")
+            if bool((rows < 0).any()) or bool((rows > num_layers).any()):
+                raise ValueError(f"per-row exit layers must be in [0, {num_layers}], got {rows.tolist()}")
+            self._row_layers = rows.long().cpu()
+            layer = None
+        elif layer is not None:
             if isinstance(layer, bool) or not isinstance(layer, int):
                 raise TypeError(f"layer must be an int in [0, {num_layers}], got {layer!r}")
             if not 0 <= layer <= num_layers:
@@ -113,6 +123,8 @@ class Withdrawal:
     @property
     def first_exit(self) -> int:
         """The smallest layer at which a row may leave (layers before it are never hooked)."""
+        if self._row_layers is not None:
+            return int(self._row_layers.min())
         return self.layer if self.layer is not None else 1
 
     def _attach(self) -> None:
@@ -148,8 +160,14 @@ class Withdrawal:
 
     # --------------------------------------------------------------------------------------------- exit policy
     def _decide(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor:
-        """Rows that leave at ``layer`` in a new sequence: ``(B,)`` bool. Static: every row at K."""
+        """Rows that leave at ``layer`` in a new sequence: ``(B,)`` bool. Static: every row at K (or its own K)."""
+        if self._row_layers is not None:
+            return (self._row_layers == layer).to(hidden.device)
         return torch.full((fwd.batch,), layer == self.layer, dtype=torch.bool, device=hidden.device)
+
+    def _droppable(self, fwd: _Forward) -> torch.Tensor:
+        """``(B, T)`` bool: this call's tokens that leave a row when it exits (visual tokens; subclasses narrow it)."""
+        return fwd.visual
 
     def _exiting(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor:
         if fwd.new_sequence:
@@ -210,6 +228,10 @@ class Withdrawal:
         kind = self.spec.attn_implementation_now()
         if kind not in ("sdpa", "eager"):
             raise WithdrawalError(f"attention implementation {kind!r} is not supported; use 'sdpa' or 'eager'")
+        if self._row_layers is not None and self._row_layers.shape[0] != batch:
+            raise WithdrawalError(
+                f"per-row exit layers were given for {self._row_layers.shape[0]} rows, the batch has {batch}"
+            )
         if new_sequence:
             self._layouts.clear()
             self.exit_layers = torch.full((batch,), self.spec.num_layers, dtype=torch.long)
@@ -276,7 +298,9 @@ class Withdrawal:
         if fwd.key is None:
             return None  # no row has left yet: the model's own mask and positions are right
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._mask(index, fwd, kwargs.get("past_key_values"), hidden.dtype)
+        kwargs["attention_mask"] = self._mask(
+            index, fwd, kwargs.get("past_key_values"), hidden.dtype, kwargs.get("attention_mask")
+        )
         if fwd.idx is not None:
             kwargs["position_embeddings"] = self._rotary(fwd, kwargs.get("position_embeddings"))
             position_ids = kwargs.get("position_ids")
@@ -289,7 +313,7 @@ class Withdrawal:
 
     def _repack(self, fwd: _Forward, hidden: torch.Tensor) -> torch.Tensor:
         """Drop the exited rows' visual and padding tokens from ``hidden`` (in the current layout)."""
-        drop = (fwd.visual | ~fwd.valid) & fwd.exited[:, None]  # (B, T)
+        drop = (self._droppable(fwd) | ~fwd.valid) & fwd.exited[:, None]  # (B, T)
         drop[:, -1] = False  # the final token always stays: the next-token logits are read there
         key = tuple(fwd.exited.tolist())
         if bool(drop.any()):
@@ -312,13 +336,16 @@ class Withdrawal:
         valid = (idx >= 0) & fwd.valid.gather(1, idx.clamp(min=0))
         return cols, valid
 
-    def _mask(self, index: int, fwd: _Forward, cache: Any, dtype: torch.dtype) -> torch.Tensor | None:
+    def _mask(
+        self, index: int, fwd: _Forward, cache: Any, dtype: torch.dtype, own: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The mask of layer ``index`` over the current layout; ``own`` is the one the model built for it."""
         layer_cache = cache.layers[index] if cache is not None and hasattr(cache, "layers") else None
         cache_window = (
             getattr(layer_cache, "sliding_window", None) if getattr(layer_cache, "is_sliding", False) else None
         )
         window = self.spec.sliding_window[index]
-        memo = (window, cache_window, layer_cache is None)
+        memo = (window, cache_window, layer_cache is None, id(own))
         if memo in fwd.masks:
             return fwd.masks[memo]
         q_cols, q_valid = self._current_slots(fwd, fwd.idx)
@@ -339,6 +366,16 @@ class Withdrawal:
                 p_cols, p_valid = p_cols[:, -(cache_window - 1) :], p_valid[:, -(cache_window - 1) :]
             k_cols, k_valid = torch.cat([p_cols, q_cols], 1), torch.cat([p_valid, q_valid], 1)
         mask = build_attention_mask(q_cols, q_valid, k_cols, k_valid, window=window, kind=fwd.kind, dtype=dtype)
+        staying = ~fwd.exited
+        if bool(staying.any()) and isinstance(own, torch.Tensor):
+            # rows still holding every token have the identity layout: keep the model's own mask for them, which
+            # may be more than causal (Gemma3 lets image tokens attend to each other both ways)
+            if mask is None:
+                mask = torch.ones_like(own, dtype=torch.bool).tril(own.shape[-1] - own.shape[-2])
+                mask = mask if fwd.kind == "sdpa" else torch.zeros_like(own).masked_fill_(~mask, torch.finfo(dtype).min)
+            if own.shape[-2:] != mask.shape[-2:]:
+                raise WithdrawalError(f"layer {index}: the model's mask {tuple(own.shape)} does not fit the layout")
+            mask = torch.where(staying[:, None, None, None], own.expand(mask.shape[0], *own.shape[1:]), mask)
         fwd.masks[memo] = mask
         return mask
 
@@ -385,7 +422,9 @@ class Withdrawal:
         )
 
 
-def withdraw(model: nn.Module, layer: int | None = None, *, calibration: Any = None) -> Withdrawal:
+def withdraw(
+    model: nn.Module, layer: int | Sequence[int] | torch.Tensor | None = None, *, calibration: Any = None
+) -> Withdrawal:
     """Withdraw every visual token of every row after decoder layer ``layer - 1`` (VTW).
 
     Usable as a context manager or kept as a handle (``handle.remove()`` restores the model exactly)::
@@ -395,7 +434,8 @@ def withdraw(model: nn.Module, layer: int | None = None, *, calibration: Any = N
 
     Args:
         model: a supported transformers ``...ForConditionalGeneration`` model (see ``dyvte.supported_model_types()``).
-        layer: exit layer K in ``[0, L]``; ``0`` withdraws before the first layer, ``L`` never withdraws.
+        layer: exit layer K in ``[0, L]``; ``0`` withdraws before the first layer, ``L`` never withdraws. A 1-D
+            sequence gives each row of the batch its own exit layer (the batch size must then match).
         calibration: instead of ``layer``, a :class:`dyvte.Calibration` (or a path to its directory / JSON file):
             its chosen layer is used, after checking that it was made for this kind of model.
 

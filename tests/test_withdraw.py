@@ -135,3 +135,21 @@ def test_bf16_and_sampling_llava():
                 )
             )
     assert torch.equal(*runs)
+
+
+def test_per_row_exit_layers_equal_rows_alone(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS)
+    layers = [1, 3, 0]  # every row leaves at its own layer
+    with dyvte.withdraw(model, layer=layers) as handle:
+        with torch.no_grad():
+            last = model(**inputs).logits[:, -1]
+        batch_tokens = greedy(model, inputs)
+        assert handle.exit_layers.tolist() == layers
+    for row, layer in enumerate(layers):
+        alone = encode(processor, family, ROWS, only=row)
+        with dyvte.withdraw(model, layer=layer), torch.no_grad():
+            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert torch.equal(greedy(model, alone), batch_tokens[row : row + 1]), f"{family}: row {row} differs"
+    with dyvte.withdraw(model, layer=[1, 2]), pytest.raises(dyvte.WithdrawalError, match="2 rows"):
+        model(**inputs)
