@@ -423,7 +423,12 @@ class Withdrawal:
 
 
 def withdraw(
-    model: nn.Module, layer: int | Sequence[int] | torch.Tensor | None = None, *, calibration: Any = None
+    model: nn.Module,
+    layer: int | Sequence[int] | torch.Tensor | None = None,
+    *,
+    calibration: Any = None,
+    heads: Any = None,
+    threshold: float | None = None,
 ) -> Withdrawal:
     """Withdraw every visual token of every row after decoder layer ``layer - 1`` (VTW).
 
@@ -438,6 +443,10 @@ def withdraw(
             sequence gives each row of the batch its own exit layer (the batch size must then match).
         calibration: instead of ``layer``, a :class:`dyvte.Calibration` (or a path to its directory / JSON file):
             its chosen layer is used, after checking that it was made for this kind of model.
+        heads: instead of ``layer``, :class:`dyvte.ExitHeads` made for this model: each row leaves after the first
+            layer whose head gives P(exit) >= ``threshold``; ``handle.exit_layers`` holds the per-row layers of the
+            last prefill (L = no head fired, nothing withdrawn). Decoding runs on the cache prefill left.
+        threshold: P(exit) threshold for ``heads`` (default: the heads' saved threshold; > 1 never fires).
 
     Returns:
         The :class:`Withdrawal` handle.
@@ -447,9 +456,15 @@ def withdraw(
     For ``inputs_embeds``-only calls pass ``visual_mask=`` (``(B, T)`` bool) to the model call.
     """
     model = unwrap(model)
+    if sum(x is not None for x in (layer, calibration, heads)) > 1:
+        raise TypeError("pass exactly one of layer=, calibration= or heads=")
+    if heads is not None:
+        from .heads import HeadsWithdrawal
+
+        return HeadsWithdrawal(model, heads, threshold)
+    if threshold is not None:
+        raise TypeError("threshold= applies to heads= only")
     if calibration is not None:
-        if layer is not None:
-            raise TypeError("pass either layer= or calibration=, not both")
         from .calibrate import Calibration
 
         if not isinstance(calibration, Calibration):
@@ -457,5 +472,5 @@ def withdraw(
         calibration.check_model(model)
         layer = calibration.layer
     if layer is None:
-        raise TypeError("withdraw() needs layer=K or calibration=")
+        raise TypeError("withdraw() needs layer=K, calibration= or heads=")
     return Withdrawal(model, layer=layer)

@@ -1,0 +1,212 @@
+"""DyVTE exit heads: one small network per decoder layer that reads the text tokens' state and says "exit now".
+
+Layer convention: head ``j`` (``j = 0..L-2``) reads the output of decoder layer ``j``; when it fires for a row, that
+row's exit layer is ``K = j + 1`` (layers ``0..j`` saw every token). A head after the last layer would save nothing,
+so there are ``L - 1`` heads. At inference the first head whose P(exit) >= threshold decides; if none fires, nothing
+is withdrawn.
+
+Input of head ``j`` (DESIGN §2): the concatenation of the mean hidden state of the non-visual tokens that follow the
+row's last visual token (excluding the final prompt token) and the final prompt token's hidden state, ``(B, 2d)``.
+Each head is ``LayerNorm(2d) -> Linear(2d, h) -> GELU -> Linear(h, 1)``; by default ``h = max(8, d // 32)``, about
+0.5% of the decoder's parameters (the original 2d->2048->2 per layer is 8% of a 7B model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layout import take
+from .registry import resolve, unwrap
+from .withdraw import Withdrawal, _Forward
+
+__all__ = ["ExitHeads", "ExitHeadsConfig", "HeadsWithdrawal", "head_features", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "exit_heads_config.json"
+WEIGHTS_NAME = "exit_heads.safetensors"
+
+
+def head_features(
+    hidden: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor, final: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The exit heads' input for each row.
+
+    Args:
+        hidden: ``(B, T, d)`` hidden states after a decoder layer.
+        visual: ``(B, T)`` bool, slot holds a visual token.
+        valid: ``(B, T)`` bool, slot holds a real token (not padding).
+        final: ``(B,)`` slot of each row's final prompt token (default: the last slot, as in prefill; a
+            teacher-forced sequence passes the slot before its answer).
+
+    Returns:
+        ``(B, 2d)``: [mean of the non-visual tokens after the last visual token and before the final prompt token
+        (zeros when there are none) ; the final prompt token's state].
+    """
+    batch, num_slots = hidden.shape[:2]
+    if final is None:
+        final = torch.full((batch,), num_slots - 1, dtype=torch.long, device=hidden.device)
+    slots = torch.arange(num_slots, device=hidden.device)[None]  # (1, T)
+    last_visual = torch.where(visual, slots, -1).amax(dim=1)  # (B,), -1 when the row has no visual token
+    text = valid & ~visual & (slots > last_visual[:, None]) & (slots < final[:, None])  # (B, T)
+    weights = text.to(hidden.dtype)
+    mean = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)  # (B, d)
+    return torch.cat([mean, hidden[torch.arange(batch, device=hidden.device), final]], dim=-1)
+
+
+@dataclass
+class ExitHeadsConfig:
+    """Everything that defines a set of exit heads, saved as JSON next to their weights.
+
+    Attributes:
+        model_type: the base model's ``config.model_type``.
+        hidden_size: the base decoder's hidden size d.
+        num_layers: the base decoder's layer count L (there are L - 1 heads).
+        head_size: hidden width h of each head (``None``: ``max(8, d // 32)``).
+        threshold: default P(exit) threshold at inference.
+        format_version: version of this file format.
+    """
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    head_size: int | None = None
+    threshold: float = 0.5
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.head_size is None:
+            self.head_size = max(8, self.hidden_size // 32)
+        if self.num_layers < 2:
+            raise ValueError("exit heads need a decoder of at least 2 layers")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+
+class ExitHeads(nn.Module):
+    """The L - 1 exit heads of one base model (see the module docstring for conventions)."""
+
+    def __init__(self, config: ExitHeadsConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, h = config.hidden_size, config.head_size
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, h), nn.GELU(), nn.Linear(h, 1))
+            for _ in range(config.num_layers - 1)
+        )
+
+    @classmethod
+    def for_model(cls, model: nn.Module, head_size: int | None = None, threshold: float = 0.5) -> ExitHeads:
+        """Fresh heads shaped for ``model``."""
+        spec = resolve(model)
+        cfg = ExitHeadsConfig(spec.model_type, spec.text_config.hidden_size, spec.num_layers, head_size, threshold)
+        return cls(cfg)
+
+    @property
+    def num_heads(self) -> int:
+        """L - 1."""
+        return len(self.heads)
+
+    def layer_logits(self, head: int, features: torch.Tensor) -> torch.Tensor:
+        """Exit logit of head ``head`` for ``(B, 2d)`` features: ``(B,)``."""
+        return self.heads[head](features.to(self.heads[head][1].weight.dtype)).squeeze(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Exit logits of every head: ``(B, L-1, 2d) -> (B, L-1)``."""
+        return torch.stack([self.layer_logits(j, features[:, j]) for j in range(self.num_heads)], dim=1)
+
+    def flops_per_row(self) -> int:
+        """FLOPs of evaluating one head on one row (2 per multiply-add; norms ignored)."""
+        d2, h = 2 * self.config.hidden_size, self.config.head_size
+        return 2 * (d2 * h + h)
+
+    # ----------------------------------------------------------------------------------------------- checking
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless ``model`` is the kind of model these heads were made for."""
+        spec = resolve(model)
+        got = (spec.model_type, spec.text_config.hidden_size, spec.num_layers)
+        want = (self.config.model_type, self.config.hidden_size, self.config.num_layers)
+        if got != want:
+            raise ValueError(
+                "these exit heads were made for model_type={}, hidden_size={}, {} layers; the model is "
+                "model_type={}, hidden_size={}, {} layers".format(*want, *got)
+            )
+
+    # ------------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``exit_heads.safetensors`` (the heads' weights only) and ``exit_heads_config.json``."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "dyvte": "exit_heads"})
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ExitHeads:
+        """Load heads written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: the directory lacks the config or the weights.
+            ValueError: the files are corrupt, of another format version, or do not match each other.
+        """
+        path = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path} has no {name}: not a dyvte exit-heads directory")
+        try:
+            raw = json.loads((path / CONFIG_NAME).read_text())
+            config = ExitHeadsConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path / CONFIG_NAME} is not a valid exit-heads config: {err}") from err
+        if config.format_version != FORMAT_VERSION:
+            raise ValueError(f"exit heads of format version {config.format_version}; this dyvte reads {FORMAT_VERSION}")
+        heads = cls(config)
+        try:
+            state = load_file(str(path / WEIGHTS_NAME))
+        except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"{path / WEIGHTS_NAME} is corrupt: {err}") from err
+        expected = heads.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(
+                f"{path / WEIGHTS_NAME} does not hold these heads' weights: missing "
+                f"{sorted(set(expected) - set(state))[:3]}, unexpected {sorted(set(state) - set(expected))[:3]}"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{key}: shape {tuple(value.shape)} in the file, {tuple(expected[key].shape)} expected"
+                )
+        heads.load_state_dict(state)
+        return heads.eval()
+
+
+class HeadsWithdrawal(Withdrawal):
+    """Per-row adaptive withdrawal: each row leaves after the first layer whose head fires (see ``withdraw``)."""
+
+    def __init__(self, model: nn.Module, heads: ExitHeads, threshold: float | None = None) -> None:
+        heads.check_model(unwrap(model))
+        threshold = heads.config.threshold if threshold is None else threshold
+        if not 0.0 <= threshold:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.heads = heads
+        self.threshold = threshold
+        super().__init__(model, layer=None)
+
+    def _decide(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor:
+        """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``)."""
+        visual, valid = fwd.visual, fwd.valid
+        if fwd.idx is not None:  # the current layout of the hidden states
+            visual = take(visual, fwd.idx, 1) & (fwd.idx >= 0)
+            valid = take(valid, fwd.idx, 1) & (fwd.idx >= 0)
+        with torch.no_grad():
+            logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
+        return torch.sigmoid(logits.float()) >= self.threshold

@@ -1,0 +1,211 @@
+"""Exit heads: labels on hand-built tensors, save/load, and adaptive withdrawal invariants."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dyvte
+from dyvte.data import build_inputs
+from dyvte.heads import ExitHeads, ExitHeadsConfig, head_features
+from dyvte.labels import answer_loss, build_label_cache, exit_safe, on_the_fly_labels, smallest_safe_layer
+from dyvte.registry import resolve
+
+from .test_calibrate_evaluate import TEMPLATE, records
+from .tiny_models import make_batch, make_tiny
+
+ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]
+
+
+def one_hot_logits(tokens: list[list[int]], vocab: int = 5, scale: float = 4.0) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(tokens), vocab).float() * scale
+
+
+# ------------------------------------------------------------------------------------------------------- labels
+def test_exit_rule_on_hand_built_tensors():
+    labels = torch.tensor([[-100, -100, 2, 3], [-100, -100, -100, 1]])  # answers: [2, 3] and [1]
+    full = one_hot_logits([[0, 2, 3, 0], [0, 0, 1, 0]])  # predicts the answers at positions 1, 2 and 2
+    same = full.clone()
+    one_wrong = one_hot_logits([[0, 2, 4, 0], [0, 0, 1, 0]])  # row 0: 1 of 2 answer tokens differ
+    assert exit_safe(full, same, labels).tolist() == [True, True]  # identical: safe even at the same loss
+    assert exit_safe(full, one_wrong, labels).tolist() == [False, True]
+    assert exit_safe(full, one_wrong, labels, agree=0.49).tolist() == [False, True]  # loss rose far above 1.03x
+    softer = full.clone()
+    softer[1, 2, 1] = 3.9  # same argmax, loss a little higher
+    ratio = (answer_loss(softer, labels) / answer_loss(full, labels))[1].item()
+    assert ratio > 1.03
+    assert exit_safe(full, softer, labels).tolist() == [True, False]
+    assert exit_safe(full, softer, labels, loss_ratio=ratio + 1e-3).tolist() == [True, True]
+    with pytest.raises(ValueError, match="answer token"):
+        exit_safe(full, same, torch.full_like(labels, -100))
+
+
+def test_smallest_safe_layer():
+    safe = torch.tensor([[False, True, True, True], [True, False, True, True], [True] * 4, [False] * 4])
+    assert smallest_safe_layer(safe).tolist() == [1, 2, 0, 4]
+
+
+def test_head_features_hand_built():
+    hidden = torch.arange(6.0).view(1, 6, 1).repeat(2, 1, 1)  # token t has state t
+    visual = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    feats = head_features(hidden, visual, valid)
+    assert feats.tolist() == [[3.5, 5.0], [2.5, 5.0]]  # mean of tokens 3,4 / 1..4 ; final token 5
+    feats = head_features(hidden, visual, valid, final=torch.tensor([4, 3]))
+    assert feats.tolist() == [[3.0, 4.0], [1.5, 3.0]]
+
+
+# -------------------------------------------------------------------------------------------------------- heads
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = make_tiny("llava")
+    processor.chat_template = TEMPLATE
+    return model, processor
+
+
+def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
+    model, _ = tiny
+    heads = ExitHeads.for_model(model, threshold=0.7)
+    spec = resolve(model)
+    decoder = sum(p.numel() for p in spec.decoder.parameters())
+    assert heads.num_heads == spec.num_layers - 1
+    big = ExitHeadsConfig("llava", 4096, 32)  # LLaVA-1.5-7B's decoder: 6.5 B parameters
+    assert sum(p.numel() for p in ExitHeads(big).parameters()) < 0.01 * 6.5e9
+    assert sum(p.numel() for p in heads.parameters()) < 0.1 * decoder  # tiny decoders make heads relatively big
+    heads.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exit_heads.safetensors", "exit_heads_config.json"]
+    config = json.loads((tmp_path / "exit_heads_config.json").read_text())
+    assert config == {
+        "model_type": "llava",
+        "hidden_size": 64,
+        "num_layers": 4,
+        "head_size": 8,
+        "threshold": 0.7,
+        "format_version": 1,
+    }
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "exit_heads.safetensors"))
+    assert set(saved) == {f"heads.{j}.{i}.{w}" for j in range(3) for i in (0, 1, 3) for w in ("weight", "bias")}
+    loaded = ExitHeads.from_pretrained(tmp_path)
+    feats = torch.randn(2, 3, 128)
+    assert torch.equal(loaded(feats), heads.eval()(feats))
+
+
+def test_heads_for_another_model_or_corrupt_files_are_refused(tiny, tmp_path):
+    model, _ = tiny
+    other, _ = make_tiny("llava", num_layers=3)
+    heads = ExitHeads.for_model(other)
+    with pytest.raises(ValueError, match="3 layers"):
+        dyvte.withdraw(model, heads=heads)
+    assert not model._forward_pre_hooks
+    with pytest.raises(FileNotFoundError, match="exit_heads_config.json"):
+        ExitHeads.from_pretrained(tmp_path)
+    heads.save_pretrained(tmp_path)
+    weights = tmp_path / "exit_heads.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        ExitHeads.from_pretrained(tmp_path)
+    ExitHeads.for_model(model).save_pretrained(tmp_path / "four")
+    (tmp_path / "four" / "exit_heads.safetensors").replace(weights)  # weights of 4-layer heads, config of 3
+    ExitHeads.for_model(other).save_pretrained(tmp_path / "x")
+    (tmp_path / "x" / "exit_heads_config.json").replace(tmp_path / "exit_heads_config.json")
+    with pytest.raises(ValueError, match="does not hold|shape"):
+        ExitHeads.from_pretrained(tmp_path)
+    (tmp_path / "exit_heads_config.json").write_text("{]")
+    with pytest.raises(ValueError, match="not a valid"):
+        ExitHeads.from_pretrained(tmp_path)
+
+
+def constant_heads(model, fire_at: int | None) -> ExitHeads:
+    """Heads whose head ``fire_at`` always fires and the others never."""
+    heads = ExitHeads.for_model(model)
+    with torch.no_grad():
+        for j, head in enumerate(heads.heads):
+            head[3].weight.zero_()
+            head[3].bias.fill_(10.0 if j == fire_at else -10.0)
+    return heads.eval()
+
+
+def test_heads_that_never_fire_equal_the_unhooked_model(tiny):
+    model, processor = tiny
+    inputs = dict(make_batch(processor, "llava", ROWS))
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    for heads, threshold in ((constant_heads(model, None), 0.5), (ExitHeads.for_model(model), 1.01)):
+        with dyvte.withdraw(model, heads=heads, threshold=threshold) as handle:
+            with torch.no_grad():
+                assert torch.equal(model(**inputs).logits, base)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), base_tokens)
+            assert handle.exit_layers.tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize("head", [0, 1, 2])
+def test_head_firing_on_layer_k_equals_static_withdrawal_at_k_plus_1(tiny, head):
+    model, processor = tiny
+    inputs = dict(make_batch(processor, "llava", ROWS))
+    with dyvte.withdraw(model, layer=head + 1):
+        with torch.no_grad():
+            static = model(**inputs).logits
+        static_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with dyvte.withdraw(model, heads=constant_heads(model, head)) as handle:
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, static)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), static_tokens)
+        assert handle.exit_layers.tolist() == [head + 1] * 3
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_ragged_batch_with_different_exit_layers_equals_rows_alone(family):
+    model, processor = make_tiny(family)
+    inputs = dict(make_batch(processor, family, ROWS))
+    torch.manual_seed(3)
+    heads = ExitHeads.for_model(model).eval()
+    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
+        for head in heads.heads:
+            head[3].weight.mul_(30.0)
+            head[3].bias.fill_(-1.0)
+    with dyvte.withdraw(model, heads=heads) as handle:
+        with torch.no_grad():
+            last = model(**inputs).logits[:, -1]
+        exits = handle.exit_layers.tolist()
+        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+        assert len(set(exits)) > 1, f"rows should leave at different layers, got {exits}"
+        for row in range(len(ROWS)):
+            alone = dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
+            with torch.no_grad():
+                torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert handle.exit_layers.tolist() == [exits[row]]
+            alone_tokens = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, -3:]
+            assert torch.equal(alone_tokens, tokens[row : row + 1])
+
+
+# ------------------------------------------------------------------------------------------------ label caching
+def test_cached_labels_match_on_the_fly_and_static_withdrawal(tiny):
+    model, processor = tiny
+    recs = records(5)
+    for i, rec in enumerate(recs):  # answers the full model gives, so that some layers are safe
+        inputs = build_inputs(processor, [rec])
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        rec["answer"] = processor.tokenizer.decode(out[0, -1:]) if i % 2 == 0 else rec["answer"]
+    cache = build_label_cache(model, processor, recs, batch_size=2, progress=False)
+    assert len(cache) == 5 and np.asarray(cache[0]["features"]).shape == (3, 128)
+    safe = torch.tensor(cache["safe"])  # (N, L)
+    assert cache["safe_layer"] == smallest_safe_layer(safe).tolist()
+    inputs = build_inputs(processor, recs, with_answers=True)
+    labels = inputs["labels"]
+    with torch.no_grad():
+        full = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    for layer in (1, 2, 3):
+        feats, fly = on_the_fly_labels(model, inputs, layer)
+        assert fly.tolist() == safe[:, layer].tolist()
+        torch.testing.assert_close(feats, cache.with_format("torch")[:]["features"][:, layer - 1], atol=1e-5, rtol=1e-5)
+        with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
+            withdrawn = handle.to_input_positions(model(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
+        assert exit_safe(full, withdrawn, labels).tolist() == safe[:, layer].tolist()
+    with pytest.raises(ValueError, match="exit layer"):
+        on_the_fly_labels(model, inputs, 0)
