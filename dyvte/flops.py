@@ -10,7 +10,10 @@ Two conventions, both counted per decoder layer for ``n`` tokens, hidden ``d``, 
 * ``"paper"``: the FastV/VTW-style multiply-add count ``4 n d^2 + 2 n^2 d + 3 n d m`` per layer (full MHA, gated FFN,
   no LM head), for comparison with published tables.
 
-Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``.
+Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``
+(plus ``visual_after`` visual tokens that stay, as in FastV). Pruning before the LLM (FasterVLM, random) is counted by
+passing the token and visual counts the LLM actually received; relative figures then need the unpruned model's
+``full`` from a second call on the original counts.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def prefill_flops(
     *,
     convention: str = "detailed",
     lm_head_tokens: int = 1,
+    visual_after=None,
 ) -> PrefillFlops:
     """Prefill FLOPs of the text decoder for rows withdrawn at ``exit_layer``.
 
@@ -81,23 +85,31 @@ def prefill_flops(
         exit_layer: exit layer K in ``[0, L]`` (``None`` or ``L`` = never withdraw); int or ``(B,)`` tensor.
         convention: ``"detailed"`` (real FLOPs, GQA, LM head) or ``"paper"`` (see module docstring).
         lm_head_tokens: positions the LM head runs on (``generate`` uses 1); ignored by ``"paper"``.
+        visual_after: visual tokens that stay in layers ``>= exit_layer`` (FastV keeps the top ones); int or ``(B,)``
+            tensor in ``[0, num_visual]``; default 0 (all withdrawn).
 
     Returns:
         :class:`PrefillFlops` with per-row FLOPs, the full model's FLOPs and their ratio.
     """
     cfg = _text_config(config)
     num_layers = cfg.num_hidden_layers
-    scalar = all(not isinstance(v, torch.Tensor) or v.dim() == 0 for v in (num_tokens, num_visual, exit_layer))
+    scalar = all(
+        not isinstance(v, torch.Tensor) or v.dim() == 0 for v in (num_tokens, num_visual, exit_layer, visual_after)
+    )
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
     v = torch.as_tensor(num_visual, dtype=torch.float64)
+    after = torch.as_tensor(0 if visual_after is None else visual_after, dtype=torch.float64)
     k = torch.as_tensor(num_layers if exit_layer is None else exit_layer, dtype=torch.float64)
     if bool((v > n).any()) or bool((v < 0).any()):
         raise ValueError("num_visual must be in [0, num_tokens]")
+    if bool((after < 0).any()) or bool((after > v).any()):
+        raise ValueError("visual_after must be in [0, num_visual]")
     if bool((k < 0).any()) or bool((k > num_layers).any()):
         raise ValueError(f"exit_layer must be in [0, {num_layers}]")
     head = 0.0 if convention == "paper" else 2.0 * lm_head_tokens * cfg.hidden_size * cfg.vocab_size
     full = num_layers * layer_flops(cfg, n, convention) + head
-    withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * layer_flops(cfg, n - v, convention) + head
+    late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
+    withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * late + head
     ratio = withdrawn / full
     if scalar:
         return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)

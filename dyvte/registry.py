@@ -27,16 +27,20 @@ class Family:
         decoder_path: dotted path from the top-level model to the text decoder (the module with ``.layers``).
         visual_id_attrs: config attributes whose values are visual placeholder token ids (missing/None ones skipped).
         vision_path: dotted path from the top-level model to the vision encoder.
+        image_features: how ``get_image_features`` lays out its per-image output, for pruning before the LLM:
+            ``"views"`` (one view per image, a row of patches each: LLaVA-1.5), ``"anyres"`` (LLaVA-NeXT's
+            base view + unpadded crop grid with newline tokens), or ``None`` (``dyvte.prune`` unsupported).
     """
 
     decoder_path: str
     visual_id_attrs: tuple[str, ...]
     vision_path: str
+    image_features: str | None = None
 
 
 REGISTRY: dict[str, Family] = {
-    "llava": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
-    "llava_next": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
+    "llava": Family("model.language_model", ("image_token_id",), "model.vision_tower", "views"),
+    "llava_next": Family("model.language_model", ("image_token_id",), "model.vision_tower", "anyres"),
     "llava_onevision": Family("model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower"),
     "qwen2_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual"),
     "qwen2_5_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual"),

@@ -1,0 +1,144 @@
+"""FastV (arXiv 2403.06764): at layer K keep only the visual tokens the last prompt token attended to most at K-1.
+
+A static withdrawal at exit layer K whose droppable set is narrowed to the low-ranked visual tokens, so the engine of
+:mod:`dyvte.withdraw` does the dropping (kept tokens keep their original rotary positions; masks and KV cache of layers
+>= K hold the kept tokens only, for every family). The ranking is computed in a forward pre-hook on layer K-1 from
+that layer's own input: ``input_layernorm``, ``q_proj`` for the row's last token, ``k_proj`` for every token,
+``q_norm`` / ``k_norm`` when the attention has them, the rotary ``position_embeddings`` the layer receives, the
+layer's scaling (and logit soft-capping), softmax over the causal, valid keys (inside the layer's sliding window when
+it has one), then the mean over heads. This is one query row per sample, so SDPA keeps running in every layer.
+
+Rounding: a row with ``n`` visual tokens keeps ``max(1, floor((1 - R) * n + 0.5))`` of them (round half up, at
+least one); a row without visual tokens keeps nothing to prune.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .withdraw import _HANDLE_ATTR, Withdrawal, WithdrawalError, _Forward
+
+__all__ = ["FastV", "kept_count"]
+
+
+def kept_count(num: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Tokens kept out of ``num`` when a fraction ``ratio`` is pruned: round half up, at least 1 (0 if ``num`` is 0).
+
+    Args:
+        num: token counts, any shape, integer.
+        ratio: fraction pruned, in ``[0, 1)``.
+
+    Returns:
+        The kept counts, same shape, long.
+    """
+    num = torch.as_tensor(num, dtype=torch.long)
+    kept = torch.floor(num.double() * (1.0 - ratio) + 0.5).long()
+    return torch.minimum(kept.clamp(min=1), num)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def last_token_attention(
+    layer: nn.Module, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor
+) -> torch.Tensor:
+    """Attention the last token pays every token in one decoder layer, mean over heads.
+
+    Args:
+        layer: an HF decoder layer (``input_layernorm`` and ``self_attn`` with ``q_proj`` / ``k_proj``).
+        hidden: ``(B, T, D)`` the layer's input hidden states.
+        rotary: the layer's ``position_embeddings`` ``(cos, sin)``, each ``(B or 1, T, head_dim)``.
+        allowed: ``(B, T)`` bool, keys the last token may attend to.
+
+    Returns:
+        ``(B, T)`` float32 attention probabilities (0 on disallowed keys).
+    """
+    attn = layer.self_attn
+    batch, num_tokens, _ = hidden.shape
+    head_dim = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
+    k = attn.k_proj(x).view(batch, num_tokens, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = (t[:, None] for t in rotary)  # (B or 1, 1, T, hd)
+    q = q * cos[..., -1:, :] + _rotate_half(q) * sin[..., -1:, :]
+    k = k * cos + _rotate_half(k) * sin
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, H, T, hd)
+    logits = (q @ k.transpose(-1, -2)).squeeze(2).float() * attn.scaling  # (B, H, T)
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return logits.softmax(-1).mean(1)  # (B, T)
+
+
+class FastV(Withdrawal):
+    """Handle of an active FastV pruning: a static withdrawal at K that drops only the low-ranked visual tokens.
+
+    Attributes:
+        ratio: fraction R of each row's visual tokens pruned at layer K.
+        kept_visual: ``(B, T)`` bool, for the last new sequence: the visual tokens that stay after layer K-1.
+        visual_after: ``(B,)`` long, visual tokens per row that stay in layers ``>= K`` (for ``prefill_flops``).
+        scores: ``(B, T)`` float32, the last prompt token's attention at layer K-1 (mean over heads).
+    """
+
+    def __init__(self, model: nn.Module, layer: int, ratio: float) -> None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"FastV ratio R (fraction of visual tokens pruned) must be in [0, 1), got {ratio!r}")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"FastV layer K must be an int >= 1, got {layer!r}")
+        if layer == 0:
+            raise ValueError(
+                "FastV needs K >= 1: it ranks visual tokens by the attention of layer K-1 (for pruning before the "
+                "first layer use dyvte.prune(model, method='fastervlm' or 'random'))"
+            )
+        if getattr(model, _HANDLE_ATTR, None) is not None:
+            raise WithdrawalError(
+                "FastV cannot nest with dyvte.withdraw on the same model: both are withdrawals of the same engine. "
+                "Remove the active withdrawal first (dyvte.withdraw composes with method='fastervlm' or 'random')."
+            )
+        self.ratio = float(ratio)
+        self.kept_visual: torch.Tensor | None = None
+        self.visual_after: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        super().__init__(model, layer=layer)
+
+    def _attach(self) -> None:
+        super()._attach()
+        if self.layer < self.spec.num_layers:
+            scorer = self.spec.layers[self.layer - 1]
+            self._hooks.append(scorer.register_forward_pre_hook(self._rank, with_kwargs=True))
+
+    def _rank(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook on layer K-1: rank each row's visual tokens by the last token's attention."""
+        fwd = self._fwd
+        if fwd is None or not fwd.new_sequence:
+            return None  # decode steps: the kept set was fixed at prefill
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), every token (no row has left yet)
+        rotary = kwargs.get("position_embeddings")
+        if rotary is None:
+            raise WithdrawalError("FastV needs the rotary position_embeddings passed to the decoder layers")
+        cols = torch.arange(fwd.num_tokens, device=hidden.device)
+        allowed = fwd.valid.clone()  # (B, T): causal keys of the last token are all tokens; padding hidden
+        window = self.spec.sliding_window[self.layer - 1]
+        if window is not None:
+            allowed &= (fwd.num_tokens - 1 - cols) < window
+        with torch.no_grad():
+            scores = last_token_attention(module, hidden, rotary, allowed)  # (B, T)
+        visual = fwd.visual & fwd.valid
+        budget = kept_count(visual.sum(1), self.ratio).to(hidden.device)  # (B,)
+        order = torch.where(visual, scores, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        rank = order.argsort(dim=1)  # (B, T) rank of each token by score
+        self.kept_visual = visual & (rank < budget[:, None])
+        self.visual_after = budget.cpu()
+        self.scores = scores
+        return None
+
+    def _droppable(self, fwd: _Forward) -> torch.Tensor:
+        if fwd.new_sequence and self.kept_visual is not None:
+            return fwd.visual & ~self.kept_visual
+        return fwd.visual

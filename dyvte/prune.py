@@ -1,0 +1,430 @@
+"""Visual-token pruning: FasterVLM ([CLS] attention, before the LLM), FastV (inside the LLM) and a random baseline.
+
+``dyvte.prune(model, method=...)`` is the one entry point:
+
+* ``"fastervlm"`` (arXiv 2412.01818): each view's patches are scored by the vision encoder's attention from the
+  [CLS] query at the layer whose output the MLLM reads (``vision_feature_layer``; mean over heads) and the top ones
+  are kept, in their original order. Encoders without a [CLS] token fall back to the mean attention each patch
+  receives (mean over queries and heads) -- a weaker score: it rewards patches every patch looks at (often
+  background "sink" patches) rather than what a global summary token gathered.
+* ``"random"``: a seeded random subset of the same size per view (the honest baseline).
+* ``"fastv"`` (arXiv 2403.06764, ``layer=K``): see :mod:`dyvte.fastv`.
+
+FasterVLM and random prune *before* the LLM, which then sees a shorter prompt (consecutive positions, as if the
+pruned placeholders had never been there). Mechanism, all hooks on the unmodified model:
+
+* ``get_image_features`` of the base model is wrapped (an instance attribute, removed with the handle). It is the
+  single entry of both paths: ``generate`` calls it before prefill, a plain forward through the pre-hook below. The
+  wrapper switches on a forward pre-hook on the scoring encoder layer, which recomputes that layer's q/k from its
+  own input (no eager switch, no ``output_attentions``), then drops the pruned entries from ``pooler_output`` and
+  records which ones it kept on the output object.
+* A forward pre-hook on the top-level model (``prepend=True``, so it runs before any withdrawal hook) drops the
+  placeholders of pruned entries from ``input_ids`` and every other per-token tensor (``attention_mask``,
+  ``labels``, ``token_type_ids``...), renumbers ``position_ids``, and remembers the kept columns per row; in decode
+  steps it shrinks the growing 2-D ``attention_mask`` and shifts ``position_ids`` the same way, so the KV cache and
+  ``generate`` stay consistent.
+
+Views: LLaVA-1.5 has one view per image. LLaVA-NeXT packs a base view and an unpadded crop grid with one newline
+token per grid row; each view (the base view, each grid crop) is pruned on its own, the packed features are pruned
+per image after the model's own packing (we locate every packed entry by running the model's ``pack_image_features``
+on patch indices) and newline tokens are always kept, so the row structure the newlines encode survives.
+
+Budgets: ``ratio=R`` keeps ``max(1, floor((1 - R) * n + 0.5))`` of a view's ``n`` patches; ``keep=k`` keeps ``k``
+of a full view's ``N`` patches, i.e. ``max(1, floor(n * k / N + 0.5))`` of an unpadded crop's ``n``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fastv import FastV, kept_count
+from .layout import pack_right, take
+from .registry import REGISTRY, UnsupportedModelError, _get_path, resolve, unwrap
+
+__all__ = ["Pruning", "PruneError", "prune", "METHODS"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("fastervlm", "fastv", "random")
+_HANDLE_ATTR = "_dyvte_pruning"
+_KEPT_ATTR = "_dyvte_kept"  # set on get_image_features' output: per image, (n_i,) bool kept entries
+
+
+class PruneError(RuntimeError):
+    """Pruning cannot proceed on these inputs or this state (the message says why)."""
+
+
+def _supported() -> list[str]:
+    return sorted(t for t, f in REGISTRY.items() if f.image_features is not None)
+
+
+def _vision_attention(layer: nn.Module, hidden: torch.Tensor, cls: bool) -> torch.Tensor:
+    """Attention scores of one CLIP/SigLIP-style encoder layer, recomputed from its input.
+
+    Args:
+        layer: the encoder layer (``layer_norm1``, ``self_attn`` with ``q_proj`` / ``k_proj``).
+        hidden: ``(V, S, D)`` the layer's input hidden states, one row per view.
+        cls: score by the [CLS] (first) query's attention; otherwise by the mean attention each key receives.
+
+    Returns:
+        ``(V, S)`` float32: per key, the mean over heads (and, without [CLS], over queries).
+    """
+    attn = layer.self_attn
+    views, length, _ = hidden.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    scale = getattr(attn, "scale", None) or attn.scaling
+    x = layer.layer_norm1(hidden)
+    k = attn.k_proj(x).view(views, length, heads, head_dim).transpose(1, 2)  # (V, H, S, hd)
+    q = attn.q_proj(x[:, :1] if cls else x).view(views, -1, heads, head_dim).transpose(1, 2)  # (V, H, Q, hd)
+    probs = ((q @ k.transpose(-1, -2)).float() * scale).softmax(-1)  # (V, H, Q, S)
+    return probs.mean(dim=(1, 2))
+
+
+class Pruning:
+    """Handle of an active FasterVLM / random pruning before the LLM; a context manager. See :func:`prune`.
+
+    Attributes:
+        method: ``"fastervlm"`` or ``"random"``.
+        keep: patches kept per full view (or ``None``); ``ratio``: fraction pruned (or ``None``).
+        kept_columns: ``(B, T')`` long, for the last new sequence: the original column of each slot of the shortened
+            prompt (``-1`` for padding slots), or ``None`` when nothing was pruned.
+        fed_tokens: ``(B,)`` long, non-padding tokens per row the LLM received in the last new sequence.
+        fed_visual: ``(B,)`` long, visual tokens per row the LLM received in the last new sequence.
+        exit_layers: always ``None`` (nothing is withdrawn inside the LLM).
+    """
+
+    exit_layers = None
+
+    def __init__(
+        self, model: nn.Module, method: str, keep: int | None = None, ratio: float | None = None, seed: int = 0
+    ) -> None:
+        self.spec = resolve(model)
+        family = REGISTRY[self.spec.model_type]
+        if family.image_features is None:
+            raise UnsupportedModelError(
+                f"dyvte.prune(method={method!r}) does not support model_type={self.spec.model_type!r}: its image "
+                f"features are not laid out as patches of views dyvte can prune. Supported: {', '.join(_supported())} "
+                "(FastV, method='fastv', works on every family)."
+            )
+        if method not in ("fastervlm", "random"):
+            raise ValueError(f"Pruning handles method 'fastervlm' or 'random', got {method!r}")
+        self.method, self.seed = method, int(seed)
+        self.layout = family.image_features
+        model = self.spec.model
+        config = model.config
+        self.base = model.base_model
+        self.tower = _get_path(model, family.vision_path)
+        vcfg = config.vision_config
+        self.strategy = getattr(config, "vision_feature_select_strategy", "default")
+        self.offset = 1 if self.strategy == "default" else 0  # feature entry p is encoder token p + offset
+        self.view_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1 - self.offset  # N, features per full view
+        self.keep, self.ratio = _check_budget(keep, ratio, self.view_tokens)
+        vision = getattr(self.tower, "vision_model", self.tower)  # CLIP / SigLIP vision transformer
+        self.has_cls = getattr(getattr(vision, "embeddings", None), "class_embedding", None) is not None
+        encoder_layers = vision.encoder.layers
+        feature_layer = getattr(config, "vision_feature_layer", -1)
+        if not isinstance(feature_layer, int):
+            raise UnsupportedModelError(
+                f"FasterVLM scores at the one encoder layer the MLLM reads; vision_feature_layer={feature_layer!r} "
+                "selects several"
+            )
+        self.feature_layer = feature_layer
+        self.score_layer = feature_layer % (len(encoder_layers) + 1) - 1  # hidden_states[i] is layer i-1's output
+        if self.score_layer < 0:
+            raise UnsupportedModelError("vision_feature_layer selects the patch embeddings: no attention to score by")
+        self.kept_columns: torch.Tensor | None = None
+        self.fed_tokens: torch.Tensor | None = None
+        self.fed_visual: torch.Tensor | None = None
+        self._prompt_len = 0
+        self._dropped: torch.Tensor | None = None  # (B,) pruned columns per row
+        self._cache_ref: weakref.ref | None = None
+        self._capture: list[torch.Tensor] | None = None
+        self._hooks: list[Any] = []
+        self._original = self.base.get_image_features
+        self._signature = inspect.signature(self._original)
+        self._image_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
+        self._attach(encoder_layers[self.score_layer])
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    @property
+    def model(self) -> nn.Module:
+        """The hooked top-level model."""
+        return self.spec.model
+
+    def _attach(self, score_layer: nn.Module) -> None:
+        top = self.spec.model
+        if getattr(top, _HANDLE_ATTR, None) is not None or "get_image_features" in vars(self.base):
+            raise PruneError("this model is already pruned by dyvte; remove that handle before pruning again")
+        self._hooks.append(top.register_forward_pre_hook(self._pre_forward, with_kwargs=True, prepend=True))
+        self._hooks.append(top.register_forward_hook(self._post_forward, with_kwargs=True))
+        self._hooks.append(score_layer.register_forward_pre_hook(self._score_hook, with_kwargs=True))
+        self.base.get_image_features = self._get_image_features
+        setattr(top, _HANDLE_ATTR, self)
+
+    def remove(self) -> None:
+        """Remove every hook and the wrapper; the model is exactly as before. Safe to call twice."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if vars(self.base).get("get_image_features") == self._get_image_features:
+            del self.base.get_image_features
+        if getattr(self.spec.model, _HANDLE_ATTR, None) is self:
+            delattr(self.spec.model, _HANDLE_ATTR)
+
+    def __enter__(self) -> Pruning:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------------------------------ feature path
+    def _score_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._capture is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (V, S, D)
+            with torch.no_grad():
+                self._capture.append(_vision_attention(module, hidden, self.has_cls))
+        return None
+
+    def _get_image_features(self, *args: Any, **kwargs: Any) -> Any:
+        """Wrapper of the base model's ``get_image_features``: the model's features, pruned per view."""
+        bound = self._signature.bind(*args, **kwargs)
+        layer = bound.arguments.get("vision_feature_layer")
+        if layer is not None and layer != self.feature_layer:
+            raise PruneError(f"pruning scores at vision_feature_layer={self.feature_layer}; the call asks for {layer}")
+        self._capture = [] if self.method == "fastervlm" else None
+        try:
+            out = self._original(*args, **kwargs)
+            captured = self._capture
+        finally:
+            self._capture = None
+        features = list(out.pooler_output)  # per image (n_i, D)
+        sources = self._sources(bound.arguments, features)  # per image (n_i,) encoder-token index, -1 = keep
+        total = max((int(s.max()) + 1 for s in sources if s.numel()), default=0)  # encoder tokens scored
+        if self.method == "fastervlm":
+            scores = torch.cat(captured).flatten() if captured else torch.empty(0)  # (V * S,)
+            if scores.numel() < total:
+                raise PruneError("the scoring encoder layer did not run on every view of these images")
+        else:
+            gen = torch.Generator().manual_seed(self.seed)
+            scores = torch.rand(max(total, 1), generator=gen, dtype=torch.float64)
+        seq_len = self.view_tokens + self.offset  # S, encoder tokens per view
+        kept = [self._keep_mask(src, scores, seq_len) for src in sources]
+        out.pooler_output = [f[k.to(f.device)] for f, k in zip(features, kept, strict=True)]
+        setattr(out, _KEPT_ATTR, kept)
+        return out
+
+    def _sources(self, arguments: dict, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image: the flat encoder-token index (view * S + token) of each feature entry; -1 for newlines."""
+        seq_len = self.view_tokens + self.offset
+        if self.layout == "views":
+            return [i * seq_len + self.offset + torch.arange(f.shape[0]) for i, f in enumerate(features)]  # (n_i,) each
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.spec.model.config
+        image_sizes = arguments["image_sizes"]
+        views = [
+            image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            for size in image_sizes
+        ]
+        first = torch.tensor([0, *views]).cumsum(0)
+        grids = [
+            ((first[i] + torch.arange(n))[:, None] * seq_len + self.offset + torch.arange(self.view_tokens))
+            .double()
+            .unsqueeze(-1)
+            for i, n in enumerate(views)
+        ]  # per image (views_i, N, 1)
+        packed, _ = self.base.pack_image_features(
+            grids, image_sizes, self.strategy, image_newline=torch.tensor([-1.0], dtype=torch.float64)
+        )
+        sources = [p.squeeze(-1).round().long() for p in packed]  # (n_i,) each
+        if [s.shape[0] for s in sources] != [f.shape[0] for f in features]:
+            raise PruneError("could not locate LLaVA-NeXT's packed image features (packing changed?)")
+        return sources
+
+    def _keep_mask(self, sources: torch.Tensor, scores: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """``(n,)`` bool: the top entries of each view of one image by ``scores``; newline entries (-1) stay."""
+        keep = sources < 0
+        views = torch.where(keep, -1, sources // seq_len)
+        for view in views.unique().tolist():
+            if view < 0:
+                continue
+            members = (views == view).nonzero().flatten()  # (n_v,) entries of this view, in order
+            count = members.numel()
+            if self.keep is not None:
+                budget = max(1, min(count, (2 * count * self.keep + self.view_tokens) // (2 * self.view_tokens)))
+            else:
+                budget = int(kept_count(torch.tensor(count), self.ratio))
+            view_scores = scores[sources[members]].to(torch.float64)
+            top = view_scores.argsort(descending=True, stable=True)[:budget]
+            keep[members[top]] = True
+        return keep
+
+    # --------------------------------------------------------------------------------------------- top hooks
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) > 1:
+            raise PruneError("under dyvte.prune pass the model inputs as keyword arguments")
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"], args = args[0], ()
+        input_ids = kwargs.get("input_ids")
+        cache = kwargs.get("past_key_values")
+        new_sequence = cache is None or cache.get_seq_length() == 0
+        if not new_sequence:
+            return args, self._continue(kwargs, cache)
+        images = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if images is None and kwargs.get("pixel_values") is not None:
+            call = {
+                "pixel_values": kwargs["pixel_values"],
+                "vision_feature_layer": kwargs.get("vision_feature_layer"),
+                "vision_feature_select_strategy": kwargs.get("vision_feature_select_strategy"),
+                "return_dict": True,
+            }
+            if kwargs.get("image_sizes") is not None:
+                call["image_sizes"] = kwargs["image_sizes"]
+            images = self.base.get_image_features(**call)
+            kwargs["pixel_values"] = None
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": images}
+        if input_ids is None:
+            if images is not None:
+                raise PruneError("dyvte.prune needs input_ids to find the image placeholders (not inputs_embeds)")
+            return args, kwargs
+        batch, num_tokens = input_ids.shape
+        placeholder = input_ids == self._image_id  # (B, T)
+        keep = torch.ones_like(placeholder)
+        if images is not None:
+            kept = getattr(images, _KEPT_ATTR, None)
+            if kept is None:
+                raise PruneError(
+                    "these image features were not computed under this dyvte.prune handle (precomputed "
+                    "mm_encoder_outputs?): pass pixel_values, or call generate inside the `with` block"
+                )
+            flat = torch.cat(kept).to(keep.device)
+            if int(placeholder.sum()) != flat.numel():
+                raise PruneError(
+                    f"input_ids hold {int(placeholder.sum())} image placeholders for {flat.numel()} image features"
+                )
+            keep[placeholder] = flat  # row-major, the order masked_scatter fills placeholders in
+        mask = kwargs.get("attention_mask")
+        valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(keep)  # (B, T)
+        pruned = ~keep  # (B, T) placeholders of pruned image entries
+        self._prompt_len = num_tokens
+        self._dropped = pruned.sum(1)  # (B,)
+        if not bool(pruned.any()):
+            self.kept_columns = None
+            self.fed_tokens = valid.sum(1).cpu()
+            self.fed_visual = (placeholder & valid).sum(1).cpu()
+            return args, kwargs
+        idx = pack_right(keep & valid)  # (B, T'): padding columns go too, rows are re-padded on the left
+        slot_ok = idx >= 0
+        kwargs["input_ids"] = take(input_ids, idx, 1).masked_fill(~slot_ok, self._pad_id())
+        kwargs["attention_mask"] = slot_ok.long() if mask is None else take(mask, idx, 1) * slot_ok
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # the shortened prompt's own positions (the model would count padding slots)
+            kwargs["position_ids"] = (slot_ok.long().cumsum(1) - 1).clamp(min=0)
+        elif position_ids.shape == (batch, num_tokens):
+            shifted = position_ids - pruned.long().cumsum(1)  # a kept token moves back by the pruned before it
+            kwargs["position_ids"] = take(shifted, idx, 1).masked_fill(~slot_ok, 0)
+        else:
+            raise PruneError(f"position_ids of shape {tuple(position_ids.shape)} are not supported under pruning")
+        for key, value in list(kwargs.items()):
+            if key in ("input_ids", "attention_mask", "position_ids") or not isinstance(value, torch.Tensor):
+                continue
+            if value.shape[:2] == (batch, num_tokens):  # labels, token_type_ids, visual_mask, ...
+                pad = ~slot_ok.view(*idx.shape, *[1] * (value.dim() - 2))
+                kwargs[key] = take(value, idx, 1).masked_fill(pad, -100 if key == "labels" else 0)
+        self.kept_columns = idx
+        self.fed_tokens = slot_ok.sum(1).cpu()
+        self.fed_visual = (take(placeholder, idx, 1) & slot_ok).sum(1).cpu()
+        return args, kwargs
+
+    def _continue(self, kwargs: dict, cache: Any) -> dict:
+        """A decode step: map the caller's full-length mask and positions onto the shortened prompt."""
+        known = self._cache_ref() if self._cache_ref is not None else None
+        if known is not cache:
+            raise PruneError("past_key_values was not produced under this prune handle: prefill and decode under it")
+        if self.kept_columns is None:
+            return kwargs
+        idx, prompt = self.kept_columns, self._prompt_len
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            if mask.shape[1] < prompt:
+                raise PruneError(f"attention_mask has {mask.shape[1]} columns, fewer than the prompt's {prompt}")
+            kwargs["attention_mask"] = torch.cat([take(mask[:, :prompt], idx, 1) * (idx >= 0), mask[:, prompt:]], 1)
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, torch.Tensor):
+            kwargs["position_ids"] = position_ids - self._dropped.to(position_ids.device)[:, None]
+        return kwargs
+
+    def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        cache = getattr(output, "past_key_values", None)
+        self._cache_ref = weakref.ref(cache) if cache is not None else None
+        return output
+
+    def _pad_id(self) -> int:
+        config = self.spec.model.config
+        for cfg in (config, config.get_text_config()):
+            pad = getattr(cfg, "pad_token_id", None)
+            if pad is not None and pad != self._image_id:
+                return int(pad)
+        return 0 if self._image_id != 0 else 1
+
+
+def _check_budget(keep: int | None, ratio: float | None, view_tokens: int) -> tuple[int | None, float | None]:
+    if (keep is None) == (ratio is None):
+        raise TypeError("pass exactly one of keep= (tokens kept per view) or ratio= (fraction pruned)")
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise TypeError(f"keep must be an int, got {keep!r}")
+        if not 1 <= keep <= view_tokens:
+            raise ValueError(f"keep={keep} is out of range: each image view has {view_tokens} tokens, keep 1..that")
+        return keep, None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio (the fraction pruned) must be in [0, 1), got {ratio!r}")
+    return None, float(ratio)
+
+
+def prune(
+    model: nn.Module,
+    method: str = "fastervlm",
+    *,
+    keep: int | None = None,
+    ratio: float | None = None,
+    layer: int | None = None,
+    seed: int = 0,
+) -> Pruning | FastV:
+    """Prune visual tokens: FasterVLM or random before the LLM, or FastV inside it.
+
+    Usable as a context manager or kept as a handle (``handle.remove()`` restores the model). ``fastervlm`` /
+    ``random`` nest with :func:`dyvte.withdraw` (either order)::
+
+        with dyvte.prune(model, method="fastervlm", ratio=0.75), dyvte.withdraw(model, layer=16):
+            out = model.generate(**inputs)
+
+    Args:
+        model: a supported transformers model (``fastervlm`` / ``random``: LLaVA-1.5, LLaVA-NeXT; ``fastv``: every
+            family of ``dyvte.supported_model_types()``).
+        method: ``"fastervlm"``, ``"random"`` or ``"fastv"``.
+        keep: patches kept per image view (``fastervlm`` / ``random``), in ``[1, N]``.
+        ratio: fraction of visual tokens pruned, in ``[0, 1)`` (``fastv`` needs it).
+        layer: FastV's layer K >= 1: tokens are ranked by layer K-1's attention and dropped from layer K on.
+        seed: seed of the random subset (``random``).
+
+    Returns:
+        The :class:`Pruning` handle, or a :class:`dyvte.fastv.FastV` withdrawal handle for ``fastv``.
+    """
+    model = unwrap(model)
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "fastv":
+        if keep is not None or ratio is None or layer is None:
+            raise TypeError("method='fastv' needs layer=K and ratio=R (not keep=)")
+        return FastV(model, layer=layer, ratio=ratio)
+    if layer is not None:
+        raise TypeError(f"layer= is FastV's argument; method={method!r} prunes before the LLM")
+    return Pruning(model, method, keep=keep, ratio=ratio, seed=seed)
