@@ -4,7 +4,8 @@ from .calibrate import Calibration, calibrate
 from .data import DataError
 from .evaluate import EvalResult, evaluate
 from .flops import PrefillFlops, prefill_flops
-from .methods import Calibrated, Full, Static
+from .methods import Calibrated, Full, Prune, Static
+from .prune import PruneError, Pruning, prune
 from .registry import REGISTRY, UnsupportedModelError, supported_model_types
 from .withdraw import Withdrawal, WithdrawalError, withdraw
 
@@ -16,6 +17,9 @@ __all__ = [
     "EvalResult",
     "Full",
     "PrefillFlops",
+    "Prune",
+    "PruneError",
+    "Pruning",
     "Static",
     "UnsupportedModelError",
     "Withdrawal",
@@ -23,6 +27,7 @@ __all__ = [
     "calibrate",
     "evaluate",
     "prefill_flops",
+    "prune",
     "supported_model_types",
     "withdraw",
 ]

@@ -155,6 +155,8 @@ def evaluate(
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[clock])
             total_s += time.perf_counter() - start
             exits = handle.exit_layers.clone() if handle is not None and handle.exit_layers is not None else None
+            # pruning handles say what the LLM received (fed_*) and how many visual tokens stay after the exit
+            fed = {k: getattr(handle, k, None) for k in ("fed_tokens", "fed_visual", "visual_after")}
         prefill_s += clock.stamps[0] - start
         if exits is None:
             exits = torch.full((len(records),), spec.num_layers)
@@ -162,7 +164,11 @@ def evaluate(
         predicted = [normalize_answer(t) for t in texts]
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         visual = torch.isin(ids, spec.visual_ids).sum(1)
-        relative = prefill_flops(model.config, mask.sum(1), visual, exits).ratio
+        tokens = mask.sum(1)
+        fed_tokens = tokens if fed["fed_tokens"] is None else fed["fed_tokens"]
+        fed_visual = visual if fed["fed_visual"] is None else fed["fed_visual"]
+        flops = prefill_flops(model.config, fed_tokens, fed_visual, exits, visual_after=fed["visual_after"]).flops
+        relative = flops / prefill_flops(model.config, tokens, visual).full  # relative to the unpruned full model
         first = len(answers)
         for row, record in enumerate(records):
             pred = predicted[row]

@@ -14,9 +14,10 @@ from typing import Any
 from torch import nn
 
 from .calibrate import Calibration
+from .prune import prune
 from .withdraw import withdraw
 
-__all__ = ["Method", "Full", "Static", "Calibrated", "parse_method"]
+__all__ = ["Method", "Full", "Static", "Calibrated", "Prune", "parse_method"]
 
 
 class Method:
@@ -68,9 +69,45 @@ class Calibrated(Method):
             yield handle
 
 
+@dataclass
+class Prune(Method):
+    """Visual-token pruning (``dyvte.prune``): ``fastervlm`` / ``random`` before the LLM, ``fastv`` at layer K.
+
+    The handle exposes what the LLM received (``fed_tokens`` / ``fed_visual``) or kept after K (``visual_after``),
+    which the harness uses for the FLOPs.
+    """
+
+    method: str = "fastervlm"
+    ratio: float | None = None
+    keep: int | None = None
+    layer: int | None = None
+    seed: int = 0
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        budget = f"R={self.ratio:g}" if self.ratio is not None else f"keep={self.keep}"
+        return f"{self.method} K={self.layer} {budget}" if self.method == "fastv" else f"{self.method} {budget}"
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module) -> Iterator[Any]:
+        with prune(model, self.method, keep=self.keep, ratio=self.ratio, layer=self.layer, seed=self.seed) as handle:
+            yield handle
+
+
 def parse_method(spec: str, num_layers: int) -> list[Method]:
-    """Methods from a short string: ``full``, ``static:K``, ``static:all`` (K = 0..L), ``calibrated:PATH``."""
+    """Methods from a short string.
+
+    ``full``, ``static:K[,K...]``, ``static:all`` (K = 0..L), ``calibrated:PATH``, and pruning with R the fraction
+    pruned: ``fastervlm:R[,R...]``, ``random:R[,R...]``, ``fastv:K:R[,R...]``.
+    """
     kind, _, arg = spec.partition(":")
+    if kind in ("fastervlm", "random"):
+        return [Prune(kind, ratio=float(r)) for r in arg.split(",")]
+    if kind == "fastv":
+        layer, _, ratios = arg.partition(":")
+        if not ratios:
+            raise ValueError(f"fastv needs fastv:K:R, got {spec!r}")
+        return [Prune("fastv", ratio=float(r), layer=int(layer)) for r in ratios.split(",")]
     if kind == "full":
         return [Full()]
     if kind == "static":
@@ -79,4 +116,7 @@ def parse_method(spec: str, num_layers: int) -> list[Method]:
         return [Static(int(k)) for k in arg.split(",")]
     if kind == "calibrated":
         return [Calibrated(Calibration.load(arg))]
-    raise ValueError(f"unknown method {spec!r}: use full, static:K[,K...], static:all or calibrated:PATH")
+    raise ValueError(
+        f"unknown method {spec!r}: use full, static:K[,K...], static:all, calibrated:PATH, fastervlm:R, random:R "
+        "or fastv:K:R"
+    )
