@@ -1,0 +1,104 @@
+"""train/fit.py on a tiny model saved to disk: heads-only checkpoints, resume, DDP on two CPU processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dyvte.heads import ExitHeads
+
+from .test_calibrate_evaluate import TEMPLATE, records
+from .tiny_models import make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit_main():
+    spec = importlib.util.spec_from_file_location("fit", ROOT / "train" / "fit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    """A tiny LLaVA saved with from_pretrained layout and a JSONL of records with image files."""
+    root = tmp_path_factory.mktemp("fit")
+    model, processor = make_tiny("llava")
+    processor.chat_template = TEMPLATE
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    lines = []
+    for i, rec in enumerate(records(12)):
+        rec["image"].save(root / f"img{i}.png")
+        lines.append(
+            json.dumps(
+                {"image": f"img{i}.png", "question": rec["question"], "answer": rec["answer"], "qtype": rec["qtype"]}
+            )
+        )
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def fit_args(root: Path, out: str, epochs: int, extra: list[str] = ()) -> list[str]:
+    return [
+        f"--data.model={root / 'model'}",
+        f"--data.data={root / 'records.jsonl'}",
+        "--data.train_samples=8",
+        "--data.val_samples=4",
+        "--data.batch_size=4",
+        "--data.label_batch_size=4",
+        f"--data.cache_dir={root / 'cache'}",
+        f"--output_dir={root / out}",
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.default_root_dir={root / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def test_fit_writes_only_heads_and_resumes(setup_dir):
+    main = _fit_main()
+    main(fit_args(setup_dir, "heads", 2))
+    heads = ExitHeads.from_pretrained(setup_dir / "heads")
+    assert heads.config.num_layers == 4 and heads.config.model_type == "llava"
+    ckpts = sorted((setup_dir / "runs").rglob("last.ckpt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], weights_only=False)
+    assert set(state["state_dict"]) == {f"heads.{k}" for k in heads.state_dict()}  # no MLLM weights
+    assert state["global_step"] == 4  # 2 epochs x (8 samples / batch 4)
+    first_steps = state["global_step"]
+    main(fit_args(setup_dir, "heads-resumed", 3, [f"--ckpt_path={ckpts[0]}"]))
+    resumed = torch.load(sorted((setup_dir / "runs").rglob("last.ckpt"))[-1], weights_only=False)
+    assert resumed["global_step"] == first_steps + 2  # one more epoch, not a fresh run of three
+    training = json.loads((setup_dir / "heads-resumed" / "training.json").read_text())
+    assert training["steps"] == first_steps + 2 and training["labels_ms_per_sample"] > 0
+
+
+@pytest.mark.slow
+def test_fit_ddp_two_cpu_processes(setup_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    args = fit_args(setup_dir, "heads-ddp", 1, ["--trainer.strategy=ddp", "--trainer.devices=2"])
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "fit.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world_size: 2" in done.stderr + done.stdout or "Initializing distributed: GLOBAL_RANK: 1" in (
+        done.stderr + done.stdout
+    )
+    heads = ExitHeads.from_pretrained(setup_dir / "heads-ddp")
+    assert np.isfinite(sum(p.sum().item() for p in heads.parameters()))
