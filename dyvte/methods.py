@@ -17,7 +17,7 @@ from .calibrate import Calibration
 from .prune import prune
 from .withdraw import withdraw
 
-__all__ = ["Method", "Full", "Static", "Calibrated", "Prune", "parse_method"]
+__all__ = ["Method", "Full", "Static", "Calibrated", "Heads", "Prune", "parse_method"]
 
 
 class Method:
@@ -94,10 +94,29 @@ class Prune(Method):
             yield handle
 
 
+@dataclass
+class Heads(Method):
+    """Per-sample adaptive withdrawal by learned exit heads (DyVTE) at a P(exit) threshold."""
+
+    heads: Any
+    threshold: float | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        threshold = self.heads.config.threshold if self.threshold is None else self.threshold
+        return f"heads p={threshold:g}"
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module) -> Iterator[Any]:
+        with withdraw(model, heads=self.heads, threshold=self.threshold) as handle:
+            yield handle
+
+
 def parse_method(spec: str, num_layers: int) -> list[Method]:
     """Methods from a short string.
 
-    ``full``, ``static:K[,K...]``, ``static:all`` (K = 0..L), ``calibrated:PATH``, and pruning with R the fraction
+    ``full``, ``static:K[,K...]``, ``static:all`` (K = 0..L), ``calibrated:PATH``, ``heads:PATH[:P[,P...]]``
+    (exit heads at thresholds P), and pruning with R the fraction
     pruned: ``fastervlm:R[,R...]``, ``random:R[,R...]``, ``fastv:K:R[,R...]``.
     """
     kind, _, arg = spec.partition(":")
@@ -116,7 +135,13 @@ def parse_method(spec: str, num_layers: int) -> list[Method]:
         return [Static(int(k)) for k in arg.split(",")]
     if kind == "calibrated":
         return [Calibrated(Calibration.load(arg))]
+    if kind == "heads":
+        from .heads import ExitHeads
+
+        path, _, thresholds = arg.partition(":")
+        heads = ExitHeads.from_pretrained(path)
+        return [Heads(heads, float(p)) for p in thresholds.split(",")] if thresholds else [Heads(heads)]
     raise ValueError(
-        f"unknown method {spec!r}: use full, static:K[,K...], static:all, calibrated:PATH, fastervlm:R, random:R "
-        "or fastv:K:R"
+        f"unknown method {spec!r}: use full, static:K[,K...], static:all, calibrated:PATH, heads:PATH[:P,...], "
+        "fastervlm:R, random:R or fastv:K:R"
     )
