@@ -74,6 +74,13 @@ class Calibration:
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{file} is not a dyvte calibration file: {err}") from err
 
+    def with_threshold(self, threshold: float) -> Calibration:
+        """The same KL curve with the layer chosen for another eta (no model run needed)."""
+        layer, met = choose_layer(self.kl_per_layer, threshold, self.num_layers)
+        return Calibration(
+            layer, self.kl_per_layer, threshold, self.num_samples, self.positions, self.model_type, self.num_layers, met
+        )
+
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` if ``model`` is not the kind of model this calibration was made for."""
         spec = resolve(model)
@@ -82,6 +89,14 @@ class Calibration:
                 f"calibration made for {self.model_type} with {self.num_layers} layers, "
                 f"not for {spec.model_type} with {spec.num_layers} layers"
             )
+
+
+def choose_layer(curve: list[float], threshold: float, num_layers: int) -> tuple[int, bool]:
+    """Smallest K < L with ``curve[K] <= threshold`` (``nan`` = not scored), else ``L``; and whether one met it."""
+    if not threshold > 0:
+        raise ValueError(f"threshold eta must be > 0, got {threshold}")
+    meeting = [k for k in range(num_layers) if curve[k] == curve[k] and curve[k] <= threshold]
+    return (meeting[0], True) if meeting else (num_layers, False)
 
 
 def kl_divergence(logits_withdrawn: torch.Tensor, logits_full: torch.Tensor) -> torch.Tensor:
@@ -174,14 +189,14 @@ def calibrate(
             count = mask.sum(1)
             per_sample.append((kl.sum(1) / count.clamp(min=1))[count > 0])  # mean over a sample's positions
         curve[layer] = float(torch.cat(per_sample).mean())
-    meeting = [k for k in candidates if k < num_layers and curve[k] <= threshold]
-    chosen = meeting[0] if meeting else num_layers
-    if not meeting:
+    chosen, met = choose_layer(curve, threshold, num_layers)
+    if not met:
+        scored = [curve[k] for k in candidates if k < num_layers]
         logger.warning(
             "no exit layer K < %d has mean KL <= %.2g (smallest: %.3g): K = L, never withdraw",
             num_layers,
             threshold,
-            min(curve[k] for k in candidates if k < num_layers) if len(candidates) > 1 else float("nan"),
+            min(scored) if scored else float("nan"),
         )
     return Calibration(
         layer=chosen,
@@ -191,5 +206,5 @@ def calibrate(
         positions=positions,
         model_type=spec.model_type,
         num_layers=num_layers,
-        met=bool(meeting),
+        met=met,
     )

@@ -1,0 +1,73 @@
+"""VTW calibration: the per-layer KL curve of a model on a few samples, and the static exit layer it chooses.
+
+    python train/calibrate.py                                   # demo model, 100 validation samples, eta 3e-3
+    python train/calibrate.py --config configs/calibrate_demo.yaml
+    python train/calibrate.py --threshold 1e-3 --samples 20 --positions answer
+
+Writes <output>/calibration.json (load it with dyvte.Calibration.load or dyvte.withdraw(model, calibration=dir))
+and prints the KL curve and the layer each of --report_thresholds would choose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from jsonargparse import CLI  # noqa: E402
+
+import dyvte  # noqa: E402
+from dyvte.data import build_inputs, iter_batches  # noqa: E402
+from dyvte.sources import load_model, load_records  # noqa: E402
+from dyvte.training import REPO_ROOT  # noqa: E402
+
+
+def main(
+    model: str = "demo",
+    data: str = "demo",
+    split: str = "validation",
+    samples: int = 100,
+    threshold: float = 3e-3,
+    report_thresholds: list[float] = (1e-3, 3e-3, 1e-2),
+    positions: str = "first",
+    batch_size: int = 50,
+    dtype: str = "float32",
+    output: str = str(REPO_ROOT / "checkpoints" / "demo-calibration"),
+) -> dyvte.Calibration:
+    """Calibrate the static exit layer.
+
+    Args:
+        model: "demo" or a local model directory.
+        data: "demo", a save_to_disk directory or a .json/.jsonl/.parquet records file.
+        split: dataset split to calibrate on (never the test split you report).
+        samples: number of calibration samples (VTW used 20).
+        threshold: eta saved in the calibration file.
+        report_thresholds: other etas whose chosen layer is printed.
+        positions: "first" (first answer position, as VTW) or "answer" (every teacher-forced answer position).
+        batch_size: rows per forward.
+        dtype: float32 or bfloat16.
+        output: directory for calibration.json.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    mllm, processor = load_model(model, dtype)
+    records = load_records(data, split, samples)
+    batches = [
+        build_inputs(processor, recs, with_answers=positions == "answer", offset=i * batch_size)
+        for i, recs in enumerate(iter_batches(records, batch_size))
+    ]
+    cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions)
+    cal.save(output)
+    print(f"\nKL(P_withdrawn || P_full) at the {positions} answer position(s), {cal.num_samples} samples of {split}:\n")
+    print("| K | mean KL |\n|---|---|")
+    for k, kl in enumerate(cal.kl_per_layer):
+        print(f"| {k} | {kl:.3g} |")
+    print("\n| eta | chosen K |\n|---|---|")
+    for eta in sorted({threshold, *report_thresholds}):
+        print(f"| {eta:g} | {cal.with_threshold(eta).layer} |")
+    print(f"\nsaved {output}/calibration.json (eta={threshold:g}, K={cal.layer})")
+    return cal
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
