@@ -2,7 +2,7 @@
 
     python train/evaluate.py                                     # demo test split: full model and every static K
     python train/evaluate.py --config configs/evaluate_demo.yaml
-    python train/evaluate.py --methods '["calibrated:checkpoints/demo-calibration", "heads:checkpoints/x"]'
+    python train/evaluate.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
 
 Method strings: full, static:K[,K...], static:all, calibrated:DIR, heads:DIR[:P,...], fastervlm:R, random:R,
 fastv:K:R (R = fraction of visual tokens pruned). Writes <output_dir>/results.json (every method's metrics),
