@@ -8,6 +8,11 @@ that layer's own input: ``input_layernorm``, ``q_proj`` for the row's last token
 layer's scaling (and logit soft-capping), softmax over the causal, valid keys (inside the layer's sliding window when
 it has one), then the mean over heads. This is one query row per sample, so SDPA keeps running in every layer.
 
+Without a KV cache ``generate`` feeds prompt + generated tokens as a new sequence at every step; FastV ranks by the
+last *prompt* token, so a new sequence whose ``input_ids`` extend those of the previous ranked call (same rows, same
+prefix) reuses that ranking: the result equals generation with the cache. (Recomputing would give the same scores:
+the prefix's states do not depend on later tokens.)
+
 Rounding: a row with ``n`` visual tokens keeps ``max(1, floor((1 - R) * n + 0.5))`` of them (round half up, at
 least one); a row without visual tokens keeps nothing to prune.
 """
@@ -105,6 +110,8 @@ class FastV(Withdrawal):
         self.kept_visual: torch.Tensor | None = None
         self.visual_after: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+        self._input_ids: torch.Tensor | None = None  # input_ids of the current call
+        self._prompt_ids: torch.Tensor | None = None  # (B, T_p) input_ids of the last ranked call
         super().__init__(model, layer=layer)
 
     def _attach(self) -> None:
@@ -113,11 +120,27 @@ class FastV(Withdrawal):
             scorer = self.spec.layers[self.layer - 1]
             self._hooks.append(scorer.register_forward_pre_hook(self._rank, with_kwargs=True))
 
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        return super()._pre_forward(module, args, kwargs)
+
+    def _extends_prompt(self) -> bool:
+        """The current call re-feeds the last ranked prompt plus new tokens (generate without a cache)."""
+        ids, prompt = self._input_ids, self._prompt_ids
+        if ids is None or prompt is None or ids.shape[0] != prompt.shape[0] or ids.shape[1] <= prompt.shape[1]:
+            return False
+        return torch.equal(ids[:, : prompt.shape[1]], prompt.to(ids.device))
+
     def _rank(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook on layer K-1: rank each row's visual tokens by the last token's attention."""
         fwd = self._fwd
         if fwd is None or not fwd.new_sequence:
             return None  # decode steps: the kept set was fixed at prefill
+        if self._extends_prompt() and self.kept_visual is not None:
+            extra = fwd.num_tokens - self.kept_visual.shape[1]
+            self.kept_visual = torch.nn.functional.pad(self.kept_visual, (0, extra), value=False)
+            self.scores = torch.nn.functional.pad(self.scores, (0, extra))
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), every token (no row has left yet)
         rotary = kwargs.get("position_embeddings")
         if rotary is None:
@@ -136,6 +159,7 @@ class FastV(Withdrawal):
         self.kept_visual = visual & (rank < budget[:, None])
         self.visual_after = budget.cpu()
         self.scores = scores
+        self._prompt_ids = None if self._input_ids is None else self._input_ids.clone()
         return None
 
     def _droppable(self, fwd: _Forward) -> torch.Tensor:

@@ -96,6 +96,8 @@ class Pruning:
             prompt (``-1`` for padding slots), or ``None`` when nothing was pruned.
         fed_tokens: ``(B,)`` long, non-padding tokens per row the LLM received in the last new sequence.
         fed_visual: ``(B,)`` long, visual tokens per row the LLM received in the last new sequence.
+        kept_features: per image of the last ``get_image_features`` call, ``(n_i,)`` bool over the model's feature
+            entries (packed, for LLaVA-NeXT): which ones were kept.
         exit_layers: always ``None`` (nothing is withdrawn inside the LLM).
     """
 
@@ -139,6 +141,7 @@ class Pruning:
         if self.score_layer < 0:
             raise UnsupportedModelError("vision_feature_layer selects the patch embeddings: no attention to score by")
         self.kept_columns: torch.Tensor | None = None
+        self.kept_features: list[torch.Tensor] | None = None
         self.fed_tokens: torch.Tensor | None = None
         self.fed_visual: torch.Tensor | None = None
         self._prompt_len = 0
@@ -217,6 +220,7 @@ class Pruning:
         kept = [self._keep_mask(src, scores, seq_len) for src in sources]
         out.pooler_output = [f[k.to(f.device)] for f, k in zip(features, kept, strict=True)]
         setattr(out, _KEPT_ATTR, kept)
+        self.kept_features = kept
         return out
 
     def _sources(self, arguments: dict, features: list[torch.Tensor]) -> list[torch.Tensor]:

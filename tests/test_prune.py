@@ -1,0 +1,241 @@
+"""Pruning (FasterVLM, random, FastV) on tiny random models: identity, oracles, cache, ragged batches, composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import dyvte
+from dyvte.methods import Prune, parse_method
+from dyvte.registry import resolve
+
+from .test_calibrate_evaluate import TEMPLATE, records
+from .tiny_models import make_batch, make_tiny
+
+ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
+NEW_TOKENS = 4
+VIEW = 16  # patches per view of the tiny CLIP towers (32 px / patch 8)
+
+
+def encode(processor, family: str, only: int | None = None) -> dict:
+    if only is None:
+        return dict(make_batch(processor, family, ROWS))
+    return dict(make_batch(processor, family, [ROWS[only]], row_ids=[only]))
+
+
+def greedy(model, inputs, **kwargs) -> torch.Tensor:
+    ids = resolve(model).visual_ids.tolist()
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
+    return out[:, -NEW_TOKENS:]
+
+
+def expected_kept(num: int, ratio: float) -> int:
+    return max(1, int(num * (1 - ratio) + 0.5))
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def tiny(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "random"])
+def test_keeping_everything_is_the_unhooked_model(tiny, method):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_tokens = greedy(model, inputs)
+    for budget in ({"keep": VIEW}, {"ratio": 0.0}):
+        with dyvte.prune(model, method, **budget) as handle, torch.no_grad():
+            assert torch.equal(model(**inputs).logits, base)
+            assert torch.equal(greedy(model, inputs), base_tokens)
+            assert handle.kept_columns is None
+    assert not model._forward_pre_hooks and "get_image_features" not in vars(model.base_model)
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_fastervlm_keeps_the_top_cls_attention_patches(feature_layer):
+    model, processor = make_tiny("llava", attn="eager")
+    model.config.vision_feature_layer = feature_layer
+    inputs = encode(processor, "llava")
+    with torch.no_grad():
+        attn = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[feature_layer]
+    cls_scores = attn[:, :, 0, 1:].mean(1)  # (images, 16): [CLS] -> patch, mean over heads
+    keep = 5
+    with dyvte.prune(model, "fastervlm", keep=keep) as handle, torch.no_grad():
+        model(**inputs)
+    for image, kept in enumerate(handle.kept_features):
+        expected = cls_scores[image].topk(keep).indices.sort().values
+        assert torch.equal(kept.nonzero().flatten(), expected)
+
+
+def test_llava_next_views_are_pruned_on_their_own_and_newlines_stay():
+    model, processor = make_tiny("llava_next", attn="eager")
+    inputs = encode(processor, "llava_next")
+    newline = model.model.image_newline
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        base_views = inputs["pixel_values"][:, 0]  # (images, C, H, W): each image's base view
+        attn = model.model.vision_tower(base_views, output_attentions=True).attentions[-1]
+    ratio = 0.75
+    with dyvte.prune(model, "fastervlm", ratio=ratio) as handle, torch.no_grad():
+        model(**inputs)
+    for image, kept in enumerate(handle.kept_features):
+        expected = attn[image, :, 0, 1:].mean(0).topk(expected_kept(VIEW, ratio)).indices.sort().values
+        assert torch.equal(kept[:VIEW].nonzero().flatten(), expected)  # the base view comes first
+        is_newline = (features[image] == newline).all(-1)
+        assert is_newline.sum() > 0 and kept[is_newline].all()
+        assert kept[VIEW:][~is_newline[VIEW:]].sum() < (~is_newline[VIEW:]).sum()
+
+
+@pytest.mark.parametrize(("family", "layer"), [("llava", 2), ("qwen2_vl", 1), ("gemma3", 4)])
+def test_fastv_ranking_equals_eager_attention(family, layer):
+    model, processor = make_tiny(family, attn="eager", num_layers=5)
+    inputs = encode(processor, family)
+    with torch.no_grad():
+        attn = model(**inputs, output_attentions=True).attentions[layer - 1]  # (B, H, T, T)
+    reference = attn[:, :, -1].mean(1)  # (B, T) the last token's attention, mean over heads
+    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids) & inputs["attention_mask"].bool()
+    ratio = 0.6
+    with dyvte.prune(model, "fastv", layer=layer, ratio=ratio) as handle, torch.no_grad():
+        model(**inputs)
+    torch.testing.assert_close(handle.scores[visual], reference[visual], atol=1e-6, rtol=1e-5)
+    for row in range(len(ROWS)):
+        cols = visual[row].nonzero().flatten()
+        budget = expected_kept(cols.numel(), ratio) if cols.numel() else 0
+        top = cols[reference[row, cols].topk(budget).indices].sort().values
+        assert torch.equal(handle.kept_visual[row].nonzero().flatten(), top)
+        assert int(handle.visual_after[row]) == budget
+
+
+@pytest.mark.parametrize(
+    "spec", [("fastervlm", {"ratio": 0.75}), ("random", {"keep": 3, "seed": 1}), ("fastv", {"layer": 2, "ratio": 0.5})]
+)
+def test_generate_with_cache_equals_without(tiny, spec):
+    family, model, processor = tiny
+    method, kwargs = spec
+    inputs = encode(processor, family)
+    with dyvte.prune(model, method, **kwargs):
+        assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "fastv"])
+def test_ragged_batch_equals_rows_alone(tiny, method):
+    family, model, processor = tiny
+    kwargs = {"ratio": 0.75, **({"layer": 2} if method == "fastv" else {})}
+    inputs = encode(processor, family)
+    with dyvte.prune(model, method, **kwargs) as handle:
+        with torch.no_grad():
+            last = model(**inputs).logits[:, -1]
+        tokens = greedy(model, inputs)
+        counts = handle.fed_visual if method == "fastervlm" else handle.visual_after
+        assert counts[2] == 0 and 0 < counts[0] < counts[1]  # rows keep different numbers of tokens
+        for row in range(len(ROWS)):
+            alone = encode(processor, family, only=row)
+            with torch.no_grad():
+                torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert torch.equal(greedy(model, alone), tokens[row : row + 1])
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "random"])
+def test_prune_then_withdraw_equals_pruned_inputs_withdrawn_by_hand(tiny, method):
+    family, model, processor = tiny
+    layer = 2
+    for row in range(2):
+        inputs = encode(processor, family, only=row)
+        with dyvte.prune(model, method, ratio=0.5) as handle, dyvte.withdraw(model, layer=layer), torch.no_grad():
+            last = model(**inputs).logits[:, -1]
+            kept = handle.kept_features
+        with dyvte.prune(model, method, ratio=0.5), dyvte.withdraw(model, layer=layer):
+            cached = greedy(model, inputs)
+            assert torch.equal(cached, greedy(model, inputs, use_cache=False))
+        with dyvte.withdraw(model, layer=layer), dyvte.prune(model, method, ratio=0.5):  # either nesting order
+            assert torch.equal(greedy(model, inputs), cached)
+        with torch.no_grad():  # by hand: the model's features and placeholders, pruned, then withdrawal alone
+            extra = {"image_sizes": inputs["image_sizes"]} if family == "llava_next" else {}
+            features = model.model.get_image_features(inputs["pixel_values"], **extra).pooler_output
+            pruned = [f[k] for f, k in zip(features, kept, strict=True)]
+            ids = inputs["input_ids"][0]
+            placeholder = ids == model.config.image_token_id
+            keep = torch.ones_like(placeholder)
+            keep[placeholder] = torch.cat(kept)
+            hand = {
+                "input_ids": ids[keep][None],
+                "attention_mask": torch.ones(1, int(keep.sum()), dtype=torch.long),
+                "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=pruned)},
+            }
+            with dyvte.withdraw(model, layer=layer):
+                torch.testing.assert_close(model(**hand).logits[:, -1], last, atol=1e-5, rtol=1e-5)
+
+
+def test_random_is_seeded_and_the_size_of_fastervlm():
+    model, processor = make_tiny("llava_next")
+    inputs = encode(processor, "llava_next")
+    sets = {}
+    for method, seed in [("fastervlm", 0), ("random", 0), ("random", 0), ("random", 1)]:
+        with dyvte.prune(model, method, ratio=0.75, seed=seed) as handle, torch.no_grad():
+            model(**inputs)
+        sets.setdefault(method, []).append(torch.cat(handle.kept_features))
+    fastervlm, (r0, r0_again, r1) = sets["fastervlm"][0], sets["random"]
+    assert torch.equal(r0, r0_again) and not torch.equal(r0, r1)
+    assert fastervlm.sum() == r0.sum() == r1.sum()
+
+
+def test_flops_and_harness():
+    flops = dyvte.prefill_flops
+    model, processor = make_tiny("llava")
+    cfg = model.config
+    layers = cfg.text_config.num_hidden_layers
+    got = flops(cfg, 40, 16, 2, visual_after=4, convention="paper")
+    per_layer = lambda n: float(dyvte.flops.layer_flops(cfg, n, "paper"))  # noqa: E731
+    assert got.flops == pytest.approx(2 * per_layer(40) + (layers - 2) * per_layer(40 - 16 + 4))
+    assert flops(cfg, 40, 16, 2, visual_after=16).ratio == 1.0
+    assert flops(cfg, 40, 16, 2).flops == flops(cfg, 40, 16, 2, visual_after=0).flops
+    with pytest.raises(ValueError, match="visual_after"):
+        flops(cfg, 40, 16, 2, visual_after=17)
+
+    names = [m.name for m in parse_method("fastervlm:0.75,0.9", layers) + parse_method("fastv:2:0.5", layers)]
+    assert names == ["fastervlm R=0.75", "fastervlm R=0.9", "fastv K=2 R=0.5"]
+    assert parse_method("random:0.5", layers)[0] == Prune("random", ratio=0.5)
+    processor.chat_template = TEMPLATE
+    data = records(4)
+    full = dyvte.evaluate(model, processor, data, batch_size=2, progress=False)
+    for method, rel in [(Prune("fastervlm", ratio=0.75), (16 + 4) / (16 + 16)), (Prune("fastv", 0.75, layer=2), None)]:
+        result = dyvte.evaluate(model, processor, data, method, reference=full, batch_size=2, progress=False)
+        assert 0.3 < result.flops < 1.0
+        if rel is not None:  # 16 -> 4 visual tokens: tokens fed shrink accordingly
+            assert all(r < 1.0 for r in result.relative_flops)
+
+
+def test_bad_inputs_are_clear_errors():
+    model, _ = make_tiny("llava", num_layers=2)
+    with pytest.raises(ValueError, match="keep=0"):
+        dyvte.prune(model, "fastervlm", keep=0)
+    with pytest.raises(ValueError, match="keep=17"):
+        dyvte.prune(model, "random", keep=VIEW + 1)
+    for ratio in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            dyvte.prune(model, "fastervlm", ratio=ratio)
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            dyvte.prune(model, "fastv", layer=1, ratio=ratio)
+    with pytest.raises(ValueError, match="K >= 1"):
+        dyvte.prune(model, "fastv", layer=0, ratio=0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        dyvte.prune(model, "fastv", layer=3, ratio=0.5)
+    with pytest.raises(TypeError, match="exactly one"):
+        dyvte.prune(model, "fastervlm", keep=3, ratio=0.5)
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        dyvte.prune(model, "sparsevlm", ratio=0.5)
+    with dyvte.withdraw(model, layer=1), pytest.raises(dyvte.WithdrawalError, match="cannot nest"):
+        dyvte.prune(model, "fastv", layer=1, ratio=0.5)
+    with dyvte.prune(model, "fastv", layer=1, ratio=0.5), pytest.raises(dyvte.WithdrawalError, match="already"):
+        dyvte.withdraw(model, layer=1)
+    with dyvte.prune(model, "random", ratio=0.5), pytest.raises(dyvte.PruneError, match="already pruned"):
+        dyvte.prune(model, "fastervlm", ratio=0.5)
+    qwen, _ = make_tiny("qwen2_vl", num_layers=2)
+    with pytest.raises(dyvte.UnsupportedModelError, match="llava, llava_next"):
+        dyvte.prune(qwen, "fastervlm", ratio=0.5)
+    with dyvte.prune(qwen, "fastv", layer=1, ratio=0.5):  # FastV works on every family
+        pass
