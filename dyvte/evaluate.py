@@ -26,7 +26,15 @@ from .flops import prefill_flops
 from .methods import Full, Method
 from .registry import resolve, unwrap
 
-__all__ = ["EvalResult", "evaluate", "format_table", "format_per_type", "plot_sweep"]
+__all__ = [
+    "EvalResult",
+    "evaluate",
+    "format_histogram",
+    "format_per_type",
+    "format_table",
+    "oracle_exit",
+    "plot_sweep",
+]
 
 logger = logging.getLogger(__name__)
 OVERALL = "all"
@@ -43,6 +51,7 @@ class EvalResult:
         answers: normalized predicted answers, in dataset order.
         exit_layers: per-sample exit layers, in dataset order.
         relative_flops: per-sample prefill FLOPs relative to the full model, in dataset order.
+        qtypes: per-sample question types, in dataset order.
     """
 
     method: str
@@ -50,6 +59,7 @@ class EvalResult:
     answers: list[str] = field(repr=False)
     exit_layers: list[int] = field(repr=False)
     relative_flops: list[float] = field(repr=False)
+    qtypes: list[str] = field(default_factory=list, repr=False)
 
     @property
     def accuracy(self) -> float:
@@ -143,6 +153,7 @@ def evaluate(
     answers: list[str] = []
     exits_all: list[int] = []
     flops_all: list[float] = []
+    qtypes: list[str] = []
     prefill_s = total_s = 0.0
     num_batches = (len(dataset) + batch_size - 1) // batch_size
     batches = iter_batches(dataset, batch_size)
@@ -180,10 +191,50 @@ def evaluate(
         answers.extend(predicted)
         exits_all.extend(int(e) for e in exits)
         flops_all.extend(float(r) for r in relative)
+        qtypes.extend(str(r.get("qtype", OVERALL)) for r in records)
     metrics = {group: meter.compute() for group, meter in sorted(meters.items())}
     metrics[OVERALL]["prefill_ms"] = 1e3 * prefill_s / len(answers)
     metrics[OVERALL]["total_ms"] = 1e3 * total_s / len(answers)
-    return EvalResult(method.name, metrics, answers, exits_all, flops_all)
+    return EvalResult(method.name, metrics, answers, exits_all, flops_all, qtypes)
+
+
+def oracle_exit(full: EvalResult, static: dict[int, EvalResult]) -> tuple[list[int], list[float]]:
+    """Each sample's smallest safe exit layer and the FLOPs of exiting there (the per-sample oracle).
+
+    A layer K is safe for a sample when withdrawal at every K' >= K gives the full model's answer.
+
+    Args:
+        full: the full model's result.
+        static: results of static withdrawal at every K = 0..L (same samples, same order).
+
+    Returns:
+        Per sample: the smallest safe layer, and the relative prefill FLOPs at it.
+    """
+    num_layers = max(static)
+    if sorted(static) != list(range(num_layers + 1)):
+        raise ValueError("the oracle needs static results for every K = 0..L")
+    layers, flops = [], []
+    for i, answer in enumerate(full.answers):
+        layer = num_layers
+        while layer > 0 and static[layer - 1].answers[i] == answer:
+            layer -= 1
+        layers.append(layer)
+        flops.append(static[layer].relative_flops[i] if layer < num_layers else 1.0)
+    return layers, flops
+
+
+def format_histogram(layers: list[int], qtypes: list[str], num_layers: int) -> str:
+    """Markdown table: how many samples have each smallest safe layer, per question type."""
+    types = sorted(set(qtypes))
+    lines = [
+        "| type | " + " | ".join(f"K={k}" for k in range(num_layers + 1)) + " | mean |",
+        "|---" * (num_layers + 3) + "|",
+    ]
+    for t in [*types, OVERALL]:
+        chosen = [k for k, q in zip(layers, qtypes, strict=True) if t in (q, OVERALL)]
+        counts = [chosen.count(k) for k in range(num_layers + 1)]
+        lines.append(f"| {t} | " + " | ".join(map(str, counts)) + f" | {sum(chosen) / max(len(chosen), 1):.2f} |")
+    return "\n".join(lines)
 
 
 def format_table(results: list[EvalResult]) -> str:

@@ -173,3 +173,24 @@ def test_model_without_visual_token_id_is_refused(tiny):
 def test_normalize_answer():
     assert normalize_answer("  Seven.\nmore") == "seven"
     assert normalize_answer("A  b") == "a b"
+
+
+def test_oracle_exit_on_hand_built_results():
+    from dyvte.evaluate import EvalResult, format_histogram, oracle_exit
+
+    def result(answers, flops):
+        return EvalResult("x", {}, answers, [0] * len(answers), flops, ["a", "b", "a"])
+
+    full = result(["1", "2", "3"], [1.0] * 3)
+    static = {  # L = 3; sample 0 safe from K=1, sample 1 only at K=3 (K=2 wrong), sample 2 from K=0
+        0: result(["9", "2", "3"], [0.2, 0.2, 0.2]),
+        1: result(["1", "2", "3"], [0.4, 0.4, 0.4]),
+        2: result(["1", "9", "3"], [0.7, 0.7, 0.7]),
+        3: full,
+    }
+    layers, flops = oracle_exit(full, static)
+    assert layers == [1, 3, 0] and flops == [0.4, 1.0, 0.2]
+    table = format_histogram(layers, full.qtypes, 3)
+    assert "| a | 1 | 1 | 0 | 0 | 0.50 |" in table and "| all | 1 | 1 | 0 | 1 | 1.33 |" in table
+    with pytest.raises(ValueError, match="every K"):
+        oracle_exit(full, {0: static[0], 3: full})

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.evaluate import format_per_type, format_table, plot_sweep  # noqa: E402
+from dyvte.evaluate import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
 from dyvte.methods import Full, parse_method  # noqa: E402
 from dyvte.registry import resolve  # noqa: E402
 from dyvte.sources import load_model, load_records  # noqa: E402
@@ -72,8 +72,42 @@ def main(
     print(format_per_type(results, "accuracy"))
     print("\nagreement with the full model per question type\n")
     print(format_per_type(results, "agreement"))
+    static = {int(r.method.split("=")[1]): r for r in results if r.method.startswith("static K=")}
+    static[num_layers] = static.get(num_layers, full)
+    if sorted(static) == list(range(num_layers + 1)):
+        summarize(full, static, [r for r in results[1:] if not r.method.startswith("static")], num_layers, out)
     print(f"\nwritten to {out}")
     return results
+
+
+def summarize(full, static: dict, others: list, num_layers: int, out: Path, tolerance: float = 0.005) -> None:
+    """Oracle per-sample exit, and each method's cheapest setting within ``tolerance`` of the full accuracy."""
+    layers, oracle_flops = oracle_exit(full, static)
+    oracle = sum(oracle_flops) / len(oracle_flops)
+    print("\nsmallest safe exit layer per sample (withdrawal at every K' >= K gives the full model's answer)\n")
+    print(format_histogram(layers, full.qtypes, num_layers))
+    target = full.accuracy - tolerance
+
+    def cheapest(results: list) -> tuple[str, float, float] | None:
+        ok = [r for r in results if r.accuracy >= target]
+        best = min(ok, key=lambda r: r.flops, default=None)
+        return None if best is None else (best.method, best.accuracy, best.flops)
+
+    rows = [("full", full.accuracy, 1.0), ("oracle per-sample exit", full.accuracy, oracle)]
+    groups: dict[str, list] = {"static": list(static.values())}
+    for r in others:
+        groups.setdefault(r.method.split(" ")[0], []).append(r)
+    for group in groups.values():
+        best = cheapest(group)
+        if best is not None:
+            rows.append(best)
+    print(f"\ncheapest setting of each method with accuracy >= full - {tolerance:g} ({target:.3f})\n")
+    print("| method | accuracy | rel. prefill FLOPs | share of the oracle's savings |\n|---|---|---|---|")
+    for name, acc, flops in rows:
+        share = (1 - flops) / (1 - oracle) if oracle < 1 else float("nan")
+        print(f"| {name} | {acc:.3f} | {flops:.3f} | {share:.0%} |")
+    summary = {"oracle_relative_flops": oracle, "smallest_safe_layer": layers, "cheapest_within_tolerance": rows}
+    (out / "oracle.json").write_text(json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":
