@@ -17,6 +17,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def load_model(name: str = "demo", dtype: str = "float32"):
     """``(model, processor)``: the embedded demo (``"demo"``) or a local ``from_pretrained`` directory, in eval mode.
 
+    A directory holding a peft adapter (``adapter_config.json``) loads the base model it names (``"demo"`` or a
+    directory) and returns the ``PeftModel`` on it; dyvte unwraps it wherever it hooks the model.
+
     Raises:
         ValueError: unknown dtype (float16 is refused: it is ~100x slower than fp32 on CPU).
     """
@@ -31,6 +34,15 @@ def load_model(name: str = "demo", dtype: str = "float32"):
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (use 'demo' for the embedded model)")
+    if (path / "adapter_config.json").is_file():  # a peft adapter: load its base (by the name it records), then it
+        import json
+
+        from peft import PeftModel
+
+        base, processor = load_model(
+            json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"], dtype
+        )
+        return PeftModel.from_pretrained(base, path).eval(), processor
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     return model, AutoProcessor.from_pretrained(path)
 

@@ -1,0 +1,89 @@
+"""Withdrawal-aware LoRA adaptation of a frozen MLLM (default: the embedded demo model and digit-scenes data).
+
+    python train/adapt.py --config configs/adapt_demo.yaml       # -> checkpoints/demo-lora-vtw (adapter only)
+    python train/adapt.py --config configs/adapt_demo.yaml --model.distill 0 --output_dir runs/lora-ce
+    python train/evaluate.py --model checkpoints/demo-lora-vtw --methods '[full, "static:all"]'
+
+Only the adapter is written (``PeftModel.save_pretrained``; ``adapter_config.json`` names the base, so
+``dyvte.sources.load_model(<dir>)`` loads base + adapter). ``--merged_dir`` also writes the merged model and its
+processor as a plain ``from_pretrained`` directory (e.g. for ``train/fit.py --data.model <dir>``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from dyvte.adapt import AdaptData, AdaptModule  # noqa: E402
+from dyvte.training import REPO_ROOT  # noqa: E402
+
+
+class AdaptCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--output_dir",
+            default=str(REPO_ROOT / "checkpoints" / "demo-lora-vtw"),
+            help="where the adapter is written (PeftModel.save_pretrained)",
+        )
+        parser.add_argument("--merged_dir", default=None, help="also write the merged model + processor here")
+        parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def main(args: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cli = AdaptCLI(
+        AdaptModule,
+        AdaptData,
+        run=False,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "accelerator": "cpu",
+            "max_steps": 300,
+            "val_check_interval": 100,
+            "log_every_n_steps": 10,
+            "num_sanity_val_steps": 0,
+            "enable_checkpointing": False,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(REPO_ROOT / "runs"), "name": "adapt"},
+            },
+        },
+    )
+    torch.set_num_threads(cli.config["threads"])
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    seconds = time.perf_counter() - start
+    if not cli.trainer.is_global_zero:
+        return
+    out = Path(cli.config["output_dir"])
+    peft_model = cli.model.model
+    peft_model.save_pretrained(out)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    summary = {
+        "fit_seconds": seconds,
+        "steps": cli.trainer.global_step,
+        "trainable_parameters": trainable,
+        "adapter_bytes": sum(f.stat().st_size for f in out.glob("adapter_model.*")),
+        "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cli.model.hparams.items()},
+        "threads": cli.config["threads"],
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logging.getLogger("adapt").info("adapter written to %s (%s)", out, summary)
+    if cli.config["merged_dir"]:
+        merged = peft_model.merge_and_unload().eval()
+        merged.save_pretrained(cli.config["merged_dir"])
+        cli.model.processor.save_pretrained(cli.config["merged_dir"])
+        logging.getLogger("adapt").info("merged model written to %s", cli.config["merged_dir"])
+
+
+if __name__ == "__main__":
+    main()
