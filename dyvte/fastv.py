@@ -9,9 +9,10 @@ layer's scaling (and logit soft-capping), softmax over the causal, valid keys (i
 it has one), then the mean over heads. This is one query row per sample, so SDPA keeps running in every layer.
 
 Without a KV cache ``generate`` feeds prompt + generated tokens as a new sequence at every step; FastV ranks by the
-last *prompt* token, so a new sequence whose ``input_ids`` extend those of the previous ranked call (same rows, same
-prefix) reuses that ranking: the result equals generation with the cache. (Recomputing would give the same scores:
-the prefix's states do not depend on later tokens.)
+last *prompt* token, so a cache-less call (``use_cache=False``) whose ``input_ids`` extend those of the previous
+ranked call (same rows, same prefix) reuses that ranking: the result equals generation with the cache. Calls with a
+cache always rank anew (a multi-turn prompt that extends an earlier one is ranked by its own last token).
+Recomputing would give the same scores: the prefix's states do not depend on later tokens.
 
 Rounding: a row with ``n`` visual tokens keeps ``max(1, floor((1 - R) * n + 0.5))`` of them (round half up, at
 least one); a row without visual tokens keeps nothing to prune.
@@ -112,6 +113,7 @@ class FastV(Withdrawal):
         self.scores: torch.Tensor | None = None
         self._input_ids: torch.Tensor | None = None  # input_ids of the current call
         self._prompt_ids: torch.Tensor | None = None  # (B, T_p) input_ids of the last ranked call
+        self._cacheless = False  # the current call runs without a KV cache
         super().__init__(model, layer=layer)
 
     def _attach(self) -> None:
@@ -122,12 +124,15 @@ class FastV(Withdrawal):
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._cacheless = kwargs.get("use_cache") is False
         return super()._pre_forward(module, args, kwargs)
 
     def _extends_prompt(self) -> bool:
         """The current call re-feeds the last ranked prompt plus new tokens (generate without a cache)."""
         ids, prompt = self._input_ids, self._prompt_ids
-        if ids is None or prompt is None or ids.shape[0] != prompt.shape[0] or ids.shape[1] <= prompt.shape[1]:
+        if not self._cacheless or ids is None or prompt is None:
+            return False
+        if ids.shape[0] != prompt.shape[0] or ids.shape[1] <= prompt.shape[1]:
             return False
         return torch.equal(ids[:, : prompt.shape[1]], prompt.to(ids.device))
 
