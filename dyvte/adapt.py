@@ -17,9 +17,11 @@ hold only the adapter's tensors too.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from .calibrate import kl_divergence, scored_positions
 from .data import build_inputs
+from .evaluate import EvalResult
 from .registry import REGISTRY, resolve
 from .withdraw import withdraw
 
@@ -39,6 +42,7 @@ __all__ = [
     "AdaptModule",
     "add_lora",
     "adapt_loss",
+    "compare_sweeps",
     "decoder_target_regex",
     "draw_exit_layers",
 ]
@@ -273,3 +277,74 @@ class AdaptModule(L.LightningModule):
         warmup = max(1, self.hparams.warmup)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _sweep(run_dir: Path) -> tuple[dict[int, dict[str, float]], EvalResult]:
+    """Overall metrics per exit layer K (``L`` = the full model) and the full model's result of an evaluate run."""
+    metrics = json.loads((run_dir / "results.json").read_text())
+    full = EvalResult.load(run_dir / "full.json")
+    layers = {int(name.split("=")[1]): m["all"] for name, m in metrics.items() if name.startswith("static K=")}
+    layers.setdefault(round(full.metrics["all"]["exit_mean"]), full.metrics["all"])  # the full model exits at L
+    return layers, full
+
+
+def compare_sweeps(base_dir: str | Path, adapted_dir: str | Path, tolerance: float = 0.005) -> tuple[str, dict]:
+    """Side-by-side accuracy vs exit layer K of two ``train/evaluate.py`` runs (``full`` + ``static:all``).
+
+    Args:
+        base_dir: output directory of the base model's run.
+        adapted_dir: output directory of the adapted model's run (same data).
+        tolerance: accuracy drop allowed below the *base* model's full accuracy.
+
+    Returns:
+        ``(markdown, summary)``: the table plus, for each model, the earliest K from which every K' >= K stays
+        within ``tolerance`` of the base's full accuracy and its relative prefill FLOPs; and the agreement of the
+        adapted model's answers with the base model's, withdrawal off (overall and per question type).
+    """
+    base, base_full = _sweep(Path(base_dir))
+    adapted, adapted_full = _sweep(Path(adapted_dir))
+    if len(base_full.answers) != len(adapted_full.answers):
+        raise ValueError("the two runs evaluated different numbers of samples")
+    target = base_full.accuracy - tolerance
+    lines = [
+        "| K | base accuracy | adapted accuracy | rel. prefill FLOPs |",
+        "|---|---|---|---|",
+    ]
+    for k in sorted(base):
+        lines.append(
+            f"| {k} | {base[k]['accuracy']:.3f} | {adapted[k]['accuracy']:.3f} | {base[k]['relative_flops']:.3f} |"
+        )
+
+    def earliest(sweep: dict[int, dict[str, float]]) -> int:
+        k = max(sweep)
+        while k - 1 in sweep and all(sweep[j]["accuracy"] >= target for j in range(k - 1, max(sweep) + 1)):
+            k -= 1
+        return k
+
+    summary: dict[str, Any] = {"target_accuracy": target, "base_full_accuracy": base_full.accuracy}
+    for name, sweep in (("base", base), ("adapted", adapted)):
+        k = earliest(sweep)
+        summary[name] = {
+            "earliest_K": k,
+            "accuracy": sweep[k]["accuracy"],
+            "relative_flops": sweep[k]["relative_flops"],
+        }
+    same = [a == b for a, b in zip(base_full.answers, adapted_full.answers, strict=True)]
+    per_type: dict[str, list[bool]] = {}
+    for qtype, agree in zip(base_full.qtypes, same, strict=True):
+        per_type.setdefault(qtype, []).append(agree)
+    summary["agreement_with_base_withdrawal_off"] = {
+        "all": sum(same) / len(same),
+        **{q: sum(v) / len(v) for q, v in sorted(per_type.items())},
+    }
+    lines.append("")
+    lines.append(f"earliest K with accuracy >= base full - {tolerance:g} ({target:.3f}) at every K' >= K:")
+    for name in ("base", "adapted"):
+        s = summary[name]
+        lines.append(
+            f"  {name}: K = {s['earliest_K']} (accuracy {s['accuracy']:.3f}, "
+            f"rel. prefill FLOPs {s['relative_flops']:.3f})"
+        )
+    agreement = summary["agreement_with_base_withdrawal_off"]
+    lines.append("adapted vs base answers, withdrawal off: " + ", ".join(f"{q} {v:.3f}" for q, v in agreement.items()))
+    return "\n".join(lines), summary

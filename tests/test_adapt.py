@@ -114,10 +114,7 @@ def test_lora_steps_under_withdrawal_change_only_adapter_weights(setup_dir):
 
 
 def _launch(root: Path, out: str, extra: tuple[str, ...] = ()) -> None:
-    spec = importlib.util.spec_from_file_location("adapt_launcher", ROOT / "train" / "adapt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(
+    _load_script("adapt").main(
         [
             f"--model.model={root / 'model'}",
             "--model.rank=4",
@@ -188,3 +185,23 @@ def test_adapter_directory_loads_and_runs_in_the_harness(adapter_dir, setup_dir)
     merged_static = dyvte.evaluate(merged, processor, recs, Static(1), batch_size=3, progress=False)
     assert static.answers == merged_static.answers
     assert static.exit_layers == [1] * 6 and static.flops < 1.0
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_script_on_the_adapter_dir_and_side_by_side_comparison(adapter_dir, setup_dir, capsys):
+    evaluate_main = _load_script("evaluate").main
+    common = {"data": str(setup_dir / "records.jsonl"), "split": "train", "batch_size": 6, "max_new_tokens": 2}
+    for model, out in ((setup_dir / "model", "eval-base"), (adapter_dir, "eval-lora")):
+        evaluate_main(model=str(model), methods=["full", "static:all"], output_dir=str(setup_dir / out), **common)
+    _load_script("adapt").compare(str(setup_dir / "eval-base"), str(setup_dir / "eval-lora"))
+    printed = capsys.readouterr().out
+    assert "| K | base accuracy | adapted accuracy |" in printed
+    summary = json.loads((setup_dir / "eval-lora" / "comparison.json").read_text())
+    assert 0 <= summary["base"]["earliest_K"] <= NUM_LAYERS and 0 <= summary["adapted"]["earliest_K"] <= NUM_LAYERS
+    assert 0.0 <= summary["agreement_with_base_withdrawal_off"]["all"] <= 1.0

@@ -2,7 +2,10 @@
 
     python train/adapt.py --config configs/adapt_demo.yaml       # -> checkpoints/demo-lora-vtw (adapter only)
     python train/adapt.py --config configs/adapt_demo.yaml --model.distill 0 --output_dir runs/lora-ce
-    python train/evaluate.py --model checkpoints/demo-lora-vtw --methods '[full, "static:all"]'
+    python train/evaluate.py --model demo --methods '[full, "static:all"]' --output_dir runs/eval-base
+    python train/evaluate.py --model checkpoints/demo-lora-vtw --methods '[full, "static:all"]' \
+        --output_dir runs/eval-lora
+    python train/adapt.py compare --base runs/eval-base --adapted runs/eval-lora    # side by side, earliest K
 
 Only the adapter is written (``PeftModel.save_pretrained``; ``adapter_config.json`` names the base, so
 ``dyvte.sources.load_model(<dir>)`` loads base + adapter). ``--merged_dir`` also writes the merged model and its
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from dyvte.adapt import AdaptData, AdaptModule  # noqa: E402
+from dyvte.adapt import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
 from dyvte.training import REPO_ROOT  # noqa: E402
 
 
@@ -35,6 +39,19 @@ class AdaptCLI(LightningCLI):
         )
         parser.add_argument("--merged_dir", default=None, help="also write the merged model + processor here")
         parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def compare(base: str, adapted: str, tolerance: float = 0.005) -> None:
+    """Print base vs adapted accuracy for every K from two ``train/evaluate.py`` output directories.
+
+    Args:
+        base: the base model's evaluate output directory (``full`` + ``static:all``).
+        adapted: the adapted model's, on the same data.
+        tolerance: accuracy drop allowed below the base model's full accuracy.
+    """
+    table, summary = compare_sweeps(base, adapted, tolerance)
+    print(table)
+    Path(adapted, "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -73,7 +90,7 @@ def main(args: list[str] | None = None) -> None:
         "steps": cli.trainer.global_step,
         "trainable_parameters": trainable,
         "adapter_bytes": sum(f.stat().st_size for f in out.glob("adapter_model.*")),
-        "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cli.model.hparams.items()},
+        "hparams": {k: list(v) if isinstance(v, tuple) else v for k, v in cli.model.hparams.items() if k[0] != "_"},
         "threads": cli.config["threads"],
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -86,4 +103,9 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["compare"]:
+        from jsonargparse import CLI
+
+        CLI(compare, args=sys.argv[2:], as_positional=False)
+    else:
+        main()
