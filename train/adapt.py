@@ -14,6 +14,7 @@ processor as a plain ``from_pretrained`` directory (e.g. for ``train/fit.py --da
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from dyvte.adapt import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
+from dyvte.demo import demo_checkpoint_dir  # noqa: E402
 from dyvte.training import REPO_ROOT  # noqa: E402
 
 
@@ -85,7 +87,10 @@ def main(args: list[str] | None = None) -> None:
     peft_model = cli.model.model
     peft_model.save_pretrained(out)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    base = demo_checkpoint_dir() if cli.model.hparams.model == "demo" else Path(cli.model.hparams.model)
+    weights = sorted(base.glob("*.safetensors"))
     summary = {
+        "base_weights_sha256": hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16],
         "fit_seconds": seconds,
         "steps": cli.trainer.global_step,
         "trainable_parameters": trainable,
