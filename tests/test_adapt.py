@@ -111,6 +111,9 @@ def test_lora_steps_under_withdrawal_change_only_adapter_weights(setup_dir):
         assert torch.equal(before[name], after[name].detach()), name
     lora_b = [n for n in before if ".lora_B." in n]
     assert all(not torch.equal(before[n], after[n].detach()) for n in lora_b)  # B starts at 0 and moved
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # Lightning checkpoints hold the adapter only
+    assert set(checkpoint["state_dict"]) == {f"model.{n}" for n in before if _is_lora(n)}
 
 
 def _launch(root: Path, out: str, extra: tuple[str, ...] = ()) -> None:
