@@ -158,6 +158,7 @@ def build_model(processor, scene: SceneConfig | None = None, cfg: DemoModelConfi
         image_token_id=tok.convert_tokens_to_ids(IMAGE),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        image_seq_length=num_image_tokens(processor),
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
