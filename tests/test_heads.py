@@ -209,3 +209,22 @@ def test_cached_labels_match_on_the_fly_and_static_withdrawal(tiny):
         assert exit_safe(full, withdrawn, labels).tolist() == safe[:, layer].tolist()
     with pytest.raises(ValueError, match="exit layer"):
         on_the_fly_labels(model, inputs, 0)
+
+
+def test_committed_demo_heads_load_onto_the_demo_model():
+    from dyvte.data import build_inputs as inputs_of
+    from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
+    from dyvte.training import REPO_ROOT
+
+    model, processor = load_demo_model(), load_demo_processor()
+    heads = ExitHeads.from_pretrained(REPO_ROOT / "checkpoints" / "demo-exit-heads")
+    heads.check_model(model)
+    batch = inputs_of(processor, list(load_demo_dataset("test").select(range(8))))
+    with torch.no_grad():
+        base = model(**batch).logits[:, -1]
+    with dyvte.withdraw(model, heads=heads, threshold=0.5) as handle, torch.no_grad():
+        last = model(**batch).logits[:, -1]
+        exits = handle.exit_layers
+    assert ((exits >= 1) & (exits <= 8)).all()
+    never = exits == 8  # rows whose heads never fired are the full model
+    torch.testing.assert_close(last[never], base[never], atol=1e-5, rtol=1e-5)
