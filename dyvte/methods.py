@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -100,11 +101,12 @@ class Heads(Method):
 
     heads: Any
     threshold: float | None = None
+    label: str = ""
 
     @property
     def name(self) -> str:  # type: ignore[override]
         threshold = self.heads.config.threshold if self.threshold is None else self.threshold
-        return f"heads p={threshold:g}"
+        return f"heads{'(' + self.label + ')' if self.label else ''} p={threshold:g}"
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module) -> Iterator[Any]:
@@ -140,7 +142,12 @@ def parse_method(spec: str, num_layers: int) -> list[Method]:
 
         path, _, thresholds = arg.partition(":")
         heads = ExitHeads.from_pretrained(path)
-        return [Heads(heads, float(p)) for p in thresholds.split(",")] if thresholds else [Heads(heads)]
+        label = Path(path).name
+        return (
+            [Heads(heads, float(p), label) for p in thresholds.split(",")]
+            if thresholds
+            else [Heads(heads, None, label)]
+        )
     raise ValueError(
         f"unknown method {spec!r}: use full, static:K[,K...], static:all, calibrated:PATH, heads:PATH[:P,...], "
         "fastervlm:R, random:R or fastv:K:R"

@@ -82,7 +82,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "model_type": "llava",
         "hidden_size": 64,
         "num_layers": 4,
-        "head_size": 8,
+        "head_size": 4,
         "threshold": 0.7,
         "format_version": 1,
     }
@@ -219,6 +219,8 @@ def test_committed_demo_heads_load_onto_the_demo_model():
     model, processor = load_demo_model(), load_demo_processor()
     heads = ExitHeads.from_pretrained(REPO_ROOT / "checkpoints" / "demo-exit-heads")
     heads.check_model(model)
+    decoder = sum(p.numel() for p in model.model.language_model.parameters())
+    assert sum(p.numel() for p in heads.parameters()) <= 0.01 * decoder  # the default size stays within 1%
     batch = inputs_of(processor, list(load_demo_dataset("test").select(range(8))))
     with torch.no_grad():
         base = model(**batch).logits[:, -1]
