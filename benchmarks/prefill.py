@@ -19,7 +19,15 @@ import platform
 import torch
 
 import dyvte
-from dyvte.benchmark import LlavaShape, build_random_llava, llava_prompt, threads, time_decode, time_prefill
+from dyvte.benchmark import (
+    IMAGE_TOKEN_ID,
+    LlavaShape,
+    build_random_llava,
+    llava_prompt,
+    threads,
+    time_decode,
+    time_prefill,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 logger = logging.getLogger("prefill")
@@ -66,6 +74,9 @@ def main() -> None:
                 torch.get_num_threads(),
             )
             full_time, _ = time_prefill(model, inputs, runs=args.runs)
+            # the fastest a withdrawal at K = 0 can be: the unhooked model on a prompt of the kept (text) tokens only
+            text_ids = inputs["input_ids"][inputs["input_ids"] != IMAGE_TOKEN_ID][None]
+            text_time, _ = time_prefill(model, {"input_ids": text_ids}, runs=args.runs)
             full_decode, full_kv = time_decode(model, inputs, args.new_tokens)
             for k in ks:
                 with dyvte.withdraw(model, layer=k):
@@ -75,6 +86,7 @@ def main() -> None:
                 measured = full_time / t
                 rows.append(
                     (
+                        text_time,
                         name,
                         k,
                         full_time,
@@ -102,7 +114,11 @@ def main() -> None:
         "measured/ideal | decode full (ms/tok) | decode withdrawn (ms/tok) | KV full (MB) | KV withdrawn (MB) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, k, full_t, t, spread, sp, ideal, ratio, dec_f, dec_w, kv_f, kv_w in rows:
+    for text_t, name, k, full_t, t, spread, sp, ideal, ratio, dec_f, dec_w, kv_f, kv_w in rows:
+        if k == ks[0]:  # reference row: the unhooked model on the text tokens alone (no image, 75 tokens)
+            print(
+                f"| {name} | text-only prompt | {full_t:.3f} | {text_t:.3f} | - | {full_t / text_t:.2f}x | - | - |||||"
+            )
         print(
             f"| {name} | {k} | {full_t:.3f} | {t:.3f} | {spread:.3f} | {sp:.2f}x | {ideal:.2f}x | {ratio:.2f} | "
             f"{dec_f * 1e3:.1f} | {dec_w * 1e3:.1f} | {kv_f / 2**20:.1f} | {kv_w / 2**20:.1f} |"
