@@ -4,7 +4,8 @@ from .calibrate import Calibration, calibrate
 from .data import DataError
 from .evaluate import EvalResult, evaluate
 from .flops import PrefillFlops, prefill_flops
-from .methods import Calibrated, Full, Prune, Static
+from .heads import ExitHeads, ExitHeadsConfig
+from .methods import Calibrated, Full, Heads, Prune, Static
 from .prune import PruneError, Pruning, prune
 from .registry import REGISTRY, UnsupportedModelError, supported_model_types
 from .withdraw import Withdrawal, WithdrawalError, withdraw
@@ -15,7 +16,10 @@ __all__ = [
     "Calibration",
     "DataError",
     "EvalResult",
+    "ExitHeads",
+    "ExitHeadsConfig",
     "Full",
+    "Heads",
     "PrefillFlops",
     "Prune",
     "PruneError",

@@ -186,7 +186,8 @@ def on_the_fly_labels(
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     batch = labels.shape[0]
-    doubled = {k: _double(k, v, batch) for k, v in inputs.items()}
+    # every tensor input (per-token or per-image) is repeated: rows 0..B-1 full, B..2B-1 withdrawn
+    doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     rows = [spec.num_layers] * batch + [layer] * batch  # first copy: full model, second: withdrawn at K
     with withdraw(model, layer=rows) as handle:
         out = model(**doubled, output_hidden_states=True)
@@ -195,10 +196,3 @@ def on_the_fly_labels(
     hidden = out.hidden_states[layer][:batch]  # output of layer K-1 for the full copies: (B, T, d)
     features = head_features(hidden, visual, inputs["attention_mask"].bool(), _final_prompt_slot(labels))
     return features, exit_safe(logits[:batch], logits[batch:], labels, agree, loss_ratio)
-
-
-def _double(key: str, value, batch: int):
-    """Repeat a model input for the full and withdrawn copies (pixel tensors may have one entry per image)."""
-    if isinstance(value, torch.Tensor):
-        return torch.cat([value, value], dim=0)
-    return value

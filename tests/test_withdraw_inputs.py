@@ -117,3 +117,9 @@ def test_output_positions_map_back_to_the_input(llava):
         real = positions[row][positions[row] >= 0]
         assert real.tolist() == kept[row].nonzero().flatten().tolist()  # in order, right-aligned
         assert positions[row, -1] == inputs["input_ids"].shape[1] - 1  # the final token is always kept
+
+
+def test_public_api_of_design_section_3():
+    for name in ("withdraw", "calibrate", "ExitHeads", "prune", "prefill_flops", "evaluate", "Calibration"):
+        assert callable(getattr(dyvte, name)), name
+    assert callable(dyvte.ExitHeads.from_pretrained) and callable(dyvte.ExitHeads.save_pretrained)
