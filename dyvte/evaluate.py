@@ -271,6 +271,11 @@ def format_per_type(results: list[EvalResult], key: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
+def method_family(name: str) -> str:
+    """The family a method's name belongs to (its first word; ``A + B`` for composed methods)."""
+    return " + ".join(part.split(" ")[0] for part in name.split(" + "))
+
+
 def plot_sweep(results: list[EvalResult], path: str | Path, title: str = "accuracy vs prefill FLOPs") -> None:
     """PNG: overall accuracy against mean relative prefill FLOPs; one series per method family."""
     import matplotlib
@@ -280,7 +285,7 @@ def plot_sweep(results: list[EvalResult], path: str | Path, title: str = "accura
 
     series: dict[str, list[EvalResult]] = defaultdict(list)
     for r in results:
-        series[r.method.split(" ")[0]].append(r)
+        series[method_family(r.method)].append(r)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for family, points in series.items():
         points = sorted(points, key=lambda r: r.flops)

@@ -18,7 +18,7 @@ from .calibrate import Calibration
 from .prune import prune
 from .withdraw import withdraw
 
-__all__ = ["Method", "Full", "Static", "Calibrated", "Heads", "Prune", "parse_method"]
+__all__ = ["Method", "Full", "Static", "Calibrated", "Heads", "Prune", "Compose", "parse_method"]
 
 
 class Method:
@@ -114,13 +114,45 @@ class Heads(Method):
             yield handle
 
 
+class _Handles:
+    """Attributes of the inner handle first (exit layers), then the outer one (what the LLM received)."""
+
+    def __init__(self, inner: Any, outer: Any) -> None:
+        self._inner, self._outer = inner, outer
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name, None)
+        return value if value is not None else getattr(self._outer, name, None)
+
+
+@dataclass
+class Compose(Method):
+    """``outer`` (pruning before the LLM) around ``inner`` (a withdrawal method), e.g. FasterVLM + exit heads."""
+
+    outer: Method
+    inner: Method
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.outer.name} + {self.inner.name}"
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module) -> Iterator[Any]:
+        with self.outer.apply(model) as outer, self.inner.apply(model) as inner:
+            yield _Handles(inner, outer)
+
+
 def parse_method(spec: str, num_layers: int) -> list[Method]:
     """Methods from a short string.
 
     ``full``, ``static:K[,K...]``, ``static:all`` (K = 0..L), ``calibrated:PATH``, ``heads:PATH[:P[,P...]]``
-    (exit heads at thresholds P), and pruning with R the fraction
+    (exit heads at thresholds P), ``A+B`` (pruning A around withdrawal B, e.g. ``fastervlm:0.75+heads:DIR:0.5``),
+    and pruning with R the fraction
     pruned: ``fastervlm:R[,R...]``, ``random:R[,R...]``, ``fastv:K:R[,R...]``.
     """
+    if "+" in spec:  # e.g. "fastervlm:0.75+heads:DIR:0.5": every pair of the two sides
+        left, right = spec.split("+", 1)
+        return [Compose(o, i) for o in parse_method(left, num_layers) for i in parse_method(right, num_layers)]
     kind, _, arg = spec.partition(":")
     if kind in ("fastervlm", "random"):
         return [Prune(kind, ratio=float(r)) for r in arg.split(",")]

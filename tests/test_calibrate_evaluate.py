@@ -194,3 +194,26 @@ def test_oracle_exit_on_hand_built_results():
     assert "| a | 1 | 1 | 0 | 0 | 0.50 |" in table and "| all | 1 | 1 | 0 | 1 | 1.33 |" in table
     with pytest.raises(ValueError, match="every K"):
         oracle_exit(full, {0: static[0], 3: full})
+
+
+def test_composed_method_equals_nesting_by_hand(tiny):
+    from dyvte.methods import Compose, Prune, parse_method
+
+    model, processor = tiny
+    recs = records(4)
+    full = dyvte.evaluate(model, processor, recs, batch_size=4, max_new_tokens=2, progress=False)
+    method = Compose(Prune("random", ratio=0.5), dyvte.Static(1))
+    assert [m.name for m in parse_method("random:0.5+static:1", 4)] == [method.name]
+    got = dyvte.evaluate(model, processor, recs, method, reference=full, batch_size=4, max_new_tokens=2, progress=False)
+    inputs = build_inputs(processor, recs)
+    with dyvte.prune(model, method="random", ratio=0.5) as pruning, dyvte.withdraw(model, layer=1):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        fed_tokens, fed_visual = pruning.fed_tokens, pruning.fed_visual
+    texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert got.answers == [normalize_answer(t) for t in texts]
+    assert got.exit_layers == [1] * 4
+    visual = (inputs["input_ids"] == model.config.image_token_id).sum(1)
+    full_flops = dyvte.prefill_flops(model.config, inputs["attention_mask"].sum(1), visual).full
+    expected = dyvte.prefill_flops(model.config, fed_tokens, fed_visual, 1).flops / full_flops
+    assert got.relative_flops == pytest.approx(expected.tolist())
+    assert all(r < 0.7 for r in got.relative_flops)
