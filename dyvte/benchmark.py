@@ -15,7 +15,16 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria
 
-__all__ = ["LlavaShape", "build_random_llava", "llava_prompt", "time_prefill", "time_decode", "kv_cache_bytes"]
+__all__ = [
+    "LlavaShape",
+    "StepClock",
+    "build_random_llava",
+    "kv_cache_bytes",
+    "llava_prompt",
+    "median_time",
+    "time_decode",
+    "time_prefill",
+]
 
 IMAGE_TOKEN_ID = 32000
 
@@ -145,7 +154,7 @@ def time_prefill(
     return median_time(run, runs, warmup, model.device)
 
 
-class _StepClock(StoppingCriteria):
+class StepClock(StoppingCriteria):
     """Records the time after every generation step (the criteria run once per step)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -160,7 +169,7 @@ class _StepClock(StoppingCriteria):
 
 def time_decode(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int = 16) -> tuple[float, int]:
     """Greedy-generate ``new_tokens`` tokens; return the median per-token decode time (s) and the KV-cache bytes."""
-    clock = _StepClock(model.device)
+    clock = StepClock(model.device)
     with torch.inference_mode():
         out = model.generate(
             **inputs,

@@ -167,9 +167,9 @@ def calibrate(
 
     full: list[torch.Tensor] = []  # per batch: (N_positions, V) full-model logits at the scored positions
     masks: list[torch.Tensor] = []
-    for batch in batches:
+    model_inputs = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
+    for batch, inputs in zip(batches, model_inputs, strict=True):
         mask = scored_positions(batch, positions)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         full.append(model(**inputs).logits[mask].float())
         masks.append(mask)
     rows = torch.cat([m.any(1) for m in masks])  # samples with at least one scored position
@@ -180,8 +180,7 @@ def calibrate(
     curve = [float("nan")] * (num_layers + 1)
     for layer in tqdm(candidates, desc="calibration (layers)", disable=not progress):
         per_sample = []
-        for batch, mask, reference in zip(batches, masks, full, strict=True):
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+        for inputs, mask, reference in zip(model_inputs, masks, full, strict=True):
             with withdraw(model, layer=layer) as handle:
                 logits = handle.to_input_positions(model(**inputs).logits)  # (B, T, V)
             kl = torch.zeros(mask.shape, dtype=torch.float32)

@@ -40,7 +40,9 @@ def _prompt(processor, question: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
-def build_inputs(processor, records: Sequence[dict], with_answers: bool = False, offset: int = 0) -> dict[str, Any]:
+def build_inputs(
+    processor, records: Sequence[dict], with_answers: bool = False, offset: int = 0, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
     """Left-padded processor inputs for a batch of records.
 
     Args:
@@ -49,6 +51,7 @@ def build_inputs(processor, records: Sequence[dict], with_answers: bool = False,
         with_answers: append each answer and its end-of-sequence token (teacher forcing) and return ``labels``
             that are -100 everywhere but on the answer tokens.
         offset: index of the first record in its dataset (for error messages).
+        dtype: cast the floating-point tensors (pixels) to this dtype, e.g. the model's.
 
     Returns:
         The processor's tensors (``input_ids`` ``(B, T)``, ``attention_mask``, pixel tensors), plus ``labels``
@@ -66,7 +69,7 @@ def build_inputs(processor, records: Sequence[dict], with_answers: bool = False,
         images.append(record["image"])
         prompts.append(_prompt(processor, record["question"]))
     if not with_answers:
-        return dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+        return _cast(dict(processor(images=images, text=prompts, padding=True, return_tensors="pt")), dtype)
     prompt = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no end-of-sequence token to close teacher-forced answers")
@@ -76,7 +79,14 @@ def build_inputs(processor, records: Sequence[dict], with_answers: bool = False,
         if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
             raise DataError(f"record {offset + i}: the tokenizer cannot express the answer {record['answer']!r}")
         answers.append(torch.tensor([*ids, tokenizer.eos_token_id]))
-    return _append_answers(prompt, answers, tokenizer.pad_token_id or 0)
+    return _cast(_append_answers(prompt, answers, tokenizer.pad_token_id or 0), dtype)
+
+
+def _cast(inputs: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:
+    """Floating-point tensors to ``dtype`` (ids and masks untouched)."""
+    if dtype is None:
+        return inputs
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def _append_answers(prompt: dict[str, Any], answers: list[torch.Tensor], pad_id: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics.aggregation import CatMetric, MeanMetric
 from tqdm.auto import tqdm
 
-from .benchmark import _StepClock
+from .benchmark import StepClock
 from .data import build_inputs, iter_batches, normalize_answer
 from .flops import prefill_flops
 from .methods import Full, Method
@@ -159,15 +159,13 @@ def evaluate(
     prefill_s = total_s = 0.0
     num_batches = (len(dataset) + batch_size - 1) // batch_size
     if warmup:  # one untimed batch, so the first method measured does not pay for allocator / kernel warm-up
-        inputs = build_inputs(processor, next(iter_batches(dataset, batch_size)))
-        inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        inputs = build_inputs(processor, next(iter_batches(dataset, batch_size)), dtype=model.dtype)
         with method.apply(model):
             model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     batches = iter_batches(dataset, batch_size)
     for index, records in enumerate(tqdm(batches, total=num_batches, desc=method.name, disable=not progress)):
-        inputs = build_inputs(processor, records, offset=index * batch_size)
-        inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
-        clock = _StepClock(model.device)
+        inputs = build_inputs(processor, records, offset=index * batch_size, dtype=model.dtype)
+        clock = StepClock(model.device)
         with method.apply(model) as handle:
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[clock])

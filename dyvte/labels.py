@@ -128,9 +128,8 @@ def build_label_cache(
     for b, records in enumerate(
         tqdm(iter_batches(dataset, batch_size), total=total, desc="labels", disable=not progress)
     ):
-        inputs = build_inputs(processor, records, with_answers=True, offset=b * batch_size)
+        inputs = build_inputs(processor, records, with_answers=True, offset=b * batch_size, dtype=model.dtype)
         labels = inputs.pop("labels")
-        inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         out = model(**inputs, output_hidden_states=True)
         visual = torch.isin(inputs["input_ids"], spec.visual_ids)
         valid = inputs["attention_mask"].bool()

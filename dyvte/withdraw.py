@@ -70,6 +70,7 @@ class _Forward:
     masks: dict[Any, torch.Tensor | None] = field(default_factory=dict)
     rotary: dict[Any, Any] = field(default_factory=dict)
     labels: torch.Tensor | None = None
+    exit_set: frozenset[int] = frozenset()  # continuation: the layers some row leaves at (fixed at prefill)
 
 
 class Withdrawal:
@@ -169,11 +170,14 @@ class Withdrawal:
         """``(B, T)`` bool: this call's tokens that leave a row when it exits (visual tokens; subclasses narrow it)."""
         return fwd.visual
 
-    def _exiting(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor:
+    def _exiting(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor | None:
+        """``(B,)`` bool rows leaving at ``layer`` in this call, or ``None`` when none can (no tensor work)."""
         if fwd.new_sequence:
             rows = self._decide(layer, hidden, fwd) & ~fwd.exited
             self.exit_layers = torch.where(rows.cpu(), layer, self.exit_layers)
             return rows
+        if layer not in fwd.exit_set:  # decode hot path: a set lookup per layer, no tensor op or host sync
+            return None
         return (self.exit_layers == layer).to(hidden.device)  # continuation: exits fixed at prefill
 
     # ---------------------------------------------------------------------------------------------- top hooks
@@ -247,6 +251,7 @@ class Withdrawal:
             kind=kind,
             new_sequence=new_sequence,
             exited=torch.zeros(batch, dtype=torch.bool, device=device),
+            exit_set=frozenset() if new_sequence else frozenset(self.exit_layers.tolist()),
         )
         if "labels" in kwargs and kwargs["labels"] is not None and self.first_exit < self.spec.num_layers:
             fwd.labels = kwargs.pop("labels")  # the loss is computed on the kept positions in _post_forward
@@ -292,7 +297,7 @@ class Withdrawal:
             )
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T_cur, D)
         rows = self._exiting(index, hidden, fwd)
-        if bool(rows.any()):
+        if rows is not None and bool(rows.any()):
             fwd.exited |= rows
             hidden = self._repack(fwd, hidden)
         if fwd.key is None:
