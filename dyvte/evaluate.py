@@ -2,7 +2,8 @@
 
 Per question type and overall: exact-match accuracy, agreement with a reference (normally the full model's answers),
 exit-layer mean and percentiles, mean prefill FLOPs relative to the full model (``dyvte.prefill_flops``, detailed
-convention, text decoder + LM head on one position), and wall-clock prefill and total generation time per sample
+convention, text decoder + LM head on one position), mean KV-cache bytes per sample after the prefill
+(``dyvte.prefill_kv_bytes``, padding excluded), and wall-clock prefill and total generation time per sample
 (overall only: batches mix question types). Metrics are accumulated with ``torchmetrics``.
 """
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .benchmark import StepClock
 from .data import build_inputs, iter_batches, normalize_answer
-from .flops import prefill_flops
+from .flops import prefill_flops, prefill_kv_bytes
 from .methods import Full, Method
 from .registry import resolve, unwrap
 
@@ -47,7 +48,8 @@ class EvalResult:
     Attributes:
         method: the method's name.
         metrics: per question type (and ``"all"``): accuracy, agreement, exit-layer mean / p10 / p50 / p90,
-            relative prefill FLOPs, sample count; ``"all"`` also has prefill_ms and total_ms per sample.
+            relative prefill FLOPs, mean KV-cache bytes per sample after the prefill, sample count; ``"all"``
+            also has prefill_ms and total_ms per sample.
         answers: normalized predicted answers, in dataset order.
         exit_layers: per-sample exit layers, in dataset order.
         relative_flops: per-sample prefill FLOPs relative to the full model, in dataset order.
@@ -87,9 +89,13 @@ class _Meters:
 
     def __init__(self) -> None:
         self.accuracy, self.agreement, self.flops = MeanMetric(), MeanMetric(), MeanMetric()
+        self.kv_bytes = MeanMetric()
         self.exits = CatMetric()
 
-    def update(self, correct: torch.Tensor, agree: torch.Tensor, flops: torch.Tensor, exits: torch.Tensor) -> None:
+    def update(
+        self, correct: torch.Tensor, agree: torch.Tensor, flops: torch.Tensor, exits: torch.Tensor, kv: torch.Tensor
+    ) -> None:
+        self.kv_bytes.update(kv.float())
         self.accuracy.update(correct.float())
         self.agreement.update(agree.float())
         self.flops.update(flops.float())
@@ -102,6 +108,7 @@ class _Meters:
             "accuracy": float(self.accuracy.compute()),
             "agreement": float(self.agreement.compute()),
             "relative_flops": float(self.flops.compute()),
+            "kv_bytes": float(self.kv_bytes.compute()),
             "exit_mean": float(exits.mean()),
             "exit_p10": float(q[0]),
             "exit_p50": float(q[1]),
@@ -158,6 +165,7 @@ def evaluate(
     qtypes: list[str] = []
     prefill_s = total_s = 0.0
     num_batches = (len(dataset) + batch_size - 1) // batch_size
+    item_bytes = torch.finfo(model.dtype).bits // 8
     if warmup:  # one untimed batch, so the first method measured does not pay for allocator / kernel warm-up
         inputs = build_inputs(processor, next(iter_batches(dataset, batch_size)), dtype=model.dtype)
         with method.apply(model):
@@ -185,6 +193,9 @@ def evaluate(
         fed_visual = visual if fed["fed_visual"] is None else fed["fed_visual"]
         flops = prefill_flops(model.config, fed_tokens, fed_visual, exits, visual_after=fed["visual_after"]).flops
         relative = flops / prefill_flops(model.config, tokens, visual).full  # relative to the unpruned full model
+        kv = prefill_kv_bytes(
+            model.config, fed_tokens, fed_visual, exits, visual_after=fed["visual_after"], bytes_per_value=item_bytes
+        )
         first = len(answers)
         for row, record in enumerate(records):
             pred = predicted[row]
@@ -192,7 +203,7 @@ def evaluate(
             correct = torch.tensor([pred == normalize_answer(str(record["answer"]))])
             agree = torch.tensor([pred == ref])
             for group in {OVERALL, str(record.get("qtype", OVERALL))}:
-                meters[group].update(correct, agree, relative[row : row + 1], exits[row : row + 1])
+                meters[group].update(correct, agree, relative[row : row + 1], exits[row : row + 1], kv[row : row + 1])
         answers.extend(predicted)
         exits_all.extend(int(e) for e in exits)
         flops_all.extend(float(r) for r in relative)

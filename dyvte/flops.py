@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrefillFlops", "prefill_flops", "layer_flops"]
+__all__ = ["PrefillFlops", "prefill_flops", "prefill_kv_bytes", "layer_flops"]
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,53 @@ def prefill_flops(
     if scalar:
         return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)
     return PrefillFlops(withdrawn, full, ratio, convention)
+
+
+def prefill_kv_bytes(
+    config, num_tokens, num_visual, exit_layer=None, *, visual_after=None, bytes_per_value: int = 4
+) -> torch.Tensor | float:
+    """Bytes of keys and values the decoder caches for one row after its prefill, under withdrawal.
+
+    Layers ``< K`` hold all ``n`` tokens, layers ``>= K`` hold ``n - n_visual + visual_after`` (the tokens they
+    processed); each token costs ``2 * n_kv_heads * head_dim`` values per layer. A sliding-window layer (Gemma3's
+    ``layer_types``) holds at most ``sliding_window - 1`` tokens, as transformers' sliding cache layers do. Padding
+    is excluded (a batched cache also stores the pad columns of the widest row), so this is the per-sample figure
+    that batching cannot blur; the tests check it against the bytes of a real ``DynamicCache``.
+
+    Args:
+        config: the model config (multimodal or text).
+        num_tokens: tokens in the row (padding excluded); int or ``(B,)`` tensor.
+        num_visual: visual tokens in the row; int or ``(B,)`` tensor.
+        exit_layer: exit layer K in ``[0, L]`` (``None`` = never withdraw); int or ``(B,)`` tensor.
+        visual_after: visual tokens that stay in layers ``>= K`` (FastV); default 0.
+        bytes_per_value: 4 for fp32, 2 for bf16.
+
+    Returns:
+        Bytes per row: a float for scalar inputs, else a ``(B,)`` float64 tensor.
+    """
+    cfg = _text_config(config)
+    num_layers = cfg.num_hidden_layers
+    scalar = all(
+        not isinstance(v, torch.Tensor) or v.dim() == 0 for v in (num_tokens, num_visual, exit_layer, visual_after)
+    )
+    n = torch.as_tensor(num_tokens, dtype=torch.float64)
+    v = torch.as_tensor(num_visual, dtype=torch.float64)
+    after = torch.as_tensor(0 if visual_after is None else visual_after, dtype=torch.float64)
+    k = torch.as_tensor(num_layers if exit_layer is None else exit_layer, dtype=torch.float64)
+    if bool((k < 0).any()) or bool((k > num_layers).any()):
+        raise ValueError(f"exit_layer must be in [0, {num_layers}]")
+    if bool((v > n).any()) or bool((after > v).any()):
+        raise ValueError("need 0 <= visual_after <= num_visual <= num_tokens")
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_token = 2 * kv_heads * head_dim * bytes_per_value
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers
+    window = getattr(cfg, "sliding_window", None)
+    total = torch.zeros_like(n + v + k + after)
+    for index, kind in enumerate(layer_types[:num_layers]):
+        held = torch.where(k > index, n, n - v + after)
+        if kind == "sliding_attention" and window:
+            held = held.clamp(max=window - 1)  # transformers' sliding layers keep the last window - 1 entries
+        total = total + held * per_token
+    return float(total) if scalar else total

@@ -134,6 +134,10 @@ def test_harness_accuracy_agreement_flops(tiny, tmp_path):
     visual = (inputs["input_ids"] == model.config.image_token_id).sum(1)
     expected = dyvte.prefill_flops(model.config, inputs["attention_mask"].sum(1), visual, 0).ratio
     assert zero.relative_flops == pytest.approx(expected.tolist())
+    kv = [dyvte.prefill_kv_bytes(model.config, inputs["attention_mask"].sum(1), visual, k) for k in (0, None)]
+    assert zero.metrics["all"]["kv_bytes"] == pytest.approx(float(kv[0].mean()))
+    assert full.metrics["all"]["kv_bytes"] == pytest.approx(float(kv[1].mean()))
+    assert zero.metrics["all"]["kv_bytes"] < full.metrics["all"]["kv_bytes"]
     agree = np.mean([a == b for a, b in zip(zero.answers, full.answers, strict=True)])
     assert zero.metrics["all"]["agreement"] == pytest.approx(agree)
     full.save(tmp_path / "full.json")

@@ -7,6 +7,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import dyvte
+from dyvte.benchmark import kv_cache_bytes
 from dyvte.methods import Prune, parse_method
 from dyvte.registry import resolve
 
@@ -244,3 +245,25 @@ def test_bad_inputs_are_clear_errors():
         dyvte.prune(qwen, "fastervlm", ratio=0.5)
     with dyvte.prune(qwen, "fastv", layer=1, ratio=0.5):  # FastV works on every family
         pass
+
+
+@pytest.mark.parametrize(
+    "spec", [("fastervlm", {"ratio": 0.75}), ("random", {"ratio": 0.5}), ("fastv", {"ratio": 0.75})]
+)
+def test_kv_cache_bytes_equal_the_formula(tiny, spec):
+    """The cache after a pruned prefill holds what ``prefill_kv_bytes`` gives for the tokens the handle reports."""
+    family, model, processor = tiny
+    method, budget = spec
+    inputs = encode(processor, family, only=1)
+    tokens = int(inputs["attention_mask"].sum())
+    visual = int(torch.isin(inputs["input_ids"], resolve(model).visual_ids).sum())
+    layer = 2 if method == "fastv" else None
+    with dyvte.prune(model, method, layer=layer, **budget) as handle, torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    if method == "fastv":
+        expected = dyvte.prefill_kv_bytes(model.config, tokens, visual, layer, visual_after=handle.visual_after[0])
+    else:
+        expected = dyvte.prefill_kv_bytes(model.config, handle.fed_tokens[0], handle.fed_visual[0])
+        assert handle.fed_visual[0] < visual
+    assert kv_cache_bytes(cache) == expected
+    assert expected < dyvte.prefill_kv_bytes(model.config, tokens, visual)

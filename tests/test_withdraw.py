@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dyvte
+from dyvte.benchmark import kv_cache_bytes
 from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
@@ -153,3 +154,18 @@ def test_per_row_exit_layers_equal_rows_alone(tiny):
             assert torch.equal(greedy(model, alone), batch_tokens[row : row + 1]), f"{family}: row {row} differs"
     with dyvte.withdraw(model, layer=[1, 2]), pytest.raises(dyvte.WithdrawalError, match="2 rows"):
         model(**inputs)
+
+
+def test_kv_cache_bytes_equal_the_formula(tiny):
+    """A real cache after prefill holds exactly what ``prefill_kv_bytes`` says, for every exit layer."""
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS, only=1)  # two images, no padding
+    tokens = int(inputs["attention_mask"].sum())
+    visual = int(visual_mask(model, inputs["input_ids"]).sum())
+    num_layers = resolve(model).num_layers
+    for layer in sorted({0, 1, num_layers // 2, num_layers}):
+        with dyvte.withdraw(model, layer=layer), torch.no_grad():
+            cache = model(**inputs, use_cache=True).past_key_values
+        expected = dyvte.prefill_kv_bytes(model.config, tokens, visual, layer, bytes_per_value=4)
+        assert kv_cache_bytes(cache) == expected, (family, layer)
+    assert dyvte.prefill_kv_bytes(model.config, tokens, visual, 0) < expected  # withdrawal saves memory

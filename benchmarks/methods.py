@@ -1,0 +1,170 @@
+"""Wall clock of every method at matched prefill-FLOPs budgets, on a LLaVA-1.5-7B-shaped random-weight model.
+
+The decoder has LLaVA-1.5-7B's layer shape (d = 4096, FFN 11008, 32 heads of 128, vocabulary 32064) with ``--layers``
+of its 32 layers (all 32 need 27 GB in fp32); the prompt is LLaVA-1.5's: 35 text + 576 visual + 40 text tokens. The
+vision tower is a small CLIP with a [CLS] token (FasterVLM scores with it; its cost is the same for every method).
+For each FLOPs target, each method gets its largest budget whose prefill FLOPs (``dyvte.prefill_flops``, detailed
+convention) stay at or below the target:
+
+* static withdrawal: the largest K;
+* exit heads: heads whose biases make them fire at that same K on every input (random weights have no meaningful
+  exit decision, so this row measures what the heads *cost* on top of static withdrawal at the same exit);
+* FasterVLM / random: the most visual tokens kept before the LLM;
+* FastV at ``--fastv-layer``: the most visual tokens kept after that layer.
+
+It prints, per method and target: the budget, relative FLOPs, median prefill time (``logits_to_keep=1``, KV cache on,
+as ``generate`` does), measured speedup, FLOPs-ideal speedup and their ratio, and the KV-cache bytes the prefill left
+(read from the real cache). On a CUDA device the same script runs in bf16.
+
+    python benchmarks/methods.py                      # CPU fp32, 8 of 32 layers, targets 70/50/30%, 3 runs
+    python benchmarks/methods.py --layers 32 --dtype bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+from dataclasses import dataclass
+
+import torch
+
+import dyvte
+from dyvte.benchmark import LlavaShape, build_random_llava, kv_cache_bytes, llava_prompt, median_time, threads
+from dyvte.fastv import kept_count
+from dyvte.heads import ExitHeads
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+logger = logging.getLogger("methods")
+
+
+@dataclass
+class Setting:
+    """One method at one budget: its name, its context on the model, and the token counts its FLOPs follow."""
+
+    method: str
+    budget: str
+    context: object
+    flops: float
+
+
+def forced_heads(model, layer: int) -> ExitHeads:
+    """Exit heads that fire at exit layer ``layer`` (>= 1) for every input: zero output weights, +/-30 biases."""
+    heads = ExitHeads.for_model(model)
+    with torch.no_grad():
+        for index, head in enumerate(heads.heads):
+            head[-1].weight.zero_()
+            head[-1].bias.fill_(30.0 if index == layer - 1 else -30.0)
+    return heads.to(model.dtype)
+
+
+def settings(model, tokens: int, visual: int, target: float, fastv_layer: int) -> list[Setting]:
+    """Each method's largest budget within ``target`` relative prefill FLOPs."""
+    cfg = model.config
+    num_layers = cfg.text_config.num_hidden_layers
+
+    def ratio(**kw) -> float:
+        return float(dyvte.prefill_flops(cfg, **kw).flops) / float(dyvte.prefill_flops(cfg, tokens, visual).full)
+
+    out = []
+    static = [k for k in range(num_layers + 1) if ratio(num_tokens=tokens, num_visual=visual, exit_layer=k) <= target]
+    if static:
+        k = max(static)
+        flops = ratio(num_tokens=tokens, num_visual=visual, exit_layer=k)
+        out.append(Setting("static", f"K={k}", lambda k=k: dyvte.withdraw(model, layer=k), flops))
+        if k >= 1:
+            heads = forced_heads(model, k)
+            out.append(Setting("exit heads", f"exit={k}", lambda h=heads: dyvte.withdraw(model, heads=h), flops))
+    keeps = [n for n in range(visual + 1) if ratio(num_tokens=tokens - visual + n, num_visual=n) <= target]
+    if keeps:
+        keep = max(keeps)
+        flops = ratio(num_tokens=tokens - visual + keep, num_visual=keep)
+        for method in ("fastervlm", "random"):
+            context = lambda m=method, n=keep: dyvte.prune(model, m, keep=n)  # noqa: E731
+            out.append(Setting(method, f"keep {keep}/{visual}", context, flops))
+    ratios = [r / 1000 for r in range(1001)]
+    fits = [
+        r
+        for r in ratios
+        if ratio(
+            num_tokens=tokens,
+            num_visual=visual,
+            exit_layer=fastv_layer,
+            visual_after=int(kept_count(torch.tensor(visual), r)),
+        )
+        <= target
+    ]
+    if fits:
+        r = min(fits)
+        after = int(kept_count(torch.tensor(visual), r))
+        flops = ratio(num_tokens=tokens, num_visual=visual, exit_layer=fastv_layer, visual_after=after)
+        context = lambda r=r: dyvte.prune(model, "fastv", ratio=r, layer=fastv_layer)  # noqa: E731
+        out.append(Setting(f"fastv K={fastv_layer}", f"keep {after}/{visual}", context, flops))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers of LLaVA-1.5-7B's shape (of 32)")
+    parser.add_argument("--hidden", type=int, default=4096, help="decoder width (smoke runs: smaller)")
+    parser.add_argument("--ffn", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5, 0.3])
+    parser.add_argument("--fastv-layer", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per point (median reported)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    device = torch.device(args.device)
+
+    shape = LlavaShape(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        intermediate_size=args.ffn,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+    )
+    model = build_random_llava(shape, dtype=dtype, device=args.device)
+    inputs = llava_prompt(shape, device=args.device, dtype=dtype)
+    tokens, visual = inputs["input_ids"].shape[1], shape.image_tokens
+
+    @torch.inference_mode()
+    def prefill() -> object:
+        return model(**inputs, logits_to_keep=1, use_cache=True).past_key_values
+
+    rows = []
+    with threads(args.threads):
+        base, _ = median_time(prefill, args.runs, 1, device)
+        base_kv = kv_cache_bytes(prefill())
+        logger.info("full: %.3f s", base)
+        rows.append(("full", "—", "—", 1.0, base, base_kv))
+        for target in args.targets:
+            for s in settings(model, tokens, visual, target, args.fastv_layer):
+                with s.context():
+                    seconds, _ = median_time(prefill, args.runs, 1, device)
+                    kv = kv_cache_bytes(prefill())
+                logger.info("%s %s %s: %.3f s", f"{target:.0%}", s.method, s.budget, seconds)
+                rows.append((f"≤ {target:.0%}", s.method, s.budget, s.flops, seconds, kv))
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(
+        f"\n{shape.num_layers} decoder layers of d={shape.hidden_size}, FFN {shape.intermediate_size}, "
+        f"{shape.num_heads} heads (LLaVA-1.5-7B: 32 x 4096, 11008, 32), {tokens} tokens "
+        f"({visual} visual), {str(dtype).removeprefix('torch.')}, {name}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, median of {args.runs}\n"
+    )
+    print("| budget | method | setting | rel. FLOPs | prefill (s) | speedup | FLOPs-ideal | measured/ideal | KV (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for target, method, budget, flops, seconds, kv in rows:
+        speedup, ideal = base / seconds, 1 / flops
+        print(
+            f"| {target} | {method} | {budget} | {flops:.3f} | {seconds:.3f} | {speedup:.2f}× | {ideal:.2f}× | "
+            f"{speedup / ideal:.2f} | {kv / 2**20:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

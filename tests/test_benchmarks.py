@@ -1,0 +1,50 @@
+"""The matched-budget settings of benchmarks/methods.py: within budget, and each does what it is named for."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+import dyvte
+from dyvte.benchmark import LlavaShape, build_random_llava, kv_cache_bytes, llava_prompt
+from dyvte.training import REPO_ROOT
+
+SHAPE = LlavaShape(
+    hidden_size=64, num_layers=6, intermediate_size=128, num_heads=4, num_kv_heads=4, image_size=112, patch_size=14
+)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("bench_methods", REPO_ROOT / "benchmarks" / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5])
+def test_settings_fit_the_budget_and_leave_the_cache_they_claim(target):
+    script = load_script()
+    model = build_random_llava(SHAPE, dtype=torch.float32)
+    inputs = llava_prompt(SHAPE, text_before=5, text_after=7, dtype=torch.float32)
+    tokens, visual = inputs["input_ids"].shape[1], SHAPE.image_tokens
+    found = script.settings(model, tokens, visual, target, fastv_layer=2)
+    assert {s.method for s in found} == {"static", "exit heads", "fastervlm", "random", "fastv K=2"}
+    for s in found:
+        assert s.flops <= target
+        with s.context() as handle, torch.no_grad():
+            cache = model(**inputs, logits_to_keep=1, use_cache=True).past_key_values
+        if s.method in ("static", "exit heads"):  # forced heads exit exactly where static withdrawal does
+            layer = int(s.budget.split("=")[-1].split()[-1])
+            assert handle.exit_layers.tolist() == [layer]
+            assert kv_cache_bytes(cache) == dyvte.prefill_kv_bytes(model.config, tokens, visual, layer)
+        elif s.method.startswith("fastv"):
+            after = handle.visual_after[0]
+            assert kv_cache_bytes(cache) == dyvte.prefill_kv_bytes(model.config, tokens, visual, 2, visual_after=after)
+        else:
+            kept = int(s.budget.split()[1].split("/")[0])
+            assert int(handle.fed_visual[0]) == kept
+            assert kv_cache_bytes(cache) == dyvte.prefill_kv_bytes(model.config, tokens - visual + kept, kept)
