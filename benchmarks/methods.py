@@ -26,6 +26,7 @@ import argparse
 import logging
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per point (median reported)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", default=None, help="also write the table (Markdown) to this file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -150,20 +152,26 @@ def main() -> None:
                 rows.append((f"≤ {target:.0%}", s.method, s.budget, s.flops, seconds, kv))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(
-        f"\n{shape.num_layers} decoder layers of d={shape.hidden_size}, FFN {shape.intermediate_size}, "
+    lines = [
+        f"{shape.num_layers} decoder layers of d={shape.hidden_size}, FFN {shape.intermediate_size}, "
         f"{shape.num_heads} heads (LLaVA-1.5-7B: 32 x 4096, 11008, 32), {tokens} tokens "
         f"({visual} visual), {str(dtype).removeprefix('torch.')}, {name}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, median of {args.runs}\n"
-    )
-    print("| budget | method | setting | rel. FLOPs | prefill (s) | speedup | FLOPs-ideal | measured/ideal | KV (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        f"torch {torch.__version__}, median of {args.runs} runs. Command: `python benchmarks/methods.py "
+        f"--layers {args.layers} --runs {args.runs}" + (f" --threads {args.threads}`." if args.threads else "`."),
+        "",
+        "| budget | method | setting | rel. FLOPs | prefill (s) | speedup | FLOPs-ideal | measured/ideal | KV (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for target, method, budget, flops, seconds, kv in rows:
         speedup, ideal = base / seconds, 1 / flops
-        print(
+        lines.append(
             f"| {target} | {method} | {budget} | {flops:.3f} | {seconds:.3f} | {speedup:.2f}× | {ideal:.2f}× | "
             f"{speedup / ideal:.2f} | {kv / 2**20:.1f} |"
         )
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Trains the demo MLLM from scratch, the ordinary way (no withdrawal or pruning anywhere).
 
-Two phases, each a Lightning ``fit`` on an endless, seeded stream of scenes drawn from the *train* handwriting pool:
+Four phases, each a Lightning ``fit`` on an endless, seeded stream of scenes drawn from the *train* handwriting pool:
 
 1. ``VisionPretrainModule`` — the CLIP tower alone learns, for every patch of the layer the LLM reads (−2), which
    digit class its cell holds (or "empty") and which cell it lies in. Without this the LLM never learns to look.
-2. ``DemoMLLMModule`` — the whole LLaVA model learns to answer the questions plus the auxiliary "describe the grid"
-   task (next-token loss on the answer only, averaged per sample so that long answers do not dominate).
+2. ``AlignModule`` — LLaVA's stage 1 ("feature alignment"), here with a direct target: the projector learns to map
+   each patch feature onto the word embedding of its cell's content ("0".."9", "none"); tower frozen.
+3. ``DemoMLLMModule`` — the LLaVA model (tower frozen: training it on the questions washes the digit features out)
+   learns to answer the questions plus the auxiliary "describe the grid" task (next-token loss on the answer only,
+   averaged per sample so that long answers do not dominate).
+4. The same, continued with a fresh learning-rate cycle and a mix weighted towards the question-conditioned types
+   (exists, cell, rowsum).
 
 ``run_pretraining`` then saves model + processor to ``checkpoints/demo-mllm`` and the dataset to
 ``checkpoints/demo-data``. ``train/pretrain_demo.py`` is its command-line launcher.
@@ -30,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dyvte.demo.data import (
     EMPTY,
+    NONE_WORD,
     QTYPES,
     DatasetSizes,
     QuestionMix,
@@ -65,7 +71,8 @@ class PhaseConfig:
         warmup: Linear warm-up steps (then cosine decay to ``min_lr_ratio * lr``).
         weight_decay: AdamW weight decay.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        freeze_vision: Keep the CLIP tower fixed (phases 2-3: protects the digit features learned in phase 1).
+        freeze_vision: Keep the CLIP tower fixed (phases 3-4: protects the digit features learned in phase 1).
+        batch_size: Scenes per step (default: the recipe's ``batch_size``). Small batches learn faster per FLOP here.
     """
 
     steps: int = 300
@@ -74,6 +81,7 @@ class PhaseConfig:
     weight_decay: float = 0.01
     min_lr_ratio: float = 0.05
     freeze_vision: bool = False
+    batch_size: int | None = None
 
 
 @dataclass
@@ -83,18 +91,21 @@ class TrainConfig:
     Attributes:
         batch_size: Scenes per step.
         vision: Phase 1 (vision-tower pretraining on per-patch digit class and cell position).
-        mllm: Phase 2 (the full model on the questions + "describe").
-        question_weights: Sampling weights of the phase-2 tasks; ``exists`` is the hardest and is oversampled.
-        continuation: Phase 3, phase 2 continued with a fresh learning-rate cycle on a new stream of scenes.
-        continuation_weights: Phase-3 task weights, shifted towards the types still below target.
+        align: Phase 2 (projector onto the word embeddings of the cell contents).
+        mllm: Phase 3 (the model on the questions + "describe").
+        question_weights: Sampling weights of the phase-3 tasks; ``exists`` is the hardest and is oversampled.
+        continuation: Phase 4, phase 3 continued with a fresh learning-rate cycle on a new stream of scenes.
+        continuation_weights: Phase-4 task weights, shifted towards the types still below target.
         precision: Lightning precision. ``32-true``: bf16 autocast measured 6x slower than fp32 on this CPU with one
             thread (no native bf16 matmul); never fp16 on CPU.
         threads: ``torch.set_num_threads`` (leave the other cores to the rest of the machine).
         eval_samples: Validation records answered with ``generate`` at the end (logged per type).
+        gradient_clip: Gradient-norm clipping of phases 3-4.
     """
 
     batch_size: int = 64
     vision: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-3, warmup=30))
+    align: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-3, warmup=20))
     mllm: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=3000, lr=1e-3, warmup=200))
     question_weights: dict[str, float] = field(
         default_factory=lambda: {"count": 1.0, "exists": 2.5, "cell": 1.5, "max": 1.0, "rowsum": 1.5, "describe": 1.5}
@@ -106,6 +117,7 @@ class TrainConfig:
     precision: str = "32-true"
     threads: int = 1
     eval_samples: int = 500
+    gradient_clip: float = 1.0
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -236,6 +248,36 @@ class VisionPretrainModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": _warmup_cosine(opt, self.phase), "interval": "step"}}
 
 
+class AlignModule(L.LightningModule):
+    """Phase 2: projector (and word embeddings) so that each patch lands on its cell's word ("0".."9", "none")."""
+
+    def __init__(self, model, phase: PhaseConfig, word_ids: torch.Tensor):
+        super().__init__()
+        self.model, self.phase = model, phase
+        self.register_buffer("word_ids", word_ids, persistent=False)  # (11,): digit class (10 = empty) -> token id
+        self.model.model.vision_tower.requires_grad_(False)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of (projected patch feature) x (word embeddings) against the cell's word."""
+        layer = self.model.config.vision_feature_layer
+        with torch.no_grad():
+            tower = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        projected = self.model.model.multi_modal_projector(tower.hidden_states[layer][:, 1:])  # (B, P, D)
+        logits = projected @ self.model.get_input_embeddings().weight.T  # (B, P, V)
+        target = self.word_ids[batch["patch_digit"]]  # (B, P)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        acc = (logits.argmax(-1) == target).float().mean()
+        self.log_dict({"align_loss": loss, "align_acc": acc}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        """AdamW over the projector and the word embeddings, warm-up + cosine."""
+        params = list(self.model.model.multi_modal_projector.parameters())
+        params += list(self.model.get_input_embeddings().parameters())
+        opt = torch.optim.AdamW(params, lr=self.phase.lr, weight_decay=0.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": _warmup_cosine(opt, self.phase), "interval": "step"}}
+
+
 class DemoMLLMModule(L.LightningModule):
     """Phase 2: the whole LLaVA model, next-token loss on the answer tokens, averaged per sample."""
 
@@ -271,8 +313,11 @@ class DemoMLLMModule(L.LightningModule):
 # ------------------------------------------------------------------------------------------------------- run
 
 
-def _fit(module: L.LightningModule, data: SceneDataModule, phase: PhaseConfig, precision: str) -> float:
+def _fit(
+    module: L.LightningModule, data: SceneDataModule, phase: PhaseConfig, precision: str, clip: float | None = None
+) -> float:
     trainer = L.Trainer(
+        gradient_clip_val=clip,
         accelerator="cpu",
         devices=1,
         max_steps=phase.steps,
@@ -354,21 +399,32 @@ def run_pretraining(
         mllm = build_model(processor, scene, model_cfg)
     logger.info("model: %.2f M parameters", sum(p.numel() for p in mllm.parameters()) / 1e6)
 
-    times = {"time_vision_s": 0.0, "time_mllm_s": 0.0, "time_continuation_s": 0.0}
+    times = {"time_vision_s": 0.0, "time_align_s": 0.0, "time_mllm_s": 0.0, "time_continuation_s": 0.0}
+
+    def stream(phase: PhaseConfig, weights: dict[str, float], index: int) -> SceneDataModule:
+        return SceneDataModule(processor, scene, phase.batch_size or train.batch_size, seed, weights, stream=index)
+
     if train.vision.steps > 0:
-        data = SceneDataModule(processor, scene, train.batch_size, seed, train.question_weights, stream=1)
         vision_pretrain = VisionPretrainModule(mllm, train.vision, scene.rows * scene.cols)
+        data = stream(train.vision, train.question_weights, 1)
         times["time_vision_s"] = _fit(vision_pretrain, data, train.vision, train.precision)
         logger.info("phase 1 (vision tower) took %.0f s", times["time_vision_s"])
+    if train.align.steps > 0:
+        tok = processor.tokenizer
+        words = torch.tensor(tok.convert_tokens_to_ids([str(d) for d in range(10)] + [NONE_WORD]))
+        data = stream(train.align, train.question_weights, 3)
+        times["time_align_s"] = _fit(AlignModule(mllm, train.align, words), data, train.align, train.precision)
+        logger.info("phase 2 (alignment) took %.0f s", times["time_align_s"])
     if train.mllm.steps > 0:
-        data = SceneDataModule(processor, scene, train.batch_size, seed, train.question_weights, stream=1)
-        times["time_mllm_s"] = _fit(DemoMLLMModule(mllm, train.mllm), data, train.mllm, train.precision)
-        logger.info("phase 2 (full model) took %.0f s", times["time_mllm_s"])
+        data = stream(train.mllm, train.question_weights, 1)
+        module = DemoMLLMModule(mllm, train.mllm)
+        times["time_mllm_s"] = _fit(module, data, train.mllm, train.precision, train.gradient_clip)
+        logger.info("phase 3 (questions) took %.0f s", times["time_mllm_s"])
     if train.continuation.steps > 0:
-        data = SceneDataModule(processor, scene, train.batch_size, seed, train.continuation_weights, stream=2)
+        data = stream(train.continuation, train.continuation_weights, 2)
         module = DemoMLLMModule(mllm, train.continuation)
-        times["time_continuation_s"] = _fit(module, data, train.continuation, train.precision)
-        logger.info("phase 3 (continuation) took %.0f s", times["time_continuation_s"])
+        times["time_continuation_s"] = _fit(module, data, train.continuation, train.precision, train.gradient_clip)
+        logger.info("phase 4 (continuation) took %.0f s", times["time_continuation_s"])
 
     mllm = mllm.float().eval()
     mllm.config.image_seq_length = num_image_tokens(processor)
