@@ -188,16 +188,16 @@ def test_saved_model_loads_offline_and_answers_test_questions():
     assert model.config.vision_feature_select_strategy == "default" and model.config.vision_feature_layer == -2
     assert model.config.text_config.num_hidden_layers >= 8
     test = load_demo_dataset("test")
-    # The committed model reads counts and the largest digit reliably but not yet the per-cell questions (see
-    # checkpoints/README.md); check the types it has learned, and that the image matters.
-    idx = [i for i, q in enumerate(test["qtype"][:200]) if q in ("count", "max")][:40]
-    records = test.select(idx)
+    records = test.select(range(100))  # every question type
     answers = generate_answers(model, processor, records[:])
     blank = generate_answers(model, processor, records[:], blank_images=True)
-    accuracy = np.mean([a == r for a, r in zip(answers, records["answer"], strict=True)])
-    blank_accuracy = np.mean([a == r for a, r in zip(blank, records["answer"], strict=True)])
-    assert accuracy >= 0.6, list(zip(answers, records["answer"], strict=True))
-    assert accuracy >= blank_accuracy + 0.3
+    right = np.asarray([a == r for a, r in zip(answers, records["answer"], strict=True)])
+    blank_right = np.asarray([a == r for a, r in zip(blank, records["answer"], strict=True)])
+    assert right.mean() >= 0.7, list(zip(answers, records["answer"], strict=True))
+    assert right.mean() >= blank_right.mean() + 0.3  # the image matters
+    # `exists` is still at chance (checkpoints/README.md); every other type is read from the image
+    reads = np.asarray([q != "exists" for q in records["qtype"]])
+    assert right[reads].mean() >= 0.85
     single = generate_answers(model, processor, [records[0]])  # a batch of one agrees with the padded batch
     assert single == answers[:1]
 

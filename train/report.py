@@ -41,7 +41,7 @@ def main(
     thresholds: list[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     keep: list[float] = (0.5, 0.25, 0.1, 0.05),
     fastv_layer: int = 2,
-    compose_threshold: float = 0.5,
+    compose_threshold: float = 0.8,
     targets: list[float] = (0.7, 0.5, 0.3),
     batch_size: int = 100,
     output_dir: str = str(REPO_ROOT / "docs"),
@@ -59,7 +59,8 @@ def main(
         thresholds: exit-head P(exit) thresholds.
         keep: fractions of visual tokens kept by the pruning methods.
         fastv_layer: FastV's K.
-        compose_threshold: exit-head threshold used with FasterVLM.
+        compose_threshold: exit-head threshold used with FasterVLM and for the exit-layer histogram (0.8: the
+            demo heads' accuracy-preserving point, checkpoints/README.md).
         targets: relative-FLOPs targets of the matched-FLOPs table.
         batch_size: rows per generate call.
         output_dir: where report.md and the PNGs go.
