@@ -104,15 +104,21 @@ class TrainConfig:
     """
 
     batch_size: int = 64
-    vision: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-3, warmup=30))
-    align: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-3, warmup=20))
-    mllm: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=3000, lr=1e-3, warmup=200))
+    vision: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=800, lr=2e-3, warmup=20))
+    align: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(steps=300, lr=2e-3, warmup=20, weight_decay=0.0, freeze_vision=True)
+    )
+    mllm: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(steps=5000, lr=1e-3, warmup=100, freeze_vision=True, batch_size=16)
+    )
     question_weights: dict[str, float] = field(
         default_factory=lambda: {"count": 1.0, "exists": 2.5, "cell": 1.5, "max": 1.0, "rowsum": 1.5, "describe": 1.5}
     )
-    continuation: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=1000, lr=1e-3, warmup=50))
+    continuation: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(steps=2400, lr=7e-4, warmup=50, freeze_vision=True, batch_size=16)
+    )
     continuation_weights: dict[str, float] = field(
-        default_factory=lambda: {"count": 0.3, "exists": 3.0, "cell": 2.0, "max": 2.0, "rowsum": 2.5, "describe": 2.0}
+        default_factory=lambda: {"count": 0.3, "exists": 3.0, "cell": 3.0, "max": 0.7, "rowsum": 2.5, "describe": 1.5}
     )
     precision: str = "32-true"
     threads: int = 1
@@ -279,7 +285,8 @@ class AlignModule(L.LightningModule):
 
 
 class DemoMLLMModule(L.LightningModule):
-    """Phase 2: the whole LLaVA model, next-token loss on the answer tokens, averaged per sample."""
+    """Phases 3-4: the LLaVA model (tower frozen by ``freeze_vision``), next-token loss on the answer tokens, averaged
+    per sample."""
 
     def __init__(self, model, phase: PhaseConfig):
         super().__init__()
