@@ -46,15 +46,38 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _attention_dims(cfg) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a text config (GQA-aware)."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+
+def _rows(num_layers: int, num_tokens, num_visual, exit_layer, visual_after):
+    """Checked float64 per-row counts ``(scalar, n, v, k, after)``; ``scalar`` when every input is a scalar."""
+    scalar = all(
+        not isinstance(x, torch.Tensor) or x.dim() == 0 for x in (num_tokens, num_visual, exit_layer, visual_after)
+    )
+    n = torch.as_tensor(num_tokens, dtype=torch.float64)
+    v = torch.as_tensor(num_visual, dtype=torch.float64)
+    after = torch.as_tensor(0 if visual_after is None else visual_after, dtype=torch.float64)
+    k = torch.as_tensor(num_layers if exit_layer is None else exit_layer, dtype=torch.float64)
+    if bool((v > n).any()) or bool((v < 0).any()):
+        raise ValueError("num_visual must be in [0, num_tokens]")
+    if bool((after < 0).any()) or bool((after > v).any()):
+        raise ValueError("visual_after must be in [0, num_visual]")
+    if bool((k < 0).any()) or bool((k > num_layers).any()):
+        raise ValueError(f"exit_layer must be in [0, {num_layers}]")
+    return scalar, n, v, k, after
+
+
 def layer_flops(config, num_tokens: torch.Tensor, convention: str = "detailed") -> torch.Tensor:
     """FLOPs of one decoder layer on ``num_tokens`` tokens (float64 tensor, elementwise)."""
     cfg = _text_config(config)
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
     d = cfg.hidden_size
     m = cfg.intermediate_size
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    heads, kv_heads, head_dim = _attention_dims(cfg)
     if convention == "paper":
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
     if convention != "detailed":
@@ -93,19 +116,7 @@ def prefill_flops(
     """
     cfg = _text_config(config)
     num_layers = cfg.num_hidden_layers
-    scalar = all(
-        not isinstance(v, torch.Tensor) or v.dim() == 0 for v in (num_tokens, num_visual, exit_layer, visual_after)
-    )
-    n = torch.as_tensor(num_tokens, dtype=torch.float64)
-    v = torch.as_tensor(num_visual, dtype=torch.float64)
-    after = torch.as_tensor(0 if visual_after is None else visual_after, dtype=torch.float64)
-    k = torch.as_tensor(num_layers if exit_layer is None else exit_layer, dtype=torch.float64)
-    if bool((v > n).any()) or bool((v < 0).any()):
-        raise ValueError("num_visual must be in [0, num_tokens]")
-    if bool((after < 0).any()) or bool((after > v).any()):
-        raise ValueError("visual_after must be in [0, num_visual]")
-    if bool((k < 0).any()) or bool((k > num_layers).any()):
-        raise ValueError(f"exit_layer must be in [0, {num_layers}]")
+    scalar, n, v, k, after = _rows(num_layers, num_tokens, num_visual, exit_layer, visual_after)
     head = 0.0 if convention == "paper" else 2.0 * lm_head_tokens * cfg.hidden_size * cfg.vocab_size
     full = num_layers * layer_flops(cfg, n, convention) + head
     late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
@@ -140,20 +151,8 @@ def prefill_kv_bytes(
     """
     cfg = _text_config(config)
     num_layers = cfg.num_hidden_layers
-    scalar = all(
-        not isinstance(v, torch.Tensor) or v.dim() == 0 for v in (num_tokens, num_visual, exit_layer, visual_after)
-    )
-    n = torch.as_tensor(num_tokens, dtype=torch.float64)
-    v = torch.as_tensor(num_visual, dtype=torch.float64)
-    after = torch.as_tensor(0 if visual_after is None else visual_after, dtype=torch.float64)
-    k = torch.as_tensor(num_layers if exit_layer is None else exit_layer, dtype=torch.float64)
-    if bool((k < 0).any()) or bool((k > num_layers).any()):
-        raise ValueError(f"exit_layer must be in [0, {num_layers}]")
-    if bool((v > n).any()) or bool((after > v).any()):
-        raise ValueError("need 0 <= visual_after <= num_visual <= num_tokens")
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    scalar, n, v, k, after = _rows(num_layers, num_tokens, num_visual, exit_layer, visual_after)
+    _, kv_heads, head_dim = _attention_dims(cfg)
     per_token = 2 * kv_heads * head_dim * bytes_per_value
     layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers
     window = getattr(cfg, "sliding_window", None)

@@ -58,5 +58,9 @@ def test_bad_arguments(model):
         dyvte.prefill_flops(model.config, 10, 4, 4)
     with pytest.raises(ValueError, match="num_visual"):
         dyvte.prefill_flops(model.config, 10, 11, 1)
+    with pytest.raises(ValueError, match="visual_after"):
+        dyvte.prefill_kv_bytes(model.config, 10, 4, 1, visual_after=5)
+    with pytest.raises(ValueError, match="exit_layer"):
+        dyvte.prefill_kv_bytes(model.config, 10, 4, -1)
     with pytest.raises(ValueError, match="convention"):
         dyvte.prefill_flops(model.config, 10, 4, 1, convention="macs")
