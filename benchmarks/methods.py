@@ -31,11 +31,20 @@ from pathlib import Path
 import torch
 
 import dyvte
-from dyvte.benchmark import LlavaShape, build_random_llava, kv_cache_bytes, llava_prompt, median_time, threads
+from dyvte.benchmark import (
+    DTYPES,
+    LlavaShape,
+    add_shape_arguments,
+    build_random_llava,
+    kv_cache_bytes,
+    llava_prompt,
+    median_time,
+    shape_from_args,
+    threads,
+)
 from dyvte.fastv import kept_count
 from dyvte.heads import ExitHeads
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 logger = logging.getLogger("methods")
 
 
@@ -110,10 +119,7 @@ def settings(model, tokens: int, visual: int, target: float, fastv_layer: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers of LLaVA-1.5-7B's shape (of 32)")
-    parser.add_argument("--hidden", type=int, default=4096, help="decoder width (smoke runs: smaller)")
-    parser.add_argument("--ffn", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
+    add_shape_arguments(parser, LlavaShape.llava_7b(num_layers=8))  # smoke runs: smaller --hidden/--ffn/--heads
     parser.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5, 0.3])
     parser.add_argument("--fastv-layer", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3, help="timed runs per point (median reported)")
@@ -126,13 +132,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     device = torch.device(args.device)
 
-    shape = LlavaShape(
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        intermediate_size=args.ffn,
-        num_heads=args.heads,
-        num_kv_heads=args.heads,
-    )
+    shape = shape_from_args(args)
     model = build_random_llava(shape, dtype=dtype, device=args.device)
     inputs = llava_prompt(shape, device=args.device, dtype=dtype)
     tokens, visual = inputs["input_ids"].shape[1], shape.image_tokens

@@ -20,16 +20,18 @@ import torch
 
 import dyvte
 from dyvte.benchmark import (
+    DTYPES,
     IMAGE_TOKEN_ID,
     LlavaShape,
+    add_shape_arguments,
     build_random_llava,
     llava_prompt,
+    shape_from_args,
     threads,
     time_decode,
     time_prefill,
 )
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 logger = logging.getLogger("prefill")
 
 
@@ -38,23 +40,14 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--ks", nargs="+", type=int, default=None, help="exit layers (default: every L/6)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per point (median reported)")
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--ffn", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=12)
+    add_shape_arguments(parser, LlavaShape())
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    shape = LlavaShape(
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        intermediate_size=args.ffn,
-        num_heads=args.heads,
-        num_kv_heads=args.heads,
-    )
+    shape = shape_from_args(args)
     ks = args.ks or sorted({round(i * args.layers / 6) for i in range(7)})
     rows = []
     with threads(args.threads):

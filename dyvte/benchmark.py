@@ -5,6 +5,7 @@ Used by ``benchmarks/prefill.py`` and the comparison report. Nothing here is a t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import statistics
 import time
@@ -16,17 +17,22 @@ from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria
 
 __all__ = [
+    "DTYPES",
     "LlavaShape",
+    "add_shape_arguments",
     "StepClock",
     "build_random_llava",
     "kv_cache_bytes",
     "llava_prompt",
     "median_time",
+    "shape_from_args",
     "time_decode",
     "time_prefill",
 ]
 
 IMAGE_TOKEN_ID = 32000
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+"""Command-line dtype names of the benchmark scripts (never fp16 on CPU)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,25 @@ class LlavaShape:
     def image_tokens(self) -> int:
         """Visual tokens per image (CLS dropped, as LLaVA's default feature selection)."""
         return (self.image_size // self.patch_size) ** 2
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, default: LlavaShape) -> None:
+    """``--layers/--hidden/--ffn/--heads`` (MHA decoder) with ``default``'s values, for :func:`shape_from_args`."""
+    parser.add_argument("--layers", type=int, default=default.num_layers, help="decoder layers")
+    parser.add_argument("--hidden", type=int, default=default.hidden_size, help="decoder width")
+    parser.add_argument("--ffn", type=int, default=default.intermediate_size, help="gated-FFN width")
+    parser.add_argument("--heads", type=int, default=default.num_heads, help="attention heads (no GQA)")
+
+
+def shape_from_args(args: argparse.Namespace) -> LlavaShape:
+    """The :class:`LlavaShape` named by the arguments :func:`add_shape_arguments` added."""
+    return LlavaShape(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        intermediate_size=args.ffn,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+    )
 
 
 def build_random_llava(
