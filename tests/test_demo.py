@@ -210,3 +210,40 @@ def test_stored_dataset_matches_the_builder():
     for split in stored:
         head = stored[split].select(range(5))
         assert head["question"] == rebuilt[split]["question"] and head["sources"] == rebuilt[split]["sources"]
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+
+
+def test_recipe_yaml_equals_the_code_defaults():
+    """`python train/pretrain_demo.py --config configs/pretrain_demo.yaml` and `run_pretraining()` train the same."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+
+    from dyvte.demo.model import DemoModelConfig
+    from dyvte.demo.pretrain import PhaseConfig, TrainConfig
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "pretrain_demo.yaml").read_text())
+    phases = {k: PhaseConfig(**v) for k, v in cfg["train"].items() if isinstance(v, dict) and "steps" in v}
+    assert TrainConfig(**{**cfg["train"], **phases}) == TrainConfig()
+    assert cfg["model"] == asdict(DemoModelConfig())
+    scene = asdict(SceneConfig())
+    scene["pool_fractions"] = list(scene["pool_fractions"])
+    assert cfg["scene"] == scene
+
+
+def test_matching_phase_draws_sparse_scenes_and_rejects_impossible_caps(processor):
+    from dyvte.demo.pretrain import PhaseConfig, SceneBatches, TrainConfig, phase_scene
+
+    phase = TrainConfig().matching
+    layout = phase_scene(SCENE, phase)
+    assert layout.max_digits == phase.max_digits == 3 and layout.rows == SCENE.rows
+    assert phase_scene(SCENE, PhaseConfig()) is SCENE
+    batch = next(iter(SceneBatches(processor, layout, 32, seed=0, weights=TrainConfig().matching_weights)))
+    filled = (batch["patch_digit"] != 10).view(32, -1).sum(1) // 4  # 2 x 2 patches per cell
+    assert int(filled.max()) <= 3 and int(filled.min()) >= 1
+    for bad in (0, SCENE.rows * SCENE.cols + 1):
+        with pytest.raises(ValueError, match="max_digits"):
+            phase_scene(SCENE, PhaseConfig(max_digits=bad))
