@@ -1,6 +1,6 @@
 """Trains the demo MLLM from scratch, the ordinary way (no withdrawal or pruning anywhere).
 
-Five phases, each a Lightning ``fit`` on an endless, seeded stream of scenes drawn from the *train* handwriting pool:
+Six phases, each a Lightning ``fit`` on an endless, seeded stream of scenes drawn from the *train* handwriting pool:
 
 1. ``VisionPretrainModule`` — the CLIP tower alone learns, for every patch of the layer the LLM reads (−2), which
    digit class its cell holds (or "empty") and which cell it lies in. Without this the LLM never learns to look.
@@ -9,12 +9,14 @@ Five phases, each a Lightning ``fit`` on an endless, seeded stream of scenes dra
 3. ``DemoMLLMModule`` — the LLaVA model (tower frozen: training it on the questions washes the digit features out)
    learns to answer the questions plus the auxiliary "describe the grid" task (next-token loss on the answer only,
    averaged per sample so that long answers do not dominate).
-4. ``DemoMLLMModule`` on "is there a 7 ?" alone, over *sparse* scenes (at most 3 digits). On full scenes the
-   decoder never learns to match a digit named in the question against the visual tokens (``exists`` stays at chance
-   however long it trains); on sparse scenes it does within a few hundred steps, and the skill carries over to full
-   scenes. A curriculum, as ordinary as any: it changes which scenes are drawn, not the model.
-5. The same as phase 3, continued with a fresh learning-rate cycle and a mix weighted towards the
-   question-conditioned types (exists, cell, rowsum), on full scenes again.
+4. The same, continued with a fresh learning-rate cycle and a mix weighted towards the question-conditioned types
+   (exists, cell, rowsum).
+5. "Matching": "is there a 7 ?" alone, over *sparse* scenes (at most 3 digits). On full scenes the decoder never
+   learns to match a digit named in the question against the visual tokens (``exists`` stays at chance however long
+   it trains); on sparse scenes a trained model does within a few hundred steps, and the skill carries over to full
+   scenes. A curriculum, as ordinary as any: it changes which scenes are drawn, not the model or the loss.
+6. "Consolidation": phase 4 again on a fresh stream of full scenes, which restores the other types (phase 5 alone
+   forgets them) and spreads the matching skill to dense scenes.
 
 ``run_pretraining`` then saves model + processor to ``checkpoints/demo-mllm`` and the dataset to
 ``checkpoints/demo-data``. ``train/pretrain_demo.py`` is its command-line launcher.
@@ -75,7 +77,7 @@ class PhaseConfig:
         warmup: Linear warm-up steps (then cosine decay to ``min_lr_ratio * lr``).
         weight_decay: AdamW weight decay.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        freeze_vision: Keep the CLIP tower fixed (phases 3-5: protects the digit features learned in phase 1).
+        freeze_vision: Keep the CLIP tower fixed (phases 3-6: protects the digit features learned in phase 1).
         batch_size: Scenes per step (default: the recipe's ``batch_size``). Small batches learn faster per FLOP here.
         max_digits: Draw scenes with at most this many digits (default: the scene layout's ``max_digits``).
     """
@@ -100,16 +102,17 @@ class TrainConfig:
         align: Phase 2 (projector onto the word embeddings of the cell contents).
         mllm: Phase 3 (the model on the questions + "describe").
         question_weights: Sampling weights of the phase-3 tasks; ``exists`` is the hardest and is oversampled.
-        matching: Phase 4, the curriculum step: questions drawn from ``matching_weights`` on sparse scenes
+        continuation: Phase 4, phase 3 continued with a fresh learning-rate cycle on a new stream of scenes.
+        continuation_weights: Phase-4 (and phase-6) task weights, shifted towards the types still below target.
+        matching: Phase 5, the curriculum step: questions drawn from ``matching_weights`` on sparse scenes
             (``matching.max_digits``).
-        matching_weights: Phase-4 task weights (default: ``exists`` only).
-        continuation: Phase 5, phase 3 continued with a fresh learning-rate cycle on a new stream of full scenes.
-        continuation_weights: Phase-5 task weights, shifted towards the types still below target.
+        matching_weights: Phase-5 task weights (default: ``exists`` only).
+        consolidation: Phase 6, phase 4 repeated on a fresh stream of full scenes.
         precision: Lightning precision. ``32-true``: bf16 autocast measured 6x slower than fp32 on this CPU with one
             thread (no native bf16 matmul); never fp16 on CPU.
         threads: ``torch.set_num_threads`` (leave the other cores to the rest of the machine).
         eval_samples: Validation records answered with ``generate`` at the end (logged per type).
-        gradient_clip: Gradient-norm clipping of phases 3-5.
+        gradient_clip: Gradient-norm clipping of phases 3-6.
     """
 
     batch_size: int = 64
@@ -123,17 +126,20 @@ class TrainConfig:
     question_weights: dict[str, float] = field(
         default_factory=lambda: {"count": 1.0, "exists": 2.5, "cell": 1.5, "max": 1.0, "rowsum": 1.5, "describe": 1.5}
     )
-    matching: PhaseConfig = field(
-        default_factory=lambda: PhaseConfig(
-            steps=800, lr=1e-3, warmup=50, freeze_vision=True, batch_size=16, max_digits=3
-        )
-    )
-    matching_weights: dict[str, float] = field(default_factory=lambda: {"exists": 1.0})
     continuation: PhaseConfig = field(
         default_factory=lambda: PhaseConfig(steps=2400, lr=7e-4, warmup=50, freeze_vision=True, batch_size=16)
     )
     continuation_weights: dict[str, float] = field(
         default_factory=lambda: {"count": 0.3, "exists": 3.0, "cell": 3.0, "max": 0.7, "rowsum": 2.5, "describe": 1.5}
+    )
+    matching: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(
+            steps=1200, lr=1e-3, warmup=50, freeze_vision=True, batch_size=16, max_digits=3
+        )
+    )
+    matching_weights: dict[str, float] = field(default_factory=lambda: {"exists": 1.0})
+    consolidation: PhaseConfig = field(
+        default_factory=lambda: PhaseConfig(steps=2400, lr=7e-4, warmup=50, freeze_vision=True, batch_size=16)
     )
     precision: str = "32-true"
     threads: int = 1
@@ -316,7 +322,7 @@ class AlignModule(L.LightningModule):
 
 
 class DemoMLLMModule(L.LightningModule):
-    """Phases 3-5: the LLaVA model (tower frozen by ``freeze_vision``), next-token loss on the answer tokens, averaged
+    """Phases 3-6: the LLaVA model (tower frozen by ``freeze_vision``), next-token loss on the answer tokens, averaged
     per sample."""
 
     def __init__(self, model, phase: PhaseConfig):
@@ -403,7 +409,7 @@ def run_pretraining(
     data_dir: str | None = None,
     init_from: str | None = None,
 ) -> dict[str, float]:
-    """Builds the dataset and the model from scratch, trains the five phases and saves everything.
+    """Builds the dataset and the model from scratch, trains the six phases and saves everything.
 
     Args:
         train: The training recipe.
@@ -437,7 +443,7 @@ def run_pretraining(
         mllm = build_model(processor, scene, model_cfg)
     logger.info("model: %.2f M parameters", sum(p.numel() for p in mllm.parameters()) / 1e6)
 
-    times = {f"time_{name}_s": 0.0 for name in ("vision", "align", "mllm", "matching", "continuation")}
+    times = {f"time_{name}_s": 0.0 for name in ("vision", "align", "mllm", "continuation", "matching", "consolidation")}
 
     def stream(phase: PhaseConfig, weights: dict[str, float], index: int) -> SceneDataModule:
         layout = phase_scene(scene, phase)
@@ -459,16 +465,21 @@ def run_pretraining(
         module = DemoMLLMModule(mllm, train.mllm)
         times["time_mllm_s"] = _fit(module, data, train.mllm, train.precision, train.gradient_clip)
         logger.info("phase 3 (questions) took %.0f s", times["time_mllm_s"])
-    if train.matching.steps > 0:
-        data = stream(train.matching, train.matching_weights, 4)
-        module = DemoMLLMModule(mllm, train.matching)
-        times["time_matching_s"] = _fit(module, data, train.matching, train.precision, train.gradient_clip)
-        logger.info("phase 4 (matching on sparse scenes) took %.0f s", times["time_matching_s"])
     if train.continuation.steps > 0:
         data = stream(train.continuation, train.continuation_weights, 2)
         module = DemoMLLMModule(mllm, train.continuation)
         times["time_continuation_s"] = _fit(module, data, train.continuation, train.precision, train.gradient_clip)
-        logger.info("phase 5 (continuation) took %.0f s", times["time_continuation_s"])
+        logger.info("phase 4 (continuation) took %.0f s", times["time_continuation_s"])
+    if train.matching.steps > 0:
+        data = stream(train.matching, train.matching_weights, 4)
+        module = DemoMLLMModule(mllm, train.matching)
+        times["time_matching_s"] = _fit(module, data, train.matching, train.precision, train.gradient_clip)
+        logger.info("phase 5 (matching on sparse scenes) took %.0f s", times["time_matching_s"])
+    if train.consolidation.steps > 0:
+        data = stream(train.consolidation, train.continuation_weights, 5)
+        module = DemoMLLMModule(mllm, train.consolidation)
+        times["time_consolidation_s"] = _fit(module, data, train.consolidation, train.precision, train.gradient_clip)
+        logger.info("phase 6 (consolidation) took %.0f s", times["time_consolidation_s"])
 
     mllm = mllm.float().eval()
     mllm.config.image_seq_length = num_image_tokens(processor)
