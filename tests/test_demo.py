@@ -193,11 +193,12 @@ def test_saved_model_loads_offline_and_answers_test_questions():
     blank = generate_answers(model, processor, records[:], blank_images=True)
     right = np.asarray([a == r for a, r in zip(answers, records["answer"], strict=True)])
     blank_right = np.asarray([a == r for a, r in zip(blank, records["answer"], strict=True)])
-    assert right.mean() >= 0.7, list(zip(answers, records["answer"], strict=True))
-    assert right.mean() >= blank_right.mean() + 0.3  # the image matters
-    # `exists` is still at chance (checkpoints/README.md); every other type is read from the image
-    reads = np.asarray([q != "exists" for q in records["qtype"]])
-    assert right[reads].mean() >= 0.85
+    assert right.mean() >= 0.85, list(zip(answers, records["answer"], strict=True))
+    assert right.mean() >= blank_right.mean() + 0.5  # the image matters
+    qtypes = np.asarray(records["qtype"])
+    for qtype in QTYPES:  # every type is read from the image (checkpoints/README.md: 0.83-0.98 on the test split)
+        assert right[qtypes == qtype].mean() >= 0.7, qtype
+        assert right[qtypes == qtype].mean() > blank_right[qtypes == qtype].mean(), qtype
     single = generate_answers(model, processor, [records[0]])  # a batch of one agrees with the padded batch
     assert single == answers[:1]
 
