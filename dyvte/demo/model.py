@@ -188,7 +188,7 @@ def demo_checkpoint_dir(name: str = "demo-mllm") -> Path:
 def _require(path: Path) -> Path:
     if not path.is_dir() or not any(path.iterdir()):
         raise FileNotFoundError(
-            f"{path} is missing: build it with `python train/pretrain_demo.py` (about 40 min on CPU)"
+            f"{path} is missing: build it with `python train/pretrain_demo.py` (about 45 min on CPU)"
         )
     return path
 
