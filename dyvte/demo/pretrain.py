@@ -13,7 +13,7 @@ Six phases, each a Lightning ``fit`` on an endless, seeded stream of scenes draw
    (exists, cell, rowsum).
 5. "Matching": "is there a 7 ?" alone, over *sparse* scenes (at most 3 digits). On full scenes the decoder never
    learns to match a digit named in the question against the visual tokens (``exists`` stays at chance however long
-   it trains); on sparse scenes a trained model does within a few hundred steps, and the skill carries over to full
+   it trains); on sparse scenes a trained model does within about a thousand steps, and the skill carries over to full
    scenes. A curriculum, as ordinary as any: it changes which scenes are drawn, not the model or the loss.
 6. "Consolidation": phase 4 again on a fresh stream of full scenes, which restores the other types (phase 5 alone
    forgets them) and spreads the matching skill to dense scenes.
