@@ -460,26 +460,19 @@ def run_pretraining(
         data = stream(train.align, train.question_weights, 3)
         times["time_align_s"] = _fit(AlignModule(mllm, train.align, words), data, train.align, train.precision)
         logger.info("phase 2 (alignment) took %.0f s", times["time_align_s"])
-    if train.mllm.steps > 0:
-        data = stream(train.mllm, train.question_weights, 1)
-        module = DemoMLLMModule(mllm, train.mllm)
-        times["time_mllm_s"] = _fit(module, data, train.mllm, train.precision, train.gradient_clip)
-        logger.info("phase 3 (questions) took %.0f s", times["time_mllm_s"])
-    if train.continuation.steps > 0:
-        data = stream(train.continuation, train.continuation_weights, 2)
-        module = DemoMLLMModule(mllm, train.continuation)
-        times["time_continuation_s"] = _fit(module, data, train.continuation, train.precision, train.gradient_clip)
-        logger.info("phase 4 (continuation) took %.0f s", times["time_continuation_s"])
-    if train.matching.steps > 0:
-        data = stream(train.matching, train.matching_weights, 4)
-        module = DemoMLLMModule(mllm, train.matching)
-        times["time_matching_s"] = _fit(module, data, train.matching, train.precision, train.gradient_clip)
-        logger.info("phase 5 (matching on sparse scenes) took %.0f s", times["time_matching_s"])
-    if train.consolidation.steps > 0:
-        data = stream(train.consolidation, train.continuation_weights, 5)
-        module = DemoMLLMModule(mllm, train.consolidation)
-        times["time_consolidation_s"] = _fit(module, data, train.consolidation, train.precision, train.gradient_clip)
-        logger.info("phase 6 (consolidation) took %.0f s", times["time_consolidation_s"])
+    question_phases = [  # (name, phase, task weights, stream index, description): phases 3-6, in order
+        ("mllm", train.mllm, train.question_weights, 1, "phase 3 (questions)"),
+        ("continuation", train.continuation, train.continuation_weights, 2, "phase 4 (continuation)"),
+        ("matching", train.matching, train.matching_weights, 4, "phase 5 (matching on sparse scenes)"),
+        ("consolidation", train.consolidation, train.continuation_weights, 5, "phase 6 (consolidation)"),
+    ]
+    for name, phase, weights, index, description in question_phases:
+        if phase.steps > 0:
+            module = DemoMLLMModule(mllm, phase)
+            times[f"time_{name}_s"] = _fit(
+                module, stream(phase, weights, index), phase, train.precision, train.gradient_clip
+            )
+            logger.info("%s took %.0f s", description, times[f"time_{name}_s"])
 
     mllm = mllm.float().eval()
     mllm.config.image_seq_length = num_image_tokens(processor)
