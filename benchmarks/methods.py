@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from dyvte.benchmark import (
     build_random_llava,
     kv_cache_bytes,
     llava_prompt,
+    matmul_gflops,
     median_time,
     shape_from_args,
     threads,
@@ -144,32 +146,46 @@ def main() -> None:
     rows = []
     with threads(args.threads):
         base_kv = kv_cache_bytes(prefill())  # the warm-up run
-        base, _ = median_time(prefill, args.runs, 0, device)
+        base, times = median_time(prefill, args.runs, 0, device)
         logger.info("full: %.3f s", base)
-        rows.append(("full", "—", "—", 1.0, base, base_kv))
+        rows.append(("full", "—", "—", 1.0, base, times, base_kv))
         for target in args.targets:
             for s in settings(model, tokens, visual, target, args.fastv_layer):
                 with s.context():
                     kv = kv_cache_bytes(prefill())  # the warm-up run
-                    seconds, _ = median_time(prefill, args.runs, 0, device)
+                    seconds, times = median_time(prefill, args.runs, 0, device)
                 logger.info("%s %s %s: %.3f s", f"{target:.0%}", s.method, s.budget, seconds)
-                rows.append((f"≤ {target:.0%}", s.method, s.budget, s.flops, seconds, kv))
+                rows.append((f"≤ {target:.0%}", s.method, s.budget, s.flops, seconds, times, kv))
 
+        # why this dtype: on a CPU without bf16 matrix units, bf16 matmuls are far slower than fp32 (measured here)
+        speeds = {n: matmul_gflops(d, device) for n, d in DTYPES.items()} if device.type == "cpu" else {}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [
         f"{shape.num_layers} decoder layers of d={shape.hidden_size}, FFN {shape.intermediate_size}, "
         f"{shape.num_heads} heads (LLaVA-1.5-7B: 32 x 4096, 11008, 32), {tokens} tokens "
         f"({visual} visual), {str(dtype).removeprefix('torch.')}, {name}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, median of {args.runs} runs. Command: `python benchmarks/methods.py "
-        f"--layers {args.layers} --runs {args.runs}" + (f" --threads {args.threads}`." if args.threads else "`."),
+        f"torch {torch.__version__}, median of {args.runs} runs after one warm-up run (spread: the fastest and "
+        "slowest run). Command: `" + " ".join(["python", "benchmarks/methods.py", *sys.argv[1:]]) + "`.",
         "",
-        "| budget | method | setting | rel. FLOPs | prefill (s) | speedup | FLOPs-ideal | measured/ideal | KV (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *(
+            [
+                "Matmul throughput on this CPU (512 x 512, same threads): "
+                + ", ".join(f"{n} {g:.1f} GFLOP/s" for n, g in speeds.items())
+                + ".",
+                "",
+            ]
+            if speeds
+            else []
+        ),
+        "| budget | method | setting | rel. FLOPs | prefill (s) | spread (s) | speedup | FLOPs-ideal | measured/ideal "
+        "| KV (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for target, method, budget, flops, seconds, kv in rows:
+    for target, method, budget, flops, seconds, times, kv in rows:
         speedup, ideal = base / seconds, 1 / flops
         lines.append(
-            f"| {target} | {method} | {budget} | {flops:.3f} | {seconds:.3f} | {speedup:.2f}× | {ideal:.2f}× | "
+            f"| {target} | {method} | {budget} | {flops:.3f} | {seconds:.3f} | {min(times):.3f}–{max(times):.3f} | "
+            f"{speedup:.2f}× | {ideal:.2f}× | "
             f"{speedup / ideal:.2f} | {kv / 2**20:.1f} |"
         )
     lines.append(

@@ -24,6 +24,7 @@ __all__ = [
     "build_random_llava",
     "kv_cache_bytes",
     "llava_prompt",
+    "matmul_gflops",
     "median_time",
     "shape_from_args",
     "time_decode",
@@ -165,6 +166,18 @@ def median_time(
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, size: int = 512, runs: int = 3) -> float:
+    """Measured GFLOP/s of a square ``size`` x ``size`` matmul in ``dtype`` (median of ``runs``, one warm-up).
+
+    Why a benchmark picks fp32 on a CPU: one without bf16 matrix units runs bf16 matmuls far slower than fp32.
+    """
+    device = device or torch.device("cpu")
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    seconds, _ = median_time(lambda: a @ b, runs, 1, device)
+    return 2 * size**3 / seconds / 1e9
 
 
 def time_prefill(

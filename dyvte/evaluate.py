@@ -49,7 +49,8 @@ class EvalResult:
         method: the method's name.
         metrics: per question type (and ``"all"``): accuracy, agreement, exit-layer mean / p10 / p50 / p90,
             relative prefill FLOPs, mean KV-cache bytes per sample after the prefill, sample count; ``"all"``
-            also has prefill_ms and total_ms per sample.
+            also has prefill_ms and total_ms per sample, and prefill_ms_p10 / prefill_ms_p90: the spread of the
+            per-batch prefill time per sample over the batches.
         answers: normalized predicted answers, in dataset order.
         exit_layers: per-sample exit layers, in dataset order.
         relative_flops: per-sample prefill FLOPs relative to the full model, in dataset order.
@@ -164,6 +165,7 @@ def evaluate(
     flops_all: list[float] = []
     qtypes: list[str] = []
     prefill_s = total_s = 0.0
+    batch_ms: list[float] = []  # prefill ms per sample of each batch (the spread)
     num_batches = (len(dataset) + batch_size - 1) // batch_size
     item_bytes = torch.finfo(model.dtype).bits // 8
     if warmup:  # one untimed batch, so the first method measured does not pay for allocator / kernel warm-up
@@ -182,6 +184,7 @@ def evaluate(
             # pruning handles say what the LLM received (fed_*) and how many visual tokens stay after the exit
             fed = {k: getattr(handle, k, None) for k in ("fed_tokens", "fed_visual", "visual_after")}
         prefill_s += clock.stamps[0] - start
+        batch_ms.append(1e3 * (clock.stamps[0] - start) / len(records))
         if exits is None:
             exits = torch.full((len(records),), spec.num_layers)
         texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -211,6 +214,8 @@ def evaluate(
     metrics = {group: meter.compute() for group, meter in sorted(meters.items())}
     metrics[OVERALL]["prefill_ms"] = 1e3 * prefill_s / len(answers)
     metrics[OVERALL]["total_ms"] = 1e3 * total_s / len(answers)
+    p10, p90 = torch.tensor(batch_ms, dtype=torch.float64).quantile(torch.tensor([0.1, 0.9], dtype=torch.float64))
+    metrics[OVERALL]["prefill_ms_p10"], metrics[OVERALL]["prefill_ms_p90"] = float(p10), float(p90)
     return EvalResult(method.name, metrics, answers, exits_all, flops_all, qtypes)
 
 

@@ -122,6 +122,7 @@ def test_harness_accuracy_agreement_flops(tiny, tmp_path):
     assert full.metrics["all"]["accuracy"] == pytest.approx(0.5)
     assert full.metrics["a"]["accuracy"] == 1.0 and full.metrics["b"]["accuracy"] == 0.0
     assert full.metrics["all"]["agreement"] == 1.0 and full.metrics["all"]["relative_flops"] == 1.0
+    assert 0 < full.metrics["all"]["prefill_ms_p10"] <= full.metrics["all"]["prefill_ms_p90"]  # over the 2 batches
     never = dyvte.evaluate(
         model, processor, recs, dyvte.Static(4), reference=full, batch_size=3, max_new_tokens=2, progress=False
     )

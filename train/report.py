@@ -126,15 +126,16 @@ def render(
     base_ms = full.metrics[OVERALL]["prefill_ms"]
     base_kv = full.metrics[OVERALL]["kv_bytes"]
     rows = [
-        "| method | accuracy | agreement | rel. prefill FLOPs | prefill ms/sample | measured speedup | "
-        "KV cache after prefill (KB/sample) | rel. KV |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | accuracy | agreement | rel. prefill FLOPs | prefill ms/sample | p10–p90 over batches | "
+        "measured speedup | KV cache after prefill (KB/sample) | rel. KV |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = r.metrics[OVERALL]
         rows.append(
             f"| {r.method} | {m['accuracy']:.3f} | {m['agreement']:.3f} | {m['relative_flops']:.3f} | "
-            f"{m['prefill_ms']:.2f} | {base_ms / m['prefill_ms']:.2f}× | {m['kv_bytes'] / 1024:.1f} | "
+            f"{m['prefill_ms']:.2f} | {m['prefill_ms_p10']:.2f}–{m['prefill_ms_p90']:.2f} | "
+            f"{base_ms / m['prefill_ms']:.2f}× | {m['kv_bytes'] / 1024:.1f} | "
             f"{m['kv_bytes'] / base_kv:.3f} |"
         )
     wallclock = Path(wallclock_path)
@@ -150,7 +151,9 @@ def render(
             f"Demo model on the {split} split ({samples} samples), greedy, fp32, torch {torch.__version__}, "
             f"{torch.get_num_threads()} CPU threads on {platform.machine()}. One timed pass per method over the split "
             f"in batches of {batch_size} after one untimed warm-up batch (prefill = time to the first generated "
-            "token, vision encoder included). FLOPs: text decoder + LM head on one position, 2 FLOPs per "
+            "token, vision encoder included); the spread is the 10th–90th percentile of the per-batch prefill time "
+            f"per sample over the {-(-samples // batch_size)} batches (batches differ in content as well as in noise). "
+            "FLOPs: text decoder + LM head on one position, 2 FLOPs per "
             "multiply-add, dense attention, GQA-aware (`dyvte.prefill_flops`, detailed convention), relative to "
             "the full model. Regenerate with `python train/report.py`.",
             "",
@@ -163,6 +166,13 @@ def render(
             "## Every setting",
             "",
             "\n".join(rows),
+            "",
+            "Exit heads in a batch: each row exits at its own layer and its FLOPs and KV bytes are counted as if it "
+            "were served alone (batch 1, DyVTE's setting), but a batch's tensors stay as long as its longest row, so "
+            "batched per-sample exits shorten the computation only once every row has exited, and the heads' "
+            f"per-layer decision adds its own cost: their measured time in batches of {batch_size} is not what they "
+            "save when serving one request at a time. Static K, calibrated K and the pruning methods shorten "
+            "every row at once. The realistic-shape table below times the heads at batch 1.",
             "",
             "## Accuracy per question type",
             "",
