@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 import torch
 
 import dyvte
 from dyvte.benchmark import LlavaShape, build_random_llava, kv_cache_bytes, llava_prompt
-from dyvte.training import REPO_ROOT
+
+from .scripts import load_script
 
 SHAPE = LlavaShape(
     hidden_size=64, num_layers=6, intermediate_size=128, num_heads=4, num_kv_heads=4, image_size=112, patch_size=14
 )
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_methods", REPO_ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("target", [0.7, 0.5])
 def test_settings_fit_the_budget_and_leave_the_cache_they_claim(target):
-    script = load_script()
+    script = load_script("benchmarks/methods.py")
     model = build_random_llava(SHAPE, dtype=torch.float32)
     inputs = llava_prompt(SHAPE, text_before=5, text_after=7, dtype=torch.float32)
     tokens, visual = inputs["input_ids"].shape[1], SHAPE.image_tokens
