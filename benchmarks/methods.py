@@ -44,6 +44,7 @@ from dyvte.benchmark import (
     shape_from_args,
     threads,
 )
+from dyvte.compat import cache_out
 from dyvte.fastv import kept_count
 from dyvte.heads import ExitHeads
 
@@ -141,7 +142,7 @@ def main() -> None:
 
     @torch.inference_mode()
     def prefill() -> object:
-        return model(**inputs, logits_to_keep=1, use_cache=True).past_key_values
+        return cache_out(model(**inputs, logits_to_keep=1, use_cache=True))
 
     rows = []
     with threads(args.threads):

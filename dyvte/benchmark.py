@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria
 
+from .compat import cache_out
+
 __all__ = [
     "DTYPES",
     "LlavaShape",
@@ -218,7 +220,7 @@ def time_decode(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: i
             return_dict_in_generate=True,
         )
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]  # step 0 is the prefill
-    return statistics.median(steps), kv_cache_bytes(out.past_key_values)
+    return statistics.median(steps), kv_cache_bytes(cache_out(out))
 
 
 def kv_cache_bytes(cache) -> int:

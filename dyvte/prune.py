@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import cache_in, cache_out, check_cache
 from .fastv import FastV, kept_count
 from .layout import pack_right, take
 from .registry import REGISTRY, UnsupportedModelError, _get_path, resolve, unwrap
@@ -277,8 +278,10 @@ class Pruning:
         if args:
             kwargs["input_ids"], args = args[0], ()
         input_ids = kwargs.get("input_ids")
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs, self.spec.names.cache)
         new_sequence = cache is None or cache.get_seq_length() == 0
+        if new_sequence and cache is not None and (reason := check_cache(cache)) is not None:
+            raise PruneError(f"pruning: {reason}")
         if not new_sequence:
             return args, self._continue(kwargs, cache)
         images = (kwargs.get("mm_encoder_outputs") or {}).get("image")
@@ -351,7 +354,9 @@ class Pruning:
         """A decode step: map the caller's full-length mask and positions onto the shortened prompt."""
         known = self._cache_ref() if self._cache_ref is not None else None
         if known is not cache:
-            raise PruneError("past_key_values was not produced under this prune handle: prefill and decode under it")
+            raise PruneError(
+                "the KV cache passed in was not produced under this prune handle: prefill and decode under it"
+            )
         if self.kept_columns is None:
             return kwargs
         idx, prompt = self.kept_columns, self._prompt_len
@@ -366,7 +371,7 @@ class Pruning:
         return kwargs
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_out(output, self.spec.names.cache)
         self._cache_ref = weakref.ref(cache) if cache is not None else None
         return output
 

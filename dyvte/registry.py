@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .compat import CallNames, attn_implementation, call_names
+
 __all__ = ["Family", "ModelSpec", "REGISTRY", "UnsupportedModelError", "resolve", "supported_model_types"]
 
 
@@ -67,6 +69,7 @@ class ModelSpec:
         layers: the decoder layers, in order.
         visual_ids: the visual placeholder token ids, as a 1-D long tensor.
         sliding_window: per layer, the sliding-window width, or ``None`` for full attention.
+        names: the argument names its calls use (resolved once by :func:`dyvte.compat.call_names`).
     """
 
     model: nn.Module
@@ -75,6 +78,7 @@ class ModelSpec:
     layers: nn.ModuleList
     visual_ids: torch.Tensor
     sliding_window: list[int | None]
+    names: CallNames
 
     @property
     def num_layers(self) -> int:
@@ -83,7 +87,7 @@ class ModelSpec:
 
     def attn_implementation_now(self) -> str:
         """The text decoder's current attention implementation (``"sdpa"``, ``"eager"``, ...)."""
-        return getattr(self.decoder.config, "_attn_implementation", None) or "eager"
+        return attn_implementation(self.decoder.config)
 
     @property
     def text_config(self):
@@ -115,6 +119,7 @@ def resolve(model: nn.Module) -> ModelSpec:
 
     Raises:
         UnsupportedModelError: the model's family is not in the registry, or its layout is not the expected one.
+        CompatibilityError: the installed transformers names its call arguments in a way dyvte does not know.
     """
     model = unwrap(model)
     config = getattr(model, "config", None)
@@ -149,4 +154,5 @@ def resolve(model: nn.Module) -> ModelSpec:
         layers=layers,
         visual_ids=torch.tensor(sorted(set(ids)), dtype=torch.long),
         sliding_window=sliding,
+        names=call_names(model, layers[0]),
     )

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import cache_in, cache_layer, cache_out, check_cache
 from .layout import build_attention_mask, compose, pack_right, take
 from .registry import ModelSpec, resolve, unwrap
 
@@ -207,13 +208,15 @@ class Withdrawal:
                 "inputs_embeds without input_ids: dyvte cannot tell which positions are visual. Pass "
                 "visual_mask=<(B, T) bool tensor> to the model call (the withdrawal hook consumes it)."
             )
-        past_cache = kwargs.get("past_key_values")
+        past_cache = cache_in(kwargs, self.spec.names.cache)
         new_sequence = past_cache is None or past_cache.get_seq_length() == 0
+        if new_sequence and past_cache is not None and (reason := check_cache(past_cache)) is not None:
+            raise WithdrawalError(f"withdrawal: {reason}")
         if not new_sequence:
             known = self._cache_ref() if self._cache_ref is not None else None
             if known is not past_cache:
                 raise WithdrawalError(
-                    "past_key_values was not produced under this withdrawal handle: its layers >= K hold a "
+                    "the KV cache passed in was not produced under this withdrawal handle: its layers >= K hold a "
                     "different token set. Prefill and decode under the same `withdraw(...)`."
                 )
         past = 0 if new_sequence else self._columns
@@ -264,7 +267,7 @@ class Withdrawal:
             return output
         self.output_positions = fwd.idx
         self._last_tokens = fwd.num_tokens
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_out(output, self.spec.names.cache)
         if cache is not None and kwargs.get("use_cache", True) is not False:
             for key, idx in fwd.keys_seen.items():
                 cols, valid = self._current_slots(fwd, idx)
@@ -304,7 +307,7 @@ class Withdrawal:
             return None  # no row has left yet: the model's own mask and positions are right
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = self._mask(
-            index, fwd, kwargs.get("past_key_values"), hidden.dtype, kwargs.get("attention_mask")
+            index, fwd, cache_in(kwargs, self.spec.names.layer_cache), hidden.dtype, kwargs.get("attention_mask")
         )
         if fwd.idx is not None:
             kwargs["position_embeddings"] = self._rotary(fwd, kwargs.get("position_embeddings"))
@@ -345,10 +348,7 @@ class Withdrawal:
         self, index: int, fwd: _Forward, cache: Any, dtype: torch.dtype, own: torch.Tensor | None
     ) -> torch.Tensor | None:
         """The mask of layer ``index`` over the current layout; ``own`` is the one the model built for it."""
-        layer_cache = cache.layers[index] if cache is not None and hasattr(cache, "layers") else None
-        cache_window = (
-            getattr(layer_cache, "sliding_window", None) if getattr(layer_cache, "is_sliding", False) else None
-        )
+        layer_cache, cache_window = cache_layer(cache, index)
         window = self.spec.sliding_window[index]
         memo = (window, cache_window, layer_cache is None, id(own))
         if memo in fwd.masks:

@@ -8,6 +8,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import dyvte
 from dyvte.benchmark import kv_cache_bytes
+from dyvte.compat import cache_out
 from dyvte.methods import Prune, parse_method
 from dyvte.registry import resolve
 
@@ -259,7 +260,7 @@ def test_kv_cache_bytes_equal_the_formula(tiny, spec):
     visual = int(torch.isin(inputs["input_ids"], resolve(model).visual_ids).sum())
     layer = 2 if method == "fastv" else None
     with dyvte.prune(model, method, layer=layer, **budget) as handle, torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = cache_out(model(**inputs, use_cache=True))
     if method == "fastv":
         expected = dyvte.prefill_kv_bytes(model.config, tokens, visual, layer, visual_after=handle.visual_after[0])
     else:

@@ -7,6 +7,7 @@ import torch
 
 import dyvte
 from dyvte.benchmark import kv_cache_bytes
+from dyvte.compat import cache_out
 from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
@@ -165,7 +166,7 @@ def test_kv_cache_bytes_equal_the_formula(tiny):
     num_layers = resolve(model).num_layers
     for layer in sorted({0, 1, num_layers // 2, num_layers}):
         with dyvte.withdraw(model, layer=layer), torch.no_grad():
-            cache = model(**inputs, use_cache=True).past_key_values
+            cache = cache_out(model(**inputs, use_cache=True))
         expected = dyvte.prefill_kv_bytes(model.config, tokens, visual, layer, bytes_per_value=4)
         assert kv_cache_bytes(cache) == expected, (family, layer)
     assert dyvte.prefill_kv_bytes(model.config, tokens, visual, 0) < expected  # withdrawal saves memory

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dyvte
+from dyvte.compat import cache_out
 from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
@@ -79,10 +80,10 @@ def test_inputs_embeds_need_an_explicit_visual_mask(llava):
 def test_foreign_cache_is_refused(llava):
     model, inputs = llava
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values  # built without withdrawal
+        cache = cache_out(model(**inputs, use_cache=True))  # built without withdrawal
         step = {
             "input_ids": inputs["input_ids"][:, -1:],
-            "past_key_values": cache,
+            resolve(model).names.cache: cache,
             "attention_mask": torch.cat([inputs["attention_mask"], inputs["attention_mask"][:, -1:]], 1),
         }
         with dyvte.withdraw(model, layer=1), pytest.raises(dyvte.WithdrawalError, match="not produced under"):

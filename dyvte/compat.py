@@ -1,0 +1,177 @@
+"""The one place where dyvte reads names out of transformers calls (see docs/design.md, "Compatibility").
+
+transformers renames internals between minor releases: 5.24 renamed the cache argument ``past_key_values`` to
+``cache`` (in model and decoder-layer calls, and in their outputs) with only a deprecation warning, so code that read
+``kwargs.get("past_key_values")`` silently got ``None``. dyvte therefore never reads such a name directly:
+
+* :func:`call_names` resolves, once per model, the names its calls use, from the ``forward`` signatures, and raises
+  :class:`CompatibilityError` when none of the spellings dyvte knows is there (a future rename fails loudly);
+* :func:`cache_in` / :func:`cache_out` read the cache going into a call and coming out of it;
+* :func:`attn_implementation` reads the attention implementation, :func:`cache_layer` and :func:`check_cache` the
+  cache's per-layer internals (length, sliding window, which cache classes withdrawal can shorten).
+
+Tests use the same accessors, so the suite runs unchanged on every supported transformers release.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "CACHE_NAMES",
+    "LAYER_ARGS",
+    "CallNames",
+    "CompatibilityError",
+    "attn_implementation",
+    "cache_in",
+    "cache_layer",
+    "cache_out",
+    "call_names",
+    "check_cache",
+]
+
+CACHE_NAMES: tuple[str, ...] = ("cache", "past_key_values")  # newest spelling first (5.24+, then 5.0-5.23)
+# the decoder-layer arguments dyvte rewrites after an exit
+LAYER_ARGS: tuple[str, ...] = ("attention_mask", "position_embeddings", "position_ids")
+_DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that may hold different lengths
+
+
+class CompatibilityError(RuntimeError):
+    """The installed transformers calls things by names dyvte does not know (the message names them)."""
+
+
+@dataclass(frozen=True)
+class CallNames:
+    """The argument names one model's calls use, resolved from its ``forward`` signatures.
+
+    Attributes:
+        cache: name of the cache argument of the top-level ``forward`` (and of the cache field of its output).
+        layer_cache: name of the cache argument of the decoder layers' ``forward``.
+    """
+
+    cache: str
+    layer_cache: str
+
+
+def _parameters(fn: Any) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)  # follows functools.wraps (transformers' deprecate_kwarg)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _pick(params: set[str], known: tuple[str, ...], where: str) -> str:
+    for name in known:
+        if name in params:
+            return name
+    raise CompatibilityError(
+        f"{where} takes none of the argument names {list(known)} that dyvte knows "
+        f"(it takes {sorted(params)}): this transformers release renamed them. Install the tested version "
+        "range (see pyproject.toml / constraints.txt) or update dyvte.compat."
+    )
+
+
+def call_names(model: nn.Module, layer: nn.Module) -> CallNames:
+    """Resolve the names of ``model``'s calls once, from the signatures of its and a decoder layer's ``forward``.
+
+    Args:
+        model: the top-level model the user calls.
+        layer: one of its decoder layers.
+
+    Returns:
+        The resolved :class:`CallNames`.
+
+    Raises:
+        CompatibilityError: a signature has none of the known cache names, or a decoder layer does not take one of
+            :data:`LAYER_ARGS` by name (dyvte would rewrite an argument the layer never reads).
+    """
+    top = _parameters(model.forward)
+    layer_params = _parameters(layer.forward)
+    cache = _pick(top, CACHE_NAMES, f"{type(model).__name__}.forward")
+    layer_cache = _pick(layer_params, CACHE_NAMES, f"{type(layer).__name__}.forward")
+    missing = [name for name in LAYER_ARGS if name not in layer_params]
+    if missing:
+        raise CompatibilityError(
+            f"{type(layer).__name__}.forward takes no argument named {missing}: this transformers release "
+            "renamed what dyvte rewrites in decoder-layer calls. Install the tested version range (see "
+            "pyproject.toml / constraints.txt) or update dyvte.compat."
+        )
+    return CallNames(cache=cache, layer_cache=layer_cache)
+
+
+def cache_in(kwargs: dict[str, Any], name: str) -> Any:
+    """The cache passed to a call: under the resolved ``name``, else under an older spelling the caller still used.
+
+    A caller on transformers >= 5.24 may still pass the deprecated ``past_key_values=``; hooks see kwargs before the
+    model's deprecation shim renames them, so both spellings are read here.
+    """
+    value = kwargs.get(name)
+    if value is None:
+        for other in CACHE_NAMES:
+            if other != name and kwargs.get(other) is not None:
+                return kwargs[other]
+    return value
+
+
+def cache_out(output: Any, name: str | None = None) -> Any:
+    """The cache a model or ``generate`` call returned (``None`` when it returned none or a plain tuple).
+
+    Args:
+        output: a transformers ``ModelOutput`` (model forward or ``generate(return_dict_in_generate=True)``).
+        name: the resolved cache name (:attr:`CallNames.cache`), tried first.
+    """
+    if not isinstance(output, dict):  # ModelOutput is an OrderedDict of its non-None fields
+        return None
+    for key in (name, *CACHE_NAMES):
+        if key is not None and key in output:  # dict membership: no deprecated-property warning
+            return output[key]
+    return None
+
+
+def attn_implementation(config: Any) -> str:
+    """The attention implementation a (text) config asks for: ``"sdpa"``, ``"eager"``, ...
+
+    Raises:
+        CompatibilityError: the config has no ``_attn_implementation`` attribute (renamed upstream).
+    """
+    if not hasattr(config, "_attn_implementation"):
+        raise CompatibilityError(
+            f"{type(config).__name__} has no _attn_implementation: dyvte cannot tell which attention the model runs"
+        )
+    return config._attn_implementation or "eager"
+
+
+def check_cache(cache: Any) -> str | None:
+    """Why withdrawal cannot use this cache, or ``None`` when it can.
+
+    Withdrawal and pruning shorten the sequence that layers >= K store, so every cache layer must be able to hold
+    its own length: transformers' dynamic layers can, static (pre-allocated), quantized and offloaded ones cannot.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return f"{type(cache).__name__} exposes no per-layer storage (.layers), which dyvte needs"
+    kinds = sorted({type(layer).__name__ for layer in layers} - set(_DYNAMIC_LAYERS))
+    if kinds:
+        return (
+            f"a {type(cache).__name__} with {', '.join(kinds)} layers cannot be used: after an exit, layers >= K "
+            "store only the kept tokens, so the layers of one cache hold different lengths, which a static "
+            "(pre-allocated, fixed-length), quantized or offloaded cache cannot express. Use the default dynamic "
+            "cache (drop cache_implementation=... or pass a DynamicCache)"
+        )
+    return None
+
+
+def cache_layer(cache: Any, index: int) -> tuple[Any, int | None]:
+    """Layer ``index`` of a cache and the width of its sliding window (``None`` for full attention).
+
+    Returns ``(None, None)`` when there is no cache.
+    """
+    if cache is None:
+        return None, None
+    layer = cache.layers[index]
+    window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+    return layer, window

@@ -1,0 +1,143 @@
+"""dyvte.compat: every transformers name is resolved once, both cache spellings work, unknown names fail loudly."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+import dyvte
+from dyvte.compat import (
+    CACHE_NAMES,
+    CompatibilityError,
+    attn_implementation,
+    cache_in,
+    cache_out,
+    call_names,
+    check_cache,
+)
+from dyvte.registry import resolve
+
+from .tiny_models import FAMILIES, make_batch, make_tiny
+
+RENAMED_CACHE = Version("5.24.0")  # transformers 5.24 renamed past_key_values -> cache
+INSTALLED = Version(transformers.__version__)
+ROWS = [[(32, 32)], [(32, 32), (32, 32)]]
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, processor = make_tiny("llava")
+    return model, dict(make_batch(processor, "llava", ROWS))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_names_follow_the_installed_release(family):
+    model, _ = make_tiny(family)
+    names = resolve(model).names
+    expected = "cache" if INSTALLED >= RENAMED_CACHE else "past_key_values"
+    assert names.cache == expected and names.layer_cache == expected
+    assert expected in inspect.signature(model.forward).parameters
+
+
+class _Layer(nn.Module):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, kv=None):
+        return hidden_states
+
+
+class _Model(nn.Module):
+    def forward(self, input_ids=None, kv=None):
+        return input_ids
+
+
+class _OldLayer(nn.Module):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None):
+        return hidden_states
+
+
+class _OldModel(nn.Module):
+    def forward(self, input_ids=None, past_key_values=None):
+        return input_ids
+
+
+def test_unknown_cache_name_is_an_error_not_none():
+    with pytest.raises(CompatibilityError, match=r"_Model.forward takes none of .*'cache', 'past_key_values'"):
+        call_names(_Model(), _Layer())
+    with pytest.raises(
+        CompatibilityError, match=r"_OldLayer.forward takes no argument named \['position_embeddings'\]"
+    ):
+        call_names(_OldModel(), _OldLayer())
+
+
+def test_cache_in_reads_both_spellings():
+    cache = object()
+    for name in CACHE_NAMES:
+        for given in CACHE_NAMES:
+            assert cache_in({given: cache, "input_ids": 1}, name) is cache
+        assert cache_in({"input_ids": 1}, name) is None
+
+
+def test_cache_out_on_real_outputs(llava):
+    model, inputs = llava
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        no_cache = model(**inputs, use_cache=False)
+    cache = cache_out(out, resolve(model).names.cache)
+    assert cache is not None and cache.get_seq_length() == inputs["input_ids"].shape[1]
+    assert cache_out(no_cache) is None
+    assert cache_out(out.to_tuple()) is None
+
+
+def test_attn_implementation_is_read_not_guessed():
+    config = transformers.LlamaConfig(num_hidden_layers=1)
+    config._attn_implementation = "sdpa"
+    assert attn_implementation(config) == "sdpa"
+
+    class Bare:
+        pass
+
+    with pytest.raises(CompatibilityError, match="_attn_implementation"):
+        attn_implementation(Bare())
+
+
+@pytest.mark.skipif(INSTALLED < RENAMED_CACHE, reason="the deprecated spelling exists from transformers 5.24 on")
+def test_deprecated_spelling_from_the_caller_still_decodes(llava):
+    """A user on 5.24 who still passes ``past_key_values=`` gets the same step as with ``cache=``."""
+    model, inputs = llava
+    steps = []
+    for name in CACHE_NAMES:
+        with dyvte.withdraw(model, layer=1), torch.no_grad():
+            cache = cache_out(model(**inputs, use_cache=True))
+            mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"][:, -1:]], 1)
+            step = model(input_ids=inputs["input_ids"][:, -1:], attention_mask=mask, use_cache=True, **{name: cache})
+            steps.append(step.logits)
+    assert torch.equal(steps[0], steps[1])
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_static_cache_is_refused_naming_the_cause(family):
+    model, processor = make_tiny(family)
+    inputs = dict(make_batch(processor, family, ROWS))
+    base = model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    assert base.shape[1] == inputs["input_ids"].shape[1] + 2  # static caches work without dyvte
+    with dyvte.withdraw(model, layer=1), pytest.raises(dyvte.WithdrawalError, match="StaticCache.*different lengths"):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    assert not model._forward_pre_hooks  # the handle left nothing behind
+    if family == "llava":
+        with dyvte.prune(model, "random", keep=4), pytest.raises(dyvte.PruneError, match="StaticCache"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with dyvte.withdraw(model, layer=1):  # the default dynamic cache still works afterwards
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape == base.shape
+
+
+def test_check_cache_accepts_dynamic_caches(llava):
+    model, inputs = llava
+    with torch.no_grad():
+        cache = cache_out(model(**inputs, use_cache=True))
+    assert check_cache(cache) is None
+    assert "no per-layer storage" in check_cache(object())
