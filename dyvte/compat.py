@@ -122,13 +122,14 @@ def cache_out(output: Any, name: str | None = None) -> Any:
 
     Args:
         output: a transformers ``ModelOutput`` (model forward or ``generate(return_dict_in_generate=True)``).
-        name: the resolved cache name (:attr:`CallNames.cache`), tried first.
+        name: the resolved cache name (:attr:`CallNames.cache`); without it every known spelling is tried.
     """
     if not isinstance(output, dict):  # ModelOutput is an OrderedDict of its non-None fields
         return None
-    for key in (name, *CACHE_NAMES):
-        if key is not None and key in output:  # dict membership: no deprecated-property warning
-            return output[key]
+    # plain dict access: ModelOutput's own __contains__/__getitem__ map old names and log a deprecation warning
+    for key in (name,) if name is not None else CACHE_NAMES:
+        if dict.__contains__(output, key):
+            return dict.__getitem__(output, key)
     return None
 
 

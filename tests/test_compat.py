@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 
 import pytest
 import torch
@@ -141,3 +142,17 @@ def test_check_cache_accepts_dynamic_caches(llava):
         cache = cache_out(model(**inputs, use_cache=True))
     assert check_cache(cache) is None
     assert "no per-layer storage" in check_cache(object())
+
+
+def test_no_deprecated_transformers_name_is_read(llava, monkeypatch, recwarn):
+    """dyvte's own reads never trip transformers' deprecation shims (greedy with and without cache, pruning)."""
+    said: list[str] = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: said.append(str(msg)))
+    model, inputs = llava
+    for use_cache in (True, False):
+        with dyvte.withdraw(model, layer=1):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=use_cache)
+        with dyvte.prune(model, "random", keep=4):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=use_cache)
+    assert not [m for m in said if "deprecated" in m]
+    assert not [w for w in recwarn if "deprecated" in str(w.message)]

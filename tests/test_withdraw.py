@@ -116,27 +116,37 @@ def test_remove_restores_the_model(tiny):
         assert torch.equal(model(**inputs).logits, base)
 
 
-def test_bf16_and_sampling_llava():
-    model, processor = make_tiny("llava", dtype=torch.bfloat16)
-    inputs = encode(processor, "llava", ROWS)
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+def test_sampling_with_cache_equals_without(tiny):
+    """Seeded sampling (fp32): the KV cache under withdrawal changes no sampled token."""
+    family, model, processor = tiny
+    inputs = encode(processor, family, ROWS)
     ids = resolve(model).visual_ids.tolist()
+    runs = []
     with dyvte.withdraw(model, layer=2):
-        assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
-        runs = []
         for use_cache in (True, False):
             torch.manual_seed(0)
-            runs.append(
-                model.generate(
-                    **inputs,
-                    max_new_tokens=NEW_TOKENS,
-                    do_sample=True,
-                    top_k=20,
-                    suppress_tokens=ids,
-                    use_cache=use_cache,
-                )
-            )
+            kwargs = {"do_sample": True, "top_k": 20, "suppress_tokens": ids, "use_cache": use_cache}
+            runs.append(model.generate(**inputs, max_new_tokens=NEW_TOKENS, **kwargs)[:, -NEW_TOKENS:])
     assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_identity_and_greedy_cache(family):
+    """bf16: K = L is the unmodified model bit for bit; greedy with the KV cache equals greedy without it.
+
+    (Seeded *sampling* in bf16 is not compared: the unhooked model's own cached and uncached bf16 runs already
+    differ on some families -- measured on the tiny idefics3 -- so no withdrawal can promise more.)
+    """
+    model, processor = make_tiny(family, dtype=torch.bfloat16)
+    inputs = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in encode(processor, family, ROWS).items()
+    }
+    with torch.no_grad():
+        base = model(**inputs).logits
+    with dyvte.withdraw(model, layer=resolve(model).num_layers), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+    with dyvte.withdraw(model, layer=2):
+        assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
 
 
 def test_per_row_exit_layers_equal_rows_alone(tiny):
