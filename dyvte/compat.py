@@ -1,4 +1,4 @@
-"""The one place where dyvte reads names out of transformers calls (see docs/design.md, "Compatibility").
+"""The one place where dyvte reads names out of transformers calls (see docs/design.md §4, "Compatibility").
 
 transformers renames internals between minor releases: 5.24 renamed the cache argument ``past_key_values`` to
 ``cache`` (in model and decoder-layer calls, and in their outputs) with only a deprecation warning, so code that read
@@ -22,8 +22,16 @@ from typing import Any
 from torch import nn
 
 __all__ = [
+    "ATTENTION_MASK",
     "CACHE_NAMES",
+    "HIDDEN_STATES",
+    "INPUTS_EMBEDS",
+    "INPUT_IDS",
     "LAYER_ARGS",
+    "MM_ENCODER_OUTPUTS",
+    "POSITION_EMBEDDINGS",
+    "POSITION_IDS",
+    "TOP_ARGS",
     "CallNames",
     "CompatibilityError",
     "attn_implementation",
@@ -35,8 +43,12 @@ __all__ = [
 ]
 
 CACHE_NAMES: tuple[str, ...] = ("cache", "past_key_values")  # newest spelling first (5.24+, then 5.0-5.23)
-# the decoder-layer arguments dyvte rewrites after an exit
-LAYER_ARGS: tuple[str, ...] = ("attention_mask", "position_embeddings", "position_ids")
+# argument names dyvte reads and rewrites; checked against the signatures by call_names()
+INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK = "input_ids", "inputs_embeds", "attention_mask"
+POSITION_IDS, POSITION_EMBEDDINGS, HIDDEN_STATES = "position_ids", "position_embeddings", "hidden_states"
+MM_ENCODER_OUTPUTS = "mm_encoder_outputs"  # precomputed vision features that generate() hands to the prefill call
+TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
+LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)
 _DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that may hold different lengths
 
 
@@ -86,20 +98,22 @@ def call_names(model: nn.Module, layer: nn.Module) -> CallNames:
         The resolved :class:`CallNames`.
 
     Raises:
-        CompatibilityError: a signature has none of the known cache names, or a decoder layer does not take one of
-            :data:`LAYER_ARGS` by name (dyvte would rewrite an argument the layer never reads).
+        CompatibilityError: a signature has none of the known cache names, or the model does not take one of
+            :data:`TOP_ARGS` / a decoder layer one of :data:`LAYER_ARGS` by name (dyvte would read or rewrite an
+            argument the call never sees).
     """
     top = _parameters(model.forward)
     layer_params = _parameters(layer.forward)
     cache = _pick(top, CACHE_NAMES, f"{type(model).__name__}.forward")
     layer_cache = _pick(layer_params, CACHE_NAMES, f"{type(layer).__name__}.forward")
-    missing = [name for name in LAYER_ARGS if name not in layer_params]
-    if missing:
-        raise CompatibilityError(
-            f"{type(layer).__name__}.forward takes no argument named {missing}: this transformers release "
-            "renamed what dyvte rewrites in decoder-layer calls. Install the tested version range (see "
-            "pyproject.toml / constraints.txt) or update dyvte.compat."
-        )
+    for where, params, needed in ((model, top, TOP_ARGS), (layer, layer_params, LAYER_ARGS)):
+        missing = [name for name in needed if name not in params]
+        if missing:
+            raise CompatibilityError(
+                f"{type(where).__name__}.forward takes no argument named {missing}: this transformers release "
+                "renamed what dyvte reads or rewrites in its calls. Install the tested version range (see "
+                "pyproject.toml / constraints.txt) or update dyvte.compat."
+            )
     return CallNames(cache=cache, layer_cache=layer_cache)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .compat import HIDDEN_STATES, INPUT_IDS, POSITION_EMBEDDINGS
 from .withdraw import _HANDLE_ATTR, Withdrawal, WithdrawalError, _Forward
 
 __all__ = ["FastV", "kept_count"]
@@ -123,7 +124,7 @@ class FastV(Withdrawal):
             self._hooks.append(scorer.register_forward_pre_hook(self._rank, with_kwargs=True))
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = kwargs.get(INPUT_IDS, args[0] if args else None)
         self._cacheless = kwargs.get("use_cache") is False
         return super()._pre_forward(module, args, kwargs)
 
@@ -146,8 +147,8 @@ class FastV(Withdrawal):
             self.kept_visual = torch.nn.functional.pad(self.kept_visual, (0, extra), value=False)
             self.scores = torch.nn.functional.pad(self.scores, (0, extra))
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D), every token (no row has left yet)
-        rotary = kwargs.get("position_embeddings")
+        hidden = args[0] if args else kwargs[HIDDEN_STATES]  # (B, T, D), every token (no row has left yet)
+        rotary = kwargs.get(POSITION_EMBEDDINGS)
         if rotary is None:
             raise WithdrawalError("FastV needs the rotary position_embeddings passed to the decoder layers")
         cols = torch.arange(fwd.num_tokens, device=hidden.device)

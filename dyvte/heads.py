@@ -5,8 +5,9 @@ row's exit layer is ``K = j + 1`` (layers ``0..j`` saw every token). A head afte
 so there are ``L - 1`` heads. At inference the first head whose P(exit) >= threshold decides; if none fires, nothing
 is withdrawn.
 
-Input of head ``j`` (DESIGN §2): the concatenation of the mean hidden state of the non-visual tokens that follow the
-row's last visual token (excluding the final prompt token) and the final prompt token's hidden state, ``(B, 2d)``.
+Input of head ``j`` (docs/design.md §2): the concatenation of the mean hidden state of the non-visual tokens that
+follow the row's last visual token (excluding the final prompt token) and the final prompt token's hidden state,
+``(B, 2d)``.
 Each head is ``LayerNorm(2d) -> Linear(2d, h) -> GELU -> Linear(h, 1)``; by default ``h = max(4, d // 32)``, about
 0.5% of the decoder's parameters (the original 2d->2048->2 per layer is 8% of a 7B model).
 """

@@ -43,7 +43,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import cache_in, cache_out, check_cache
+from .compat import (
+    ATTENTION_MASK,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    MM_ENCODER_OUTPUTS,
+    POSITION_IDS,
+    cache_in,
+    cache_out,
+    check_cache,
+)
 from .fastv import FastV, kept_count
 from .layout import pack_right, take
 from .registry import REGISTRY, UnsupportedModelError, _get_path, resolve, unwrap
@@ -190,7 +199,7 @@ class Pruning:
     # ------------------------------------------------------------------------------------------ feature path
     def _score_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._capture is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]  # (V, S, D)
+            hidden = args[0] if args else kwargs[HIDDEN_STATES]  # (V, S, D)
             with torch.no_grad():
                 self._capture.append(_vision_attention(module, hidden, self.has_cls))
         return None
@@ -276,15 +285,15 @@ class Pruning:
             raise PruneError("under dyvte.prune pass the model inputs as keyword arguments")
         kwargs = dict(kwargs)
         if args:
-            kwargs["input_ids"], args = args[0], ()
-        input_ids = kwargs.get("input_ids")
+            kwargs[INPUT_IDS], args = args[0], ()
+        input_ids = kwargs.get(INPUT_IDS)
         cache = cache_in(kwargs, self.spec.names.cache)
         new_sequence = cache is None or cache.get_seq_length() == 0
         if new_sequence and cache is not None and (reason := check_cache(cache)) is not None:
             raise PruneError(f"pruning: {reason}")
         if not new_sequence:
             return args, self._continue(kwargs, cache)
-        images = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        images = (kwargs.get(MM_ENCODER_OUTPUTS) or {}).get("image")
         if images is None and kwargs.get("pixel_values") is not None:
             call = {
                 "pixel_values": kwargs["pixel_values"],
@@ -296,7 +305,7 @@ class Pruning:
                 call["image_sizes"] = kwargs["image_sizes"]
             images = self.base.get_image_features(**call)
             kwargs["pixel_values"] = None
-            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": images}
+            kwargs[MM_ENCODER_OUTPUTS] = {**(kwargs.get(MM_ENCODER_OUTPUTS) or {}), "image": images}
         if input_ids is None:
             if images is not None:
                 raise PruneError("dyvte.prune needs input_ids to find the image placeholders (not inputs_embeds)")
@@ -317,7 +326,7 @@ class Pruning:
                     f"input_ids hold {int(placeholder.sum())} image placeholders for {flat.numel()} image features"
                 )
             keep[placeholder] = flat  # row-major, the order masked_scatter fills placeholders in
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(ATTENTION_MASK)
         valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(keep)  # (B, T)
         pruned = ~keep  # (B, T) placeholders of pruned image entries
         self._prompt_len = num_tokens
@@ -329,18 +338,18 @@ class Pruning:
             return args, kwargs
         idx = pack_right(keep & valid)  # (B, T'): padding columns go too, rows are re-padded on the left
         slot_ok = idx >= 0
-        kwargs["input_ids"] = take(input_ids, idx, 1).masked_fill(~slot_ok, self._pad_id())
-        kwargs["attention_mask"] = slot_ok.long() if mask is None else take(mask, idx, 1) * slot_ok
-        position_ids = kwargs.get("position_ids")
+        kwargs[INPUT_IDS] = take(input_ids, idx, 1).masked_fill(~slot_ok, self._pad_id())
+        kwargs[ATTENTION_MASK] = slot_ok.long() if mask is None else take(mask, idx, 1) * slot_ok
+        position_ids = kwargs.get(POSITION_IDS)
         if position_ids is None:  # the shortened prompt's own positions (the model would count padding slots)
-            kwargs["position_ids"] = (slot_ok.long().cumsum(1) - 1).clamp(min=0)
+            kwargs[POSITION_IDS] = (slot_ok.long().cumsum(1) - 1).clamp(min=0)
         elif position_ids.shape == (batch, num_tokens):
             shifted = position_ids - pruned.long().cumsum(1)  # a kept token moves back by the pruned before it
-            kwargs["position_ids"] = take(shifted, idx, 1).masked_fill(~slot_ok, 0)
+            kwargs[POSITION_IDS] = take(shifted, idx, 1).masked_fill(~slot_ok, 0)
         else:
             raise PruneError(f"position_ids of shape {tuple(position_ids.shape)} are not supported under pruning")
         for key, value in list(kwargs.items()):
-            if key in ("input_ids", "attention_mask", "position_ids") or not isinstance(value, torch.Tensor):
+            if key in (INPUT_IDS, ATTENTION_MASK, POSITION_IDS) or not isinstance(value, torch.Tensor):
                 continue
             if value.shape[:2] == (batch, num_tokens):  # labels, token_type_ids, visual_mask, ...
                 pad = ~slot_ok.view(*idx.shape, *[1] * (value.dim() - 2))
@@ -360,14 +369,14 @@ class Pruning:
         if self.kept_columns is None:
             return kwargs
         idx, prompt = self.kept_columns, self._prompt_len
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(ATTENTION_MASK)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if mask.shape[1] < prompt:
                 raise PruneError(f"attention_mask has {mask.shape[1]} columns, fewer than the prompt's {prompt}")
-            kwargs["attention_mask"] = torch.cat([take(mask[:, :prompt], idx, 1) * (idx >= 0), mask[:, prompt:]], 1)
-        position_ids = kwargs.get("position_ids")
+            kwargs[ATTENTION_MASK] = torch.cat([take(mask[:, :prompt], idx, 1) * (idx >= 0), mask[:, prompt:]], 1)
+        position_ids = kwargs.get(POSITION_IDS)
         if isinstance(position_ids, torch.Tensor):
-            kwargs["position_ids"] = position_ids - self._dropped.to(position_ids.device)[:, None]
+            kwargs[POSITION_IDS] = position_ids - self._dropped.to(position_ids.device)[:, None]
         return kwargs
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

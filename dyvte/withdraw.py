@@ -29,7 +29,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import cache_in, cache_layer, cache_out, check_cache
+from .compat import (
+    ATTENTION_MASK,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    POSITION_EMBEDDINGS,
+    POSITION_IDS,
+    cache_in,
+    cache_layer,
+    cache_out,
+    check_cache,
+)
 from .layout import build_attention_mask, compose, pack_right, take
 from .registry import ModelSpec, resolve, unwrap
 
@@ -184,8 +195,8 @@ class Withdrawal:
     # ---------------------------------------------------------------------------------------------- top hooks
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         visual_mask = kwargs.pop("visual_mask", None)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
+        input_ids = kwargs.get(INPUT_IDS, args[0] if args else None)
+        embeds = kwargs.get(INPUTS_EMBEDS)
         if input_ids is not None:
             batch, num_tokens = input_ids.shape
             device = input_ids.device
@@ -220,7 +231,7 @@ class Withdrawal:
                     "different token set. Prefill and decode under the same `withdraw(...)`."
                 )
         past = 0 if new_sequence else self._columns
-        attention_2d = kwargs.get("attention_mask")
+        attention_2d = kwargs.get(ATTENTION_MASK)
         if isinstance(attention_2d, torch.Tensor) and attention_2d.dim() == 2:
             if attention_2d.shape != (batch, past + num_tokens):
                 raise WithdrawalError(
@@ -298,7 +309,7 @@ class Withdrawal:
                 "a hooked decoder layer ran outside a call of the top-level model; call the "
                 "model returned by from_pretrained (forward or generate)"
             )
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T_cur, D)
+        hidden = args[0] if args else kwargs[HIDDEN_STATES]  # (B, T_cur, D)
         rows = self._exiting(index, hidden, fwd)
         if rows is not None and bool(rows.any()):
             fwd.exited |= rows
@@ -306,17 +317,17 @@ class Withdrawal:
         if fwd.key is None:
             return None  # no row has left yet: the model's own mask and positions are right
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._mask(
-            index, fwd, cache_in(kwargs, self.spec.names.layer_cache), hidden.dtype, kwargs.get("attention_mask")
+        kwargs[ATTENTION_MASK] = self._mask(
+            index, fwd, cache_in(kwargs, self.spec.names.layer_cache), hidden.dtype, kwargs.get(ATTENTION_MASK)
         )
         if fwd.idx is not None:
-            kwargs["position_embeddings"] = self._rotary(fwd, kwargs.get("position_embeddings"))
-            position_ids = kwargs.get("position_ids")
+            kwargs[POSITION_EMBEDDINGS] = self._rotary(fwd, kwargs.get(POSITION_EMBEDDINGS))
+            position_ids = kwargs.get(POSITION_IDS)
             if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == fwd.num_tokens:
-                kwargs["position_ids"] = take(position_ids, fwd.idx, -1)
+                kwargs[POSITION_IDS] = take(position_ids, fwd.idx, -1)
         if args:
             return (hidden, *args[1:]), kwargs
-        kwargs["hidden_states"] = hidden
+        kwargs[HIDDEN_STATES] = hidden
         return args, kwargs
 
     def _repack(self, fwd: _Forward, hidden: torch.Tensor) -> torch.Tensor:

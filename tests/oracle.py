@@ -1,7 +1,7 @@
 """The masking oracle: a full-length run in which layers >= K may not attend to visual keys.
 
 Independent of dyvte's layout code: it only edits the mask each HF decoder layer receives. Withdrawal at K must give
-the same text-position logits (DESIGN §5, invariant 2).
+the same text-position logits (docs/design.md §5, invariant 2).
 """
 
 from __future__ import annotations

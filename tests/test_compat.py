@@ -46,12 +46,12 @@ def test_names_follow_the_installed_release(family):
 
 
 class _Layer(nn.Module):
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, kv=None):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, cache=None):
         return hidden_states
 
 
 class _Model(nn.Module):
-    def forward(self, input_ids=None, kv=None):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, kv=None):
         return input_ids
 
 
@@ -61,7 +61,7 @@ class _OldLayer(nn.Module):
 
 
 class _OldModel(nn.Module):
-    def forward(self, input_ids=None, past_key_values=None):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None):
         return input_ids
 
 
@@ -72,6 +72,13 @@ def test_unknown_cache_name_is_an_error_not_none():
         CompatibilityError, match=r"_OldLayer.forward takes no argument named \['position_embeddings'\]"
     ):
         call_names(_OldModel(), _OldLayer())
+
+    class _NoEmbeds(nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, cache=None):
+            return input_ids
+
+    with pytest.raises(CompatibilityError, match=r"_NoEmbeds.forward takes no argument named \['inputs_embeds'\]"):
+        call_names(_NoEmbeds(), _Layer())
 
 
 def test_cache_in_reads_both_spellings():

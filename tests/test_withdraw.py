@@ -1,4 +1,4 @@
-"""The five invariants of DESIGN §5 for static withdrawal, on tiny random models of every supported family."""
+"""The five invariants of docs/design.md §5 for static withdrawal, on tiny random models of every supported family."""
 
 from __future__ import annotations
 
