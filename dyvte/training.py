@@ -5,6 +5,11 @@ a validation split and serves its tensors; ``ExitHeadsModule`` holds only the he
 contain the MLLM. Class imbalance: each head's BCE weighs its positive ("exit") examples by ``n_neg / n_pos`` of
 that layer in the training labels (``balance=True``), since early layers are rarely safe and late layers nearly
 always are.
+
+Label caches live under ``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model weights,
+data, split, samples, agree, loss_ratio); a later run with the same key reuses the folder and says so in the log.
+:func:`head_validation` and :func:`format_head_table` give the per-head validation summary that ``train/fit.py``
+logs and writes to ``training.json``; :func:`quiet_lightning` silences Lightning's known harmless console noise.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -25,10 +33,23 @@ from .heads import ExitHeads, ExitHeadsConfig
 from .labels import build_label_cache
 from .registry import resolve
 
-__all__ = ["ExitLabelData", "ExitHeadsModule", "REPO_ROOT"]
+__all__ = [
+    "ExitLabelData",
+    "ExitHeadsModule",
+    "REPO_ROOT",
+    "default_label_cache_dir",
+    "format_head_table",
+    "head_validation",
+    "quiet_lightning",
+]
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_label_cache_dir() -> Path:
+    """Where label caches live unless ``cache_dir`` says otherwise: ``<repo>/runs/label-cache`` (ignored by git)."""
+    return REPO_ROOT / "runs" / "label-cache"
 
 
 class ExitLabelData(L.LightningDataModule):
@@ -48,7 +69,10 @@ class ExitLabelData(L.LightningDataModule):
         loss_ratio: DyVTE loss-ratio threshold.
         batch_size: head-training batch size.
         label_batch_size: rows per MLLM forward while labelling.
-        cache_dir: where label caches live (default ``<repo>/.cache/labels``); keyed by everything above.
+        cache_dir: where label caches live (default ``<repo>/runs/label-cache``, see
+            :func:`default_label_cache_dir`); one folder per model weights, data, split, samples, agree and loss_ratio.
+        relabel: label again even where a cache for the same key exists (it is replaced); without it an existing
+            cache is reused, and the log says so with its path.
     """
 
     def __init__(
@@ -66,6 +90,7 @@ class ExitLabelData(L.LightningDataModule):
         batch_size: int = 256,
         label_batch_size: int = 64,
         cache_dir: str | None = None,
+        relabel: bool = False,
     ) -> None:
         super().__init__()
         if label_rule not in ("layer", "monotone"):
@@ -82,8 +107,16 @@ class ExitLabelData(L.LightningDataModule):
         stamp = [f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights]
         key = json.dumps([str(model_dir.resolve()), stamp, data, split, samples, hp.agree, hp.loss_ratio])
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        root = Path(hp.cache_dir) if hp.cache_dir else REPO_ROOT / ".cache" / "labels"
-        return root / f"{split}-{samples}-{digest}"
+        return self.cache_root / f"{split}-{samples}-{digest}"
+
+    @property
+    def cache_root(self) -> Path:
+        """The folder that holds this datamodule's label caches."""
+        return Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_label_cache_dir()
+
+    def cache_paths(self) -> dict[str, Path]:
+        """The label-cache folder of each split: ``{"train": ..., "val": ...}``."""
+        return {name: self._cache_path(data, split, samples) for name, data, split, samples in self._splits()}
 
     def _splits(self) -> list[tuple[str, str, str, int | None]]:
         hp = self.hparams
@@ -93,15 +126,33 @@ class ExitLabelData(L.LightningDataModule):
         ]
 
     def prepare_data(self) -> None:
-        """Build the missing label caches (runs once, on rank 0)."""
-        todo = [(d, s, n) for _, d, s, n in self._splits() if not (self._cache_path(d, s, n) / "meta.json").is_file()]
+        """Build the missing label caches (all of them with ``relabel``) and log which ones are reused (rank 0)."""
+        todo: dict[Path, tuple[str, str, int | None]] = {}
+        for _, data, split, samples in self._splits():
+            path = self._cache_path(data, split, samples)
+            if (path / "meta.json").is_file() and not self.hparams.relabel:
+                labelled = json.loads((path / "meta.json").read_text()).get("samples")
+                logger.info(
+                    "reusing the cached labels of %s %s samples of %s in %s (to label again, delete that folder "
+                    "or pass relabel=True, i.e. --data.relabel true)",
+                    labelled,
+                    split,
+                    data,
+                    path,
+                )
+            else:
+                todo[path] = (data, split, samples)
         if not todo:
             return
         from .sources import load_model, load_records
 
         model, processor = load_model(self.hparams.model)
         spec = resolve(model)
-        for data, split, samples in todo:
+        for path, (data, split, samples) in todo.items():
+            if path.exists():  # relabel (or an unfinished cache without meta.json): replace it, never write over it
+                logger.info("removing the old label cache %s before labelling again", path)
+                shutil.rmtree(path)
+            logger.info("labelling %s %s samples of %s into the label cache %s", samples or "all", split, data, path)
             records = load_records(data, split, samples)
             start = time.perf_counter()
             cache = build_label_cache(
@@ -113,7 +164,6 @@ class ExitLabelData(L.LightningDataModule):
                 loss_ratio=self.hparams.loss_ratio,
             )
             seconds = time.perf_counter() - start
-            path = self._cache_path(data, split, samples)
             cache.save_to_disk(str(path))
             meta = {
                 "model_type": spec.model_type,
@@ -124,7 +174,7 @@ class ExitLabelData(L.LightningDataModule):
                 "ms_per_sample": 1e3 * seconds / len(cache),
             }
             (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            logger.info("labelled %d %s samples in %.1f s", len(cache), split, seconds)
+            logger.info("labelled %d %s samples in %.1f s; label cache written to %s", len(cache), split, seconds, path)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the caches into tensors: features ``(N, L-1, 2d)`` and targets ``(N, L-1)``."""
@@ -228,3 +278,98 @@ class ExitHeadsModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.heads.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------- validation summary
+def head_validation(
+    heads: ExitHeads, features: torch.Tensor, targets: torch.Tensor, threshold: float | None = None
+) -> list[dict[str, float | int | None]]:
+    """How each head's "exit" decision compares with the labels, at the heads' threshold.
+
+    A head fires for a sample when ``sigmoid(logit) >= threshold`` (the rule used at inference).
+
+    Args:
+        heads: the trained heads.
+        features: ``(N, L-1, 2d)`` head inputs (the validation label cache's ``features``).
+        targets: ``(N, L-1)`` 0/1 targets of the heads (:meth:`ExitLabelData.targets`).
+        threshold: P(exit) threshold (default: the heads' own, ``heads.config.threshold``).
+
+    Returns:
+        One dict per head ``j``: ``head`` (j), ``exit_layer`` (j + 1), ``labelled_safe`` (fraction of samples whose
+        target is 1), ``exit_rate`` (fraction of samples for which the head fires), ``precision`` (of the firings,
+        the fraction labelled safe; ``None`` when the head never fires) and ``recall`` (of the samples labelled safe,
+        the fraction it fires for; ``None`` when none is labelled safe).
+    """
+    threshold = heads.config.threshold if threshold is None else threshold
+    with torch.no_grad():
+        fires = torch.sigmoid(heads(features).float()) >= threshold  # (N, L-1)
+    safe = targets.bool()
+    rows: list[dict[str, float | int | None]] = []
+    for j in range(heads.num_heads):
+        fired, positive = int(fires[:, j].sum()), int(safe[:, j].sum())
+        hits = int((fires[:, j] & safe[:, j]).sum())
+        rows.append(
+            {
+                "head": j,
+                "exit_layer": j + 1,
+                "labelled_safe": positive / len(safe),
+                "exit_rate": fired / len(safe),
+                "precision": hits / fired if fired else None,
+                "recall": hits / positive if positive else None,
+            }
+        )
+    return rows
+
+
+def format_head_table(rows: list[dict[str, float | int | None]]) -> str:
+    """A Markdown table of :func:`head_validation`'s rows (``-`` where a value is undefined)."""
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| head | exit layer | labelled safe | exit rate | precision | recall |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        values = " | ".join(cell(r[k]) for k in ("labelled_safe", "exit_rate", "precision", "recall"))
+        lines.append(f"| {r['head']} | {r['exit_layer']} | {values} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ console noise
+#: Lightning's advertisements, logged at INFO through ``rank_zero_info`` whenever no LitLogger is configured
+#: (``trainer/connectors/logger_connector/logger_connector.py``) or Lightning adds its default ModelCheckpoint
+#: (``trainer/connectors/callback_connector.py``).
+LIGHTNING_TIPS = re.compile(r"💡 Tip: For seamless cloud (logging and experiment tracking|uploads and versioning)")
+#: torch >= 2.10 deprecates ``LeafSpec``; Lightning's ``utilities/_pytree.py`` still builds one for each
+#: ``CombinedLoader`` (every fit), which torch reports as this FutureWarning attributed to that Lightning module.
+PYTREE_LEAFSPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+PYTREE_MODULE = r"lightning\.pytorch\.utilities\._pytree\Z"
+#: the loggers that ``rank_zero_info`` writes through (lightning_utilities' ``log``, set by each package on import)
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropLightningTips(logging.Filter):
+    """Drops the records whose message is one of :data:`LIGHTNING_TIPS` and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and LIGHTNING_TIPS.match(record.msg))
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's known harmless console messages at their source (idempotent).
+
+    * the "💡 Tip: ... litlogger / litmodels" advertisements: a filter on the logger ``rank_zero_info`` writes
+      through, matching only those two messages;
+    * the ``LeafSpec`` deprecation FutureWarning: ignored only when raised from ``lightning.pytorch.utilities._pytree``
+      with that exact message (the call is in Lightning, not in dyvte).
+
+    Lightning's "No seed found, seed set to 0" warning (printed next to "Seed set to 0") is not silenced here: the
+    launchers pass an explicit seed (``seed_everything_default=0``), so ``seed_everything`` has nothing to warn about.
+    """
+    for name in RANK_ZERO_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in log.filters):
+            log.addFilter(_DropLightningTips())
+    warnings.filterwarnings("ignore", message=PYTREE_LEAFSPEC, category=FutureWarning, module=PYTREE_MODULE)

@@ -28,10 +28,8 @@ def _fit_main():
     return module.main
 
 
-@pytest.fixture(scope="module")
-def setup_dir(tmp_path_factory):
-    """A tiny LLaVA saved with from_pretrained layout and a JSONL of records with image files."""
-    root = tmp_path_factory.mktemp("fit")
+def make_fit_setup(root: Path) -> Path:
+    """Save a tiny LLaVA (from_pretrained layout) to ``root / "model"`` and 12 records to ``root / "records.jsonl"``."""
     model, processor = make_tiny("llava")
     processor.chat_template = TEMPLATE
     model.save_pretrained(root / "model")
@@ -46,6 +44,12 @@ def setup_dir(tmp_path_factory):
         )
     (root / "records.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    """A tiny LLaVA saved with from_pretrained layout and a JSONL of records with image files."""
+    return make_fit_setup(tmp_path_factory.mktemp("fit"))
 
 
 def fit_args(root: Path, out: str, epochs: int, extra: list[str] = ()) -> list[str]:
@@ -82,6 +86,9 @@ def test_fit_writes_only_heads_and_resumes(setup_dir):
     assert resumed["global_step"] == first_steps + 2  # one more epoch, not a fresh run of three
     training = json.loads((setup_dir / "heads-resumed" / "training.json").read_text())
     assert training["steps"] == first_steps + 2 and training["labels_ms_per_sample"] > 0
+    assert [h["exit_layer"] for h in training["val_heads"]] == [1, 2, 3] and training["val_samples"] == 4
+    assert Path(training["logs"]).parent == setup_dir / "runs" / "logs"  # the --trainer.logger save_dir given
+    assert {Path(p).parent for p in training["label_cache"].values()} == {setup_dir / "cache"}
 
 
 @pytest.mark.slow

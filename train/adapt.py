@@ -1,15 +1,19 @@
 """Withdrawal-aware LoRA adaptation of a frozen MLLM (default: the embedded demo model and digit-scenes data).
 
-    python train/adapt.py --config configs/adapt_demo.yaml       # -> checkpoints/demo-lora-vtw (adapter only)
+    python train/adapt.py --config configs/adapt_demo.yaml       # -> runs/adapt-demo/lora-vtw (adapter only)
     python train/adapt.py --config configs/adapt_demo.yaml --model.distill 0 --output_dir runs/lora-ce
     python train/evaluate.py --model demo --methods '[full, "static:all"]' --output_dir runs/eval-base
-    python train/evaluate.py --model checkpoints/demo-lora-vtw --methods '[full, "static:all"]' \
+    python train/evaluate.py --model runs/adapt-demo/lora-vtw --methods '[full, "static:all"]' \
         --output_dir runs/eval-lora
     python train/adapt.py compare --base runs/eval-base --adapted runs/eval-lora    # side by side, earliest K
+    python train/adapt.py --config configs/adapt_demo.yaml --output_dir checkpoints/demo-lora-vtw
+                                                                  # regenerate the committed demo adapter
 
-Only the adapter is written (``PeftModel.save_pretrained``; ``adapter_config.json`` names the base, so
-``dyvte.sources.load_model(<dir>)`` loads base + adapter). ``--merged_dir`` also writes the merged model and its
-processor as a plain ``from_pretrained`` directory (e.g. for ``train/fit.py --data.model <dir>``).
+Outputs go under ``<repo>/runs`` (ignored by git) unless ``--output_dir`` says otherwise: the adapter and
+``training.json`` in ``runs/adapt-demo/lora-vtw``, Lightning's CSV logs in ``runs/adapt-demo/logs/version_N``;
+both paths are logged. Only the adapter is written (``PeftModel.save_pretrained``; ``adapter_config.json`` names the
+base, so ``dyvte.sources.load_model(<dir>)`` loads base + adapter). ``--merged_dir`` also writes the merged model and
+its processor as a plain ``from_pretrained`` directory (e.g. for ``train/fit.py --data.model <dir>``).
 """
 
 from __future__ import annotations
@@ -29,15 +33,28 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from dyvte.adapt import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
 from dyvte.demo import demo_checkpoint_dir  # noqa: E402
-from dyvte.training import REPO_ROOT  # noqa: E402
+from dyvte.training import REPO_ROOT, quiet_lightning  # noqa: E402
+
+log = logging.getLogger("adapt")
+
+#: the job's folder under ``<repo>/runs``: the adapter in ``lora-vtw``, Lightning logs in ``logs``
+JOB = "adapt-demo"
+
+
+def job_dir() -> Path:
+    """``<repo>/runs/adapt-demo``."""
+    return REPO_ROOT / "runs" / JOB
 
 
 class AdaptCLI(LightningCLI):
+    """``LightningCLI`` with the adapter's output directory, an optional merged-model directory and CPU threads."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--output_dir",
-            default=str(REPO_ROOT / "checkpoints" / "demo-lora-vtw"),
-            help="where the adapter is written (PeftModel.save_pretrained)",
+            default=str(job_dir() / "lora-vtw"),
+            help="where the adapter is written (PeftModel.save_pretrained; pass checkpoints/demo-lora-vtw to "
+            "regenerate the committed demo adapter)",
         )
         parser.add_argument("--merged_dir", default=None, help="also write the merged model + processor here")
         parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -53,17 +70,26 @@ def compare(base: str, adapted: str, tolerance: float = 0.005) -> None:
     """
     table, summary = compare_sweeps(base, adapted, tolerance)
     print(table)
-    Path(adapted, "comparison.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out = Path(adapted, "comparison.json")
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("comparison written to %s", out)
 
 
 def main(args: list[str] | None = None) -> None:
+    """Train the adapter, save it (and optionally the merged model) and log where everything went.
+
+    Args:
+        args: command-line arguments (default: ``sys.argv[1:]``).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_lightning()
     cli = AdaptCLI(
         AdaptModule,
         AdaptData,
         run=False,
         args=args,
         save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,  # an explicit seed: seed_everything(None) warns "No seed found" before seeding 0
         trainer_defaults={
             "accelerator": "cpu",
             "max_steps": 300,
@@ -71,9 +97,10 @@ def main(args: list[str] | None = None) -> None:
             "log_every_n_steps": 10,
             "num_sanity_val_steps": 0,
             "enable_checkpointing": False,
+            "default_root_dir": str(job_dir()),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(REPO_ROOT / "runs"), "name": "adapt"},
+                "init_args": {"save_dir": str(job_dir()), "name": "logs"},
             },
         },
     )
@@ -81,9 +108,10 @@ def main(args: list[str] | None = None) -> None:
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
+    log_dir = Path(cli.trainer.log_dir).absolute()  # on every rank: under DDP it is a broadcast
     if not cli.trainer.is_global_zero:
         return
-    out = Path(cli.config["output_dir"])
+    out = Path(cli.config["output_dir"]).absolute()
     peft_model = cli.model.model
     peft_model.save_pretrained(out)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -99,18 +127,20 @@ def main(args: list[str] | None = None) -> None:
         "threads": cli.config["threads"],
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    logging.getLogger("adapt").info("adapter written to %s (%s)", out, summary)
+    log.info("adapter and training.json written to %s (%s)", out, summary)
+    log.info("Lightning logs (metrics.csv, config.yaml) in %s", log_dir)
     if cli.config["merged_dir"]:
         merged = peft_model.merge_and_unload().eval()
         merged.save_pretrained(cli.config["merged_dir"])
         cli.model.processor.save_pretrained(cli.config["merged_dir"])
-        logging.getLogger("adapt").info("merged model written to %s", cli.config["merged_dir"])
+        log.info("merged model written to %s", cli.config["merged_dir"])
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["compare"]:
         from jsonargparse import CLI
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         CLI(compare, args=sys.argv[2:], as_positional=False)
     else:
         main()

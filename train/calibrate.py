@@ -3,9 +3,12 @@
     python train/calibrate.py                                   # demo model, 100 validation samples, eta 3e-3
     python train/calibrate.py --config configs/calibrate_demo.yaml
     python train/calibrate.py --threshold 1e-3 --samples 20 --positions answer
+    python train/calibrate.py --config configs/calibrate_demo.yaml --output checkpoints/demo-calibration
+                                                                # regenerate the committed demo calibration
 
-Writes <output>/calibration.json (load it with dyvte.Calibration.load or dyvte.withdraw(model, calibration=dir))
-and prints the KL curve and the layer each of --report_thresholds would choose.
+Writes <output>/calibration.json (default ``<repo>/runs/calibrate-demo``, ignored by git; load it with
+dyvte.Calibration.load or dyvte.withdraw(model, calibration=dir)), logs where, and prints the KL curve and the layer
+each of --report_thresholds would choose.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def main(
     positions: str = "first",
     batch_size: int = 50,
     dtype: str = "float32",
-    output: str = str(REPO_ROOT / "checkpoints" / "demo-calibration"),
+    output: str = str(REPO_ROOT / "runs" / "calibrate-demo"),
 ) -> dyvte.Calibration:
     """Calibrate the static exit layer.
 
@@ -47,7 +50,7 @@ def main(
         positions: "first" (first answer position, as VTW) or "answer" (every teacher-forced answer position).
         batch_size: rows per forward.
         dtype: float32 or bfloat16.
-        output: directory for calibration.json.
+        output: directory for calibration.json (pass checkpoints/demo-calibration to regenerate the committed one).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     mllm, processor = load_model(model, dtype)
@@ -57,7 +60,7 @@ def main(
         for i, recs in enumerate(iter_batches(records, batch_size))
     ]
     cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions)
-    cal.save(output)
+    file = cal.save(output)
     print(f"\nKL(P_withdrawn || P_full) at the {positions} answer position(s), {cal.num_samples} samples of {split}:\n")
     print("| K | mean KL |\n|---|---|")
     for k, kl in enumerate(cal.kl_per_layer):
@@ -65,7 +68,9 @@ def main(
     print("\n| eta | chosen K |\n|---|---|")
     for eta in sorted({threshold, *report_thresholds}):
         print(f"| {eta:g} | {cal.with_threshold(eta).layer} |")
-    print(f"\nsaved {output}/calibration.json (eta={threshold:g}, K={cal.layer})")
+    logging.getLogger("calibrate").info(
+        "calibration written to %s (eta=%g, K=%d)", file.absolute(), threshold, cal.layer
+    )
     return cal
 
 

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python train/eval_demo.py --split test
 
-Greedy, left-padded batched ``generate``; prints a markdown table.
+Greedy, left-padded batched ``generate``; prints a markdown table and writes no files.
 """
 
 import argparse

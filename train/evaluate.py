@@ -6,7 +6,8 @@
 
 Method strings: full, static:K[,K...], static:all, calibrated:DIR, heads:DIR[:P,...], fastervlm:R, random:R,
 fastv:K:R (R = fraction of visual tokens pruned). Writes <output_dir>/results.json (every method's metrics),
-<output_dir>/<method>.json, and <output_dir>/accuracy_vs_flops.png; prints the tables.
+<output_dir>/<method>.json, and <output_dir>/accuracy_vs_flops.png (default ``<repo>/runs/eval``, ignored by git;
+with every static K also oracle.json), logs where, and prints the tables. Nothing is written under checkpoints/.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main(
         batch_size: rows per generate call.
         max_new_tokens: generation length.
         dtype: float32 or bfloat16.
-        output_dir: where JSON and PNG go.
+        output_dir: where JSON and PNG go (default ``<repo>/runs/eval``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     mllm, processor = load_model(model, dtype)
@@ -76,7 +77,9 @@ def main(
     static[num_layers] = static.get(num_layers, full)
     if sorted(static) == list(range(num_layers + 1)):
         summarize(full, static, [r for r in results[1:] if not r.method.startswith("static")], num_layers, out)
-    print(f"\nwritten to {out}")
+    logging.getLogger("evaluate").info(
+        "results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", out.absolute()
+    )
     return results
 
 

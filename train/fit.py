@@ -1,12 +1,22 @@
 """Train DyVTE exit heads on a frozen MLLM (default: the embedded demo model and digit-scenes data).
 
-    python train/fit.py                                   # demo model + data -> checkpoints/demo-exit-heads
+    python train/fit.py                                   # demo model + data -> runs/fit-demo/exit-heads
     python train/fit.py --config configs/fit_demo.yaml    # the same, from YAML
     python train/fit.py --trainer.strategy ddp --trainer.devices 2    # two processes on CPU
-    python train/fit.py --ckpt_path runs/exit-heads/version_0/checkpoints/last.ckpt   # resume
+    python train/fit.py --ckpt_path runs/fit-demo/logs/version_0/checkpoints/last.ckpt   # resume
+    python train/fit.py --output_dir checkpoints/demo-exit-heads      # regenerate the committed demo heads
 
-Labels and head inputs are cached once per (model, data) under .cache/labels; training then never runs the MLLM.
-Lightning checkpoints hold only the heads; the final heads are written with ExitHeads.save_pretrained.
+Outputs, all under ``<repo>/runs`` (ignored by git; a run never modifies a tracked file unless ``--output_dir``
+points at one, as in the last command):
+
+* ``runs/fit-demo/exit-heads``: the heads (``ExitHeads.save_pretrained``) and ``training.json`` (timings and the
+  per-head validation precision / recall / exit rate that the run also logs as a table);
+* ``runs/fit-demo/logs/version_N``: Lightning's CSV logs (``metrics.csv``, ``hparams.yaml``, ``config.yaml``) and
+  ``checkpoints/last.ckpt`` (heads only);
+* ``runs/label-cache/<split>-<samples>-<key>``: labels and head inputs, computed once per (model weights, data,
+  split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.relabel true`` labels again).
+
+Every path is logged at INFO. Lightning checkpoints hold only the heads; training never runs the MLLM after labelling.
 """
 
 from __future__ import annotations
@@ -21,55 +31,118 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
-from dyvte.training import REPO_ROOT, ExitHeadsModule, ExitLabelData  # noqa: E402
+from dyvte.training import (  # noqa: E402
+    REPO_ROOT,
+    ExitHeadsModule,
+    ExitLabelData,
+    format_head_table,
+    head_validation,
+    quiet_lightning,
+)
+
+log = logging.getLogger("fit")
+
+#: the job's folder under ``<repo>/runs``: heads in ``exit-heads``, Lightning logs in ``logs``
+JOB = "fit-demo"
+
+
+def job_dir() -> Path:
+    """``<repo>/runs/fit-demo``."""
+    return REPO_ROOT / "runs" / JOB
 
 
 class FitCLI(LightningCLI):
+    """``LightningCLI`` with the heads' output directory and a resume checkpoint."""
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--output_dir",
-            default=str(REPO_ROOT / "checkpoints" / "demo-exit-heads"),
-            help="where the trained heads are written (save_pretrained)",
+            default=str(job_dir() / "exit-heads"),
+            help="where the trained heads and training.json are written (pass checkpoints/demo-exit-heads to "
+            "regenerate the committed demo heads)",
         )
         parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to resume from")
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> dict:
+    """Label (or reuse the label cache), train the heads, save them and log the per-head validation table.
+
+    Args:
+        args: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The ``training.json`` summary on global rank 0, ``{}`` on the other ranks.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_lightning()
     cli = FitCLI(
         ExitHeadsModule,
         ExitLabelData,
         run=False,
         args=args,
         save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,  # an explicit seed: seed_everything(None) warns "No seed found" before seeding 0
         trainer_defaults={
             "accelerator": "cpu",
             "max_epochs": 40,
             "log_every_n_steps": 5,
+            "default_root_dir": str(job_dir()),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(REPO_ROOT / "runs"), "name": "exit-heads"},
+                "init_args": {"save_dir": str(job_dir()), "name": "logs"},
             },
             "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)],
         },
     )
+    data: ExitLabelData = cli.datamodule
+    out = Path(cli.config["output_dir"]).absolute()  # logged and recorded absolute: YAML paths are relative to cwd
+    if rank_zero_only.rank == 0:
+        logger = cli.trainer.logger
+        log.info(
+            "heads will be written to %s, Lightning logs under %s, label cache in %s",
+            out,
+            Path(getattr(logger, "root_dir", None) or cli.trainer.default_root_dir).absolute(),
+            data.cache_root,
+        )
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config["ckpt_path"])
+    cli.trainer.fit(cli.model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
     seconds = time.perf_counter() - start
-    if cli.trainer.is_global_zero:
-        out = Path(cli.config["output_dir"])
-        cli.model.heads.save_pretrained(out)
-        meta = cli.datamodule.meta or {}
-        summary = {
-            "fit_seconds": seconds,
-            "labels_ms_per_sample": meta.get("ms_per_sample"),
-            "epochs": cli.trainer.current_epoch,
-            "steps": cli.trainer.global_step,
-            "label_rule": cli.datamodule.hparams.label_rule,
-        }
-        (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logging.getLogger("fit").info("heads written to %s (%s)", out, summary)
+    log_dir = str(Path(cli.trainer.log_dir).absolute())  # on every rank: under DDP it is a broadcast
+    if not cli.trainer.is_global_zero:
+        return {}
+    heads = cli.model.heads
+    heads.save_pretrained(out)
+    features, targets = data.tensors["val"]
+    per_head = head_validation(heads, features, targets)
+    caches = data.cache_paths()
+    meta = data.meta or {}
+    summary = {
+        "fit_seconds": seconds,
+        "labels_ms_per_sample": meta.get("ms_per_sample"),
+        "epochs": cli.trainer.current_epoch,
+        "steps": cli.trainer.global_step,
+        "label_rule": data.hparams.label_rule,
+        "threshold": heads.config.threshold,
+        "val_samples": len(targets),
+        "val_heads": per_head,
+        "logs": log_dir,
+        "label_cache": {name: str(path) for name, path in caches.items()},
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "validation of each head's exit decision at threshold %g (%d samples, label rule %r; precision: of the "
+        "samples it exits, the share labelled safe; recall: of the samples labelled safe, the share it exits):\n%s",
+        heads.config.threshold,
+        len(targets),
+        data.hparams.label_rule,
+        format_head_table(per_head),
+    )
+    log.info("heads and training.json written to %s (%.1f s, %d steps)", out, seconds, cli.trainer.global_step)
+    log.info("Lightning logs (metrics.csv, config.yaml, checkpoints/last.ckpt) in %s", log_dir)
+    log.info("label cache: %s (train), %s (validation)", caches["train"], caches["val"])
+    return summary
 
 
 if __name__ == "__main__":

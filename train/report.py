@@ -1,7 +1,8 @@
 """The comparison report: every method on the demo test split, at matched prefill FLOPs.
 
-    python train/report.py                     # writes docs/report.md, docs/accuracy_vs_flops.png, docs/exit_layers.png
+    python train/report.py                     # writes runs/report/report.md, accuracy_vs_flops.png, exit_layers.png
     python train/report.py --samples 500       # a quicker, noisier pass
+    python train/report.py --output_dir docs   # regenerate the committed docs/report.md and its PNGs
 
 Methods: static K (every K), calibrated K, exit heads (threshold sweep), FasterVLM / FastV (K = 2) / random keeping
 50/25/10/5% of the visual tokens, and FasterVLM + exit heads. Accuracy, agreement with the full model, relative
@@ -45,7 +46,7 @@ def main(
     compose_threshold: float = 0.8,
     targets: list[float] = (0.7, 0.5, 0.3),
     batch_size: int = 100,
-    output_dir: str = str(REPO_ROOT / "docs"),
+    output_dir: str = str(REPO_ROOT / "runs" / "report"),
     wallclock: str = "docs/wallclock.md",
 ) -> None:
     """Run every method and write the report.
