@@ -100,10 +100,11 @@ class Withdrawal:
         self.spec: ModelSpec = resolve(model)
         num_layers = self.spec.num_layers
         self._row_layers: torch.Tensor | None = None  # (B,) per-row static exit layers
-        if isinstance(layer, (torch.Tensor, list, tuple)):
-            rows = torch.as_tensor(layer)
+        layer = _as_layer(layer)
+        if isinstance(layer, torch.Tensor):
+            rows = layer
             if rows.dim() != 1 or rows.numel() == 0 or rows.is_floating_point() or rows.dtype == torch.bool:
-                raise TypeError(f"per-row layers must be a non-empty 1-D sequence of ints, got {layer!r}")
+                raise TypeError(f"per-row layers must be a non-empty 1-D sequence of ints, got {rows.tolist()!r}")
             if bool((rows < 0).any()) or bool((rows > num_layers).any()):
                 raise ValueError(f"per-row exit layers must be in [0, {num_layers}], got {rows.tolist()}")
             self._row_layers = rows.long().cpu()
@@ -163,6 +164,8 @@ class Withdrawal:
         if getattr(top, _HANDLE_ATTR, None) is self:
             delattr(top, _HANDLE_ATTR)
         self._fwd = None
+        if self._layouts:  # some row withdrew: the cache it filled is unusable without this handle
+            _seal(self._cache_ref() if self._cache_ref is not None else None)
         self._layouts.clear()
 
     def __enter__(self) -> Withdrawal:
@@ -436,6 +439,43 @@ class Withdrawal:
         return torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), shifted.flatten().to(logits.device), ignore_index=-100
         )
+
+
+def _as_layer(layer: Any) -> Any:
+    """A K (int) from ints, 0-d tensors and numpy scalars; a per-row ``(B,)`` tensor from 1-D sequences/arrays."""
+    if isinstance(layer, bool) or layer is None or isinstance(layer, int):
+        return layer
+    if isinstance(layer, torch.Tensor) or hasattr(layer, "__array__") or isinstance(layer, (list, tuple)):
+        try:
+            value = torch.as_tensor(layer)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"layer must be an int K or a 1-D sequence of per-row ints, got {layer!r}") from err
+        if value.dim() == 0:  # torch.tensor(3), np.int64(3), np.array(3): one K
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"layer must be an int K, got {layer!r}")
+            return int(value)
+        return value
+    return layer
+
+
+def _seal(cache: Any) -> None:
+    """Make a withdrawn KV cache fail clearly if it is used after its handle is gone.
+
+    Its layers >= K hold only the kept tokens, so the unhooked model would attend with masks of the wrong width
+    (a shape error deep inside attention, or wrong numbers). Only this cache object is changed, not the model.
+    """
+    if cache is None or getattr(cache, "_dyvte_sealed", False):
+        return
+
+    def update(*args: Any, **kwargs: Any) -> Any:
+        raise WithdrawalError(
+            "this KV cache was filled under dyvte.withdraw (layers >= K hold only the kept tokens) and its handle "
+            "has been removed: decode under the same handle (inside its `with` block, or before handle.remove()), "
+            "or prefill again without withdrawal"
+        )
+
+    cache.update = update  # an instance attribute: the cache's own class is untouched
+    cache._dyvte_sealed = True
 
 
 def withdraw(

@@ -1,6 +1,8 @@
-"""Trains the embedded demo MLLM from scratch and saves it to checkpoints/demo-mllm (+ dataset to demo-data).
+"""Trains the embedded demo MLLM from scratch; saves it to runs/pretrain-demo/mllm (+ dataset to .../data).
 
     python train/pretrain_demo.py --config configs/pretrain_demo.yaml
+    python train/pretrain_demo.py --config configs/pretrain_demo.yaml \
+        --output_dir checkpoints/demo-mllm --data_dir checkpoints/demo-data     # regenerate the committed demo
 
 Any field can be overridden on the command line, e.g. ``--train.mllm.steps 100`` for a smoke run.
 """

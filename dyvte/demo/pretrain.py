@@ -18,8 +18,9 @@ Six phases, each a Lightning ``fit`` on an endless, seeded stream of scenes draw
 6. "Consolidation": phase 4 again on a fresh stream of full scenes, which restores the other types (phase 5 alone
    forgets them) and spreads the matching skill to dense scenes.
 
-``run_pretraining`` then saves model + processor to ``checkpoints/demo-mllm`` and the dataset to
-``checkpoints/demo-data``. ``train/pretrain_demo.py`` is its command-line launcher.
+``run_pretraining`` then saves model + processor to ``runs/pretrain-demo/mllm`` and the dataset to
+``runs/pretrain-demo/data`` (ignored by git; pass ``output_dir`` / ``data_dir`` to regenerate the committed
+``checkpoints/demo-mllm`` and ``checkpoints/demo-data``). ``train/pretrain_demo.py`` is its command-line launcher.
 """
 
 from __future__ import annotations
@@ -417,8 +418,8 @@ def run_pretraining(
         scene: Scene layout.
         sizes: Records per split of the stored dataset.
         seed: Seed of the dataset, the training stream and the initialisation.
-        output_dir: Where model + processor go (default ``checkpoints/demo-mllm``).
-        data_dir: Where the dataset goes (default ``checkpoints/demo-data``).
+        output_dir: Where model + processor go (default ``<repo>/runs/pretrain-demo/mllm``).
+        data_dir: Where the dataset goes (default ``<repo>/runs/pretrain-demo/data``).
         init_from: Start from this saved model + processor instead of a random one (set a phase's ``steps`` to 0
             to skip it, e.g. to run only the continuation).
 
@@ -428,8 +429,9 @@ def run_pretraining(
     model_cfg = model
     torch.set_num_threads(train.threads)
     L.seed_everything(seed, workers=True)
-    out_dir = Path(output_dir) if output_dir else demo_checkpoint_dir()
-    data_path = Path(data_dir) if data_dir else demo_checkpoint_dir("demo-data")
+    runs = demo_checkpoint_dir().parents[1] / "runs" / "pretrain-demo"  # <repo>/runs: ignored by git
+    out_dir = Path(output_dir) if output_dir else runs / "mllm"
+    data_path = Path(data_dir) if data_dir else runs / "data"
 
     dataset = build_dataset(seed, sizes, scene)
     dataset.save_to_disk(str(data_path))
