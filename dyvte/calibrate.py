@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .io import write_text_atomic
+from .modes import eval_mode
 from .registry import resolve, unwrap
 from .withdraw import withdraw
 
@@ -26,6 +28,7 @@ __all__ = ["Calibration", "calibrate", "kl_divergence", "scored_positions"]
 logger = logging.getLogger(__name__)
 
 FILENAME = "calibration.json"
+POSITIONS = ("first", "answer")
 
 
 @dataclass
@@ -53,12 +56,44 @@ class Calibration:
     met: bool
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``calibration.json`` into ``directory`` (created if needed); returns the file path."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        file = path / FILENAME
-        file.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return file
+        """Write ``calibration.json`` into ``directory`` (created if needed, written atomically); returns its path."""
+        self.validate(Path(directory) / FILENAME)
+        return write_text_atomic(Path(directory) / FILENAME, json.dumps(asdict(self), indent=2) + "\n")
+
+    def validate(self, source: str | Path = "calibration") -> None:
+        """Raise ``ValueError`` (naming ``source``) unless the fields agree with each other.
+
+        The stored layer must be the one its own KL curve and threshold choose, ``met`` must say whether a K < L
+        met the threshold, and the curve must hold ``L + 1`` values.
+        """
+        problems = []
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
+            raise ValueError(f"{source}: num_layers must be a positive int, got {self.num_layers!r}")
+        if not isinstance(self.kl_per_layer, list) or len(self.kl_per_layer) != self.num_layers + 1:
+            raise ValueError(
+                f"{source}: kl_per_layer must hold L + 1 = {self.num_layers + 1} values (K = 0..L), "
+                f"got {self.kl_per_layer!r:.80}"
+            )
+        if self.positions not in POSITIONS:
+            problems.append(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
+            problems.append(f"threshold eta must be > 0, got {self.threshold!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            problems.append(f"num_samples must be a positive int, got {self.num_samples!r}")
+        if not problems:
+            layer, met = choose_layer(self.kl_per_layer, self.threshold, self.num_layers)
+            if (self.layer, self.met) != (layer, met):
+                kl = (
+                    self.kl_per_layer[self.layer]
+                    if isinstance(self.layer, int) and 0 <= self.layer <= self.num_layers
+                    else None
+                )
+                problems.append(
+                    f"it stores layer={self.layer!r}, met={self.met!r}, but its own KL curve and threshold "
+                    f"eta={self.threshold:g} choose layer={layer}, met={met} (KL at the stored layer: {kl})"
+                )
+        if problems:
+            raise ValueError(f"{source} is not a consistent dyvte calibration: " + "; ".join(problems))
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -68,11 +103,13 @@ class Calibration:
             file = file / FILENAME
         try:
             data = json.loads(file.read_text())
-            return cls(**data)
+            calibration = cls(**data)
         except FileNotFoundError:
             raise
-        except (json.JSONDecodeError, TypeError) as err:
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
             raise ValueError(f"{file} is not a dyvte calibration file: {err}") from err
+        calibration.validate(file)
+        return calibration
 
     def with_threshold(self, threshold: float) -> Calibration:
         """The same KL curve with the layer chosen for another eta (no model run needed)."""
@@ -106,12 +143,18 @@ def kl_divergence(logits_withdrawn: torch.Tensor, logits_full: torch.Tensor) -> 
     return (log_w.exp() * (log_w - log_f)).sum(-1)
 
 
+def _check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+
+
 def scored_positions(batch: dict, positions: str) -> torch.Tensor:
     """``(B, T)`` bool: the positions whose next-token distribution is compared.
 
     ``"first"``: the last prompt position (left padding: column ``T - 1`` without labels; with labels, the position
     before the first answer token). ``"answer"``: every position that predicts a labelled token.
     """
+    _check_positions(positions)
     ids = batch["input_ids"]
     labels = batch.get("labels")
     if labels is None:
@@ -142,7 +185,8 @@ def calibrate(
     """Choose the static exit layer by the VTW KL criterion.
 
     Args:
-        model: a supported model, in eval mode.
+        model: a supported model (run in eval mode; a model in training mode is switched, with a warning, and
+            restored afterwards).
         batches: model-input dicts (``input_ids``, ``attention_mask``, pixel tensors, optionally ``labels`` marking
             teacher-forced answer tokens). Iterated once per candidate layer, so a list is best.
         threshold: eta > 0; the chosen K is the smallest whose mean KL <= eta.
@@ -155,10 +199,22 @@ def calibrate(
     """
     if not threshold > 0:
         raise ValueError(f"threshold eta must be > 0, got {threshold}")
+    _check_positions(positions)
     model = unwrap(model)
+    with eval_mode(model, "calibrate"):
+        return _calibrate(model, list(batches), threshold, positions, layers, progress)
+
+
+def _calibrate(
+    model: nn.Module,
+    batches: list[dict],
+    threshold: float,
+    positions: str,
+    layers: Iterable[int] | None,
+    progress: bool,
+) -> Calibration:
     spec = resolve(model)
     num_layers = spec.num_layers
-    batches = list(batches)
     if not batches:
         raise ValueError("calibration needs at least one batch")
     candidates = sorted(set(range(num_layers + 1) if layers is None else layers) | {num_layers})

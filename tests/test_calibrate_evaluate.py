@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -100,8 +101,9 @@ def test_non_positive_threshold_is_refused(tiny, eta):
 def test_calibration_for_another_model_or_corrupt_file_is_refused(tiny, tmp_path):
     model, processor = tiny
     cal = dyvte.calibrate(model, batches(processor, records(2), 2), progress=False, layers=[1])
-    cal.num_layers = 12
-    cal.save(tmp_path / "other")
+    nan = float("nan")
+    other = dataclasses.replace(cal, num_layers=12, layer=12, met=False, kl_per_layer=[nan] * 12 + [0.0])
+    other.save(tmp_path / "other")  # a consistent calibration of a 12-layer model
     with pytest.raises(ValueError, match="12 layers"):
         dyvte.withdraw(model, calibration=tmp_path / "other")
     (tmp_path / "bad").mkdir()

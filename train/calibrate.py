@@ -21,9 +21,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
+from dyvte.calibrate import POSITIONS  # noqa: E402
 from dyvte.data import build_inputs, iter_batches  # noqa: E402
-from dyvte.sources import load_model, load_records  # noqa: E402
+from dyvte.sources import DTYPES, load_model, load_records  # noqa: E402
 from dyvte.training import REPO_ROOT  # noqa: E402
+
+
+def check_arguments(
+    threshold: float, report_thresholds: list[float], positions: str, samples: int, batch_size: int, dtype: str
+) -> None:
+    """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
+    for name, eta in [("--threshold", threshold), *(("--report_thresholds", t) for t in report_thresholds)]:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
+            raise ValueError(f"{name}: a KL threshold eta must be a number > 0, got {eta!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"--positions must be one of {POSITIONS}, got {positions!r}")
+    for name, value in (("--samples", samples), ("--batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
 def main(
@@ -53,6 +70,7 @@ def main(
         output: directory for calibration.json (pass checkpoints/demo-calibration to regenerate the committed one).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_arguments(threshold, report_thresholds, positions, samples, batch_size, dtype)  # before any work
     mllm, processor = load_model(model, dtype)
     records = load_records(data, split, samples)
     batches = [
