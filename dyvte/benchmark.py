@@ -11,12 +11,16 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria
+from transformers import StoppingCriteria
 
 from .compat import cache_out
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
 __all__ = [
     "DTYPES",
@@ -90,6 +94,9 @@ def build_random_llava(
     shape: LlavaShape, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", attn: str = "sdpa", seed: int = 0
 ) -> LlavaForConditionalGeneration:
     """A real ``LlavaForConditionalGeneration`` with random weights of the given shape, in eval mode."""
+    # lazy: transformers' LLaVA / Llama / CLIP model code takes seconds to import and only this function needs it
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
     vision = CLIPVisionConfig(
         hidden_size=shape.vision_hidden,
         intermediate_size=2 * shape.vision_hidden,

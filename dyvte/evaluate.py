@@ -5,6 +5,9 @@ exit-layer mean and percentiles, mean prefill FLOPs relative to the full model (
 convention, text decoder + LM head on one position), mean KV-cache bytes per sample after the prefill
 (``dyvte.prefill_kv_bytes``, padding excluded), and wall-clock prefill and total generation time per sample
 (overall only: batches mix question types). Metrics are accumulated with ``torchmetrics``.
+
+``torchmetrics`` (slow to import), ``matplotlib`` and the benchmark helpers (which pull transformers' LLaVA model
+code) are imported inside the functions that use them, so that ``import dyvte`` stays cheap.
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchmetrics.aggregation import CatMetric, MeanMetric
 from tqdm.auto import tqdm
 
-from .benchmark import StepClock
 from .data import build_inputs, iter_batches, normalize_answer
 from .flops import prefill_flops, prefill_kv_bytes
 from .methods import Full, Method
@@ -89,6 +90,8 @@ class _Meters:
     """torchmetrics accumulators for one group of samples."""
 
     def __init__(self) -> None:
+        from torchmetrics.aggregation import CatMetric, MeanMetric  # lazy: torchmetrics takes seconds to import
+
         self.accuracy, self.agreement, self.flops = MeanMetric(), MeanMetric(), MeanMetric()
         self.kv_bytes = MeanMetric()
         self.exits = CatMetric()
@@ -149,6 +152,8 @@ def evaluate(
     Returns:
         The :class:`EvalResult`.
     """
+    from .benchmark import StepClock  # lazy: the benchmark module imports transformers' LLaVA model code
+
     method = method or Full()
     model = unwrap(model)
     spec = resolve(model)

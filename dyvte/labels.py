@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Array2D, Dataset, Features, Sequence, Value
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,6 +28,9 @@ from .data import build_inputs, iter_batches
 from .heads import head_features
 from .registry import resolve, unwrap
 from .withdraw import withdraw
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 __all__ = ["answer_loss", "exit_safe", "smallest_safe_layer", "build_label_cache", "on_the_fly_labels"]
 
@@ -119,6 +122,8 @@ def build_label_cache(
         (``L`` bools: withdrawal at K = 0..L-1 is safe), ``safe_layer`` (smallest K with every K' >= K safe),
         ``qtype`` and ``index`` (row in ``dataset``).
     """
+    from datasets import Array2D, Dataset, Features, Sequence, Value  # lazy: only the label cache needs datasets
+
     model = unwrap(model)
     spec = resolve(model)
     num_layers, width = spec.num_layers, 2 * spec.text_config.hidden_size

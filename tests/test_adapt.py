@@ -13,8 +13,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import dyvte
-from dyvte.adapt import AdaptData, AdaptModule, adapt_loss, add_lora, decoder_target_regex, draw_exit_layers
-from dyvte.data import build_inputs
+from dyvte.adapt import (
+    AdaptData,
+    AdaptModule,
+    adapt_loss,
+    add_lora,
+    compare_sweeps,
+    decoder_target_regex,
+    draw_exit_layers,
+)
+from dyvte.data import build_inputs, normalize_answer
 from dyvte.methods import Full, Static
 from dyvte.sources import load_model
 
@@ -197,14 +205,92 @@ def _load_script(name: str):
     return module
 
 
+def _oracle_comparison(base_dir: Path, adapted_dir: Path, gold: list[str], tolerance: float) -> dict:
+    """The summary ``compare_sweeps`` documents, computed here from each run's saved per-method answers.
+
+    Accuracy of a result: the fraction of its answers equal to the normalized gold answer. Earliest K: the smallest K
+    whose static-withdrawal accuracy is at least the base full accuracy minus ``tolerance`` (L when none is); with
+    "every later K too", every K' >= K must reach it as well.
+    """
+
+    def load(run: Path, name: str) -> tuple[dyvte.EvalResult, float]:
+        result = dyvte.EvalResult.load(run / f"{name}.json")
+        accuracy = sum(a == normalize_answer(g) for a, g in zip(result.answers, gold, strict=True)) / len(gold)
+        assert result.accuracy == pytest.approx(accuracy)  # the harness measured what the oracle recounts
+        return result, accuracy
+
+    base_full, base_accuracy = load(base_dir, "full")
+    target = base_accuracy - tolerance
+    summary: dict = {"target_accuracy": target, "base_full_accuracy": base_accuracy}
+    for name, run in (("base", base_dir), ("adapted", adapted_dir)):
+        sweep = [load(run, f"static_K={k}") for k in range(NUM_LAYERS + 1)]
+        reach = [accuracy >= target for _, accuracy in sweep]
+        earliest = reach.index(True) if any(reach) else NUM_LAYERS
+        every = next((k for k in range(NUM_LAYERS + 1) if all(reach[k:])), NUM_LAYERS)
+        summary[name] = {
+            "earliest_K": earliest,
+            "accuracy": sweep[earliest][1],
+            "relative_flops": sweep[earliest][0].flops,
+            "earliest_K_every_later_K_too": every,
+        }
+    adapted_full = dyvte.EvalResult.load(adapted_dir / "full.json")
+    same = [a == b for a, b in zip(base_full.answers, adapted_full.answers, strict=True)]
+    agreement = {"all": sum(same) / len(same)}
+    for qtype in sorted(set(base_full.qtypes)):
+        rows = [agree for agree, q in zip(same, base_full.qtypes, strict=True) if q == qtype]
+        agreement[qtype] = sum(rows) / len(rows)
+    summary["agreement_with_base_withdrawal_off"] = agreement
+    return summary
+
+
 def test_evaluate_script_on_the_adapter_dir_and_side_by_side_comparison(adapter_dir, setup_dir, capsys):
     evaluate_main = _load_script("evaluate").main
-    common = {"data": str(setup_dir / "records.jsonl"), "split": "train", "batch_size": 6, "max_new_tokens": 2}
+    common = {"split": "train", "batch_size": 6, "max_new_tokens": 2}
+    # gold answers = the base model's own full answers: accuracy is then agreement with it, which withdrawal changes
+    # K by K (the tiny models never produce the records' answers: every accuracy would be 0 and every K "earliest")
+    first = evaluate_main(
+        model=str(setup_dir / "model"),
+        data=str(setup_dir / "records.jsonl"),
+        methods=["full"],
+        output_dir=str(setup_dir / "eval-gold"),
+        **common,
+    )[0]
+    lines = [json.loads(line) for line in (setup_dir / "records.jsonl").read_text().splitlines()]
+    gold = list(first.answers)
+    (setup_dir / "records-gold.jsonl").write_text(
+        "".join(json.dumps({**r, "answer": a}) + "\n" for r, a in zip(lines, gold, strict=True))
+    )
     for model, out in ((setup_dir / "model", "eval-base"), (adapter_dir, "eval-lora")):
-        evaluate_main(model=str(model), methods=["full", "static:all"], output_dir=str(setup_dir / out), **common)
-    _load_script("adapt").compare(str(setup_dir / "eval-base"), str(setup_dir / "eval-lora"))
+        evaluate_main(
+            model=str(model),
+            data=str(setup_dir / "records-gold.jsonl"),
+            methods=["full", "static:all"],
+            output_dir=str(setup_dir / out),
+            **common,
+        )
+    base_dir, lora_dir = setup_dir / "eval-base", setup_dir / "eval-lora"
+    capsys.readouterr()
+    _load_script("adapt").compare(str(base_dir), str(lora_dir))
     printed = capsys.readouterr().out
     assert "| K | base accuracy | adapted accuracy |" in printed
-    summary = json.loads((setup_dir / "eval-lora" / "comparison.json").read_text())
-    assert 0 <= summary["base"]["earliest_K"] <= NUM_LAYERS and 0 <= summary["adapted"]["earliest_K"] <= NUM_LAYERS
-    assert 0.0 <= summary["agreement_with_base_withdrawal_off"]["all"] <= 1.0
+    summary = json.loads((lora_dir / "comparison.json").read_text())
+    expected = _oracle_comparison(base_dir, lora_dir, gold, 0.005)  # compare()'s default tolerance
+    assert summary == _approx_nested(expected)
+    for k in range(NUM_LAYERS + 1):  # the printed table: one row per K with both accuracies
+        base_k = dyvte.EvalResult.load(base_dir / f"static_K={k}.json")
+        lora_k = dyvte.EvalResult.load(lora_dir / f"static_K={k}.json")
+        assert f"| {k} | {base_k.accuracy:.3f} | {lora_k.accuracy:.3f} | {base_k.flops:.3f} |" in printed
+    earliest = set()
+    for tolerance in (0.005, 0.6, 0.95):  # targets 0.995, 0.4, 0.05 of accuracy 1: different earliest K
+        for adapted in (lora_dir, base_dir):  # the base run against itself: every answer agrees
+            _, got = compare_sweeps(base_dir, adapted, tolerance)
+            want = _oracle_comparison(base_dir, adapted, gold, tolerance)
+            assert got == _approx_nested(want), (tolerance, adapted.name)
+        assert want["adapted"] == want["base"] and set(want["agreement_with_base_withdrawal_off"].values()) == {1.0}
+        earliest.add(want["base"]["earliest_K"])
+    assert expected["base_full_accuracy"] == 1.0 and len(earliest) > 1  # the rule is exercised, not vacuous
+
+
+def _approx_nested(expected: dict) -> dict:
+    """``expected`` with every float wrapped in ``pytest.approx`` (nested dicts compare key by key)."""
+    return {k: _approx_nested(v) if isinstance(v, dict) else pytest.approx(v) for k, v in expected.items()}

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import dyvte
 from dyvte.benchmark import kv_cache_bytes
 from dyvte.compat import cache_out
+from dyvte.data import build_inputs
 from dyvte.methods import Prune, parse_method
 from dyvte.registry import resolve
 
@@ -72,23 +77,62 @@ def test_fastervlm_keeps_the_top_cls_attention_patches(feature_layer):
         assert torch.equal(kept.nonzero().flatten(), expected)
 
 
-def test_llava_next_views_are_pruned_on_their_own_and_newlines_stay():
+def documented_budget(count: int, budget: dict) -> int:
+    """prune.py's documented budget for a view of ``count`` patches (``VIEW`` when whole), in exact arithmetic."""
+    if "ratio" in budget:  # max(1, floor((1 - R) * n + 0.5))
+        share = 1 - Fraction(budget["ratio"])
+    else:  # keep=k of a full view's N: max(1, floor(n * k / N + 0.5))
+        share = Fraction(budget["keep"], VIEW)
+    return max(1, math.floor(count * share + Fraction(1, 2)))
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.75}, {"keep": 5}])
+def test_llava_next_views_are_pruned_on_their_own_and_newlines_stay(budget):
+    """Each view (base view, every unpadded crop) keeps exactly its own budget, its top-[CLS] patches; newlines stay.
+
+    The oracle is independent of prune.py's packing code: every packed feature entry is matched to the (view, patch)
+    it came from by comparing it with the features of each view run through the tower and projector on its own;
+    the budget of a view follows the rule of prune.py's module docstring for the patches that survived unpadding.
+    """
     model, processor = make_tiny("llava_next", attn="eager")
     inputs = encode(processor, "llava_next")
-    newline = model.model.image_newline
+    # a 32 px image's one crop is pixel for pixel its base view: a little noise makes every view tell apart
+    noise = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(0))
+    inputs["pixel_values"] = inputs["pixel_values"] + 0.5 * noise
+    cfg, newline = model.config, model.model.image_newline
     with torch.no_grad():
-        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-        base_views = inputs["pixel_values"][:, 0]  # (images, C, H, W): each image's base view
-        attn = model.model.vision_tower(base_views, output_attentions=True).attentions[-1]
-    ratio = 0.75
-    with dyvte.prune(model, "fastervlm", ratio=ratio) as handle, torch.no_grad():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    with dyvte.prune(model, "fastervlm", **budget) as handle, torch.no_grad():
         model(**inputs)
-    for image, kept in enumerate(handle.kept_features):
-        expected = attn[image, :, 0, 1:].mean(0).topk(expected_kept(VIEW, ratio)).indices.sort().values
-        assert torch.equal(kept[:VIEW].nonzero().flatten(), expected)  # the base view comes first
-        is_newline = (features[image] == newline).all(-1)
-        assert is_newline.sum() > 0 and kept[is_newline].all()
-        assert kept[VIEW:][~is_newline[VIEW:]].sum() < (~is_newline[VIEW:]).sum()
+    assert len(handle.kept_features) == len(packed) == 3
+    crops_seen = 0
+    for image, (features, kept) in enumerate(zip(packed, handle.kept_features, strict=True)):
+        views = image_size_to_num_patches(inputs["image_sizes"][image], cfg.image_grid_pinpoints, 32)
+        with torch.no_grad():
+            out = model.model.vision_tower(
+                inputs["pixel_values"][image, :views], output_hidden_states=True, output_attentions=True
+            )
+            per_view = model.model.multi_modal_projector(out.hidden_states[-1][:, 1:])  # (views, N, D)
+        cls_scores = out.attentions[-1][:, :, 0, 1:].mean(1)  # (views, N): [CLS] -> patch, mean over heads
+        is_newline = (features == newline).all(-1)
+        assert is_newline.sum() > 0 and kept[is_newline].all()  # every newline token stays
+        distance = torch.cdist(features[~is_newline], per_view.flatten(0, 1))  # (entries, views * N)
+        nearest = distance.min(1)
+        assert distance.sort(1).values[:, 1].min() > 100 * nearest.values.max()  # unambiguous
+        origin = nearest.indices  # (entries,) view * N + patch
+        assert origin.unique().numel() == origin.numel()  # each entry is a distinct patch
+        view_of, patch_of = origin // VIEW, origin % VIEW
+        kept_entries = kept[~is_newline]
+        assert torch.equal(view_of[:VIEW], torch.zeros(VIEW, dtype=torch.long))  # the base view comes first, whole
+        for view in range(views):
+            present = patch_of[view_of == view]  # the patches of this view that survived unpadding
+            chosen = patch_of[(view_of == view) & kept_entries]
+            count = documented_budget(present.numel(), budget)
+            assert chosen.numel() == count, (image, view, present.numel())
+            top = present[cls_scores[view, present].topk(count).indices]
+            assert torch.equal(chosen.sort().values, top.sort().values)
+        crops_seen += sum(int((view_of == v).sum()) < VIEW for v in range(1, views))
+    assert crops_seen > 0  # some crop is unpadded: its budget differs from the base view's
 
 
 @pytest.mark.parametrize(("family", "layer"), [("llava", 2), ("qwen2_vl", 1), ("gemma3", 4)])
@@ -209,11 +253,23 @@ def test_flops_and_harness():
     processor.chat_template = TEMPLATE
     data = records(4)
     full = dyvte.evaluate(model, processor, data, batch_size=2, progress=False)
-    for method, rel in [(Prune("fastervlm", ratio=0.75), (16 + 4) / (16 + 16)), (Prune("fastv", 0.75, layer=2), None)]:
+    assert full.relative_flops == [1.0] * len(data)
+    # each record alone: its tokens (padding excluded) and visual tokens, and what the documented budget keeps
+    alone = [build_inputs(processor, [r]) for r in data]
+    tokens = torch.tensor([int(x["attention_mask"].sum()) for x in alone])
+    visual = torch.tensor([int(torch.isin(x["input_ids"], resolve(model).visual_ids).sum()) for x in alone])
+    assert visual.tolist() == [VIEW] * len(data)
+    kept = torch.tensor([expected_kept(int(v), 0.75) for v in visual])  # 16 -> 4
+    unpruned = flops(cfg, tokens, visual).full  # the reference of "relative": the full model on the full prompt
+    expected = {  # FasterVLM: the LLM receives a shorter prompt; FastV: layers >= K see the kept visual tokens
+        "fastervlm": flops(cfg, tokens - visual + kept, kept).full / unpruned,
+        "fastv": flops(cfg, tokens, visual, 2, visual_after=kept).flops / unpruned,
+    }
+    for method in (Prune("fastervlm", ratio=0.75), Prune("fastv", 0.75, layer=2)):
         result = dyvte.evaluate(model, processor, data, method, reference=full, batch_size=2, progress=False)
-        assert 0.3 < result.flops < 1.0
-        if rel is not None:  # 16 -> 4 visual tokens: tokens fed shrink accordingly
-            assert all(r < 1.0 for r in result.relative_flops)
+        assert result.relative_flops == pytest.approx(expected[method.method].tolist(), rel=1e-12)
+        assert result.flops == pytest.approx(float(expected[method.method].mean()), rel=1e-6)
+        assert result.exit_layers == [2 if method.method == "fastv" else layers] * len(data)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -241,11 +297,56 @@ def test_bad_inputs_are_clear_errors():
         dyvte.withdraw(model, layer=1)
     with dyvte.prune(model, "random", ratio=0.5), pytest.raises(dyvte.PruneError, match="already pruned"):
         dyvte.prune(model, "fastervlm", ratio=0.5)
-    qwen, _ = make_tiny("qwen2_vl", num_layers=2)
+    qwen, qwen_processor = make_tiny("qwen2_vl", num_layers=2)
     with pytest.raises(dyvte.UnsupportedModelError, match="llava, llava_next"):
         dyvte.prune(qwen, "fastervlm", ratio=0.5)
-    with dyvte.prune(qwen, "fastv", layer=1, ratio=0.5):  # FastV works on every family
-        pass
+    check_fastv_equals_masking_oracle(qwen, encode(qwen_processor, "qwen2_vl"), layer=1, ratio=0.5)  # every family
+
+
+@torch.no_grad()
+def masked_keys_logits(model, inputs: dict, layer: int, blocked: torch.Tensor) -> torch.Tensor:
+    """Full-length logits ``(B, T, V)`` of a run whose layers ``>= layer`` may not attend to the ``blocked`` keys.
+
+    The oracle of tests/oracle.py with the blocked set given (there: every visual token; here: FastV's pruned ones).
+    """
+    spec = resolve(model)
+    num_tokens = blocked.shape[1]
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # SDPA's implicit causal mask
+            mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()[None, None]
+            mask = mask.expand(blocked.shape[0], 1, num_tokens, num_tokens)
+        diag = torch.eye(num_tokens, mask.shape[-1], dtype=torch.bool)[None, None]
+        block = blocked[:, None, None, :] & ~diag  # a query still sees itself: keeps the softmax finite
+        mask = mask & ~block if mask.dtype == torch.bool else mask.masked_fill(block, torch.finfo(mask.dtype).min)
+        return args, {**kwargs, "attention_mask": mask}
+
+    hooks = [spec.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(layer, spec.num_layers)]
+    try:
+        return model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def check_fastv_equals_masking_oracle(model, inputs: dict, layer: int, ratio: float) -> None:
+    """FastV keeps each row's budget of visual tokens and its logits are those of masking the pruned keys at >= K."""
+    mask = inputs["attention_mask"].bool()
+    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids) & mask
+    with dyvte.prune(model, "fastv", layer=layer, ratio=ratio) as handle, torch.no_grad():
+        logits = handle.to_input_positions(model(**inputs).logits)  # (B, T, V)
+    budgets = [expected_kept(int(n), ratio) if n else 0 for n in visual.sum(1)]
+    assert handle.visual_after.tolist() == budgets and handle.kept_visual.sum(1).tolist() == budgets
+    assert not (handle.kept_visual & ~visual).any()
+    dropped = visual & ~handle.kept_visual
+    assert dropped.any()
+    reference = masked_keys_logits(model, inputs, layer, dropped)
+    fed = mask & ~dropped  # text and kept visual positions: the ones FastV computes
+    torch.testing.assert_close(logits[fed], reference[fed], atol=2e-6, rtol=1e-5)
+    unpruned = masked_keys_logits(model, inputs, layer, torch.zeros_like(dropped))
+    assert (unpruned[fed] - reference[fed]).abs().max() > 1e-3  # the oracle is not the unpruned model
+    assert not model._forward_pre_hooks
 
 
 @pytest.mark.parametrize(
