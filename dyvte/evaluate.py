@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from .data import build_inputs, iter_batches, normalize_answer
 from .flops import prefill_flops, prefill_kv_bytes
+from .io import atomic_path, write_text_atomic
 from .methods import Full, Method
+from .modes import eval_mode
 from .registry import resolve, unwrap
 
 __all__ = [
@@ -76,9 +78,8 @@ class EvalResult:
         return self.metrics[OVERALL]["relative_flops"]
 
     def save(self, path: str | Path) -> None:
-        """Write the result as JSON."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        """Write the result as JSON (atomically: a failed save leaves the file that stood there)."""
+        write_text_atomic(path, json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
@@ -137,7 +138,7 @@ def evaluate(
     """Run ``dataset`` through greedy ``generate`` under ``method`` and measure it.
 
     Args:
-        model: a supported model in eval mode.
+        model: a supported model (run in eval mode, see below).
         processor: its processor (chat template, left padding).
         dataset: a ``datasets.Dataset`` (or list) of records with ``image``, ``question``, ``answer`` and
             optionally ``qtype``.
@@ -151,10 +152,33 @@ def evaluate(
 
     Returns:
         The :class:`EvalResult`.
+
+    The model runs in eval mode (a model in training mode is switched, with a warning, and restored afterwards):
+    dropout would change the answers and every metric.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"evaluate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    with eval_mode(model, "evaluate"):
+        return _evaluate(
+            model, processor, dataset, method or Full(), reference, batch_size, max_new_tokens, progress, warmup
+        )
+
+
+def _evaluate(
+    model: nn.Module,
+    processor,
+    dataset,
+    method: Method,
+    reference: EvalResult | None,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+    warmup: bool,
+) -> EvalResult:
     from .benchmark import StepClock  # lazy: the benchmark module imports transformers' LLaVA model code
 
-    method = method or Full()
     model = unwrap(model)
     spec = resolve(model)
     if reference is None and not isinstance(method, Full):
@@ -324,6 +348,8 @@ def plot_sweep(results: list[EvalResult], path: str | Path, title: str = "accura
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # the format is named: the temporary file's suffix is not .png
+            fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)

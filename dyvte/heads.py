@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .io import atomic_path
 from .layout import take
 from .registry import resolve, unwrap
 from .withdraw import Withdrawal, _Forward
@@ -143,12 +144,23 @@ class ExitHeads(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``exit_heads.safetensors`` (the heads' weights only) and ``exit_heads_config.json``."""
+        """Write ``exit_heads.safetensors`` (the heads' weights only) and ``exit_heads_config.json``, atomically.
+
+        Both files are written to temporary files beside their targets and renamed over them only once both are
+        complete, so a save that fails midway leaves the heads that stood in ``directory`` loadable and unchanged.
+
+        Raises:
+            NotADirectoryError: ``directory`` is an existing file.
+        """
         path = Path(directory)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is an existing file: exit heads are saved into a directory")
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt", "dyvte": "exit_heads"})
-        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        config = json.dumps(asdict(self.config), indent=2) + "\n"
+        with atomic_path(path / WEIGHTS_NAME) as weights, atomic_path(path / CONFIG_NAME) as config_file:
+            save_file(state, str(weights), metadata={"format": "pt", "dyvte": "exit_heads"})
+            config_file.write_text(config)
         return path
 
     @classmethod

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import build_inputs, iter_batches
 from .heads import head_features
+from .modes import eval_mode
 from .registry import resolve, unwrap
 from .withdraw import withdraw
 
@@ -109,7 +110,7 @@ def build_label_cache(
     """Labels at every exit layer and head inputs at every layer, once per sample.
 
     Args:
-        model: the frozen MLLM (eval mode).
+        model: the frozen MLLM.
         processor: its processor.
         dataset: records with ``image``, ``question``, ``answer`` (and ``qtype``).
         batch_size: rows per forward.
@@ -121,7 +122,21 @@ def build_label_cache(
         A ``datasets.Dataset`` with columns ``features`` (``(L-1, 2d)`` float32: head j's input), ``safe``
         (``L`` bools: withdrawal at K = 0..L-1 is safe), ``safe_layer`` (smallest K with every K' >= K safe),
         ``qtype`` and ``index`` (row in ``dataset``).
+
+    The model runs in eval mode (a model in training mode is switched, with a warning, and restored afterwards):
+    dropout would make the labels and features random.
     """
+    if len(dataset) == 0:
+        raise ValueError("build_label_cache: the dataset is empty (no record to label)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"build_label_cache: batch_size must be an int >= 1, got {batch_size!r}")
+    with eval_mode(model, "build_label_cache (labelling)"):
+        return _build_label_cache(model, processor, dataset, batch_size, agree, loss_ratio, progress)
+
+
+def _build_label_cache(
+    model: nn.Module, processor, dataset, batch_size: int, agree: float, loss_ratio: float, progress: bool
+) -> Dataset:
     from datasets import Array2D, Dataset, Features, Sequence, Value  # lazy: only the label cache needs datasets
 
     model = unwrap(model)
@@ -182,8 +197,16 @@ def on_the_fly_labels(
 
     Returns:
         ``(features (B, 2d), safe (B,))`` for head ``layer - 1``.
+
+    The model runs in eval mode (a model in training mode is switched, with a warning, and restored afterwards).
     """
-    model = unwrap(model)
+    with eval_mode(model, "on_the_fly_labels (labelling)"):
+        return _on_the_fly_labels(unwrap(model), inputs, layer, agree, loss_ratio)
+
+
+def _on_the_fly_labels(
+    model: nn.Module, inputs: dict, layer: int, agree: float, loss_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     spec = resolve(model)
     if not 1 <= layer < spec.num_layers:
         raise ValueError(f"on-the-fly labels need an exit layer in [1, {spec.num_layers - 1}], got {layer}")

@@ -7,7 +7,7 @@ per-row exit layers from ``handle.exit_layers`` after each ``generate``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,18 @@ from .calibrate import Calibration
 from .prune import prune
 from .withdraw import withdraw
 
-__all__ = ["Method", "Full", "Static", "Calibrated", "Heads", "Prune", "Compose", "parse_method"]
+__all__ = [
+    "Method",
+    "MethodError",
+    "Full",
+    "Static",
+    "Calibrated",
+    "Heads",
+    "Prune",
+    "Compose",
+    "check_method",
+    "parse_method",
+]
 
 
 class Method:
@@ -142,45 +153,147 @@ class Compose(Method):
             yield _Handles(inner, outer)
 
 
-def parse_method(spec: str, num_layers: int) -> list[Method]:
-    """Methods from a short string.
+#: the form of each method string, quoted in every error about one
+FORMS = {
+    "full": "full (no argument)",
+    "static": "static:K[,K...] (K an int in [0, L]; L never withdraws) or static:all",
+    "calibrated": "calibrated:DIR (a directory holding calibration.json, or the file itself)",
+    "heads": "heads:DIR[:P[,P...]] (DIR an exit-heads directory, P a P(exit) threshold in (0, 1])",
+    "fastervlm": "fastervlm:R[,R...] (R the fraction of visual tokens pruned, in [0, 1))",
+    "random": "random:R[,R...] (R the fraction of visual tokens pruned, in [0, 1))",
+    "fastv": "fastv:K:R[,R...] (K an int in [1, L], R the fraction of visual tokens pruned, in [0, 1))",
+    "+": "A+B (A pruning before the LLM: fastervlm:R or random:R; B withdrawal: static:K, calibrated:DIR or "
+    "heads:DIR[:P])",
+}
+PRUNE_BEFORE_LLM = ("fastervlm", "random")
+WITHDRAWALS = ("static", "calibrated", "heads")
 
-    ``full``, ``static:K[,K...]``, ``static:all`` (K = 0..L), ``calibrated:PATH``, ``heads:PATH[:P[,P...]]``
-    (exit heads at thresholds P), ``A+B`` (pruning A around withdrawal B, e.g. ``fastervlm:0.75+heads:DIR:0.5``),
-    and pruning with R the fraction
-    pruned: ``fastervlm:R[,R...]``, ``random:R[,R...]``, ``fastv:K:R[,R...]``.
+
+class MethodError(ValueError):
+    """A malformed or out-of-range method string; the message quotes it and gives its expected form."""
+
+
+def _fail(spec: str, kind: str, problem: str) -> MethodError:
+    form = FORMS.get(kind)
+    expected = f"expected {form}" if form else "expected one of: " + "; ".join(FORMS.values())
+    return MethodError(f"method {spec!r}: {problem}; {expected}")
+
+
+def _items(spec: str, kind: str, text: str, what: str) -> list[str]:
+    """The comma-separated items of ``text``, none of them empty."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise _fail(spec, kind, f"{what} is missing" if not text.strip() else f"an empty {what} in {text!r}")
+    return items
+
+
+def _int(spec: str, kind: str, text: str, low: int, high: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _fail(spec, kind, f"{what} {text!r} is not an int") from None
+    if not low <= value <= high:
+        raise _fail(spec, kind, f"{what} {value} is out of range [{low}, {high}] (this model has L={high} layers)")
+    return value
+
+
+def _float(spec: str, kind: str, text: str, what: str, ok: Callable[[float], bool], interval: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _fail(spec, kind, f"{what} {text!r} is not a number") from None
+    if not ok(value):  # also refuses nan
+        raise _fail(spec, kind, f"{what} {text} is outside {interval}")
+    return value
+
+
+def _ratio(spec: str, kind: str, text: str) -> float:
+    return _float(spec, kind, text, "pruned fraction R", lambda r: 0.0 <= r < 1.0, "[0, 1)")
+
+
+def parse_method(spec: str, num_layers: int) -> list[Method]:
+    """Methods from a short string; a malformed or out-of-range string raises :class:`MethodError` (a ValueError).
+
+    ``full``, ``static:K[,K...]`` (K in ``[0, L]``), ``static:all`` (K = 0..L), ``calibrated:PATH``,
+    ``heads:PATH[:P[,P...]]`` (exit heads at thresholds P in ``(0, 1]``; without P, the heads' saved threshold),
+    ``A+B`` (pruning A before the LLM around withdrawal B, e.g. ``fastervlm:0.75+heads:DIR:0.5``), and pruning with
+    R the fraction pruned, in ``[0, 1)``: ``fastervlm:R[,R...]``, ``random:R[,R...]``, ``fastv:K:R[,R...]``
+    (K in ``[1, L]``).
+
+    P = 0 would fire every head on every row (static:1 under another name) and P > 1 would never fire (the full model
+    under another name), so both are refused here; ``dyvte.withdraw(heads=..., threshold=...)`` itself still takes
+    any P >= 0. Calibration and heads directories are loaded (and checked for consistency) here; whether they, and
+    every K, fit a given model is checked by :func:`check_method`.
+
+    Raises:
+        MethodError: the message quotes ``spec`` and gives the expected form.
     """
+    if not isinstance(spec, str) or not spec.strip():
+        raise _fail(str(spec), "", "empty method string")
+    spec = spec.strip()
     if "+" in spec:  # e.g. "fastervlm:0.75+heads:DIR:0.5": every pair of the two sides
-        left, right = spec.split("+", 1)
+        parts = spec.split("+")
+        left, right = (parts[0].strip(), parts[1].strip()) if len(parts) == 2 else ("", "")
+        if left.partition(":")[0] not in PRUNE_BEFORE_LLM or right.partition(":")[0] not in WITHDRAWALS:
+            raise _fail(spec, "+", "a composition needs one pruning before the LLM, '+', and one withdrawal")
         return [Compose(o, i) for o in parse_method(left, num_layers) for i in parse_method(right, num_layers)]
-    kind, _, arg = spec.partition(":")
-    if kind in ("fastervlm", "random"):
-        return [Prune(kind, ratio=float(r)) for r in arg.split(",")]
+    kind, colon, arg = spec.partition(":")
+    if kind in PRUNE_BEFORE_LLM:
+        return [Prune(kind, ratio=_ratio(spec, kind, r)) for r in _items(spec, kind, arg, "ratio R")]
     if kind == "fastv":
         layer, _, ratios = arg.partition(":")
-        if not ratios:
-            raise ValueError(f"fastv needs fastv:K:R, got {spec!r}")
-        return [Prune("fastv", ratio=float(r), layer=int(layer)) for r in ratios.split(",")]
+        if not ratios.strip():
+            raise _fail(spec, kind, "FastV needs a layer K and ratios R")
+        k = _int(spec, kind, layer.strip(), 1, num_layers, "layer K")
+        return [Prune("fastv", ratio=_ratio(spec, kind, r), layer=k) for r in _items(spec, kind, ratios, "ratio R")]
     if kind == "full":
+        if colon:
+            raise _fail(spec, kind, "full takes no argument")
         return [Full()]
     if kind == "static":
-        if arg == "all":
+        if arg.strip() == "all":
             return [Static(k) for k in range(num_layers + 1)]
-        return [Static(int(k)) for k in arg.split(",")]
+        return [Static(_int(spec, kind, k, 0, num_layers, "exit layer K")) for k in _items(spec, kind, arg, "K")]
     if kind == "calibrated":
-        return [Calibrated(Calibration.load(arg))]
+        if not arg.strip():
+            raise _fail(spec, kind, "the calibration directory is missing")
+        try:
+            return [Calibrated(Calibration.load(arg))]
+        except (OSError, ValueError) as err:
+            raise _fail(spec, kind, f"cannot load the calibration: {err}") from err
     if kind == "heads":
         from .heads import ExitHeads
 
-        path, _, thresholds = arg.partition(":")
-        heads = ExitHeads.from_pretrained(path)
-        label = Path(path).name
-        return (
-            [Heads(heads, float(p), label) for p in thresholds.split(",")]
-            if thresholds
-            else [Heads(heads, None, label)]
+        path, colon, thresholds = arg.partition(":")
+        if not path.strip():
+            raise _fail(spec, kind, "the exit-heads directory is missing")
+        ps = (
+            [
+                _float(spec, kind, p, "threshold P", lambda t: 0.0 < t <= 1.0, "(0, 1]")
+                for p in _items(spec, kind, thresholds, "threshold P")
+            ]
+            if colon
+            else [None]
         )
-    raise ValueError(
-        f"unknown method {spec!r}: use full, static:K[,K...], static:all, calibrated:PATH, heads:PATH[:P,...], "
-        "fastervlm:R, random:R or fastv:K:R"
-    )
+        try:
+            heads = ExitHeads.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise _fail(spec, kind, f"cannot load the exit heads: {err}") from err
+        label = Path(path).name
+        return [Heads(heads, p, label) for p in ps]
+    raise _fail(spec, "", f"unknown method {kind!r}")
+
+
+def check_method(method: Method, model: nn.Module, spec: str | None = None) -> None:
+    """Raise :class:`MethodError` unless ``method`` can run on ``model``, without running the model.
+
+    The method's context is entered and left at once: that checks what it checks on entry (exit layers in range,
+    calibrations and exit heads made for this kind of model, pruning supported by the family, nesting) and leaves
+    the model exactly as before.
+    """
+    try:
+        with method.apply(model):
+            pass
+    except Exception as err:  # whatever entering the method refuses, named with the method string
+        label = spec if spec is not None else method.name
+        raise MethodError(f"method {label!r} ({method.name}) cannot run on this model: {err}") from err

@@ -7,7 +7,13 @@ that layer in the training labels (``balance=True``), since early layers are rar
 always are.
 
 Label caches live under ``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model weights,
-data, split, samples, agree, loss_ratio); a later run with the same key reuses the folder and says so in the log.
+data and its files' sizes / times, split, samples or held-out indices, agree, loss_ratio); a later run with the same
+key reuses the folder and says so in the log.
+
+Validation never reuses training records: when it would come from the same records as training (no ``val_data`` and
+a single records file or a split-less ``save_to_disk`` directory, or ``val_split == train_split``), a seeded
+held-out split is carved from them instead (:func:`held_out_split`), logged and recorded in ``training.json``.
+:func:`check_training_budget` and :func:`require_trained` keep the launchers from saving weights that never trained.
 :func:`head_validation` and :func:`format_head_table` give the per-head validation summary that ``train/fit.py``
 logs and writes to ``training.json``; :func:`quiet_lightning` silences Lightning's known harmless console noise.
 """
@@ -21,15 +27,20 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from datasets import load_from_disk
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MultilabelPrecision, MultilabelRecall
 
 from .heads import ExitHeads, ExitHeadsConfig
+from .io import write_text_atomic
 from .labels import build_label_cache
 from .registry import resolve
 
@@ -37,10 +48,14 @@ __all__ = [
     "ExitLabelData",
     "ExitHeadsModule",
     "REPO_ROOT",
+    "check_output_dir",
+    "check_training_budget",
     "default_label_cache_dir",
     "format_head_table",
     "head_validation",
+    "held_out_split",
     "quiet_lightning",
+    "require_trained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +65,65 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def default_label_cache_dir() -> Path:
     """Where label caches live unless ``cache_dir`` says otherwise: ``<repo>/runs/label-cache`` (ignored by git)."""
     return REPO_ROOT / "runs" / "label-cache"
+
+
+def held_out_split(
+    num_records: int, val_count: int, train_count: int | None = None, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Disjoint ``(train, val)`` record indices carved from one set of ``num_records`` records.
+
+    ``val`` is a seeded random sample of ``val_count`` indices (sorted); ``train`` is the first ``train_count`` of
+    the remaining indices in order (all of them when ``None``). The same arguments always give the same split.
+
+    Raises:
+        ValueError: ``val_count`` leaves no record for training, or is < 1.
+    """
+    if not 1 <= val_count < num_records:
+        raise ValueError(
+            f"cannot hold out {val_count} validation records from {num_records}: at least 1 must stay for training "
+            "and at least 1 is needed for validation"
+        )
+    val = sorted(int(i) for i in np.random.default_rng(seed).permutation(num_records)[:val_count])
+    held = set(val)
+    rest = [i for i in range(num_records) if i not in held]
+    return (rest if train_count is None else rest[:train_count]), val
+
+
+def _positive_int(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or null' if optional else ''}, got {value!r}")
+
+
+def _has_splits(data: str) -> bool:
+    """Whether ``data`` has named splits (the demo, a ``DatasetDict`` directory); single files have one set."""
+    return data == "demo" or (Path(data) / "dataset_dict.json").is_file()
+
+
+def _source_key(data: str) -> str:
+    return data if data == "demo" else str(Path(data).resolve())
+
+
+def _files_stamp(data: str) -> list[str]:
+    """Sizes and modification times of a records file or directory (an edited file must not reuse old labels)."""
+    if data == "demo":
+        return []
+    path = Path(data)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+
+
+@dataclass
+class _Split:
+    """One split to label: records ``split`` of ``data`` (the first ``samples``, or exactly ``indices``)."""
+
+    name: str
+    data: str
+    split: str
+    samples: int | None
+    indices: list[int] | None = None  # held-out carving: these records of the source, in this order
+    total: int | None = None  # records in the source the split was carved from
 
 
 class ExitLabelData(L.LightningDataModule):
@@ -62,7 +136,12 @@ class ExitLabelData(L.LightningDataModule):
         val_split: split used for validation.
         val_data: records for validation when they are not a split of ``data`` (default: ``data``).
         train_samples: records of ``train_split`` to label (``None``: all).
-        val_samples: records to label for validation.
+        val_samples: records to label for validation. When validation would come from the training records
+            themselves (no ``val_data`` and ``data`` a single file or a split-less directory, or ``val_split ==
+            train_split``), this many records are held out of them at random (seeded by ``split_seed``) and training
+            takes the first ``train_samples`` of the rest; ``None`` holds out ``val_fraction`` of them.
+        val_fraction: share of the records held out for validation in that case when ``val_samples`` is ``None``.
+        split_seed: seed of the held-out validation sample.
         label_rule: ``"layer"`` (head j learns the DyVTE label at exit layer j + 1) or ``"monotone"`` (head j
             learns "every exit layer >= j + 1 is safe", i.e. j + 1 >= the smallest safe layer).
         agree: DyVTE agreement threshold.
@@ -91,23 +170,45 @@ class ExitLabelData(L.LightningDataModule):
         label_batch_size: int = 64,
         cache_dir: str | None = None,
         relabel: bool = False,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         if label_rule not in ("layer", "monotone"):
             raise ValueError(f"label_rule must be 'layer' or 'monotone', got {label_rule!r}")
+        _positive_int("train_samples (--data.train_samples)", train_samples, optional=True)
+        _positive_int("val_samples (--data.val_samples)", val_samples, optional=True)
+        _positive_int("batch_size (--data.batch_size)", batch_size)
+        _positive_int("label_batch_size (--data.label_batch_size)", label_batch_size)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction (--data.val_fraction) must be in (0, 1), got {val_fraction!r}")
+        if not 0.0 <= agree < 1.0:
+            raise ValueError(f"agree (--data.agree) must be in [0, 1) (agreement must exceed it), got {agree!r}")
+        if not loss_ratio >= 1.0:
+            raise ValueError(
+                f"loss_ratio (--data.loss_ratio) must be >= 1 (below 1 even a prediction identical to the full "
+                f"model's is labelled unsafe), got {loss_ratio!r}"
+            )
         self.save_hyperparameters()
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.meta: dict | None = None
+        self._plan: dict[str, _Split] | None = None
+        self._source = None  # the records validation is held out of, once loaded
 
     # ------------------------------------------------------------------------------------------------ caching
-    def _cache_path(self, data: str, split: str, samples: int | None) -> Path:
+    def _cache_path(self, part: _Split) -> Path:
         hp = self.hparams
         model_dir = REPO_ROOT / "checkpoints" / "demo-mllm" if hp.model == "demo" else Path(hp.model)
         weights = sorted(model_dir.glob("*.safetensors"))
         stamp = [f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights]
-        key = json.dumps([str(model_dir.resolve()), stamp, data, split, samples, hp.agree, hp.loss_ratio])
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        return self.cache_root / f"{split}-{samples}-{digest}"
+        key = [str(model_dir.resolve()), stamp, part.data, _files_stamp(part.data), part.split, part.samples]
+        key += [hp.agree, hp.loss_ratio]
+        if part.indices is not None:
+            key.append(part.indices)
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+        if part.indices is None:
+            return self.cache_root / f"{part.split}-{part.samples}-{digest}"
+        return self.cache_root / f"{part.name}-{len(part.indices)}-of-{part.total}-seed{hp.split_seed}-{digest}"
 
     @property
     def cache_root(self) -> Path:
@@ -116,44 +217,108 @@ class ExitLabelData(L.LightningDataModule):
 
     def cache_paths(self) -> dict[str, Path]:
         """The label-cache folder of each split: ``{"train": ..., "val": ...}``."""
-        return {name: self._cache_path(data, split, samples) for name, data, split, samples in self._splits()}
+        return {name: self._cache_path(part) for name, part in self._splits().items()}
 
-    def _splits(self) -> list[tuple[str, str, str, int | None]]:
+    def held_out(self) -> bool:
+        """Whether validation would come from the training records, so that it is held out of them."""
         hp = self.hparams
-        return [
-            ("train", hp.data, hp.train_split, hp.train_samples),
-            ("val", hp.val_data or hp.data, hp.val_split, hp.val_samples),
-        ]
+        if _source_key(hp.val_data or hp.data) != _source_key(hp.data):
+            return False
+        return hp.train_split == hp.val_split or not _has_splits(hp.data)
+
+    def split_indices(self) -> dict[str, list[int] | None]:
+        """The source records of each split when validation is held out of the training records, else ``None``s."""
+        return {name: part.indices for name, part in self._splits().items()}
+
+    def split_summary(self) -> dict[str, Any]:
+        """Where the training and validation records come from (for ``training.json``)."""
+        parts, hp = self._splits(), self.hparams
+        train, val = parts["train"], parts["val"]
+        if val.indices is None:
+            return {"held_out": False, "train": f"{train.data} [{train.split}]", "val": f"{val.data} [{val.split}]"}
+        return {
+            "held_out": True,
+            "source": f"{train.data} [{train.split}]",
+            "source_records": train.total,
+            "seed": hp.split_seed,
+            "train_samples": len(train.indices or []),
+            "val_samples": len(val.indices),
+        }
+
+    def _splits(self) -> dict[str, _Split]:
+        if self._plan is not None:
+            return self._plan
+        hp = self.hparams
+        train = _Split("train", hp.data, hp.train_split, hp.train_samples)
+        val = _Split("val", hp.val_data or hp.data, hp.val_split, hp.val_samples)
+        if self.held_out():
+            from .sources import load_records
+
+            self._source = load_records(hp.data, hp.train_split)  # every record: the count fixes the split
+            total = len(self._source)
+            count = hp.val_samples if hp.val_samples is not None else max(1, round(hp.val_fraction * total))
+            try:
+                train.indices, val.indices = held_out_split(total, count, hp.train_samples, hp.split_seed)
+            except ValueError as err:
+                raise ValueError(
+                    f"--data.val_samples={hp.val_samples} (--data.val_fraction={hp.val_fraction}): validation is "
+                    f"held out of the {total} records of {hp.data} (no --data.val_data given): {err}; lower it or "
+                    "pass --data.val_data"
+                ) from None
+            train.total = val.total = total
+            logger.info(
+                "validation: %d records held out at random (seed %d) from the %d records of %s, disjoint from the "
+                "%d training records (pass --data.val_data for a separate validation set)",
+                len(val.indices),
+                hp.split_seed,
+                total,
+                hp.data,
+                len(train.indices),
+            )
+        self._plan = {"train": train, "val": val}
+        return self._plan
+
+    def _records(self, part: _Split):
+        from .sources import load_records
+
+        if part.indices is None:
+            return load_records(part.data, part.split, part.samples)
+        source = self._source if self._source is not None else load_records(part.data, part.split)
+        return source.select(part.indices)
 
     def prepare_data(self) -> None:
         """Build the missing label caches (all of them with ``relabel``) and log which ones are reused (rank 0)."""
-        todo: dict[Path, tuple[str, str, int | None]] = {}
-        for _, data, split, samples in self._splits():
-            path = self._cache_path(data, split, samples)
+        todo: dict[Path, _Split] = {}
+        for part in self._splits().values():
+            path = self._cache_path(part)
             if (path / "meta.json").is_file() and not self.hparams.relabel:
                 labelled = json.loads((path / "meta.json").read_text()).get("samples")
                 logger.info(
                     "reusing the cached labels of %s %s samples of %s in %s (to label again, delete that folder "
                     "or pass relabel=True, i.e. --data.relabel true)",
                     labelled,
-                    split,
-                    data,
+                    part.split,
+                    part.data,
                     path,
                 )
             else:
-                todo[path] = (data, split, samples)
+                todo[path] = part
         if not todo:
             return
-        from .sources import load_model, load_records
+        from .sources import load_model
 
         model, processor = load_model(self.hparams.model)
         spec = resolve(model)
-        for path, (data, split, samples) in todo.items():
+        for path, part in todo.items():
             if path.exists():  # relabel (or an unfinished cache without meta.json): replace it, never write over it
                 logger.info("removing the old label cache %s before labelling again", path)
                 shutil.rmtree(path)
-            logger.info("labelling %s %s samples of %s into the label cache %s", samples or "all", split, data, path)
-            records = load_records(data, split, samples)
+            if part.indices is None:
+                count, kind = part.samples or "all", part.split
+            else:
+                count, kind = len(part.indices), "held-out validation" if part.name == "val" else "training"
+            logger.info("labelling %s %s samples of %s into the label cache %s", count, kind, part.data, path)
+            records = self._records(part)
             start = time.perf_counter()
             cache = build_label_cache(
                 model,
@@ -172,16 +337,19 @@ class ExitLabelData(L.LightningDataModule):
                 "samples": len(cache),
                 "seconds": seconds,
                 "ms_per_sample": 1e3 * seconds / len(cache),
+                "source_indices": part.indices,
             }
-            (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            logger.info("labelled %d %s samples in %.1f s; label cache written to %s", len(cache), split, seconds, path)
+            write_text_atomic(path / "meta.json", json.dumps(meta, indent=2) + "\n")  # meta.json marks it complete
+            logger.info(
+                "labelled %d %s samples in %.1f s; label cache written to %s", len(cache), part.split, seconds, path
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Load the caches into tensors: features ``(N, L-1, 2d)`` and targets ``(N, L-1)``."""
         if self.tensors:
             return
-        for name, data, split, samples in self._splits():
-            path = self._cache_path(data, split, samples)
+        for name, part in self._splits().items():
+            path = self._cache_path(part)
             if not (path / "meta.json").is_file():
                 raise FileNotFoundError(f"label cache {path} is missing: prepare_data() did not run")
             cache = load_from_disk(str(path)).with_format("torch")[:]
@@ -236,6 +404,13 @@ class ExitHeadsModule(L.LightningModule):
         balance: bool = True,
     ) -> None:
         super().__init__()
+        _positive_int("head_size (--model.head_size)", head_size, optional=True)
+        if not 0.0 <= threshold <= 1.0:  # checked here, not after labelling when the heads are shaped
+            raise ValueError(f"threshold (--model.threshold) must be a P(exit) in [0, 1], got {threshold!r}")
+        if not lr > 0:
+            raise ValueError(f"lr (--model.lr) must be > 0, got {lr!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay (--model.weight_decay) must be >= 0, got {weight_decay!r}")
         self.save_hyperparameters()
         self.heads: ExitHeads | None = None
 
@@ -278,6 +453,55 @@ class ExitHeadsModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.heads.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------- training budget
+#: trainer options whose value 0 means "no optimizer step": refused before any work
+NO_STEP_OPTIONS = ("max_epochs", "max_steps", "limit_train_batches")
+
+
+def check_training_budget(trainer: Mapping[str, Any], what: str) -> None:
+    """Refuse, before anything is loaded or labelled, a trainer configuration that runs no optimizer step.
+
+    Args:
+        trainer: the trainer's options (``LightningCLI``'s ``config["trainer"]``).
+        what: what would be saved untrained, for the message (e.g. ``"exit heads"``).
+
+    Raises:
+        ValueError: naming each of ``--trainer.max_epochs`` / ``max_steps`` / ``limit_train_batches`` that is 0.
+    """
+    zero = [
+        f"--trainer.{name}={trainer.get(name)!r}"
+        for name in NO_STEP_OPTIONS
+        if not isinstance(trainer.get(name), (bool, type(None))) and trainer.get(name) == 0
+    ]
+    if zero:
+        raise ValueError(
+            f"{', '.join(zero)}: training would run no optimizer step, and untrained {what} would be saved as if "
+            "trained; give a positive value"
+        )
+
+
+def check_output_dir(option: str, path: str | None) -> None:
+    """Raise ``ValueError`` when ``path`` (the value of ``option``) is an existing file, not a directory."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option} {path} is an existing file, not a directory")
+
+
+def require_trained(trainer: L.Trainer, what: str, output: Path) -> None:
+    """Raise unless ``trainer`` ran at least one optimizer step (call it after ``fit``, before saving).
+
+    Raises:
+        RuntimeError: ``trainer.global_step == 0``; the message names the options that bound training.
+    """
+    if trainer.global_step > 0:
+        return
+    raise RuntimeError(
+        f"training ran no optimizer step (global_step 0 with --trainer.max_epochs={trainer.max_epochs}, "
+        f"--trainer.max_steps={trainer.max_steps}, --trainer.limit_train_batches={trainer.limit_train_batches}, "
+        f"{trainer.num_training_batches} training batches per epoch; check those and --trainer.max_time): untrained "
+        f"{what} are not written to {output}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- validation summary

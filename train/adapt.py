@@ -9,6 +9,10 @@
     python train/adapt.py --config configs/adapt_demo.yaml --output_dir checkpoints/demo-lora-vtw
                                                                   # regenerate the committed demo adapter
 
+A configuration that can run no optimizer step (``--trainer.max_steps 0``, ``--trainer.max_epochs 0``,
+``--trainer.limit_train_batches 0``) or an ``--output_dir`` / ``--merged_dir`` that is a file is refused before the
+base model is loaded; a run that ends with no step writes no adapter.
+
 Outputs go under ``<repo>/runs`` (ignored by git) unless ``--output_dir`` says otherwise: the adapter and
 ``training.json`` in ``runs/adapt-demo/lora-vtw``, Lightning's CSV logs in ``runs/adapt-demo/logs/version_N``;
 both paths are logged. Only the adapter is written (``PeftModel.save_pretrained``; ``adapter_config.json`` names the
@@ -33,7 +37,14 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from dyvte.adapt import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
 from dyvte.demo import demo_checkpoint_dir  # noqa: E402
-from dyvte.training import REPO_ROOT, quiet_lightning  # noqa: E402
+from dyvte.io import write_text_atomic  # noqa: E402
+from dyvte.training import (  # noqa: E402
+    REPO_ROOT,
+    check_output_dir,
+    check_training_budget,
+    quiet_lightning,
+    require_trained,
+)
 
 log = logging.getLogger("adapt")
 
@@ -59,6 +70,14 @@ class AdaptCLI(LightningCLI):
         parser.add_argument("--merged_dir", default=None, help="also write the merged model + processor here")
         parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse what cannot give a trained adapter or cannot be written, before the base model is loaded."""
+        check_training_budget(self.config["trainer"], "LoRA adapter weights")
+        check_output_dir("--output_dir", self.config["output_dir"])
+        check_output_dir("--merged_dir", self.config["merged_dir"])
+        if self.config["threads"] < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.config['threads']}")
+
 
 def compare(base: str, adapted: str, tolerance: float = 0.005) -> None:
     """Print base vs adapted accuracy for every K from two ``train/evaluate.py`` output directories.
@@ -70,8 +89,7 @@ def compare(base: str, adapted: str, tolerance: float = 0.005) -> None:
     """
     table, summary = compare_sweeps(base, adapted, tolerance)
     print(table)
-    out = Path(adapted, "comparison.json")
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out = write_text_atomic(Path(adapted, "comparison.json"), json.dumps(summary, indent=2) + "\n")
     log.info("comparison written to %s", out)
 
 
@@ -109,9 +127,10 @@ def main(args: list[str] | None = None) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
     log_dir = Path(cli.trainer.log_dir).absolute()  # on every rank: under DDP it is a broadcast
+    out = Path(cli.config["output_dir"]).absolute()
+    require_trained(cli.trainer, "LoRA adapter weights", out)  # on every rank: global_step is the same everywhere
     if not cli.trainer.is_global_zero:
         return
-    out = Path(cli.config["output_dir"]).absolute()
     peft_model = cli.model.model
     peft_model.save_pretrained(out)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -126,7 +145,7 @@ def main(args: list[str] | None = None) -> None:
         "hparams": {k: list(v) if isinstance(v, tuple) else v for k, v in cli.model.hparams.items() if k[0] != "_"},
         "threads": cli.config["threads"],
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "training.json", json.dumps(summary, indent=2) + "\n")
     log.info("adapter and training.json written to %s (%s)", out, summary)
     log.info("Lightning logs (metrics.csv, config.yaml) in %s", log_dir)
     if cli.config["merged_dir"]:

@@ -20,14 +20,87 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
 from dyvte.evaluate import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
-from dyvte.methods import Full, parse_method  # noqa: E402
+from dyvte.io import write_text_atomic  # noqa: E402
+from dyvte.methods import Compose, Full, Heads, Method, check_method, parse_method  # noqa: E402
 from dyvte.registry import resolve  # noqa: E402
-from dyvte.sources import load_model, load_records  # noqa: E402
-from dyvte.training import REPO_ROOT  # noqa: E402
+from dyvte.sources import DTYPES, load_model, load_records  # noqa: E402
+from dyvte.training import REPO_ROOT, check_output_dir  # noqa: E402
+
+log = logging.getLogger("evaluate")
+
+
+def check_arguments(
+    samples: int | None, methods: list[str], batch_size: int, max_new_tokens: int, dtype: str, output_dir: str
+) -> None:
+    """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"--samples must be an int >= 1 (or null: every record), got {samples!r}")
+    for name, value in (("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"--methods must be a list of method strings, e.g. '[full, \"static:all\"]', got {methods!r}")
+    check_output_dir("--output_dir", output_dir)
+
+
+def resolve_methods(specs: list[str], model, num_layers: int) -> list[Method]:
+    """Every method of every string, checked against ``model`` without running it; the full model left out.
+
+    Raises:
+        ValueError: a malformed string, a directory that does not load or does not fit the model, an out-of-range
+            value (each message quotes the method string), or two different methods whose results would be saved
+            under the same name.
+    """
+    chosen: list[Method] = []
+    seen: dict[str, tuple[str, Method]] = {}  # output file name -> (method string, method)
+    for spec in specs:
+        for method in parse_method(spec, num_layers):
+            check_method(method, model, spec)
+            if isinstance(method, Full):
+                continue  # the full model always runs first, as the reference
+            name = file_name(method.name)
+            if name in seen:
+                if same_method(seen[name][1], method):
+                    log.info("method %r repeats %s of %r: run once", spec, method.name, seen[name][0])
+                    continue
+                raise ValueError(
+                    f"methods {seen[name][0]!r} and {spec!r} are different methods under one name "
+                    f"({method.name!r}): their results would overwrite each other; give the heads or calibration "
+                    "directories distinct names"
+                )
+            seen[name] = (spec, method)
+            chosen.append(method)
+    return chosen
+
+
+def same_method(a: Method, b: Method) -> bool:
+    """Whether two methods compute the same thing (exit heads: same config, weights and effective threshold)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, Compose):
+        return same_method(a.outer, b.outer) and same_method(a.inner, b.inner)
+    if isinstance(a, Heads):
+        ours, theirs = a.heads.state_dict(), b.heads.state_dict()
+        return (
+            (a.threshold if a.threshold is not None else a.heads.config.threshold)
+            == (b.threshold if b.threshold is not None else b.heads.config.threshold)
+            and a.heads.config == b.heads.config
+            and ours.keys() == theirs.keys()
+            and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        )
+    return a == b
+
+
+def file_name(method_name: str) -> str:
+    """The JSON file name of a method's result (``<name>.json``, unsafe characters replaced)."""
+    return re.sub(r"[^A-Za-z0-9=.,-]+", "_", method_name) + ".json"
 
 
 def main(
@@ -43,6 +116,9 @@ def main(
 ) -> list[dyvte.EvalResult]:
     """Run each method over the dataset and report.
 
+    Every argument and every method string (heads and calibration directories loaded and checked against the model,
+    every K in range) is checked before the first forward; nothing is written unless every method ran.
+
     Args:
         model: "demo" or a local model directory.
         data: "demo", a save_to_disk directory or a .json/.jsonl/.parquet records file.
@@ -55,17 +131,20 @@ def main(
         output_dir: where JSON and PNG go (default ``<repo>/runs/eval``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_arguments(samples, methods, batch_size, max_new_tokens, dtype, output_dir)  # before any work
     mllm, processor = load_model(model, dtype)
-    records = load_records(data, split, samples)
     num_layers = resolve(mllm).num_layers
-    chosen = [m for spec in methods for m in parse_method(spec, num_layers) if not isinstance(m, Full)]
+    chosen = resolve_methods(list(methods), mllm, num_layers)  # before any forward
+    records = load_records(data, split, samples)
+    if len(records) == 0:
+        raise ValueError(f"--data {data} --split {split} holds no records to evaluate")
     out = Path(output_dir)
     kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
     full = dyvte.evaluate(mllm, processor, records, Full(), **kwargs)
     results = [full] + [dyvte.evaluate(mllm, processor, records, m, reference=full, **kwargs) for m in chosen]
     for r in results:
-        r.save(out / (re.sub(r"[^A-Za-z0-9=.,-]+", "_", r.method) + ".json"))
-    (out / "results.json").write_text(json.dumps({r.method: r.metrics for r in results}, indent=1) + "\n")
+        r.save(out / file_name(r.method))
+    write_text_atomic(out / "results.json", json.dumps({r.method: r.metrics for r in results}, indent=1) + "\n")
     plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
     print(f"\n{model} on {data}/{split}, {len(records)} samples, {dtype}\n")
     print(format_table(results))
@@ -77,13 +156,18 @@ def main(
     static[num_layers] = static.get(num_layers, full)
     if sorted(static) == list(range(num_layers + 1)):
         summarize(full, static, [r for r in results[1:] if not r.method.startswith("static")], num_layers, out)
-    logging.getLogger("evaluate").info(
-        "results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", out.absolute()
-    )
+    log.info("results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", out.absolute())
     return results
 
 
-def summarize(full, static: dict, others: list, num_layers: int, out: Path, tolerance: float = 0.005) -> None:
+def summarize(
+    full: dyvte.EvalResult,
+    static: dict[int, dyvte.EvalResult],
+    others: list[dyvte.EvalResult],
+    num_layers: int,
+    out: Path,
+    tolerance: float = 0.005,
+) -> None:
     """Oracle per-sample exit, and each method's cheapest setting within ``tolerance`` of the full accuracy."""
     layers, oracle_flops = oracle_exit(full, static)
     oracle = sum(oracle_flops) / len(oracle_flops)
@@ -91,7 +175,7 @@ def summarize(full, static: dict, others: list, num_layers: int, out: Path, tole
     print(format_histogram(layers, full.qtypes, num_layers))
     target = full.accuracy - tolerance
 
-    def cheapest(results: list) -> tuple[str, float, float] | None:
+    def cheapest(results: list[dyvte.EvalResult]) -> tuple[str, float, float] | None:
         ok = [r for r in results if r.accuracy >= target]
         best = min(ok, key=lambda r: r.flops, default=None)
         return None if best is None else (best.method, best.accuracy, best.flops)
@@ -110,7 +194,7 @@ def summarize(full, static: dict, others: list, num_layers: int, out: Path, tole
         share = (1 - flops) / (1 - oracle) if oracle < 1 else float("nan")
         print(f"| {name} | {acc:.3f} | {flops:.3f} | {share:.0%} |")
     summary = {"oracle_relative_flops": oracle, "smallest_safe_layer": layers, "cheapest_within_tolerance": rows}
-    (out / "oracle.json").write_text(json.dumps(summary) + "\n")
+    write_text_atomic(out / "oracle.json", json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,13 @@ points at one, as in the last command):
   split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.relabel true`` labels again).
 
 Every path is logged at INFO. Lightning checkpoints hold only the heads; training never runs the MLLM after labelling.
+
+Validation never reuses training records: with a single records file and no ``--data.val_data`` (or
+``--data.val_split`` equal to ``--data.train_split``), ``--data.val_samples`` records (``--data.val_fraction`` of
+them when null) are held out at random (``--data.split_seed``); the log and ``training.json`` (``validation_split``)
+say so. A configuration that can run no optimizer step (``--trainer.max_epochs 0``, ``--trainer.max_steps 0``,
+``--trainer.limit_train_batches 0``), an ``--output_dir`` that is a file or a missing ``--ckpt_path`` is refused
+before labelling; a run that ends with no step writes no heads.
 """
 
 from __future__ import annotations
@@ -33,13 +40,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
+from dyvte.io import write_text_atomic  # noqa: E402
 from dyvte.training import (  # noqa: E402
     REPO_ROOT,
     ExitHeadsModule,
     ExitLabelData,
+    check_output_dir,
+    check_training_budget,
     format_head_table,
     head_validation,
     quiet_lightning,
+    require_trained,
 )
 
 log = logging.getLogger("fit")
@@ -64,6 +75,18 @@ class FitCLI(LightningCLI):
             "regenerate the committed demo heads)",
         )
         parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to resume from")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse what cannot give trained heads or cannot be written, before the model is loaded or labelled."""
+        check_training_budget(self.config["trainer"], "exit heads")
+        check_output_dir("--output_dir", self.config["output_dir"])
+        ckpt = self.config["ckpt_path"]
+        if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES and not Path(ckpt).is_file():
+            raise ValueError(f"--ckpt_path {ckpt}: no such checkpoint file")
+
+
+#: ``ckpt_path`` values Lightning resolves itself
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -110,6 +133,7 @@ def main(args: list[str] | None = None) -> dict:
     cli.trainer.fit(cli.model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
     seconds = time.perf_counter() - start
     log_dir = str(Path(cli.trainer.log_dir).absolute())  # on every rank: under DDP it is a broadcast
+    require_trained(cli.trainer, "exit heads", out)  # on every rank: global_step is the same everywhere
     if not cli.trainer.is_global_zero:
         return {}
     heads = cli.model.heads
@@ -126,11 +150,12 @@ def main(args: list[str] | None = None) -> dict:
         "label_rule": data.hparams.label_rule,
         "threshold": heads.config.threshold,
         "val_samples": len(targets),
+        "validation_split": data.split_summary(),
         "val_heads": per_head,
         "logs": log_dir,
         "label_cache": {name: str(path) for name, path in caches.items()},
     }
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "training.json", json.dumps(summary, indent=2) + "\n")
     log.info(
         "validation of each head's exit decision at threshold %g (%d samples, label rule %r; precision: of the "
         "samples it exits, the share labelled safe; recall: of the samples labelled safe, the share it exits):\n%s",
