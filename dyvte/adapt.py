@@ -158,7 +158,8 @@ class AdaptData(L.LightningDataModule):
         train_split: split used for training.
         val_split: split used for validation.
         train_samples: records of ``train_split`` to use (``None``: all).
-        val_samples: records of ``val_split`` to use.
+        val_samples: records of ``val_split`` to use. With a single records file (no named splits) they are held
+            out of it at random (seed ``seed``; default a tenth), disjoint from the training records.
         batch_size: rows per step.
         seed: shuffling seed.
     """
@@ -182,10 +183,27 @@ class AdaptData(L.LightningDataModule):
         if self.splits:
             return
         from .sources import load_records
+        from .training import _has_splits, held_out_split
 
         hp = self.hparams
-        self.splits["train"] = load_records(hp.data, hp.train_split, hp.train_samples)
-        self.splits["val"] = load_records(hp.data, hp.val_split, hp.val_samples)
+        if hp.train_split != hp.val_split and _has_splits(hp.data):
+            self.splits["train"] = load_records(hp.data, hp.train_split, hp.train_samples)
+            self.splits["val"] = load_records(hp.data, hp.val_split, hp.val_samples)
+            return
+        # one set of records (a single file): validate on a seeded held-out part, never on training records
+        records = load_records(hp.data, hp.train_split, None)
+        val_count = hp.val_samples if hp.val_samples is not None else max(1, len(records) // 10)
+        train, val = held_out_split(len(records), val_count, hp.train_samples, hp.seed)
+        self.splits["train"], self.splits["val"] = records.select(train), records.select(val)
+        logger.info(
+            "validation: %d records held out at random (seed %d) from the %d records of %s, disjoint from the %d "
+            "training records",
+            len(val),
+            hp.seed,
+            len(records),
+            hp.data,
+            len(train),
+        )
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)

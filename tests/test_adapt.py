@@ -105,6 +105,20 @@ def test_distillation_is_zero_for_a_fresh_adapter_without_withdrawal(setup_dir):
     assert float(withdrawn["kl"]) > 1e-6
 
 
+def test_single_records_file_validates_on_held_out_records(setup_dir):
+    """One records file: validation records are a seeded held-out part, never training records (was: the first ones)."""
+    splits = []
+    for _ in range(2):
+        data = AdaptData(str(setup_dir / "records.jsonl"), train_samples=None, val_samples=4, batch_size=4, seed=3)
+        data.setup()
+        splits.append(data.splits)
+    train, val = splits[0]["train"], splits[0]["val"]
+    assert (len(train), len(val)) == (8, 4)
+    train_images = {r["image"].tobytes() for r in train}
+    assert not any(r["image"].tobytes() in train_images for r in val)  # disjoint by content
+    assert [r["question"] for r in splits[1]["val"]] == [r["question"] for r in val]  # deterministic for a seed
+
+
 def test_lora_steps_under_withdrawal_change_only_adapter_weights(setup_dir):
     torch.manual_seed(0)
     module = AdaptModule(str(setup_dir / "model"), rank=4, exit_layers=(1, 2, 4), distill=0.5, lr=1e-2, warmup=1)
