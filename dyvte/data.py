@@ -1,22 +1,134 @@
 """(image, question, answer) records -> model inputs, through the processor's own chat template.
 
 Used by calibration, the evaluation harness and exit-head training. A record is a mapping with ``image`` (a PIL
-image), ``question`` (str) and optionally ``answer`` (str) and ``qtype`` (str).
+image, an absolute path, or ``{"bytes", "path"}`` as ``datasets`` stores images), ``question`` (str) and optionally
+``answer`` (str) and ``qtype`` (str). Every bad record is refused with a :class:`DataError` that names it.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import numbers
+import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-__all__ = ["DataError", "build_inputs", "iter_batches", "normalize_answer", "records_of"]
+__all__ = [
+    "DataError",
+    "build_inputs",
+    "check_answer",
+    "check_question",
+    "iter_batches",
+    "normalize_answer",
+    "open_image",
+    "records_of",
+]
+
+#: What PIL raises for an unreadable image (truncated, corrupt, not an image, too large).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
     """A dataset or record cannot be used (the message says which and why)."""
+
+
+def check_question(question: Any, where: str) -> None:
+    """Refuse a missing, non-string or blank question.
+
+    Args:
+        question: the record's ``question``.
+        where: the record, for the message (e.g. ``"records.jsonl, record 3 (line 4)"``).
+
+    Raises:
+        DataError: the question is missing, not a string, or empty / whitespace only (it carries no task).
+    """
+    if question is None:
+        raise DataError(f"{where} has no question")
+    if not isinstance(question, str):
+        raise DataError(f"{where}: the question must be a string, got {type(question).__name__} {question!r}")
+    if not question.strip():
+        raise DataError(f"{where}: the question is empty ({question!r}): a record without a question carries no task")
+
+
+def check_answer(answer: Any, where: str) -> None:
+    """Refuse a missing, non-scalar or empty gold answer.
+
+    Numbers are accepted (the harness compares ``str(answer)``); lists (several reference answers) are refused
+    rather than compared as their string form.
+
+    Args:
+        answer: the record's ``answer``.
+        where: the record, for the message.
+
+    Raises:
+        DataError: the answer is missing, not a string or number, empty / whitespace only, or only punctuation that
+            :func:`normalize_answer` strips (no prediction could match it).
+    """
+    if answer is None or (isinstance(answer, float) and math.isnan(answer)):  # NaN: pandas' missing value
+        raise DataError(f"{where} has no answer")
+    if not isinstance(answer, str | numbers.Real):
+        raise DataError(f"{where}: the answer must be a string, got {type(answer).__name__} {answer!r}")
+    if not str(answer).strip():
+        raise DataError(f"{where}: the answer is empty ({answer!r}): there is nothing to score or to learn")
+    if not normalize_answer(str(answer)):
+        raise DataError(
+            f"{where}: the answer {answer!r} is empty once normalized (exact match compares normalize_answer forms)"
+        )
+
+
+def open_image(image: Any, where: str) -> Image.Image:
+    """The record's image, opened and fully loaded, so that a bad file fails here with its name.
+
+    Args:
+        image: a PIL image, an absolute path, raw image bytes, or a ``{"bytes", "path"}`` mapping (``datasets``'
+            undecoded ``Image`` form; the bytes win when both are given).
+        where: the record, for the message.
+
+    Raises:
+        DataError: no image, a relative path (dyvte never resolves one against the working directory), a path that
+            does not exist, or a file that PIL cannot read (truncated, corrupt, not an image).
+    """
+    name = "the image"
+    if isinstance(image, Mapping) and ("bytes" in image or "path" in image):
+        if image.get("bytes") is None:
+            return open_image(image.get("path"), where)
+        name = f"{image.get('path') or 'embedded'} (image bytes)"
+        image = image["bytes"]
+    if image is None:
+        raise DataError(f"{where} has no image: dyvte evaluates image-question pairs")
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        if not str(image):
+            raise DataError(f"{where}: the image path is empty")
+        if str(image).startswith(("http://", "https://")):
+            raise DataError(f"{where}: the image {image} is a URL; dyvte does not download images (save it to a file)")
+        if not path.is_absolute():
+            raise DataError(
+                f"{where}: the image path {str(image)!r} is relative; dyvte does not resolve it against the working "
+                "directory (dyvte.sources.load_records resolves it against the records file; pass an absolute path "
+                "or an image)"
+            )
+        if not path.is_file():
+            raise DataError(f"{where}: the image {path} does not exist")
+        name, image = str(path), path
+    elif isinstance(image, bytes | bytearray):
+        image = io.BytesIO(image)
+    elif isinstance(image, Image.Image):
+        name = getattr(image, "filename", "") or name
+    else:
+        raise DataError(f"{where}: the image must be a PIL image, a path or image bytes, got {type(image).__name__}")
+    try:
+        opened = image if isinstance(image, Image.Image) else Image.open(image)
+        opened.load()
+    except IMAGE_ERRORS as error:
+        raise DataError(f"{where}: cannot read the image {name}: {error}") from error
+    return opened
 
 
 def records_of(batch: Sequence[dict] | dict) -> list[dict]:
@@ -27,12 +139,68 @@ def records_of(batch: Sequence[dict] | dict) -> list[dict]:
     return list(batch)
 
 
-def iter_batches(dataset, batch_size: int) -> Iterator[list[dict]]:
-    """Yield lists of records of at most ``batch_size`` from a ``datasets.Dataset`` or a sequence of records."""
+def _column(dataset, key: str) -> list[Any]:
+    """One field of every record (``None`` where a record lacks it), without decoding a dataset's images."""
+    if isinstance(dataset, Sequence):
+        return [record.get(key) for record in dataset]
+    if key not in dataset.column_names:
+        return [None] * len(dataset)
+    return list(dataset[key])
+
+
+def _image_name(dataset, index: int) -> str | None:
+    """Best effort, for messages: the path of a ``datasets.Dataset`` record's undecodable image."""
+    if not hasattr(dataset, "cast_column"):
+        return None
+    import datasets  # only reached with a datasets.Dataset in hand
+
+    try:
+        image = dataset.cast_column("image", datasets.Image(decode=False))[index]["image"]
+    except Exception:  # only a message detail: never mask the decoding error
+        return None
+    return image.get("path") if isinstance(image, Mapping) else None
+
+
+def iter_batches(dataset, batch_size: int, answers: bool | None = None) -> Iterator[list[dict]]:
+    """Yield lists of records of at most ``batch_size`` from a ``datasets.Dataset`` or a sequence of records.
+
+    Before the first batch, every record's question (and answer, see ``answers``) is checked, so that a bad record
+    fails before any model work; an image that cannot be decoded fails with its record index.
+
+    Args:
+        dataset: a ``datasets.Dataset`` or a sequence of record mappings.
+        batch_size: records per batch.
+        answers: ``True``: every record needs a gold answer; ``None``: answers are checked where given (not
+            ``None``); ``False``: answers are not checked.
+
+    Raises:
+        DataError: the dataset is empty, or a record's question / answer / image is bad (the message names it).
+    """
     if len(dataset) == 0:
         raise DataError("the dataset is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for i, question in enumerate(_column(dataset, "question")):
+        check_question(question, f"record {i}")
+    if answers is not False:
+        for i, answer in enumerate(_column(dataset, "answer")):
+            if answers or answer is not None:
+                check_answer(answer, f"record {i}")
     for start in range(0, len(dataset), batch_size):
-        yield records_of(dataset[start : start + batch_size])
+        stop = min(start + batch_size, len(dataset))
+        try:
+            batch = dataset[start:stop]
+        except IMAGE_ERRORS as error:  # datasets decodes images here: find the record and name it
+            for i in range(start, stop):
+                try:
+                    dataset[i]
+                except IMAGE_ERRORS as inner:
+                    image = _image_name(dataset, i)
+                    image = f" (image {image})" if image else ""
+                    raise DataError(f"record {i}{image}: cannot decode it: {type(inner).__name__}: {inner}") from inner
+            message = f"records {start}..{stop - 1}: cannot decode them: {type(error).__name__}: {error}"
+            raise DataError(message) from error
+        yield records_of(batch)
 
 
 def _prompt(processor, question: str) -> str:
@@ -58,15 +226,18 @@ def build_inputs(
         ``(B, T)`` when ``with_answers``.
 
     Raises:
-        DataError: a record has no image, or an answer the tokenizer cannot express.
+        DataError: a record has no image or an unreadable one (relative path, missing or corrupt file), an empty
+            question, or (``with_answers``) an empty answer or one the tokenizer cannot express.
     """
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     images, prompts = [], []
     for i, record in enumerate(records):
-        if record.get("image") is None:
-            raise DataError(f"record {offset + i} has no image: dyvte evaluates image-question pairs")
-        images.append(record["image"])
+        where = f"record {offset + i}"
+        check_question(record.get("question"), where)
+        if with_answers:
+            check_answer(record.get("answer"), where)
+        images.append(open_image(record.get("image"), where))
         prompts.append(_prompt(processor, record["question"]))
     if not with_answers:
         return _cast(dict(processor(images=images, text=prompts, padding=True, return_tensors="pt")), dtype)

@@ -198,10 +198,10 @@ def _evaluate(
     num_batches = (len(dataset) + batch_size - 1) // batch_size
     item_bytes = torch.finfo(model.dtype).bits // 8
     if warmup:  # one untimed batch, so the first method measured does not pay for allocator / kernel warm-up
-        inputs = build_inputs(processor, next(iter_batches(dataset, batch_size)), dtype=model.dtype)
+        inputs = build_inputs(processor, next(iter_batches(dataset, batch_size, answers=True)), dtype=model.dtype)
         with method.apply(model):
             model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    batches = iter_batches(dataset, batch_size)
+    batches = iter_batches(dataset, batch_size, answers=True)
     for index, records in enumerate(tqdm(batches, total=num_batches, desc=method.name, disable=not progress)):
         inputs = build_inputs(processor, records, offset=index * batch_size, dtype=model.dtype)
         clock = StepClock(model.device)

@@ -146,7 +146,7 @@ def _build_label_cache(
     start_time = time.perf_counter()
     total = (len(dataset) + batch_size - 1) // batch_size
     for b, records in enumerate(
-        tqdm(iter_batches(dataset, batch_size), total=total, desc="labels", disable=not progress)
+        tqdm(iter_batches(dataset, batch_size, answers=True), total=total, desc="labels", disable=not progress)
     ):
         inputs = build_inputs(processor, records, with_answers=True, offset=b * batch_size, dtype=model.dtype)
         labels = inputs.pop("labels")

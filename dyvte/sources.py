@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .data import DataError, check_answer, check_question, open_image
 
 __all__ = ["load_model", "load_records"]
 
 logger = logging.getLogger(__name__)
+
+#: Fields every record needs (``qtype`` is optional).
+REQUIRED = ("image", "question", "answer")
+#: Records file suffixes :func:`load_records` reads.
+SUFFIXES = (".json", ".jsonl", ".parquet")
+EXPECTED = "expected 'demo', a save_to_disk directory, or a .json/.jsonl/.parquet records file"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -48,39 +59,238 @@ def load_model(name: str = "demo", dtype: str = "float32"):
 
 
 def load_records(name: str = "demo", split: str = "test", limit: int | None = None):
-    """A dataset of (image, question, answer[, qtype]) records.
+    """A dataset of (image, question, answer[, qtype]) records, every one checked before it is returned.
+
+    Each kept record must have a non-empty question, a non-empty gold answer and an image that exists and that PIL
+    can fully load; image paths are resolved against the records file's folder (a ``save_to_disk`` directory's own
+    folder), never against the working directory, whatever the column's Arrow type.
 
     Args:
         name: ``"demo"`` (the digit-scenes splits), a ``save_to_disk`` directory, or a ``.json`` / ``.jsonl`` /
-            ``.parquet`` file of records whose ``image`` field is a path (relative to the file) or an image.
+            ``.parquet`` file of records whose ``image`` field is a path (relative to the file), image bytes or an
+            image. A ``.json`` file holds a list of records or one record per line, as a ``.jsonl`` file.
         split: the split for ``"demo"`` and ``DatasetDict`` directories (ignored for single files).
-        limit: keep the first ``limit`` records.
+        limit: keep (and check) the first ``limit`` records.
+
+    Returns:
+        A ``datasets.Dataset`` whose ``image`` column is a ``datasets.Image`` feature.
+
+    Raises:
+        DataError: the input does not exist, has an unsupported suffix, cannot be parsed (the message names the file
+            and, for JSON, the line), has no records, lacks a column or split, or a record has a bad question, answer
+            or image (the message names the file, the record index and, for JSON Lines, the line).
     """
     import datasets
 
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be None or at least 0, got {limit}")
     if name == "demo":
         from .demo import load_demo_dataset
 
-        ds = load_demo_dataset(split)
-    else:
-        path = Path(name)
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        elif path.suffix in (".json", ".jsonl"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        elif path.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        else:
-            raise ValueError(f"{name}: expected 'demo', a save_to_disk directory, or a .json/.jsonl/.parquet file")
-        if "image" in ds.column_names and ds.features["image"].dtype == "string":
-            root = path.parent if path.is_file() else path
-            ds = ds.map(lambda r: {"image": str((root / r["image"]).resolve())})
-            ds = ds.cast_column("image", datasets.Image())
-    missing = {"image", "question", "answer"} - set(ds.column_names)
+        return _checked(_pick_split(load_demo_dataset(None), split, "demo"), f"demo [{split}]", None, limit)
+    path = Path(name)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            return _checked(_pick_split(ds, split, str(path)), f"{path} [{split}]", path.resolve(), limit)
+        return _checked(ds, str(path), path.resolve(), limit)
+    if not path.exists():
+        raise DataError(f"{name}: no such file or directory ({EXPECTED})")
+    if path.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{name}: unsupported records file suffix {path.suffix!r} ({EXPECTED})")
+    if path.suffix.lower() == ".parquet":
+        return _checked(_read_parquet(path), str(path), path.resolve().parent, limit)
+    return _json_dataset(path, limit)
+
+
+def _pick_split(splits, split: str, source: str):
+    """``splits[split]``, or a :class:`DataError` naming the splits there are."""
+    if split not in splits:
+        raise DataError(f"{source}: no split {split!r} (splits: {sorted(splits)})")
+    return splits[split]
+
+
+def _absolute(image: Any, root: Path | None) -> Any:
+    """``image`` with a relative path (a string, or a ``{"bytes": None, "path"}`` mapping) joined to ``root``.
+
+    Returns ``image`` itself (the same object) when there is nothing to resolve (absolute paths, URLs, bytes).
+    """
+
+    def relative(path: Any) -> bool:
+        return isinstance(path, str) and bool(path) and "://" not in path and not Path(path).is_absolute()
+
+    if root is None:
+        return image
+    if relative(image):
+        return str(root / image)
+    if isinstance(image, Mapping) and image.get("bytes") is None and relative(image.get("path")):
+        return {**image, "path": str(root / image["path"])}
+    return image
+
+
+def _absolute_batch(images: list[Any], root: str) -> dict[str, list[Any]]:
+    """``datasets.map`` function (batched, ``input_columns=["image"]``): every relative image path made absolute."""
+    return {"image": [_absolute(image, Path(root)) for image in images]}
+
+
+def _check_records(
+    records: Iterable[Mapping[str, Any]], source: str, root: Path | None, lines: Sequence[int] | None = None
+) -> bool:
+    """Check every record's question, answer and image (opened and loaded); True when an image path is relative.
+
+    Raises:
+        DataError: naming ``source``, the record index and (when ``lines`` is given) its line.
+    """
+    relative = False
+    for i, record in enumerate(records):
+        where = f"{source}, record {i}" + (f" (line {lines[i]})" if lines is not None else "")
+        check_question(record.get("question"), where)
+        check_answer(record.get("answer"), where)
+        image = _absolute(record.get("image"), root)
+        relative = relative or image is not record.get("image")
+        open_image(image, where).close()
+    return relative
+
+
+def _checked(ds, source: str, root: Path | None, limit: int | None):
+    """``ds`` limited, its columns and records checked, relative image paths resolved, ``image`` decoded by PIL."""
+    import datasets
+
+    missing = [key for key in REQUIRED if key not in ds.column_names]
     if missing:
-        raise ValueError(f"{name}: records lack {sorted(missing)}")
+        raise DataError(f"{source}: records lack {missing} (columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise DataError(f"{source}: has no records")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return ds
+    feature = ds.features["image"]
+    readable = isinstance(feature, datasets.Image) or (
+        isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary")
+    )
+    if not readable and not (isinstance(feature, dict) and feature and set(feature) <= {"bytes", "path"}):
+        raise DataError(f"{source}: the image column holds {feature}; expected image paths, image bytes or images")
+    ds = ds.cast_column("image", datasets.Image(decode=False))  # {"bytes", "path"} whatever the column's Arrow type
+    rows = (
+        record
+        for batch in ds.select_columns(list(REQUIRED)).iter(batch_size=256)
+        for record in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+    )
+    if _check_records(rows, source, root, None):
+        ds = ds.map(
+            _absolute_batch,
+            batched=True,
+            input_columns=["image"],
+            fn_kwargs={"root": str(root)},
+            features=ds.features,
+            desc="resolving image paths",
+        )
+    logger.debug("checked the %d records of %s", len(ds), source)
+    return ds.cast_column("image", datasets.Image())
+
+
+def _read_parquet(path: Path):
+    """A parquet records file as a ``datasets.Dataset``; an unreadable or empty file is a :class:`DataError`."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        num_rows = pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable parquet file ({error})") from error
+    if num_rows == 0:
+        raise DataError(f"{path}: the file has no records")
+    try:
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except (DatasetGenerationError, pa.ArrowException, ValueError) as error:
+        cause = error.__cause__ or error
+        raise DataError(f"{path}: cannot read its records ({type(cause).__name__}: {cause})") from error
+
+
+def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """The records of a ``.json`` / ``.jsonl`` file and, for one record per line, each record's line number.
+
+    A file starting with ``[`` is one JSON list of records; otherwise one JSON object per line (JSON Lines; blank
+    lines skipped), or one (possibly multi-line) JSON object.
+
+    Raises:
+        DataError: not UTF-8, not valid JSON (with the line), a record that is not an object, or no records.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from error
+    if not text.strip():
+        raise DataError(f"{path}: the file has no records (it is empty)")
+    head = text.lstrip()
+    rows: Any = None
+    lines: list[int] | None = None
+    if head.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            where = f"{path}, line {error.lineno}, column {error.colno}"
+            raise DataError(f"{where}: not valid JSON ({error.msg.removesuffix(' at')})") from error
+    else:
+        if head.startswith("{"):  # one object, possibly over several lines; else JSON Lines (or a broken file)
+            try:
+                rows = [json.loads(text)]
+                lines = [len(text[: len(text) - len(head)].split("\n"))]
+            except json.JSONDecodeError:
+                rows = None
+            if rows is not None and isinstance(rows[0].get("question"), dict | list):
+                raise DataError(
+                    f"{path}: one JSON object of columns (pandas' default to_json); write a list of records or one "
+                    "record per line (to_json(orient='records', lines=True))"
+                )
+        if rows is None:
+            rows, lines = [], []
+            for number, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    reason = f"not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+                    raise DataError(f"{path}, line {number}: {reason}: a truncated or malformed line") from error
+                lines.append(number)
+    if not rows:
+        raise DataError(f"{path}: the file has no records")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            where = f"{path}, record {i}" + (f" (line {lines[i]})" if lines is not None else "")
+            raise DataError(f"{where}: expected a JSON object (a record), got {type(row).__name__} {row!r:.80}")
+    return rows, lines
+
+
+def _json_dataset(path: Path, limit: int | None):
+    """A ``.json`` / ``.jsonl`` records file as a checked ``datasets.Dataset`` (image paths resolved against it)."""
+    import datasets
+    import pyarrow as pa
+
+    rows, lines = _read_json(path)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    missing = [key for key in REQUIRED if key not in keys]
+    if missing:
+        raise DataError(f"{path}: records lack {missing} (fields: {keys})")
+    if limit is not None:
+        rows, lines = rows[:limit], None if lines is None else lines[:limit]
+    root = path.resolve().parent
+    for i, row in enumerate(rows):
+        image = row.get("image")
+        if image is not None and not isinstance(image, str):
+            where = f"{path}, record {i}" + (f" (line {lines[i]})" if lines is not None else "")
+            raise DataError(f"{where}: the image must be a path (a string), got {type(image).__name__}")
+    rows = [{**row, "image": _absolute(row.get("image"), root)} for row in rows]
+    _check_records(rows, str(path), None, lines)
+    columns = {key: [row.get(key) for row in rows] for key in keys}
+    for key in ("answer", "qtype"):  # the harness compares str(answer) and groups by str(qtype): one Arrow type
+        if key in columns:
+            columns[key] = [None if value is None else str(value) for value in columns[key]]
+    try:
+        ds = datasets.Dataset.from_dict(columns)
+    except (pa.ArrowException, TypeError, ValueError) as error:
+        raise DataError(f"{path}: the records' fields do not have one type each ({error})") from error
+    logger.debug("checked the %d records of %s", len(ds), path)
+    return ds.cast_column("image", datasets.Image())
