@@ -471,7 +471,7 @@ def check_training_budget(trainer: Mapping[str, Any], what: str) -> None:
         ValueError: naming each of ``--trainer.max_epochs`` / ``max_steps`` / ``limit_train_batches`` that is 0.
     """
     zero = [
-        f"--trainer.{name}={trainer.get(name)!r}"
+        f"--trainer.{name}={trainer.get(name):g}"  # 0 and 0.0 (jsonargparse may give either) read the same
         for name in NO_STEP_OPTIONS
         if not isinstance(trainer.get(name), (bool, type(None))) and trainer.get(name) == 0
     ]
