@@ -48,6 +48,7 @@ __all__ = [
     "ExitLabelData",
     "ExitHeadsModule",
     "REPO_ROOT",
+    "runs_dir",
     "check_output_dir",
     "check_training_budget",
     "default_label_cache_dir",
@@ -458,6 +459,11 @@ class ExitHeadsModule(L.LightningModule):
 # --------------------------------------------------------------------------------------------- training budget
 #: trainer options whose value 0 means "no optimizer step": refused before any work
 NO_STEP_OPTIONS = ("max_epochs", "max_steps", "limit_train_batches")
+
+
+def runs_dir(job: str) -> Path:
+    """``<repo>/runs/<job>``: where a launcher writes by default (ignored by git; never a tracked file)."""
+    return REPO_ROOT / "runs" / job
 
 
 def check_training_budget(trainer: Mapping[str, Any], what: str) -> None:

@@ -17,6 +17,7 @@ from dyvte.data import build_inputs
 from dyvte.methods import Prune, parse_method
 from dyvte.registry import resolve
 
+from .oracle import masked_keys_logits
 from .test_calibrate_evaluate import TEMPLATE, records
 from .tiny_models import make_batch, make_tiny
 
@@ -301,33 +302,6 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(dyvte.UnsupportedModelError, match="llava, llava_next"):
         dyvte.prune(qwen, "fastervlm", ratio=0.5)
     check_fastv_equals_masking_oracle(qwen, encode(qwen_processor, "qwen2_vl"), layer=1, ratio=0.5)  # every family
-
-
-@torch.no_grad()
-def masked_keys_logits(model, inputs: dict, layer: int, blocked: torch.Tensor) -> torch.Tensor:
-    """Full-length logits ``(B, T, V)`` of a run whose layers ``>= layer`` may not attend to the ``blocked`` keys.
-
-    The oracle of tests/oracle.py with the blocked set given (there: every visual token; here: FastV's pruned ones).
-    """
-    spec = resolve(model)
-    num_tokens = blocked.shape[1]
-
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None:  # SDPA's implicit causal mask
-            mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()[None, None]
-            mask = mask.expand(blocked.shape[0], 1, num_tokens, num_tokens)
-        diag = torch.eye(num_tokens, mask.shape[-1], dtype=torch.bool)[None, None]
-        block = blocked[:, None, None, :] & ~diag  # a query still sees itself: keeps the softmax finite
-        mask = mask & ~block if mask.dtype == torch.bool else mask.masked_fill(block, torch.finfo(mask.dtype).min)
-        return args, {**kwargs, "attention_mask": mask}
-
-    hooks = [spec.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(layer, spec.num_layers)]
-    try:
-        return model(**inputs).logits
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 def check_fastv_equals_masking_oracle(model, inputs: dict, layer: int, ratio: float) -> None:

@@ -39,22 +39,16 @@ from dyvte.adapt import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
 from dyvte.demo import demo_checkpoint_dir  # noqa: E402
 from dyvte.io import write_text_atomic  # noqa: E402
 from dyvte.training import (  # noqa: E402
-    REPO_ROOT,
     check_output_dir,
     check_training_budget,
     quiet_lightning,
     require_trained,
+    runs_dir,
 )
 
 log = logging.getLogger("adapt")
 
-#: the job's folder under ``<repo>/runs``: the adapter in ``lora-vtw``, Lightning logs in ``logs``
-JOB = "adapt-demo"
-
-
-def job_dir() -> Path:
-    """``<repo>/runs/adapt-demo``."""
-    return REPO_ROOT / "runs" / JOB
+JOB_DIR = runs_dir("adapt-demo")  # the adapter in lora-vtw, Lightning logs in logs
 
 
 class AdaptCLI(LightningCLI):
@@ -63,7 +57,7 @@ class AdaptCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--output_dir",
-            default=str(job_dir() / "lora-vtw"),
+            default=str(JOB_DIR / "lora-vtw"),
             help="where the adapter is written (PeftModel.save_pretrained; pass checkpoints/demo-lora-vtw to "
             "regenerate the committed demo adapter)",
         )
@@ -115,10 +109,10 @@ def main(args: list[str] | None = None) -> None:
             "log_every_n_steps": 10,
             "num_sanity_val_steps": 0,
             "enable_checkpointing": False,
-            "default_root_dir": str(job_dir()),
+            "default_root_dir": str(JOB_DIR),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(job_dir()), "name": "logs"},
+                "init_args": {"save_dir": str(JOB_DIR), "name": "logs"},
             },
         },
     )

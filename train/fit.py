@@ -42,7 +42,6 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 from dyvte.io import write_text_atomic  # noqa: E402
 from dyvte.training import (  # noqa: E402
-    REPO_ROOT,
     ExitHeadsModule,
     ExitLabelData,
     check_output_dir,
@@ -51,17 +50,12 @@ from dyvte.training import (  # noqa: E402
     head_validation,
     quiet_lightning,
     require_trained,
+    runs_dir,
 )
 
 log = logging.getLogger("fit")
 
-#: the job's folder under ``<repo>/runs``: heads in ``exit-heads``, Lightning logs in ``logs``
-JOB = "fit-demo"
-
-
-def job_dir() -> Path:
-    """``<repo>/runs/fit-demo``."""
-    return REPO_ROOT / "runs" / JOB
+JOB_DIR = runs_dir("fit-demo")  # heads in exit-heads, Lightning logs in logs
 
 
 class FitCLI(LightningCLI):
@@ -70,7 +64,7 @@ class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--output_dir",
-            default=str(job_dir() / "exit-heads"),
+            default=str(JOB_DIR / "exit-heads"),
             help="where the trained heads and training.json are written (pass checkpoints/demo-exit-heads to "
             "regenerate the committed demo heads)",
         )
@@ -111,10 +105,10 @@ def main(args: list[str] | None = None) -> dict:
             "accelerator": "cpu",
             "max_epochs": 40,
             "log_every_n_steps": 5,
-            "default_root_dir": str(job_dir()),
+            "default_root_dir": str(JOB_DIR),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(job_dir()), "name": "logs"},
+                "init_args": {"save_dir": str(JOB_DIR), "name": "logs"},
             },
             "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)],
         },
