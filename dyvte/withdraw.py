@@ -245,7 +245,11 @@ class Withdrawal:
         elif attention_2d is None:
             valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
         else:
-            raise WithdrawalError("withdrawal supports a 2-D attention_mask (batch, columns) or none")
+            shape = tuple(attention_2d.shape) if isinstance(attention_2d, torch.Tensor) else type(attention_2d).__name__
+            raise WithdrawalError(
+                f"withdrawal needs the 2-D padding attention_mask (batch, columns) or none, got {shape}: dyvte "
+                "builds each layer's mask itself from the tokens that remain; pass the processor's 2-D mask"
+            )
         kind = self.spec.attn_implementation_now()
         if kind not in ("sdpa", "eager"):
             raise WithdrawalError(f"attention implementation {kind!r} is not supported; use 'sdpa' or 'eager'")

@@ -161,3 +161,11 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
         raise RuntimeError("crash while writing")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["calibration.json"]  # no temporary file left behind
+
+
+def test_a_4d_attention_mask_is_refused_naming_its_shape(llava):
+    model, _, inputs = llava
+    tokens = inputs["input_ids"].shape[1]
+    mask = torch.ones(len(ROWS), 1, tokens, tokens)
+    with dyvte.withdraw(model, layer=1), pytest.raises(dyvte.WithdrawalError, match=r"2-D padding.*\(3, 1, \d+, \d+\)"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=mask)
