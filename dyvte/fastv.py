@@ -93,6 +93,8 @@ class FastV(Withdrawal):
         scores: ``(B, T)`` float32, the last prompt token's attention at layer K-1 (mean over heads).
     """
 
+    _keeps_visual = True  # the kept visual tokens keep the model's own attention among themselves
+
     def __init__(self, model: nn.Module, layer: int, ratio: float) -> None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
             raise ValueError(f"FastV ratio R (fraction of visual tokens pruned) must be in [0, 1), got {ratio!r}")

@@ -96,6 +96,8 @@ class Withdrawal:
             (``-1`` for padding slots), or ``None`` when the output has the input's positions.
     """
 
+    _keeps_visual = False  # some visual tokens stay after an exit (FastV): see _add_own_pairs
+
     def __init__(self, model: nn.Module, layer: int | Sequence[int] | torch.Tensor | None = None) -> None:
         self.spec: ModelSpec = resolve(model)
         num_layers = self.spec.num_layers
@@ -389,6 +391,8 @@ class Withdrawal:
                 p_cols, p_valid = p_cols[:, -(cache_window - 1) :], p_valid[:, -(cache_window - 1) :]
             k_cols, k_valid = torch.cat([p_cols, q_cols], 1), torch.cat([p_valid, q_valid], 1)
         mask = build_attention_mask(q_cols, q_valid, k_cols, k_valid, window=window, kind=fwd.kind, dtype=dtype)
+        if self._keeps_visual and fwd.new_sequence and fwd.idx is not None and isinstance(own, torch.Tensor):
+            mask = self._add_own_pairs(fwd, mask, own, dtype)
         staying = ~fwd.exited
         if bool(staying.any()) and isinstance(own, torch.Tensor):
             # rows still holding every token have the identity layout: keep the model's own mask for them, which
@@ -401,6 +405,30 @@ class Withdrawal:
             mask = torch.where(staying[:, None, None, None], own.expand(mask.shape[0], *own.shape[1:]), mask)
         fwd.masks[memo] = mask
         return mask
+
+    def _add_own_pairs(
+        self, fwd: _Forward, mask: torch.Tensor | None, own: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Let exited rows keep the model's own query-key pairs among their kept tokens (a prefill).
+
+        When visual tokens stay after an exit (FastV), the model's mask may be more than causal among them (Gemma3:
+        image tokens attend to each other both ways). Restricted to the kept tokens, the model's own prefill mask is
+        exactly what the full model allows them; OR-ing it in changes nothing where the model is causal.
+        """
+        num_tokens = fwd.num_tokens
+        if own.shape[-2:] != (num_tokens, num_tokens):
+            return mask
+        allowed = own if own.dtype == torch.bool else own == 0  # an additive mask attends where it adds 0
+        allowed = allowed.expand(fwd.batch, *own.shape[1:])[:, 0]  # (B, T, T)
+        slots, ok = fwd.idx.clamp(min=0), fwd.idx >= 0  # (B, T')
+        rows = allowed.gather(1, slots[:, :, None].expand(-1, -1, num_tokens))  # (B, T', T)
+        pairs = rows.gather(2, slots[:, None, :].expand(-1, slots.shape[1], -1))  # (B, T', T')
+        extra = (pairs & ok[:, :, None] & ok[:, None, :] & fwd.exited[:, None, None])[:, None]  # (B, 1, T', T')
+        if mask is None:  # SDPA's implicit causal mask, made explicit
+            mask = torch.ones(extra.shape[-2:], dtype=torch.bool, device=extra.device).tril().expand_as(extra)
+        if mask.dtype == torch.bool:
+            return mask | extra
+        return mask.masked_fill(extra, 0.0)
 
     def _rotary(self, fwd: _Forward, rotary: Any) -> Any:
         if rotary is None:

@@ -19,7 +19,7 @@ from dyvte.registry import resolve
 
 from .oracle import masked_keys_logits
 from .test_calibrate_evaluate import TEMPLATE, records
-from .tiny_models import make_batch, make_tiny
+from .tiny_models import FAMILIES, make_batch, make_tiny
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
 NEW_TOKENS = 4
@@ -302,6 +302,22 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(dyvte.UnsupportedModelError, match="llava, llava_next"):
         dyvte.prune(qwen, "fastervlm", ratio=0.5)
     check_fastv_equals_masking_oracle(qwen, encode(qwen_processor, "qwen2_vl"), layer=1, ratio=0.5)  # every family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_equals_masking_oracle_on_every_family(family):
+    """FastV is exact on every family, Gemma3's bidirectional attention among the kept image tokens included."""
+    model, processor = make_tiny(family)
+    check_fastv_equals_masking_oracle(model, encode(processor, family), layer=1, ratio=0.5)
+
+
+def test_fastv_on_gemma3_eager_and_with_cache():
+    """Gemma3 (bidirectional image attention, sliding windows): eager equals the oracle; cache equals no cache."""
+    model, processor = make_tiny("gemma3", attn="eager")
+    inputs = encode(processor, "gemma3")
+    check_fastv_equals_masking_oracle(model, inputs, layer=1, ratio=0.5)
+    with dyvte.prune(model, "fastv", layer=1, ratio=0.5):
+        assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
 
 
 def check_fastv_equals_masking_oracle(model, inputs: dict, layer: int, ratio: float) -> None:
