@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
-from .compat import cache_out
+from .compat import cache_out, cache_tensors
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -232,12 +232,7 @@ def time_decode(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: i
 
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the keys and values of every layer of a transformers cache."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
 
 
 @contextlib.contextmanager

@@ -16,9 +16,11 @@ Tests use the same accessors, so the suite runs unchanged on every supported tra
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -32,14 +34,18 @@ __all__ = [
     "POSITION_EMBEDDINGS",
     "POSITION_IDS",
     "TOP_ARGS",
+    "USE_CACHE",
     "CallNames",
     "CompatibilityError",
     "attn_implementation",
     "cache_in",
     "cache_layer",
+    "cache_length",
+    "cache_tensors",
     "cache_out",
     "call_names",
     "check_cache",
+    "seal_cache",
 ]
 
 CACHE_NAMES: tuple[str, ...] = ("cache", "past_key_values")  # newest spelling first (5.24+, then 5.0-5.23)
@@ -47,6 +53,7 @@ CACHE_NAMES: tuple[str, ...] = ("cache", "past_key_values")  # newest spelling f
 INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK = "input_ids", "inputs_embeds", "attention_mask"
 POSITION_IDS, POSITION_EMBEDDINGS, HIDDEN_STATES = "position_ids", "position_embeddings", "hidden_states"
 MM_ENCODER_OUTPUTS = "mm_encoder_outputs"  # precomputed vision features that generate() hands to the prefill call
+USE_CACHE = "use_cache"
 TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
 LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)
 _DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that may hold different lengths
@@ -190,3 +197,32 @@ def cache_layer(cache: Any, index: int) -> tuple[Any, int | None]:
     layer = cache.layers[index]
     window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
     return layer, window
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens held by a cache (its first layer) or by one cache layer."""
+    return cache.get_seq_length()
+
+
+def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    """The key and value tensors of every layer of a cache (layers not yet filled hold none)."""
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                yield tensor
+
+
+def seal_cache(cache: Any, error: Exception) -> None:
+    """Make every later write into ``cache`` raise ``error`` (the cache's class and the model are untouched).
+
+    Used for a cache whose layers hold a withdrawn layout once its handle is gone: the unhooked model would attend
+    with masks of the wrong width (a shape error deep inside attention, or wrong numbers).
+    """
+    if cache is None or getattr(cache, "_dyvte_sealed", False):
+        return
+
+    def update(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    cache.update = update  # an instance attribute shadows Cache.update, which every attention layer calls
+    cache._dyvte_sealed = True

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compat import HIDDEN_STATES, INPUT_IDS, POSITION_EMBEDDINGS
+from .compat import HIDDEN_STATES, INPUT_IDS, POSITION_EMBEDDINGS, USE_CACHE
 from .withdraw import _HANDLE_ATTR, Withdrawal, WithdrawalError, _Forward
 
 __all__ = ["FastV", "kept_count"]
@@ -127,7 +127,7 @@ class FastV(Withdrawal):
 
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._input_ids = kwargs.get(INPUT_IDS, args[0] if args else None)
-        self._cacheless = kwargs.get("use_cache") is False
+        self._cacheless = kwargs.get(USE_CACHE) is False
         return super()._pre_forward(module, args, kwargs)
 
     def _extends_prompt(self) -> bool:

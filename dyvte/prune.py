@@ -50,6 +50,7 @@ from .compat import (
     MM_ENCODER_OUTPUTS,
     POSITION_IDS,
     cache_in,
+    cache_length,
     cache_out,
     check_cache,
 )
@@ -288,7 +289,7 @@ class Pruning:
             kwargs[INPUT_IDS], args = args[0], ()
         input_ids = kwargs.get(INPUT_IDS)
         cache = cache_in(kwargs, self.spec.names.cache)
-        new_sequence = cache is None or cache.get_seq_length() == 0
+        new_sequence = cache is None or cache_length(cache) == 0
         if new_sequence and cache is not None and (reason := check_cache(cache)) is not None:
             raise PruneError(f"pruning: {reason}")
         if not new_sequence:

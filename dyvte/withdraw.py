@@ -36,10 +36,13 @@ from .compat import (
     INPUTS_EMBEDS,
     POSITION_EMBEDDINGS,
     POSITION_IDS,
+    USE_CACHE,
     cache_in,
     cache_layer,
+    cache_length,
     cache_out,
     check_cache,
+    seal_cache,
 )
 from .layout import build_attention_mask, compose, pack_right, take
 from .registry import ModelSpec, resolve, unwrap
@@ -167,7 +170,14 @@ class Withdrawal:
             delattr(top, _HANDLE_ATTR)
         self._fwd = None
         if self._layouts:  # some row withdrew: the cache it filled is unusable without this handle
-            _seal(self._cache_ref() if self._cache_ref is not None else None)
+            seal_cache(
+                self._cache_ref() if self._cache_ref is not None else None,
+                WithdrawalError(
+                    "this KV cache was filled under dyvte.withdraw (layers >= K hold only the kept tokens) and its "
+                    "handle has been removed: decode under the same handle (inside its `with` block, or before "
+                    "handle.remove()), or prefill again without withdrawal"
+                ),
+            )
         self._layouts.clear()
 
     def __enter__(self) -> Withdrawal:
@@ -225,7 +235,7 @@ class Withdrawal:
                 "visual_mask=<(B, T) bool tensor> to the model call (the withdrawal hook consumes it)."
             )
         past_cache = cache_in(kwargs, self.spec.names.cache)
-        new_sequence = past_cache is None or past_cache.get_seq_length() == 0
+        new_sequence = past_cache is None or cache_length(past_cache) == 0
         if new_sequence and past_cache is not None and (reason := check_cache(past_cache)) is not None:
             raise WithdrawalError(f"withdrawal: {reason}")
         if not new_sequence:
@@ -288,7 +298,7 @@ class Withdrawal:
         self.output_positions = fwd.idx
         self._last_tokens = fwd.num_tokens
         cache = cache_out(output, self.spec.names.cache)
-        if cache is not None and kwargs.get("use_cache", True) is not False:
+        if cache is not None and kwargs.get(USE_CACHE, True) is not False:
             for key, idx in fwd.keys_seen.items():
                 cols, valid = self._current_slots(fwd, idx)
                 old = self._layouts.get(key)
@@ -327,7 +337,7 @@ class Withdrawal:
             return None  # no row has left yet: the model's own mask and positions are right
         kwargs = dict(kwargs)
         kwargs[ATTENTION_MASK] = self._mask(
-            index, fwd, cache_in(kwargs, self.spec.names.layer_cache), hidden.dtype, kwargs.get(ATTENTION_MASK)
+            index, fwd, kwargs.get(self.spec.names.layer_cache), hidden.dtype, kwargs.get(ATTENTION_MASK)
         )
         if fwd.idx is not None:
             kwargs[POSITION_EMBEDDINGS] = self._rotary(fwd, kwargs.get(POSITION_EMBEDDINGS))
@@ -377,7 +387,7 @@ class Withdrawal:
         k_cols, k_valid = q_cols, q_valid
         past = self._layouts.get(fwd.key) if not fwd.new_sequence else None
         if past is not None and layer_cache is not None:
-            cached = layer_cache.get_seq_length()
+            cached = cache_length(layer_cache)
             expected = past.cols.shape[1]
             if cached != expected:
                 raise WithdrawalError(
@@ -488,26 +498,6 @@ def _as_layer(layer: Any) -> Any:
             return int(value)
         return value
     return layer
-
-
-def _seal(cache: Any) -> None:
-    """Make a withdrawn KV cache fail clearly if it is used after its handle is gone.
-
-    Its layers >= K hold only the kept tokens, so the unhooked model would attend with masks of the wrong width
-    (a shape error deep inside attention, or wrong numbers). Only this cache object is changed, not the model.
-    """
-    if cache is None or getattr(cache, "_dyvte_sealed", False):
-        return
-
-    def update(*args: Any, **kwargs: Any) -> Any:
-        raise WithdrawalError(
-            "this KV cache was filled under dyvte.withdraw (layers >= K hold only the kept tokens) and its handle "
-            "has been removed: decode under the same handle (inside its `with` block, or before handle.remove()), "
-            "or prefill again without withdrawal"
-        )
-
-    cache.update = update  # an instance attribute: the cache's own class is untouched
-    cache._dyvte_sealed = True
 
 
 def withdraw(
