@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_positive_int
 from .data import build_inputs, iter_batches, normalize_answer
 from .flops import prefill_flops, prefill_kv_bytes
 from .io import atomic_path, write_text_atomic
@@ -156,10 +157,8 @@ def evaluate(
     The model runs in eval mode (a model in training mode is switched, with a warning, and restored afterwards):
     dropout would change the answers and every metric.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"evaluate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_positive_int("evaluate: batch_size", batch_size)
+    check_positive_int("evaluate: max_new_tokens", max_new_tokens)
     with eval_mode(model, "evaluate"):
         return _evaluate(
             model, processor, dataset, method or Full(), reference, batch_size, max_new_tokens, progress, warmup

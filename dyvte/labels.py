@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_positive_int
 from .data import build_inputs, iter_batches
 from .heads import head_features
 from .modes import eval_mode
@@ -128,8 +129,7 @@ def build_label_cache(
     """
     if len(dataset) == 0:
         raise ValueError("build_label_cache: the dataset is empty (no record to label)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"build_label_cache: batch_size must be an int >= 1, got {batch_size!r}")
+    check_positive_int("build_label_cache: batch_size", batch_size)
     with eval_mode(model, "build_label_cache (labelling)"):
         return _build_label_cache(model, processor, dataset, batch_size, agree, loss_ratio, progress)
 

@@ -39,6 +39,7 @@ from datasets import load_from_disk
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MultilabelPrecision, MultilabelRecall
 
+from .checks import check_positive_int
 from .heads import ExitHeads, ExitHeadsConfig
 from .io import write_text_atomic
 from .labels import build_label_cache
@@ -88,13 +89,6 @@ def held_out_split(
     held = set(val)
     rest = [i for i in range(num_records) if i not in held]
     return (rest if train_count is None else rest[:train_count]), val
-
-
-def _positive_int(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1{' or null' if optional else ''}, got {value!r}")
 
 
 def _has_splits(data: str) -> bool:
@@ -177,10 +171,10 @@ class ExitLabelData(L.LightningDataModule):
         super().__init__()
         if label_rule not in ("layer", "monotone"):
             raise ValueError(f"label_rule must be 'layer' or 'monotone', got {label_rule!r}")
-        _positive_int("train_samples (--data.train_samples)", train_samples, optional=True)
-        _positive_int("val_samples (--data.val_samples)", val_samples, optional=True)
-        _positive_int("batch_size (--data.batch_size)", batch_size)
-        _positive_int("label_batch_size (--data.label_batch_size)", label_batch_size)
+        check_positive_int("train_samples (--data.train_samples)", train_samples, optional=True)
+        check_positive_int("val_samples (--data.val_samples)", val_samples, optional=True)
+        check_positive_int("batch_size (--data.batch_size)", batch_size)
+        check_positive_int("label_batch_size (--data.label_batch_size)", label_batch_size)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction (--data.val_fraction) must be in (0, 1), got {val_fraction!r}")
         if not 0.0 <= agree < 1.0:
@@ -405,7 +399,7 @@ class ExitHeadsModule(L.LightningModule):
         balance: bool = True,
     ) -> None:
         super().__init__()
-        _positive_int("head_size (--model.head_size)", head_size, optional=True)
+        check_positive_int("head_size (--model.head_size)", head_size, optional=True)
         if not 0.0 <= threshold <= 1.0:  # checked here, not after labelling when the heads are shaped
             raise ValueError(f"threshold (--model.threshold) must be a P(exit) in [0, 1], got {threshold!r}")
         if not lr > 0:

@@ -22,6 +22,7 @@ from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
 from dyvte.calibrate import POSITIONS  # noqa: E402
+from dyvte.checks import check_positive_int  # noqa: E402
 from dyvte.data import build_inputs, iter_batches  # noqa: E402
 from dyvte.sources import DTYPES, load_model, load_records  # noqa: E402
 from dyvte.training import REPO_ROOT  # noqa: E402
@@ -36,9 +37,8 @@ def check_arguments(
             raise ValueError(f"{name}: a KL threshold eta must be a number > 0, got {eta!r}")
     if positions not in POSITIONS:
         raise ValueError(f"--positions must be one of {POSITIONS}, got {positions!r}")
-    for name, value in (("--samples", samples), ("--batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_positive_int("--samples", samples)
+    check_positive_int("--batch_size", batch_size)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
+from dyvte.checks import check_positive_int  # noqa: E402
 from dyvte.evaluate import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
 from dyvte.io import write_text_atomic  # noqa: E402
 from dyvte.methods import Compose, Full, Heads, Method, check_method, parse_method  # noqa: E402
@@ -38,11 +39,9 @@ def check_arguments(
     samples: int | None, methods: list[str], batch_size: int, max_new_tokens: int, dtype: str, output_dir: str
 ) -> None:
     """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise ValueError(f"--samples must be an int >= 1 (or null: every record), got {samples!r}")
-    for name, value in (("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_positive_int("--samples", samples, optional=True)
+    check_positive_int("--batch_size", batch_size)
+    check_positive_int("--max_new_tokens", max_new_tokens)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
