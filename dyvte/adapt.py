@@ -192,8 +192,7 @@ class AdaptData(L.LightningDataModule):
             return
         # one set of records (a single file): validate on a seeded held-out part, never on training records
         records = load_records(hp.data, hp.train_split, None)
-        val_count = hp.val_samples if hp.val_samples is not None else max(1, len(records) // 10)
-        train, val = held_out_split(len(records), val_count, hp.train_samples, hp.seed)
+        train, val = held_out_split(len(records), hp.val_samples, hp.train_samples, hp.seed)
         self.splits["train"], self.splits["val"] = records.select(train), records.select(val)
         logger.info(
             "validation: %d records held out at random (seed %d) from the %d records of %s, disjoint from the %d "

@@ -70,16 +70,19 @@ def default_label_cache_dir() -> Path:
 
 
 def held_out_split(
-    num_records: int, val_count: int, train_count: int | None = None, seed: int = 0
+    num_records: int, val_count: int | None, train_count: int | None = None, seed: int = 0, val_fraction: float = 0.1
 ) -> tuple[list[int], list[int]]:
     """Disjoint ``(train, val)`` record indices carved from one set of ``num_records`` records.
 
-    ``val`` is a seeded random sample of ``val_count`` indices (sorted); ``train`` is the first ``train_count`` of
-    the remaining indices in order (all of them when ``None``). The same arguments always give the same split.
+    ``val`` is a seeded random sample of ``val_count`` indices (sorted; ``None``: ``val_fraction`` of the records,
+    at least 1); ``train`` is the first ``train_count`` of the remaining indices in order (all of them when
+    ``None``). The same arguments always give the same split.
 
     Raises:
         ValueError: ``val_count`` leaves no record for training, or is < 1.
     """
+    if val_count is None:
+        val_count = max(1, round(val_fraction * num_records))
     if not 1 <= val_count < num_records:
         raise ValueError(
             f"cannot hold out {val_count} validation records from {num_records}: at least 1 must stay for training "
@@ -251,9 +254,10 @@ class ExitLabelData(L.LightningDataModule):
 
             self._source = load_records(hp.data, hp.train_split)  # every record: the count fixes the split
             total = len(self._source)
-            count = hp.val_samples if hp.val_samples is not None else max(1, round(hp.val_fraction * total))
             try:
-                train.indices, val.indices = held_out_split(total, count, hp.train_samples, hp.split_seed)
+                train.indices, val.indices = held_out_split(
+                    total, hp.val_samples, hp.train_samples, hp.split_seed, hp.val_fraction
+                )
             except ValueError as err:
                 raise ValueError(
                     f"--data.val_samples={hp.val_samples} (--data.val_fraction={hp.val_fraction}): validation is "
