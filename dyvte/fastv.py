@@ -50,15 +50,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def last_token_attention(
-    layer: nn.Module, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], allowed: torch.Tensor
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    allowed: torch.Tensor,
+    query: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention the last token pays every token in one decoder layer, mean over heads.
+    """Attention the last token (or each row's ``query`` slot) pays every token in one decoder layer, mean over heads.
 
     Args:
         layer: an HF decoder layer (``input_layernorm`` and ``self_attn`` with ``q_proj`` / ``k_proj``).
         hidden: ``(B, T, D)`` the layer's input hidden states.
         rotary: the layer's ``position_embeddings`` ``(cos, sin)``, each ``(B or 1, T, head_dim)``.
-        allowed: ``(B, T)`` bool, keys the last token may attend to.
+        allowed: ``(B, T)`` bool, keys the query token may attend to.
+        query: ``(B,)`` slot of each row's query token (default: the last slot).
 
     Returns:
         ``(B, T)`` float32 attention probabilities (0 on disallowed keys).
@@ -67,12 +72,17 @@ def last_token_attention(
     batch, num_tokens, _ = hidden.shape
     head_dim = attn.head_dim
     x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
+    if query is None:
+        query = torch.full((batch,), num_tokens - 1, dtype=torch.long, device=hidden.device)
+    rows = torch.arange(batch, device=hidden.device)
+    q = attn.q_proj(x[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
     k = attn.k_proj(x).view(batch, num_tokens, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = (t[:, None] for t in rotary)  # (B or 1, 1, T, hd)
-    q = q * cos[..., -1:, :] + _rotate_half(q) * sin[..., -1:, :]
+    cos_q = cos.expand(batch, -1, -1, -1)[rows, :, query][:, :, None]  # (B, 1, 1, hd)
+    sin_q = sin.expand(batch, -1, -1, -1)[rows, :, query][:, :, None]
+    q = q * cos_q + _rotate_half(q) * sin_q
     k = k * cos + _rotate_half(k) * sin
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, H, T, hd)
     logits = (q @ k.transpose(-1, -2)).squeeze(2).float() * attn.scaling  # (B, H, T)

@@ -73,8 +73,13 @@ class ExitHeadsConfig:
         hidden_size: the base decoder's hidden size d.
         num_layers: the base decoder's layer count L (there are L - 1 heads).
         head_size: hidden width h of each head (``None``: ``max(4, d // 32)``).
-        threshold: default P(exit) threshold at inference.
+        threshold: P(exit) threshold at inference when no calibrated ``thresholds`` are saved.
         format_version: version of this file format.
+        thresholds: calibrated P(exit) threshold of each head (``L - 1`` values), chosen by
+            :func:`dyvte.risk.calibrate_thresholds` on held-out data; used by default at inference when set.
+        calibration: how ``thresholds`` were chosen (tolerance, delta, calibration size, label rule, the measured
+            disagreement on the calibration data, ...), for the record.
+        label_rule: the label rule the heads were trained on.
     """
 
     model_type: str
@@ -83,6 +88,9 @@ class ExitHeadsConfig:
     head_size: int | None = None
     threshold: float = 0.5
     format_version: int = FORMAT_VERSION
+    thresholds: list[float] | None = None
+    calibration: dict | None = None
+    label_rule: str | None = None
 
     def __post_init__(self) -> None:
         if self.head_size is None:
@@ -91,6 +99,14 @@ class ExitHeadsConfig:
             raise ValueError("exit heads need a decoder of at least 2 layers")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.thresholds is not None:
+            if len(self.thresholds) != self.num_layers - 1:
+                raise ValueError(
+                    f"thresholds: one per head ({self.num_layers - 1}) expected, got {len(self.thresholds)}"
+                )
+            bad = [t for t in self.thresholds if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0 + 1e-9]
+            if bad:
+                raise ValueError(f"thresholds must be in [0, 1] (1 + epsilon: a head that never fires), got {bad}")
 
 
 class ExitHeads(nn.Module):
@@ -124,6 +140,15 @@ class ExitHeads(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Exit logits of every head: ``(B, L-1, 2d) -> (B, L-1)``."""
         return torch.stack([self.layer_logits(j, features[:, j]) for j in range(self.num_heads)], dim=1)
+
+    def exit_thresholds(self, threshold: float | None = None) -> torch.Tensor:
+        """``(L-1,)`` float32 P(exit) threshold of each head: ``threshold`` for every head when given, else the
+        calibrated ``config.thresholds``, else ``config.threshold`` for every head."""
+        if threshold is not None:
+            return torch.full((self.num_heads,), float(threshold))
+        if self.config.thresholds is not None:
+            return torch.tensor(self.config.thresholds, dtype=torch.float32)
+        return torch.full((self.num_heads,), float(self.config.threshold))
 
     def flops_per_row(self) -> int:
         """FLOPs of evaluating one head on one row (2 per multiply-add; norms ignored)."""
@@ -207,11 +232,11 @@ class HeadsWithdrawal(Withdrawal):
 
     def __init__(self, model: nn.Module, heads: ExitHeads, threshold: float | None = None) -> None:
         heads.check_model(unwrap(model))
-        threshold = heads.config.threshold if threshold is None else threshold
-        if not 0.0 <= threshold:
+        if threshold is not None and not 0.0 <= threshold:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.heads = heads
-        self.threshold = threshold
+        self.threshold = threshold  # None: the heads' calibrated thresholds (or their config's single threshold)
+        self.thresholds = heads.exit_thresholds(threshold).tolist()  # one per head, on the host
         super().__init__(model, layer=None)
 
     def _decide(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor:
@@ -222,4 +247,4 @@ class HeadsWithdrawal(Withdrawal):
             valid = take(valid, fwd.idx, 1) & (fwd.idx >= 0)
         with torch.no_grad():
             logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
-        return torch.sigmoid(logits.float()) >= self.threshold
+        return torch.sigmoid(logits.float()) >= self.thresholds[layer - 1]

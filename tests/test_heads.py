@@ -85,6 +85,9 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "head_size": 4,
         "threshold": 0.7,
         "format_version": 1,
+        "thresholds": None,
+        "calibration": None,
+        "label_rule": None,
     }
     from safetensors.torch import load_file
 
