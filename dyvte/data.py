@@ -209,7 +209,12 @@ def _prompt(processor, question: str) -> str:
 
 
 def build_inputs(
-    processor, records: Sequence[dict], with_answers: bool = False, offset: int = 0, dtype: torch.dtype | None = None
+    processor,
+    records: Sequence[dict],
+    with_answers: bool = False,
+    offset: int = 0,
+    dtype: torch.dtype | None = None,
+    answer_ids: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Left-padded processor inputs for a batch of records.
 
@@ -220,6 +225,8 @@ def build_inputs(
             that are -100 everywhere but on the answer tokens.
         offset: index of the first record in its dataset (for error messages).
         dtype: cast the floating-point tensors (pixels) to this dtype, e.g. the model's.
+        answer_ids: with ``with_answers``, teacher-force these token ids (one 1-D tensor per record, e.g. a
+            model's own greedy answer with its end token) instead of the records' tokenized ``answer``.
 
     Returns:
         The processor's tensors (``input_ids`` ``(B, T)``, ``attention_mask``, pixel tensors), plus ``labels``
@@ -235,13 +242,17 @@ def build_inputs(
     for i, record in enumerate(records):
         where = f"record {offset + i}"
         check_question(record.get("question"), where)
-        if with_answers:
+        if with_answers and answer_ids is None:
             check_answer(record.get("answer"), where)
         images.append(open_image(record.get("image"), where))
         prompts.append(_prompt(processor, record["question"]))
     if not with_answers:
         return _cast(dict(processor(images=images, text=prompts, padding=True, return_tensors="pt")), dtype)
     prompt = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+    if answer_ids is not None:
+        if len(answer_ids) != len(records) or any(a.ndim != 1 or a.numel() == 0 for a in answer_ids):
+            raise ValueError("answer_ids: one non-empty 1-D tensor of token ids per record expected")
+        return _cast(_append_answers(prompt, list(answer_ids), tokenizer.pad_token_id or 0), dtype)
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no end-of-sequence token to close teacher-forced answers")
     answers = []

@@ -26,6 +26,7 @@ from torch import nn
 from .io import atomic_path
 from .layout import take
 from .registry import resolve, unwrap
+from .risk import NEVER
 from .withdraw import Withdrawal, _Forward
 
 __all__ = ["ExitHeads", "ExitHeadsConfig", "HeadsWithdrawal", "head_features", "FORMAT_VERSION"]
@@ -76,7 +77,7 @@ class ExitHeadsConfig:
         threshold: P(exit) threshold at inference when no calibrated ``thresholds`` are saved.
         format_version: version of this file format.
         thresholds: calibrated P(exit) threshold of each head (``L - 1`` values), chosen by
-            :func:`dyvte.risk.calibrate_thresholds` on held-out data; used by default at inference when set.
+            :func:`dyvte.exits.calibrate_heads` on held-out data; used by default at inference when set.
         calibration: how ``thresholds`` were chosen (tolerance, delta, calibration size, label rule, the measured
             disagreement on the calibration data, ...), for the record.
         label_rule: the label rule the heads were trained on.
@@ -104,9 +105,9 @@ class ExitHeadsConfig:
                 raise ValueError(
                     f"thresholds: one per head ({self.num_layers - 1}) expected, got {len(self.thresholds)}"
                 )
-            bad = [t for t in self.thresholds if not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0 + 1e-9]
+            bad = [t for t in self.thresholds if not isinstance(t, (int, float)) or not 0.0 <= t <= NEVER]
             if bad:
-                raise ValueError(f"thresholds must be in [0, 1] (1 + epsilon: a head that never fires), got {bad}")
+                raise ValueError(f"thresholds must be in [0, 1] ({NEVER}: a head that never fires), got {bad}")
 
 
 class ExitHeads(nn.Module):

@@ -116,8 +116,12 @@ class Heads(Method):
 
     @property
     def name(self) -> str:  # type: ignore[override]
+        label = f"heads{'(' + self.label + ')' if self.label else ''}"
+        calibration = self.heads.config.calibration
+        if self.threshold is None and self.heads.config.thresholds is not None and calibration is not None:
+            return f"{label} calibrated tol={calibration['tolerance']:g}"
         threshold = self.heads.config.threshold if self.threshold is None else self.threshold
-        return f"heads{'(' + self.label + ')' if self.label else ''} p={threshold:g}"
+        return f"{label} p={threshold:g}"
 
     @contextlib.contextmanager
     def apply(self, model: nn.Module) -> Iterator[Any]:

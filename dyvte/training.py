@@ -40,9 +40,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MultilabelPrecision, MultilabelRecall
 
 from .checks import check_positive_int
+from .exits import check_rule, head_targets
 from .heads import ExitHeads, ExitHeadsConfig
 from .io import write_text_atomic
-from .labels import build_label_cache
+from .labels import LABEL_FORMAT, build_label_cache
 from .registry import resolve
 
 __all__ = [
@@ -99,6 +100,19 @@ def _has_splits(data: str) -> bool:
     return data == "demo" or (Path(data) / "dataset_dict.json").is_file()
 
 
+def _count_records(data: str, split: str) -> int:
+    """Records in ``split`` of ``data`` (Arrow metadata for the demo and ``save_to_disk`` directories)."""
+    if data == "demo":
+        from .demo import load_demo_dataset
+
+        return len(load_demo_dataset(split))
+    if (Path(data) / "dataset_dict.json").is_file():
+        return load_from_disk(data)[split].num_rows
+    from .sources import load_records
+
+    return len(load_records(data, split))
+
+
 def _source_key(data: str) -> str:
     return data if data == "demo" else str(Path(data).resolve())
 
@@ -122,6 +136,7 @@ class _Split:
     samples: int | None
     indices: list[int] | None = None  # held-out carving: these records of the source, in this order
     total: int | None = None  # records in the source the split was carved from
+    start: int = 0  # first record of ``split`` (calibration follows the validation records)
 
 
 class ExitLabelData(L.LightningDataModule):
@@ -140,10 +155,20 @@ class ExitLabelData(L.LightningDataModule):
             takes the first ``train_samples`` of the rest; ``None`` holds out ``val_fraction`` of them.
         val_fraction: share of the records held out for validation in that case when ``val_samples`` is ``None``.
         split_seed: seed of the held-out validation sample.
-        label_rule: ``"layer"`` (head j learns the DyVTE label at exit layer j + 1) or ``"monotone"`` (head j
-            learns "every exit layer >= j + 1 is safe", i.e. j + 1 >= the smallest safe layer).
-        agree: DyVTE agreement threshold.
-        loss_ratio: DyVTE loss-ratio threshold.
+        label_rule: what head j learns (:mod:`dyvte.exits`): ``"agreement"`` (default: withdrawal at j + 1 and at
+            every later exit layer gives the full model's answer), ``"kl"`` (answer KL <= ``kl_eta`` there),
+            ``"dyvte"`` (the paper's rule, made monotone the same way) or ``"dyvte-layer"`` (the paper's rule at
+            j + 1 only). 0.1's ``"layer"`` / ``"monotone"`` still mean ``"dyvte-layer"`` / ``"dyvte"``.
+        kl_eta: the ``kl`` rule's bound, in nats.
+        calib_samples: records for threshold calibration (:func:`dyvte.exits.calibrate_heads`), disjoint from
+            training and validation: the validation split's records right after the first ``val_samples`` (``None``:
+            all of them; none left: no calibration, with a warning), or, when validation is held out of the training
+            records, that many more records held out with it (``None``: ``calib_fraction`` of them). 0: no
+            calibration (the heads keep their single ``threshold``).
+        calib_fraction: share of the records held out for calibration in the held-out case when ``calib_samples``
+            is ``None``.
+        agree: DyVTE agreement threshold (the ``dyvte`` rule).
+        loss_ratio: DyVTE loss-ratio threshold (the ``dyvte`` rule).
         batch_size: head-training batch size.
         label_batch_size: rows per MLLM forward while labelling.
         cache_dir: where label caches live (default ``<repo>/runs/label-cache``, see
@@ -161,7 +186,10 @@ class ExitLabelData(L.LightningDataModule):
         val_data: str | None = None,
         train_samples: int | None = 3000,
         val_samples: int | None = 500,
-        label_rule: str = "layer",
+        label_rule: str = "agreement",
+        kl_eta: float = 0.05,
+        calib_samples: int | None = None,
+        calib_fraction: float = 0.2,
         agree: float = 0.99,
         loss_ratio: float = 1.03,
         batch_size: int = 256,
@@ -172,8 +200,18 @@ class ExitLabelData(L.LightningDataModule):
         split_seed: int = 0,
     ) -> None:
         super().__init__()
-        if label_rule not in ("layer", "monotone"):
-            raise ValueError(f"label_rule must be 'layer' or 'monotone', got {label_rule!r}")
+        try:
+            check_rule(label_rule)
+        except ValueError as err:
+            raise ValueError(f"--data.label_rule: {err}") from None
+        if not kl_eta > 0:
+            raise ValueError(f"kl_eta (--data.kl_eta) must be > 0, got {kl_eta!r}")
+        if calib_samples is not None and (
+            isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 0
+        ):
+            raise ValueError(f"calib_samples (--data.calib_samples) must be null or an int >= 0, got {calib_samples!r}")
+        if not 0.0 < calib_fraction < 1.0:
+            raise ValueError(f"calib_fraction (--data.calib_fraction) must be in (0, 1), got {calib_fraction!r}")
         check_positive_int("train_samples (--data.train_samples)", train_samples, optional=True)
         check_positive_int("val_samples (--data.val_samples)", val_samples, optional=True)
         check_positive_int("batch_size (--data.batch_size)", batch_size)
@@ -189,6 +227,7 @@ class ExitLabelData(L.LightningDataModule):
             )
         self.save_hyperparameters()
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.columns: dict[str, dict[str, np.ndarray]] = {}  # each split's label-cache columns
         self.meta: dict | None = None
         self._plan: dict[str, _Split] | None = None
         self._source = None  # the records validation is held out of, once loaded
@@ -200,12 +239,12 @@ class ExitLabelData(L.LightningDataModule):
         weights = sorted(model_dir.glob("*.safetensors"))
         stamp = [f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights]
         key = [str(model_dir.resolve()), stamp, part.data, _files_stamp(part.data), part.split, part.samples]
-        key += [hp.agree, hp.loss_ratio]
+        key += [hp.agree, hp.loss_ratio, LABEL_FORMAT, part.start]
         if part.indices is not None:
             key.append(part.indices)
         digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
         if part.indices is None:
-            return self.cache_root / f"{part.split}-{part.samples}-{digest}"
+            return self.cache_root / f"{part.split}-{part.start}+{part.samples}-{digest}"
         return self.cache_root / f"{part.name}-{len(part.indices)}-of-{part.total}-seed{hp.split_seed}-{digest}"
 
     @property
@@ -232,8 +271,14 @@ class ExitLabelData(L.LightningDataModule):
         """Where the training and validation records come from (for ``training.json``)."""
         parts, hp = self._splits(), self.hparams
         train, val = parts["train"], parts["val"]
+        calib = parts.get("calib")
         if val.indices is None:
-            return {"held_out": False, "train": f"{train.data} [{train.split}]", "val": f"{val.data} [{val.split}]"}
+            summary = {"held_out": False, "train": f"{train.data} [{train.split}]", "val": f"{val.data} [{val.split}]"}
+            if calib is not None:
+                summary["calib"] = (
+                    f"{calib.data} [{calib.split}] records {calib.start}..{calib.start + calib.samples - 1}"
+                )
+            return summary
         return {
             "held_out": True,
             "source": f"{train.data} [{train.split}]",
@@ -241,6 +286,7 @@ class ExitLabelData(L.LightningDataModule):
             "seed": hp.split_seed,
             "train_samples": len(train.indices or []),
             "val_samples": len(val.indices),
+            "calib_samples": len(calib.indices or []) if calib is not None else 0,
         }
 
     def _splits(self) -> dict[str, _Split]:
@@ -249,37 +295,77 @@ class ExitLabelData(L.LightningDataModule):
         hp = self.hparams
         train = _Split("train", hp.data, hp.train_split, hp.train_samples)
         val = _Split("val", hp.val_data or hp.data, hp.val_split, hp.val_samples)
+        calib = _Split("calib", val.data, val.split, hp.calib_samples, start=hp.val_samples or 0)
+        if not self.held_out() and hp.calib_samples != 0:
+            left = None if hp.val_samples is None else _count_records(val.data, val.split) - hp.val_samples
+            if hp.calib_samples is None:
+                calib.samples = max(left or 0, 0)
+                if not calib.samples:
+                    logger.warning(
+                        "no calibration: no record of %s [%s] is left after the %s validation records (set "
+                        "--data.val_samples below the split's size); the heads keep --model.threshold",
+                        val.data,
+                        val.split,
+                        hp.val_samples if hp.val_samples is not None else "(all)",
+                    )
+            elif left is None or left <= 0:
+                raise ValueError(
+                    f"--data.calib_samples={hp.calib_samples}: calibration takes the records of {val.data} "
+                    f"[{val.split}] after the first --data.val_samples={hp.val_samples}, and none is left; lower "
+                    "--data.val_samples, pass --data.calib_samples 0 or null"
+                )
+            elif left < hp.calib_samples:
+                logger.warning(
+                    "calibration: only %d records of %s [%s] left after the %d validation records (%d asked for)",
+                    left,
+                    val.data,
+                    val.split,
+                    hp.val_samples,
+                    hp.calib_samples,
+                )
+                calib.samples = left
         if self.held_out():
             from .sources import load_records
 
             self._source = load_records(hp.data, hp.train_split)  # every record: the count fixes the split
             total = len(self._source)
+            val_count = hp.val_samples or max(1, round(hp.val_fraction * total))
+            calib_count = round(hp.calib_fraction * total) if hp.calib_samples is None else hp.calib_samples
             try:
-                train.indices, val.indices = held_out_split(
-                    total, hp.val_samples, hp.train_samples, hp.split_seed, hp.val_fraction
+                train.indices, held = held_out_split(
+                    total, val_count + calib_count, hp.train_samples, hp.split_seed, hp.val_fraction
                 )
             except ValueError as err:
                 raise ValueError(
-                    f"--data.val_samples={hp.val_samples} (--data.val_fraction={hp.val_fraction}): validation is "
-                    f"held out of the {total} records of {hp.data} (no --data.val_data given): {err}; lower it or "
-                    "pass --data.val_data"
+                    f"--data.val_samples={hp.val_samples} (--data.val_fraction={hp.val_fraction}) and "
+                    f"--data.calib_samples={hp.calib_samples}: validation and calibration are held out of the {total} "
+                    f"records of {hp.data} (no --data.val_data given): {err}; lower them or pass --data.val_data"
                 ) from None
-            train.total = val.total = total
+            order = np.random.default_rng(hp.split_seed + 1).permutation(len(held))  # val / calib: a random cut
+            val.indices = sorted(held[i] for i in order[:val_count])
+            calib.indices = sorted(held[i] for i in order[val_count:])
+            train.total = val.total = calib.total = total
             logger.info(
-                "validation: %d records held out at random (seed %d) from the %d records of %s, disjoint from the "
-                "%d training records (pass --data.val_data for a separate validation set)",
+                "validation: %d records and calibration: %d records held out at random (seed %d) from the %d records "
+                "of %s, disjoint from the %d training records (pass --data.val_data for a separate validation set)",
                 len(val.indices),
+                len(calib.indices),
                 hp.split_seed,
                 total,
                 hp.data,
                 len(train.indices),
             )
         self._plan = {"train": train, "val": val}
+        if calib.indices if calib.indices is not None else calib.samples:
+            self._plan["calib"] = calib
         return self._plan
 
     def _records(self, part: _Split):
         from .sources import load_records
 
+        if part.indices is None and part.start:
+            records = load_records(part.data, part.split, part.start + part.samples)
+            return records.select(range(part.start, len(records)))
         if part.indices is None:
             return load_records(part.data, part.split, part.samples)
         source = self._source if self._source is not None else load_records(part.data, part.split)
@@ -315,7 +401,8 @@ class ExitLabelData(L.LightningDataModule):
             if part.indices is None:
                 count, kind = part.samples or "all", part.split
             else:
-                count, kind = len(part.indices), "held-out validation" if part.name == "val" else "training"
+                kind = {"val": "held-out validation", "calib": "held-out calibration"}.get(part.name, "training")
+                count = len(part.indices)
             logger.info("labelling %s %s samples of %s into the label cache %s", count, kind, part.data, path)
             records = self._records(part)
             start = time.perf_counter()
@@ -351,16 +438,14 @@ class ExitLabelData(L.LightningDataModule):
             path = self._cache_path(part)
             if not (path / "meta.json").is_file():
                 raise FileNotFoundError(f"label cache {path} is missing: prepare_data() did not run")
-            cache = load_from_disk(str(path)).with_format("torch")[:]
+            columns = load_from_disk(str(path)).with_format("numpy")[:]
             self.meta = json.loads((path / "meta.json").read_text())
-            self.tensors[name] = (cache["features"].float(), self.targets(cache["safe"], cache["safe_layer"]))
+            self.columns[name] = columns
+            self.tensors[name] = (torch.tensor(columns["features"], dtype=torch.float32), self.targets(columns))
 
-    def targets(self, safe: torch.Tensor, safe_layer: torch.Tensor) -> torch.Tensor:
-        """Head targets ``(N, L-1)`` from the safety at K = 0..L-1 ``(N, L)`` and the smallest safe layer ``(N,)``."""
-        if self.hparams.label_rule == "layer":
-            return safe[:, 1:].float()
-        exits = torch.arange(1, safe.shape[1], device=safe.device)  # exit layer of head j: j + 1
-        return (exits[None] >= safe_layer[:, None]).float()
+    def targets(self, columns: Mapping[str, np.ndarray]) -> torch.Tensor:
+        """Head targets ``(N, L-1)`` of a label cache's columns under ``label_rule`` (``dyvte.exits.head_targets``)."""
+        return head_targets(columns, self.hparams.label_rule, self.hparams.kl_eta)
 
     def heads_config(self, head_size: int | None, threshold: float) -> ExitHeadsConfig:
         """The heads' config for the labelled model."""
@@ -514,13 +599,14 @@ def head_validation(
 ) -> list[dict[str, float | int | None]]:
     """How each head's "exit" decision compares with the labels, at the heads' threshold.
 
-    A head fires for a sample when ``sigmoid(logit) >= threshold`` (the rule used at inference).
+    A head fires for a sample when ``sigmoid(logit) >=`` its threshold (the rule used at inference).
 
     Args:
         heads: the trained heads.
         features: ``(N, L-1, 2d)`` head inputs (the validation label cache's ``features``).
         targets: ``(N, L-1)`` 0/1 targets of the heads (:meth:`ExitLabelData.targets`).
-        threshold: P(exit) threshold (default: the heads' own, ``heads.config.threshold``).
+        threshold: P(exit) threshold of every head (default: the heads' own, calibrated per head when they are,
+            :meth:`ExitHeads.exit_thresholds`).
 
     Returns:
         One dict per head ``j``: ``head`` (j), ``exit_layer`` (j + 1), ``labelled_safe`` (fraction of samples whose
@@ -528,9 +614,9 @@ def head_validation(
         the fraction labelled safe; ``None`` when the head never fires) and ``recall`` (of the samples labelled safe,
         the fraction it fires for; ``None`` when none is labelled safe).
     """
-    threshold = heads.config.threshold if threshold is None else threshold
+    thresholds = heads.exit_thresholds(threshold)  # (L-1,)
     with torch.no_grad():
-        fires = torch.sigmoid(heads(features).float()) >= threshold  # (N, L-1)
+        fires = torch.sigmoid(heads(features).float()) >= thresholds[None]  # (N, L-1)
     safe = targets.bool()
     rows: list[dict[str, float | int | None]] = []
     for j in range(heads.num_heads):

@@ -142,18 +142,26 @@ def test_held_out_split_is_disjoint_and_seeded():
 def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
     jsonl = str(setup_dir / "records.jsonl")
     data = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=8, val_samples=4)
-    parts = data.split_indices()
-    assert parts["val"] is not None and len(parts["val"]) == 4 and len(parts["train"]) == 8
-    assert not set(parts["train"]) & set(parts["val"])
+    parts = data.split_indices()  # calibration: calib_fraction (0.2) of 12 = 2 more records held out
+    assert parts["val"] is not None and [len(parts[k]) for k in ("train", "val", "calib")] == [6, 4, 2]
+    train, val, calib = (set(parts[k]) for k in ("train", "val", "calib"))
+    assert not train & val and not calib & (train | val)
     again = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=8, val_samples=4)
     assert again.split_indices() == parts
     other = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=8, val_samples=4, split_seed=3)
     assert other.split_indices()["val"] != parts["val"]
-    separate = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_data=str(setup_dir / "other.jsonl"))
+    other = str(setup_dir / "other.jsonl")
+    separate = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_data=other, calib_samples=0)
     assert separate.split_indices() == {"train": None, "val": None}  # a separate validation file: nothing carved
-    assert ExitLabelData(data="demo").split_indices() == {"train": None, "val": None}  # distinct named splits
+    demo = ExitLabelData(data="demo")  # distinct named splits: calibration = validation records 500..4999
+    assert demo.split_indices() == {"train": None, "val": None, "calib": None}
+    assert demo.split_summary()["calib"] == "demo [validation] records 500..4999"
     fraction = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=None, val_samples=None)
-    assert [len(v) for v in fraction.split_indices().values()] == [11, 1]  # 10% of 12, at least 1
+    assert [len(v) for v in fraction.split_indices().values()] == [9, 1, 2]  # 10% of 12 (at least 1), 20% of 12
+    none = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_samples=4, calib_samples=0)
+    assert [len(v) for v in none.split_indices().values()] == [8, 4]  # --data.calib_samples 0: no calibration
+    with pytest.raises(ValueError, match=r"--data\.calib_samples=9: calibration takes the records of .* none is left"):
+        ExitLabelData(data="demo", val_samples=5000, calib_samples=9).split_indices()
     with pytest.raises(ValueError, match=r"--data\.val_samples=12 .*held out of the 12 records"):
         ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_samples=12).split_indices()
 
@@ -164,21 +172,31 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
     args = fit_args(setup_dir, "heads-heldout", 1, [f"--data.cache_dir={cache}"])
     with caplog.at_level(logging.INFO, logger="dyvte.training"):
         summary = load_script("train/fit.py").main(args)
-    assert "validation: 4 records held out at random (seed 0) from the 12 records of" in caplog.text
+    assert "validation: 4 records and calibration: 2 records held out at random (seed 0) from the 12 records of" in (
+        caplog.text
+    )
     written = json.loads((setup_dir / "heads-heldout" / "training.json").read_text())
     assert written["validation_split"] == summary["validation_split"]
-    expected = {"held_out": True, "source_records": 12, "seed": 0, "train_samples": 8, "val_samples": 4}
+    expected = {
+        "held_out": True,
+        "source_records": 12,
+        "seed": 0,
+        "train_samples": 6,
+        "val_samples": 4,
+        "calib_samples": 2,
+    }
     assert {k: v for k, v in written["validation_split"].items() if k != "source"} == expected
     assert written["val_samples"] == 4
     from datasets import load_from_disk
 
     caches = {k: load_from_disk(v).with_format("torch")[:] for k, v in written["label_cache"].items()}
-    train, val = caches["train"]["features"], caches["val"]["features"]
-    assert len(train) == 8 and len(val) == 4
-    for row in val:  # no validation sample is a training sample (identical features would say it is)
+    train, val, calib = (caches[k]["features"] for k in ("train", "val", "calib"))
+    assert len(train) == 6 and len(val) == 4 and len(calib) == 2
+    for row in [*val, *calib]:  # no held-out sample is a training sample (identical features would say it is)
         assert not any(torch.equal(row, t) for t in train)
     meta = {k: json.loads((Path(v) / "meta.json").read_text()) for k, v in written["label_cache"].items()}
-    assert not set(meta["train"]["source_indices"]) & set(meta["val"]["source_indices"])
+    held = [set(meta[k]["source_indices"]) for k in ("train", "val", "calib")]
+    assert not held[0] & held[1] and not held[0] & held[2] and not held[1] & held[2]
 
 
 # ------------------------------------------------------------------------ case 5: a model in training mode
@@ -234,7 +252,9 @@ def test_labels_of_a_model_in_training_mode_are_the_eval_mode_labels(dropout_mod
     assert "build_label_cache (labelling): the model was in training mode" in caplog.text
     assert "on_the_fly_labels (labelling): the model was in training mode" in caplog.text
     assert torch.allclose(got["features"], reference["features"], atol=1e-6)
-    assert torch.equal(got["safe"], reference["safe"]) and torch.equal(got["safe_layer"], reference["safe_layer"])
+    for column in ("match", "correct", "dyvte"):
+        assert torch.equal(got[column], reference[column]), column
+    assert torch.allclose(got["kl"], reference["kl"], atol=1e-6)
     assert torch.allclose(fly[0], fly_reference[0], atol=1e-6) and torch.equal(fly[1], fly_reference[1])
     assert _flags(model) == flags
 

@@ -24,6 +24,7 @@ import torch
 from datasets import load_from_disk
 
 import dyvte.training
+from dyvte.exits import head_targets
 from dyvte.heads import ExitHeads
 from dyvte.training import LIGHTNING_TIPS, RANK_ZERO_LOGGERS, quiet_lightning
 
@@ -166,8 +167,9 @@ def test_outputs_are_where_the_log_says(first, clone):
     for name in ("metrics.csv", "config.yaml", "hparams.yaml", "checkpoints/last.ckpt"):
         assert (logs_dir / name).is_file(), name
     caches = {name: Path(path) for name, path in run.summary["label_cache"].items()}
-    assert set(caches) == {"train", "val"} and run.summary["logs"] == str(logs_dir)
-    assert f"fit: label cache: {caches['train']} (train), {caches['val']} (validation)" in run.messages
+    assert set(caches) == {"train", "val", "calib"} and run.summary["logs"] == str(logs_dir)
+    expected = f"{caches['train']} (train), {caches['val']} (validation), {caches['calib']} (calibration)"
+    assert f"fit: label cache: {expected}" in run.messages
     for path in caches.values():
         assert path.parent == clone / "runs" / "label-cache" and (path / "meta.json").is_file()
         labelled = [m for m in run.messages if m.startswith("dyvte.training: labelling ")]
@@ -179,10 +181,10 @@ def test_head_table_equals_a_recomputation_from_the_cached_labels(first, clone):
     run = first[0]
     heads = ExitHeads.from_pretrained(clone / "runs" / "fit-demo" / "exit-heads")
     cache = load_from_disk(run.summary["label_cache"]["val"]).with_format("numpy")[:]
-    safe = np.asarray(cache["safe"], dtype=bool)[:, 1:]  # label rule "layer": head j learns "exit at K = j + 1 is safe"
+    safe = head_targets(cache, "agreement").bool().numpy()  # head j: answer kept at K = j + 1 and every later K
     with torch.no_grad():
         logits = heads(torch.as_tensor(np.asarray(cache["features"]), dtype=torch.float32)).numpy()
-    fires = 1 / (1 + np.exp(-logits.astype(np.float64))) >= heads.config.threshold
+    fires = 1 / (1 + np.exp(-logits.astype(np.float64))) >= heads.exit_thresholds().numpy()[None]
     assert run.summary["threshold"] == heads.config.threshold and run.summary["val_samples"] == len(safe) == 4
     table = next(m for m in run.logged("fit") if "| head | exit layer |" in m)
     for j, row in enumerate(run.summary["val_heads"]):
@@ -220,7 +222,7 @@ def test_later_runs_reuse_the_label_cache_and_relabel_on_request(first, clone, s
     (caches[0] / "stale").write_text("left over")
     relabelled = fit(clone, setup, "--data.relabel=true")
     assert not [m for m in relabelled.messages if "reusing the cached labels" in m]
-    assert len([m for m in relabelled.messages if m.startswith("dyvte.training: labelling ")]) == 2
+    assert len([m for m in relabelled.messages if m.startswith("dyvte.training: labelling ")]) == 3
     assert not (caches[0] / "stale").exists() and all((p / "meta.json").is_file() for p in caches)
     assert relabelled.summary["val_heads"] == again.summary["val_heads"]  # same labels, same seed: same heads
     assert git(clone, "status", "--porcelain", "--untracked-files=all") == ""

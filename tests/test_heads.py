@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -188,28 +187,51 @@ def test_ragged_batch_with_different_exit_layers_equals_rows_alone(family):
 
 
 # ------------------------------------------------------------------------------------------------ label caching
-def test_cached_labels_match_on_the_fly_and_static_withdrawal(tiny):
+def _greedy(model, inputs, eos: int, new_tokens: int) -> list[list[int]]:
+    """Each row's greedy answer ids up to and including the first end token (``new_tokens`` at most)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    out = out[:, inputs["input_ids"].shape[1] :]
+    rows = []
+    for row in out.tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def test_cached_labels_equal_generation_under_withdrawal_and_on_the_fly_labels(tiny):
     model, processor = tiny
     recs = records(5)
     for i, rec in enumerate(recs):  # answers the full model gives, so that some layers are safe
         inputs = build_inputs(processor, [rec])
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
         rec["answer"] = processor.tokenizer.decode(out[0, -1:]) if i % 2 == 0 else rec["answer"]
-    cache = build_label_cache(model, processor, recs, batch_size=2, progress=False)
-    assert len(cache) == 5 and np.asarray(cache[0]["features"]).shape == (3, 128)
-    safe = torch.tensor(cache["safe"])  # (N, L)
-    assert cache["safe_layer"] == smallest_safe_layer(safe).tolist()
+    cache = build_label_cache(model, processor, recs, batch_size=2, max_new_tokens=2, progress=False)
+    cache = cache.with_format("torch")[:]  # 2-token answers: a random model's longer ones never survive withdrawal
+    assert cache["features"].shape == (5, 3, 128) and cache["match"].shape == (5, 4)
+    assert cache["correct"].shape == (5, 5)
+    eos = processor.tokenizer.eos_token_id
+    prompt = build_inputs(processor, recs)
+    gold = build_inputs(processor, recs, with_answers=True)["labels"]
+    gold = [row[row != -100].tolist() for row in gold]
+    full = _greedy(model, prompt, eos, 2)
+    assert cache["correct"][:, 4].tolist() == [f == g for f, g in zip(full, gold, strict=True)]
+    for layer in range(4):  # match / correct: exactly what greedy generation under withdrawal at K writes
+        with dyvte.withdraw(model, layer=layer):
+            answers = _greedy(model, prompt, eos, 2)
+        assert cache["match"][:, layer].tolist() == [a == f for a, f in zip(answers, full, strict=True)], layer
+        assert cache["correct"][:, layer].tolist() == [a == g for a, g in zip(answers, gold, strict=True)], layer
+    assert not cache["match"].all() and cache["match"].any()  # both outcomes occur: the comparison can fail
     inputs = build_inputs(processor, recs, with_answers=True)
     labels = inputs["labels"]
     with torch.no_grad():
-        full = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-    for layer in (1, 2, 3):
+        full_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    for layer in (1, 2, 3):  # the paper's rule and the head inputs: as the on-the-fly labels compute them
         feats, fly = on_the_fly_labels(model, inputs, layer)
-        assert fly.tolist() == safe[:, layer].tolist()
-        torch.testing.assert_close(feats, cache.with_format("torch")[:]["features"][:, layer - 1], atol=1e-5, rtol=1e-5)
+        assert fly.tolist() == cache["dyvte"][:, layer].tolist()
+        torch.testing.assert_close(feats, cache["features"][:, layer - 1], atol=1e-5, rtol=1e-5)
         with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
             withdrawn = handle.to_input_positions(model(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
-        assert exit_safe(full, withdrawn, labels).tolist() == safe[:, layer].tolist()
+        assert exit_safe(full_logits, withdrawn, labels).tolist() == cache["dyvte"][:, layer].tolist()
     with pytest.raises(ValueError, match="exit layer"):
         on_the_fly_labels(model, inputs, 0)
 

@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
+from dyvte.exits import calibrate_heads  # noqa: E402
 from dyvte.io import write_text_atomic  # noqa: E402
 from dyvte.training import (  # noqa: E402
     ExitHeadsModule,
@@ -69,15 +70,30 @@ class FitCLI(LightningCLI):
             "regenerate the committed demo heads)",
         )
         parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to resume from")
+        parser.add_argument(
+            "--tolerance",
+            type=float,
+            default=DEFAULT_TOLERANCE,
+            help="the promise the saved thresholds keep: at most this share of answers differ from the full model's "
+            "(e.g. 0.01 = 1%%), except with probability --delta; certified on the --data.calib_samples records",
+        )
+        parser.add_argument("--delta", type=float, default=0.1, help="probability that the --tolerance promise fails")
 
     def before_instantiate_classes(self) -> None:
         """Refuse what cannot give trained heads or cannot be written, before the model is loaded or labelled."""
         check_training_budget(self.config["trainer"], "exit heads")
         check_output_dir("--output_dir", self.config["output_dir"])
+        for option, value in (("--tolerance", self.config["tolerance"]), ("--delta", self.config["delta"])):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{option} must be in (0, 1), got {value!r}")
         ckpt = self.config["ckpt_path"]
         if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES and not Path(ckpt).is_file():
             raise ValueError(f"--ckpt_path {ckpt}: no such checkpoint file")
 
+
+#: the default promise: at most 1% of answers differ from the full model's (docs/report.md: on the demo this keeps
+#: accuracy within 0.5 pt)
+DEFAULT_TOLERANCE = 0.01
 
 #: ``ckpt_path`` values Lightning resolves itself
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -131,6 +147,8 @@ def main(args: list[str] | None = None) -> dict:
     if not cli.trainer.is_global_zero:
         return {}
     heads = cli.model.heads
+    heads.config.label_rule = data.hparams.label_rule
+    calibration = calibrate(heads, data, cli.config["tolerance"], cli.config["delta"])
     heads.save_pretrained(out)
     features, targets = data.tensors["val"]
     per_head = head_validation(heads, features, targets)
@@ -143,6 +161,8 @@ def main(args: list[str] | None = None) -> dict:
         "steps": cli.trainer.global_step,
         "label_rule": data.hparams.label_rule,
         "threshold": heads.config.threshold,
+        "thresholds": heads.config.thresholds,
+        "calibration": calibration,
         "val_samples": len(targets),
         "validation_split": data.split_summary(),
         "val_heads": per_head,
@@ -151,17 +171,54 @@ def main(args: list[str] | None = None) -> dict:
     }
     write_text_atomic(out / "training.json", json.dumps(summary, indent=2) + "\n")
     log.info(
-        "validation of each head's exit decision at threshold %g (%d samples, label rule %r; precision: of the "
+        "validation of each head's exit decision at threshold %s (%d samples, label rule %r; precision: of the "
         "samples it exits, the share labelled safe; recall: of the samples labelled safe, the share it exits):\n%s",
-        heads.config.threshold,
+        "calibrated per head" if heads.config.thresholds else heads.config.threshold,
         len(targets),
         data.hparams.label_rule,
         format_head_table(per_head),
     )
     log.info("heads and training.json written to %s (%.1f s, %d steps)", out, seconds, cli.trainer.global_step)
     log.info("Lightning logs (metrics.csv, config.yaml, checkpoints/last.ckpt) in %s", log_dir)
-    log.info("label cache: %s (train), %s (validation)", caches["train"], caches["val"])
+    names = {"train": "train", "val": "validation", "calib": "calibration"}
+    log.info("label cache: %s", ", ".join(f"{path} ({names[name]})" for name, path in caches.items()))
     return summary
+
+
+def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
+    """Choose the heads' thresholds on the calibration split (Learn-then-Test) and store them in their config."""
+    if "calib" not in data.columns:
+        log.info("no calibration split (--data.calib_samples 0): the heads keep threshold %g", heads.config.threshold)
+        return None
+    chosen = calibrate_heads(
+        heads, data.tensors["calib"][0], data.columns["calib"]["match"], tolerance, delta, data.tensors["train"]
+    )
+    result = chosen.result
+    record = {**chosen.record(), "label_rule": data.hparams.label_rule, "source": data.split_summary()}
+    heads.config.thresholds = chosen.thresholds
+    heads.config.calibration = record
+    if result.parameter is None:
+        log.warning(
+            "calibration: no threshold keeps at most %.3g disagreement with probability >= %.3g on %d samples; the "
+            "saved heads never fire (raise --tolerance or --data.calib_samples)",
+            tolerance,
+            1 - delta,
+            result.samples,
+        )
+    else:
+        log.info(
+            "calibration: per-head thresholds %s (precision level %.6g on the training labels) keep the disagreement "
+            "with the full model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out samples: %d "
+            "disagreements, %.1f%% exit early)",
+            [round(t, 4) for t in chosen.thresholds],
+            result.parameter,
+            tolerance,
+            1 - delta,
+            result.samples,
+            result.errors,
+            100 * result.exit_rate,
+        )
+    return record
 
 
 if __name__ == "__main__":

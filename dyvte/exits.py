@@ -1,0 +1,216 @@
+"""Label rules, head targets and exact offline scoring of exit decisions, from a label cache.
+
+A label cache (:func:`dyvte.labels.build_label_cache`) holds, per sample and exit layer K = 0..L-1, whether
+withdrawal at K gives the full model's greedy answer (``match``), the answer-position KL (``kl``), the paper's rule
+(``dyvte``) and whether the answer at K is right (``correct``, K = L: the full model). Everything here is computed
+from those columns without running the model.
+
+Label rules (``ok[K]``: "exiting at K is acceptable"):
+
+* ``agreement`` (default): ``match[K]``, the answer equals the full model's;
+* ``kl``: ``kl[K] <= eta``;
+* ``dyvte``: the paper's rule (argmax agreement > 99% of the gold answer's positions AND answer loss <= 1.03x the
+  full model's). On a confident model its loss clause fails even when the answer does not change (docs/report.md).
+
+Targets: head j (exit layer K = j + 1) learns ``safe_from[K]``: ``ok`` at K and at every later exit layer, the
+oracle's own target; ``dyvte-layer`` keeps the paper's per-layer target ``dyvte[K]`` (not monotone).
+
+Exits: the first head j with P(exit) >= its threshold gives K = j + 1; none gives L (nothing withdrawn). Before a
+row's exit no token has left, so the heads read exactly the cached full-model features: the simulated exit layer
+equals the engine's (tested in tests/test_exits.py), and so do its answer and its prefill FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .risk import NEVER, LttResult, default_grid, learn_then_test
+
+__all__ = [
+    "HeadCalibration",
+    "LEVEL_GRID",
+    "calibrate_heads",
+    "precision_thresholds",
+    "disagreement_at",
+    "LABEL_RULES",
+    "RULE_ALIASES",
+    "check_rule",
+    "exit_ok",
+    "first_exit",
+    "head_targets",
+    "outcome",
+    "safe_from",
+]
+
+LABEL_RULES = ("agreement", "kl", "dyvte", "dyvte-layer")
+#: names of dyvte 0.1 (``layer``: the paper's per-layer label; ``monotone``: the paper's label made monotone)
+RULE_ALIASES = {"layer": "dyvte-layer", "monotone": "dyvte"}
+
+
+def check_rule(rule: str) -> str:
+    """The canonical name of a label rule (0.1's names accepted).
+
+    Raises:
+        ValueError: an unknown rule, naming the known ones.
+    """
+    rule = RULE_ALIASES.get(rule, rule)
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label_rule must be one of {', '.join(LABEL_RULES)}, got {rule!r}")
+    return rule
+
+
+def exit_ok(columns: Mapping[str, np.ndarray], rule: str, eta: float = 0.05) -> np.ndarray:
+    """``(N, L)`` bool: exiting at K = 0..L-1 is acceptable under ``rule`` (``eta``: the ``kl`` rule's bound)."""
+    rule = check_rule(rule)
+    if rule == "agreement":
+        return np.asarray(columns["match"], dtype=bool)
+    if rule == "kl":
+        return np.asarray(columns["kl"]) <= eta
+    return np.asarray(columns["dyvte"], dtype=bool)
+
+
+def safe_from(ok: np.ndarray) -> np.ndarray:
+    """``(N, L)`` bool: ``ok`` at K and at every later exit layer ``K' < L``."""
+    return np.flip(np.logical_and.accumulate(np.flip(ok, 1), axis=1), 1)
+
+
+def head_targets(columns: Mapping[str, np.ndarray], rule: str, eta: float = 0.05) -> torch.Tensor:
+    """``(N, L-1)`` float targets of heads j = 0..L-2 (exit layer j + 1) under ``rule`` (module docstring)."""
+    rule = check_rule(rule)
+    ok = exit_ok(columns, rule, eta)
+    target = ok if rule == "dyvte-layer" else safe_from(ok)
+    return torch.from_numpy(np.ascontiguousarray(target[:, 1:])).float()
+
+
+def first_exit(probs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` exit layer: ``j + 1`` for the first head with ``probs[:, j] >= thresholds[j]``, else ``L``.
+
+    Args:
+        probs: ``(N, L-1)`` P(exit) of each head.
+        thresholds: ``(L-1,)`` per-head thresholds.
+    """
+    fires = probs >= thresholds.to(probs.dtype)[None]  # (N, L-1)
+    num_heads = probs.shape[1]
+    first = torch.where(fires, torch.arange(num_heads)[None], num_heads).amin(1)
+    return first + 1  # L - 1 + 1 = L when no head fires
+
+
+def outcome(columns: Mapping[str, np.ndarray], exits: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per sample at its exit layer: ``agree`` (the full model's answer) and ``correct`` (the gold answer)."""
+    match = np.asarray(columns["match"], dtype=bool)
+    num_layers = match.shape[1]
+    exits = np.asarray(exits)
+    match = np.concatenate([match, np.ones((len(match), 1), dtype=bool)], axis=1)  # K = L: the full model itself
+    rows = np.arange(len(exits))
+    correct = np.asarray(columns["correct"], dtype=bool)
+    assert correct.shape[1] == num_layers + 1
+    return {"agree": match[rows, exits], "correct": correct[rows, exits]}
+
+
+def disagreement_at(probs: torch.Tensor, match: np.ndarray, thresholds: torch.Tensor) -> tuple[int, float]:
+    """``(disagreements, exit rate)`` of samples whose heads give ``probs`` (``(N, L-1)``) at ``thresholds``."""
+    exits = first_exit(probs, thresholds).numpy()
+    full = np.concatenate([np.asarray(match, dtype=bool), np.ones((len(exits), 1), dtype=bool)], axis=1)
+    disagree = ~full[np.arange(len(exits)), exits]
+    return int(disagree.sum()), float((exits < full.shape[1] - 1).mean())
+
+
+def precision_thresholds(probs: torch.Tensor, targets: torch.Tensor, level: float, min_count: int = 20) -> torch.Tensor:
+    """Per-head thresholds at which each head's exits are right at rate ``level`` on reference data.
+
+    For head j, samples are ranked by P(exit); the threshold is the P(exit) of the lowest-ranked sample of the
+    longest prefix (at least ``min_count`` samples) whose share of safe targets is ``>= level``; a head with no such
+    prefix never fires (:data:`dyvte.risk.NEVER`). Heads trained with class weights differ in how their
+    probabilities read, so one global threshold treats them unevenly; a common precision level does not.
+
+    Args:
+        probs: ``(N, L-1)`` P(exit) on the reference samples (the training set).
+        targets: ``(N, L-1)`` their 0/1 head targets.
+        level: the precision level in ``[0, 1]``.
+        min_count: the smallest prefix trusted.
+
+    Returns:
+        ``(L-1,)`` float32 thresholds.
+    """
+    out = torch.full((probs.shape[1],), NEVER)
+    ranks = torch.arange(1, probs.shape[0] + 1, dtype=torch.float64)
+    for j in range(probs.shape[1]):
+        order = torch.argsort(probs[:, j], descending=True, stable=True)
+        precision = torch.cumsum(targets[order, j].double(), 0) / ranks  # (N,)
+        good = ((precision >= level) & (ranks >= min_count)).nonzero()
+        if len(good):
+            out[j] = probs[order[int(good.max())], j]
+    return out
+
+
+#: the fixed grid of precision levels walked by :func:`calibrate_heads` (most conservative first)
+LEVEL_GRID = np.concatenate([[1.0], 1.0 - np.logspace(-4.0, -1.0, 90)])
+
+
+@dataclass
+class HeadCalibration:
+    """Calibrated per-head thresholds and the Learn-then-Test record behind them."""
+
+    thresholds: list[float]
+    result: LttResult
+    family: str
+
+    def record(self) -> dict:
+        """A JSON-ready record for the heads' config."""
+        return {**self.result.as_dict(), "family": self.family}
+
+
+def calibrate_heads(
+    heads,
+    features: torch.Tensor,
+    match: np.ndarray,
+    tolerance: float,
+    delta: float,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> HeadCalibration:
+    """Choose the heads' thresholds on held-out calibration samples with the promise of :mod:`dyvte.risk`.
+
+    The risk of a sample is that its answer at its exit layer differs from the full model's (``match`` of a label
+    cache). With ``reference`` (the training features and targets) the thresholds are one family with one parameter,
+    :func:`precision_thresholds` at a precision level walked down :data:`LEVEL_GRID`; without it, one global
+    threshold walked down :func:`dyvte.risk.default_grid`. Either way, with calibration and new samples from one
+    distribution, ``P(disagreement rate on new samples > tolerance) <= delta``.
+
+    Args:
+        heads: the trained :class:`dyvte.heads.ExitHeads`.
+        features: ``(N, L-1, 2d)`` head inputs of the calibration samples.
+        match: ``(N, L)`` the calibration label cache's ``match`` column.
+        tolerance: ε, e.g. 0.01 for "at most 1% of answers may differ".
+        delta: δ, e.g. 0.1.
+        reference: ``(features, targets)`` of the training samples, which shape the per-head family.
+
+    Returns:
+        The :class:`HeadCalibration` (every threshold ``NEVER`` when nothing can be certified).
+    """
+    with torch.no_grad():
+        probs = torch.sigmoid(heads(features).float())  # (N, L-1)
+        ref = None if reference is None else (torch.sigmoid(heads(reference[0]).float()), reference[1])
+    num_heads = probs.shape[1]
+    if ref is None:
+        family, grid = "global", default_grid()
+
+        def thresholds(lam: float) -> torch.Tensor:
+            return torch.full((num_heads,), lam)
+    else:
+        family, grid = "precision", LEVEL_GRID
+        cache: dict[float, torch.Tensor] = {}
+
+        def thresholds(lam: float) -> torch.Tensor:
+            if lam not in cache:
+                cache[lam] = precision_thresholds(ref[0], ref[1], lam)
+            return cache[lam]
+
+    result = learn_then_test(
+        lambda lam: disagreement_at(probs, match, thresholds(lam)), len(probs), tolerance, delta, grid
+    )
+    chosen = torch.full((num_heads,), NEVER) if result.parameter is None else thresholds(result.parameter)
+    return HeadCalibration([float(t) for t in chosen], result, family)
