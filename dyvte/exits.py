@@ -22,6 +22,7 @@ equals the engine's (tested in tests/test_exits.py), and so do its answer and it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,9 +33,9 @@ from .risk import NEVER, LttResult, default_grid, learn_then_test
 
 __all__ = [
     "HeadCalibration",
-    "LEVEL_GRID",
     "calibrate_heads",
-    "precision_thresholds",
+    "platt_scaling",
+    "platt_thresholds",
     "disagreement_at",
     "LABEL_RULES",
     "RULE_ALIASES",
@@ -119,36 +120,42 @@ def disagreement_at(probs: torch.Tensor, match: np.ndarray, thresholds: torch.Te
     return int(disagree.sum()), float((exits < full.shape[1] - 1).mean())
 
 
-def precision_thresholds(probs: torch.Tensor, targets: torch.Tensor, level: float, min_count: int = 20) -> torch.Tensor:
-    """Per-head thresholds at which each head's exits are right at rate ``level`` on reference data.
+def platt_scaling(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head Platt scaling: ``(a, b)``, each ``(L-1,)``, so that ``sigmoid(a * logit + b)`` is a calibrated
+    P(safe) on reference data (log loss minimized by L-BFGS).
 
-    For head j, samples are ranked by P(exit); the threshold is the P(exit) of the lowest-ranked sample of the
-    longest prefix (at least ``min_count`` samples) whose share of safe targets is ``>= level``; a head with no such
-    prefix never fires (:data:`dyvte.risk.NEVER`). Heads trained with class weights differ in how their
-    probabilities read, so one global threshold treats them unevenly; a common precision level does not.
+    Heads trained with class weights (``balance``) read differently: a head whose positives are rare is pushed up,
+    one whose negatives are rare is pushed down, so one global threshold on raw probabilities treats them unevenly.
 
     Args:
-        probs: ``(N, L-1)`` P(exit) on the reference samples (the training set).
+        logits: ``(N, L-1)`` exit logits of the reference samples (validation data, not the training set: on
+            their own training samples the heads are overconfident).
         targets: ``(N, L-1)`` their 0/1 head targets.
-        level: the precision level in ``[0, 1]``.
-        min_count: the smallest prefix trusted.
-
-    Returns:
-        ``(L-1,)`` float32 thresholds.
+        steps: L-BFGS iterations.
     """
-    out = torch.full((probs.shape[1],), NEVER)
-    ranks = torch.arange(1, probs.shape[0] + 1, dtype=torch.float64)
-    for j in range(probs.shape[1]):
-        order = torch.argsort(probs[:, j], descending=True, stable=True)
-        precision = torch.cumsum(targets[order, j].double(), 0) / ranks  # (N,)
-        good = ((precision >= level) & (ranks >= min_count)).nonzero()
-        if len(good):
-            out[j] = probs[order[int(good.max())], j]
-    return out
+    logits, targets = logits.detach().double(), targets.double()
+    a = torch.ones(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([a, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(a * logits + b, targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return a.detach(), b.detach()
 
 
-#: the fixed grid of precision levels walked by :func:`calibrate_heads` (most conservative first)
-LEVEL_GRID = np.concatenate([[1.0], 1.0 - np.logspace(-4.0, -1.0, 90)])
+def platt_thresholds(a: torch.Tensor, b: torch.Tensor, level: float) -> torch.Tensor:
+    """``(L-1,)`` raw P(exit) thresholds equivalent to ``sigmoid(a * logit + b) >= level`` for each head (a head
+    with ``a <= 0`` ranks samples the wrong way round and never fires: :data:`dyvte.risk.NEVER`)."""
+    if level >= 1.0:
+        return torch.full(a.shape, NEVER)
+    target = math.log(level / (1.0 - level)) if level > 0.0 else -math.inf
+    raw = torch.sigmoid((target - b) / a.clamp(min=1e-12)).float()
+    return torch.where(a > 0, raw, torch.full_like(raw, NEVER))
 
 
 @dataclass
@@ -175,10 +182,11 @@ def calibrate_heads(
     """Choose the heads' thresholds on held-out calibration samples with the promise of :mod:`dyvte.risk`.
 
     The risk of a sample is that its answer at its exit layer differs from the full model's (``match`` of a label
-    cache). With ``reference`` (the training features and targets) the thresholds are one family with one parameter,
-    :func:`precision_thresholds` at a precision level walked down :data:`LEVEL_GRID`; without it, one global
-    threshold walked down :func:`dyvte.risk.default_grid`. Either way, with calibration and new samples from one
-    distribution, ``P(disagreement rate on new samples > tolerance) <= delta``.
+    cache). The thresholds are one family with one parameter λ walked down :func:`dyvte.risk.default_grid`: with
+    ``reference`` (validation features and targets), every head fires when its Platt-scaled P(safe) is >= λ
+    (:func:`platt_scaling`, fitted on ``reference``; :func:`platt_thresholds`); without it, every raw P(exit) is
+    compared with λ. Either way, with calibration and new samples from one distribution,
+    ``P(disagreement rate on new samples > tolerance) <= delta``.
 
     Args:
         heads: the trained :class:`dyvte.heads.ExitHeads`.
@@ -186,31 +194,30 @@ def calibrate_heads(
         match: ``(N, L)`` the calibration label cache's ``match`` column.
         tolerance: ε, e.g. 0.01 for "at most 1% of answers may differ".
         delta: δ, e.g. 0.1.
-        reference: ``(features, targets)`` of the training samples, which shape the per-head family.
+        reference: ``(features, targets)`` of validation samples (disjoint from training and calibration), which
+            put the heads on one scale.
 
     Returns:
         The :class:`HeadCalibration` (every threshold ``NEVER`` when nothing can be certified).
     """
     with torch.no_grad():
         probs = torch.sigmoid(heads(features).float())  # (N, L-1)
-        ref = None if reference is None else (torch.sigmoid(heads(reference[0]).float()), reference[1])
+        ref_logits = None if reference is None else heads(reference[0]).float()
     num_heads = probs.shape[1]
-    if ref is None:
-        family, grid = "global", default_grid()
+    if ref_logits is None:
+        family = "global"
 
         def thresholds(lam: float) -> torch.Tensor:
             return torch.full((num_heads,), lam)
     else:
-        family, grid = "precision", LEVEL_GRID
-        cache: dict[float, torch.Tensor] = {}
+        family = "platt"
+        a, b = platt_scaling(ref_logits, reference[1])
 
         def thresholds(lam: float) -> torch.Tensor:
-            if lam not in cache:
-                cache[lam] = precision_thresholds(ref[0], ref[1], lam)
-            return cache[lam]
+            return platt_thresholds(a, b, lam)
 
     result = learn_then_test(
-        lambda lam: disagreement_at(probs, match, thresholds(lam)), len(probs), tolerance, delta, grid
+        lambda lam: disagreement_at(probs, match, thresholds(lam)), len(probs), tolerance, delta, default_grid()
     )
     chosen = torch.full((num_heads,), NEVER) if result.parameter is None else thresholds(result.parameter)
     return HeadCalibration([float(t) for t in chosen], result, family)

@@ -29,11 +29,23 @@ from .registry import resolve, unwrap
 from .risk import NEVER
 from .withdraw import Withdrawal, _Forward
 
-__all__ = ["ExitHeads", "ExitHeadsConfig", "HeadsWithdrawal", "head_features", "FORMAT_VERSION"]
+__all__ = [
+    "EXTRA_COLUMNS",
+    "EXTRA_WIDTH",
+    "FORMAT_VERSION",
+    "ExitHeads",
+    "ExitHeadsConfig",
+    "HeadsWithdrawal",
+    "head_features",
+    "head_inputs",
+]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: extra head inputs (ablation) and their widths: columns of a label cache's ``extras`` (see ``ExitHeadsConfig``)
+EXTRA_WIDTH = {"lens": 2, "attn": 1}
+EXTRA_COLUMNS = {"lens": [0, 1], "attn": [2]}
 CONFIG_NAME = "exit_heads_config.json"
 WEIGHTS_NAME = "exit_heads.safetensors"
 
@@ -65,6 +77,17 @@ def head_features(
     return torch.cat([mean, hidden[torch.arange(batch, device=hidden.device), final]], dim=-1)
 
 
+def head_inputs(columns, extra_inputs: list[str] | None = None) -> torch.Tensor:
+    """``(N, L-1, width)`` float32 head inputs from a label cache's columns: ``features`` plus the named
+    ``extras`` (see :class:`ExitHeadsConfig`)."""
+    inputs = torch.as_tensor(columns["features"], dtype=torch.float32)
+    if extra_inputs:
+        extras = torch.as_tensor(columns["extras"], dtype=torch.float32)
+        picked = [extras[..., EXTRA_COLUMNS[name]] for name in extra_inputs]
+        inputs = torch.cat([inputs, *picked], dim=-1)
+    return inputs
+
+
 @dataclass
 class ExitHeadsConfig:
     """Everything that defines a set of exit heads, saved as JSON next to their weights.
@@ -81,6 +104,11 @@ class ExitHeadsConfig:
         calibration: how ``thresholds`` were chosen (tolerance, delta, calibration size, label rule, the measured
             disagreement on the calibration data, ...), for the record.
         label_rule: the label rule the heads were trained on.
+        extra_inputs: extra per-layer inputs appended to the ``2d`` features, from a label cache's ``extras``
+            (``"lens"``: the final prompt token's logit-lens top-1 probability and entropy; ``"attn"``: its
+            attention mass on the visual tokens). For the ablation in docs/report.md only: the engine computes the
+            ``2d`` features alone, so heads with extra inputs are scored offline (:mod:`dyvte.exits`) and refused by
+            ``withdraw``.
     """
 
     model_type: str
@@ -92,6 +120,12 @@ class ExitHeadsConfig:
     thresholds: list[float] | None = None
     calibration: dict | None = None
     label_rule: str | None = None
+    extra_inputs: list[str] | None = None
+
+    @property
+    def input_size(self) -> int:
+        """Width of each head's input: ``2d`` plus the extra inputs."""
+        return 2 * self.hidden_size + sum(EXTRA_WIDTH[name] for name in self.extra_inputs or [])
 
     def __post_init__(self) -> None:
         if self.head_size is None:
@@ -100,6 +134,9 @@ class ExitHeadsConfig:
             raise ValueError("exit heads need a decoder of at least 2 layers")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        unknown = sorted(set(self.extra_inputs or []) - set(EXTRA_WIDTH))
+        if unknown:
+            raise ValueError(f"extra_inputs: unknown {unknown}; known: {sorted(EXTRA_WIDTH)}")
         if self.thresholds is not None:
             if len(self.thresholds) != self.num_layers - 1:
                 raise ValueError(
@@ -116,9 +153,9 @@ class ExitHeads(nn.Module):
     def __init__(self, config: ExitHeadsConfig) -> None:
         super().__init__()
         self.config = config
-        d, h = config.hidden_size, config.head_size
+        width, h = config.input_size, config.head_size
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, h), nn.GELU(), nn.Linear(h, 1))
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, h), nn.GELU(), nn.Linear(h, 1))
             for _ in range(config.num_layers - 1)
         )
 
@@ -153,12 +190,18 @@ class ExitHeads(nn.Module):
 
     def flops_per_row(self) -> int:
         """FLOPs of evaluating one head on one row (2 per multiply-add; norms ignored)."""
-        d2, h = 2 * self.config.hidden_size, self.config.head_size
+        d2, h = self.config.input_size, self.config.head_size
         return 2 * (d2 * h + h)
 
     # ----------------------------------------------------------------------------------------------- checking
     def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` unless ``model`` is the kind of model these heads were made for."""
+        """Raise ``ValueError`` unless ``model`` is the kind of model these heads were made for (and the engine can
+        compute their inputs)."""
+        if self.config.extra_inputs:
+            raise ValueError(
+                f"these exit heads read extra inputs {self.config.extra_inputs} (an ablation variant, docs/report.md) "
+                "that withdrawal does not compute; score them offline with dyvte.exits"
+            )
         spec = resolve(model)
         got = (spec.model_type, spec.text_config.hidden_size, spec.num_layers)
         want = (self.config.model_type, self.config.hidden_size, self.config.num_layers)

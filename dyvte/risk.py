@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["LttResult", "binomial_cdf", "default_grid", "learn_then_test", "NEVER"]
 
 #: the threshold of a head that must never fire (a probability never reaches it)
-NEVER = 1.0 + 1e-6
+NEVER = 1.0 + 2.0**-20  # exactly representable in float32
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:

@@ -20,6 +20,7 @@ logs and writes to ``training.json``; :func:`quiet_lightning` silences Lightning
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,6 +50,8 @@ from .registry import resolve
 __all__ = [
     "ExitLabelData",
     "ExitHeadsModule",
+    "HeadTensorData",
+    "positive_weight",
     "REPO_ROOT",
     "runs_dir",
     "check_output_dir",
@@ -455,17 +458,56 @@ class ExitLabelData(L.LightningDataModule):
 
     def positive_weight(self) -> torch.Tensor:
         """``(L-1,)`` n_neg / n_pos per head in the training targets (1 where a head has no positives)."""
-        targets = self.tensors["train"][1]
-        positives = targets.sum(0)
-        return torch.where(
-            positives > 0, (len(targets) - positives) / positives.clamp(min=1), torch.ones_like(positives)
-        )
+        return positive_weight(self.tensors["train"][1])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.tensors["train"]), batch_size=self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.tensors["val"]), batch_size=self.hparams.batch_size)
+
+
+class HeadTensorData(L.LightningDataModule):
+    """Head inputs and targets already in memory (offline studies such as ``train/ablate_heads.py``).
+
+    Args:
+        train: ``(features (N, L-1, w), targets (N, L-1))`` for training.
+        val: the same for validation.
+        config: the heads' config (its ``head_size`` / ``threshold`` are replaced by the module's).
+        batch_size: head-training batch size.
+    """
+
+    def __init__(
+        self,
+        train: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor],
+        config: ExitHeadsConfig,
+        batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        self.tensors = {"train": train, "val": val}
+        self.config = config
+        self.batch_size = batch_size
+
+    def heads_config(self, head_size: int | None, threshold: float) -> ExitHeadsConfig:
+        """The heads' config with the module's head size and threshold."""
+        return dataclasses.replace(self.config, head_size=head_size, threshold=threshold)
+
+    def positive_weight(self) -> torch.Tensor:
+        """``(L-1,)`` n_neg / n_pos per head in the training targets."""
+        return positive_weight(self.tensors["train"][1])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.tensors["train"]), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.tensors["val"]), batch_size=self.batch_size)
+
+
+def positive_weight(targets: torch.Tensor) -> torch.Tensor:
+    """``(L-1,)`` n_neg / n_pos per head of ``(N, L-1)`` 0/1 targets (1 where a head has no positives)."""
+    positives = targets.sum(0)
+    return torch.where(positives > 0, (len(targets) - positives) / positives.clamp(min=1), torch.ones_like(positives))
 
 
 class ExitHeadsModule(L.LightningModule):

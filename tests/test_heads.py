@@ -87,6 +87,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "thresholds": None,
         "calibration": None,
         "label_rule": None,
+        "extra_inputs": None,
     }
     from safetensors.torch import load_file
 

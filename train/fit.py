@@ -191,7 +191,7 @@ def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dic
         log.info("no calibration split (--data.calib_samples 0): the heads keep threshold %g", heads.config.threshold)
         return None
     chosen = calibrate_heads(
-        heads, data.tensors["calib"][0], data.columns["calib"]["match"], tolerance, delta, data.tensors["train"]
+        heads, data.tensors["calib"][0], data.columns["calib"]["match"], tolerance, delta, data.tensors["val"]
     )
     result = chosen.result
     record = {**chosen.record(), "label_rule": data.hparams.label_rule, "source": data.split_summary()}
@@ -207,9 +207,9 @@ def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dic
         )
     else:
         log.info(
-            "calibration: per-head thresholds %s (precision level %.6g on the training labels) keep the disagreement "
-            "with the full model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out samples: %d "
-            "disagreements, %.1f%% exit early)",
+            "calibration: per-head thresholds %s (Platt-scaled P(safe) >= %.6g, scaled on validation) keep the "
+            "disagreement with the full model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out "
+            "samples: %d disagreements, %.1f%% exit early)",
             [round(t, 4) for t in chosen.thresholds],
             result.parameter,
             tolerance,

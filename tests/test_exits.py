@@ -1,0 +1,182 @@
+"""Label rules, offline exit scoring and Learn-then-Test calibration (dyvte.exits, dyvte.risk).
+
+Invariants: the binomial tail is exact; Learn-then-Test keeps its promise (the chosen rule's true risk exceeds the
+tolerance in at most a δ share of calibration draws); scoring exits from a label cache equals running the engine
+(same exit layers, same answers); calibrated thresholds are what ``withdraw(heads=...)`` uses by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dyvte
+from dyvte.data import build_inputs
+from dyvte.exits import (
+    calibrate_heads,
+    check_rule,
+    exit_ok,
+    first_exit,
+    head_targets,
+    outcome,
+    platt_scaling,
+    platt_thresholds,
+    safe_from,
+)
+from dyvte.heads import ExitHeads
+from dyvte.labels import label_batch
+from dyvte.risk import NEVER, binomial_cdf, learn_then_test
+
+
+def test_binomial_cdf_is_the_exact_tail():
+    assert binomial_cdf(0, 10, 0.1) == pytest.approx(0.9**10)
+    for n, p in ((7, 0.3), (40, 0.05)):
+        for k in range(n + 1):
+            exact = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+            assert binomial_cdf(k, n, p) == pytest.approx(exact, rel=1e-9, abs=1e-15)
+    assert binomial_cdf(-1, 5, 0.5) == 0.0 and binomial_cdf(5, 5, 0.5) == 1.0
+    with pytest.raises(ValueError, match="p in"):
+        binomial_cdf(1, 5, 1.5)
+
+
+def test_learn_then_test_keeps_its_promise_over_many_calibration_draws():
+    """A known risk curve: a sample exits when its score >= λ and is then wrong with probability (1 - score)^3.
+    The true risk R(λ) is known in closed form; R(λ̂) > ε may happen in at most ~δ of the draws."""
+    rng = np.random.default_rng(0)
+    tolerance, delta, n, draws = 0.02, 0.1, 400, 400
+    grid = np.linspace(1.0, 0.0, 101)
+
+    def true_risk(lam: float) -> float:  # ∫_λ^1 (1 - s)^3 ds
+        return (1 - lam) ** 4 / 4
+
+    failures, chosen = 0, []
+    for _ in range(draws):
+        score = rng.random(n)
+        wrong = rng.random(n) < (1 - score) ** 3
+        result = learn_then_test(
+            lambda lam, s=score, w=wrong: (int((w & (s >= lam)).sum()), float((s >= lam).mean())),
+            n,
+            tolerance,
+            delta,
+            grid,
+        )
+        lam = 1.0 if result.parameter is None else result.parameter
+        chosen.append(lam)
+        failures += true_risk(lam) > tolerance
+    assert failures / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+    # and it is not vacuous: it exits a real share of samples, close to the best certifiable λ
+    best = min(lam for lam in grid if true_risk(lam) <= tolerance)
+    assert np.median(chosen) < 0.7 and np.median(chosen) >= best
+
+
+def test_learn_then_test_refuses_bad_promises():
+    with pytest.raises(ValueError, match="tolerance must be in"):
+        learn_then_test(lambda lam: (0, 0.0), 10, 0.0, 0.1)
+    with pytest.raises(ValueError, match="delta must be in"):
+        learn_then_test(lambda lam: (0, 0.0), 10, 0.01, 1.0)
+    with pytest.raises(ValueError, match="at least one calibration sample"):
+        learn_then_test(lambda lam: (0, 0.0), 0, 0.01, 0.1)
+    never = learn_then_test(lambda lam: (10, 1.0), 10, 0.01, 0.1, [0.9, 0.5])
+    assert never.parameter is None and never.tested == 1
+
+
+def test_rules_targets_and_first_exit():
+    match = np.array([[True, False, True, True], [False, True, True, True], [True, True, True, False]])
+    kl = np.array([[0.0, 0.2, 0.01, 0.0], [0.3, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.5]], dtype=np.float32)
+    paper = ~match
+    columns = {"match": match, "kl": kl, "dyvte": paper}
+    assert safe_from(match).tolist() == [
+        [False, False, True, True],
+        [False, True, True, True],
+        [False, False, False, False],
+    ]
+    assert head_targets(columns, "agreement").tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert head_targets(columns, "kl", eta=0.05).tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert head_targets(columns, "kl", eta=0.25).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
+    assert head_targets(columns, "dyvte-layer").tolist() == paper[:, 1:].astype(float).tolist()
+    assert check_rule("layer") == "dyvte-layer" and check_rule("monotone") == "dyvte"
+    assert exit_ok(columns, "monotone").tolist() == paper.tolist()
+    with pytest.raises(ValueError, match="label_rule must be one of agreement, kl, dyvte, dyvte-layer"):
+        check_rule("safe")
+    probs = torch.tensor([[0.1, 0.9, 0.2], [0.95, 0.1, 0.1], [0.1, 0.1, 0.1]])
+    assert first_exit(probs, torch.tensor([0.9, 0.9, 0.9])).tolist() == [2, 1, 4]
+    assert first_exit(probs, torch.tensor([0.99, 0.95, 0.15])).tolist() == [3, 4, 4]
+    columns["correct"] = np.ones((3, 5), dtype=bool)
+    assert outcome(columns, torch.tensor([2, 1, 4]))["agree"].tolist() == [True, True, True]
+    assert outcome(columns, torch.tensor([1, 0, 3]))["agree"].tolist() == [False, False, False]
+
+
+def test_platt_thresholds_equal_the_scaled_rule():
+    """Raw thresholds from Platt scaling fire exactly where sigmoid(a * logit + b) >= level."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, 3, generator=gen) * 3
+    truth = torch.sigmoid(torch.stack([2 * logits[:, 0] - 1, 0.5 * logits[:, 1] + 2, -logits[:, 2]], 1))
+    targets = (torch.rand(400, 3, generator=gen) < truth).float()
+    a, b = platt_scaling(logits, targets)
+    assert a[0] == pytest.approx(2.0, abs=0.5) and a[1] == pytest.approx(0.5, abs=0.3) and a[2] < 0
+    probs = torch.sigmoid(logits)
+    for level in (0.3, 0.8, 0.95):
+        raw = platt_thresholds(a, b, level)
+        scaled = torch.sigmoid(a[None].float() * logits + b[None].float()) >= level
+        assert torch.equal((probs >= raw[None])[:, :2], scaled[:, :2]), level
+        assert raw[2] == NEVER  # a head ranking the wrong way never fires
+    assert platt_thresholds(a, b, 1.0).tolist() == [NEVER] * 3
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
+    from dyvte.training import REPO_ROOT
+
+    model, processor = load_demo_model(), load_demo_processor()
+    heads = ExitHeads.from_pretrained(REPO_ROOT / "checkpoints" / "demo-exit-heads")
+    return model, processor, heads, list(load_demo_dataset("test").select(range(24)))
+
+
+def test_offline_scoring_equals_the_engine(demo):
+    """Exit layers from cached features == the engine's exit layers; agreement from the cache == generation."""
+    model, processor, heads, records = demo
+    with torch.no_grad():
+        columns = label_batch(model, processor, records)
+        probs = torch.sigmoid(heads(torch.as_tensor(columns["features"])).float())
+    inputs = build_inputs(processor, records)
+    with torch.no_grad():
+        full = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    for threshold in (0.5, 0.9):
+        expected = first_exit(probs, heads.exit_thresholds(threshold))
+        with dyvte.withdraw(model, heads=heads, threshold=threshold) as handle, torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+            exits = handle.exit_layers.clone()
+        assert exits.tolist() == expected.tolist(), threshold
+        assert len(set(exits.tolist())) > 1  # a real mix of exits
+        texts = processor.tokenizer.batch_decode(out, skip_special_tokens=True)
+        reference = processor.tokenizer.batch_decode(full, skip_special_tokens=True)
+        same = [a == b for a, b in zip(texts, reference, strict=True)]
+        assert outcome(columns, exits)["agree"].tolist() == same, threshold
+
+
+def test_calibrated_thresholds_are_the_default_and_threshold_overrides(demo, tmp_path):
+    model, processor, heads, records = demo
+    with torch.no_grad():
+        columns = label_batch(model, processor, records)
+    features = torch.as_tensor(columns["features"])
+    calibration = calibrate_heads(heads, features, columns["match"], tolerance=0.5, delta=0.2)
+    assert calibration.result.parameter is not None and calibration.family == "global"
+    heads.config.thresholds, heads.config.calibration = calibration.thresholds, calibration.record()
+    heads.save_pretrained(tmp_path)
+    loaded = ExitHeads.from_pretrained(tmp_path)
+    assert loaded.config.thresholds == calibration.thresholds and loaded.config.calibration["tolerance"] == 0.5
+    inputs = build_inputs(processor, records)
+    probs = torch.sigmoid(loaded(features).float())
+    with dyvte.withdraw(model, heads=loaded) as handle, torch.no_grad():
+        model(**inputs)
+        default = handle.exit_layers.clone()
+    assert default.tolist() == first_exit(probs, torch.tensor(calibration.thresholds)).tolist()
+    with dyvte.withdraw(model, heads=loaded, threshold=0.99) as handle, torch.no_grad():
+        model(**inputs)
+        assert handle.exit_layers.tolist() == first_exit(probs, torch.full((7,), 0.99)).tolist()
+    errors = int((~np.concatenate([columns["match"], np.ones((24, 1), bool)], 1)[np.arange(24), default.numpy()]).sum())
+    assert errors == calibration.result.errors

@@ -1,0 +1,293 @@
+"""Ablation of the DyVTE exit heads on the demo: label rule, inputs, width, class balance, training size.
+
+    python train/ablate_heads.py                       # every row, 3 seeds -> runs/ablate-heads/{table.md,results.json}
+    python train/ablate_heads.py --rows "agreement,kl η=0.01"   # some rows only (exact row names)
+    python train/ablate_heads.py --seeds 1 --train_samples 600 --calib_samples 1000   # a quick look
+
+Data: the digit-scenes splits rebuilt with more records (``runs/demo-data-large``: train 12,000 / validation 5,000 /
+test 2,000, built once from seed 0; every split is a prefix-stable extension of ``checkpoints/demo-data``, whose
+test split it equals record for record, which is checked). Heads train on the first 3,000 (or 12,000) training
+records, validate on validation records 0..499, and their thresholds are calibrated (Learn-then-Test,
+:func:`dyvte.exits.calibrate_heads`) on validation records 500..4999 at ``--tolerance`` / ``--delta``, exactly as
+``train/fit.py`` does. Nothing is chosen on the test split: each row is then scored once on it.
+
+Scoring is exact and offline: before a row exits no token has left, so the heads read the cached full-model
+features and the exit layer, answer and prefill FLOPs at that layer come from the label cache (``dyvte.exits``;
+tests/test_exits.py checks this against the engine). Each row: accuracy, agreement with the full model, relative
+prefill FLOPs, the share of the oracle's FLOPs savings, and the promised tolerance next to the disagreement
+realized on test; mean and spread over ``--seeds`` trainings. The static-K row picks K with the same
+Learn-then-Test promise (K walked down from L-1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dyvte.exits import calibrate_heads, first_exit, head_targets, outcome, safe_from  # noqa: E402
+from dyvte.heads import ExitHeadsConfig, head_inputs  # noqa: E402
+from dyvte.io import write_text_atomic  # noqa: E402
+from dyvte.risk import learn_then_test  # noqa: E402
+from dyvte.training import ExitHeadsModule, HeadTensorData, quiet_lightning, runs_dir  # noqa: E402
+
+log = logging.getLogger("ablate_heads")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One ablation row: how the heads are trained."""
+
+    name: str
+    rule: str = "agreement"
+    extra: tuple[str, ...] = ()
+    head_size: int | None = None
+    balance: bool = True
+    train: int = 3000
+    eta: float = 0.01
+
+
+ROWS = [
+    Row("agreement"),
+    Row("kl η=0.01", rule="kl", eta=0.01),
+    Row("kl η=0.05", rule="kl", eta=0.05),
+    Row("dyvte (monotone)", rule="dyvte"),
+    Row("dyvte-layer (paper)", rule="dyvte-layer"),
+    Row("agreement + lens", extra=("lens",)),
+    Row("agreement + attn", extra=("attn",)),
+    Row("agreement h=64", head_size=64),
+    Row("agreement h=256", head_size=256),
+    Row("agreement unbalanced", balance=False),
+    Row("agreement 12k", train=12000),
+]
+
+
+@dataclass
+class Scored:
+    """A row's figures on test, one entry per seed."""
+
+    accuracy: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+    share: list[float] = field(default_factory=list)
+    calib_errors: list[int] = field(default_factory=list)
+
+
+def build_large_data(path: Path) -> None:
+    """The prefix-stable larger digit-scenes splits; refuses a test split that differs from the committed one."""
+    from datasets import load_from_disk
+
+    from dyvte.demo import load_demo_dataset
+    from dyvte.demo.data import DatasetSizes, build_dataset
+
+    if not (path / "dataset_dict.json").is_file():
+        log.info("building the larger digit-scenes splits into %s (about a minute)", path)
+        build_dataset(0, DatasetSizes(12000, 5000, 2000)).save_to_disk(str(path))
+    committed, large = load_demo_dataset("test"), load_from_disk(str(path))["test"]
+    keys = ("question", "answer", "qtype", "grid", "sources")
+    if len(committed) != len(large) or committed.select_columns(keys)[:] != large.select_columns(keys)[:]:
+        raise RuntimeError(f"{path} [test] differs from checkpoints/demo-data [test]: delete {path} to rebuild it")
+
+
+def label_caches(data: Path, root: Path, args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
+    """Label (once) and load the train / val / calib / test caches."""
+    from datasets import load_from_disk
+
+    from dyvte.labels import build_label_cache
+    from dyvte.sources import load_model, load_records
+
+    val_end = args.val_samples + args.calib_samples
+    parts = {
+        "train": ("train", 0, max(r.train for r in ROWS)),
+        "val": ("validation", 0, args.val_samples),
+        "calib": ("validation", args.val_samples, val_end),
+        "test": ("test", 0, 2000),
+    }
+    if args.train_samples is not None:
+        parts["train"] = ("train", 0, args.train_samples)
+    model = processor = None
+    out = {}
+    for name, (split, start, stop) in parts.items():
+        path = root / f"{name}-{split}-{start}-{stop}"
+        if not (path / "done.json").is_file():
+            if model is None:
+                model, processor = load_model("demo")
+            records = load_records(str(data), split, stop).select(range(start, stop))
+            log.info("labelling %d %s records (%s %d..%d) into %s", stop - start, name, split, start, stop - 1, path)
+            began = time.perf_counter()
+            cache = build_label_cache(model, processor, records, batch_size=args.label_batch_size, progress=False)
+            cache.save_to_disk(str(path))
+            seconds = time.perf_counter() - began
+            write_text_atomic(path / "done.json", json.dumps({"seconds": seconds, "samples": stop - start}) + "\n")
+        out[name] = load_from_disk(str(path)).with_format("numpy")[:]
+    return out
+
+
+def relative_flops(columns: dict[str, np.ndarray], num_layers: int) -> np.ndarray:
+    """``(N, L+1)`` each sample's prefill FLOPs at exit layer K = 0..L relative to the full model."""
+    from transformers import AutoConfig
+
+    from dyvte.demo import demo_checkpoint_dir
+    from dyvte.flops import prefill_flops
+
+    config = AutoConfig.from_pretrained(demo_checkpoint_dir("demo-mllm"))
+    tokens, visual = torch.as_tensor(columns["tokens"]), torch.as_tensor(columns["visual"])
+    full = prefill_flops(config, tokens, visual).full
+    per_k = [
+        prefill_flops(config, tokens, visual, torch.full_like(tokens, k)).flops / full for k in range(num_layers + 1)
+    ]
+    return torch.stack(per_k, dim=1).double().numpy()
+
+
+def oracle_layers(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """Each sample's smallest K with the full model's answer at K and every later exit layer (L if none)."""
+    safe = safe_from(np.asarray(columns["match"], dtype=bool))  # (N, L)
+    num_layers = safe.shape[1]
+    return np.where(safe.any(1), safe.argmax(1), num_layers)
+
+
+def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module:
+    """Train one row's heads with Lightning (the module ``train/fit.py`` uses) on cached tensors."""
+    extra = list(row.extra) or None
+    train = caches["train"]
+    n = min(row.train, len(train["match"]))
+    sub = {k: v[:n] for k, v in train.items()}
+    tensors = {
+        "train": (head_inputs(sub, extra), head_targets(sub, row.rule, row.eta)),
+        "val": (head_inputs(caches["val"], extra), head_targets(caches["val"], row.rule, row.eta)),
+    }
+    width = tensors["train"][0].shape[-1]
+    num_layers = tensors["train"][0].shape[1] + 1
+    hidden = (width - sum({"lens": 2, "attn": 1}[e] for e in row.extra)) // 2
+    config = ExitHeadsConfig("llava", hidden, num_layers, extra_inputs=extra, label_rule=row.rule)
+    L.seed_everything(seed, verbose=False)
+    data = HeadTensorData(tensors["train"], tensors["val"], config)
+    module = ExitHeadsModule(head_size=row.head_size, balance=row.balance)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=data)
+    return module.heads.eval()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the ablation and write ``table.md`` and ``results.json``; returns the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(runs_dir("demo-data-large")), help="larger digit-scenes splits")
+    parser.add_argument("--output_dir", default=str(runs_dir("ablate-heads")))
+    parser.add_argument("--rows", default=None, help="comma-separated row names (default: every row)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--val_samples", type=int, default=500)
+    parser.add_argument("--calib_samples", type=int, default=4500)
+    parser.add_argument(
+        "--train_samples", type=int, default=None, help="records labelled for training (default: 12000)"
+    )
+    parser.add_argument("--label_batch_size", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_lightning()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    out = Path(args.output_dir).absolute()
+    data = Path(args.data)
+    build_large_data(data)
+    caches = label_caches(data, out / "labels", args)
+    test, calib = caches["test"], caches["calib"]
+    num_layers = test["match"].shape[1]
+    flops = relative_flops(test, num_layers)  # (N, L+1)
+    rows_idx = np.arange(len(flops))
+    full_accuracy = float(test["correct"][:, num_layers].mean())
+    oracle = float(flops[rows_idx, oracle_layers(test)].mean())
+    oracle_accuracy = float(test["correct"][rows_idx, oracle_layers(test)].mean())
+    results: dict = {"full_accuracy": full_accuracy, "oracle_flops": oracle, "tolerance": args.tolerance}
+    results["delta"] = args.delta
+    lines = [
+        f"Demo test split (2,000 records); thresholds certified on {len(calib['match'])} held-out calibration "
+        f"records at tolerance {args.tolerance:g} (at most {100 * args.tolerance:g}% of answers differ from the full "
+        f"model's, except with probability {args.delta:g}); mean (min–max) over {args.seeds} training seeds.",
+        "",
+        "| row | accuracy (Δ pt) | agreement | disagreement (promised ≤) | rel. prefill FLOPs | "
+        "share of oracle savings |",
+        "|---|---|---|---|---|---|",
+        f"| full model | {full_accuracy:.3f} | 1.000 | 0 | 1.000 | 0% |",
+        f"| oracle (per-sample smallest safe K, test) | {oracle_accuracy:.3f} | 1.000 | 0 | {oracle:.3f} | 100% |",
+    ]
+    # static K, with the same promise: K walked down from L-1 while the disagreement is certified
+    calib_match = np.concatenate([calib["match"], np.ones((len(calib["match"]), 1), dtype=bool)], axis=1)
+    ks = list(range(num_layers - 1, -1, -1))
+    static = learn_then_test(
+        lambda k: (int((~calib_match[:, int(k)]).sum()), 1.0), len(calib_match), args.tolerance, args.delta, ks
+    )
+    k = num_layers if static.parameter is None else int(static.parameter)
+    res = outcome(test, torch.full((len(flops),), k))
+    static_flops = float(flops[:, k].mean())
+    results["static"] = {"K": k, "accuracy": float(res["correct"].mean()), "agreement": float(res["agree"].mean())}
+    results["static"]["flops"] = static_flops
+    lines.append(
+        f"| static K={k} (certified the same way) | {res['correct'].mean():.3f} "
+        f"({100 * (res['correct'].mean() - full_accuracy):+.2f}) | {res['agree'].mean():.3f} | "
+        f"{1 - res['agree'].mean():.4f} (≤ {args.tolerance:g}) | {static_flops:.3f} | "
+        f"{(1 - static_flops) / (1 - oracle):.0%} |"
+    )
+    chosen = [
+        r for r in ROWS if args.rows is None or r.name.split(" ")[0] in args.rows.split(",") or r.name in args.rows
+    ]
+    for row in chosen:
+        scored = Scored()
+        for seed in range(args.seeds):
+            heads = train_row(row, caches, seed, args.epochs)
+            extra = list(row.extra) or None
+            reference = (head_inputs(caches["val"], extra), head_targets(caches["val"], row.rule, row.eta))
+            cal = calibrate_heads(
+                heads, head_inputs(calib, extra), calib["match"], args.tolerance, args.delta, reference
+            )
+            with torch.no_grad():
+                probs = torch.sigmoid(heads(head_inputs(test, extra)).float())
+            exits = first_exit(probs, torch.tensor(cal.thresholds)).numpy()
+            res = outcome(test, exits)
+            row_flops = float(flops[rows_idx, exits].mean())
+            scored.accuracy.append(float(res["correct"].mean()))
+            scored.agreement.append(float(res["agree"].mean()))
+            scored.flops.append(row_flops)
+            scored.share.append((1 - row_flops) / (1 - oracle))
+            scored.calib_errors.append(cal.result.errors)
+            log.info("%s seed %d: %s", row.name, seed, {k: v[-1] for k, v in vars(scored).items()})
+        results[row.name] = {"row": vars(row) | {"extra": list(row.extra)}, **vars(scored)}
+
+        def cell(values: list[float], fmt: str) -> str:
+            return f"{np.mean(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+        acc = np.mean(scored.accuracy)
+        lines.append(
+            f"| {row.name} | {cell(scored.accuracy, '.3f')} ({100 * (acc - full_accuracy):+.2f}) | "
+            f"{cell(scored.agreement, '.3f')} | {1 - np.mean(scored.agreement):.4f} (≤ {args.tolerance:g}) | "
+            f"{cell(scored.flops, '.3f')} | {np.mean(scored.share):.0%} "
+            f"({min(scored.share):.0%}–{max(scored.share):.0%}) |"
+        )
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "table.md", table + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    log.info("ablation table (also in %s):\n%s", out / "table.md", table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
