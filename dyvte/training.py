@@ -187,7 +187,7 @@ class ExitLabelData(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "validation",
         val_data: str | None = None,
-        train_samples: int | None = 3000,
+        train_samples: int | None = 12000,
         val_samples: int | None = 500,
         label_rule: str = "agreement",
         kl_eta: float = 0.05,
