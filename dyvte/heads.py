@@ -24,11 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .io import atomic_path
-from .layout import take
-from .registry import resolve, unwrap
-from .withdraw import Withdrawal, _Forward
+from .registry import resolve
 
-__all__ = ["ExitHeads", "ExitHeadsConfig", "HeadsWithdrawal", "head_features", "FORMAT_VERSION"]
+__all__ = ["ExitHeads", "ExitHeadsConfig", "head_features", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,26 +223,3 @@ class ExitHeads(nn.Module):
                 )
         heads.load_state_dict(state)
         return heads.eval()
-
-
-class HeadsWithdrawal(Withdrawal):
-    """Per-row adaptive withdrawal: each row leaves after the first layer whose head fires (see ``withdraw``)."""
-
-    def __init__(self, model: nn.Module, heads: ExitHeads, threshold: float | None = None) -> None:
-        heads.check_model(unwrap(model))
-        if threshold is not None and not 0.0 <= threshold:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
-        self.heads = heads
-        self.threshold = threshold  # None: the heads' calibrated thresholds (or their config's single threshold)
-        self.thresholds = heads.exit_thresholds(threshold).tolist()  # one per head, on the host
-        super().__init__(model, layer=None)
-
-    def _decide(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor:
-        """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``)."""
-        visual, valid = fwd.visual, fwd.valid
-        if fwd.idx is not None:  # the current layout of the hidden states
-            visual = take(visual, fwd.idx, 1) & (fwd.idx >= 0)
-            valid = take(valid, fwd.idx, 1) & (fwd.idx >= 0)
-        with torch.no_grad():
-            logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
-        return torch.sigmoid(logits.float()) >= self.thresholds[layer - 1]
