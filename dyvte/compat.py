@@ -16,7 +16,7 @@ Tests use the same accessors, so the suite runs unchanged on every supported tra
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ __all__ = [
     "cache_resets",
     "call_names",
     "check_cache",
+    "keep_2d_masks",
     "seal_cache",
 ]
 
@@ -289,3 +290,28 @@ def seal_cache(cache: Any, error: Exception) -> None:
 
     cache.update = update  # an instance attribute shadows Cache.update, which every attention layer calls
     cache._dyvte_sealed = True
+
+
+MASKS_FOR_GENERATE = "create_masks_for_generate"  # generate() turns the 2-D mask into 4-D ones for static caches
+
+
+def keep_2d_masks(model: nn.Module) -> Callable[[], None]:
+    """Make ``generate`` hand ``model`` the caller's 2-D padding mask even with a static cache; returns the undo.
+
+    With a compileable (static) cache, ``generate`` builds the 4-D masks before each call through the model's
+    ``create_masks_for_generate``. Withdrawal needs the 2-D mask (it builds the masks of layers >= K itself, from the
+    kept tokens' original columns), so an instance attribute shadows that method with one returning the 2-D mask
+    unchanged; the model's forward then builds its own 4-D masks, as it does with a dynamic cache. The class is
+    untouched, and the undo deletes the attribute.
+    """
+
+    def passthrough(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        return attention_mask
+
+    setattr(model, MASKS_FOR_GENERATE, passthrough)
+
+    def undo() -> None:
+        if vars(model).get(MASKS_FOR_GENERATE) is passthrough:
+            delattr(model, MASKS_FOR_GENERATE)
+
+    return undo

@@ -51,6 +51,7 @@ from .compat import (
     cache_out,
     cache_resets,
     check_cache,
+    keep_2d_masks,
     seal_cache,
 )
 from .layout import compose, pack_right, slot_mask, take
@@ -182,6 +183,8 @@ class Withdrawal:
         self._columns = 0
         self._last_tokens = 0
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._ids_on: dict[torch.device, torch.Tensor] = {}
+        self._undo_masks: Any = None
         self._attach()
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -223,6 +226,7 @@ class Withdrawal:
             hook = self._make_layer_hook(index)
             self._hooks.append(self.spec.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         self._hooks.extend(self.policy.attach(self))
+        self._undo_masks = keep_2d_masks(top)  # static caches: generate passes the 2-D mask, not 4-D ones
         setattr(top, HANDLE_ATTR, self)
 
     def remove(self) -> None:
@@ -230,6 +234,9 @@ class Withdrawal:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._undo_masks is not None:
+            self._undo_masks()
+            self._undo_masks = None
         top = self.spec.model
         if active_withdrawal(top) is self:
             delattr(top, HANDLE_ATTR)
@@ -252,6 +259,13 @@ class Withdrawal:
         self.remove()
 
     # ---------------------------------------------------------------------------------------------- top hooks
+    def _visual_ids(self, device: torch.device) -> torch.Tensor:
+        """The visual placeholder ids on ``device``, copied once per device (a copy per call would sync)."""
+        ids = self._ids_on.get(device)
+        if ids is None:
+            ids = self._ids_on[device] = self.spec.visual_ids.to(device)
+        return ids
+
     def _is_new_sequence(self, cache: Any) -> bool:
         """Whether a call with ``cache`` starts a sequence, without reading device memory for a known cache."""
         if cache is None:
@@ -287,7 +301,7 @@ class Withdrawal:
                 )
             visual = visual_mask.to(device=device, dtype=torch.bool)
         elif input_ids is not None:
-            visual = torch.isin(input_ids, self.spec.visual_ids.to(device))
+            visual = torch.isin(input_ids, self._visual_ids(device))
         else:
             raise WithdrawalError(
                 "inputs_embeds without input_ids: dyvte cannot tell which positions are visual. Pass "
@@ -305,7 +319,7 @@ class Withdrawal:
                     f"attention_mask has shape {tuple(attention_2d.shape)}, expected "
                     f"{(batch, past + num_tokens)} (past {past} + current {num_tokens} columns)"
                 )
-            valid = attention_2d[:, past:].to(device=device, dtype=torch.bool)
+            valid = attention_2d[:, past:].bool()
         elif attention_2d is None:
             valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
         else:
@@ -449,9 +463,11 @@ class Withdrawal:
 
     def _exit(self, fwd: ForwardState, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Withdraw ``rows``: drop their droppable and padding tokens from ``hidden`` (in the current layout)."""
-        for row in rows:
+        if fwd.exited_rows is None:
+            fwd.exited_rows = torch.zeros(fwd.batch, dtype=torch.bool, device=hidden.device)
+        for row in rows:  # a fill per row: no host-to-device copy (which would sync on an accelerator)
             fwd.exited[row] = True
-        fwd.exited_rows = torch.tensor(fwd.exited, dtype=torch.bool, device=hidden.device)
+            fwd.exited_rows[row] = True
         num_tokens = fwd.num_tokens
         kept = fwd.kept
         if kept is not None and any(kept[row] < num_tokens for row in rows):  # decided on the host

@@ -2,12 +2,12 @@
 
 An exit policy of the engine (:mod:`dyvte.engine`): every row leaves at K (planned on the host), and its droppable
 set is narrowed to the low-ranked visual tokens, so the engine does the dropping (kept tokens keep their original
-rotary positions; masks and KV cache of layers
->= K hold the kept tokens only, for every family). The ranking is computed in a forward pre-hook on layer K-1 from
-that layer's own input: ``input_layernorm``, ``q_proj`` for the row's last token, ``k_proj`` for every token,
-``q_norm`` / ``k_norm`` when the attention has them, the rotary ``position_embeddings`` the layer receives, the
-layer's scaling (and logit soft-capping), softmax over the causal, valid keys (inside the layer's sliding window when
-it has one), then the mean over heads. This is one query row per sample, so SDPA keeps running in every layer.
+rotary positions; masks and KV cache of layers >= K hold the kept tokens only, for every family). The ranking is
+computed in a forward pre-hook on layer K-1 from that layer's own input: ``input_layernorm``, ``q_proj`` for the
+row's last token, ``k_proj`` for every token, ``q_norm`` / ``k_norm`` when the attention has them, the rotary
+``position_embeddings`` the layer receives, the layer's scaling (and logit soft-capping), softmax over the causal,
+valid keys (inside the layer's sliding window when it has one), then the mean over heads. This is one query row per
+sample, so SDPA keeps running in every layer.
 
 Without a KV cache ``generate`` feeds prompt + generated tokens as a new sequence at every step; FastV ranks by the
 last *prompt* token, so a cache-less call (``use_cache=False``) whose ``input_ids`` extend those of the previous
@@ -212,7 +212,7 @@ class FastVRanking(ExitPolicy):
         with torch.no_grad():
             scores = last_token_attention(module, hidden, rotary, allowed)  # (B, T)
         visual = fwd.visual & fwd.valid
-        budget = kept_count(visual.sum(1), self.ratio).to(hidden.device)  # (B,)
+        budget = kept_count(visual.sum(1), self.ratio)  # (B,) on the device
         order = torch.where(visual, scores, float("-inf")).argsort(dim=1, descending=True, stable=True)
         rank = order.argsort(dim=1)  # (B, T) rank of each token by score
         self.kept_visual = visual & (rank < budget[:, None])
