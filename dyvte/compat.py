@@ -305,9 +305,13 @@ def keep_2d_masks(model: nn.Module) -> Callable[[], None]:
     untouched, and the undo deletes the attribute.
     """
 
+    if getattr(vars(model).get(MASKS_FOR_GENERATE), "_dyvte", False):  # an outer dyvte handle did it already
+        return lambda: None
+
     def passthrough(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
         return attention_mask
 
+    passthrough._dyvte = True
     setattr(model, MASKS_FOR_GENERATE, passthrough)
 
     def undo() -> None:

@@ -184,6 +184,9 @@ class Withdrawal:
         self._last_tokens = 0
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._ids_on: dict[torch.device, torch.Tensor] = {}
+        device = getattr(self.spec.model, "device", None)
+        if isinstance(device, torch.device):  # copied here, not in the first prefill
+            self._visual_ids(device)
         self._undo_masks: Any = None
         self._attach()
 

@@ -50,9 +50,11 @@ from .compat import (
     MM_ENCODER_OUTPUTS,
     POSITION_IDS,
     cache_in,
-    cache_length,
+    cache_length_host,
     cache_out,
+    cache_resets,
     check_cache,
+    keep_2d_masks,
 )
 from .fastv import FastV, kept_count
 from .layout import pack_right, take
@@ -158,8 +160,10 @@ class Pruning:
         self._prompt_len = 0
         self._dropped: torch.Tensor | None = None  # (B,) pruned columns per row
         self._cache_ref: weakref.ref | None = None
+        self._cache_resets = 0
         self._capture: list[torch.Tensor] | None = None
         self._hooks: list[Any] = []
+        self._undo_masks: Any = None
         self._original = self.base.get_image_features
         self._signature = inspect.signature(self._original)
         self._image_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
@@ -179,6 +183,7 @@ class Pruning:
         self._hooks.append(top.register_forward_hook(self._post_forward, with_kwargs=True))
         self._hooks.append(score_layer.register_forward_pre_hook(self._score_hook, with_kwargs=True))
         self.base.get_image_features = self._get_image_features
+        self._undo_masks = keep_2d_masks(top)  # static caches: generate passes the 2-D mask it shortens
         setattr(top, _HANDLE_ATTR, self)
 
     def remove(self) -> None:
@@ -188,6 +193,9 @@ class Pruning:
         self._hooks.clear()
         if vars(self.base).get("get_image_features") == self._get_image_features:
             del self.base.get_image_features
+        if self._undo_masks is not None:
+            self._undo_masks()
+            self._undo_masks = None
         if getattr(self.spec.model, _HANDLE_ATTR, None) is self:
             delattr(self.spec.model, _HANDLE_ATTR)
 
@@ -289,7 +297,7 @@ class Pruning:
             kwargs[INPUT_IDS], args = args[0], ()
         input_ids = kwargs.get(INPUT_IDS)
         cache = cache_in(kwargs, self.spec.names.cache)
-        new_sequence = cache is None or cache_length(cache) == 0
+        new_sequence = self._is_new_sequence(cache)
         if new_sequence and cache is not None and (reason := check_cache(cache)) is not None:
             raise PruneError(f"pruning: {reason}")
         if not new_sequence:
@@ -360,6 +368,15 @@ class Pruning:
         self.fed_visual = (take(placeholder, idx, 1) & slot_ok).sum(1).cpu()
         return args, kwargs
 
+    def _is_new_sequence(self, cache: Any) -> bool:
+        """Whether a call with ``cache`` starts a sequence; a cache this handle filled is not read (no host sync)."""
+        if cache is None:
+            return True
+        known = self._cache_ref() if self._cache_ref is not None else None
+        if known is cache:
+            return cache_resets(cache) != self._cache_resets  # generate() resets and reuses a static cache
+        return cache_length_host(cache) == 0
+
     def _continue(self, kwargs: dict, cache: Any) -> dict:
         """A decode step: map the caller's full-length mask and positions onto the shortened prompt."""
         known = self._cache_ref() if self._cache_ref is not None else None
@@ -383,6 +400,7 @@ class Pruning:
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         cache = cache_out(output, self.spec.names.cache)
         self._cache_ref = weakref.ref(cache) if cache is not None else None
+        self._cache_resets = cache_resets(cache) if cache is not None else 0
         return output
 
     def _pad_id(self) -> int:
