@@ -30,7 +30,9 @@ from torch import nn
 from .compat import HIDDEN_STATES, POSITION_EMBEDDINGS, USE_CACHE
 from .engine import ForwardState, Withdrawal, WithdrawalError, active_withdrawal
 from .policy import ExitPolicy, register_policy
-from .registry import ModelSpec
+from .registry import AttentionNames, ModelSpec
+
+DEFAULT_NAMES = AttentionNames()
 
 __all__ = ["FastV", "FastVRanking", "kept_count", "last_token_attention"]
 
@@ -66,38 +68,42 @@ def last_token_attention(
     rotary: tuple[torch.Tensor, torch.Tensor],
     allowed: torch.Tensor,
     query: torch.Tensor | None = None,
+    names: AttentionNames = DEFAULT_NAMES,
 ) -> torch.Tensor:
     """Attention the last token (or each row's ``query`` slot) pays every token in one decoder layer, mean over heads.
 
     Args:
-        layer: an HF decoder layer (``input_layernorm`` and ``self_attn`` with ``q_proj`` / ``k_proj``).
+        layer: an HF decoder layer (its pieces named by ``names``: by default ``input_layernorm`` and ``self_attn``
+            with ``q_proj`` / ``k_proj``; the family's names are in :data:`dyvte.registry.REGISTRY`).
         hidden: ``(B, T, D)`` the layer's input hidden states.
         rotary: the layer's ``position_embeddings`` ``(cos, sin)``, each ``(B or 1, T, head_dim)``.
         allowed: ``(B, T)`` bool, keys the query token may attend to.
         query: ``(B,)`` slot of each row's query token (default: the last slot).
+        names: the family's attention names.
 
     Returns:
         ``(B, T)`` float32 attention probabilities (0 on disallowed keys).
     """
-    attn = layer.self_attn
+    attn = getattr(layer, names.attention)
     batch, num_tokens, _ = hidden.shape
-    head_dim = attn.head_dim
-    x = layer.input_layernorm(hidden)
+    head_dim = getattr(attn, names.head_dim)
+    x = getattr(layer, names.norm)(hidden)
     if query is None:
         query = torch.full((batch,), num_tokens - 1, dtype=torch.long, device=hidden.device)
     rows = torch.arange(batch, device=hidden.device)
-    q = attn.q_proj(x[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
-    k = attn.k_proj(x).view(batch, num_tokens, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-    if getattr(attn, "q_norm", None) is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    q_proj, k_proj = getattr(attn, names.query), getattr(attn, names.key)
+    q = q_proj(x[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
+    k = k_proj(x).view(batch, num_tokens, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+    if getattr(attn, names.query_norm, None) is not None:
+        q, k = getattr(attn, names.query_norm)(q), getattr(attn, names.key_norm)(k)
     cos, sin = (t[:, None] for t in rotary)  # (B or 1, 1, T, hd)
     cos_q = cos.expand(batch, -1, -1, -1)[rows, :, query][:, :, None]  # (B, 1, 1, hd)
     sin_q = sin.expand(batch, -1, -1, -1)[rows, :, query][:, :, None]
     q = q * cos_q + _rotate_half(q) * sin_q
     k = k * cos + _rotate_half(k) * sin
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, H, T, hd)
-    logits = (q @ k.transpose(-1, -2)).squeeze(2).float() * attn.scaling  # (B, H, T)
-    cap = getattr(attn, "attn_logit_softcapping", None)
+    logits = (q @ k.transpose(-1, -2)).squeeze(2).float() * getattr(attn, names.scaling)  # (B, H, T)
+    cap = getattr(attn, names.softcap, None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
@@ -210,7 +216,7 @@ class FastVRanking(ExitPolicy):
         if window is not None:
             allowed &= (fwd.num_tokens - 1 - cols) < window
         with torch.no_grad():
-            scores = last_token_attention(module, hidden, rotary, allowed)  # (B, T)
+            scores = last_token_attention(module, hidden, rotary, allowed, names=self.spec.family.attention)  # (B, T)
         visual = fwd.visual & fwd.valid
         budget = kept_count(visual.sum(1), self.ratio)  # (B,) on the device
         order = torch.where(visual, scores, float("-inf")).argsort(dim=1, descending=True, stable=True)

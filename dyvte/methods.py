@@ -1,7 +1,8 @@
 """Methods the evaluation harness can run: each opens a context on the model and names itself.
 
-A method's ``apply(model)`` is a context manager yielding the active handle (or ``None``); the harness reads the
-per-row exit layers from ``handle.exit_layers`` after each ``generate``.
+A method's ``apply(model)`` is a context manager yielding the active :class:`dyvte.handle.Handle` (or ``None``); the
+harness reads the per-row exit layers from ``handle.exit_layers`` after each ``generate``, and what the LLM received
+from ``fed_tokens`` / ``fed_visual`` / ``visual_after``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .calibrate import Calibration
+from .handle import ComposedHandle, Handle
 from .prune import prune
 from .withdraw import withdraw
 
@@ -38,7 +40,7 @@ class Method:
     name: str = "method"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Any]:
+    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
         yield None
 
 
@@ -60,7 +62,7 @@ class Static(Method):
         return f"static K={self.layer}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Any]:
+    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
         with withdraw(model, layer=self.layer) as handle:
             yield handle
 
@@ -76,7 +78,7 @@ class Calibrated(Method):
         return f"calibrated eta={self.calibration.threshold:g} (K={self.calibration.layer})"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Any]:
+    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
         with withdraw(model, calibration=self.calibration) as handle:
             yield handle
 
@@ -101,7 +103,7 @@ class Prune(Method):
         return f"{self.method} K={self.layer} {budget}" if self.method == "fastv" else f"{self.method} {budget}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Any]:
+    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
         with prune(model, self.method, keep=self.keep, ratio=self.ratio, layer=self.layer, seed=self.seed) as handle:
             yield handle
 
@@ -120,20 +122,9 @@ class Heads(Method):
         return f"heads{'(' + self.label + ')' if self.label else ''} p={threshold:g}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Any]:
+    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
         with withdraw(model, heads=self.heads, threshold=self.threshold) as handle:
             yield handle
-
-
-class _Handles:
-    """Attributes of the inner handle first (exit layers), then the outer one (what the LLM received)."""
-
-    def __init__(self, inner: Any, outer: Any) -> None:
-        self._inner, self._outer = inner, outer
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._inner, name, None)
-        return value if value is not None else getattr(self._outer, name, None)
 
 
 @dataclass
@@ -148,9 +139,9 @@ class Compose(Method):
         return f"{self.outer.name} + {self.inner.name}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Any]:
+    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
         with self.outer.apply(model) as outer, self.inner.apply(model) as inner:
-            yield _Handles(inner, outer)
+            yield ComposedHandle(inner, outer)
 
 
 #: the form of each method string, quoted in every error about one

@@ -16,7 +16,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import dyvte
+from dyvte.fastv import FastVRanking
+from dyvte.handle import Handle
 from dyvte.policy import POLICIES, ExitPolicy, register_policy
+from dyvte.prune import PRUNING_METHODS, PatchScorer, register_pruning, scorer_method
 from dyvte.registry import resolve
 
 from .tiny_models import make_batch, make_tiny
@@ -286,3 +289,42 @@ def test_a_new_policy_is_one_class_and_one_registration(llava):
         dyvte.withdraw(model, policy="middle")
     with pytest.raises(TypeError, match="options go with policy"):
         dyvte.withdraw(model, layer=1, tokens=3)
+
+
+def _first_patches(attention, total: int, seed: int) -> torch.Tensor:
+    """Scores that rank each view's patches in reading order (a toy scorer)."""
+    return -torch.arange(max(total, 1), dtype=torch.float64)
+
+
+def test_a_new_pruning_method_is_one_scorer_and_one_registration(llava):
+    model, inputs = llava
+    register_pruning(scorer_method("first", PatchScorer(uses_attention=False, score=_first_patches)))
+    try:
+        with dyvte.prune(model, "first", keep=4) as handle:
+            cached = generate(model, inputs)
+            assert torch.equal(generate(model, inputs, use_cache=False), cached)
+            assert torch.equal(generate(model, inputs, cache_implementation="static"), cached)
+        assert handle.kept_features and all(k[:4].all() and not k[4:].any() for k in handle.kept_features)
+        assert handle.fed_visual.tolist() == [4, 8, 0]
+    finally:
+        PRUNING_METHODS.pop("first")
+    with pytest.raises(ValueError, match="unknown pruning method 'first'"):
+        dyvte.prune(model, "first", keep=4)
+
+
+def test_every_handle_satisfies_the_handle_protocol(llava):
+    model, inputs = llava
+    contexts = [
+        lambda: dyvte.withdraw(model, layer=2),
+        lambda: dyvte.withdraw(model, heads=random_heads(model)),
+        lambda: dyvte.prune(model, "fastv", layer=2, ratio=0.5),
+        lambda: dyvte.prune(model, "random", keep=4),
+    ]
+    for context in contexts:
+        with context() as handle, torch.no_grad():
+            model(**inputs)
+        assert isinstance(handle, Handle)
+        assert (handle.exit_layers is None) == isinstance(handle, dyvte.Pruning)
+        assert (handle.fed_tokens is None) != isinstance(handle, dyvte.Pruning)
+        fastv = isinstance(getattr(handle, "policy", None), FastVRanking)
+        assert (handle.visual_after is None) != fastv
