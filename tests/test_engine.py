@@ -1,19 +1,15 @@
 """Engine v2 (docs/design.md §6): host syncs per call, static cache = dynamic cache, in-place layouts, new policies.
 
-Host syncs are counted with a ``TorchFunctionMode``: every call of a reading function (``item``, ``tolist``,
-``__bool__``, ``cpu``, ``nonzero``, ...), boolean-mask indexing, and every host-to-device copy (``torch.tensor(...,
-device=)``, ``.to(device)``) made while a frame of the ``dyvte`` package is on the Python stack, i.e. by dyvte itself
-(hooks, policies, FastV's ranking) and not by transformers or ``generate``.
+Host syncs are counted by :class:`dyvte.syncs.SyncCounter` (a ``TorchFunctionMode``): every call of a reading
+function (``item``, ``tolist``, ``__bool__``, ``cpu``, ``nonzero``, ...), boolean-mask indexing, and every
+host-to-device copy made while a frame of the ``dyvte`` package is on the Python stack, i.e. by dyvte itself (hooks,
+policies, FastV's ranking) and not by transformers or ``generate``.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import dyvte
 from dyvte.fastv import FastVRanking
@@ -21,77 +17,13 @@ from dyvte.handle import Handle
 from dyvte.policy import POLICIES, ExitPolicy, register_policy
 from dyvte.prune import PRUNING_METHODS, PatchScorer, register_pruning, scorer_method
 from dyvte.registry import resolve
+from dyvte.syncs import SyncCounter
 
 from .tiny_models import make_batch, make_tiny
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # B = 3: one image / two images / text only (ragged, left-padded)
 NUM_LAYERS = 8
 STEPS = 4  # decode steps after the prefill
-PACKAGE = str(Path(dyvte.__file__).parent)
-READS = {
-    "item",
-    "tolist",
-    "__bool__",
-    "__int__",
-    "__float__",
-    "__index__",
-    "cpu",
-    "numpy",
-    "nonzero",
-    "argwhere",
-    "unique",
-    "masked_select",
-    "equal",
-    "allclose",
-}
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts the host syncs dyvte's own code makes, per top-level model call (``calls[0]`` is the prefill)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.calls: list[int] = []
-        self.names: list[list[str]] = []
-        self._hook = model.register_forward_pre_hook(self._new_call, prepend=True)  # before dyvte's own hook
-
-    def _new_call(self, module, args) -> None:
-        self.calls.append(0)
-        self.names.append([])
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if self._is_sync(name, args, kwargs) and self.calls and _called_by_dyvte():
-            self.calls[-1] += 1
-            self.names[-1].append(name)
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
-        if name in READS:
-            return True
-        if name in ("__getitem__", "__setitem__"):  # boolean-mask indexing reads the mask to size its result
-            index = args[1] if len(args) > 1 else None
-            parts = index if isinstance(index, tuple) else (index,)
-            return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
-        if name in ("tensor", "as_tensor"):  # a host-to-device copy (synchronous from pageable memory)
-            return kwargs.get("device") is not None
-        if name in ("to", "cuda"):
-            return name == "cuda" or "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args[1:])
-        return False
-
-    def remove(self) -> None:
-        self._hook.remove()
-
-
-def _called_by_dyvte() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.startswith(PACKAGE):
-            return True
-        frame = frame.f_back
-    return False
 
 
 @pytest.fixture(scope="module")
