@@ -1,4 +1,4 @@
-"""The withdrawal engine: hooks, layouts, masks and the KV cache, for any exit policy (docs/design.md §1, §4, §6).
+"""The withdrawal engine: hooks, layouts, masks and the KV cache, for any exit policy (docs/design.md §1, §4).
 
 Layer-index convention (used everywhere in dyvte): **exit layer K** means layers ``0..K-1`` see every token and layers
 ``K..L-1`` see only the kept tokens. ``K = 0`` withdraws before the first layer (text-only decoder), ``K = L`` never
@@ -18,8 +18,8 @@ What is kept at an exit, per row: every token the policy does not drop whose att
 row's final token in any case (the next-token logits are read there). Padding columns are dropped with the visual
 tokens, so a ragged batch shrinks to its longest kept row.
 
-Host syncs (docs/design.md §6): every decision about shapes is made on the host. A new sequence reads one small
-``(B, 3)`` count tensor in the top-level hook, before any layer of the call is queued (the shortened width is
+Host syncs (docs/design.md §4, "Hot path"): every decision about shapes is made on the host. A new sequence reads
+one small ``(B, 3)`` count tensor in the top-level hook, before any layer of the call is queued (the shortened width is
 data-dependent); a run-time policy reads its ``(B,)`` decision once per layer where a row is still in. A decode
 step reads nothing.
 """

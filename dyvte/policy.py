@@ -15,9 +15,10 @@ imports no policy: a policy is a subclass of :class:`ExitPolicy` in its own modu
     with dyvte.withdraw(model, policy="middle"):
         model.generate(...)
 
-Host syncs (docs/design.md §6): a policy whose exits are known before the forward (:meth:`ExitPolicy.planned_exits`
-returns a list) costs no per-layer sync; a run-time policy (:meth:`ExitPolicy.decide`) costs exactly one read of its
-``(B,)`` decision per layer where some row is still in, and none once every row has left.
+Host syncs (docs/design.md §4, "Hot path"): a policy whose exits are known before the forward
+(:meth:`ExitPolicy.planned_exits` returns a list) costs no per-layer sync; a run-time policy
+(:meth:`ExitPolicy.decide`) costs exactly one read of its ``(B,)`` decision per layer where some row is still in, and
+none once every row has left.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Counting the host syncs dyvte's own code makes (docs/design.md §6), with a ``TorchFunctionMode``.
+"""Counting the host syncs dyvte's own code makes (docs/design.md §4, "Hot path"), with a ``TorchFunctionMode``.
 
 A host sync is any call that needs a device tensor's value on the host (``item``, ``tolist``, ``__bool__``, ``cpu``,
 ``nonzero``, boolean-mask indexing, ...) or copies host memory to the device (``torch.tensor(..., device=)``,

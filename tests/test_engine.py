@@ -1,4 +1,4 @@
-"""Engine v2 (docs/design.md §6): host syncs per call, static cache = dynamic cache, in-place layouts, new policies.
+"""Engine v2 (docs/design.md §4-§5): host syncs per call, static cache = dynamic cache, in-place layouts, new policies.
 
 Host syncs are counted by :class:`dyvte.syncs.SyncCounter` (a ``TorchFunctionMode``): every call of a reading
 function (``item``, ``tolist``, ``__bool__``, ``cpu``, ``nonzero``, ...), boolean-mask indexing, and every
