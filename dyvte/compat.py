@@ -16,6 +16,7 @@ Tests use the same accessors, so the suite runs unchanged on every supported tra
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -206,15 +207,14 @@ def cache_resets(cache: Any) -> int:
     """How many times ``cache.reset()`` ran since dyvte first saw the cache (``generate`` resets and reuses a static
     cache between calls). The first call wraps the instance's ``reset`` (the class is untouched)."""
     if "_dyvte_resets" not in vars(cache):
-        original = cache.reset
-
-        def reset(*args: Any, **kwargs: Any) -> Any:
-            cache._dyvte_resets += 1
-            return original(*args, **kwargs)
-
         cache._dyvte_resets = 0
-        cache.reset = reset
+        cache.reset = types.MethodType(_counting_reset, cache)  # a bound method: a deepcopy rebinds it to the copy
     return cache._dyvte_resets
+
+
+def _counting_reset(cache: Any, *args: Any, **kwargs: Any) -> Any:
+    cache._dyvte_resets += 1
+    return type(cache).reset(cache, *args, **kwargs)
 
 
 def cache_capacity(layer: Any) -> int | None:
