@@ -217,11 +217,14 @@ def _counting_reset(cache: Any, *args: Any, **kwargs: Any) -> Any:
     return type(cache).reset(cache, *args, **kwargs)
 
 
-def cache_capacity(layer: Any) -> int | None:
-    """Slots a pre-allocated cache layer returns keys for (``None``: a growing, dynamic layer)."""
-    if type(layer).__name__ in _STATIC_LAYERS:
-        return int(layer.max_cache_len)
-    return None
+def cache_capacity(cache: Any) -> int | None:
+    """The length every layer of a pre-allocated cache holds keys for, when all its layers are full-attention
+    ``StaticLayer``s of one length (``None``: a dynamic cache, sliding layers, or no cache)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "StaticLayer" for layer in layers):
+        return None
+    lengths = {int(layer.max_cache_len) for layer in layers}
+    return lengths.pop() if len(lengths) == 1 else None
 
 
 def cache_key_view(layer: Any, past: int, query: int) -> tuple[int, int]:
@@ -295,20 +298,26 @@ def seal_cache(cache: Any, error: Exception) -> None:
 MASKS_FOR_GENERATE = "create_masks_for_generate"  # generate() turns the 2-D mask into 4-D ones for static caches
 
 
-def keep_2d_masks(model: nn.Module) -> Callable[[], None]:
+def keep_2d_masks(model: nn.Module, pad: Callable[[], bool] = lambda: False) -> Callable[[], None]:
     """Make ``generate`` hand ``model`` the caller's 2-D padding mask even with a static cache; returns the undo.
 
     With a compileable (static) cache, ``generate`` builds the 4-D masks before each call through the model's
     ``create_masks_for_generate``. Withdrawal needs the 2-D mask (it builds the masks of layers >= K itself, from the
-    kept tokens' original columns), so an instance attribute shadows that method with one returning the 2-D mask
-    unchanged; the model's forward then builds its own 4-D masks, as it does with a dynamic cache. The class is
-    untouched, and the undo deletes the attribute.
+    kept tokens' original columns), so an instance attribute shadows that method with one returning the 2-D mask;
+    the model's forward then builds its own 4-D masks, as it does with a dynamic cache. In a decode step, when
+    ``pad()`` says so, the mask is right-padded with zeros to the static cache's length, so a compiled decode step
+    sees the same shapes at every step (``generate``'s own mask, which grows by a column per step, is untouched).
+    The class is untouched, and the undo deletes the attribute.
     """
 
     if getattr(vars(model).get(MASKS_FOR_GENERATE), "_dyvte", False):  # an outer dyvte handle did it already
         return lambda: None
 
     def passthrough(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        embeds, capacity = kwargs.get("inputs_embeds"), cache_capacity(kwargs.get("cache"))
+        decoding = isinstance(embeds, torch.Tensor) and embeds.shape[1] == 1
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and decoding and capacity and pad():
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
         return attention_mask
 
     passthrough._dyvte = True

@@ -63,6 +63,7 @@ __all__ = ["ForwardState", "Withdrawal", "WithdrawalError", "HANDLE_ATTR", "acti
 logger = logging.getLogger(__name__)
 
 HANDLE_ATTR = "_dyvte_withdrawal"  # the top-level model's attribute naming its active withdrawal
+PRUNING_ATTR = "_dyvte_pruning"  # ... and its active pruning before the LLM (which shortens the 2-D mask itself)
 
 
 class WithdrawalError(RuntimeError):
@@ -81,10 +82,12 @@ class _GroupLayout:
     the first ``length`` slots are committed, later ones are unused (``-1`` / ``False``).
     """
 
-    def __init__(self, batch: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, batch: int, capacity: int, device: torch.device, fixed: bool = False) -> None:
         self.cols = torch.full((batch, capacity), -1, dtype=torch.long, device=device)  # (B, cap)
         self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)  # (B, cap)
-        self.length = 0
+        self.length = 0  # committed slots, on the host
+        self.cursor = torch.zeros((), dtype=torch.long, device=device)  # the same count on the device
+        self.fixed = fixed  # a static cache's capacity: never grows (the decode step reads no host count)
 
     def ensure(self, capacity: int) -> None:
         """Make room for ``capacity`` slots (doubling, so appending is amortised O(1))."""
@@ -97,12 +100,18 @@ class _GroupLayout:
         cols[:, :old], valid[:, :old] = self.cols, self.valid
         self.cols, self.valid = cols, valid
 
-    def write(self, start: int, cols: torch.Tensor, valid: torch.Tensor) -> None:
-        """Write this call's slots (``(B, W)`` each) at ``start``, in place."""
-        width = cols.shape[1]
-        self.ensure(start + width)
-        self.cols[:, start : start + width] = cols
-        self.valid[:, start : start + width] = valid
+    def write(self, cols: torch.Tensor, valid: torch.Tensor) -> None:
+        """Write this call's slots (``(B, W)`` each) after the committed ones, in place (at the device cursor)."""
+        if not self.fixed:
+            self.ensure(self.length + cols.shape[1])
+        slots = self.cursor + torch.arange(cols.shape[1], device=cols.device)  # (W,)
+        self.cols.index_copy_(1, slots, cols)
+        self.valid.index_copy_(1, slots, valid)
+
+    def commit(self, width: int) -> None:
+        """Count this call's ``width`` slots as cached (host and device counts)."""
+        self.length += width
+        self.cursor.fill_(self.length)  # a fill from a host scalar: no copy
 
 
 @dataclass
@@ -145,6 +154,7 @@ class ForwardState:
     key: tuple[bool, ...] | None = None
     kept: list[int] | None = None
     plan: dict[int, list[int]] | None = None
+    cols: torch.Tensor | None = None  # (T,) original column of each of this call's tokens, on the device
     exited_rows: torch.Tensor | None = None  # (B,) bool on the device, mirrors `exited`
     written: dict[tuple[bool, ...], int] = field(default_factory=dict)  # group -> slots written in this call
     masks: dict[Any, torch.Tensor | None] = field(default_factory=dict)
@@ -223,13 +233,17 @@ class Withdrawal:
                 "this model already has an active dyvte withdrawal; remove it (handle.remove() or leave its "
                 "`with` block) before withdrawing again"
             )
-        self._hooks.append(top.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        self._hooks.append(top.register_forward_hook(self._post_forward, with_kwargs=True))
+        # the top-level hooks keep the host bookkeeping (counts, plans, the cache's identity): under torch.compile
+        # they run eagerly, so the compiled decode step never reads a host count that changes from step to step
+        pre, post = torch.compiler.disable(self._pre_forward), torch.compiler.disable(self._post_forward)
+        self._hooks.append(top.register_forward_pre_hook(pre, with_kwargs=True))
+        self._hooks.append(top.register_forward_hook(post, with_kwargs=True))
         for index in range(self.first_exit, self.spec.num_layers):
             hook = self._make_layer_hook(index)
             self._hooks.append(self.spec.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         self._hooks.extend(self.policy.attach(self))
-        self._undo_masks = keep_2d_masks(top)  # static caches: generate passes the 2-D mask, not 4-D ones
+        # static caches: generate passes the 2-D mask (padded to the cache in decode steps), not 4-D ones
+        self._undo_masks = keep_2d_masks(top, pad=lambda: getattr(top, PRUNING_ATTR, None) is None)
         setattr(top, HANDLE_ATTR, self)
 
     def remove(self) -> None:
@@ -317,12 +331,13 @@ class Withdrawal:
         past = 0 if new_sequence else self._columns
         attention_2d = kwargs.get(ATTENTION_MASK)
         if isinstance(attention_2d, torch.Tensor) and attention_2d.dim() == 2:
-            if attention_2d.shape != (batch, past + num_tokens):
+            padded = not new_sequence and attention_2d.shape[1] == cache_capacity(past_cache)  # see keep_2d_masks
+            if attention_2d.shape != (batch, past + num_tokens) and not (padded and attention_2d.shape[0] == batch):
                 raise WithdrawalError(
                     f"attention_mask has shape {tuple(attention_2d.shape)}, expected "
                     f"{(batch, past + num_tokens)} (past {past} + current {num_tokens} columns)"
                 )
-            valid = attention_2d[:, past:].bool()
+            valid = attention_2d[:, past : past + num_tokens].bool()
         elif attention_2d is None:
             valid = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
         else:
@@ -348,6 +363,7 @@ class Withdrawal:
             input_ids=input_ids,
             use_cache=kwargs.get(USE_CACHE) is not False,
             exited=[False] * batch,
+            cols=torch.arange(past, past + num_tokens, device=device),
         )
         self.policy.start(fwd, kwargs)
         if new_sequence:
@@ -407,7 +423,7 @@ class Withdrawal:
         cache = cache_out(output, self.spec.names.cache)
         if cache is not None and fwd.use_cache:
             for key, width in fwd.written.items():
-                self._layouts[key].length += width
+                self._layouts[key].commit(width)
             self._cache_ref = weakref.ref(cache)
             self._cache_resets = cache_resets(cache)
             self._columns = fwd.past + fwd.num_tokens
@@ -488,12 +504,11 @@ class Withdrawal:
     def _slots(self, fwd: ForwardState) -> tuple[torch.Tensor, torch.Tensor]:
         """Original columns and validity of this call's slots in the current layout: two ``(B, T')`` tensors."""
         idx = fwd.idx
-        if idx is None:
-            cols = torch.arange(fwd.past, fwd.past + fwd.num_tokens, device=fwd.valid.device).expand(fwd.batch, -1)
-            return cols, fwd.valid
+        if idx is None:  # no host int is read: a compiled decode step does not specialise on the position
+            return fwd.cols.expand(fwd.batch, -1), fwd.valid
         return torch.where(idx >= 0, idx + fwd.past, -1), (idx >= 0) & fwd.valid.gather(1, idx.clamp(min=0))
 
-    def _group(self, fwd: ForwardState, layer_cache: Any) -> _GroupLayout:
+    def _group(self, fwd: ForwardState, cache: Any) -> _GroupLayout:
         """The current group's layout, with this call's slots written after its committed ones (once per call)."""
         key = fwd.key
         group = self._layouts.get(key)
@@ -503,11 +518,13 @@ class Withdrawal:
                     "this decode step withdraws a set of rows the prefill never withdrew: the cache layout is unknown"
                 )
             width = fwd.num_tokens if fwd.idx is None else fwd.width
-            group = _GroupLayout(fwd.batch, max(width, cache_capacity(layer_cache) or 0), fwd.valid.device)
+            capacity = cache_capacity(cache)  # every layer pre-allocated to the same length, else None
+            fixed = capacity is not None and capacity >= width
+            group = _GroupLayout(fwd.batch, max(width, capacity or 0), fwd.valid.device, fixed=fixed)
             self._layouts[key] = group
         if key not in fwd.written:
             cols, valid = self._slots(fwd)
-            group.write(group.length, cols, valid)
+            group.write(cols, valid)
             fwd.written[key] = cols.shape[1]
         return group
 
@@ -516,26 +533,32 @@ class Withdrawal:
     ) -> torch.Tensor | None:
         """The mask of layer ``index`` over the current layout; ``own`` is the one the model built for it."""
         layer_cache, _ = cache_layer(cache, index)
-        group = self._group(fwd, layer_cache)
-        past, width = group.length, fwd.written[fwd.key]
-        first, length = cache_key_view(layer_cache, past, width)
+        group = self._group(fwd, cache)
         window = self.spec.sliding_window[index]
-        memo = (window, first, length, id(own))
+        if group.fixed and not getattr(layer_cache, "is_sliding", False):
+            # a pre-allocated full layer attends to all its slots: no host count is read, so a compiled decode
+            # step sees the same Python values at every step
+            first, length = 0, group.cols.shape[1]
+        else:
+            first, length = cache_key_view(layer_cache, group.length, fwd.written[fwd.key])
+        memo = (window, first, length, own is None, None if own is None else own.shape[-1])
         if memo in fwd.masks:
             return fwd.masks[memo]
-        if past and layer_cache is not None:
-            cached = cache_length(layer_cache)
-            if isinstance(cached, int) and cached != past:  # a dynamic layer's length is on the host
-                raise WithdrawalError(
-                    f"KV cache of layer {index} holds {cached} tokens where this withdrawal "
-                    f"put {past}: the cache was modified outside dyvte"
-                )
-        group.ensure(first + length)
+        if not group.fixed:
+            past = group.length
+            if past and layer_cache is not None:
+                cached = cache_length(layer_cache)
+                if isinstance(cached, int) and cached != past:  # a dynamic layer's length is on the host
+                    raise WithdrawalError(
+                        f"KV cache of layer {index} holds {cached} tokens where this withdrawal "
+                        f"put {past}: the cache was modified outside dyvte"
+                    )
+            group.ensure(first + length)
         k_cols, k_valid = group.cols[:, first : first + length], group.valid[:, first : first + length]
-        if past and fwd.attention_2d is not None:  # the caller's current mask decides which past columns count
+        if not fwd.new_sequence and fwd.attention_2d is not None:  # the caller's mask decides which past columns count
             k_valid = k_valid & fwd.attention_2d.gather(1, k_cols.clamp(min=0)).bool()
         q_cols, q_valid = self._slots(fwd)
-        mask = slot_mask(q_cols, q_valid, k_cols, k_valid, past - first, window=window, kind=fwd.kind, dtype=dtype)
+        mask = slot_mask(q_cols, q_valid, k_cols, k_valid, window=window, kind=fwd.kind, dtype=dtype)
         if self.policy.keeps_visual and fwd.new_sequence and fwd.idx is not None and isinstance(own, torch.Tensor):
             mask = self._add_own_pairs(fwd, mask, own)
         if not all(fwd.exited) and isinstance(own, torch.Tensor):

@@ -137,7 +137,6 @@ def slot_mask(
     q_valid: torch.Tensor,
     k_cols: torch.Tensor,
     k_valid: torch.Tensor,
-    q_slot: int,
     *,
     window: int | None,
     kind: str,
@@ -145,27 +144,27 @@ def slot_mask(
 ) -> torch.Tensor:
     """:func:`build_attention_mask` without host syncs: always an explicit mask, the query slots anywhere in the keys.
 
-    The engine's hot path: nothing is read back to the host, so the mask is never dropped for SDPA's implicit causal
-    one (deciding that would read the tensors).
+    The engine's hot path: nothing is read back to the host (so the mask is never dropped for SDPA's implicit causal
+    one, which would need a read), and no host position is used (an invalid query finds its own key slot by its
+    column), so a compiled decode step does not depend on the step.
 
     Args:
-        q_cols, q_valid: ``(B, Tq)`` original column / validity of each query slot.
-        k_cols, k_valid: ``(B, Tk)`` original column / validity of each key slot (unused cache slots: invalid).
-        q_slot: key slot of the first query (the queries occupy key slots ``q_slot .. q_slot + Tq - 1``).
+        q_cols, q_valid: ``(B, Tq)`` original column / validity of each query slot (``-1``: a padding slot).
+        k_cols, k_valid: ``(B, Tk)`` original column / validity of each key slot (unused cache slots: ``-1``,
+            invalid); every query slot is among the key slots.
         window: sliding-window width, or ``None``.
         kind: ``"sdpa"`` (bool, True = attend) or ``"eager"`` (additive, ``dtype``).
         dtype: dtype of the additive mask.
 
     Returns:
-        ``(B, 1, Tq, Tk)`` mask.
+        ``(B, 1, Tq, Tk)`` mask. An invalid query attends to the key slots of its own column only (padding slots:
+        every ``-1`` slot), so its softmax stays finite.
     """
-    num_q = q_cols.shape[1]
     diff = q_cols[:, :, None] - k_cols[:, None, :]  # (B, Tq, Tk)
     allowed = k_valid[:, None, :] & (diff >= 0)
     if window is not None:
         allowed &= diff < window
-    queries = torch.arange(num_q, device=q_cols.device)
-    allowed[:, queries, queries + q_slot] |= ~q_valid  # an invalid query attends to itself only: finite softmax
+    allowed |= ~q_valid[:, :, None] & (diff == 0)
     if kind == "sdpa":
         return allowed[:, None]
     if kind == "eager":

@@ -58,6 +58,7 @@ from .compat import (
     check_cache,
     keep_2d_masks,
 )
+from .engine import PRUNING_ATTR
 from .fastv import FastV, kept_count
 from .layout import pack_right, take
 from .registry import FEATURE_LAYOUTS, REGISTRY, UnsupportedModelError, VisionNames, _get_path, resolve, unwrap
@@ -76,7 +77,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_HANDLE_ATTR = "_dyvte_pruning"
+_HANDLE_ATTR = PRUNING_ATTR
 _VISION_NAMES = VisionNames()
 _KEPT_ATTR = "_dyvte_kept"  # set on get_image_features' output: per image, (n_i,) bool kept entries
 

@@ -149,6 +149,28 @@ def test_pruning_before_the_llm_works_with_a_static_cache(llava):
             assert torch.equal(generate(model, inputs, cache_implementation="static"), generate(model, inputs))
 
 
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager_with_one_graph_and_no_break():
+    """``generate``'s compiled decoding forward (static cache, transformers' default ``CompileConfig``) under
+    withdrawal: the dynamic cache's tokens, one dynamo graph for every decode step, no graph break (~20 s on CPU)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model, processor = make_tiny("llava", num_layers=4)
+    inputs = dict(make_batch(processor, "llava", ROWS))
+    config = CompileConfig(mode="default")  # CUDA graphs ("reduce-overhead") need a GPU
+    config._compile_all_devices = True  # generate compiles on CPU only when told to
+    for context in (lambda: dyvte.withdraw(model, layer=2), lambda: dyvte.withdraw(model, layer=[1, 3, 0])):
+        torch._dynamo.reset()
+        counters.clear()
+        with context():
+            eager = generate(model, inputs, steps=6)
+            compiled = generate(model, inputs, steps=6, cache_implementation="static", compile_config=config)
+        assert torch.equal(compiled, eager)
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------------------- in-place layouts
 @pytest.mark.parametrize("cache", [None, "static"])
 def test_decode_layouts_grow_in_place(llava, cache):
