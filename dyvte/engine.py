@@ -55,7 +55,7 @@ from .compat import (
     seal_cache,
 )
 from .layout import compose, pack_right, slot_mask, take
-from .policy import ExitPolicy
+from .policy import ExitPolicy, make_policy
 from .registry import ModelSpec, resolve
 
 __all__ = ["ForwardState", "Withdrawal", "WithdrawalError", "HANDLE_ATTR", "active_withdrawal"]
@@ -177,7 +177,13 @@ class Withdrawal:
     fed_tokens: torch.Tensor | None = None
     fed_visual: torch.Tensor | None = None
 
-    def __init__(self, model: nn.Module, policy: ExitPolicy) -> None:
+    def __init__(self, model: nn.Module, policy: ExitPolicy | Any = None, *, layer: Any = None) -> None:
+        """Hook ``model`` with ``policy``; ``Withdrawal(model, K)`` / ``layer=K`` (the former signature) means the
+        registered ``"static"`` policy, looked up by name (the engine imports no policy)."""
+        if not isinstance(policy, ExitPolicy):
+            if (policy is None) == (layer is None):
+                raise TypeError("Withdrawal needs an ExitPolicy (or layer=K)")
+            policy = make_policy("static", model, layer=layer if policy is None else policy)
         self.spec: ModelSpec = resolve(model)
         self.policy = policy
         policy.bind(self.spec)
