@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from .calibrate import Calibration
-from .handle import ComposedHandle, Handle
+from .handle import ComposedHandle
 from .prune import prune
 from .withdraw import withdraw
 
@@ -40,7 +40,7 @@ class Method:
     name: str = "method"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
+    def apply(self, model: nn.Module) -> Iterator[Any]:
         yield None
 
 
@@ -62,7 +62,7 @@ class Static(Method):
         return f"static K={self.layer}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
+    def apply(self, model: nn.Module) -> Iterator[Any]:
         with withdraw(model, layer=self.layer) as handle:
             yield handle
 
@@ -78,7 +78,7 @@ class Calibrated(Method):
         return f"calibrated eta={self.calibration.threshold:g} (K={self.calibration.layer})"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
+    def apply(self, model: nn.Module) -> Iterator[Any]:
         with withdraw(model, calibration=self.calibration) as handle:
             yield handle
 
@@ -103,7 +103,7 @@ class Prune(Method):
         return f"{self.method} K={self.layer} {budget}" if self.method == "fastv" else f"{self.method} {budget}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
+    def apply(self, model: nn.Module) -> Iterator[Any]:
         with prune(model, self.method, keep=self.keep, ratio=self.ratio, layer=self.layer, seed=self.seed) as handle:
             yield handle
 
@@ -122,7 +122,7 @@ class Heads(Method):
         return f"heads{'(' + self.label + ')' if self.label else ''} p={threshold:g}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
+    def apply(self, model: nn.Module) -> Iterator[Any]:
         with withdraw(model, heads=self.heads, threshold=self.threshold) as handle:
             yield handle
 
@@ -139,7 +139,7 @@ class Compose(Method):
         return f"{self.outer.name} + {self.inner.name}"
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module) -> Iterator[Handle | None]:
+    def apply(self, model: nn.Module) -> Iterator[Any]:
         with self.outer.apply(model) as outer, self.inner.apply(model) as inner:
             yield ComposedHandle(inner, outer)
 
