@@ -136,6 +136,9 @@ class ForwardState:
         key: the exit set of the current layout (``None`` until a row leaves).
         kept: host, per row: tokens a leaving row keeps (``None`` when this call cannot shorten a row).
         plan: host, layer -> rows leaving there (``None``: the policy decides at run time).
+        cols: ``(T,)`` the original column of each of the call's tokens, on the device (layer hooks read it instead
+            of ``past``, so a compiled decode step depends on no host count).
+        exited_rows: ``(B,)`` bool on the device, mirroring ``exited`` (``None`` until a row leaves).
     """
 
     batch: int
@@ -154,8 +157,8 @@ class ForwardState:
     key: tuple[bool, ...] | None = None
     kept: list[int] | None = None
     plan: dict[int, list[int]] | None = None
-    cols: torch.Tensor | None = None  # (T,) original column of each of this call's tokens, on the device
-    exited_rows: torch.Tensor | None = None  # (B,) bool on the device, mirrors `exited`
+    cols: torch.Tensor | None = None
+    exited_rows: torch.Tensor | None = None
     written: dict[tuple[bool, ...], int] = field(default_factory=dict)  # group -> slots written in this call
     masks: dict[Any, torch.Tensor | None] = field(default_factory=dict)
     rotary: dict[Any, Any] = field(default_factory=dict)
