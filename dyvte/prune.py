@@ -462,7 +462,7 @@ class Pruning:
             kwargs[ATTENTION_MASK] = torch.cat([take(mask[:, :prompt], idx, 1) * (idx >= 0), mask[:, prompt:]], 1)
         position_ids = kwargs.get(POSITION_IDS)
         if isinstance(position_ids, torch.Tensor):
-            kwargs[POSITION_IDS] = position_ids - self._dropped.to(position_ids.device)[:, None]
+            kwargs[POSITION_IDS] = position_ids - self._dropped[:, None]  # same device: no copy, no sync
         return kwargs
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

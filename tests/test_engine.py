@@ -143,10 +143,13 @@ def test_static_cache_equals_dynamic_cache(family):
 
 
 def test_pruning_before_the_llm_works_with_a_static_cache(llava):
+    """... and its decode steps read nothing either (its prefill scores and packs views on the host)."""
     model, inputs = llava
     for method in ("fastervlm", "random"):
         with dyvte.prune(model, method, ratio=0.5), dyvte.withdraw(model, layer=2):
             assert torch.equal(generate(model, inputs, cache_implementation="static"), generate(model, inputs))
+        with dyvte.prune(model, method, ratio=0.5):
+            assert count_syncs(model, inputs, cache_implementation="static")[1:] == [0] * STEPS
 
 
 @pytest.mark.slow
