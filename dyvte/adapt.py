@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from .calibrate import kl_divergence, scored_positions
 from .data import build_inputs
 from .evaluate import EvalResult
-from .registry import REGISTRY, resolve
+from .registry import LORA_TARGETS, resolve
 from .withdraw import withdraw
 
 __all__ = [
@@ -49,11 +49,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The Llama-style text-decoder projections LoRA targets by default (attention + gated MLP)."""
+DECODER_PROJECTIONS = LORA_TARGETS
+"""The Llama-style text-decoder projections LoRA targets by default (attention + gated MLP; the registry's
+``Family.lora_targets`` default, kept here under its old name)."""
 
 
-def decoder_target_regex(model: nn.Module, targets: Sequence[str] = DECODER_PROJECTIONS) -> str:
+def decoder_target_regex(model: nn.Module, targets: Sequence[str] | None = None) -> str:
     """A peft ``target_modules`` regex that matches ``targets`` inside the text decoder's layers only.
 
     The decoder's path comes from dyvte's registry, so the vision tower (whose CLIP/SigLIP layers also have
@@ -61,14 +62,16 @@ def decoder_target_regex(model: nn.Module, targets: Sequence[str] = DECODER_PROJ
 
     Args:
         model: a supported ``...ForConditionalGeneration`` model.
-        targets: leaf module names inside each decoder layer.
+        targets: leaf module names inside each decoder layer (default: the family's ``lora_targets`` in the
+            registry).
 
     Returns:
         A regex that peft ``re.fullmatch``-es against module names, e.g.
         ``model\\.language_model\\.layers\\.\\d+\\.(?:.*\\.)?(?:q_proj|...)``.
     """
-    path = REGISTRY[resolve(model).model_type].decoder_path
-    names = "|".join(re.escape(t) for t in targets)
+    family = resolve(model).family
+    path = family.decoder_path
+    names = "|".join(re.escape(t) for t in (family.lora_targets if targets is None else targets))
     return rf"{re.escape(path)}\.layers\.\d+\.(?:.*\.)?(?:{names})"
 
 
@@ -77,7 +80,7 @@ def add_lora(
     rank: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
-    targets: Sequence[str] = DECODER_PROJECTIONS,
+    targets: Sequence[str] | None = None,
     base_name: str | None = None,
 ) -> PeftModel:
     """Wrap ``model`` in a ``PeftModel`` with LoRA on the text decoder's ``targets``; every base weight is frozen.
@@ -87,7 +90,8 @@ def add_lora(
         rank: LoRA rank r.
         alpha: LoRA alpha (the update is scaled by alpha / r).
         dropout: LoRA dropout on the adapter's input.
-        targets: leaf module names inside each decoder layer (see :data:`DECODER_PROJECTIONS`).
+        targets: leaf module names inside each decoder layer (default: the family's ``lora_targets``, i.e.
+            :data:`DECODER_PROJECTIONS`).
         base_name: what ``adapter_config.json`` records as the base model (``"demo"`` or a directory); default:
             the model's ``name_or_path``.
 

@@ -16,7 +16,8 @@ Tests use the same accessors, so the suite runs unchanged on every supported tra
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,13 @@ __all__ = [
     "cache_length",
     "cache_tensors",
     "cache_out",
+    "cache_capacity",
+    "cache_key_view",
+    "cache_length_host",
+    "cache_resets",
     "call_names",
     "check_cache",
+    "keep_2d_masks",
     "seal_cache",
 ]
 
@@ -56,7 +62,9 @@ MM_ENCODER_OUTPUTS = "mm_encoder_outputs"  # precomputed vision features that ge
 USE_CACHE = "use_cache"
 TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
 LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)
-_DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that may hold different lengths
+_DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that grow by concatenation
+_STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")  # pre-allocated; each layer counts its own length
+_LAYERS = _DYNAMIC_LAYERS + _STATIC_LAYERS  # cache layers whose layers may hold different lengths
 
 
 class CompatibilityError(RuntimeError):
@@ -170,21 +178,80 @@ def attn_implementation(config: Any) -> str:
 def check_cache(cache: Any) -> str | None:
     """Why withdrawal cannot use this cache, or ``None`` when it can.
 
-    Withdrawal and pruning shorten the sequence that layers >= K store, so every cache layer must be able to hold
-    its own length: transformers' dynamic layers can, static (pre-allocated), quantized and offloaded ones cannot.
+    Withdrawal and pruning shorten the sequence that layers >= K store, so every cache layer must keep its own
+    length: transformers' dynamic layers do (they grow by concatenation), and so do its static ones (each
+    pre-allocated layer writes at its own running length, so a withdrawn layer simply fills fewer slots).
+    Quantized and offloaded layers are refused.
     """
     layers = getattr(cache, "layers", None)
     if layers is None:
         return f"{type(cache).__name__} exposes no per-layer storage (.layers), which dyvte needs"
-    kinds = sorted({type(layer).__name__ for layer in layers} - set(_DYNAMIC_LAYERS))
+    kinds = sorted({type(layer).__name__ for layer in layers} - set(_LAYERS))
     if kinds:
         return (
             f"a {type(cache).__name__} with {', '.join(kinds)} layers cannot be used: after an exit, layers >= K "
-            "store only the kept tokens, so the layers of one cache hold different lengths, which a static "
-            "(pre-allocated, fixed-length), quantized or offloaded cache cannot express. Use the default dynamic "
-            "cache (drop cache_implementation=... or pass a DynamicCache)"
+            "store only the kept tokens, so the layers of one cache hold different lengths, which a quantized or "
+            "offloaded cache cannot express. Use the default dynamic cache or cache_implementation='static'"
         )
     return None
+
+
+def cache_length_host(cache: Any) -> int:
+    """Tokens held by a cache, as a Python int. A static cache counts them in a tensor: reading it is a host sync,
+    so the engine calls this only for a cache it has not seen before (a fresh static cache answers 0 untouched)."""
+    length = cache.get_seq_length()
+    return int(length) if isinstance(length, torch.Tensor) else length
+
+
+def cache_resets(cache: Any) -> int:
+    """How many times ``cache.reset()`` ran since dyvte first saw the cache (``generate`` resets and reuses a static
+    cache between calls). The first call wraps the instance's ``reset`` (the class is untouched)."""
+    if "_dyvte_resets" not in vars(cache):
+        cache._dyvte_resets = 0
+        cache.reset = types.MethodType(_counting_reset, cache)  # a bound method: a deepcopy rebinds it to the copy
+    return cache._dyvte_resets
+
+
+def _counting_reset(cache: Any, *args: Any, **kwargs: Any) -> Any:
+    cache._dyvte_resets += 1
+    return type(cache).reset(cache, *args, **kwargs)
+
+
+def cache_capacity(cache: Any) -> int | None:
+    """The length every layer of a pre-allocated cache holds keys for, when all its layers are full-attention
+    ``StaticLayer``s of one length (``None``: a dynamic cache, sliding layers, or no cache)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "StaticLayer" for layer in layers):
+        return None
+    lengths = {int(layer.max_cache_len) for layer in layers}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def cache_key_view(layer: Any, past: int, query: int) -> tuple[int, int]:
+    """Which slots of a layer's history the keys of its attention hold, from host counts only (no sync).
+
+    The history of a layer is every token it was given, in order (``past`` before this call, ``query`` in it).
+
+    Returns:
+        ``(first, length)``: key slot ``j`` holds history entry ``first + j``; entries at or after ``past + query``
+        are empty (a pre-allocated layer's unused slots), which the mask hides.
+    """
+    if layer is None:
+        return 0, query
+    name = type(layer).__name__
+    if name == "StaticLayer":
+        return 0, int(layer.max_cache_len)
+    if name == "StaticSlidingWindowLayer":
+        size = int(layer.max_cache_len)  # min(window, max_cache_len)
+        if past >= size:  # full: one new token rolls the buffer, several are appended to its last size - 1
+            return (past + 1 - size, size) if query == 1 else (past - size + 1, size - 1 + query)
+        if past + query > size:
+            return 0, past + query
+        return 0, size
+    if getattr(layer, "is_sliding", False):  # a dynamic sliding layer keeps its last window - 1 entries
+        keep = min(past, int(layer.sliding_window) - 1)
+        return past - keep, keep + query
+    return 0, past + query
 
 
 def cache_layer(cache: Any, index: int) -> tuple[Any, int | None]:
@@ -200,7 +267,7 @@ def cache_layer(cache: Any, index: int) -> tuple[Any, int | None]:
 
 
 def cache_length(cache: Any) -> int:
-    """Tokens held by a cache (its first layer) or by one cache layer."""
+    """Tokens held by a cache (its first layer) or by one cache layer (a 0-d tensor for static layers)."""
     return cache.get_seq_length()
 
 
@@ -226,3 +293,38 @@ def seal_cache(cache: Any, error: Exception) -> None:
 
     cache.update = update  # an instance attribute shadows Cache.update, which every attention layer calls
     cache._dyvte_sealed = True
+
+
+MASKS_FOR_GENERATE = "create_masks_for_generate"  # generate() turns the 2-D mask into 4-D ones for static caches
+
+
+def keep_2d_masks(model: nn.Module, pad: Callable[[], bool] = lambda: False) -> Callable[[], None]:
+    """Make ``generate`` hand ``model`` the caller's 2-D padding mask even with a static cache; returns the undo.
+
+    With a compileable (static) cache, ``generate`` builds the 4-D masks before each call through the model's
+    ``create_masks_for_generate``. Withdrawal needs the 2-D mask (it builds the masks of layers >= K itself, from the
+    kept tokens' original columns), so an instance attribute shadows that method with one returning the 2-D mask;
+    the model's forward then builds its own 4-D masks, as it does with a dynamic cache. In a decode step, when
+    ``pad()`` says so, the mask is right-padded with zeros to the static cache's length, so a compiled decode step
+    sees the same shapes at every step (``generate``'s own mask, which grows by a column per step, is untouched).
+    The class is untouched, and the undo deletes the attribute.
+    """
+
+    if getattr(vars(model).get(MASKS_FOR_GENERATE), "_dyvte", False):  # an outer dyvte handle did it already
+        return lambda: None
+
+    def passthrough(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        embeds, capacity = kwargs.get("inputs_embeds"), cache_capacity(kwargs.get("cache"))
+        decoding = isinstance(embeds, torch.Tensor) and embeds.shape[1] == 1
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and decoding and capacity and pad():
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
+        return attention_mask
+
+    passthrough._dyvte = True
+    setattr(model, MASKS_FOR_GENERATE, passthrough)
+
+    def undo() -> None:
+        if vars(model).get(MASKS_FOR_GENERATE) is passthrough:
+            delattr(model, MASKS_FOR_GENERATE)
+
+    return undo

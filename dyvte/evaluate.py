@@ -210,7 +210,11 @@ def _evaluate(
             total_s += time.perf_counter() - start
             exits = handle.exit_layers.clone() if handle is not None and handle.exit_layers is not None else None
             # pruning handles say what the LLM received (fed_*) and how many visual tokens stay after the exit
-            fed = {k: getattr(handle, k, None) for k in ("fed_tokens", "fed_visual", "visual_after")}
+            fed = {
+                "fed_tokens": None if handle is None else handle.fed_tokens,
+                "fed_visual": None if handle is None else handle.fed_visual,
+                "visual_after": None if handle is None else handle.visual_after,
+            }
         prefill_s += clock.stamps[0] - start
         batch_ms.append(1e3 * (clock.stamps[0] - start) / len(records))
         if exits is None:

@@ -24,10 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .io import atomic_path
-from .layout import take
-from .registry import resolve, unwrap
+from .registry import resolve
 from .risk import NEVER
-from .withdraw import Withdrawal, _Forward
 
 __all__ = [
     "EXTRA_COLUMNS",
@@ -35,7 +33,6 @@ __all__ = [
     "FORMAT_VERSION",
     "ExitHeads",
     "ExitHeadsConfig",
-    "HeadsWithdrawal",
     "head_features",
     "head_inputs",
 ]
@@ -269,26 +266,3 @@ class ExitHeads(nn.Module):
                 )
         heads.load_state_dict(state)
         return heads.eval()
-
-
-class HeadsWithdrawal(Withdrawal):
-    """Per-row adaptive withdrawal: each row leaves after the first layer whose head fires (see ``withdraw``)."""
-
-    def __init__(self, model: nn.Module, heads: ExitHeads, threshold: float | None = None) -> None:
-        heads.check_model(unwrap(model))
-        if threshold is not None and not 0.0 <= threshold:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
-        self.heads = heads
-        self.threshold = threshold  # None: the heads' calibrated thresholds (or their config's single threshold)
-        self.thresholds = heads.exit_thresholds(threshold).tolist()  # one per head, on the host
-        super().__init__(model, layer=None)
-
-    def _decide(self, layer: int, hidden: torch.Tensor, fwd: _Forward) -> torch.Tensor:
-        """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``)."""
-        visual, valid = fwd.visual, fwd.valid
-        if fwd.idx is not None:  # the current layout of the hidden states
-            visual = take(visual, fwd.idx, 1) & (fwd.idx >= 0)
-            valid = take(valid, fwd.idx, 1) & (fwd.idx >= 0)
-        with torch.no_grad():
-            logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
-        return torch.sigmoid(logits.float()) >= self.thresholds[layer - 1]

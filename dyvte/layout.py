@@ -9,26 +9,32 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_right", "take", "compose", "build_attention_mask"]
+__all__ = ["pack_right", "take", "compose", "build_attention_mask", "slot_mask"]
 
 
-def pack_right(keep: torch.Tensor) -> torch.Tensor:
+def pack_right(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Right-aligned indices of the kept tokens of each row.
 
     Args:
         keep: ``(B, T)`` bool, True for tokens that stay.
+        width: the layout width ``T'`` when the caller knows it on the host (then no host sync happens); it must be
+            at least ``max_b keep[b].sum()`` (extra slots are left padding). ``None``: read it from ``keep`` (one sync).
 
     Returns:
-        ``(B, T')`` long with ``T' = max_b keep[b].sum()``: the kept indices in order, ``-1`` in left padding slots.
+        ``(B, T')`` long with ``T' = max_b keep[b].sum()`` (or ``width``): the kept indices in order, ``-1`` in left
+        padding slots.
     """
     counts = keep.sum(dim=1)  # (B,)
-    width = int(counts.max()) if keep.numel() else 0
+    if width is None:
+        width = int(counts.max()) if keep.numel() else 0
+    batch, num_tokens = keep.shape
     rank = keep.long().cumsum(dim=1) - 1  # (B, T) rank among the row's kept tokens
     slot = rank + (width - counts)[:, None]  # (B, T) right-aligned slot of each kept token
-    idx = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
-    rows, cols = keep.nonzero(as_tuple=True)
-    idx[rows, slot[rows, cols]] = cols
-    return idx
+    slot = torch.where(keep, slot, width)  # dropped tokens land in a spare column, cut off below
+    idx = torch.full((batch, width + 1), -1, dtype=torch.long, device=keep.device)
+    cols = torch.arange(num_tokens, device=keep.device).expand(batch, -1)
+    idx.scatter_(1, slot, cols)  # kept slots are distinct; the spare column takes any of the dropped ones
+    return idx[:, :width]
 
 
 def compose(outer: torch.Tensor | None, inner: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -119,6 +125,47 @@ def build_attention_mask(
             causal = torch.ones(num_q, num_k, dtype=torch.bool, device=allowed.device).tril()
             if torch.equal(allowed, causal.expand_as(allowed)):
                 return None  # SDPA's is_causal fast path gives the same result
+        return allowed[:, None]
+    if kind == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    raise ValueError(f"unsupported mask kind {kind!r}")
+
+
+def slot_mask(
+    q_cols: torch.Tensor,
+    q_valid: torch.Tensor,
+    k_cols: torch.Tensor,
+    k_valid: torch.Tensor,
+    *,
+    window: int | None,
+    kind: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`build_attention_mask` without host syncs: always an explicit mask, the query slots anywhere in the keys.
+
+    The engine's hot path: nothing is read back to the host (so the mask is never dropped for SDPA's implicit causal
+    one, which would need a read), and no host position is used (an invalid query finds its own key slot by its
+    column), so a compiled decode step does not depend on the step.
+
+    Args:
+        q_cols, q_valid: ``(B, Tq)`` original column / validity of each query slot (``-1``: a padding slot).
+        k_cols, k_valid: ``(B, Tk)`` original column / validity of each key slot (unused cache slots: ``-1``,
+            invalid); every query slot is among the key slots.
+        window: sliding-window width, or ``None``.
+        kind: ``"sdpa"`` (bool, True = attend) or ``"eager"`` (additive, ``dtype``).
+        dtype: dtype of the additive mask.
+
+    Returns:
+        ``(B, 1, Tq, Tk)`` mask. An invalid query attends to the key slots of its own column only (padding slots:
+        every ``-1`` slot), so its softmax stays finite.
+    """
+    diff = q_cols[:, :, None] - k_cols[:, None, :]  # (B, Tq, Tk)
+    allowed = k_valid[:, None, :] & (diff >= 0)
+    if window is not None:
+        allowed &= diff < window
+    allowed |= ~q_valid[:, :, None] & (diff == 0)
+    if kind == "sdpa":
         return allowed[:, None]
     if kind == "eager":
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

@@ -1,7 +1,8 @@
 """Methods the evaluation harness can run: each opens a context on the model and names itself.
 
-A method's ``apply(model)`` is a context manager yielding the active handle (or ``None``); the harness reads the
-per-row exit layers from ``handle.exit_layers`` after each ``generate``.
+A method's ``apply(model)`` is a context manager yielding the active :class:`dyvte.handle.Handle` (or ``None``); the
+harness reads the per-row exit layers from ``handle.exit_layers`` after each ``generate``, and what the LLM received
+from ``fed_tokens`` / ``fed_visual`` / ``visual_after``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .calibrate import Calibration
+from .handle import ComposedHandle
 from .prune import prune
 from .withdraw import withdraw
 
@@ -129,17 +131,6 @@ class Heads(Method):
             yield handle
 
 
-class _Handles:
-    """Attributes of the inner handle first (exit layers), then the outer one (what the LLM received)."""
-
-    def __init__(self, inner: Any, outer: Any) -> None:
-        self._inner, self._outer = inner, outer
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._inner, name, None)
-        return value if value is not None else getattr(self._outer, name, None)
-
-
 @dataclass
 class Compose(Method):
     """``outer`` (pruning before the LLM) around ``inner`` (a withdrawal method), e.g. FasterVLM + exit heads."""
@@ -154,7 +145,7 @@ class Compose(Method):
     @contextlib.contextmanager
     def apply(self, model: nn.Module) -> Iterator[Any]:
         with self.outer.apply(model) as outer, self.inner.apply(model) as inner:
-            yield _Handles(inner, outer)
+            yield ComposedHandle(inner, outer)
 
 
 #: the form of each method string, quoted in every error about one

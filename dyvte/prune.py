@@ -38,6 +38,8 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,20 +52,33 @@ from .compat import (
     MM_ENCODER_OUTPUTS,
     POSITION_IDS,
     cache_in,
-    cache_length,
+    cache_length_host,
     cache_out,
+    cache_resets,
     check_cache,
+    keep_2d_masks,
 )
+from .engine import PRUNING_ATTR
 from .fastv import FastV, kept_count
 from .layout import pack_right, take
-from .registry import REGISTRY, UnsupportedModelError, _get_path, resolve, unwrap
+from .registry import FEATURE_LAYOUTS, REGISTRY, UnsupportedModelError, VisionNames, _get_path, resolve, unwrap
 
-__all__ = ["Pruning", "PruneError", "prune", "METHODS"]
+__all__ = [
+    "METHODS",
+    "PRUNING_METHODS",
+    "PatchScorer",
+    "PruneError",
+    "Pruning",
+    "PruningMethod",
+    "prune",
+    "register_pruning",
+    "scorer_method",
+]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("fastervlm", "fastv", "random")
-_HANDLE_ATTR = "_dyvte_pruning"
+_HANDLE_ATTR = PRUNING_ATTR
+_VISION_NAMES = VisionNames()
 _KEPT_ATTR = "_dyvte_kept"  # set on get_image_features' output: per image, (n_i,) bool kept entries
 
 
@@ -75,7 +90,69 @@ def _supported() -> list[str]:
     return sorted(t for t, f in REGISTRY.items() if f.image_features is not None)
 
 
-def _vision_attention(layer: nn.Module, hidden: torch.Tensor, cls: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class PatchScorer:
+    """How a pruning method before the LLM scores the vision encoder's tokens; the top ones of each view stay.
+
+    Attributes:
+        uses_attention: the scores need the attention of the encoder layer the MLLM reads (recomputed from that
+            layer's input by a pre-hook; FasterVLM's [CLS] attention, or the mean attention without a [CLS] token).
+        score: ``score(attention, total, seed) -> (total,)`` float64 scores over the flat encoder tokens
+            (``view * S + token``) of one ``get_image_features`` call; ``attention`` is ``(total,)`` float32 when
+            ``uses_attention``, else ``None``.
+    """
+
+    uses_attention: bool
+    score: Callable[[torch.Tensor | None, int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PruningMethod:
+    """A registered pruning method: ``build(model, keep=, ratio=, layer=, seed=)`` returns its handle."""
+
+    name: str
+    stage: str  # "before": the LLM receives a shorter prompt; "inside": an exit policy of the engine
+    build: Callable[..., Any]
+    scorer: PatchScorer | None = None  # methods before the LLM: how patches are scored
+
+
+PRUNING_METHODS: dict[str, PruningMethod] = {}
+"""Registered pruning methods by name (``dyvte.prune(model, method=name, ...)``)."""
+
+
+def register_pruning(method: PruningMethod) -> PruningMethod:
+    """Register a pruning method under its name; returns it unchanged.
+
+    Raises:
+        ValueError: another method has that name.
+    """
+    if PRUNING_METHODS.get(method.name, method) is not method:
+        raise ValueError(f"a pruning method named {method.name!r} is already registered")
+    PRUNING_METHODS[method.name] = method
+    return method
+
+
+def scorer_method(name: str, scorer: PatchScorer) -> PruningMethod:
+    """A pruning method before the LLM that keeps the top patches of each view by ``scorer``."""
+
+    def build(
+        model: nn.Module,
+        *,
+        keep: int | None = None,
+        ratio: float | None = None,
+        layer: int | None = None,
+        seed: int = 0,
+    ) -> Pruning:
+        if layer is not None:
+            raise TypeError(f"layer= is FastV's argument; method={name!r} prunes before the LLM")
+        return Pruning(model, name, keep=keep, ratio=ratio, seed=seed, scorer=scorer)
+
+    return PruningMethod(name, "before", build, scorer)
+
+
+def _vision_attention(
+    layer: nn.Module, hidden: torch.Tensor, cls: bool, names: VisionNames = _VISION_NAMES
+) -> torch.Tensor:
     """Attention scores of one CLIP/SigLIP-style encoder layer, recomputed from its input.
 
     Args:
@@ -86,14 +163,14 @@ def _vision_attention(layer: nn.Module, hidden: torch.Tensor, cls: bool) -> torc
     Returns:
         ``(V, S)`` float32: per key, the mean over heads (and, without [CLS], over queries).
     """
-    attn = layer.self_attn
+    attn = getattr(layer, names.attention)
     views, length, _ = hidden.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    scale = getattr(attn, "scale", None) or attn.scaling
-    x = layer.layer_norm1(hidden)
-    k = attn.k_proj(x).view(views, length, heads, head_dim).transpose(1, 2)  # (V, H, S, hd)
-    q = attn.q_proj(x[:, :1] if cls else x).view(views, -1, heads, head_dim).transpose(1, 2)  # (V, H, Q, hd)
-    probs = ((q @ k.transpose(-1, -2)).float() * scale).softmax(-1)  # (V, H, Q, S)
+    heads, head_dim = getattr(attn, names.heads), getattr(attn, names.head_dim)
+    scale = getattr(attn, names.scale, None) or attn.scaling
+    x = getattr(layer, names.norm)(hidden)
+    k = getattr(attn, names.key)(x).view(views, length, heads, head_dim).transpose(1, 2)  # (V, H, S, hd)
+    q = getattr(attn, names.query)(x[:, :1] if cls else x).view(views, -1, heads, head_dim).transpose(1, 2)
+    probs = ((q @ k.transpose(-1, -2)).float() * scale).softmax(-1)  # (V, H, Q, S), Q = 1 or S
     return probs.mean(dim=(1, 2))
 
 
@@ -109,26 +186,39 @@ class Pruning:
         fed_visual: ``(B,)`` long, visual tokens per row the LLM received in the last new sequence.
         kept_features: per image of the last ``get_image_features`` call, ``(n_i,)`` bool over the model's feature
             entries (packed, for LLaVA-NeXT): which ones were kept.
-        exit_layers: always ``None`` (nothing is withdrawn inside the LLM).
+        exit_layers, visual_after: always ``None`` (nothing is withdrawn inside the LLM); with ``fed_tokens`` and
+            ``fed_visual`` they make the :class:`dyvte.handle.Handle` protocol.
     """
 
-    exit_layers = None
+    exit_layers: torch.Tensor | None = None
+    visual_after: torch.Tensor | None = None
 
     def __init__(
-        self, model: nn.Module, method: str, keep: int | None = None, ratio: float | None = None, seed: int = 0
+        self,
+        model: nn.Module,
+        method: str,
+        keep: int | None = None,
+        ratio: float | None = None,
+        seed: int = 0,
+        scorer: PatchScorer | None = None,
     ) -> None:
         self.spec = resolve(model)
-        family = REGISTRY[self.spec.model_type]
+        family = self.spec.family
         if family.image_features is None:
             raise UnsupportedModelError(
                 f"dyvte.prune(method={method!r}) does not support model_type={self.spec.model_type!r}: its image "
                 f"features are not laid out as patches of views dyvte can prune. Supported: {', '.join(_supported())} "
                 "(FastV, method='fastv', works on every family)."
             )
-        if method not in ("fastervlm", "random"):
-            raise ValueError(f"Pruning handles method 'fastervlm' or 'random', got {method!r}")
-        self.method, self.seed = method, int(seed)
-        self.layout = family.image_features
+        if scorer is None:  # a registered method before the LLM, by name
+            entry = PRUNING_METHODS.get(method)
+            if entry is None or entry.scorer is None:
+                before = sorted(n for n, m in PRUNING_METHODS.items() if m.scorer is not None)
+                raise ValueError(f"Pruning handles the methods before the LLM ({', '.join(before)}), got {method!r}")
+            scorer = entry.scorer
+        self.method, self.seed, self.scorer = method, int(seed), scorer
+        self.layout = FEATURE_LAYOUTS[family.image_features]
+        self.names = family.vision
         model = self.spec.model
         config = model.config
         self.base = model.base_model
@@ -138,9 +228,10 @@ class Pruning:
         self.offset = 1 if self.strategy == "default" else 0  # feature entry p is encoder token p + offset
         self.view_tokens = (vcfg.image_size // vcfg.patch_size) ** 2 + 1 - self.offset  # N, features per full view
         self.keep, self.ratio = _check_budget(keep, ratio, self.view_tokens)
-        vision = getattr(self.tower, "vision_model", self.tower)  # CLIP / SigLIP vision transformer
-        self.has_cls = getattr(getattr(vision, "embeddings", None), "class_embedding", None) is not None
-        encoder_layers = vision.encoder.layers
+        names = self.names
+        vision = getattr(self.tower, names.inner, self.tower)  # CLIP / SigLIP vision transformer
+        self.has_cls = getattr(getattr(vision, "embeddings", None), names.class_embedding, None) is not None
+        encoder_layers = _get_path(vision, names.layers)
         feature_layer = getattr(config, "vision_feature_layer", -1)
         if not isinstance(feature_layer, int):
             raise UnsupportedModelError(
@@ -158,8 +249,10 @@ class Pruning:
         self._prompt_len = 0
         self._dropped: torch.Tensor | None = None  # (B,) pruned columns per row
         self._cache_ref: weakref.ref | None = None
+        self._cache_resets = 0
         self._capture: list[torch.Tensor] | None = None
         self._hooks: list[Any] = []
+        self._undo_masks: Any = None
         self._original = self.base.get_image_features
         self._signature = inspect.signature(self._original)
         self._image_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
@@ -179,6 +272,7 @@ class Pruning:
         self._hooks.append(top.register_forward_hook(self._post_forward, with_kwargs=True))
         self._hooks.append(score_layer.register_forward_pre_hook(self._score_hook, with_kwargs=True))
         self.base.get_image_features = self._get_image_features
+        self._undo_masks = keep_2d_masks(top)  # static caches: generate passes the 2-D mask it shortens
         setattr(top, _HANDLE_ATTR, self)
 
     def remove(self) -> None:
@@ -188,6 +282,9 @@ class Pruning:
         self._hooks.clear()
         if vars(self.base).get("get_image_features") == self._get_image_features:
             del self.base.get_image_features
+        if self._undo_masks is not None:
+            self._undo_masks()
+            self._undo_masks = None
         if getattr(self.spec.model, _HANDLE_ATTR, None) is self:
             delattr(self.spec.model, _HANDLE_ATTR)
 
@@ -202,7 +299,7 @@ class Pruning:
         if self._capture is not None:
             hidden = args[0] if args else kwargs[HIDDEN_STATES]  # (V, S, D)
             with torch.no_grad():
-                self._capture.append(_vision_attention(module, hidden, self.has_cls))
+                self._capture.append(_vision_attention(module, hidden, self.has_cls, self.names))
         return None
 
     def _get_image_features(self, *args: Any, **kwargs: Any) -> Any:
@@ -211,7 +308,7 @@ class Pruning:
         layer = bound.arguments.get("vision_feature_layer")
         if layer is not None and layer != self.feature_layer:
             raise PruneError(f"pruning scores at vision_feature_layer={self.feature_layer}; the call asks for {layer}")
-        self._capture = [] if self.method == "fastervlm" else None
+        self._capture = [] if self.scorer.uses_attention else None
         try:
             out = self._original(*args, **kwargs)
             captured = self._capture
@@ -220,13 +317,12 @@ class Pruning:
         features = list(out.pooler_output)  # per image (n_i, D)
         sources = self._sources(bound.arguments, features)  # per image (n_i,) encoder-token index, -1 = keep
         total = max((int(s.max()) + 1 for s in sources if s.numel()), default=0)  # encoder tokens scored
-        if self.method == "fastervlm":
-            scores = torch.cat(captured).flatten() if captured else torch.empty(0)  # (V * S,)
-            if scores.numel() < total:
+        attention = None
+        if self.scorer.uses_attention:
+            attention = torch.cat(captured).flatten() if captured else torch.empty(0)  # (V * S,)
+            if attention.numel() < total:
                 raise PruneError("the scoring encoder layer did not run on every view of these images")
-        else:
-            gen = torch.Generator().manual_seed(self.seed)
-            scores = torch.rand(max(total, 1), generator=gen, dtype=torch.float64)
+        scores = self.scorer.score(attention, total, self.seed)
         seq_len = self.view_tokens + self.offset  # S, encoder tokens per view
         kept = [self._keep_mask(src, scores, seq_len) for src in sources]
         out.pooler_output = [f[k.to(f.device)] for f, k in zip(features, kept, strict=True)]
@@ -236,30 +332,10 @@ class Pruning:
 
     def _sources(self, arguments: dict, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per image: the flat encoder-token index (view * S + token) of each feature entry; -1 for newlines."""
-        seq_len = self.view_tokens + self.offset
-        if self.layout == "views":
-            return [i * seq_len + self.offset + torch.arange(f.shape[0]) for i, f in enumerate(features)]  # (n_i,) each
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        cfg = self.spec.model.config
-        image_sizes = arguments["image_sizes"]
-        views = [
-            image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-            for size in image_sizes
-        ]
-        first = torch.tensor([0, *views]).cumsum(0)
-        grids = [
-            ((first[i] + torch.arange(n))[:, None] * seq_len + self.offset + torch.arange(self.view_tokens))
-            .double()
-            .unsqueeze(-1)
-            for i, n in enumerate(views)
-        ]  # per image (views_i, N, 1)
-        packed, _ = self.base.pack_image_features(
-            grids, image_sizes, self.strategy, image_newline=torch.tensor([-1.0], dtype=torch.float64)
-        )
-        sources = [p.squeeze(-1).round().long() for p in packed]  # (n_i,) each
+        grid = (self.view_tokens + self.offset, self.offset, self.view_tokens)
+        sources = self.layout(self.spec.model, arguments, features, grid)  # the family's layout (registry)
         if [s.shape[0] for s in sources] != [f.shape[0] for f in features]:
-            raise PruneError("could not locate LLaVA-NeXT's packed image features (packing changed?)")
+            raise PruneError(f"could not locate the {self.spec.model_type} image features (packing changed?)")
         return sources
 
     def _keep_mask(self, sources: torch.Tensor, scores: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -289,7 +365,7 @@ class Pruning:
             kwargs[INPUT_IDS], args = args[0], ()
         input_ids = kwargs.get(INPUT_IDS)
         cache = cache_in(kwargs, self.spec.names.cache)
-        new_sequence = cache is None or cache_length(cache) == 0
+        new_sequence = self._is_new_sequence(cache)
         if new_sequence and cache is not None and (reason := check_cache(cache)) is not None:
             raise PruneError(f"pruning: {reason}")
         if not new_sequence:
@@ -360,6 +436,15 @@ class Pruning:
         self.fed_visual = (take(placeholder, idx, 1) & slot_ok).sum(1).cpu()
         return args, kwargs
 
+    def _is_new_sequence(self, cache: Any) -> bool:
+        """Whether a call with ``cache`` starts a sequence; a cache this handle filled is not read (no host sync)."""
+        if cache is None:
+            return True
+        known = self._cache_ref() if self._cache_ref is not None else None
+        if known is cache:
+            return cache_resets(cache) != self._cache_resets  # generate() resets and reuses a static cache
+        return cache_length_host(cache) == 0
+
     def _continue(self, kwargs: dict, cache: Any) -> dict:
         """A decode step: map the caller's full-length mask and positions onto the shortened prompt."""
         known = self._cache_ref() if self._cache_ref is not None else None
@@ -377,12 +462,13 @@ class Pruning:
             kwargs[ATTENTION_MASK] = torch.cat([take(mask[:, :prompt], idx, 1) * (idx >= 0), mask[:, prompt:]], 1)
         position_ids = kwargs.get(POSITION_IDS)
         if isinstance(position_ids, torch.Tensor):
-            kwargs[POSITION_IDS] = position_ids - self._dropped.to(position_ids.device)[:, None]
+            kwargs[POSITION_IDS] = position_ids - self._dropped[:, None]  # same device: no copy, no sync
         return kwargs
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         cache = cache_out(output, self.spec.names.cache)
         self._cache_ref = weakref.ref(cache) if cache is not None else None
+        self._cache_resets = cache_resets(cache) if cache is not None else 0
         return output
 
     def _pad_id(self) -> int:
@@ -438,12 +524,29 @@ def prune(
         The :class:`Pruning` handle, or a :class:`dyvte.fastv.FastV` withdrawal handle for ``fastv``.
     """
     model = unwrap(model)
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
-    if method == "fastv":
-        if keep is not None or ratio is None or layer is None:
-            raise TypeError("method='fastv' needs layer=K and ratio=R (not keep=)")
-        return FastV(model, layer=layer, ratio=ratio)
-    if layer is not None:
-        raise TypeError(f"layer= is FastV's argument; method={method!r} prunes before the LLM")
-    return Pruning(model, method, keep=keep, ratio=ratio, seed=seed)
+    entry = PRUNING_METHODS.get(method)
+    if entry is None:
+        raise ValueError(f"unknown pruning method {method!r}; use one of {', '.join(sorted(PRUNING_METHODS))}")
+    return entry.build(model, keep=keep, ratio=ratio, layer=layer, seed=seed)
+
+
+def _fastervlm_scores(attention: torch.Tensor | None, total: int, seed: int) -> torch.Tensor:
+    return attention.to(torch.float64)  # the [CLS] attention (the mean attention without a [CLS] token)
+
+
+def _random_scores(attention: torch.Tensor | None, total: int, seed: int) -> torch.Tensor:
+    return torch.rand(max(total, 1), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _fastv(
+    model: nn.Module, *, keep: int | None = None, ratio: float | None = None, layer: int | None = None, seed: int = 0
+) -> FastV:
+    if keep is not None or ratio is None or layer is None:
+        raise TypeError("method='fastv' needs layer=K and ratio=R (not keep=)")
+    return FastV(model, layer=layer, ratio=ratio)
+
+
+register_pruning(scorer_method("fastervlm", PatchScorer(uses_attention=True, score=_fastervlm_scores)))
+register_pruning(scorer_method("random", PatchScorer(uses_attention=False, score=_random_scores)))
+register_pruning(PruningMethod("fastv", "inside", _fastv))
+METHODS: tuple[str, ...] = tuple(sorted(PRUNING_METHODS))  # the built-in methods

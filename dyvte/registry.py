@@ -1,24 +1,87 @@
 """One registry of the architecture knowledge dyvte needs, keyed by ``config.model_type``.
 
-For every supported family it says where the text decoder lives inside the ``...ForConditionalGeneration`` model
-and which config attributes hold the visual placeholder ids. Everything else (layer count, attention kind, sliding
-windows, rotary layout) is read from the model itself, so adding a family is one entry here plus its tests.
+For every supported family it says where the text decoder and the vision encoder live inside the
+``...ForConditionalGeneration`` model, which config attributes hold the visual placeholder ids, what the decoder's
+attention modules are called (FastV's ranking recomputes one attention row from them), what the vision encoder's are
+called (FasterVLM's [CLS] scores), which projections LoRA adapts, and how ``get_image_features`` lays out its output
+(pruning before the LLM). Everything else (layer count, attention kind, sliding windows, rotary layout) is read from
+the model itself, so adding a family is one entry here plus its tests; no other module names a family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from .compat import CallNames, attn_implementation, call_names
 
-__all__ = ["Family", "ModelSpec", "REGISTRY", "UnsupportedModelError", "resolve", "supported_model_types"]
+__all__ = [
+    "AttentionNames",
+    "FEATURE_LAYOUTS",
+    "Family",
+    "LORA_TARGETS",
+    "ModelSpec",
+    "REGISTRY",
+    "UnsupportedModelError",
+    "VisionNames",
+    "resolve",
+    "supported_model_types",
+]
+
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The Llama-style text-decoder projections LoRA targets by default (attention + gated MLP)."""
 
 
 class UnsupportedModelError(ValueError):
     """The model is not one of the families dyvte knows how to hook."""
+
+
+@dataclass(frozen=True)
+class AttentionNames:
+    """Module and attribute names of a text-decoder layer's attention (Llama-style by default).
+
+    Attributes:
+        norm: the layer's input norm; attention: its attention module; query / key: the projections;
+        query_norm / key_norm: per-head norms (read only when present); head_dim / scaling / softcap: attributes of
+        the attention module (``softcap`` only when present).
+    """
+
+    norm: str = "input_layernorm"
+    attention: str = "self_attn"
+    query: str = "q_proj"
+    key: str = "k_proj"
+    query_norm: str = "q_norm"
+    key_norm: str = "k_norm"
+    head_dim: str = "head_dim"
+    scaling: str = "scaling"
+    softcap: str = "attn_logit_softcapping"
+
+
+@dataclass(frozen=True)
+class VisionNames:
+    """Module and attribute names of a CLIP/SigLIP-style vision encoder, for scoring patches by attention.
+
+    Attributes:
+        inner: the vision transformer inside the tower (``tower.vision_model``; the tower itself when absent);
+        class_embedding: ``embeddings.<this>`` exists when the encoder has a [CLS] token; layers: dotted path of
+        the encoder layers from ``inner``; norm / attention / query / key: an encoder layer's pre-attention norm,
+        attention module and projections; heads / head_dim / scale: attributes of the attention module.
+    """
+
+    inner: str = "vision_model"
+    class_embedding: str = "class_embedding"
+    layers: str = "encoder.layers"
+    norm: str = "layer_norm1"
+    attention: str = "self_attn"
+    query: str = "q_proj"
+    key: str = "k_proj"
+    heads: str = "num_heads"
+    head_dim: str = "head_dim"
+    scale: str = "scale"
 
 
 @dataclass(frozen=True)
@@ -31,13 +94,20 @@ class Family:
         vision_path: dotted path from the top-level model to the vision encoder.
         image_features: how ``get_image_features`` lays out its per-image output, for pruning before the LLM:
             ``"views"`` (one view per image, a row of patches each: LLaVA-1.5), ``"anyres"`` (LLaVA-NeXT's
-            base view + unpadded crop grid with newline tokens), or ``None`` (``dyvte.prune`` unsupported).
+            base view + unpadded crop grid with newline tokens), or ``None`` (``dyvte.prune`` unsupported); the
+            layouts are the functions of :data:`FEATURE_LAYOUTS`.
+        attention: names of the decoder layers' attention pieces.
+        vision: names of the vision encoder's pieces.
+        lora_targets: the decoder projections LoRA adapts by default.
     """
 
     decoder_path: str
     visual_id_attrs: tuple[str, ...]
     vision_path: str
     image_features: str | None = None
+    attention: AttentionNames = field(default_factory=AttentionNames)
+    vision: VisionNames = field(default_factory=VisionNames)
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
 
 REGISTRY: dict[str, Family] = {
@@ -51,6 +121,44 @@ REGISTRY: dict[str, Family] = {
     "idefics3": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "smolvlm": Family("model.text_model", ("image_token_id",), "model.vision_model"),
 }
+
+
+def _views(model: nn.Module, arguments: dict[str, Any], features: list[torch.Tensor], grid: tuple[int, int, int]):
+    """LLaVA-1.5: image ``i`` is view ``i``; feature entry ``p`` is encoder token ``p + offset`` of it."""
+    seq_len, offset, _ = grid
+    return [i * seq_len + offset + torch.arange(f.shape[0]) for i, f in enumerate(features)]  # (n_i,) each
+
+
+def _anyres(model: nn.Module, arguments: dict[str, Any], features: list[torch.Tensor], grid: tuple[int, int, int]):
+    """LLaVA-NeXT: a base view + an unpadded crop grid per image, packed with one newline entry per grid row.
+
+    Every packed entry is located by running the model's own ``pack_image_features`` on encoder-token indices.
+    """
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    seq_len, offset, view_tokens = grid
+    cfg = model.config
+    image_sizes = arguments["image_sizes"]
+    views = [
+        image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for size in image_sizes
+    ]
+    first = torch.tensor([0, *views]).cumsum(0)
+    grids = [
+        ((first[i] + torch.arange(n))[:, None] * seq_len + offset + torch.arange(view_tokens)).double().unsqueeze(-1)
+        for i, n in enumerate(views)
+    ]  # per image (views_i, N, 1)
+    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+    packed, _ = model.base_model.pack_image_features(
+        grids, image_sizes, strategy, image_newline=torch.tensor([-1.0], dtype=torch.float64)
+    )
+    return [p.squeeze(-1).round().long() for p in packed]  # (n_i,) each
+
+
+FeatureLayout = Callable[[nn.Module, dict[str, Any], list[torch.Tensor], tuple[int, int, int]], list[torch.Tensor]]
+
+FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres}
+"""``Family.image_features`` -> ``layout(model, get_image_features arguments, per-image features, (S, offset, N))``
+giving, per image, the flat encoder-token index (``view * S + token``) of each feature entry (``-1``: a newline)."""
 
 
 def supported_model_types() -> list[str]:
@@ -70,6 +178,7 @@ class ModelSpec:
         visual_ids: the visual placeholder token ids, as a 1-D long tensor.
         sliding_window: per layer, the sliding-window width, or ``None`` for full attention.
         names: the argument names its calls use (resolved once by :func:`dyvte.compat.call_names`).
+        family: its :class:`Family` entry.
     """
 
     model: nn.Module
@@ -79,6 +188,7 @@ class ModelSpec:
     visual_ids: torch.Tensor
     sliding_window: list[int | None]
     names: CallNames
+    family: Family = field(default_factory=lambda: Family("", (), ""))
 
     @property
     def num_layers(self) -> int:
@@ -155,4 +265,5 @@ def resolve(model: nn.Module) -> ModelSpec:
         visual_ids=torch.tensor(sorted(set(ids)), dtype=torch.long),
         sliding_window=sliding,
         names=call_names(model, layers[0]),
+        family=family,
     )

@@ -127,17 +127,29 @@ def test_deprecated_spelling_from_the_caller_still_decodes(llava):
 
 
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
-def test_static_cache_is_refused_naming_the_cause(family):
+def test_static_cache_is_accepted_and_other_layers_are_refused_naming_the_cause(family):
+    """Static (pre-allocated) caches work under withdrawal and pruning (each layer fills its own slots; equality
+    with the dynamic cache is tests/test_engine.py's); a cache of another layer kind is refused by name."""
     model, processor = make_tiny(family)
     inputs = dict(make_batch(processor, family, ROWS))
     base = model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
     assert base.shape[1] == inputs["input_ids"].shape[1] + 2  # static caches work without dyvte
-    with dyvte.withdraw(model, layer=1), pytest.raises(dyvte.WithdrawalError, match="StaticCache.*different lengths"):
-        model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
-    assert not model._forward_pre_hooks  # the handle left nothing behind
+    with dyvte.withdraw(model, layer=1):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    assert out.shape == base.shape
+    assert not model._forward_pre_hooks and "create_masks_for_generate" not in vars(model)  # nothing left behind
     if family == "llava":
-        with dyvte.prune(model, "random", keep=4), pytest.raises(dyvte.PruneError, match="StaticCache"):
-            model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        with dyvte.prune(model, "random", keep=4):
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        assert out.shape == base.shape
+
+    class QuantizedLayer:  # stands for any layer kind that cannot hold its own length
+        pass
+
+    class OddCache:
+        layers = [QuantizedLayer()]
+
+    assert "OddCache with QuantizedLayer layers cannot be used" in check_cache(OddCache())
     with dyvte.withdraw(model, layer=1):  # the default dynamic cache still works afterwards
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape == base.shape
