@@ -130,12 +130,32 @@ def test_sampling_with_cache_equals_without(tiny):
     assert torch.equal(*runs)
 
 
+def greedy_logits(model, inputs, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens ``(B, N)`` and the raw logits of every step ``(B, N, V)`` (visual ids at -inf, as suppressed)."""
+    ids = resolve(model).visual_ids.tolist()
+    out = model.generate(
+        **inputs,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        suppress_tokens=ids,
+        use_cache=use_cache,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    logits = torch.stack(out.logits, 1).float()
+    logits[..., ids] = float("-inf")
+    return out.sequences[:, -NEW_TOKENS:], logits
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_identity_and_greedy_cache(family):
-    """bf16: K = L is the unmodified model bit for bit; greedy with the KV cache equals greedy without it.
+    """bf16: K = L is the unmodified model bit for bit; greedy with the KV cache equals greedy without it up to bf16
+    rounding: the two runs' logits agree within 2 bf16 ulps at every step of their common prefix, and where their
+    tokens part, the step was a near-tie within that rounding.
 
-    (Seeded *sampling* in bf16 is not compared: the unhooked model's own cached and uncached bf16 runs already
-    differ on some families -- measured on the tiny idefics3 -- so no withdrawal can promise more.)
+    (Tokens are not compared bit for bit: on CPUs with AMX-BF16 kernels the unhooked tiny smolvlm's own cached and
+    uncached greedy runs already part at a near-tie, so no withdrawal can promise more. Seeded *sampling* in bf16 is
+    not compared either: the unhooked tiny idefics3's cached and uncached runs already differ.)
     """
     model, processor = make_tiny(family, dtype=torch.bfloat16)
     inputs = {
@@ -145,8 +165,21 @@ def test_bf16_identity_and_greedy_cache(family):
         base = model(**inputs).logits
     with dyvte.withdraw(model, layer=resolve(model).num_layers), torch.no_grad():
         assert torch.equal(model(**inputs).logits, base)
-    with dyvte.withdraw(model, layer=2):
-        assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
+    with dyvte.withdraw(model, layer=2), torch.no_grad():
+        cached, cached_logits = greedy_logits(model, inputs, use_cache=True)
+        plain, plain_logits = greedy_logits(model, inputs, use_cache=False)
+    finite = torch.isfinite(cached_logits)
+    ulp = 2.0 ** (torch.floor(torch.log2(cached_logits[finite].abs().max())) - 7)  # bf16: 8 significant bits
+    for row in range(cached.shape[0]):
+        parted = (cached[row] != plain[row]).nonzero()
+        common = int(parted[0]) + 1 if len(parted) else NEW_TOKENS  # steps fed the same prefix
+        torch.testing.assert_close(
+            cached_logits[row, :common], plain_logits[row, :common], atol=float(2 * ulp), rtol=0.0
+        )
+        if len(parted):  # a near-tie: each run's choice scores within rounding of the other's in both runs
+            step, a, b = common - 1, cached[row, common - 1], plain[row, common - 1]
+            for logits in (cached_logits[row, step], plain_logits[row, step]):
+                assert abs(float(logits[a] - logits[b])) <= 2 * ulp, (family, row, step)
 
 
 def test_per_row_exit_layers_equal_rows_alone(tiny):
