@@ -118,6 +118,15 @@ def test_an_output_dir_that_is_a_file_is_refused_before_work(setup_dir, launcher
     assert (setup_dir / "a-file").read_text() == "keep me\n"
 
 
+@pytest.mark.parametrize(("option", "value"), [("--tolerance", "0"), ("--tolerance", "1.5"), ("--delta", "1")])
+def test_fit_refuses_a_promise_it_cannot_make_before_work(setup_dir, monkeypatch, option, value):
+    monkeypatch.setattr(dyvte.sources, "load_model", _forbid)
+    args = fit_args(setup_dir, "heads-promise", 1, [f"{option}={value}"])
+    with pytest.raises(ValueError, match=f"{option} must be in \\(0, 1\\), got {float(value)!r}"):
+        load_script("train/fit.py").main(args)
+    assert not (setup_dir / "heads-promise").exists()
+
+
 def test_fit_refuses_a_missing_resume_checkpoint(setup_dir, monkeypatch):
     monkeypatch.setattr(dyvte.sources, "load_model", _forbid)
     args = fit_args(setup_dir, "heads-resume", 1, [f"--ckpt_path={setup_dir / 'no.ckpt'}"])
@@ -494,6 +503,10 @@ def test_a_result_save_that_fails_midway_leaves_the_old_file(tmp_path, monkeypat
         ({"val_fraction": 1.0}, r"val_fraction \(--data.val_fraction\) must be in \(0, 1\)"),
         ({"agree": 1.0}, r"agree \(--data.agree\) must be in \[0, 1\)"),
         ({"loss_ratio": 0.9}, r"loss_ratio \(--data.loss_ratio\) must be >= 1"),
+        ({"label_rule": "safe"}, r"--data.label_rule: label_rule must be one of agreement, kl, dyvte, dyvte-layer"),
+        ({"kl_eta": 0.0}, r"kl_eta \(--data.kl_eta\) must be > 0"),
+        ({"calib_samples": -1}, r"calib_samples \(--data.calib_samples\) must be null or an int >= 0, got -1"),
+        ({"calib_fraction": 0.0}, r"calib_fraction \(--data.calib_fraction\) must be in \(0, 1\)"),
     ],
 )
 def test_label_data_arguments_are_checked_when_given(kwargs, match):

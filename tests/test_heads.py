@@ -123,6 +123,24 @@ def test_heads_for_another_model_or_corrupt_files_are_refused(tiny, tmp_path):
         ExitHeads.from_pretrained(tmp_path)
 
 
+def test_bad_calibrated_thresholds_and_ablation_inputs_are_refused(tiny, tmp_path):
+    model, _ = tiny
+    heads = ExitHeads.for_model(model)
+    heads.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "exit_heads_config.json").read_text())
+    for thresholds, match in (([0.5, 0.5], r"one per head \(3\) expected, got 2"), ([0.5, 2.0, 0.5], r"\[2.0\]")):
+        (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "thresholds": thresholds}))
+        with pytest.raises(ValueError, match=match):
+            ExitHeads.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"extra_inputs: unknown \['logits'\]"):
+        ExitHeadsConfig("llava", 64, 4, extra_inputs=["logits"])
+    lens = ExitHeads(ExitHeadsConfig("llava", 64, 4, extra_inputs=["lens"]))
+    assert lens.heads[0][1].in_features == 2 * 64 + 2
+    with pytest.raises(ValueError, match=r"extra inputs \['lens'\] .* that withdrawal does not compute"):
+        dyvte.withdraw(model, heads=lens)
+    assert not model._forward_pre_hooks
+
+
 def constant_heads(model, fire_at: int | None) -> ExitHeads:
     """Heads whose head ``fire_at`` always fires and the others never."""
     heads = ExitHeads.for_model(model)

@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(runs_dir("demo-data-large")), help="larger digit-scenes splits")
     parser.add_argument("--output_dir", default=str(runs_dir("ablate-heads")))
+    parser.add_argument("--cache_dir", default=str(runs_dir("ablate-heads") / "labels"), help="label caches")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: every row)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir).absolute()
     data = Path(args.data)
     build_large_data(data)
-    caches = label_caches(data, out / "labels", args)
+    caches = label_caches(data, Path(args.cache_dir), args)
     test, calib = caches["test"], caches["calib"]
     num_layers = test["match"].shape[1]
     flops = relative_flops(test, num_layers)  # (N, L+1)
