@@ -24,6 +24,7 @@ from dyvte.evaluate import EvalResult
 from dyvte.heads import CONFIG_NAME, WEIGHTS_NAME, ExitHeads, ExitHeadsConfig
 from dyvte.labels import build_label_cache, on_the_fly_labels
 from dyvte.methods import parse_method
+from dyvte.risk import NEVER
 from dyvte.training import REPO_ROOT, ExitLabelData
 
 from .scripts import load_script
@@ -196,6 +197,12 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
     }
     assert {k: v for k, v in written["validation_split"].items() if k != "source"} == expected
     assert written["val_samples"] == 4
+    # 2 calibration records cannot certify 1% disagreement: the heads never fire, and the log says why
+    assert written["calibration"]["parameter"] is None and written["calibration"]["samples"] == 2
+    assert written["thresholds"] == [NEVER] * 3
+    assert "calibration: no threshold keeps at most 0.01 disagreement with probability >= 0.9 on 2 samples" in (
+        caplog.text
+    )
     from datasets import load_from_disk
 
     caches = {k: load_from_disk(v).with_format("torch")[:] for k, v in written["label_cache"].items()}

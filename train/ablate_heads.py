@@ -3,6 +3,8 @@
     python train/ablate_heads.py                       # every row, 3 seeds -> runs/ablate-heads/{table.md,results.json}
     python train/ablate_heads.py --rows "agreement,kl η=0.01"   # some rows only (exact row names)
     python train/ablate_heads.py --seeds 1 --train_samples 600 --calib_samples 1000   # a quick look
+    python train/ablate_heads.py --model checkpoints/demo-lora-vtw --cache_dir runs/ablate-heads-lora/labels \
+        --output_dir runs/ablate-heads-lora --rows "agreement 12k"   # the withdrawal-adapted demo, merged
 
 Data: the digit-scenes splits rebuilt with more records (``runs/demo-data-large``: train 12,000 / validation 5,000 /
 test 2,000, built once from seed 0; every split is a prefix-stable extension of ``checkpoints/demo-data``, whose
@@ -171,7 +173,9 @@ def label_caches(data: Path, root: Path, args: argparse.Namespace) -> dict[str, 
         path = root / f"{name}-{split}-{start}-{stop}"
         if not (path / "done.json").is_file():
             if model is None:
-                model, processor = load_model("demo")
+                model, processor = load_model(args.model)
+                if hasattr(model, "merge_and_unload"):  # a LoRA adapter (demo-lora-vtw): label the merged model
+                    model = model.merge_and_unload().eval()
             records = load_records(str(data), split, stop).select(range(start, stop))
             log.info("labelling %d %s records (%s %d..%d) into %s", stop - start, name, split, start, stop - 1, path)
             began = time.perf_counter()
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the ablation and write ``table.md`` and ``results.json``; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(runs_dir("demo-data-large")), help="larger digit-scenes splits")
+    parser.add_argument("--model", default="demo", help="'demo' or a demo-shaped model / LoRA adapter directory")
     parser.add_argument("--output_dir", default=str(runs_dir("ablate-heads")))
     parser.add_argument("--cache_dir", default=str(runs_dir("ablate-heads") / "labels"), help="label caches")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: every row)")
