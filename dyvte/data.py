@@ -271,9 +271,10 @@ def build_inputs(
         if with_answers and answer_ids is None:
             check_answer(record.get("answer"), where)
         images.append(open_image(record.get("image"), where))
-        prompts.append(_prompt(processor, record, where, prompt_template))
+    for i, record in enumerate(records):
+        prompts.append(_prompt(processor, record, f"record {offset + i}", prompt_template))
     prompt = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
-    check_single_bos(processor, prompt["input_ids"], prompt["attention_mask"], offset, prompt_template)
+    check_single_bos(processor, prompt.get("input_ids"), prompt.get("attention_mask"), offset, prompt_template)
     if not with_answers:
         return _cast(prompt, dtype)
     if answer_ids is not None:

@@ -59,7 +59,7 @@ def check_prompt_template(template: str, processor: Any = None) -> str:
             processor) not exactly one image placeholder. The message names the option and shows an example.
     """
     if not isinstance(template, str) or not template.strip():
-        raise ValueError(f"{OPTION} must be a non-empty format string such as {EXAMPLE!r}, got {template!r}")
+        raise ValueError(f"{OPTION} must be a non-empty format string such as '{EXAMPLE}', got {template!r}")
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
@@ -67,13 +67,13 @@ def check_prompt_template(template: str, processor: Any = None) -> str:
     if fields.count("question") != 1 or set(fields) != {"question"}:
         raise ValueError(
             f"{OPTION} {template!r} must contain the field {{question}} exactly once and no other field (got "
-            f"{fields}); e.g. {EXAMPLE!r}"
+            f"{fields}); e.g. '{EXAMPLE}'"
         )
     token = image_token(processor) if processor is not None else None
     if token is not None and template.count(token) != 1:
         raise ValueError(
             f"{OPTION} {template!r} must contain this model's image placeholder {token!r} exactly once (it has "
-            f"{template.count(token)}); e.g. {EXAMPLE.replace('<image>', token)!r}"
+            f"{template.count(token)}); e.g. '{EXAMPLE.replace('<image>', token)}'"
         )
     return template
 
@@ -132,7 +132,7 @@ def render_prompt(
         raise DataError(
             f"this model's processor has no chat template, so dyvte cannot format its prompts: pass {OPTION}, a "
             f"format string with {{question}} and the image placeholder {token!r} written as the model was trained, "
-            f"e.g. {EXAMPLE.replace('<image>', token)!r} for LLaVA-1.5"
+            f"e.g. '{EXAMPLE.replace('<image>', token)}' for LLaVA-1.5"
         )
     messages: list[dict] = []
     for i, (q, a) in enumerate(turns):
@@ -161,8 +161,8 @@ def check_single_bos(
         DataError: naming the first such record, the token and both sources of BOS.
     """
     tokenizer = processor.tokenizer
-    bos = tokenizer.bos_token_id
-    if bos is None:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or input_ids is None:
         return
     for b in range(input_ids.shape[0]):
         row = input_ids[b][attention_mask[b].bool()]  # (T_b,)

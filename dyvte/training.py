@@ -41,9 +41,11 @@ from torchmetrics.classification import MultilabelPrecision, MultilabelRecall
 
 from .checks import check_positive_int
 from .exits import check_rule, head_targets
+from .formats import parse_columns
 from .heads import ExitHeads, ExitHeadsConfig
 from .io import write_text_atomic
-from .labels import LABEL_FORMAT, build_label_cache
+from .labels import LABEL_FORMAT
+from .prompts import attach_prompt_template, check_prompt_template
 from .registry import resolve
 
 __all__ = [
@@ -100,7 +102,7 @@ def _has_splits(data: str) -> bool:
     return data == "demo" or (Path(data) / "dataset_dict.json").is_file()
 
 
-def _count_records(data: str, split: str) -> int:
+def _count_records(data: str, split: str, **options: Any) -> int:
     """Records in ``split`` of ``data`` (Arrow metadata for the demo and ``save_to_disk`` directories)."""
     if data == "demo":
         from .demo import load_demo_dataset
@@ -110,7 +112,7 @@ def _count_records(data: str, split: str) -> int:
         return load_from_disk(data)[split].num_rows
     from .sources import load_records
 
-    return len(load_records(data, split))
+    return len(load_records(data, split, **options))
 
 
 def _source_key(data: str) -> str:
@@ -175,6 +177,15 @@ class ExitLabelData(L.LightningDataModule):
             :func:`default_label_cache_dir`); one folder per model weights, data, split, samples, agree and loss_ratio.
         relabel: label again even where a cache for the same key exists (it is replaced); without it an existing
             cache is reused, and the log says so with its path.
+        image_folder: the folder relative image paths of ``data`` and ``val_data`` are resolved against (default:
+            each records file's own folder).
+        columns: which source column holds each field (``"image=img,question=q,answer=a"`` or a mapping).
+        skip_bad_rows: skip bad records, counted by reason in the log, instead of failing on the first.
+        prompt_template: a format string with ``{question}`` for models without a chat template (or to override
+            it), e.g. ``"USER: <image>\\n{question} ASSISTANT:"`` (:mod:`dyvte.prompts`).
+        shard_size: records per label-cache shard. Every rank (``--trainer.devices``) labels its own shards, written
+            as they complete; a killed run keeps its finished shards and labels only the rest
+            (:mod:`dyvte.shards`).
     """
 
     def __init__(
@@ -198,6 +209,11 @@ class ExitLabelData(L.LightningDataModule):
         relabel: bool = False,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        image_folder: str | None = None,
+        columns: str | dict[str, str] | None = None,
+        skip_bad_rows: bool = False,
+        prompt_template: str | None = None,
+        shard_size: int = 1024,
     ) -> None:
         super().__init__()
         try:
@@ -216,6 +232,10 @@ class ExitLabelData(L.LightningDataModule):
         check_positive_int("val_samples (--data.val_samples)", val_samples, optional=True)
         check_positive_int("batch_size (--data.batch_size)", batch_size)
         check_positive_int("label_batch_size (--data.label_batch_size)", label_batch_size)
+        check_positive_int("shard_size (--data.shard_size)", shard_size)
+        if prompt_template is not None:
+            check_prompt_template(prompt_template)
+        parse_columns(columns)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction (--data.val_fraction) must be in (0, 1), got {val_fraction!r}")
         if not 0.0 <= agree < 1.0:
@@ -240,6 +260,15 @@ class ExitLabelData(L.LightningDataModule):
         stamp = [f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights]
         key = [str(model_dir.resolve()), stamp, part.data, _files_stamp(part.data), part.split, part.samples]
         key += [hp.agree, hp.loss_ratio, LABEL_FORMAT, part.start]
+        options = {
+            "image_folder": str(Path(hp.image_folder).resolve()) if hp.image_folder else None,
+            "columns": parse_columns(hp.columns) or None,
+            "skip_bad_rows": hp.skip_bad_rows,
+            "prompt_template": hp.prompt_template,
+        }
+        options = {k: v for k, v in options.items() if v not in (None, False)}
+        if options:  # only when given, so that existing caches keep their keys
+            key.append(options)
         if part.indices is not None:
             key.append(part.indices)
         digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
@@ -297,7 +326,8 @@ class ExitLabelData(L.LightningDataModule):
         val = _Split("val", hp.val_data or hp.data, hp.val_split, hp.val_samples)
         calib = _Split("calib", val.data, val.split, hp.calib_samples, start=hp.val_samples or 0)
         if not self.held_out() and hp.calib_samples != 0:
-            left = None if hp.val_samples is None else _count_records(val.data, val.split) - hp.val_samples
+            options = self.record_options()
+            left = None if hp.val_samples is None else _count_records(val.data, val.split, **options) - hp.val_samples
             if hp.calib_samples is None:
                 calib.samples = max(left or 0, 0)
                 if not calib.samples:
@@ -325,9 +355,7 @@ class ExitLabelData(L.LightningDataModule):
                 )
                 calib.samples = left
         if self.held_out():
-            from .sources import load_records
-
-            self._source = load_records(hp.data, hp.train_split)  # every record: the count fixes the split
+            self._source = self._load(hp.data, hp.train_split)  # every record: the count fixes the split
             total = len(self._source)
             val_count = hp.val_samples or max(1, round(hp.val_fraction * total))
             calib_count = round(hp.calib_fraction * total) if hp.calib_samples is None else hp.calib_samples
@@ -360,19 +388,47 @@ class ExitLabelData(L.LightningDataModule):
             self._plan["calib"] = calib
         return self._plan
 
-    def _records(self, part: _Split):
+    def record_options(self) -> dict[str, Any]:
+        """The records options (``image_folder``, ``columns``, ``skip_bad_rows``) for ``load_records``."""
+        hp = self.hparams
+        return {"image_folder": hp.image_folder, "columns": hp.columns, "skip_bad_rows": hp.skip_bad_rows}
+
+    def _load(self, data: str, split: str, limit: int | None = None):
         from .sources import load_records
 
+        return load_records(data, split, limit, **self.record_options())
+
+    def _records(self, part: _Split):
         if part.indices is None and part.start:
-            records = load_records(part.data, part.split, part.start + part.samples)
+            records = self._load(part.data, part.split, part.start + part.samples)
             return records.select(range(part.start, len(records)))
         if part.indices is None:
-            return load_records(part.data, part.split, part.samples)
-        source = self._source if self._source is not None else load_records(part.data, part.split)
+            return self._load(part.data, part.split, part.samples)
+        source = self._source if self._source is not None else self._load(part.data, part.split)
         return source.select(part.indices)
 
     def prepare_data(self) -> None:
-        """Build the missing label caches (all of them with ``relabel``) and log which ones are reused (rank 0)."""
+        """Build the missing label caches (all of them with ``relabel``) and log which ones are reused (rank 0).
+
+        Under a multi-process strategy (``--trainer.devices 2`` ...) labelling waits for :meth:`setup`, where every
+        rank labels its own shards.
+        """
+        if self._world()[1] > 1:
+            return
+        self._label(*self._world())
+
+    def _world(self) -> tuple[int, int]:
+        """``(global rank, world size)`` of the attached trainer (``(0, 1)`` without one)."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _barrier(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier()
+
+    def _todo(self) -> dict[Path, _Split]:
+        """The label caches to build; logs the ones reused."""
         todo: dict[Path, _Split] = {}
         for part in self._splits().values():
             path = self._cache_path(part)
@@ -388,52 +444,93 @@ class ExitLabelData(L.LightningDataModule):
                 )
             else:
                 todo[path] = part
-        if not todo:
-            return
+        return todo
+
+    def _label(self, rank: int, world: int) -> None:
+        """Label the missing caches: this rank's shards of each (:func:`dyvte.shards.label_shards`), then rank 0
+        merges them and writes ``meta.json``, which marks a cache complete."""
+        from .shards import label_shards, merge_shards, shard_dir
         from .sources import load_model
 
-        model, processor = load_model(self.hparams.model)
+        todo = self._todo()
+        if not todo:
+            return
+        hp = self.hparams
+        if rank == 0:
+            for path in todo:
+                if path.exists():  # relabel, or a merge cut short: replace it, never write over it
+                    logger.info("removing the old label cache %s before labelling again", path)
+                    shutil.rmtree(path)
+                if hp.relabel and shard_dir(path).exists():
+                    shutil.rmtree(shard_dir(path))
+        self._barrier()
+        model, processor = load_model(hp.model)
+        attach_prompt_template(processor, hp.prompt_template)
         spec = resolve(model)
         for path, part in todo.items():
-            if path.exists():  # relabel (or an unfinished cache without meta.json): replace it, never write over it
-                logger.info("removing the old label cache %s before labelling again", path)
-                shutil.rmtree(path)
             if part.indices is None:
                 count, kind = part.samples or "all", part.split
             else:
                 kind = {"val": "held-out validation", "calib": "held-out calibration"}.get(part.name, "training")
                 count = len(part.indices)
-            logger.info("labelling %s %s samples of %s into the label cache %s", count, kind, part.data, path)
             records = self._records(part)
+            shards = shard_dir(path)
+            logger.info(
+                "rank %d of %d: labelling %s %s samples of %s in shards of %d (%s); label cache %s",
+                rank,
+                world,
+                count,
+                kind,
+                part.data,
+                hp.shard_size,
+                shards,
+                path,
+            )
             start = time.perf_counter()
-            cache = build_label_cache(
+            label_shards(
                 model,
                 processor,
                 records,
-                batch_size=self.hparams.label_batch_size,
-                agree=self.hparams.agree,
-                loss_ratio=self.hparams.loss_ratio,
+                shards,
+                shard_size=hp.shard_size,
+                rank=rank,
+                world_size=world,
+                batch_size=hp.label_batch_size,
+                agree=hp.agree,
+                loss_ratio=hp.loss_ratio,
             )
             seconds = time.perf_counter() - start
-            cache.save_to_disk(str(path))
-            meta = {
-                "model_type": spec.model_type,
-                "hidden_size": spec.text_config.hidden_size,
-                "num_layers": spec.num_layers,
-                "samples": len(cache),
-                "seconds": seconds,
-                "ms_per_sample": 1e3 * seconds / len(cache),
-                "source_indices": part.indices,
-            }
-            write_text_atomic(path / "meta.json", json.dumps(meta, indent=2) + "\n")  # meta.json marks it complete
-            logger.info(
-                "labelled %d %s samples in %.1f s; label cache written to %s", len(cache), part.split, seconds, path
-            )
+            self._barrier()
+            if rank == 0:
+                cache = merge_shards(shards, path, len(records), hp.shard_size)
+                meta = {
+                    "model_type": spec.model_type,
+                    "hidden_size": spec.text_config.hidden_size,
+                    "num_layers": spec.num_layers,
+                    "samples": len(cache),
+                    "seconds": seconds,
+                    "ms_per_sample": 1e3 * seconds * world / len(cache),
+                    "ranks": world,
+                    "source_indices": part.indices,
+                }
+                write_text_atomic(path / "meta.json", json.dumps(meta, indent=2) + "\n")  # marks it complete
+                logger.info(
+                    "labelled %d %s samples in %.1f s on %d rank(s); label cache written to %s",
+                    len(cache),
+                    part.split,
+                    seconds,
+                    world,
+                    path,
+                )
+            self._barrier()
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the caches into tensors: features ``(N, L-1, 2d)`` and targets ``(N, L-1)``."""
+        """Load the caches into tensors: features ``(N, L-1, 2d)`` and targets ``(N, L-1)`` (under a multi-process
+        strategy, every rank first labels its shards of the missing caches)."""
         if self.tensors:
             return
+        if self._world()[1] > 1:
+            self._label(*self._world())
         for name, part in self._splits().items():
             path = self._cache_path(part)
             if not (path / "meta.json").is_file():
