@@ -25,8 +25,11 @@ EXPECTED = "expected 'demo', a save_to_disk directory, or a .json/.jsonl/.parque
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def load_model(name: str = "demo", dtype: str = "float32"):
+def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str | None = None):
     """``(model, processor)``: the embedded demo (``"demo"``) or a local ``from_pretrained`` directory, in eval mode.
+
+    ``prompt_template`` (a format string with ``{question}``, :mod:`dyvte.prompts`) is attached to the processor, so
+    that every prompt built from it uses the template instead of the chat template (a model without one needs it).
 
     A directory holding a peft adapter (``adapter_config.json``) loads the base model it names (``"demo"`` or a
     directory) and returns the ``PeftModel`` on it; dyvte unwraps it wherever it hooks the model.
@@ -36,6 +39,12 @@ def load_model(name: str = "demo", dtype: str = "float32"):
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if prompt_template is not None:
+        from .prompts import attach_prompt_template, check_prompt_template
+
+        check_prompt_template(prompt_template)  # before loading anything
+        model, processor = load_model(name, dtype)
+        return model, attach_prompt_template(processor, prompt_template)
     if name == "demo":
         from .demo import load_demo_model, load_demo_processor
 
