@@ -186,6 +186,10 @@ class ExitLabelData(L.LightningDataModule):
         shard_size: records per label-cache shard. Every rank (``--trainer.devices``) labels its own shards, written
             as they complete; a killed run keeps its finished shards and labels only the rest
             (:mod:`dyvte.shards`).
+        on_the_fly: train with fresh labels at every step, the paper's way (:mod:`dyvte.onthefly`): each training
+            sample draws one exit layer, full and withdrawn copies run in one forward, and only that layer's head
+            learns from it (label rule ``dyvte-layer``; no training label cache, no class balancing). Validation and
+            calibration still use label caches.
     """
 
     def __init__(
@@ -214,6 +218,7 @@ class ExitLabelData(L.LightningDataModule):
         skip_bad_rows: bool = False,
         prompt_template: str | None = None,
         shard_size: int = 1024,
+        on_the_fly: bool = False,
     ) -> None:
         super().__init__()
         try:
@@ -235,6 +240,11 @@ class ExitLabelData(L.LightningDataModule):
         check_positive_int("shard_size (--data.shard_size)", shard_size)
         if prompt_template is not None:
             check_prompt_template(prompt_template)
+        if on_the_fly and check_rule(label_rule) != "dyvte-layer":
+            raise ValueError(
+                f"--data.on_the_fly labels one exit layer per sample with the paper's rule at that layer only; pass "
+                f"--data.label_rule dyvte-layer (got {label_rule!r})"
+            )
         parse_columns(columns)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction (--data.val_fraction) must be in (0, 1), got {val_fraction!r}")
@@ -251,6 +261,8 @@ class ExitLabelData(L.LightningDataModule):
         self.meta: dict | None = None
         self._plan: dict[str, _Split] | None = None
         self._source = None  # the records validation is held out of, once loaded
+        self._fresh = None  # on_the_fly: (model, processor, generator), loaded on first use on each rank
+        self.train_records = None  # on_the_fly: the training records
 
     # ------------------------------------------------------------------------------------------------ caching
     def _cache_path(self, part: _Split) -> Path:
@@ -430,7 +442,9 @@ class ExitLabelData(L.LightningDataModule):
     def _todo(self) -> dict[Path, _Split]:
         """The label caches to build; logs the ones reused."""
         todo: dict[Path, _Split] = {}
-        for part in self._splits().values():
+        for name, part in self._splits().items():
+            if name == "train" and self.hparams.on_the_fly:
+                continue
             path = self._cache_path(part)
             if (path / "meta.json").is_file() and not self.hparams.relabel:
                 labelled = json.loads((path / "meta.json").read_text()).get("samples")
@@ -532,6 +546,9 @@ class ExitLabelData(L.LightningDataModule):
         if self._world()[1] > 1:
             self._label(*self._world())
         for name, part in self._splits().items():
+            if name == "train" and self.hparams.on_the_fly:
+                self.train_records = self._records(part)
+                continue
             path = self._cache_path(part)
             if not (path / "meta.json").is_file():
                 raise FileNotFoundError(f"label cache {path} is missing: prepare_data() did not run")
@@ -551,7 +568,11 @@ class ExitLabelData(L.LightningDataModule):
         return ExitHeadsConfig(meta["model_type"], meta["hidden_size"], meta["num_layers"], head_size, threshold)
 
     def positive_weight(self) -> torch.Tensor:
-        """``(L-1,)`` n_neg / n_pos per head in the training targets (1 where a head has no positives)."""
+        """``(L-1,)`` n_neg / n_pos per head in the training targets (1 where a head has no positives; all 1 with
+        ``on_the_fly``, whose labels are not known in advance)."""
+        if self.hparams.on_the_fly:
+            logger.info("on-the-fly labels: no class balancing (the labels are not known before training)")
+            return torch.ones(self.meta["num_layers"] - 1)
         targets = self.tensors["train"][1]
         positives = targets.sum(0)
         return torch.where(
@@ -559,7 +580,24 @@ class ExitLabelData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.on_the_fly:  # batches of records (each rank its own under DDP), labelled in training_step
+            return DataLoader(self.train_records, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=list)
         return DataLoader(TensorDataset(*self.tensors["train"]), batch_size=self.hparams.batch_size, shuffle=True)
+
+    def fresh_batch(self, records: list[dict], step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On-the-fly ``(features, targets, mask)`` of a batch of training records (``onthefly.fresh_labels``);
+        exit layers drawn from a generator seeded by ``split_seed``, the rank and ``step``."""
+        from .onthefly import draw_layers, fresh_labels
+        from .sources import load_model
+
+        if self._fresh is None:
+            self._fresh = load_model(self.hparams.model, prompt_template=self.hparams.prompt_template)
+        model, processor = self._fresh
+        rank = self._world()[0]
+        generator = torch.Generator().manual_seed(self.hparams.split_seed * 1_000_003 + rank * 7919 + step)
+        layers = draw_layers(resolve(model).num_layers, len(records), generator)
+        hp = self.hparams
+        return fresh_labels(model, processor, records, layers, agree=hp.agree, loss_ratio=hp.loss_ratio)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.tensors["val"]), batch_size=self.hparams.batch_size)
@@ -612,7 +650,18 @@ class ExitHeadsModule(L.LightningModule):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight)
         return loss, logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | list[dict], batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, list):  # records (--data.on_the_fly): fresh labels, one head per sample
+            features, targets, mask = (
+                t.to(self.device) for t in self.trainer.datamodule.fresh_batch(batch, self.global_step)
+            )
+            logits = self.heads(features)  # (B, L-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, targets, pos_weight=self.pos_weight, reduction="none"
+            )
+            loss = (loss * mask).sum() / mask.sum()
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+            return loss
         loss, _ = self._loss(*batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

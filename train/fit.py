@@ -191,7 +191,7 @@ def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dic
         log.info("no calibration split (--data.calib_samples 0): the heads keep threshold %g", heads.config.threshold)
         return None
     chosen = calibrate_heads(
-        heads, data.tensors["calib"][0], data.columns["calib"]["match"], tolerance, delta, data.tensors["train"]
+        heads, data.tensors["calib"][0], data.columns["calib"]["match"], tolerance, delta, data.tensors.get("train")
     )
     result = chosen.result
     record = {**chosen.record(), "label_rule": data.hparams.label_rule, "source": data.split_summary()}
