@@ -651,7 +651,7 @@ class ExitHeadsModule(L.LightningModule):
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | list[dict], batch_idx: int) -> torch.Tensor:
-        if isinstance(batch, list):  # records (--data.on_the_fly): fresh labels, one head per sample
+        if isinstance(batch, list) and isinstance(batch[0], Mapping):  # records (--data.on_the_fly): fresh labels
             features, targets, mask = (
                 t.to(self.device) for t in self.trainer.datamodule.fresh_batch(batch, self.global_step)
             )
