@@ -63,7 +63,9 @@ def fresh_labels(
     num_layers = spec.num_layers
     if len(layers) != len(records) or not all(1 <= int(k) < num_layers for k in layers):
         raise ValueError(f"fresh_labels: one exit layer in [1, {num_layers - 1}] per record expected, got {layers}")
+    device = next(model.parameters()).device
     inputs = build_inputs(processor, records, with_answers=True, offset=offset, dtype=model.dtype)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}  # the model's device
     labels = inputs.pop("labels")  # (B, T)
     batch = labels.shape[0]
     doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -71,7 +73,7 @@ def fresh_labels(
         out = model(**doubled, output_hidden_states=True)
         logits = handle.to_input_positions(out.logits)  # (2B, T, V)
     safe = exit_safe(logits[:batch], logits[batch:], labels, agree, loss_ratio)  # (B,)
-    visual = torch.isin(inputs["input_ids"], spec.visual_ids)  # (B, T)
+    visual = torch.isin(inputs["input_ids"], spec.visual_ids.to(device))  # (B, T)
     valid = inputs["attention_mask"].bool()
     final = (labels != -100).long().argmax(1) - 1  # (B,) the slot before each row's first answer token
     features = torch.stack(
@@ -81,5 +83,5 @@ def fresh_labels(
     mask = torch.zeros(batch, num_layers - 1)
     mask[torch.arange(batch), heads] = 1.0
     targets = torch.zeros(batch, num_layers - 1)
-    targets[torch.arange(batch), heads] = safe.float()
-    return features.float(), targets, mask
+    targets[torch.arange(batch), heads] = safe.float().cpu()
+    return features.float().cpu(), targets, mask

@@ -590,8 +590,10 @@ class ExitLabelData(L.LightningDataModule):
         from .onthefly import draw_layers, fresh_labels
         from .sources import load_model
 
-        if self._fresh is None:
-            self._fresh = load_model(self.hparams.model, prompt_template=self.hparams.prompt_template)
+        if self._fresh is None:  # on this rank's device (the labelling model never enters the checkpoint)
+            model, processor = load_model(self.hparams.model, prompt_template=self.hparams.prompt_template)
+            trainer = getattr(self, "trainer", None)
+            self._fresh = (model.to(trainer.strategy.root_device) if trainer is not None else model), processor
         model, processor = self._fresh
         rank = self._world()[0]
         generator = torch.Generator().manual_seed(self.hparams.split_seed * 1_000_003 + rank * 7919 + step)
