@@ -1,10 +1,11 @@
 """Training exit heads with Lightning on the frozen MLLM.
 
-``ExitLabelData`` builds (once, on rank 0) the label cache of :func:`dyvte.labels.build_label_cache` for a train and
-a validation split and serves its tensors; ``ExitHeadsModule`` holds only the heads, so Lightning checkpoints never
-contain the MLLM. Class imbalance: each head's BCE weighs its positive ("exit") examples by ``n_neg / n_pos`` of
-that layer in the training labels (``balance=True``), since early layers are rarely safe and late layers nearly
-always are.
+``ExitLabelData`` builds (once, every rank labelling its own shards, :mod:`dyvte.shards`) the label cache of
+:func:`dyvte.labels.build_label_cache` for a train and a validation split and serves its tensors (or, with
+``on_the_fly``, training records labelled afresh at each step, :mod:`dyvte.onthefly`); ``ExitHeadsModule`` holds
+only the heads, so Lightning checkpoints never contain the MLLM. Class imbalance: each head's BCE weighs its
+positive ("exit") examples by ``n_neg / n_pos`` of that layer in the training labels (``balance=True``), since
+early layers are rarely safe and late layers nearly always are.
 
 Label caches live under ``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model weights,
 data and its files' sizes / times, split, samples or held-out indices, agree, loss_ratio); a later run with the same
