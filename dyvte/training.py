@@ -491,12 +491,12 @@ class ExitLabelData(L.LightningDataModule):
             records = self._records(part)
             shards = shard_dir(path)
             logger.info(
-                "rank %d of %d: labelling %s %s samples of %s in shards of %d (%s); label cache %s",
-                rank,
-                world,
+                "labelling %s %s samples of %s (rank %d of %d, shards of %d in %s) into the label cache %s",
                 count,
                 kind,
                 part.data,
+                rank,
+                world,
                 hp.shard_size,
                 shards,
                 path,

@@ -82,7 +82,7 @@ def test_fit_under_ddp_labels_on_every_rank_and_equals_one_process(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         log = done.stderr + done.stdout
         if devices == 2:
-            assert "rank 1 of 2: labelling" in log and "rank 0 of 2: labelling" in log
+            assert "(rank 1 of 2, shards of 3" in log and "(rank 0 of 2, shards of 3" in log
             assert "rank 1: shard" in log  # rank 1 labelled shards of its own
         caches[devices] = sorted(p for p in (setup / f"cache-{devices}").iterdir() if p.is_dir())
     assert [p.name for p in caches[1]] == [p.name for p in caches[2]] and len(caches[1]) == 3  # train, val, calib
