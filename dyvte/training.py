@@ -295,8 +295,11 @@ class ExitLabelData(L.LightningDataModule):
         return Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_label_cache_dir()
 
     def cache_paths(self) -> dict[str, Path]:
-        """The label-cache folder of each split: ``{"train": ..., "val": ...}``."""
-        return {name: self._cache_path(part) for name, part in self._splits().items()}
+        """The label-cache folder of each split: ``{"train": ..., "val": ...}`` (no ``train`` with ``on_the_fly``)."""
+        parts = self._splits().items()
+        return {
+            name: self._cache_path(part) for name, part in parts if not (name == "train" and self.hparams.on_the_fly)
+        }
 
     def held_out(self) -> bool:
         """Whether validation would come from the training records, so that it is held out of them."""

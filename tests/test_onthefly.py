@@ -53,7 +53,7 @@ def test_fit_trains_on_fresh_labels_without_a_training_cache(setup):
     caches = [p.name for p in (setup / "fly-cache").iterdir()]
     assert not any(name.startswith("train") for name in caches) and any(name.startswith("val") for name in caches)
     training = json.loads((setup / "heads-fly" / "training.json").read_text())
-    assert training["label_rule"] == "dyvte-layer"
+    assert training["label_rule"] == "dyvte-layer" and set(training["label_cache"]) == {"val", "calib"}
     val = load_from_disk(str(next((setup / "fly-cache").glob("val-*")))).with_format("numpy")[:]
     assert np.isfinite(val["features"]).all()
 
