@@ -1,13 +1,13 @@
 """Sharded, resumable, streaming label caches: every rank labels its own shards, written as they complete.
 
-The records of a split (a memory-mapped ``datasets.Dataset``) are cut into shards of ``shard_size`` consecutive
-records; shard ``i`` belongs to rank ``i % world_size``. Each shard is labelled with
-:func:`dyvte.labels.build_label_cache` (batches of ``batch_size`` records from the shard's start, so a shard's
-batches, and therefore its numbers, do not depend on how many ranks there are), its ``index`` column set to the
-records' positions in the split, and saved under ``<cache>.shards/shard-NNNNN`` through a temporary folder and one
-``rename``: a shard folder either is complete or does not exist. A killed run leaves finished shards in place and
-the next run labels only the missing ones. :func:`merge_shards` concatenates them in order into the cache folder
-(memory-mapped, written in chunks) and removes the shard folder.
+The records of a split (a memory-mapped ``datasets.Dataset``) are cut into shards of ``shard_size`` consecutive records;
+shard ``i`` belongs to rank ``i % world_size``. Each shard is labelled with :func:`dyvte.labels.build_label_cache`
+(batches of ``batch_size`` records from the shard's start, so a shard's batches, and therefore its numbers, do not
+depend on how many ranks there are), its ``index`` column set to the records' positions in the split, and saved under
+``<cache>.shards-<shard_size>/shard-NNNNN`` through a temporary folder and one ``rename``: a shard folder either is
+complete or does not exist. A killed run leaves finished shards in place and the next run labels only the missing ones.
+:func:`merge_shards` concatenates them in order into the cache folder (memory-mapped, written in chunks) and removes the
+shard folder.
 
 Only one shard's columns are in memory at a time, and records are read from disk batch by batch, so memory does
 not grow with the number of records (docs/design.md §2, "DyVTE labels").
@@ -34,9 +34,10 @@ logger = logging.getLogger(__name__)
 SHARD_PREFIX = "shard-"
 
 
-def shard_dir(cache: Path) -> Path:
-    """Where the shards of the label cache ``cache`` are kept while it is being built: ``<cache>.shards``."""
-    return cache.with_name(cache.name + ".shards")
+def shard_dir(cache: Path, shard_size: int) -> Path:
+    """Where the shards of the label cache ``cache`` are kept while it is being built: ``<cache>.shards-<size>``
+    (the size in the name: shards of another size cover other records and are never mixed in)."""
+    return cache.with_name(f"{cache.name}.shards-{shard_size}")
 
 
 def shard_ranges(num_records: int, shard_size: int) -> list[range]:

@@ -479,8 +479,8 @@ class ExitLabelData(L.LightningDataModule):
                 if path.exists():  # relabel, or a merge cut short: replace it, never write over it
                     logger.info("removing the old label cache %s before labelling again", path)
                     shutil.rmtree(path)
-                if hp.relabel and shard_dir(path).exists():
-                    shutil.rmtree(shard_dir(path))
+                if hp.relabel and shard_dir(path, hp.shard_size).exists():
+                    shutil.rmtree(shard_dir(path, hp.shard_size))
         self._barrier()
         model, processor = load_model(hp.model)
         attach_prompt_template(processor, hp.prompt_template)
@@ -492,7 +492,7 @@ class ExitLabelData(L.LightningDataModule):
                 kind = {"val": "held-out validation", "calib": "held-out calibration"}.get(part.name, "training")
                 count = len(part.indices)
             records = self._records(part)
-            shards = shard_dir(path)
+            shards = shard_dir(path, hp.shard_size)
             logger.info(
                 "labelling %s %s samples of %s (rank %d of %d, shards of %d in %s) into the label cache %s",
                 count,
