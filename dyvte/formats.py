@@ -329,8 +329,8 @@ def _generate(path: str, root: str, skip_bad_rows: bool, limit: int | None, stam
             where = f"{path}, row {index} (line {line}" + (f", id {row_id!r})" if row_id is not None else ")")
             if not skip_bad_rows:
                 raise DataError(
-                    f"{where}: {bad} [{bad.reason}]; fix the row, or pass --skip_bad_rows (skip_bad_rows=True) to "
-                    "skip such rows with a count in the log"
+                    f"{where}: {bad} [{bad.reason}]; fix the row, or pass --data.skip_bad_rows true "
+                    "(skip_bad_rows=True) to skip such rows with a count in the log"
                 ) from None
             report.skip(bad.reason, str(row_id if row_id is not None else f"row {index}"))
             continue

@@ -201,7 +201,8 @@ def _check_records(
             open_image(image, where).close()
         except DataError as error:
             if not skip_bad_rows:
-                raise DataError(f"{error}; fix it, or pass --skip_bad_rows to skip such records") from error
+                hint = "fix it, or pass --data.skip_bad_rows true (skip_bad_rows=True) to skip such records"
+                raise DataError(f"{error}; {hint}") from error
             bad += 1
             examples = examples if len(examples) >= 3 else [*examples, str(error)]
             continue
