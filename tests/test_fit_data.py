@@ -24,6 +24,7 @@ from .test_fit import fit_args, make_fit_setup
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_fit_on_a_llava_format_export_of_the_demo(tmp_path):
     records = load_demo_dataset("validation").select(range(16))
     path = export_llava(list(records), tmp_path / "export", len(records))

@@ -45,6 +45,7 @@ def test_on_the_fly_needs_the_per_layer_rule():
         ExitLabelData(on_the_fly=True)
 
 
+@pytest.mark.slow
 def test_fit_trains_on_fresh_labels_without_a_training_cache(setup):
     extra = ["--data.on_the_fly=true", "--data.label_rule=dyvte-layer", f"--data.cache_dir={setup / 'fly-cache'}"]
     summary = load_script("train/fit.py").main(fit_args(setup, "heads-fly", 2, extra))
