@@ -234,6 +234,8 @@ class AdaptModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup: linear warm-up steps, then constant.
         seed: seed of the exit-layer draws.
+        prompt_template: prompt format string with ``{question}`` for a model without a chat template
+            (:mod:`dyvte.prompts`; ``--model.prompt_template``).
     """
 
     def __init__(
@@ -250,12 +252,13 @@ class AdaptModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup: int = 20,
         seed: int = 0,
+        prompt_template: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         from .sources import load_model
 
-        base, self.processor = load_model(model)
+        base, self.processor = load_model(model, prompt_template=prompt_template)
         num_layers = resolve(base).num_layers
         bad = [k for k in exit_layers if not 0 <= k <= num_layers]
         if not exit_layers or bad:

@@ -27,6 +27,8 @@ from torch import nn
 __all__ = [
     "ATTENTION_MASK",
     "CACHE_NAMES",
+    "CHAT_TEMPLATE_ATTR",
+    "IMAGE_TOKEN_ATTR",
     "HIDDEN_STATES",
     "INPUTS_EMBEDS",
     "INPUT_IDS",
@@ -49,8 +51,10 @@ __all__ = [
     "cache_length_host",
     "cache_resets",
     "call_names",
+    "chat_template",
     "check_cache",
     "keep_2d_masks",
+    "image_token",
     "seal_cache",
 ]
 
@@ -328,3 +332,26 @@ def keep_2d_masks(model: nn.Module, pad: Callable[[], bool] = lambda: False) -> 
             delattr(model, MASKS_FOR_GENERATE)
 
     return undo
+
+
+# ------------------------------------------------------------------------------------------------ processors
+#: processor / tokenizer attributes read by dyvte.prompts (a processor's own chat template, its image placeholder)
+CHAT_TEMPLATE_ATTR, IMAGE_TOKEN_ATTR = "chat_template", "image_token"
+
+
+def chat_template(processor: Any) -> str | dict | None:
+    """The processor's chat template (or its tokenizer's), ``None`` when neither has one."""
+    for owner in (processor, getattr(processor, "tokenizer", None)):
+        template = getattr(owner, CHAT_TEMPLATE_ATTR, None)
+        if template:
+            return template
+    return None
+
+
+def image_token(processor: Any) -> str | None:
+    """The text placeholder the processor expands into image tokens (``"<image>"`` for LLaVA), if it says."""
+    for owner in (processor, getattr(processor, "tokenizer", None)):
+        token = getattr(owner, IMAGE_TOKEN_ATTR, None)
+        if isinstance(token, str) and token:
+            return token
+    return None

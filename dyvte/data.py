@@ -203,9 +203,26 @@ def iter_batches(dataset, batch_size: int, answers: bool | None = None) -> Itera
         yield records_of(batch)
 
 
-def _prompt(processor, question: str) -> str:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+def _context(record: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
+    """A record's earlier turns as ``(question, answer)`` pairs (``context``: mappings or pairs; none: ``[]``)."""
+    context = record.get("context")
+    if context is None:
+        return []
+    turns = []
+    for turn in context:
+        q, a = (turn.get("question"), turn.get("answer")) if isinstance(turn, Mapping) else turn
+        check_question(q, f"{where}, an earlier turn")
+        if not isinstance(a, str) or not a.strip():
+            raise DataError(f"{where}: an earlier turn's answer is empty or not a string ({a!r})")
+        turns.append((q, a))
+    return turns
+
+
+def _prompt(processor, record: Mapping[str, Any], where: str, template: str | None) -> str:
+    """The record's prompt (earlier turns, then its question) through :func:`dyvte.prompts.render_prompt`."""
+    from .prompts import render_prompt  # prompts imports DataError from here
+
+    return render_prompt(processor, record["question"], _context(record, where), template)
 
 
 def build_inputs(
@@ -215,11 +232,12 @@ def build_inputs(
     offset: int = 0,
     dtype: torch.dtype | None = None,
     answer_ids: Sequence[torch.Tensor] | None = None,
+    prompt_template: str | None = None,
 ) -> dict[str, Any]:
     """Left-padded processor inputs for a batch of records.
 
     Args:
-        processor: the model's processor (its chat template formats the prompt).
+        processor: the model's processor (its chat template formats the prompt, unless ``prompt_template``).
         records: records with ``image`` and ``question`` (and ``answer`` when ``with_answers``).
         with_answers: append each answer and its end-of-sequence token (teacher forcing) and return ``labels``
             that are -100 everywhere but on the answer tokens.
@@ -227,6 +245,9 @@ def build_inputs(
         dtype: cast the floating-point tensors (pixels) to this dtype, e.g. the model's.
         answer_ids: with ``with_answers``, teacher-force these token ids (one 1-D tensor per record, e.g. a
             model's own greedy answer with its end token) instead of the records' tokenized ``answer``.
+        prompt_template: a format string with ``{question}`` and the image placeholder (``dyvte.prompts``); default:
+            the one attached to the processor (``dyvte.prompts.attach_prompt_template``), else the chat template.
+            Records may carry ``context``, earlier ``(question, answer)`` turns rendered before the question.
 
     Returns:
         The processor's tensors (``input_ids`` ``(B, T)``, ``attention_mask``, pixel tensors), plus ``labels``
@@ -234,8 +255,13 @@ def build_inputs(
 
     Raises:
         DataError: a record has no image or an unreadable one (relative path, missing or corrupt file), an empty
-            question, or (``with_answers``) an empty answer or one the tokenizer cannot express.
+            question, or (``with_answers``) an empty answer or one the tokenizer cannot express; the processor has
+            no chat template and no ``prompt_template`` was given; a prompt starts with two BOS tokens.
     """
+    from .prompts import check_prompt_template, check_single_bos
+
+    if prompt_template is not None:
+        check_prompt_template(prompt_template, processor)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     images, prompts = [], []
@@ -245,10 +271,12 @@ def build_inputs(
         if with_answers and answer_ids is None:
             check_answer(record.get("answer"), where)
         images.append(open_image(record.get("image"), where))
-        prompts.append(_prompt(processor, record["question"]))
-    if not with_answers:
-        return _cast(dict(processor(images=images, text=prompts, padding=True, return_tensors="pt")), dtype)
+    for i, record in enumerate(records):
+        prompts.append(_prompt(processor, record, f"record {offset + i}", prompt_template))
     prompt = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+    check_single_bos(processor, prompt.get("input_ids"), prompt.get("attention_mask"), offset, prompt_template)
+    if not with_answers:
+        return _cast(prompt, dtype)
     if answer_ids is not None:
         if len(answer_ids) != len(records) or any(a.ndim != 1 or a.numel() == 0 for a in answer_ids):
             raise ValueError("answer_ids: one non-empty 1-D tensor of token ids per record expected")

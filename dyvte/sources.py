@@ -25,8 +25,11 @@ EXPECTED = "expected 'demo', a save_to_disk directory, or a .json/.jsonl/.parque
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def load_model(name: str = "demo", dtype: str = "float32"):
+def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str | None = None):
     """``(model, processor)``: the embedded demo (``"demo"``) or a local ``from_pretrained`` directory, in eval mode.
+
+    ``prompt_template`` (a format string with ``{question}``, :mod:`dyvte.prompts`) is attached to the processor, so
+    that every prompt built from it uses the template instead of the chat template (a model without one needs it).
 
     A directory holding a peft adapter (``adapter_config.json``) loads the base model it names (``"demo"`` or a
     directory) and returns the ``PeftModel`` on it; dyvte unwraps it wherever it hooks the model.
@@ -36,6 +39,12 @@ def load_model(name: str = "demo", dtype: str = "float32"):
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if prompt_template is not None:
+        from .prompts import attach_prompt_template, check_prompt_template
+
+        check_prompt_template(prompt_template)  # before loading anything
+        model, processor = load_model(name, dtype)
+        return model, attach_prompt_template(processor, prompt_template)
     if name == "demo":
         from .demo import load_demo_model, load_demo_processor
 
@@ -58,7 +67,15 @@ def load_model(name: str = "demo", dtype: str = "float32"):
     return model, AutoProcessor.from_pretrained(path)
 
 
-def load_records(name: str = "demo", split: str = "test", limit: int | None = None):
+def load_records(
+    name: str = "demo",
+    split: str = "test",
+    limit: int | None = None,
+    *,
+    image_folder: str | None = None,
+    columns: str | Mapping[str, str] | None = None,
+    skip_bad_rows: bool = False,
+):
     """A dataset of (image, question, answer[, qtype]) records, every one checked before it is returned.
 
     Each kept record must have a non-empty question, a non-empty gold answer and an image that exists and that PIL
@@ -68,9 +85,18 @@ def load_records(name: str = "demo", split: str = "test", limit: int | None = No
     Args:
         name: ``"demo"`` (the digit-scenes splits), a ``save_to_disk`` directory, or a ``.json`` / ``.jsonl`` /
             ``.parquet`` file of records whose ``image`` field is a path (relative to the file), image bytes or an
-            image. A ``.json`` file holds a list of records or one record per line, as a ``.jsonl`` file.
+            image. A ``.json`` file holds a list of records or one record per line, as a ``.jsonl`` file. A
+            ``.json`` / ``.jsonl`` file of conversations (LLaVA instruction JSON, ShareGPT, OpenAI messages) is
+            converted by :func:`dyvte.formats.load_conversations`: one record per assistant turn.
         split: the split for ``"demo"`` and ``DatasetDict`` directories (ignored for single files).
         limit: keep (and check) the first ``limit`` records.
+        image_folder: resolve relative image paths against this folder instead of the records file's.
+        columns: which source column holds each field, ``{"image": ..., "question": ..., "answer": ...}`` or
+            ``"image=img,question=q,answer=a"`` (:func:`dyvte.formats.parse_columns`); unmapped fields keep their
+            names.
+        skip_bad_rows: skip bad records (counted in a warning, with the first few named) instead of failing.
+
+    Rows without an image (text-only) are skipped and counted in the log, never an error.
 
     Returns:
         A ``datasets.Dataset`` whose ``image`` column is a ``datasets.Image`` feature.
@@ -84,23 +110,32 @@ def load_records(name: str = "demo", split: str = "test", limit: int | None = No
 
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or at least 0, got {limit}")
+    from .formats import is_conversation_file, load_conversations, parse_columns
+
+    mapping = parse_columns(columns)
+    options = {"limit": limit, "columns": mapping, "skip_bad_rows": skip_bad_rows}
     if name == "demo":
         from .demo import load_demo_dataset
 
-        return _checked(_pick_split(load_demo_dataset(None), split, "demo"), f"demo [{split}]", None, limit)
+        return _checked(_pick_split(load_demo_dataset(None), split, "demo"), f"demo [{split}]", None, **options)
     path = Path(name)
+    if image_folder is not None and not Path(image_folder).is_dir():
+        raise DataError(f"image folder {image_folder} (--data.image_folder) does not exist")
+    folder = Path(image_folder).resolve() if image_folder is not None else None
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            return _checked(_pick_split(ds, split, str(path)), f"{path} [{split}]", path.resolve(), limit)
-        return _checked(ds, str(path), path.resolve(), limit)
+            return _checked(_pick_split(ds, split, str(path)), f"{path} [{split}]", folder or path.resolve(), **options)
+        return _checked(ds, str(path), folder or path.resolve(), **options)
     if not path.exists():
         raise DataError(f"{name}: no such file or directory ({EXPECTED})")
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{name}: unsupported records file suffix {path.suffix!r} ({EXPECTED})")
     if path.suffix.lower() == ".parquet":
-        return _checked(_read_parquet(path), str(path), path.resolve().parent, limit)
-    return _json_dataset(path, limit)
+        return _checked(_read_parquet(path), str(path), folder or path.resolve().parent, **options)
+    if is_conversation_file(path):
+        return load_conversations(path, folder, skip_bad_rows, limit)
+    return _json_dataset(path, folder or path.resolve().parent, **options)
 
 
 def _pick_split(splits, split: str, source: str):
@@ -134,28 +169,71 @@ def _absolute_batch(images: list[Any], root: str) -> dict[str, list[Any]]:
 
 
 def _check_records(
-    records: Iterable[Mapping[str, Any]], source: str, root: Path | None, lines: Sequence[int] | None = None
-) -> bool:
-    """Check every record's question, answer and image (opened and loaded); True when an image path is relative.
+    records: Iterable[Mapping[str, Any]],
+    source: str,
+    root: Path | None,
+    lines: Sequence[int] | None = None,
+    skip_bad_rows: bool = False,
+) -> tuple[bool, list[int] | None]:
+    """Check every record's question, answer and image (opened and loaded).
+
+    Returns:
+        ``(relative, kept)``: whether an image path is relative, and the indices of the records to keep (``None``:
+        all of them). Text-only records (no image) are left out and counted in the log; bad records too with
+        ``skip_bad_rows``.
 
     Raises:
         DataError: naming ``source``, the record index and (when ``lines`` is given) its line.
     """
     relative = False
+    kept: list[int] = []
+    text_only, bad, examples, total = 0, 0, [], 0
     for i, record in enumerate(records):
+        total += 1
         where = f"{source}, record {i}" + (f" (line {lines[i]})" if lines is not None else "")
-        check_question(record.get("question"), where)
-        check_answer(record.get("answer"), where)
-        image = _absolute(record.get("image"), root)
+        if record.get("image") is None:
+            text_only += 1
+            continue
+        try:
+            check_question(record.get("question"), where)
+            check_answer(record.get("answer"), where)
+            image = _absolute(record.get("image"), root)
+            open_image(image, where).close()
+        except DataError as error:
+            if not skip_bad_rows:
+                hint = "fix it, or pass --data.skip_bad_rows true (skip_bad_rows=True) to skip such records"
+                raise DataError(f"{error}; {hint}") from error
+            bad += 1
+            examples = examples if len(examples) >= 3 else [*examples, str(error)]
+            continue
         relative = relative or image is not record.get("image")
-        open_image(image, where).close()
-    return relative
+        kept.append(i)
+    if text_only:
+        logger.info("%s: skipped %d text-only records (no image)", source, text_only)
+    if bad:
+        logger.warning("%s: skipped %d bad records (--skip_bad_rows); the first: %s", source, bad, " | ".join(examples))
+    if not kept:
+        raise DataError(f"{source}: no record with an image ({text_only} text-only, {bad} bad)")
+    return relative, None if len(kept) == total else kept
 
 
-def _checked(ds, source: str, root: Path | None, limit: int | None):
+def _rename(ds, columns: Mapping[str, str], source: str):
+    """``ds`` with each mapped source column renamed to its dyvte field (a column already named so is dropped)."""
+    missing = sorted(column for column in columns.values() if column not in ds.column_names)
+    if missing:
+        raise DataError(f"{source}: --data.columns names {missing}, not among its columns {ds.column_names}")
+    renames = {column: field for field, column in columns.items() if column != field}
+    clash = [field for field in renames.values() if field in ds.column_names and field not in renames]
+    return ds.remove_columns(clash).rename_columns(renames) if renames else ds
+
+
+def _checked(
+    ds, source: str, root: Path | None, limit: int | None, columns: Mapping[str, str], skip_bad_rows: bool = False
+):
     """``ds`` limited, its columns and records checked, relative image paths resolved, ``image`` decoded by PIL."""
     import datasets
 
+    ds = _rename(ds, columns, source)
     missing = [key for key in REQUIRED if key not in ds.column_names]
     if missing:
         raise DataError(f"{source}: records lack {missing} (columns: {ds.column_names})")
@@ -175,7 +253,10 @@ def _checked(ds, source: str, root: Path | None, limit: int | None):
         for batch in ds.select_columns(list(REQUIRED)).iter(batch_size=256)
         for record in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
     )
-    if _check_records(rows, source, root, None):
+    relative, kept = _check_records(rows, source, root, None, skip_bad_rows)
+    if kept is not None:
+        ds = ds.select(kept)
+    if relative:
         ds = ds.map(
             _absolute_batch,
             batched=True,
@@ -264,26 +345,38 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     return rows, lines
 
 
-def _json_dataset(path: Path, limit: int | None):
-    """A ``.json`` / ``.jsonl`` records file as a checked ``datasets.Dataset`` (image paths resolved against it)."""
+def _json_dataset(path: Path, root: Path, limit: int | None, columns: Mapping[str, str], skip_bad_rows: bool = False):
+    """A ``.json`` / ``.jsonl`` records file as a checked ``datasets.Dataset`` (image paths resolved against
+    ``root``)."""
     import datasets
     import pyarrow as pa
 
     rows, lines = _read_json(path)
+    if columns:
+        keys = set(key for row in rows for key in row)
+        missing = sorted(column for column in columns.values() if column not in keys)
+        if missing:
+            raise DataError(f"{path}: --data.columns names {missing}, not among its fields {sorted(keys)}")
+        renames = {column: field for field, column in columns.items()}
+        rows = [
+            {renames.get(key, key): value for key, value in row.items() if key in renames or key not in columns}
+            for row in rows
+        ]
     keys = list(dict.fromkeys(key for row in rows for key in row))
     missing = [key for key in REQUIRED if key not in keys]
     if missing:
         raise DataError(f"{path}: records lack {missing} (fields: {keys})")
     if limit is not None:
         rows, lines = rows[:limit], None if lines is None else lines[:limit]
-    root = path.resolve().parent
     for i, row in enumerate(rows):
         image = row.get("image")
         if image is not None and not isinstance(image, str):
             where = f"{path}, record {i}" + (f" (line {lines[i]})" if lines is not None else "")
             raise DataError(f"{where}: the image must be a path (a string), got {type(image).__name__}")
     rows = [{**row, "image": _absolute(row.get("image"), root)} for row in rows]
-    _check_records(rows, str(path), None, lines)
+    _, kept = _check_records(rows, str(path), None, lines, skip_bad_rows)
+    if kept is not None:
+        rows = [rows[i] for i in kept]
     columns = {key: [row.get(key) for row in rows] for key in keys}
     for key in ("answer", "qtype"):  # the harness compares str(answer) and groups by str(qtype): one Arrow type
         if key in columns:

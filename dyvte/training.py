@@ -1,10 +1,11 @@
 """Training exit heads with Lightning on the frozen MLLM.
 
-``ExitLabelData`` builds (once, on rank 0) the label cache of :func:`dyvte.labels.build_label_cache` for a train and
-a validation split and serves its tensors; ``ExitHeadsModule`` holds only the heads, so Lightning checkpoints never
-contain the MLLM. Class imbalance: each head's BCE weighs its positive ("exit") examples by ``n_neg / n_pos`` of
-that layer in the training labels (``balance=True``), since early layers are rarely safe and late layers nearly
-always are.
+``ExitLabelData`` builds (once, every rank labelling its own shards, :mod:`dyvte.shards`) the label cache of
+:func:`dyvte.labels.build_label_cache` for a train and a validation split and serves its tensors (or, with
+``on_the_fly``, training records labelled afresh at each step, :mod:`dyvte.onthefly`); ``ExitHeadsModule`` holds
+only the heads, so Lightning checkpoints never contain the MLLM. Class imbalance: each head's BCE weighs its
+positive ("exit") examples by ``n_neg / n_pos`` of that layer in the training labels (``balance=True``), since
+early layers are rarely safe and late layers nearly always are.
 
 Label caches live under ``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model weights,
 data and its files' sizes / times, split, samples or held-out indices, agree, loss_ratio); a later run with the same
@@ -42,9 +43,11 @@ from torchmetrics.classification import MultilabelPrecision, MultilabelRecall
 
 from .checks import check_positive_int
 from .exits import check_rule, head_targets
+from .formats import parse_columns
 from .heads import ExitHeads, ExitHeadsConfig
 from .io import write_text_atomic
-from .labels import LABEL_FORMAT, build_label_cache
+from .labels import LABEL_FORMAT
+from .prompts import attach_prompt_template, check_prompt_template
 from .registry import resolve
 
 __all__ = [
@@ -103,7 +106,7 @@ def _has_splits(data: str) -> bool:
     return data == "demo" or (Path(data) / "dataset_dict.json").is_file()
 
 
-def _count_records(data: str, split: str) -> int:
+def _count_records(data: str, split: str, **options: Any) -> int:
     """Records in ``split`` of ``data`` (Arrow metadata for the demo and ``save_to_disk`` directories)."""
     if data == "demo":
         from .demo import load_demo_dataset
@@ -113,7 +116,7 @@ def _count_records(data: str, split: str) -> int:
         return load_from_disk(data)[split].num_rows
     from .sources import load_records
 
-    return len(load_records(data, split))
+    return len(load_records(data, split, **options))
 
 
 def _source_key(data: str) -> str:
@@ -178,6 +181,19 @@ class ExitLabelData(L.LightningDataModule):
             :func:`default_label_cache_dir`); one folder per model weights, data, split, samples, agree and loss_ratio.
         relabel: label again even where a cache for the same key exists (it is replaced); without it an existing
             cache is reused, and the log says so with its path.
+        image_folder: the folder relative image paths of ``data`` and ``val_data`` are resolved against (default:
+            each records file's own folder).
+        columns: which source column holds each field (``"image=img,question=q,answer=a"`` or a mapping).
+        skip_bad_rows: skip bad records, counted by reason in the log, instead of failing on the first.
+        prompt_template: a format string with ``{question}`` for models without a chat template (or to override
+            it), e.g. ``"USER: <image>\\n{question} ASSISTANT:"`` (:mod:`dyvte.prompts`).
+        shard_size: records per label-cache shard. Every rank (``--trainer.devices``) labels its own shards, written
+            as they complete; a killed run keeps its finished shards and labels only the rest
+            (:mod:`dyvte.shards`).
+        on_the_fly: train with fresh labels at every step, the paper's way (:mod:`dyvte.onthefly`): each training
+            sample draws one exit layer, full and withdrawn copies run in one forward, and only that layer's head
+            learns from it (label rule ``dyvte-layer``; no training label cache, no class balancing). Validation and
+            calibration still use label caches.
     """
 
     def __init__(
@@ -201,6 +217,12 @@ class ExitLabelData(L.LightningDataModule):
         relabel: bool = False,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        image_folder: str | None = None,
+        columns: str | dict[str, str] | None = None,
+        skip_bad_rows: bool = False,
+        prompt_template: str | None = None,
+        shard_size: int = 1024,
+        on_the_fly: bool = False,
     ) -> None:
         super().__init__()
         try:
@@ -219,6 +241,15 @@ class ExitLabelData(L.LightningDataModule):
         check_positive_int("val_samples (--data.val_samples)", val_samples, optional=True)
         check_positive_int("batch_size (--data.batch_size)", batch_size)
         check_positive_int("label_batch_size (--data.label_batch_size)", label_batch_size)
+        check_positive_int("shard_size (--data.shard_size)", shard_size)
+        if prompt_template is not None:
+            check_prompt_template(prompt_template)
+        if on_the_fly and check_rule(label_rule) != "dyvte-layer":
+            raise ValueError(
+                f"--data.on_the_fly labels one exit layer per sample with the paper's rule at that layer only; pass "
+                f"--data.label_rule dyvte-layer (got {label_rule!r})"
+            )
+        parse_columns(columns)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction (--data.val_fraction) must be in (0, 1), got {val_fraction!r}")
         if not 0.0 <= agree < 1.0:
@@ -234,6 +265,8 @@ class ExitLabelData(L.LightningDataModule):
         self.meta: dict | None = None
         self._plan: dict[str, _Split] | None = None
         self._source = None  # the records validation is held out of, once loaded
+        self._fresh = None  # on_the_fly: (model, processor, generator), loaded on first use on each rank
+        self.train_records = None  # on_the_fly: the training records
 
     # ------------------------------------------------------------------------------------------------ caching
     def _cache_path(self, part: _Split) -> Path:
@@ -243,6 +276,15 @@ class ExitLabelData(L.LightningDataModule):
         stamp = [f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights]
         key = [str(model_dir.resolve()), stamp, part.data, _files_stamp(part.data), part.split, part.samples]
         key += [hp.agree, hp.loss_ratio, LABEL_FORMAT, part.start]
+        options = {
+            "image_folder": str(Path(hp.image_folder).resolve()) if hp.image_folder else None,
+            "columns": parse_columns(hp.columns) or None,
+            "skip_bad_rows": hp.skip_bad_rows,
+            "prompt_template": hp.prompt_template,
+        }
+        options = {k: v for k, v in options.items() if v not in (None, False)}
+        if options:  # only when given, so that existing caches keep their keys
+            key.append(options)
         if part.indices is not None:
             key.append(part.indices)
         digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
@@ -256,8 +298,11 @@ class ExitLabelData(L.LightningDataModule):
         return Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_label_cache_dir()
 
     def cache_paths(self) -> dict[str, Path]:
-        """The label-cache folder of each split: ``{"train": ..., "val": ...}``."""
-        return {name: self._cache_path(part) for name, part in self._splits().items()}
+        """The label-cache folder of each split: ``{"train": ..., "val": ...}`` (no ``train`` with ``on_the_fly``)."""
+        parts = self._splits().items()
+        return {
+            name: self._cache_path(part) for name, part in parts if not (name == "train" and self.hparams.on_the_fly)
+        }
 
     def held_out(self) -> bool:
         """Whether validation would come from the training records, so that it is held out of them."""
@@ -300,7 +345,8 @@ class ExitLabelData(L.LightningDataModule):
         val = _Split("val", hp.val_data or hp.data, hp.val_split, hp.val_samples)
         calib = _Split("calib", val.data, val.split, hp.calib_samples, start=hp.val_samples or 0)
         if not self.held_out() and hp.calib_samples != 0:
-            left = None if hp.val_samples is None else _count_records(val.data, val.split) - hp.val_samples
+            options = self.record_options()
+            left = None if hp.val_samples is None else _count_records(val.data, val.split, **options) - hp.val_samples
             if hp.calib_samples is None:
                 calib.samples = max(left or 0, 0)
                 if not calib.samples:
@@ -328,9 +374,7 @@ class ExitLabelData(L.LightningDataModule):
                 )
                 calib.samples = left
         if self.held_out():
-            from .sources import load_records
-
-            self._source = load_records(hp.data, hp.train_split)  # every record: the count fixes the split
+            self._source = self._load(hp.data, hp.train_split)  # every record: the count fixes the split
             total = len(self._source)
             val_count = hp.val_samples or max(1, round(hp.val_fraction * total))
             calib_count = round(hp.calib_fraction * total) if hp.calib_samples is None else hp.calib_samples
@@ -363,21 +407,51 @@ class ExitLabelData(L.LightningDataModule):
             self._plan["calib"] = calib
         return self._plan
 
-    def _records(self, part: _Split):
+    def record_options(self) -> dict[str, Any]:
+        """The records options (``image_folder``, ``columns``, ``skip_bad_rows``) for ``load_records``."""
+        hp = self.hparams
+        return {"image_folder": hp.image_folder, "columns": hp.columns, "skip_bad_rows": hp.skip_bad_rows}
+
+    def _load(self, data: str, split: str, limit: int | None = None):
         from .sources import load_records
 
+        return load_records(data, split, limit, **self.record_options())
+
+    def _records(self, part: _Split):
         if part.indices is None and part.start:
-            records = load_records(part.data, part.split, part.start + part.samples)
+            records = self._load(part.data, part.split, part.start + part.samples)
             return records.select(range(part.start, len(records)))
         if part.indices is None:
-            return load_records(part.data, part.split, part.samples)
-        source = self._source if self._source is not None else load_records(part.data, part.split)
+            return self._load(part.data, part.split, part.samples)
+        source = self._source if self._source is not None else self._load(part.data, part.split)
         return source.select(part.indices)
 
     def prepare_data(self) -> None:
-        """Build the missing label caches (all of them with ``relabel``) and log which ones are reused (rank 0)."""
+        """Build the missing label caches (all of them with ``relabel``) and log which ones are reused (rank 0).
+
+        Under a multi-process strategy (``--trainer.devices 2`` ...) labelling waits for :meth:`setup`, where every
+        rank labels its own shards.
+        """
+        if self._world()[1] > 1:
+            return
+        self._label(*self._world())
+
+    def _world(self) -> tuple[int, int]:
+        """``(global rank, world size)`` of the attached trainer (``(0, 1)`` without one)."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _barrier(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier()
+
+    def _todo(self) -> dict[Path, _Split]:
+        """The label caches to build; logs the ones reused."""
         todo: dict[Path, _Split] = {}
-        for part in self._splits().values():
+        for name, part in self._splits().items():
+            if name == "train" and self.hparams.on_the_fly:
+                continue
             path = self._cache_path(part)
             if (path / "meta.json").is_file() and not self.hparams.relabel:
                 labelled = json.loads((path / "meta.json").read_text()).get("samples")
@@ -391,53 +465,97 @@ class ExitLabelData(L.LightningDataModule):
                 )
             else:
                 todo[path] = part
-        if not todo:
-            return
+        return todo
+
+    def _label(self, rank: int, world: int) -> None:
+        """Label the missing caches: this rank's shards of each (:func:`dyvte.shards.label_shards`), then rank 0
+        merges them and writes ``meta.json``, which marks a cache complete."""
+        from .shards import label_shards, merge_shards, shard_dir
         from .sources import load_model
 
-        model, processor = load_model(self.hparams.model)
+        todo = self._todo()
+        if not todo:
+            return
+        hp = self.hparams
+        if rank == 0:
+            for path in todo:
+                if path.exists():  # relabel, or a merge cut short: replace it, never write over it
+                    logger.info("removing the old label cache %s before labelling again", path)
+                    shutil.rmtree(path)
+                if hp.relabel and shard_dir(path, hp.shard_size).exists():
+                    shutil.rmtree(shard_dir(path, hp.shard_size))
+        self._barrier()
+        model, processor = load_model(hp.model)
+        attach_prompt_template(processor, hp.prompt_template)
         spec = resolve(model)
         for path, part in todo.items():
-            if path.exists():  # relabel (or an unfinished cache without meta.json): replace it, never write over it
-                logger.info("removing the old label cache %s before labelling again", path)
-                shutil.rmtree(path)
             if part.indices is None:
                 count, kind = part.samples or "all", part.split
             else:
                 kind = {"val": "held-out validation", "calib": "held-out calibration"}.get(part.name, "training")
                 count = len(part.indices)
-            logger.info("labelling %s %s samples of %s into the label cache %s", count, kind, part.data, path)
             records = self._records(part)
+            shards = shard_dir(path, hp.shard_size)
+            logger.info(
+                "labelling %s %s samples of %s (rank %d of %d, shards of %d in %s) into the label cache %s",
+                count,
+                kind,
+                part.data,
+                rank,
+                world,
+                hp.shard_size,
+                shards,
+                path,
+            )
             start = time.perf_counter()
-            cache = build_label_cache(
+            label_shards(
                 model,
                 processor,
                 records,
-                batch_size=self.hparams.label_batch_size,
-                agree=self.hparams.agree,
-                loss_ratio=self.hparams.loss_ratio,
+                shards,
+                shard_size=hp.shard_size,
+                rank=rank,
+                world_size=world,
+                batch_size=hp.label_batch_size,
+                agree=hp.agree,
+                loss_ratio=hp.loss_ratio,
             )
             seconds = time.perf_counter() - start
-            cache.save_to_disk(str(path))
-            meta = {
-                "model_type": spec.model_type,
-                "hidden_size": spec.text_config.hidden_size,
-                "num_layers": spec.num_layers,
-                "samples": len(cache),
-                "seconds": seconds,
-                "ms_per_sample": 1e3 * seconds / len(cache),
-                "source_indices": part.indices,
-            }
-            write_text_atomic(path / "meta.json", json.dumps(meta, indent=2) + "\n")  # meta.json marks it complete
-            logger.info(
-                "labelled %d %s samples in %.1f s; label cache written to %s", len(cache), part.split, seconds, path
-            )
+            self._barrier()
+            if rank == 0:
+                cache = merge_shards(shards, path, len(records), hp.shard_size)
+                meta = {
+                    "model_type": spec.model_type,
+                    "hidden_size": spec.text_config.hidden_size,
+                    "num_layers": spec.num_layers,
+                    "samples": len(cache),
+                    "seconds": seconds,
+                    "ms_per_sample": 1e3 * seconds * world / len(cache),
+                    "ranks": world,
+                    "source_indices": part.indices,
+                }
+                write_text_atomic(path / "meta.json", json.dumps(meta, indent=2) + "\n")  # marks it complete
+                logger.info(
+                    "labelled %d %s samples in %.1f s on %d rank(s); label cache written to %s",
+                    len(cache),
+                    part.split,
+                    seconds,
+                    world,
+                    path,
+                )
+            self._barrier()
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the caches into tensors: features ``(N, L-1, 2d)`` and targets ``(N, L-1)``."""
+        """Load the caches into tensors: features ``(N, L-1, 2d)`` and targets ``(N, L-1)`` (under a multi-process
+        strategy, every rank first labels its shards of the missing caches)."""
         if self.tensors:
             return
+        if self._world()[1] > 1:
+            self._label(*self._world())
         for name, part in self._splits().items():
+            if name == "train" and self.hparams.on_the_fly:
+                self.train_records = self._records(part)
+                continue
             path = self._cache_path(part)
             if not (path / "meta.json").is_file():
                 raise FileNotFoundError(f"label cache {path} is missing: prepare_data() did not run")
@@ -457,11 +575,34 @@ class ExitLabelData(L.LightningDataModule):
         return ExitHeadsConfig(meta["model_type"], meta["hidden_size"], meta["num_layers"], head_size, threshold)
 
     def positive_weight(self) -> torch.Tensor:
-        """``(L-1,)`` n_neg / n_pos per head in the training targets (1 where a head has no positives)."""
+        """``(L-1,)`` n_neg / n_pos per head in the training targets (1 where a head has no positives; all 1 with
+        ``on_the_fly``, whose labels are not known in advance)."""
+        if self.hparams.on_the_fly:
+            logger.info("on-the-fly labels: no class balancing (the labels are not known before training)")
+            return torch.ones(self.meta["num_layers"] - 1)
         return positive_weight(self.tensors["train"][1])
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.on_the_fly:  # batches of records (each rank its own under DDP), labelled in training_step
+            return DataLoader(self.train_records, batch_size=self.hparams.batch_size, shuffle=True, collate_fn=list)
         return DataLoader(TensorDataset(*self.tensors["train"]), batch_size=self.hparams.batch_size, shuffle=True)
+
+    def fresh_batch(self, records: list[dict], step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On-the-fly ``(features, targets, mask)`` of a batch of training records (``onthefly.fresh_labels``);
+        exit layers drawn from a generator seeded by ``split_seed``, the rank and ``step``."""
+        from .onthefly import draw_layers, fresh_labels
+        from .sources import load_model
+
+        if self._fresh is None:  # on this rank's device (the labelling model never enters the checkpoint)
+            model, processor = load_model(self.hparams.model, prompt_template=self.hparams.prompt_template)
+            trainer = getattr(self, "trainer", None)
+            self._fresh = (model.to(trainer.strategy.root_device) if trainer is not None else model), processor
+        model, processor = self._fresh
+        rank = self._world()[0]
+        generator = torch.Generator().manual_seed(self.hparams.split_seed * 1_000_003 + rank * 7919 + step)
+        layers = draw_layers(resolve(model).num_layers, len(records), generator)
+        hp = self.hparams
+        return fresh_labels(model, processor, records, layers, agree=hp.agree, loss_ratio=hp.loss_ratio)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.tensors["val"]), batch_size=self.hparams.batch_size)
@@ -557,7 +698,18 @@ class ExitHeadsModule(L.LightningModule):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight)
         return loss, logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | list[dict], batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, list) and isinstance(batch[0], Mapping):  # records (--data.on_the_fly): fresh labels
+            features, targets, mask = (
+                t.to(self.device) for t in self.trainer.datamodule.fresh_batch(batch, self.global_step)
+            )
+            logits = self.heads(features)  # (B, L-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, targets, pos_weight=self.pos_weight, reduction="none"
+            )
+            loss = (loss * mask).sum() / mask.sum()
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+            return loss
         loss, _ = self._loss(*batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

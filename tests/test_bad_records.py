@@ -8,6 +8,7 @@ records file in ``tmp_path``. Relative image paths resolve against the records f
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -63,8 +64,10 @@ def folder_with_images(root: Path, n: int = 2) -> Path:
 class FakeProcessor:
     """Just enough of a processor for build_inputs' checks (prompt = the question; no tensors)."""
 
+    chat_template = "(the question)"
+
     def __init__(self) -> None:
-        self.tokenizer = SimpleNamespace(padding_side="right")
+        self.tokenizer = SimpleNamespace(padding_side="right", bos_token_id=None)
 
     def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> str:
         return conversation[0]["content"][1]["text"]
@@ -279,11 +282,14 @@ def test_missing_image_file_names_record_and_path(tmp_path):
     assert str(missing) in str(caught.value)
 
 
-def test_missing_image_value_names_the_record(tmp_path):
+def test_a_record_without_image_is_skipped_with_a_count(tmp_path, caplog):
+    """Text-only records (LLaVA's mix has them) are skipped and counted, not an error (issue 18)."""
     folder_with_images(tmp_path)
     pd.DataFrame([record(0), record(1, image=None)]).to_parquet(tmp_path / "records.parquet")
-    with pytest.raises(DataError, match=r"records\.parquet, record 1 has no image"):
-        load_records(str(tmp_path / "records.parquet"))
+    with caplog.at_level(logging.INFO, logger="dyvte.sources"):
+        ds = load_records(str(tmp_path / "records.parquet"))
+    assert len(ds) == 1 and ds[0]["question"] == record(0)["question"]
+    assert "records.parquet: skipped 1 text-only records (no image)" in caplog.text
 
 
 def test_missing_columns_name_the_file_and_columns(tmp_path):

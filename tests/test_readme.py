@@ -46,7 +46,7 @@ def test_readme_python_blocks_run_from_any_directory(tmp_path):
     )
     script = tmp_path / "readme_blocks.py"
     script.write_text("\n\n".join(blocks) + "\n" + checks)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # this checkout's dyvte, whatever is installed
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )

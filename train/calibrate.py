@@ -53,6 +53,7 @@ def main(
     positions: str = "first",
     batch_size: int = 50,
     dtype: str = "float32",
+    prompt_template: str | None = None,
     output: str = str(REPO_ROOT / "runs" / "calibrate-demo"),
 ) -> dyvte.Calibration:
     """Calibrate the static exit layer.
@@ -67,11 +68,13 @@ def main(
         positions: "first" (first answer position, as VTW) or "answer" (every teacher-forced answer position).
         batch_size: rows per forward.
         dtype: float32 or bfloat16.
+        prompt_template: prompt format string with {question} and the image placeholder, e.g.
+            "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.prompts).
         output: directory for calibration.json (pass checkpoints/demo-calibration to regenerate the committed one).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_arguments(threshold, report_thresholds, positions, samples, batch_size, dtype)  # before any work
-    mllm, processor = load_model(model, dtype)
+    mllm, processor = load_model(model, dtype, prompt_template)
     records = load_records(data, split, samples)
     batches = [
         build_inputs(processor, recs, with_answers=positions == "answer", offset=i * batch_size)

@@ -110,6 +110,7 @@ def main(
     batch_size: int = 100,
     max_new_tokens: int = 4,
     dtype: str = "float32",
+    prompt_template: str | None = None,
     output_dir: str = str(REPO_ROOT / "runs" / "eval"),
 ) -> list[dyvte.EvalResult]:
     """Run each method over the dataset and report.
@@ -126,11 +127,13 @@ def main(
         batch_size: rows per generate call.
         max_new_tokens: generation length.
         dtype: float32 or bfloat16.
+        prompt_template: prompt format string with {question} and the image placeholder, e.g.
+            "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.prompts).
         output_dir: where JSON and PNG go (default ``<repo>/runs/eval``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_arguments(samples, methods, batch_size, max_new_tokens, dtype, output_dir)  # before any work
-    mllm, processor = load_model(model, dtype)
+    mllm, processor = load_model(model, dtype, prompt_template)
     num_layers = resolve(mllm).num_layers
     chosen = resolve_methods(list(methods), mllm, num_layers)  # before any forward
     records = load_records(data, split, samples)

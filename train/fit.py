@@ -4,6 +4,8 @@
     python train/fit.py --config configs/fit_demo.yaml    # the same, from YAML
     python train/fit.py --trainer.strategy ddp --trainer.devices 2    # two processes on CPU
     python train/fit.py --ckpt_path runs/fit-demo/logs/version_0/checkpoints/last.ckpt   # resume
+    python train/fit.py --data.data llava_format.json --data.image_folder images/    # LLaVA instruction JSON
+    python train/fit.py --data.on_the_fly true --data.label_rule dyvte-layer     # the paper's on-the-fly labels
     python train/fit.py --output_dir checkpoints/demo-exit-heads      # regenerate the committed demo heads
 
 Outputs, all under ``<repo>/runs`` (ignored by git; a run never modifies a tracked file unless ``--output_dir``

@@ -48,6 +48,7 @@ def main(
     batch_size: int = 100,
     output_dir: str = str(REPO_ROOT / "runs" / "report"),
     wallclock: str = "docs/wallclock.md",
+    prompt_template: str | None = None,
 ) -> None:
     """Run every method and write the report.
 
@@ -67,9 +68,10 @@ def main(
         batch_size: rows per generate call.
         output_dir: where report.md and the PNGs go.
         wallclock: the Markdown table written by ``benchmarks/methods.py --output`` (included as is).
+        prompt_template: prompt format string with {question} for a model without a chat template (dyvte.prompts).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    mllm, processor = load_model(model)
+    mllm, processor = load_model(model, prompt_template=prompt_template)
     records = load_records(data, split, samples)
     num_layers = resolve(mllm).num_layers
     ratios = ",".join(f"{1 - k:g}" for k in keep)
