@@ -78,6 +78,7 @@ def main(
     specs = [
         "static:all",
         f"calibrated:{calibration}",
+        f"heads:{heads}",  # the heads' calibrated thresholds (their promise: see promise())
         f"heads:{heads}:" + ",".join(map(str, thresholds)),
         f"fastervlm:{ratios}",
         f"fastv:{fastv_layer}:{ratios}",
@@ -102,8 +103,35 @@ def main(
     chosen = next(r for r in results if r.method.startswith("heads") and f"p={compose_threshold:g}" in r.method)
     plot_exit_layers(chosen, num_layers, out / "exit_layers.png")
     text = render(results, again, targets, len(records), split, chosen.method, batch_size, wallclock)
+    text = text.replace(PROMISE_MARK, promise(results, heads))
     (out / "report.md").write_text(text + "\n")
     print((out / "report.md").read_text())
+
+
+PROMISE_MARK = "<!-- promise -->"
+
+
+def promise(results: list, heads_dir: str) -> str:
+    """The calibrated heads' promise (tolerance, δ, calibration size) next to the disagreement realized here."""
+    from dyvte.heads import ExitHeads
+
+    config = ExitHeads.from_pretrained(heads_dir).config
+    calibration = config.calibration
+    calibrated = next((r for r in results if r.method.startswith("heads") and "calibrated" in r.method), None)
+    if calibration is None or calibrated is None:
+        return f"`{heads_dir}` holds no calibrated thresholds (trained with --data.calib_samples 0)."
+    m = calibrated.metrics[OVERALL]
+    full = results[0].metrics[OVERALL]
+    kept = "kept" if 1 - m["agreement"] <= calibration["tolerance"] else "NOT kept"
+    gap = m["accuracy"] - full["accuracy"]
+    return (
+        f"`{calibrated.method}`: thresholds certified by Learn-then-Test on {calibration['samples']} held-out "
+        f"calibration samples ({calibration['errors']} disagreements there) to keep the share of answers that differ "
+        f"from the full model's at most {calibration['tolerance']:g}, except with probability "
+        f"{calibration['delta']:g}. On this split: disagreement {1 - m['agreement']:.4f} (promise {kept}), accuracy "
+        f"{m['accuracy']:.3f} against the full model's {full['accuracy']:.3f} ({100 * gap:+.2f} pt), relative prefill "
+        f"FLOPs {m['relative_flops']:.3f}."
+    )
 
 
 def matched(results: list, targets: list[float]) -> str:
@@ -171,6 +199,10 @@ def render(
             "the full model. Regenerate with `python train/report.py`.",
             "",
             "![accuracy vs FLOPs](accuracy_vs_flops.png)",
+            "",
+            "## The exit heads' promise",
+            "",
+            PROMISE_MARK,
             "",
             "## Matched FLOPs: best accuracy at or below each budget",
             "",
