@@ -40,10 +40,10 @@ def main(
     samples: int | None = None,
     heads: str = "checkpoints/demo-exit-heads",
     calibration: str = "checkpoints/demo-calibration",
-    thresholds: list[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    thresholds: list[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
     keep: list[float] = (0.5, 0.25, 0.1, 0.05),
     fastv_layer: int = 2,
-    compose_threshold: float = 0.8,
+    compose_threshold: float | None = None,
     targets: list[float] = (0.7, 0.5, 0.3),
     batch_size: int = 100,
     output_dir: str = str(REPO_ROOT / "runs" / "report"),
@@ -59,11 +59,11 @@ def main(
         samples: first N records (default: all).
         heads: exit-heads directory.
         calibration: calibration directory.
-        thresholds: exit-head P(exit) thresholds.
+        thresholds: exit-head P(exit) thresholds of the sweep (one raw threshold for every head).
         keep: fractions of visual tokens kept by the pruning methods.
         fastv_layer: FastV's K.
-        compose_threshold: exit-head threshold used with FasterVLM and for the exit-layer histogram (0.8: the
-            demo heads' accuracy-preserving point, checkpoints/README.md).
+        compose_threshold: exit-head threshold used with FasterVLM and for the exit-layer histogram (``None``: the
+            heads' calibrated thresholds).
         targets: relative-FLOPs targets of the matched-FLOPs table.
         batch_size: rows per generate call.
         output_dir: where report.md and the PNGs go.
@@ -83,7 +83,7 @@ def main(
         f"fastervlm:{ratios}",
         f"fastv:{fastv_layer}:{ratios}",
         f"random:{ratios}",
-        f"fastervlm:{ratios}+heads:{heads}:{compose_threshold}",
+        f"fastervlm:{ratios}+heads:{heads}" + ("" if compose_threshold is None else f":{compose_threshold}"),
     ]
     methods = [m for spec in specs for m in parse_method(spec, num_layers)]
     full = dyvte.evaluate(mllm, processor, records, Full(), batch_size=batch_size, max_new_tokens=4)
@@ -100,7 +100,8 @@ def main(
     again = dataclasses.replace(again, method="full, timed again last")
     out = Path(output_dir)
     plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
-    chosen = next(r for r in results if r.method.startswith("heads") and f"p={compose_threshold:g}" in r.method)
+    mark = "calibrated" if compose_threshold is None else f"p={compose_threshold:g}"
+    chosen = next(r for r in results if r.method.startswith("heads") and mark in r.method)
     plot_exit_layers(chosen, num_layers, out / "exit_layers.png")
     text = render(results, again, targets, len(records), split, chosen.method, batch_size, wallclock)
     text = text.replace(PROMISE_MARK, promise(results, heads))
