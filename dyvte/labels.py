@@ -139,6 +139,11 @@ def _greedy_answers(model: nn.Module, prompt: dict, eos_id: int, max_new_tokens:
     return answers
 
 
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    """The tensors of ``inputs`` on ``device`` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 class _AttentionProbe:
     """Captures the input hidden states and rotary embeddings of decoder layers 1..L-1 during one forward."""
 
@@ -170,8 +175,8 @@ def _extras(
     from .fastv import last_token_attention
 
     norm, head = spec.decoder.norm, model.get_output_embeddings()
-    batch = torch.arange(rows)
-    slots = torch.arange(visual.shape[1])[None]
+    batch = torch.arange(rows, device=visual.device)
+    slots = torch.arange(visual.shape[1], device=visual.device)[None]
     allowed = valid[:rows] & (slots <= final[:, None])
     out = torch.full((rows, spec.num_layers - 1, 3), float("nan"))
     for j in range(spec.num_layers - 1):
@@ -226,19 +231,24 @@ def label_batch(
     spec = resolve(model)
     num_layers = spec.num_layers
     tokenizer = processor.tokenizer
-    prompt = build_inputs(processor, records, offset=offset, dtype=model.dtype)
+    device = next(model.parameters()).device  # inputs follow the model (a rank's GPU under DDP); results come back
+    visual_ids = spec.visual_ids.to(device)
+    prompt = _to_device(build_inputs(processor, records, offset=offset, dtype=model.dtype), device)
     greedy = _greedy_answers(model, prompt, tokenizer.eos_token_id, max_new_tokens)
     gold = build_inputs(processor, records, with_answers=True, offset=offset)["labels"]
     gold = [row[row != -100] for row in gold]
     differ = [b for b in range(len(records)) if not torch.equal(greedy[b], gold[b])]
     rows = len(records)
-    forced = build_inputs(
-        processor,
-        [*records, *(records[b] for b in differ)],
-        with_answers=True,
-        offset=offset,
-        dtype=model.dtype,
-        answer_ids=[*greedy, *(gold[b] for b in differ)],
+    forced = _to_device(
+        build_inputs(
+            processor,
+            [*records, *(records[b] for b in differ)],
+            with_answers=True,
+            offset=offset,
+            dtype=model.dtype,
+            answer_ids=[*greedy, *(gold[b] for b in differ)],
+        ),
+        device,
     )
     gold_row = list(range(rows))  # row of the gold-forced copy of each record
     for extra, b in enumerate(differ):
@@ -249,7 +259,7 @@ def label_batch(
         out = model(**forced, output_hidden_states=True)
     finally:
         probe.remove()
-    visual = torch.isin(forced["input_ids"], spec.visual_ids)
+    visual = torch.isin(forced["input_ids"], visual_ids)
     valid = forced["attention_mask"].bool()
     final = _final_prompt_slot(labels)
     features = torch.stack(
@@ -260,7 +270,7 @@ def label_batch(
         dim=1,
     )  # (B, L-1, 2d)
     extras = _extras(spec, model, out.hidden_states, probe, visual, valid, final[:rows], rows)
-    g = torch.tensor(gold_row)
+    g = torch.tensor(gold_row, device=device)
     match = torch.ones(rows, num_layers, dtype=torch.bool)
     correct = torch.ones(rows, num_layers + 1, dtype=torch.bool)
     kl = torch.zeros(rows, num_layers)
@@ -273,7 +283,7 @@ def label_batch(
         kl[:, layer] = answer_kl(out.logits[:rows], withdrawn[:rows], labels[:rows])
         correct[:, layer] = _answer_argmax_equal(withdrawn[g], labels[g])
         paper[:, layer] = exit_safe(out.logits[g], withdrawn[g], labels[g], agree, loss_ratio)
-    tokens = prompt["attention_mask"].sum(1)
+    tokens = prompt["attention_mask"].sum(1).cpu()
     return {
         "features": features.float().cpu().numpy(),
         "extras": extras.numpy(),
@@ -282,7 +292,7 @@ def label_batch(
         "kl": kl.numpy(),
         "dyvte": paper.numpy(),
         "tokens": tokens.numpy(),
-        "visual": torch.isin(prompt["input_ids"], spec.visual_ids).sum(1).numpy(),
+        "visual": torch.isin(prompt["input_ids"], visual_ids).sum(1).cpu().numpy(),
     }
 
 

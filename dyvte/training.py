@@ -486,6 +486,9 @@ class ExitLabelData(L.LightningDataModule):
                     shutil.rmtree(shard_dir(path, hp.shard_size))
         self._barrier()
         model, processor = load_model(hp.model)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # each rank labels on its own device (a GPU under DDP on GPUs)
+            model = model.to(trainer.strategy.root_device)
         attach_prompt_template(processor, hp.prompt_template)
         spec = resolve(model)
         for path, part in todo.items():
