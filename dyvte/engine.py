@@ -54,6 +54,7 @@ from .compat import (
     keep_2d_masks,
     seal_cache,
 )
+from .grouping import RowGroup, row_index, wrap_forward
 from .layout import compose, pack_right, slot_mask, take
 from .policy import ExitPolicy, make_policy
 from .registry import ModelSpec, resolve
@@ -163,6 +164,7 @@ class ForwardState:
     masks: dict[Any, torch.Tensor | None] = field(default_factory=dict)
     rotary: dict[Any, Any] = field(default_factory=dict)
     labels: torch.Tensor | None = None
+    groups: dict[tuple[bool, ...], list[RowGroup] | None] = field(default_factory=dict)  # exit set -> row groups
 
 
 class Withdrawal:
@@ -179,6 +181,9 @@ class Withdrawal:
 
     fed_tokens: torch.Tensor | None = None
     fed_visual: torch.Tensor | None = None
+    grouped: bool = True
+    """Run the layers after a mixed exit once per group of rows, each at its own width (docs/design.md §4,
+    "Grouped execution"); ``False`` runs them on the whole batch at its widest row's width (same outputs)."""
 
     def __init__(self, model: nn.Module, policy: ExitPolicy | Any = None, *, layer: Any = None) -> None:
         """Hook ``model`` with ``policy``; ``Withdrawal(model, K)`` / ``layer=K`` (the former signature) means the
@@ -207,6 +212,8 @@ class Withdrawal:
         if isinstance(device, torch.device):  # copied here, not in the first prefill
             self._visual_ids(device)
         self._undo_masks: Any = None
+        self._unwrap: list[Any] = []  # undoes of the wrapped layer forwards
+        self._pending: tuple[nn.Module, list[RowGroup]] | None = None  # groups of the layer call about to run
         self._attach()
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -251,6 +258,10 @@ class Withdrawal:
             hook = self._make_layer_hook(index)
             self._hooks.append(self.spec.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         self._hooks.extend(self.policy.attach(self))
+        if self.policy.layer is None:  # rows may leave at different layers: their layers may run grouped
+            for index in range(self.first_exit, self.spec.num_layers):
+                layer = self.spec.layers[index]
+                self._unwrap.append(wrap_forward(layer, self._take_groups, self.spec.names.layer_cache))
         # static caches: generate passes the 2-D mask (padded to the cache in decode steps), not 4-D ones
         self._undo_masks = keep_2d_masks(top, pad=lambda: getattr(top, PRUNING_ATTR, None) is None)
         setattr(top, HANDLE_ATTR, self)
@@ -260,6 +271,10 @@ class Withdrawal:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for undo in self._unwrap:
+            undo()
+        self._unwrap.clear()
+        self._pending = None
         if self._undo_masks is not None:
             self._undo_masks()
             self._undo_masks = None
@@ -418,6 +433,7 @@ class Withdrawal:
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         fwd, self._fwd = self._fwd, None
+        self._pending = None
         if fwd is None:
             return output
         self.output_positions = fwd.idx
@@ -446,9 +462,47 @@ class Withdrawal:
     # --------------------------------------------------------------------------------------------- layer hooks
     def _make_layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            return self._pre_layer(index, args, kwargs)
+            out = self._pre_layer(index, args, kwargs)
+            fwd = self._fwd
+            groups = None if fwd is None or fwd.key is None else self._row_groups(fwd)
+            self._pending = None if groups is None else (module, groups)  # collected by the wrapped forward
+            return out
 
         return hook
+
+    def _take_groups(self, module: nn.Module) -> list[RowGroup] | None:
+        """The groups the pre-hook of ``module`` left for its call (consumed), or ``None``."""
+        pending = self._pending
+        if pending is None or pending[0] is not module:
+            return None
+        self._pending = None
+        return pending[1]
+
+    def _row_groups(self, fwd: ForwardState) -> list[RowGroup] | None:
+        """The groups of rows the current layer runs as, or ``None`` to run the whole batch at once.
+
+        Grouped only in a prefill (a new sequence: the cache layer is empty, see :mod:`dyvte.grouping`) where some
+        rows left and some are still in, when the rows that left are narrower than the combined layout. Host work
+        only; memoised per exit set.
+        """
+        key = fwd.key
+        if key in fwd.groups:
+            return fwd.groups[key]
+        groups = None
+        kept = fwd.kept
+        if self.grouped and fwd.new_sequence and fwd.idx is not None and kept is not None and not all(fwd.exited):
+            if not self.policy.keeps_visual:  # FastV's kept visual tokens keep the model's own pairs: one group
+                left = [row for row in range(fwd.batch) if fwd.exited[row]]
+                narrow = max(kept[row] for row in left)  # the rows that left fit in the last `narrow` slots
+                if left and narrow < fwd.width:
+                    device = fwd.idx.device
+                    staying = [row for row in range(fwd.batch) if not fwd.exited[row]]
+                    groups = [
+                        RowGroup(row_index(staying, device), 0),
+                        RowGroup(row_index(left, device), fwd.width - narrow),
+                    ]
+        fwd.groups[key] = groups
+        return groups
 
     def _leaving(self, index: int, hidden: torch.Tensor, fwd: ForwardState) -> list[int]:
         """Rows leaving at layer ``index`` in this call (host; no tensor work where no row can leave)."""
