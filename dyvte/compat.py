@@ -50,6 +50,7 @@ __all__ = [
     "cache_capacity",
     "cache_key_view",
     "cache_length_host",
+    "cache_repeat_rows",
     "cache_resets",
     "call_names",
     "chat_template",
@@ -220,6 +221,11 @@ def cache_resets(cache: Any) -> int:
 def _counting_reset(cache: Any, *args: Any, **kwargs: Any) -> Any:
     cache._dyvte_resets += 1
     return type(cache).reset(cache, *args, **kwargs)
+
+
+def cache_repeat_rows(cache: Any, times: int) -> None:
+    """Repeat every row of ``cache`` ``times`` times in place, each copy next to its row (as beam search expands)."""
+    cache.batch_repeat_interleave(times)
 
 
 def cache_capacity(cache: Any) -> int | None:

@@ -49,6 +49,7 @@ from .compat import (
     cache_length,
     cache_length_host,
     cache_out,
+    cache_repeat_rows,
     cache_resets,
     check_cache,
     keep_2d_masks,
@@ -662,6 +663,33 @@ class Withdrawal:
         if memo not in fwd.rotary:
             fwd.rotary[memo] = tuple(take(t, fwd.idx, -2) for t in rotary)  # (B, T', d) each
         return fwd.rotary[memo]
+
+    def repeat_rows(self, cache: Any, times: int) -> None:
+        """Repeat every row of a cache prefilled under this handle ``times`` times, in place (row ``b`` becomes rows
+        ``b * times .. b * times + times - 1``), with the handle's cache layouts and exits, so later decode steps run
+        a batch ``times`` as large. Benchmarks use it to decode large batches without prefilling every row.
+
+        Raises:
+            WithdrawalError: ``cache`` is not the cache of this handle's last call, or ``times`` < 1.
+        """
+        if times < 1:
+            raise WithdrawalError(f"repeat_rows needs times >= 1, got {times}")
+        if self._cache_ref is None or self._cache_ref() is not cache:
+            raise WithdrawalError("repeat_rows needs the cache this handle's last call returned")
+        cache_repeat_rows(cache, times)
+        layouts = {}
+        for key, group in self._layouts.items():  # an exit set names its rows: repeat its entries too
+            group.cols = group.cols.repeat_interleave(times, 0)
+            group.valid = group.valid.repeat_interleave(times, 0)
+            layouts[tuple(out for out in key for _ in range(times))] = group
+        self._layouts = layouts
+        self._exits = [layer for layer in self._exits for _ in range(times)]
+        self._plan = {}
+        for row, layer in enumerate(self._exits):
+            if layer < self.spec.num_layers:
+                self._plan.setdefault(layer, []).append(row)
+        if self.exit_layers is not None:
+            self.exit_layers = self.exit_layers.repeat_interleave(times)
 
     # ------------------------------------------------------------------------------------------------ outputs
     def to_input_positions(self, x: torch.Tensor, fill_value: float = 0.0) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyvte
+from dyvte.benchmark import greedy_steps
+from dyvte.compat import cache_out
 from dyvte.registry import resolve
 
 from .tiny_models import FAMILIES, make_batch, make_tiny
@@ -118,3 +120,25 @@ def test_heads_with_mixed_exits_grouped_equal_ungrouped():
     assert exits == ref_exits and len(set(exits)) > 1 and max(exits) > min(exits)  # really mixed
     torch.testing.assert_close(last, ref_last, atol=TOL, rtol=TOL)
     assert torch.equal(cached, ref_cached)
+
+
+def test_repeated_rows_decode_like_a_prefilled_batch():
+    """``handle.repeat_rows`` after a grouped prefill decodes the tokens of a batch prefilled with the repeats."""
+    model, processor = make_tiny("llava", num_layers=8)
+    rows, exits, times = [[(32, 32)], [(32, 32)]], [1, 8], 2
+    suppress = resolve(model).visual_ids
+    few = dict(make_batch(processor, "llava", rows))
+    many = dict(make_batch(processor, "llava", [r for r in rows for _ in range(times)], row_ids=[0, 0, 1, 1]))
+    outs = []
+    for inputs, layer, repeat in ((few, exits, times), (many, [e for e in exits for _ in range(times)], 1)):
+        with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            cache, logits, mask = cache_out(out), out.logits[:, -1], inputs["attention_mask"]
+            if repeat > 1:
+                handle.repeat_rows(cache, repeat)
+                logits, mask = logits.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+            outs.append(greedy_steps(model, logits, cache, mask, NEW_TOKENS, suppress)[0])
+            assert handle.exit_layers.tolist() == [1, 1, 8, 8]
+    assert torch.equal(outs[0], outs[1])
+    with dyvte.withdraw(model, layer=exits) as handle, pytest.raises(dyvte.WithdrawalError, match="cache"):
+        handle.repeat_rows(cache, 2)
