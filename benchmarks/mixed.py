@@ -48,7 +48,7 @@ def demo_exits(records: int, threshold: float = 0.8) -> list[int]:
 
 def prefill(model: torch.nn.Module, inputs: dict, exits: list[int], grouped: bool, runs: int, warmup: int) -> float:
     """Median prefill time (``logits_to_keep=1``, KV cache on) under per-row exits."""
-    with dyvte.withdraw(model, layer=exits) as handle:
+    with dyvte.withdraw(model, layer=exits) as handle, torch.inference_mode():
         handle.grouped = grouped
         seconds, _ = median_time(lambda: model(**inputs, logits_to_keep=1, use_cache=True), runs, warmup, model.device)
     return seconds
