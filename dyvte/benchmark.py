@@ -28,6 +28,7 @@ __all__ = [
     "add_shape_arguments",
     "StepClock",
     "build_random_llava",
+    "greedy_steps",
     "kv_cache_bytes",
     "llava_prompt",
     "matmul_gflops",
@@ -228,6 +229,60 @@ def time_decode(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: i
         )
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]  # step 0 is the prefill
     return statistics.median(steps), kv_cache_bytes(cache_out(out))
+
+
+def greedy_steps(
+    model: nn.Module,
+    logits: torch.Tensor,
+    cache: object,
+    attention_mask: torch.Tensor,
+    steps: int,
+    suppress: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Greedy-decode ``steps`` tokens from a prefilled ``cache``, one model call per token, timing each call.
+
+    Args:
+        model: the top-level model (hooked or not).
+        logits: ``(B, V)`` the prefill's last-position logits.
+        cache: the prefill's KV cache (extended in place).
+        attention_mask: ``(B, P)`` the prefill's 2-D mask.
+        steps: tokens to generate.
+        suppress: token ids never chosen (e.g. image placeholders, which a decode step must not receive).
+
+    Returns:
+        ``(B, steps)`` tokens and each call's wall time in seconds.
+    """
+    from .registry import resolve  # lazy: the registry imports transformers' model classes
+
+    name = resolve(model).names.cache
+    device = logits.device
+
+    def pick(scores: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, 1)
+        if suppress is not None:
+            scores = scores.index_fill(-1, suppress.to(device), float("-inf"))
+        return scores.argmax(-1, keepdim=True)
+
+    tokens, times = [], []
+    next_ids, mask = pick(logits), attention_mask
+    with torch.inference_mode():
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)  # (B, P + t)
+            positions = mask.long().cumsum(-1)[:, -1:] - 1  # (B, 1) as generate computes them
+            _sync(device)
+            start = time.perf_counter()
+            out = model(
+                input_ids=next_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{name: cache},
+            )
+            next_ids = pick(out.logits[:, -1])
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            tokens.append(next_ids)
+    return torch.cat(tokens, 1), times
 
 
 def kv_cache_bytes(cache) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "TOP_ARGS",
     "USE_CACHE",
     "CallNames",
+    "CaptureCache",
     "CompatibilityError",
     "attn_implementation",
     "cache_in",
@@ -49,6 +50,7 @@ __all__ = [
     "cache_capacity",
     "cache_key_view",
     "cache_length_host",
+    "cache_repeat_rows",
     "cache_resets",
     "call_names",
     "chat_template",
@@ -221,6 +223,11 @@ def _counting_reset(cache: Any, *args: Any, **kwargs: Any) -> Any:
     return type(cache).reset(cache, *args, **kwargs)
 
 
+def cache_repeat_rows(cache: Any, times: int) -> None:
+    """Repeat every row of ``cache`` ``times`` times in place, each copy next to its row (as beam search expands)."""
+    cache.batch_repeat_interleave(times)
+
+
 def cache_capacity(cache: Any) -> int | None:
     """The length every layer of a pre-allocated cache holds keys for, when all its layers are full-attention
     ``StaticLayer``s of one length (``None``: a dynamic cache, sliding layers, or no cache)."""
@@ -297,6 +304,34 @@ def seal_cache(cache: Any, error: Exception) -> None:
 
     cache.update = update  # an instance attribute shadows Cache.update, which every attention layer calls
     cache._dyvte_sealed = True
+
+
+class CaptureCache:
+    """Stands in for the KV cache in one decoder-layer call of a prefill run on a group of rows (dyvte.grouping).
+
+    Attention layers call ``cache.update(keys, values, layer_idx, ...)`` and attend to what it returns. A prefill's
+    cache layer is empty, so the true update would return exactly its inputs: this one returns them too, and keeps
+    them, with the call's other arguments, for :meth:`replay` into the real cache once every group has run.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # (B_g, H_kv, W_g, h)
+        self.values: torch.Tensor | None = None
+        self._call: tuple[int, tuple, dict] | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep and return the new keys and values (the attention of an empty cache layer sees only them)."""
+        self.keys, self.values, self._call = key_states, value_states, (layer_idx, args, kwargs)
+        return key_states, value_states
+
+    def replay(self, cache: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys``/``values`` (the whole batch's) into ``cache`` with the captured call's other arguments."""
+        if self._call is None:
+            raise RuntimeError("CaptureCache.replay before any update")
+        layer_idx, args, kwargs = self._call
+        cache.update(keys, values, layer_idx, *args, **kwargs)
 
 
 MASKS_FOR_GENERATE = "create_masks_for_generate"  # generate() turns the 2-D mask into 4-D ones for static caches

@@ -49,11 +49,13 @@ from .compat import (
     cache_length,
     cache_length_host,
     cache_out,
+    cache_repeat_rows,
     cache_resets,
     check_cache,
     keep_2d_masks,
     seal_cache,
 )
+from .grouping import RowGroup, row_index, wrap_forward
 from .layout import compose, pack_right, slot_mask, take
 from .policy import ExitPolicy, make_policy
 from .registry import ModelSpec, resolve
@@ -163,6 +165,7 @@ class ForwardState:
     masks: dict[Any, torch.Tensor | None] = field(default_factory=dict)
     rotary: dict[Any, Any] = field(default_factory=dict)
     labels: torch.Tensor | None = None
+    groups: dict[tuple[bool, ...], list[RowGroup] | None] = field(default_factory=dict)  # exit set -> row groups
 
 
 class Withdrawal:
@@ -179,6 +182,9 @@ class Withdrawal:
 
     fed_tokens: torch.Tensor | None = None
     fed_visual: torch.Tensor | None = None
+    grouped: bool = True
+    """Run the layers after a mixed exit once per group of rows, each at its own width (docs/design.md §4,
+    "Grouped execution"); ``False`` runs them on the whole batch at its widest row's width (same outputs)."""
 
     def __init__(self, model: nn.Module, policy: ExitPolicy | Any = None, *, layer: Any = None) -> None:
         """Hook ``model`` with ``policy``; ``Withdrawal(model, K)`` / ``layer=K`` (the former signature) means the
@@ -207,6 +213,8 @@ class Withdrawal:
         if isinstance(device, torch.device):  # copied here, not in the first prefill
             self._visual_ids(device)
         self._undo_masks: Any = None
+        self._unwrap: list[Any] = []  # undoes of the wrapped layer forwards
+        self._pending: tuple[nn.Module, list[RowGroup]] | None = None  # groups of the layer call about to run
         self._attach()
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -251,6 +259,10 @@ class Withdrawal:
             hook = self._make_layer_hook(index)
             self._hooks.append(self.spec.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         self._hooks.extend(self.policy.attach(self))
+        if self.policy.layer is None:  # rows may leave at different layers: their layers may run grouped
+            for index in range(self.first_exit, self.spec.num_layers):
+                layer = self.spec.layers[index]
+                self._unwrap.append(wrap_forward(layer, self._take_groups, self.spec.names.layer_cache))
         # static caches: generate passes the 2-D mask (padded to the cache in decode steps), not 4-D ones
         self._undo_masks = keep_2d_masks(top, pad=lambda: getattr(top, PRUNING_ATTR, None) is None)
         setattr(top, HANDLE_ATTR, self)
@@ -260,6 +272,10 @@ class Withdrawal:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for undo in self._unwrap:
+            undo()
+        self._unwrap.clear()
+        self._pending = None
         if self._undo_masks is not None:
             self._undo_masks()
             self._undo_masks = None
@@ -418,6 +434,7 @@ class Withdrawal:
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         fwd, self._fwd = self._fwd, None
+        self._pending = None
         if fwd is None:
             return output
         self.output_positions = fwd.idx
@@ -446,9 +463,47 @@ class Withdrawal:
     # --------------------------------------------------------------------------------------------- layer hooks
     def _make_layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            return self._pre_layer(index, args, kwargs)
+            out = self._pre_layer(index, args, kwargs)
+            fwd = self._fwd
+            groups = None if fwd is None or fwd.key is None else self._row_groups(fwd)
+            self._pending = None if groups is None else (module, groups)  # collected by the wrapped forward
+            return out
 
         return hook
+
+    def _take_groups(self, module: nn.Module) -> list[RowGroup] | None:
+        """The groups the pre-hook of ``module`` left for its call (consumed), or ``None``."""
+        pending = self._pending
+        if pending is None or pending[0] is not module:
+            return None
+        self._pending = None
+        return pending[1]
+
+    def _row_groups(self, fwd: ForwardState) -> list[RowGroup] | None:
+        """The groups of rows the current layer runs as, or ``None`` to run the whole batch at once.
+
+        Grouped only in a prefill (a new sequence: the cache layer is empty, see :mod:`dyvte.grouping`) where some
+        rows left and some are still in, when the rows that left are narrower than the combined layout. Host work
+        only; memoised per exit set.
+        """
+        key = fwd.key
+        if key in fwd.groups:
+            return fwd.groups[key]
+        groups = None
+        kept = fwd.kept
+        if self.grouped and fwd.new_sequence and fwd.idx is not None and kept is not None and not all(fwd.exited):
+            if not self.policy.keeps_visual:  # FastV's kept visual tokens keep the model's own pairs: one group
+                left = [row for row in range(fwd.batch) if fwd.exited[row]]
+                narrow = max(kept[row] for row in left)  # the rows that left fit in the last `narrow` slots
+                if left and narrow < fwd.width:
+                    device = fwd.idx.device
+                    staying = [row for row in range(fwd.batch) if not fwd.exited[row]]
+                    groups = [
+                        RowGroup(row_index(staying, device), 0),
+                        RowGroup(row_index(left, device), fwd.width - narrow),
+                    ]
+        fwd.groups[key] = groups
+        return groups
 
     def _leaving(self, index: int, hidden: torch.Tensor, fwd: ForwardState) -> list[int]:
         """Rows leaving at layer ``index`` in this call (host; no tensor work where no row can leave)."""
@@ -608,6 +663,33 @@ class Withdrawal:
         if memo not in fwd.rotary:
             fwd.rotary[memo] = tuple(take(t, fwd.idx, -2) for t in rotary)  # (B, T', d) each
         return fwd.rotary[memo]
+
+    def repeat_rows(self, cache: Any, times: int) -> None:
+        """Repeat every row of a cache prefilled under this handle ``times`` times, in place (row ``b`` becomes rows
+        ``b * times .. b * times + times - 1``), with the handle's cache layouts and exits, so later decode steps run
+        a batch ``times`` as large. Benchmarks use it to decode large batches without prefilling every row.
+
+        Raises:
+            WithdrawalError: ``cache`` is not the cache of this handle's last call, or ``times`` < 1.
+        """
+        if times < 1:
+            raise WithdrawalError(f"repeat_rows needs times >= 1, got {times}")
+        if self._cache_ref is None or self._cache_ref() is not cache:
+            raise WithdrawalError("repeat_rows needs the cache this handle's last call returned")
+        cache_repeat_rows(cache, times)
+        layouts = {}
+        for key, group in self._layouts.items():  # an exit set names its rows: repeat its entries too
+            group.cols = group.cols.repeat_interleave(times, 0)
+            group.valid = group.valid.repeat_interleave(times, 0)
+            layouts[tuple(out for out in key for _ in range(times))] = group
+        self._layouts = layouts
+        self._exits = [layer for layer in self._exits for _ in range(times)]
+        self._plan = {}
+        for row, layer in enumerate(self._exits):
+            if layer < self.spec.num_layers:
+                self._plan.setdefault(layer, []).append(row)
+        if self.exit_layers is not None:
+            self.exit_layers = self.exit_layers.repeat_interleave(times)
 
     # ------------------------------------------------------------------------------------------------ outputs
     def to_input_positions(self, x: torch.Tensor, fill_value: float = 0.0) -> torch.Tensor:

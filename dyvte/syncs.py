@@ -3,8 +3,9 @@
 A host sync is any call that needs a device tensor's value on the host (``item``, ``tolist``, ``__bool__``, ``cpu``,
 ``nonzero``, boolean-mask indexing, ...) or copies host memory to the device (``torch.tensor(..., device=)``,
 ``.to(device)``: synchronous from pageable memory). On CPU nothing actually waits, but every such call made on a
-GPU would, so the count is the same on both. Only calls made while a frame of the ``dyvte`` package is on the Python
-stack are counted: dyvte's hooks, policies and FastV's ranking, not transformers or ``generate``.
+GPU would, so the count is the same on both. Only calls whose innermost caller outside torch's own Python code is in
+the ``dyvte`` package are counted: dyvte's hooks, policies and FastV's ranking, not transformers or ``generate``
+(nor a decoder layer's own code that dyvte runs per group of rows).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["SyncCounter", "READS"]
 
 PACKAGE = str(Path(__file__).parent)
+TORCH = str(Path(torch.__file__).parent)
 READS = frozenset(
     {
         "item",
@@ -95,10 +97,16 @@ def is_sync(name: str, args: tuple, kwargs: dict) -> bool:
 
 
 def _called_by_dyvte() -> bool:
+    """Whether the innermost caller outside torch's own Python code is dyvte (not this module).
+
+    The innermost caller decides, not any frame on the stack: a decoder layer that dyvte runs per group of rows
+    (``dyvte.grouping``) is transformers' code called from a dyvte frame, and what it does (e.g. a cache layer's
+    lazy initialisation) it does in the ungrouped call too.
+    """
     frame = sys._getframe(2)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if filename.startswith(PACKAGE) and not filename.endswith("syncs.py"):
-            return True
+    while frame is not None and frame.f_code.co_filename.startswith(TORCH):
         frame = frame.f_back
-    return False
+    if frame is None:
+        return False
+    filename = frame.f_code.co_filename
+    return filename.startswith(PACKAGE) and not filename.endswith("syncs.py")

@@ -39,3 +39,25 @@ def test_settings_fit_the_budget_and_leave_the_cache_they_claim(target):
             kept = int(s.budget.split()[1].split("/")[0])
             assert int(handle.fed_visual[0]) == kept
             assert kv_cache_bytes(cache) == dyvte.prefill_kv_bytes(model.config, tokens - visual + kept, kept)
+
+
+def test_decode_benchmark_rows_repeat_alike_and_hold_the_kv_they_claim():
+    """benchmarks/decode.py on a small shape: repeated rows decode alike, and the KV held after the last step is the
+    prefill's formula at the grown prompt length, times the batch (the mix: the sum over its rows, padded per layer
+    to its widest row)."""
+    script = load_script("benchmarks/decode.py")
+    shape = LlavaShape(hidden_size=64, num_layers=8, intermediate_size=128, num_heads=4, num_kv_heads=4, image_size=112)
+    model = build_random_llava(shape, dtype=torch.float32)
+    steps, batches = 3, [1, 4, 8]
+    tokens = 35 + shape.image_tokens + 40
+    for name, exits in script.methods(8, (1, 1, 8, 8)).items():
+        rows = script.cpu_rows(model, shape, name, exits, batches, steps)
+        assert [row.tokens_equal for row in rows][-1] is True
+        for index, row in enumerate(rows):
+            grown = tokens + steps * (index + 1)  # each step feeds one token
+            if exits is None or len(exits) == 1:
+                layer = shape.num_layers if exits is None else exits[0]
+                one = dyvte.prefill_kv_bytes(model.config, grown, shape.image_tokens, layer)
+                assert row.kv_bytes == row.batch * one, (name, row.batch)
+            else:  # layers < 8 hold every row at the widest row's length (rows still in): no saving below K = 8
+                assert row.kv_bytes == row.batch * dyvte.prefill_kv_bytes(model.config, grown, shape.image_tokens, 8)

@@ -2,8 +2,8 @@
 
 Host syncs are counted by :class:`dyvte.syncs.SyncCounter` (a ``TorchFunctionMode``): every call of a reading
 function (``item``, ``tolist``, ``__bool__``, ``cpu``, ``nonzero``, ...), boolean-mask indexing, and every
-host-to-device copy made while a frame of the ``dyvte`` package is on the Python stack, i.e. by dyvte itself (hooks,
-policies, FastV's ranking) and not by transformers or ``generate``.
+host-to-device copy whose innermost caller outside torch is the ``dyvte`` package, i.e. dyvte itself (hooks,
+policies, FastV's ranking) and not transformers or ``generate``.
 """
 
 from __future__ import annotations

@@ -48,6 +48,8 @@ def main(
     batch_size: int = 100,
     output_dir: str = str(REPO_ROOT / "runs" / "report"),
     wallclock: str = "docs/wallclock.md",
+    mixed: str = "docs/mixed.md",
+    decode: str = "docs/decode.md",
     prompt_template: str | None = None,
 ) -> None:
     """Run every method and write the report.
@@ -68,6 +70,8 @@ def main(
         batch_size: rows per generate call.
         output_dir: where report.md and the PNGs go.
         wallclock: the Markdown table written by ``benchmarks/methods.py --output`` (included as is).
+        mixed: the mixed-exit batch prefill tables of ``benchmarks/mixed.py`` (included as is).
+        decode: the decode table of ``benchmarks/decode.py`` (included as is).
         prompt_template: prompt format string with {question} for a model without a chat template (dyvte.prompts).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -103,7 +107,18 @@ def main(
     mark = "calibrated" if compose_threshold is None else f"p={compose_threshold:g}"
     chosen = next(r for r in results if r.method.startswith("heads") and mark in r.method)
     plot_exit_layers(chosen, num_layers, out / "exit_layers.png")
-    text = render(results, again, targets, len(records), split, chosen.method, batch_size, wallclock)
+    text = render(
+        results,
+        again,
+        targets,
+        len(records),
+        split,
+        chosen.method,
+        batch_size,
+        wallclock,
+        mixed_path=mixed,
+        decode_path=decode,
+    )
     text = text.replace(PROMISE_MARK, promise(results, heads))
     (out / "report.md").write_text(text + "\n")
     print((out / "report.md").read_text())
@@ -160,6 +175,8 @@ def render(
     heads_name: str,
     batch_size: int,
     wallclock_path: str,
+    mixed_path: str = "docs/mixed.md",
+    decode_path: str = "docs/decode.md",
 ) -> str:
     """The report's Markdown (``results[0]`` is the full model; ``again`` is its second timed pass)."""
     full = results[0]
@@ -214,11 +231,11 @@ def render(
             "\n".join(rows),
             "",
             "Exit heads in a batch: each row exits at its own layer and its FLOPs and KV bytes are counted as if it "
-            "were served alone (batch 1, DyVTE's setting), but a batch's tensors stay as long as its longest row, so "
-            "batched per-sample exits shorten the computation only once every row has exited, and the heads' "
-            f"per-layer decision adds its own cost: their measured time in batches of {batch_size} is not what they "
-            "save when serving one request at a time. Static K, calibrated K and the pruning methods shorten "
-            "every row at once. The realistic-shape table below times the heads at batch 1.",
+            "were served alone (batch 1, DyVTE's setting); after an exit the later layers run each group of rows at "
+            "its own width (grouped execution, below), and the heads' per-layer decision adds its own cost, so their "
+            f"measured time in batches of {batch_size} on this tiny model is dominated by per-call costs. Static K, "
+            "calibrated K and the pruning methods shorten every row at once. The realistic-shape table below times "
+            "the heads at batch 1, and the mixed-exit section times a grouped batch.",
             "",
             "## Accuracy per question type",
             "",
@@ -235,8 +252,29 @@ def render(
             f"(`benchmarks/methods.py`, included from `{wallclock_path}`):",
             "",
             realistic,
+            "",
+            "## Mixed exits in a batch (grouped execution)",
+            "",
+            "A prefill whose rows leave at different layers runs each layer after an exit once per group of rows "
+            "(rows still in, rows that left), each at its own width (docs/design.md §4). "
+            f"`benchmarks/mixed.py`, included from `{mixed_path}`:",
+            "",
+            included(mixed_path, "benchmarks/mixed.py"),
+            "",
+            "## Decode",
+            "",
+            "Time per output token, tokens/s, KV bytes and peak memory per method and batch size, with the bytes a "
+            f"step reads and which of weights or KV bounds it. `benchmarks/decode.py`, included from `{decode_path}`:",
+            "",
+            included(decode_path, "benchmarks/decode.py"),
         ]
     )
+
+
+def included(path: str, script: str) -> str:
+    """The Markdown file at ``path`` as is, or a line saying it was not measured yet (never an invented figure)."""
+    file = Path(path)
+    return file.read_text().strip() if file.is_file() else f"(not measured yet: run `python {script}`)"
 
 
 def plot_exit_layers(result, num_layers: int, path: Path) -> None:
