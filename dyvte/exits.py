@@ -10,7 +10,8 @@ Label rules (``ok[K]``: "exiting at K is acceptable"):
 * ``agreement`` (default): ``match[K]``, the answer equals the full model's;
 * ``kl``: ``kl[K] <= eta``;
 * ``dyvte``: the paper's rule (argmax agreement > 99% of the gold answer's positions AND answer loss <= 1.03x the
-  full model's). On a confident model its loss clause fails even when the answer does not change (docs/report.md).
+  full model's). On a confident model its loss clause fails even when the answer does not change (the ablation in
+  checkpoints/README.md).
 
 Targets: head j (exit layer K = j + 1) learns ``safe_from[K]``: ``ok`` at K and at every later exit layer, the
 oracle's own target; ``dyvte-layer`` keeps the paper's per-layer target ``dyvte[K]`` (not monotone).
@@ -108,7 +109,8 @@ def outcome(columns: Mapping[str, np.ndarray], exits: torch.Tensor) -> dict[str,
     match = np.concatenate([match, np.ones((len(match), 1), dtype=bool)], axis=1)  # K = L: the full model itself
     rows = np.arange(len(exits))
     correct = np.asarray(columns["correct"], dtype=bool)
-    assert correct.shape[1] == num_layers + 1
+    if correct.shape[1] != num_layers + 1:
+        raise ValueError(f"correct: {num_layers + 1} columns (K = 0..L) expected, got {correct.shape[1]}")
     return {"agree": match[rows, exits], "correct": correct[rows, exits]}
 
 
