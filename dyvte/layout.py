@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_right", "take", "compose", "build_attention_mask", "slot_mask"]
+__all__ = ["pack_right", "take", "compose", "slot_mask"]
 
 
 def pack_right(keep: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -84,54 +84,6 @@ def take(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, index)
 
 
-def build_attention_mask(
-    q_cols: torch.Tensor,
-    q_valid: torch.Tensor,
-    k_cols: torch.Tensor,
-    k_valid: torch.Tensor,
-    *,
-    window: int | None,
-    kind: str,
-    dtype: torch.dtype,
-) -> torch.Tensor | None:
-    """Causal + padding (+ sliding-window) mask between query and key slots identified by original columns.
-
-    Columns are indices in the full (never withdrawn) sequence, so causality and sliding windows mean exactly what
-    they mean for the unmodified model. Invalid query slots attend to themselves only, so softmax stays finite.
-
-    Args:
-        q_cols: ``(B, Tq)`` original column of each query slot (``-1`` for padding slots).
-        q_valid: ``(B, Tq)`` bool, query slot holds a real token.
-        k_cols: ``(B, Tk)`` original column of each key slot; the last ``Tq`` key slots are the query slots.
-        k_valid: ``(B, Tk)`` bool, key slot holds a real (attendable) token.
-        window: sliding-window width (keys with ``q - k >= window`` are hidden), or ``None``.
-        kind: ``"sdpa"`` (bool mask, True = attend; may return ``None`` when plain causal) or ``"eager"`` (additive).
-        dtype: dtype of the additive mask for ``"eager"``.
-
-    Returns:
-        ``(B, 1, Tq, Tk)`` mask, or ``None`` when ``kind == "sdpa"`` and the mask is exactly SDPA's own causal one.
-    """
-    num_q, num_k = q_cols.shape[1], k_cols.shape[1]
-    diff = q_cols[:, :, None] - k_cols[:, None, :]  # (B, Tq, Tk)
-    allowed = k_valid[:, None, :] & (diff >= 0)
-    if window is not None:
-        allowed &= diff < window
-    self_slot = torch.arange(num_q, device=q_cols.device) + (num_k - num_q)  # key slot of each query
-    allowed[:, torch.arange(num_q, device=q_cols.device), self_slot] |= ~q_valid
-    if kind == "sdpa":
-        if bool(allowed.all()):
-            return None  # decode step with nothing hidden
-        if num_q == num_k and bool(q_valid.all()) and bool(k_valid.all()):
-            causal = torch.ones(num_q, num_k, dtype=torch.bool, device=allowed.device).tril()
-            if torch.equal(allowed, causal.expand_as(allowed)):
-                return None  # SDPA's is_causal fast path gives the same result
-        return allowed[:, None]
-    if kind == "eager":
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"unsupported mask kind {kind!r}")
-
-
 def slot_mask(
     q_cols: torch.Tensor,
     q_valid: torch.Tensor,
@@ -142,7 +94,10 @@ def slot_mask(
     kind: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """:func:`build_attention_mask` without host syncs: always an explicit mask, the query slots anywhere in the keys.
+    """Causal + padding (+ sliding-window) mask between query and key slots identified by original columns.
+
+    Columns are indices in the full (never withdrawn) sequence, so causality and sliding windows mean exactly what
+    they mean for the unmodified model. Always an explicit mask, the query slots anywhere among the keys.
 
     The engine's hot path: nothing is read back to the host (so the mask is never dropped for SDPA's implicit causal
     one, which would need a read), and no host position is used (an invalid query finds its own key slot by its
