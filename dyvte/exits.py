@@ -37,6 +37,7 @@ __all__ = [
     "calibrate_heads",
     "platt_scaling",
     "platt_thresholds",
+    "agrees_at",
     "disagreement_at",
     "LABEL_RULES",
     "RULE_ALIASES",
@@ -101,25 +102,29 @@ def first_exit(probs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return first + 1  # L - 1 + 1 = L when no head fires
 
 
+def agrees_at(match: np.ndarray, exits) -> np.ndarray:
+    """``(N,)`` bool: each sample's answer at its exit layer is the full model's (``match`` ``(N, L)``; K = L is the
+    full model itself)."""
+    match = np.asarray(match, dtype=bool)
+    exits = np.asarray(exits)
+    at_exit = match[np.arange(len(exits)), np.minimum(exits, match.shape[1] - 1)]
+    return at_exit | (exits == match.shape[1])
+
+
 def outcome(columns: Mapping[str, np.ndarray], exits: torch.Tensor) -> dict[str, np.ndarray]:
     """Per sample at its exit layer: ``agree`` (the full model's answer) and ``correct`` (the gold answer)."""
-    match = np.asarray(columns["match"], dtype=bool)
-    num_layers = match.shape[1]
     exits = np.asarray(exits)
-    match = np.concatenate([match, np.ones((len(match), 1), dtype=bool)], axis=1)  # K = L: the full model itself
-    rows = np.arange(len(exits))
     correct = np.asarray(columns["correct"], dtype=bool)
+    num_layers = np.asarray(columns["match"]).shape[1]
     if correct.shape[1] != num_layers + 1:
         raise ValueError(f"correct: {num_layers + 1} columns (K = 0..L) expected, got {correct.shape[1]}")
-    return {"agree": match[rows, exits], "correct": correct[rows, exits]}
+    return {"agree": agrees_at(columns["match"], exits), "correct": correct[np.arange(len(exits)), exits]}
 
 
 def disagreement_at(probs: torch.Tensor, match: np.ndarray, thresholds: torch.Tensor) -> tuple[int, float]:
     """``(disagreements, exit rate)`` of samples whose heads give ``probs`` (``(N, L-1)``) at ``thresholds``."""
     exits = first_exit(probs, thresholds).numpy()
-    full = np.concatenate([np.asarray(match, dtype=bool), np.ones((len(exits), 1), dtype=bool)], axis=1)
-    disagree = ~full[np.arange(len(exits)), exits]
-    return int(disagree.sum()), float((exits < full.shape[1] - 1).mean())
+    return int((~agrees_at(match, exits)).sum()), float((exits < probs.shape[1] + 1).mean())
 
 
 def platt_scaling(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:

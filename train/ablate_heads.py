@@ -37,9 +37,10 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dyvte.exits import calibrate_heads, first_exit, head_targets, outcome, safe_from  # noqa: E402
+from dyvte.exits import agrees_at, calibrate_heads, first_exit, head_targets, outcome  # noqa: E402
 from dyvte.heads import ExitHeadsConfig, head_inputs  # noqa: E402
 from dyvte.io import write_text_atomic  # noqa: E402
+from dyvte.labels import smallest_safe_layer  # noqa: E402
 from dyvte.risk import learn_then_test  # noqa: E402
 from dyvte.training import ExitHeadsModule, HeadTensorData, quiet_lightning, runs_dir  # noqa: E402
 
@@ -205,9 +206,7 @@ def relative_flops(columns: dict[str, np.ndarray], num_layers: int) -> np.ndarra
 
 def oracle_layers(columns: dict[str, np.ndarray]) -> np.ndarray:
     """Each sample's smallest K with the full model's answer at K and every later exit layer (L if none)."""
-    safe = safe_from(np.asarray(columns["match"], dtype=bool))  # (N, L)
-    num_layers = safe.shape[1]
-    return np.where(safe.any(1), safe.argmax(1), num_layers)
+    return smallest_safe_layer(torch.as_tensor(np.asarray(columns["match"], dtype=bool))).numpy()
 
 
 def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module:
@@ -220,9 +219,7 @@ def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module
         "train": (head_inputs(sub, extra), head_targets(sub, row.rule, row.eta)),
         "val": (head_inputs(caches["val"], extra), head_targets(caches["val"], row.rule, row.eta)),
     }
-    width = tensors["train"][0].shape[-1]
-    num_layers = tensors["train"][0].shape[1] + 1
-    hidden = (width - sum({"lens": 2, "attn": 1}[e] for e in row.extra)) // 2
+    num_layers, hidden = sub["match"].shape[1], sub["features"].shape[-1] // 2
     config = ExitHeadsConfig("llava", hidden, num_layers, extra_inputs=extra, label_rule=row.rule)
     L.seed_everything(seed, verbose=False)
     data = HeadTensorData(tensors["train"], tensors["val"], config)
@@ -288,10 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"| oracle (per-sample smallest safe K, test) | {oracle_accuracy:.3f} | 1.000 | 0 | {oracle:.3f} | 100% |",
     ]
     # static K, with the same promise: K walked down from L-1 while the disagreement is certified
-    calib_match = np.concatenate([calib["match"], np.ones((len(calib["match"]), 1), dtype=bool)], axis=1)
     ks = list(range(num_layers - 1, -1, -1))
     static = learn_then_test(
-        lambda k: (int((~calib_match[:, int(k)]).sum()), 1.0), len(calib_match), args.tolerance, args.delta, ks
+        lambda k: (int((~agrees_at(calib["match"], np.full(len(calib["match"]), int(k)))).sum()), 1.0),
+        len(calib["match"]),
+        args.tolerance,
+        args.delta,
+        ks,
     )
     k = num_layers if static.parameter is None else int(static.parameter)
     res = outcome(test, torch.full((len(flops),), k))
