@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .calibrate import kl_divergence, scored_positions
+from .compat import logits_of
 from .data import build_inputs
 from .evaluate import EvalResult
 from .registry import LORA_TARGETS, resolve
@@ -139,10 +140,10 @@ def adapt_loss(
     teacher = None
     if distill > 0:
         with torch.no_grad(), model.disable_adapter():
-            teacher = model(**inputs).logits  # (B, T, V) base model, nothing withdrawn
+            teacher = logits_of(model(**inputs))  # (B, T, V) base model, nothing withdrawn
     with withdraw(model, layer=exit_layers) as handle:
         out = model(**inputs, labels=labels)  # loss on the kept positions
-        logits = handle.to_input_positions(out.logits)  # (B, T, V), withdrawn positions zero
+        logits = handle.to_input_positions(logits_of(out))  # (B, T, V), withdrawn positions zero
     result = {"ce": out.loss}
     loss = out.loss
     if teacher is not None:

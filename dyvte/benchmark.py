@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
-from .compat import cache_out, cache_tensors
+from .compat import cache_out, cache_tensors, logits_of
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -278,7 +278,7 @@ def greedy_steps(
                 logits_to_keep=1,
                 **{name: cache},
             )
-            next_ids = pick(out.logits[:, -1])
+            next_ids = pick(logits_of(out)[:, -1])
             _sync(device)
             times.append(time.perf_counter() - start)
             tokens.append(next_ids)

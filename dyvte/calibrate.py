@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compat import logits_of
 from .io import write_text_atomic
 from .modes import eval_mode
 from .registry import resolve, unwrap
@@ -226,7 +227,7 @@ def _calibrate(
     model_inputs = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
     for batch, inputs in zip(batches, model_inputs, strict=True):
         mask = scored_positions(batch, positions)
-        full.append(model(**inputs).logits[mask].float())
+        full.append(logits_of(model(**inputs))[mask].float())
         masks.append(mask)
     rows = torch.cat([m.any(1) for m in masks])  # samples with at least one scored position
     num_samples = int(rows.sum())
@@ -238,7 +239,7 @@ def _calibrate(
         per_sample = []
         for inputs, mask, reference in zip(model_inputs, masks, full, strict=True):
             with withdraw(model, layer=layer) as handle:
-                logits = handle.to_input_positions(model(**inputs).logits)  # (B, T, V)
+                logits = handle.to_input_positions(logits_of(model(**inputs)))  # (B, T, V)
             kl = torch.zeros(mask.shape, dtype=torch.float32)
             kl[mask] = kl_divergence(logits[mask], reference)
             count = mask.sum(1)

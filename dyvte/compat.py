@@ -53,6 +53,9 @@ __all__ = [
     "cache_repeat_rows",
     "cache_resets",
     "call_names",
+    "hidden_states_of",
+    "logit_lens",
+    "logits_of",
     "chat_template",
     "check_cache",
     "keep_2d_masks",
@@ -66,11 +69,38 @@ INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK = "input_ids", "inputs_embeds", "attent
 POSITION_IDS, POSITION_EMBEDDINGS, HIDDEN_STATES = "position_ids", "position_embeddings", "hidden_states"
 MM_ENCODER_OUTPUTS = "mm_encoder_outputs"  # precomputed vision features that generate() hands to the prefill call
 USE_CACHE = "use_cache"
+LOGITS = "logits"  # output field of every model call
 TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
 LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)
 _DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that grow by concatenation
 _STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")  # pre-allocated; each layer counts its own length
 _LAYERS = _DYNAMIC_LAYERS + _STATIC_LAYERS  # cache layers whose layers may hold different lengths
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The ``logits`` field of a model call's output (``(B, T, V)``)."""
+    return output[LOGITS]
+
+
+def hidden_states_of(output: Any) -> tuple[torch.Tensor, ...]:
+    """The per-layer ``hidden_states`` of a call made with ``output_hidden_states=True``: ``L + 1`` tensors
+    ``(B, T, d)``, the embeddings first.
+
+    Raises:
+        CompatibilityError: the output carries none (the call did not ask, or a release renamed the field).
+    """
+    states = output.get(HIDDEN_STATES) if hasattr(output, "get") else None
+    if states is None:
+        raise CompatibilityError(
+            f"the model output has no {HIDDEN_STATES!r} (call the model with output_hidden_states=True); "
+            f"fields: {list(output.keys()) if hasattr(output, 'keys') else type(output).__name__}"
+        )
+    return states
+
+
+def logit_lens(model: nn.Module, decoder: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(final norm, LM head)`` of a model: the modules that turn a decoder layer's output into logits."""
+    return decoder.norm, model.get_output_embeddings()
 
 
 class CompatibilityError(RuntimeError):

@@ -53,6 +53,7 @@ from .compat import (
     cache_resets,
     check_cache,
     keep_2d_masks,
+    logits_of,
     seal_cache,
 )
 from .grouping import RowGroup, row_index, wrap_forward
@@ -457,7 +458,7 @@ class Withdrawal:
             self._layouts.clear()
             self._cache_ref = None
         if fwd.labels is not None:
-            output["loss"] = self._loss(output.logits, fwd.labels)
+            output["loss"] = self._loss(logits_of(output), fwd.labels)
         return output
 
     # --------------------------------------------------------------------------------------------- layer hooks

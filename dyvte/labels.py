@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import check_positive_int
-from .compat import HIDDEN_STATES, POSITION_EMBEDDINGS
+from .compat import HIDDEN_STATES, POSITION_EMBEDDINGS, hidden_states_of, logit_lens, logits_of
 from .data import build_inputs, iter_batches
 from .heads import head_features
 from .modes import eval_mode
@@ -174,7 +174,7 @@ def _extras(
     no rotary embeddings)."""
     from .fastv import last_token_attention
 
-    norm, head = spec.decoder.norm, model.get_output_embeddings()
+    norm, head = logit_lens(model, spec.decoder)
     batch = torch.arange(rows, device=visual.device)
     slots = torch.arange(visual.shape[1], device=visual.device)[None]
     allowed = valid[:rows] & (slots <= final[:, None])
@@ -259,30 +259,28 @@ def label_batch(
         out = model(**forced, output_hidden_states=True)
     finally:
         probe.remove()
+    full_logits, states = logits_of(out), hidden_states_of(out)  # (B', T, V), L + 1 x (B', T, d)
     visual = torch.isin(forced["input_ids"], visual_ids)
     valid = forced["attention_mask"].bool()
     final = _final_prompt_slot(labels)
     features = torch.stack(
-        [
-            head_features(out.hidden_states[j + 1][:rows], visual[:rows], valid[:rows], final[:rows])
-            for j in range(num_layers - 1)
-        ],
+        [head_features(states[j + 1][:rows], visual[:rows], valid[:rows], final[:rows]) for j in range(num_layers - 1)],
         dim=1,
     )  # (B, L-1, 2d)
-    extras = _extras(spec, model, out.hidden_states, probe, visual, valid, final[:rows], rows)
+    extras = _extras(spec, model, states, probe, visual, valid, final[:rows], rows)
     g = torch.tensor(gold_row, device=device)
     match = torch.ones(rows, num_layers, dtype=torch.bool)
     correct = torch.ones(rows, num_layers + 1, dtype=torch.bool)
     kl = torch.zeros(rows, num_layers)
     paper = torch.ones(rows, num_layers, dtype=torch.bool)
-    correct[:, num_layers] = _answer_argmax_equal(out.logits[g], labels[g])
+    correct[:, num_layers] = _answer_argmax_equal(full_logits[g], labels[g])
     for layer in range(num_layers):
         with withdraw(model, layer=layer) as handle:
-            withdrawn = handle.to_input_positions(model(**forced).logits)  # (B', T, V)
+            withdrawn = handle.to_input_positions(logits_of(model(**forced)))  # (B', T, V)
         match[:, layer] = _answer_argmax_equal(withdrawn[:rows], labels[:rows])
-        kl[:, layer] = answer_kl(out.logits[:rows], withdrawn[:rows], labels[:rows])
+        kl[:, layer] = answer_kl(full_logits[:rows], withdrawn[:rows], labels[:rows])
         correct[:, layer] = _answer_argmax_equal(withdrawn[g], labels[g])
-        paper[:, layer] = exit_safe(out.logits[g], withdrawn[g], labels[g], agree, loss_ratio)
+        paper[:, layer] = exit_safe(full_logits[g], withdrawn[g], labels[g], agree, loss_ratio)
     tokens = prompt["attention_mask"].sum(1).cpu()
     return {
         "features": features.float().cpu().numpy(),
@@ -435,8 +433,8 @@ def _on_the_fly_labels(
     rows = [spec.num_layers] * batch + [layer] * batch  # first copy: full model, second: withdrawn at K
     with withdraw(model, layer=rows) as handle:
         out = model(**doubled, output_hidden_states=True)
-        logits = handle.to_input_positions(out.logits)  # (2B, T, V)
+        logits = handle.to_input_positions(logits_of(out))  # (2B, T, V)
     visual = torch.isin(inputs["input_ids"], spec.visual_ids)
-    hidden = out.hidden_states[layer][:batch]  # output of layer K-1 for the full copies: (B, T, d)
+    hidden = hidden_states_of(out)[layer][:batch]  # output of layer K-1 for the full copies: (B, T, d)
     features = head_features(hidden, visual, inputs["attention_mask"].bool(), _final_prompt_slot(labels))
     return features, exit_safe(logits[:batch], logits[batch:], labels, agree, loss_ratio)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .compat import hidden_states_of, logits_of
 from .data import build_inputs
 from .heads import head_features
 from .labels import exit_safe
@@ -71,13 +72,14 @@ def fresh_labels(
     doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with eval_mode(model, "on-the-fly labels"), withdraw(model, layer=[num_layers] * batch + list(layers)) as handle:
         out = model(**doubled, output_hidden_states=True)
-        logits = handle.to_input_positions(out.logits)  # (2B, T, V)
+        logits = handle.to_input_positions(logits_of(out))  # (2B, T, V)
+    states = hidden_states_of(out)
     safe = exit_safe(logits[:batch], logits[batch:], labels, agree, loss_ratio)  # (B,)
     visual = torch.isin(inputs["input_ids"], spec.visual_ids.to(device))  # (B, T)
     valid = inputs["attention_mask"].bool()
     final = (labels != -100).long().argmax(1) - 1  # (B,) the slot before each row's first answer token
     features = torch.stack(
-        [head_features(out.hidden_states[j + 1][:batch], visual, valid, final) for j in range(num_layers - 1)], dim=1
+        [head_features(states[j + 1][:batch], visual, valid, final) for j in range(num_layers - 1)], dim=1
     )  # (B, L-1, 2d): the full copies' states, unchanged by the other rows' exits
     heads = torch.tensor([int(k) - 1 for k in layers])
     mask = torch.zeros(batch, num_layers - 1)

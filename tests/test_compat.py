@@ -20,6 +20,8 @@ from dyvte.compat import (
     cache_out,
     call_names,
     check_cache,
+    hidden_states_of,
+    logits_of,
 )
 from dyvte.registry import resolve
 
@@ -175,3 +177,17 @@ def test_no_deprecated_transformers_name_is_read(llava, monkeypatch, recwarn):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=use_cache)
     assert not [m for m in said if "deprecated" in m]
     assert not [w for w in recwarn if "deprecated" in str(w.message)]
+
+
+def test_output_fields_are_read_through_compat_and_a_missing_one_is_named():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    logits = torch.zeros(1, 2, 3)
+    out = CausalLMOutputWithPast(logits=logits)
+    assert logits_of(out) is logits
+    with pytest.raises(
+        CompatibilityError, match=r"no 'hidden_states' \(call the model with output_hidden_states=True\)"
+    ):
+        hidden_states_of(out)
+    states = (torch.zeros(1, 2, 4),) * 3
+    assert hidden_states_of(CausalLMOutputWithPast(logits=logits, hidden_states=states)) is states
