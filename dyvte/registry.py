@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import CallNames, attn_implementation, call_names
+from .compat import CallNames, attn_implementation, call_names, check_deepstack
 
 __all__ = [
     "AttentionNames",
@@ -99,6 +99,9 @@ class Family:
         attention: names of the decoder layers' attention pieces.
         vision: names of the vision encoder's pieces.
         lora_targets: the decoder projections LoRA adapts by default.
+        deepstack: the text decoder adds vision features to the hidden states at the visual positions after each
+            of its first layers (Qwen3-VL's DeepStack); the engine then applies them itself, to the visual tokens
+            still present (docs/design.md §4, "DeepStack").
     """
 
     decoder_path: str
@@ -108,6 +111,7 @@ class Family:
     attention: AttentionNames = field(default_factory=AttentionNames)
     vision: VisionNames = field(default_factory=VisionNames)
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    deepstack: bool = False
 
 
 REGISTRY: dict[str, Family] = {
@@ -120,6 +124,10 @@ REGISTRY: dict[str, Family] = {
     "gemma3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
     "idefics3": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "smolvlm": Family("model.text_model", ("image_token_id",), "model.vision_model"),
+    "qwen3_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual", deepstack=True),
+    "qwen3_vl_moe": Family(
+        "model.language_model", ("image_token_id", "video_token_id"), "model.visual", deepstack=True
+    ),
 }
 
 
@@ -253,6 +261,8 @@ def resolve(model: nn.Module) -> ModelSpec:
     ids = [int(i) for i in ids if i is not None]
     if not ids:
         raise UnsupportedModelError(f"{type(model).__name__}'s config has none of {family.visual_id_attrs} set.")
+    if family.deepstack:
+        check_deepstack(decoder)
     text_config = decoder.config
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(layers)
     window = getattr(text_config, "sliding_window", None)

@@ -73,6 +73,8 @@ FAMILIES: list[str] = [
     "gemma3",
     "idefics3",
     "smolvlm",
+    "qwen3_vl",
+    "qwen3_vl_moe",
 ]
 
 #: Text decoder sizes shared by all families.
@@ -96,9 +98,12 @@ IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
     "gemma3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "idefics3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "smolvlm": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+    "qwen3_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "qwen3_vl_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
 }
 #: Families whose placeholder count per image depends on the image size.
 DYNAMIC_RESOLUTION: list[str] = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"]
+DYNAMIC_RESOLUTION += ["qwen3_vl", "qwen3_vl_moe"]
 #: Pinpoints for the anyres families (LLaVA-NeXT, LLaVA-OneVision).
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -154,6 +159,7 @@ _FAMILY_SPECIALS: dict[str, tuple[dict[str, str | None], dict[str, str], list[st
     "smolvlm": (_BASIC, {**_IDEFICS_EXTRA, "video_token": "<video>"}, _ROW_COL),
 }
 _FAMILY_SPECIALS["qwen2_5_vl"] = _FAMILY_SPECIALS["qwen2_vl"]
+_FAMILY_SPECIALS["qwen3_vl"] = _FAMILY_SPECIALS["qwen3_vl_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
 
 #: Placeholder string a prompt carries once per image, per family (the processor expands it).
 PROMPT_IMAGE_TOKEN: dict[str, str] = {
@@ -166,6 +172,8 @@ PROMPT_IMAGE_TOKEN: dict[str, str] = {
     "gemma3": "<start_of_image>",
     "idefics3": "<image>",
     "smolvlm": "<image>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
 }
 
 
@@ -425,6 +433,8 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
             proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tk, image_seq_len=16)
         else:
             proc = tf.SmolVLMProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_len=16)
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
+        config, proc = _build_qwen3_vl(family, tk, text, img_mean)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if "video_processor" in inspect.signature(type(proc).__init__).parameters:
@@ -432,6 +442,51 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
         # back as ``video_processor=None`` by ``from_pretrained`` (SmolVLM's ``__init__`` requires the argument).
         proc.video_processor = None
     return config, proc
+
+
+#: Qwen3-VL's tiny vision tower: 3 blocks, each feeding one DeepStack level, so the 3 injections after decoder
+#: layers 0, 1, 2 cover every exit layer K = 0..3 of the 4-layer decoder.
+QWEN3_DEEPSTACK = [0, 1, 2]
+#: Qwen3-VL-MoE's tiny routed FFN: 4 experts of width 32, 2 per token, every layer sparse.
+QWEN3_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
+
+
+def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict[str, Any]):
+    """``(config, processor)`` of a tiny Qwen3-VL (dense) or Qwen3-VL-MoE with DeepStack and interleaved mrope."""
+    import transformers as tf
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = {**text, "head_dim": TEXT_HIDDEN // TEXT_HEADS, "rope_parameters": rope}
+    vision_kwargs = {
+        "depth": len(QWEN3_DEEPSTACK),
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "num_heads": VISION_HEADS,
+        "out_hidden_size": TEXT_HIDDEN,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": QWEN3_DEEPSTACK,
+    }
+    if family == "qwen3_vl":
+        cfg_cls, text_cfg, vision = tf.Qwen3VLConfig, tf.Qwen3VLTextConfig(**text), tf.Qwen3VLVisionConfig
+    else:
+        cfg_cls, vision = tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeVisionConfig
+        text_cfg = tf.Qwen3VLMoeTextConfig(**text, **QWEN3_MOE)
+    config = cfg_cls(
+        text_config=text_cfg,
+        vision_config=vision(**vision_kwargs),
+        image_token_id=tk.image_token_id,
+        video_token_id=tk.video_token_id,
+        vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    ip = tf.Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+    )
+    return config, tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
 
 
 _MODEL_CLASSES = {
@@ -444,6 +499,8 @@ _MODEL_CLASSES = {
     "gemma3": "Gemma3ForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 
 
