@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature
 
-from .tiny_models import PROMPT_IMAGE_TOKEN, WORDS, make_image
+from .tiny_models import PROMPT_IMAGE_TOKEN, make_image, make_prompt
 
 FPS = 2.0  # frames per second the tiny videos are taken at (Qwen3-VL's timestamps, Qwen2.5-VL's second_per_grid_ts)
 VIDEO_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
@@ -66,15 +66,11 @@ def video_prompt(family: str, processor: Any, grid: Sequence[int]) -> str:
     start, end, pad = "<|vision_start|>", "<|vision_end|>", tokenizer.video_token
     steps, height, width = grid
     per_step = height * width // processor.image_processor.merge_size**2
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):  # Qwen3-VL and Qwen3-VL-MoE
         temporal = processor.image_processor.temporal_patch_size
         seconds = [(i * temporal + (temporal - 1) / 2) / FPS for i in range(steps)]  # mean time of each step's frames
         return "".join(f"<{s:.1f} seconds>{start}{pad * per_step}{end}" for s in seconds)
     return start + pad * (steps * per_step) + end
-
-
-def _rng(seed: int, row_id: int, salt: int) -> np.random.Generator:
-    return np.random.default_rng([seed, row_id, salt])
 
 
 def make_video_batch(
@@ -92,14 +88,15 @@ def make_video_batch(
         rows: per row, its visual items in prompt order: ``("image", (h, w))`` or ``("video", (frames, h, w))``;
             ``[]`` is a text-only row.
         row_ids: index each row's content is drawn from (default ``range(len(rows))``): a row's words, pixels and
-            frames depend only on ``(seed, row_id)``, so a row alone equals that row of the batch.
+            frames depend only on ``(seed, row_id)``, so a row alone equals that row of the batch; words and images
+            are those of :func:`tests.tiny_models.make_batch`.
     """
     ids = list(range(len(rows))) if row_ids is None else list(row_ids)
     image_processor, tokenizer = processor.image_processor, processor.tokenizer
     merge = image_processor.merge_size**2
     texts, images, videos, grids = [], [], [], []
     for row, row_id in zip(rows, ids, strict=True):
-        rng, pixels = _rng(seed, row_id, 0), _rng(seed, row_id, 1)
+        pixels = np.random.default_rng([seed + 7919, row_id])  # tiny_models.make_row_images' generator
         parts = []
         for kind, size in row:
             if kind == "image":
@@ -116,7 +113,7 @@ def make_video_batch(
                 parts.append(video_prompt(family, processor, grid))
             else:
                 raise ValueError(f"unknown item kind {kind!r}; expected 'image' or 'video'")
-        words = " ".join(WORDS[int(j)] for j in rng.integers(0, len(WORDS), size=2 + 3 * row_id))
+        words = make_prompt(family, [], row_id, seed)  # the words make_batch gives this row
         texts.append(" ".join([*parts, words]).replace("\0", tokenizer.image_token))
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, padding=True, return_tensors="pt")
