@@ -7,6 +7,8 @@ test_grouping, test_prune, test_compat); video rows in ``tests/test_video_qwen.p
   the masking-oracle test at every K, K inside the DeepStack range included, can fail), and without the engine's
   handling a withdrawal inside that range breaks the model's own injection;
 - M-RoPE: layers after an exit get the kept tokens' original 3-D rotary tables;
+- exit heads (DyVTE): never firing is the unmodified model, a head firing at j is static K = j + 1, and heads that
+  send rows out at different layers (grouped) equal each row alone;
 - ``remove()`` takes the DeepStack hooks away too; FasterVLM / random are refused by name; static cache decoding;
 - analytic prefill FLOPs equal ``FlopCounterMode`` at every K, dense and routed-MoE layers (mixed too).
 """
@@ -24,6 +26,7 @@ from dyvte import registry
 from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
+from .test_heads import constant_heads
 from .tiny_models import QWEN3_DEEPSTACK, make_batch, make_tiny
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]
@@ -145,6 +148,34 @@ def test_static_cache_after_mixed_exits_equals_dynamic(tiny):
             out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
         runs.append(out[:, -NEW_TOKENS:])
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_exit_heads(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    with dyvte.withdraw(model, heads=constant_heads(model, None)) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base) and handle.exit_layers.tolist() == [4, 4, 4]
+    for head in (0, 2):  # inside the DeepStack range
+        with dyvte.withdraw(model, layer=head + 1), torch.no_grad():
+            static = model(**inputs).logits
+        with dyvte.withdraw(model, heads=constant_heads(model, head)) as handle, torch.no_grad():
+            assert torch.equal(model(**inputs).logits, static) and handle.exit_layers.tolist() == [head + 1] * 3
+    torch.manual_seed(3)
+    heads = dyvte.ExitHeads.for_model(model).eval()
+    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
+        for head in heads.heads:
+            head[3].weight.mul_(30.0)
+            head[3].bias.fill_(-1.0)
+    with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
+        last = model(**inputs).logits[:, -1]
+        exits = handle.exit_layers.tolist()
+        assert len(set(exits)) > 1, f"rows should leave at different layers, got {exits}"
+        for row in range(len(ROWS)):
+            alone = dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
+            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert handle.exit_layers.tolist() == [exits[row]]
 
 
 def flop_model(family: str, **text):
