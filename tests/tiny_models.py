@@ -24,6 +24,10 @@ image; "placeholder" = the token id the model scatters vision features into; see
   head_dim 16): ``position_ids`` are 3-D; in generate they are 4xBxL. Qwen2.5-VL's vision tower uses window
   attention (window 16 px) in layer 0 and full attention in the last layer. The processor also returns
   ``mm_token_type_ids``.
+- ``qwen3_vl`` / ``qwen3_vl_moe``: Qwen2-VL's processor setup (patch 4, merge 2: 16 / 24 / 24 / 36), head_dim 16,
+  interleaved mrope ``[2, 3, 3]``; a 3-block vision tower whose blocks all feed DeepStack
+  (:data:`QWEN3_DEEPSTACK`: additions after decoder layers 0, 1, 2); the MoE decoder routes every layer over 4
+  experts of width 32, 2 per token (:data:`QWEN3_MOE`; transformers' default ``grouped_mm`` experts kernel).
 - ``internvl``: 32 px tiles, patch 4, pixel-shuffle 0.5 -> 16 ``<IMG_CONTEXT>`` per tile; dynamic tiling as in real
   InternVL (``crop_to_patches=True``, 1-4 tiles + a thumbnail tile when more than one): 16 / 48 / 48 / 80. Each
   image is wrapped in ``<img>``/``</img>``, separate tokens that are *not* placeholders.
