@@ -144,9 +144,9 @@ class ForwardState:
         cols: ``(T,)`` the original column of each of the call's tokens, on the device (layer hooks read it instead
             of ``past``, so a compiled decode step depends on no host count).
         exited_rows: ``(B,)`` bool on the device, mirroring ``exited`` (``None`` until a row leaves).
-        deepstack: DeepStack families: the model's ``(B, T)`` visual-position mask and its per-layer features
-            (``(N_visual, D)`` each, in the mask's row-major order) that the engine adds after the first layers
-            (``None`` when the call has none).
+        deepstack: DeepStack families: the model's ``(B, T)`` visual-position mask, each position's ``(B, T)`` row
+            in the features, and the per-layer features (``(N_visual, D)`` each, in the mask's row-major order) that
+            the engine adds after the first layers (``None`` when the call has none).
     """
 
     batch: int
@@ -172,7 +172,7 @@ class ForwardState:
     rotary: dict[Any, Any] = field(default_factory=dict)
     labels: torch.Tensor | None = None
     groups: dict[tuple[bool, ...], list[RowGroup] | None] = field(default_factory=dict)  # exit set -> row groups
-    deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+    deepstack: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
 
 
 class Withdrawal:
@@ -491,13 +491,15 @@ class Withdrawal:
                 f"{(fwd.batch, fwd.num_tokens)}"
             )
         kwargs = {k: v for k, v in kwargs.items() if k not in (DEEPSTACK_MASK, DEEPSTACK_EMBEDS)}
-        fwd.deepstack = (mask.bool(), list(embeds))
+        mask = mask.bool()
+        rank = mask.flatten().cumsum(0).view(mask.shape) - 1  # (B, T) row of each visual position's feature
+        fwd.deepstack = (mask, rank, list(embeds))
         return args, kwargs
 
     def _make_deepstack_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             fwd = self._fwd
-            if fwd is None or fwd.deepstack is None or index >= len(fwd.deepstack[1]):
+            if fwd is None or fwd.deepstack is None or index >= len(fwd.deepstack[2]):
                 return None
             if isinstance(output, torch.Tensor):
                 return self._add_deepstack(fwd, output, *fwd.deepstack, index)
@@ -506,22 +508,32 @@ class Withdrawal:
         return hook
 
     def _add_deepstack(
-        self, fwd: ForwardState, hidden: torch.Tensor, mask: torch.Tensor, embeds: list[torch.Tensor], index: int
+        self,
+        fwd: ForwardState,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        rank: torch.Tensor,
+        embeds: list[torch.Tensor],
+        index: int,
     ) -> torch.Tensor:
         """``hidden`` (B, T', D) in the current layout plus layer ``index``'s DeepStack features at every visual
         token still present (every one before an exit; FastV's kept ones after it), as the decoder adds them.
 
-        Sync-free: every other slot adds an exact zero, so a row that never leaves is the model's own result.
+        ``mask`` (B, T): the model's visual positions; ``rank`` (B, T): each one's row in ``embeds[index]``.
+        Sync-free: every other slot adds an exact zero, so a row that never leaves is the model's own result; a copy
+        is made only if a tensor sits on another device or dtype (checked on the host).
         """
-        mask = mask.to(hidden.device)  # (B, T)
-        rank = mask.flatten().cumsum(0).view(mask.shape) - 1  # (B, T) row of each visual position's feature
+        if mask.device != hidden.device:
+            mask, rank = mask.to(hidden.device), rank.to(hidden.device)
         if fwd.idx is not None:
             slots = fwd.idx.clamp(min=0)  # (B, T')
             present = (fwd.idx >= 0) & mask.gather(1, slots)
             rank = rank.gather(1, slots)
         else:
             present = mask
-        feats = embeds[index].to(hidden.device, hidden.dtype)  # (N, D)
+        feats = embeds[index]  # (N, D)
+        if feats.device != hidden.device or feats.dtype != hidden.dtype:
+            feats = feats.to(hidden.device, hidden.dtype)
         feats = torch.cat([feats, feats.new_zeros(1, feats.shape[-1])])  # row N: zero, for every other slot
         return hidden + feats[torch.where(present, rank, feats.shape[0] - 1)]  # (B, T', D)
 

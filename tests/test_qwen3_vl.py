@@ -9,6 +9,8 @@ test_grouping, test_prune, test_compat); video rows in ``tests/test_video_qwen.p
 - M-RoPE: layers after an exit get the kept tokens' original 3-D rotary tables;
 - exit heads (DyVTE): never firing is the unmodified model, a head firing at j is static K = j + 1, and heads that
   send rows out at different layers (grouped) equal each row alone;
+- the DeepStack hooks read nothing on the host: one read per prefill for planned exits, none without an exit, none
+  per decode step (docs/design.md §4, "Hot path");
 - ``remove()`` takes the DeepStack hooks away too; FasterVLM / random are refused by name; static cache decoding;
 - analytic prefill FLOPs equal ``FlopCounterMode`` at every K, dense and routed-MoE layers (mixed too).
 """
@@ -26,6 +28,7 @@ from dyvte import registry
 from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
+from .test_engine import STEPS, count_syncs
 from .test_heads import constant_heads
 from .tiny_models import QWEN3_DEEPSTACK, make_batch, make_tiny
 
@@ -118,6 +121,15 @@ def test_mrope_tables_are_the_kept_tokens_original_ones(tiny):
     assert torch.equal(seen["withdrawn"][valid], expected[valid])
     renumbered = full.gather(1, torch.arange(positions.shape[1])[None, :, None].expand_as(expected))
     assert not torch.equal(renumbered[valid], expected[valid])
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_host_syncs_are_those_of_every_family(tiny, cache):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    for layer, prefill in ((1, 1), ([1, 3, 0], 1), (resolve(model).num_layers, 0)):
+        with dyvte.withdraw(model, layer=layer):
+            assert count_syncs(model, inputs, cache_implementation=cache) == [prefill] + [0] * STEPS, layer
 
 
 def test_remove_takes_the_deepstack_hooks_away(tiny):
