@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dyvte
 from dyvte import registry
+from dyvte.compat import CompatibilityError, check_deepstack
 from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
@@ -139,6 +140,30 @@ def test_remove_takes_the_deepstack_hooks_away(tiny):
         assert spec.decoder._forward_pre_hooks and all(layer._forward_hooks for layer in spec.layers)
     assert not spec.decoder._forward_pre_hooks
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in spec.layers)
+
+
+def test_deepstack_errors_are_clear(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    spec = resolve(model)
+
+    class Renamed(torch.nn.Module):
+        def forward(self, inputs_embeds=None, visual_positions=None, deepstack_visual_embeds=None):
+            return inputs_embeds
+
+    with pytest.raises(CompatibilityError, match="visual_pos_masks"):
+        check_deepstack(Renamed())
+
+    def shorten(module, args, kwargs):  # runs before dyvte's hook: positions that no longer fit the call
+        return args, {**kwargs, "visual_pos_masks": kwargs["visual_pos_masks"][:, 1:]}
+
+    hook = spec.decoder.register_forward_pre_hook(shorten, with_kwargs=True, prepend=True)
+    try:
+        with dyvte.withdraw(model, layer=1), torch.no_grad(), pytest.raises(dyvte.WithdrawalError, match="DeepStack"):
+            model(**inputs)
+    finally:
+        hook.remove()
+    assert not spec.decoder._forward_pre_hooks
 
 
 @pytest.mark.parametrize("method", ["fastervlm", "random"])
