@@ -125,8 +125,12 @@ REGISTRY: dict[str, Family] = {
     "idefics3": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "smolvlm": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "qwen3_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual", deepstack=True),
-    "qwen3_vl_moe": Family(
-        "model.language_model", ("image_token_id", "video_token_id"), "model.visual", deepstack=True
+    "qwen3_vl_moe": Family(  # LoRA: attention only (the routed experts are fused 3-D parameters, not Linears)
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.visual",
+        lora_targets=LORA_TARGETS[:4],
+        deepstack=True,
     ),
 }
 
