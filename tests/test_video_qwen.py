@@ -7,7 +7,8 @@ Withdrawal removes ``<|video_pad|>`` tokens exactly like ``<|image_pad|>`` ones 
   image-only rows;
 - withdrawal at every K equals the masking oracle (SDPA and eager), video tokens leave the residual stream;
 - ``generate`` with the cache equals ``generate`` without it;
-- a left-padded mixed batch equals each row alone, for one static K and for per-row K (a mixed exit, grouped).
+- a left-padded mixed batch equals each row alone, for one static K and for per-row K (a mixed exit, grouped);
+- FastV ranks video tokens like image ones and equals the masking oracle of the tokens it prunes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dyvte
 from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
+from .test_prune import check_fastv_equals_masking_oracle
 from .tiny_models import make_batch, make_image, make_tiny
 from .video_inputs import VIDEO_FAMILIES, make_video_batch, video_pixels
 
@@ -154,3 +156,8 @@ def test_never_withdraw_is_identity_with_video(tiny):
         base = model(**inputs).logits
     with dyvte.withdraw(model, layer=resolve(model).num_layers), torch.no_grad():
         assert torch.equal(model(**inputs).logits, base)
+
+
+def test_fastv_prunes_video_tokens_exactly(tiny):
+    family, model, processor = tiny
+    check_fastv_equals_masking_oracle(model, encode(processor, family), layer=1, ratio=0.5)
