@@ -8,6 +8,7 @@ Withdrawal removes ``<|video_pad|>`` tokens exactly like ``<|image_pad|>`` ones 
 - withdrawal at every K equals the masking oracle (SDPA and eager), video tokens leave the residual stream;
 - ``generate`` with the cache equals ``generate`` without it;
 - a left-padded mixed batch equals each row alone, for one static K and for per-row K (a mixed exit, grouped);
+- exit heads that send video rows out at different layers equal each row alone;
 - FastV ranks video tokens like image ones and equals the masking oracle of the tokens it prunes.
 """
 
@@ -161,3 +162,22 @@ def test_never_withdraw_is_identity_with_video(tiny):
 def test_fastv_prunes_video_tokens_exactly(tiny):
     family, model, processor = tiny
     check_fastv_equals_masking_oracle(model, encode(processor, family), layer=1, ratio=0.5)
+
+
+def test_exit_heads_on_video_rows_equal_rows_alone(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    torch.manual_seed(3)
+    heads = dyvte.ExitHeads.for_model(model).eval()
+    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
+        for head in heads.heads:
+            head[3].weight.mul_(30.0)
+            head[3].bias.fill_(-1.0)
+    with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
+        last = model(**inputs).logits[:, -1]
+        exits = handle.exit_layers.tolist()
+        assert len(set(exits)) > 1, f"rows should leave at different layers, got {exits}"
+        for row in range(len(ROWS)):
+            alone = encode(processor, family, only=row)
+            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert handle.exit_layers.tolist() == [exits[row]]
