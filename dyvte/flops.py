@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrefillFlops", "prefill_flops", "prefill_kv_bytes", "layer_flops"]
+__all__ = ["PrefillFlops", "prefill_flops", "prefill_kv_bytes", "layer_flops", "relative_flops_per_exit"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,23 @@ def prefill_flops(
     if scalar:
         return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)
     return PrefillFlops(withdrawn, full, ratio, convention)
+
+
+def relative_flops_per_exit(config, num_tokens, num_visual) -> torch.Tensor:
+    """``(B, L+1)`` float64: each row's prefill FLOPs at exit layer K = 0..L relative to its full model (detailed).
+
+    Args:
+        config: the model config (multimodal or text).
+        num_tokens: ``(B,)`` tokens per row (padding excluded).
+        num_visual: ``(B,)`` visual tokens per row.
+    """
+    tokens, visual = torch.as_tensor(num_tokens), torch.as_tensor(num_visual)
+    num_layers = _text_config(config).num_hidden_layers
+    full = prefill_flops(config, tokens, visual).full
+    per_exit = [
+        prefill_flops(config, tokens, visual, torch.full_like(tokens, k)).flops / full for k in range(num_layers + 1)
+    ]
+    return torch.stack(per_exit, dim=1).double()  # (B, L+1)
 
 
 def prefill_kv_bytes(
