@@ -47,7 +47,9 @@ class AttentionNames:
     Attributes:
         norm: the layer's input norm; attention: its attention module; query / key: the projections;
         query_norm / key_norm: per-head norms (read only when present); head_dim / scaling / softcap: attributes of
-        the attention module (``softcap`` only when present).
+        the attention module (``softcap`` only when present); rotary: how the layer rotates q/k by ``(cos, sin)``,
+        ``"half"`` (Llama's ``rotate_half``) or ``"interleaved"`` (GLM's pairs ``(x0, x1)``); either way only the
+        first ``cos.shape[-1]`` channels rotate (partial rotary).
     """
 
     norm: str = "input_layernorm"
@@ -59,6 +61,7 @@ class AttentionNames:
     head_dim: str = "head_dim"
     scaling: str = "scaling"
     softcap: str = "attn_logit_softcapping"
+    rotary: str = "half"
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,15 @@ REGISTRY: dict[str, Family] = {
     "gemma3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
     "idefics3": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "smolvlm": Family("model.text_model", ("image_token_id",), "model.vision_model"),
+    "mistral3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
+    "glm4v": Family(
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.visual",
+        attention=AttentionNames(rotary="interleaved"),
+    ),
+    "video_llava": Family("model.language_model", ("image_token_id", "video_token_id"), "model.image_tower"),
+    "llava_next_video": Family("model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower"),
 }
 
 
