@@ -102,6 +102,10 @@ class Family:
         attention: names of the decoder layers' attention pieces.
         vision: names of the vision encoder's pieces.
         lora_targets: the decoder projections LoRA adapts by default.
+        video_features: how ``get_video_features`` lays out its output, for pruning video frames before the LLM:
+            ``"frames"`` (one view per frame: the encoder's tokens, [CLS] first, which stays: Video-LLaVA), or
+            ``None`` (pruning refuses video inputs).
+        video_path: dotted path of the video encoder when it is not the one at ``vision_path`` (Video-LLaVA).
     """
 
     decoder_path: str
@@ -111,6 +115,8 @@ class Family:
     attention: AttentionNames = field(default_factory=AttentionNames)
     vision: VisionNames = field(default_factory=VisionNames)
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    video_features: str | None = None
+    video_path: str | None = None
 
 
 REGISTRY: dict[str, Family] = {
@@ -130,8 +136,17 @@ REGISTRY: dict[str, Family] = {
         "model.visual",
         attention=AttentionNames(rotary="interleaved"),
     ),
-    "video_llava": Family("model.language_model", ("image_token_id", "video_token_id"), "model.image_tower"),
-    "llava_next_video": Family("model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower"),
+    "video_llava": Family(
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.image_tower",
+        "views",
+        video_features="frames",
+        video_path="model.video_tower",
+    ),
+    "llava_next_video": Family(
+        "model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower", "anyres"
+    ),
 }
 
 
@@ -166,9 +181,21 @@ def _anyres(model: nn.Module, arguments: dict[str, Any], features: list[torch.Te
     return [p.squeeze(-1).round().long() for p in packed]  # (n_i,) each
 
 
+def _frames(model: nn.Module, arguments: dict[str, Any], features: list[torch.Tensor], grid: tuple[int, int, int]):
+    """Video-LLaVA's videos: entry ``i`` is frame ``i`` (videos x frames, in order) with every encoder token; its
+    [CLS] feature (token 0) always stays (``-1``), patch ``p`` is encoder token ``p`` of that frame."""
+    seq_len, _, _ = grid
+    out = []
+    for i, f in enumerate(features):
+        index = i * seq_len + torch.arange(f.shape[0])
+        index[0] = -1  # the [CLS] feature: kept, like LLaVA-NeXT's newlines
+        out.append(index)  # (S,)
+    return out
+
+
 FeatureLayout = Callable[[nn.Module, dict[str, Any], list[torch.Tensor], tuple[int, int, int]], list[torch.Tensor]]
 
-FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres}
+FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres, "frames": _frames}
 """``Family.image_features`` -> ``layout(model, get_image_features arguments, per-image features, (S, offset, N))``
 giving, per image, the flat encoder-token index (``view * S + token``) of each feature entry (``-1``: a newline)."""
 
