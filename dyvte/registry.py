@@ -25,6 +25,7 @@ __all__ = [
     "Family",
     "LORA_TARGETS",
     "ModelSpec",
+    "REFUSED",
     "REGISTRY",
     "UnsupportedModelError",
     "VisionNames",
@@ -148,6 +149,15 @@ REGISTRY: dict[str, Family] = {
         "model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower", "anyres"
     ),
 }
+
+
+REFUSED: dict[str, str] = {
+    "glm4v_moe": (
+        "its decoder's MoE layers route each token to a few of many experts, which dyvte.prefill_flops does not "
+        "count (its figures assume one gated FFN per layer); withdrawal itself is not tested on it"
+    ),
+}
+"""Families dyvte knows about but refuses, with the reason the refusal states (``resolve`` raises it)."""
 
 
 def _views(model: nn.Module, arguments: dict[str, Any], features: list[torch.Tensor], grid: tuple[int, int, int]):
@@ -274,6 +284,11 @@ def resolve(model: nn.Module) -> ModelSpec:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = REGISTRY.get(model_type)
+    if model_type in REFUSED:
+        raise UnsupportedModelError(
+            f"dyvte does not support model_type={model_type!r} ({type(model).__name__}): {REFUSED[model_type]}. "
+            f"Supported families: {', '.join(supported_model_types())}."
+        )
     if family is None:
         raise UnsupportedModelError(
             f"dyvte does not support model_type={model_type!r} ({type(model).__name__}). "
