@@ -29,6 +29,11 @@ token per grid row; each view (the base view, each grid crop) is pruned on its o
 per image after the model's own packing (we locate every packed entry by running the model's ``pack_image_features``
 on patch indices) and newline tokens are always kept, so the row structure the newlines encode survives.
 
+Video frames (Video-LLaVA, registry ``video_features="frames"``): ``get_video_features`` is wrapped the same way;
+each frame is a view ranked by its own [CLS] attention in the video tower, and its [CLS] feature (which Video-LLaVA
+feeds the LLM) stays. Other families' videos are refused under pruning; encoders without a [CLS] token are refused
+at ``prune()`` (docs/design.md §2).
+
 Budgets: ``ratio=R`` keeps ``max(1, floor((1 - R) * n + 0.5))`` of a view's ``n`` patches; ``keep=k`` keeps ``k``
 of a full view's ``N`` patches, i.e. ``max(1, floor(n * k / N + 0.5))`` of an unpadded crop's ``n``.
 """
@@ -608,7 +613,8 @@ def prune(
             out = model.generate(**inputs)
 
     Args:
-        model: a supported transformers model (``fastervlm`` / ``random``: LLaVA-1.5, LLaVA-NeXT; ``fastv``: every
+        model: a supported transformers model (``fastervlm`` / ``random``: LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video's
+            images, Video-LLaVA's images and video frames; ``fastv``: every
             family of ``dyvte.supported_model_types()``).
         method: ``"fastervlm"``, ``"random"`` or ``"fastv"``.
         keep: patches kept per image view (``fastervlm`` / ``random``), in ``[1, N]``.
