@@ -37,6 +37,17 @@ image; "placeholder" = the token id the model scatters vision features into; see
   splitting (``do_image_splitting=False``): 16 / 16 / 16 / 16 (images are resized to longest edge 32 and padded;
   ``pixel_attention_mask`` is returned). Each image is ``<fake_token_around_image><global-img>`` + 16 x
   ``<image>`` + ``<fake_token_around_image>``. SmolVLM needs ``num2words``.
+- ``mistral3``: Pixtral tower (no [CLS], 2-D rotary), patch 4, spatial merge 2: one ``[IMG]`` per 8x8 pixels,
+  16 / 24 / 24 / 36, plus an ``[IMG_BREAK]`` after each row and ``[IMG_END]`` last (text tokens). Mistral decoder.
+  ``PixtralProcessor`` is imported through a shim (:func:`_pixtral_processor_class`; it needs torchvision otherwise).
+- ``glm4v``: patch 4, merge 2, temporal patch 2: 16 / 24 / 24 / 36 ``<|image|>`` between ``<|begin_of_image|>`` /
+  ``<|end_of_image|>``; 3-D rotary (``mrope_section=[1, 1, 2]``), partial rotary 0.5 with GLM's interleaved
+  rotation; the processor returns ``mm_token_type_ids``. Video frames are ``<|image|>`` tokens too.
+- ``video_llava``: separate CLIP image and video towers, 32 px / patch 8: 16 ``<image>`` per image ([CLS] dropped),
+  17 ``<video>`` per video frame ([CLS] kept). Pixels: ``pixel_values_images``.
+- ``llava_next_video``: LLaVA-NeXT's anyres images (36 / 46 / 44 / 88); video frames pooled 2x2: 4 ``<video>`` each.
+- Videos (Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision, GLM-4V) go through ``dyvte.video.FramesVideoProcessor``
+  (``tests/test_video.py``).
 
 Quirk common to the video-slot processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, SmolVLM): without
 torchvision they cannot even be built with ``video_processor=None``, nor saved or reloaded;
