@@ -458,10 +458,7 @@ class Pruning:
                 "its videos: its video features are not one feature per encoder patch (registry: video_features). "
                 "Pass the video without pruning, or use method='fastv'"
             )
-        encoded = {
-            m.key: self._encode(m, kwargs) if self._video is not None or m.key == "image" else None
-            for m in self._modalities
-        }
+        encoded = {m.key: self._encode(m, kwargs) for m in self._modalities}
         if input_ids is None:
             if any(v is not None for v in encoded.values()):
                 raise PruneError("dyvte.prune needs input_ids to find the image placeholders (not inputs_embeds)")
