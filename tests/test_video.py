@@ -7,6 +7,7 @@ torchvision). On Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision and GLM-4V, with
 - ``generate`` with the KV cache equals ``generate`` without it;
 - a left-padded batch of an image row, two video rows, a text-only row and a row with an image and a video equals
   each row alone (static K and per-row K);
+- K = L is the unhooked model, ``remove()`` restores it, and mixed exits run grouped equal the whole batch;
 - the video helper's layouts: GLM-4V's temporal patches hold frame ``g * t + i`` in slot ``i`` of group ``g``, and a
   still image's patches are the image processor's own.
 """
@@ -162,3 +163,39 @@ def test_video_helper_refuses_bad_input() -> None:
         frames([[1, 2]])
     with pytest.raises(ValueError, match="fps"):
         FramesVideoProcessor(processor.image_processor, fps=0)
+
+
+def test_never_withdrawing_is_the_unhooked_model_and_remove_restores(tiny: Any) -> None:
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    spec = resolve(model)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_tokens = greedy(model, inputs)
+    with dyvte.withdraw(model, layer=spec.num_layers) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+        assert torch.equal(greedy(model, inputs), base_tokens)
+        assert handle.output_positions is None
+    handle = dyvte.withdraw(model, layer=1)
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[1] < base.shape[1]
+    handle.remove()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert all(not layer._forward_pre_hooks and "forward" not in vars(layer) for layer in spec.layers)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+
+
+def test_grouped_mixed_exits_equal_the_whole_batch(tiny: Any) -> None:
+    """Rows leaving at different layers run grouped (docs/design.md §4); the result is the ungrouped batch's."""
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    exits = [1, 3, 0, 4, 2]
+    runs = []
+    for grouped in (True, False):
+        with dyvte.withdraw(model, layer=exits) as handle, torch.no_grad():
+            handle.grouped = grouped
+            runs.append((model(**inputs).logits[:, -1], greedy(model, inputs), greedy(model, inputs, use_cache=False)))
+    (last, cached, plain), (ref_last, ref_cached, _) = runs
+    torch.testing.assert_close(last, ref_last, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cached, ref_cached) and torch.equal(cached, plain), family
