@@ -10,6 +10,13 @@ Two conventions, both counted per decoder layer for ``n`` tokens, hidden ``d``, 
 * ``"paper"``: the FastV/VTW-style multiply-add count ``4 n d^2 + 2 n^2 d + 3 n d m`` per layer (full MHA, gated FFN,
   no LM head), for comparison with published tables.
 
+Mixture-of-experts decoders (Qwen3-VL-MoE: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+``decoder_sparse_step``, ``mlp_only_layers``): a sparse layer's FFN is what runs, the router ``2 * n * d * E`` plus
+``top_k`` routed experts per token ``2 * 3 * n * top_k * d * m_moe`` ("paper": ``3 * n * d * top_k * m_moe``, no
+router). FlopCounterMode counts the same when the experts run as per-expert matmuls
+(``experts_implementation="eager"``); transformers' default ``grouped_mm`` kernel is not counted by it (only the
+router is). DeepStack's additions (Qwen3-VL) are elementwise and not counted, by either.
+
 Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``
 (plus ``visual_after`` visual tokens that stay, as in FastV). Pruning before the LLM (FasterVLM, random) is counted by
 passing the token and visual counts the LLM actually received; relative figures then need the unpruned model's
@@ -71,13 +78,28 @@ def _rows(num_layers: int, num_tokens, num_visual, exit_layer, visual_after):
     return scalar, n, v, k, after
 
 
-def layer_flops(config, num_tokens: torch.Tensor, convention: str = "detailed") -> torch.Tensor:
-    """FLOPs of one decoder layer on ``num_tokens`` tokens (float64 tensor, elementwise)."""
+def _sparse(cfg, index: int | None) -> bool:
+    """Whether decoder layer ``index`` runs a routed mixture-of-experts FFN (Qwen3-MoE-style config fields)."""
+    experts = getattr(cfg, "num_experts", None) or 0
+    if index is None or experts <= 0 or getattr(cfg, "moe_intermediate_size", None) is None:
+        return False
+    step = getattr(cfg, "decoder_sparse_step", None) or 1
+    return index not in (getattr(cfg, "mlp_only_layers", None) or []) and (index + 1) % step == 0
+
+
+def layer_flops(
+    config, num_tokens: torch.Tensor, convention: str = "detailed", index: int | None = None
+) -> torch.Tensor:
+    """FLOPs of decoder layer ``index`` on ``num_tokens`` tokens (float64 tensor, elementwise); ``index`` matters
+    only for mixture-of-experts decoders (``None``: a dense layer)."""
     cfg = _text_config(config)
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
     d = cfg.hidden_size
     m = cfg.intermediate_size
     heads, kv_heads, head_dim = _attention_dims(cfg)
+    sparse = _sparse(cfg, index)
+    if sparse:
+        m = cfg.num_experts_per_tok * cfg.moe_intermediate_size  # the experts a token runs, side by side
     if convention == "paper":
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
     if convention != "detailed":
@@ -86,6 +108,8 @@ def layer_flops(config, num_tokens: torch.Tensor, convention: str = "detailed") 
     k_v = 2 * (2 * n * d * kv_heads * head_dim)  # k and v projections (GQA)
     attention = 2 * (2 * n * n * heads * head_dim)  # scores and weighted sum
     ffn = 2 * 3 * n * d * m  # gate, up, down
+    if sparse:
+        ffn = ffn + 2 * n * d * cfg.num_experts  # the router
     return q_o + k_v + attention + ffn
 
 
@@ -118,9 +142,16 @@ def prefill_flops(
     num_layers = cfg.num_hidden_layers
     scalar, n, v, k, after = _rows(num_layers, num_tokens, num_visual, exit_layer, visual_after)
     head = 0.0 if convention == "paper" else 2.0 * lm_head_tokens * cfg.hidden_size * cfg.vocab_size
-    full = num_layers * layer_flops(cfg, n, convention) + head
-    late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
-    withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * late + head
+    if not any(_sparse(cfg, index) for index in range(num_layers)):
+        full = num_layers * layer_flops(cfg, n, convention) + head
+        late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
+        withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * late + head
+    else:  # layers differ (dense / routed FFN): sum them
+        full = withdrawn = head
+        for index in range(num_layers):
+            every = layer_flops(cfg, n, convention, index)
+            full = full + every
+            withdrawn = withdrawn + torch.where(k > index, every, layer_flops(cfg, n - v + after, convention, index))
     ratio = withdrawn / full
     if scalar:
         return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import CallNames, attn_implementation, call_names
+from .compat import CallNames, attn_implementation, call_names, check_deepstack
 
 __all__ = [
     "AttentionNames",
@@ -103,6 +103,9 @@ class Family:
         attention: names of the decoder layers' attention pieces.
         vision: names of the vision encoder's pieces.
         lora_targets: the decoder projections LoRA adapts by default.
+        deepstack: the text decoder adds vision features to the hidden states at the visual positions after each
+            of its first layers (Qwen3-VL's DeepStack); the engine then applies them itself, to the visual tokens
+            still present (docs/design.md §4, "DeepStack").
         video_features: how ``get_video_features`` lays out its output, for pruning video frames before the LLM:
             ``"frames"`` (one view per frame: the encoder's tokens, [CLS] first, which stays: Video-LLaVA), or
             ``None`` (pruning refuses video inputs).
@@ -116,6 +119,7 @@ class Family:
     attention: AttentionNames = field(default_factory=AttentionNames)
     vision: VisionNames = field(default_factory=VisionNames)
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    deepstack: bool = False
     video_features: str | None = None
     video_path: str | None = None
 
@@ -130,6 +134,14 @@ REGISTRY: dict[str, Family] = {
     "gemma3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
     "idefics3": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "smolvlm": Family("model.text_model", ("image_token_id",), "model.vision_model"),
+    "qwen3_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual", deepstack=True),
+    "qwen3_vl_moe": Family(  # LoRA: attention only (the routed experts are fused 3-D parameters, not Linears)
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.visual",
+        lora_targets=LORA_TARGETS[:4],
+        deepstack=True,
+    ),
     "mistral3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
     "glm4v": Family(
         "model.language_model",
@@ -153,8 +165,8 @@ REGISTRY: dict[str, Family] = {
 
 REFUSED: dict[str, str] = {
     "glm4v_moe": (
-        "its decoder's MoE layers route each token to a few of many experts, which dyvte.prefill_flops does not "
-        "count (its figures assume one gated FFN per layer); withdrawal itself is not tested on it"
+        "dyvte.prefill_flops counts Qwen3-style MoE decoders (routed experts only), not GLM-4V-MoE's dense first "
+        "layers (first_k_dense_replace) and shared experts, and withdrawal is not tested on it"
     ),
 }
 """Families dyvte knows about but refuses, with the reason the refusal states (``resolve`` raises it)."""
@@ -307,6 +319,8 @@ def resolve(model: nn.Module) -> ModelSpec:
     ids = [int(i) for i in ids if i is not None]
     if not ids:
         raise UnsupportedModelError(f"{type(model).__name__}'s config has none of {family.visual_id_attrs} set.")
+    if family.deepstack:
+        check_deepstack(decoder)
     text_config = decoder.config
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(layers)
     window = getattr(text_config, "sliding_window", None)

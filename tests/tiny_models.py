@@ -24,6 +24,10 @@ image; "placeholder" = the token id the model scatters vision features into; see
   head_dim 16): ``position_ids`` are 3-D; in generate they are 4xBxL. Qwen2.5-VL's vision tower uses window
   attention (window 16 px) in layer 0 and full attention in the last layer. The processor also returns
   ``mm_token_type_ids``.
+- ``qwen3_vl`` / ``qwen3_vl_moe``: Qwen2-VL's processor setup (patch 4, merge 2: 16 / 24 / 24 / 36), head_dim 16,
+  interleaved mrope ``[2, 3, 3]``; a 3-block vision tower whose blocks all feed DeepStack
+  (:data:`QWEN3_DEEPSTACK`: additions after decoder layers 0, 1, 2); the MoE decoder routes every layer over 4
+  experts of width 32, 2 per token (:data:`QWEN3_MOE`; transformers' default ``grouped_mm`` experts kernel).
 - ``internvl``: 32 px tiles, patch 4, pixel-shuffle 0.5 -> 16 ``<IMG_CONTEXT>`` per tile; dynamic tiling as in real
   InternVL (``crop_to_patches=True``, 1-4 tiles + a thumbnail tile when more than one): 16 / 48 / 48 / 80. Each
   image is wrapped in ``<img>``/``</img>``, separate tokens that are *not* placeholders.
@@ -84,6 +88,8 @@ FAMILIES: list[str] = [
     "gemma3",
     "idefics3",
     "smolvlm",
+    "qwen3_vl",
+    "qwen3_vl_moe",
     "mistral3",
     "glm4v",
     "video_llava",
@@ -111,6 +117,8 @@ IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
     "gemma3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "idefics3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "smolvlm": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+    "qwen3_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "qwen3_vl_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
     "mistral3": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
     "glm4v": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
     "video_llava": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
@@ -118,6 +126,7 @@ IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
 }
 #: Families whose placeholder count per image depends on the image size.
 DYNAMIC_RESOLUTION: list[str] = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"]
+DYNAMIC_RESOLUTION += ["qwen3_vl", "qwen3_vl_moe"]
 DYNAMIC_RESOLUTION += ["mistral3", "glm4v", "llava_next_video"]
 #: Pinpoints for the anyres families (LLaVA-NeXT, LLaVA-OneVision).
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
@@ -186,6 +195,7 @@ _FAMILY_SPECIALS: dict[str, tuple[dict[str, str | None], dict[str, str], list[st
     "llava_next_video": (_BASIC, {"image_token": "<image>", "video_token": "<video>"}, []),
 }
 _FAMILY_SPECIALS["qwen2_5_vl"] = _FAMILY_SPECIALS["qwen2_vl"]
+_FAMILY_SPECIALS["qwen3_vl"] = _FAMILY_SPECIALS["qwen3_vl_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
 
 #: Placeholder string a prompt carries once per image, per family (the processor expands it).
 PROMPT_IMAGE_TOKEN: dict[str, str] = {
@@ -198,6 +208,8 @@ PROMPT_IMAGE_TOKEN: dict[str, str] = {
     "gemma3": "<start_of_image>",
     "idefics3": "<image>",
     "smolvlm": "<image>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
     "mistral3": "[IMG]",
     "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
     "video_llava": "<image>",
@@ -647,6 +659,8 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
             proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tk, image_seq_len=16)
         else:
             proc = tf.SmolVLMProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_len=16)
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
+        config, proc = _build_qwen3_vl(family, tk, text, img_mean)
     elif family in _MORE_BUILDERS:
         config, proc = _MORE_BUILDERS[family](tf, tk, text, img_mean)
     else:
@@ -656,6 +670,51 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
         # back as ``video_processor=None`` by ``from_pretrained`` (SmolVLM's ``__init__`` requires the argument).
         proc.video_processor = None
     return config, proc
+
+
+#: Qwen3-VL's tiny vision tower: 3 blocks, each feeding one DeepStack level, so the 3 injections after decoder
+#: layers 0, 1, 2 cover every exit layer K = 0..3 of the 4-layer decoder.
+QWEN3_DEEPSTACK = [0, 1, 2]
+#: Qwen3-VL-MoE's tiny routed FFN: 4 experts of width 32, 2 per token, every layer sparse.
+QWEN3_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
+
+
+def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict[str, Any]):
+    """``(config, processor)`` of a tiny Qwen3-VL (dense) or Qwen3-VL-MoE with DeepStack and interleaved mrope."""
+    import transformers as tf
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = {**text, "head_dim": TEXT_HIDDEN // TEXT_HEADS, "rope_parameters": rope}
+    vision_kwargs = {
+        "depth": len(QWEN3_DEEPSTACK),
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "num_heads": VISION_HEADS,
+        "out_hidden_size": TEXT_HIDDEN,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": QWEN3_DEEPSTACK,
+    }
+    if family == "qwen3_vl":
+        cfg_cls, text_cfg, vision = tf.Qwen3VLConfig, tf.Qwen3VLTextConfig(**text), tf.Qwen3VLVisionConfig
+    else:
+        cfg_cls, vision = tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeVisionConfig
+        text_cfg = tf.Qwen3VLMoeTextConfig(**text, **QWEN3_MOE)
+    config = cfg_cls(
+        text_config=text_cfg,
+        vision_config=vision(**vision_kwargs),
+        image_token_id=tk.image_token_id,
+        video_token_id=tk.video_token_id,
+        vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    ip = tf.Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+    )
+    return config, tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
 
 
 _MODEL_CLASSES = {
@@ -668,6 +727,8 @@ _MODEL_CLASSES = {
     "gemma3": "Gemma3ForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
     "glm4v": "Glm4vForConditionalGeneration",
     "video_llava": "VideoLlavaForConditionalGeneration",
