@@ -25,7 +25,6 @@ __all__ = [
     "Family",
     "LORA_TARGETS",
     "ModelSpec",
-    "REFUSED",
     "REGISTRY",
     "UnsupportedModelError",
     "VisionNames",
@@ -160,16 +159,10 @@ REGISTRY: dict[str, Family] = {
     "llava_next_video": Family(
         "model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower", "anyres"
     ),
-}
-
-
-REFUSED: dict[str, str] = {
-    "glm4v_moe": (
-        "dyvte.prefill_flops counts Qwen3-style MoE decoders (routed experts only), not GLM-4V-MoE's dense first "
-        "layers (first_k_dense_replace) and shared experts, and withdrawal is not tested on it"
+    "glm4v_moe": Family(  # LoRA: attention only, as qwen3_vl_moe (the routed experts are fused 3-D parameters)
+        "model.language_model", ("image_token_id", "video_token_id"), "model.visual", lora_targets=LORA_TARGETS[:4]
     ),
 }
-"""Families dyvte knows about but refuses, with the reason the refusal states (``resolve`` raises it)."""
 
 
 def _views(model: nn.Module, arguments: dict[str, Any], features: list[torch.Tensor], grid: tuple[int, int, int]):
@@ -296,11 +289,6 @@ def resolve(model: nn.Module) -> ModelSpec:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     family = REGISTRY.get(model_type)
-    if model_type in REFUSED:
-        raise UnsupportedModelError(
-            f"dyvte does not support model_type={model_type!r} ({type(model).__name__}): {REFUSED[model_type]}. "
-            f"Supported families: {', '.join(supported_model_types())}."
-        )
     if family is None:
         raise UnsupportedModelError(
             f"dyvte does not support model_type={model_type!r} ({type(model).__name__}). "

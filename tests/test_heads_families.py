@@ -23,7 +23,7 @@ from .test_video import encode as encode_video
 from .test_video import rows_of
 from .tiny_models import make_batch, make_tiny
 
-FAMILIES = ["mistral3", "video_llava", "llava_next_video", "llava_onevision", "glm4v"]
+FAMILIES = ["mistral3", "video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
 IMAGE_ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 48)]]
 NEW = 3
 

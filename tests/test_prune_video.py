@@ -158,7 +158,12 @@ def test_llava_next_video_prunes_images_and_refuses_videos() -> None:
 
 @pytest.mark.parametrize(
     ("family", "encoder"),
-    [("mistral3", "PixtralVisionModel"), ("glm4v", "Glm4vVisionModel"), ("llava_onevision", "SiglipVision\\w*")],
+    [
+        ("mistral3", "PixtralVisionModel"),
+        ("glm4v", "Glm4vVisionModel"),
+        ("glm4v_moe", "Glm4vMoeVisionModel"),
+        ("llava_onevision", "SiglipVision\\w*"),
+    ],
 )
 def test_encoders_without_cls_are_refused_by_name(family: str, encoder: str) -> None:
     model, _ = make_tiny(family, num_layers=2)
@@ -168,7 +173,7 @@ def test_encoders_without_cls_are_refused_by_name(family: str, encoder: str) -> 
     assert not model._forward_pre_hooks
 
 
-@pytest.mark.parametrize("family", ["glm4v", "mistral3", "video_llava"])
+@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe", "mistral3", "video_llava"])
 def test_fastv_ranking_equals_eager_attention(family: str) -> None:
     """GLM-4V rotates interleaved pairs of the first half of each head (partial rotary): FastV's recomputed row
     equals the model's own eager attention there too, on image rows (and video rows where the family has them)."""
@@ -186,7 +191,7 @@ def test_fastv_ranking_equals_eager_attention(family: str) -> None:
     torch.testing.assert_close(handle.scores[visual], reference[visual], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["video_llava", "llava_next_video", "llava_onevision", "glm4v"])
+@pytest.mark.parametrize("family", ["video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"])
 def test_fastv_on_video_rows_equals_masking_oracle(family: str) -> None:
     model, processor = make_tiny(family)
     inputs = encode(attach_frames_video_processor(processor), family)

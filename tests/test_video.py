@@ -26,17 +26,18 @@ from dyvte.video import FramesVideoProcessor, attach_frames_video_processor
 from .oracle import oracle_logits, visual_mask
 from .tiny_models import PROMPT_IMAGE_TOKEN, WORDS, make_row_images, make_tiny
 
-VIDEO_FAMILIES = ["video_llava", "llava_next_video", "llava_onevision", "glm4v"]
+VIDEO_FAMILIES = ["video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
 #: Per row: (image sizes, number of video frames); 0 frames = no video. Rows 1 and 4: the same video length.
 ROWS: list[tuple[list[tuple[int, int]], int]] = [([(32, 32)], 0), ([], 4), ([], 0), ([(48, 32)], 4), ([], 4)]
-#: GLM-4V's own model cannot take images and videos in one call: its video frames are image placeholders, and it
-#: scatters the image features into every one of them (transformers 5.19-5.24: "Image features and image tokens do
-#: not match"). Its batch mixes videos of different lengths (temporal patches are concatenated) and text.
+#: GLM-4V's (and GLM-4V-MoE's) own model cannot take images and videos in one call: its video frames are image
+#: placeholders, and it scatters the image features into every one of them (transformers 5.19-5.24: "Image features
+#: and image tokens do not match"). Its batch mixes videos of different lengths (temporal patches are concatenated)
+#: and text.
 GLM_ROWS: list[tuple[list[tuple[int, int]], int]] = [([], 2), ([], 4), ([], 0), ([], 6), ([], 4)]
 
 
 def rows_of(family: str) -> list[tuple[list[tuple[int, int]], int]]:
-    return GLM_ROWS if family == "glm4v" else ROWS
+    return GLM_ROWS if family.startswith("glm4v") else ROWS
 
 
 FRAME = (32, 32)
@@ -46,7 +47,7 @@ TOL = 2e-6
 
 def video_placeholder(processor: Any, family: str) -> str:
     """What a prompt carries once per video (GLM-4V wraps its placeholder in video start/end tokens)."""
-    if family == "glm4v":
+    if family.startswith("glm4v"):
         return "<|begin_of_video|><|video|><|end_of_video|>"
     return processor.video_token
 

@@ -47,6 +47,8 @@ image; "placeholder" = the token id the model scatters vision features into; see
 - ``glm4v``: patch 4, merge 2, temporal patch 2: 16 / 24 / 24 / 36 ``<|image|>`` between ``<|begin_of_image|>`` /
   ``<|end_of_image|>``; 3-D rotary (``mrope_section=[1, 1, 2]``), partial rotary 0.5 with GLM's interleaved
   rotation; the processor returns ``mm_token_type_ids``. Video frames are ``<|image|>`` tokens too.
+- ``glm4v_moe``: GLM-4V's processor and counts; decoder layer 0 dense, layers 1+ route over 4 experts of width 32, 2
+  per token, plus a shared expert (:data:`GLM_MOE`); rotate-half partial rotary.
 - ``video_llava``: separate CLIP image and video towers, 32 px / patch 8: 16 ``<image>`` per image ([CLS] dropped),
   17 ``<video>`` per video frame ([CLS] kept). Pixels: ``pixel_values_images``.
 - ``llava_next_video``: LLaVA-NeXT's anyres images (36 / 46 / 44 / 88); video frames pooled 2x2: 4 ``<video>`` each.
@@ -94,6 +96,7 @@ FAMILIES: list[str] = [
     "glm4v",
     "video_llava",
     "llava_next_video",
+    "glm4v_moe",
 ]
 
 #: Text decoder sizes shared by all families.
@@ -123,11 +126,12 @@ IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
     "glm4v": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
     "video_llava": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "llava_next_video": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
+    "glm4v_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
 }
 #: Families whose placeholder count per image depends on the image size.
 DYNAMIC_RESOLUTION: list[str] = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"]
 DYNAMIC_RESOLUTION += ["qwen3_vl", "qwen3_vl_moe"]
-DYNAMIC_RESOLUTION += ["mistral3", "glm4v", "llava_next_video"]
+DYNAMIC_RESOLUTION += ["mistral3", "glm4v", "llava_next_video", "glm4v_moe"]
 #: Pinpoints for the anyres families (LLaVA-NeXT, LLaVA-OneVision).
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -196,6 +200,7 @@ _FAMILY_SPECIALS: dict[str, tuple[dict[str, str | None], dict[str, str], list[st
 }
 _FAMILY_SPECIALS["qwen2_5_vl"] = _FAMILY_SPECIALS["qwen2_vl"]
 _FAMILY_SPECIALS["qwen3_vl"] = _FAMILY_SPECIALS["qwen3_vl_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
+_FAMILY_SPECIALS["glm4v_moe"] = _FAMILY_SPECIALS["glm4v"]
 
 #: Placeholder string a prompt carries once per image, per family (the processor expands it).
 PROMPT_IMAGE_TOKEN: dict[str, str] = {
@@ -214,6 +219,7 @@ PROMPT_IMAGE_TOKEN: dict[str, str] = {
     "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
     "video_llava": "<image>",
     "llava_next_video": "<image>",
+    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
 }
 
 
@@ -391,13 +397,35 @@ def _build_mistral3(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: 
     return config, proc
 
 
-def _build_glm4v(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+#: GLM-4V-MoE's tiny decoder: layer 0 dense, later layers route over 4 experts of width 32, 2 per token, plus one
+#: shared expert.
+GLM_MOE = {
+    "moe_intermediate_size": 32,
+    "num_experts_per_tok": 2,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+}
+
+
+def _build_glm4v(
+    tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, moe: bool = False
+) -> tuple[Any, Any]:
     """GLM-4V: patch 4, merge 2 -> one <|image|> per 8x8 pixels between <|begin_of_image|>/<|end_of_image|>;
-    3-D (mrope) positions; partial rotary (half the head dim), interleaved pairs; extra post-norms per layer."""
+    3-D (mrope) positions; partial rotary (half the head dim), interleaved pairs; extra post-norms per layer.
+    ``moe``: GLM-4V-MoE (:data:`GLM_MOE`; rotate-half rotary, no post-norms), same processor."""
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
-    config = tf.Glm4vConfig(
-        text_config=tf.Glm4vTextConfig(**{k: v for k, v in text.items() if k != "bos_token_id"}, rope_parameters=rope),
-        vision_config=tf.Glm4vVisionConfig(
+    text = {k: v for k, v in text.items() if k != "bos_token_id"}
+    if moe:
+        cfg_cls, text_cfg, vision_cls = tf.Glm4vMoeConfig, tf.Glm4vMoeTextConfig, tf.Glm4vMoeVisionConfig
+        text = {**text, **GLM_MOE}
+    else:
+        cfg_cls, text_cfg, vision_cls = tf.Glm4vConfig, tf.Glm4vTextConfig, tf.Glm4vVisionConfig
+    config = cfg_cls(
+        text_config=text_cfg(**text, rope_parameters=rope),
+        vision_config=vision_cls(
             depth=VISION_LAYERS,
             hidden_size=VISION_HIDDEN,
             intermediate_size=VISION_INTERMEDIATE,
@@ -485,6 +513,7 @@ _MORE_BUILDERS = {
     "glm4v": _build_glm4v,
     "video_llava": _build_video_llava,
     "llava_next_video": _build_llava_next_video,
+    "glm4v_moe": lambda tf, tk, text, img_mean: _build_glm4v(tf, tk, text, img_mean, moe=True),
 }
 
 
@@ -733,6 +762,7 @@ _MODEL_CLASSES = {
     "glm4v": "Glm4vForConditionalGeneration",
     "video_llava": "VideoLlavaForConditionalGeneration",
     "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+    "glm4v_moe": "Glm4vMoeForConditionalGeneration",
 }
 
 
