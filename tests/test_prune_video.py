@@ -3,7 +3,8 @@
 - Video-LLaVA: FasterVLM prunes every video frame on its own by that frame's [CLS] attention (the frame's [CLS]
   feature stays), and its images like LLaVA-1.5's; the result equals the model fed the pruned features by hand;
   counts follow the documented budget; cache == no cache; a mixed batch equals its rows alone; KV bytes.
-- LLaVA-NeXT-Video: its images are pruned like LLaVA-NeXT's; its videos (2x2-pooled features) are refused.
+- LLaVA-NeXT-Video: its images are pruned like LLaVA-NeXT's (and run through ``tests/test_prune.py``'s LLaVA tests);
+  its videos (2x2-pooled features) are refused.
 - Encoders without [CLS] (Pixtral, GLM-4V's, SigLIP) are refused by name.
 - FastV: its ranking equals eager attention on GLM-4V (interleaved, partial rotary) and Mistral3; on video rows it
   equals the masking oracle of its pruned keys, and cache == no cache.
