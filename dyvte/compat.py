@@ -34,6 +34,7 @@ __all__ = [
     "INPUT_IDS",
     "LAYER_ARGS",
     "MM_ENCODER_OUTPUTS",
+    "PIXEL_ARGS",
     "POSITION_EMBEDDINGS",
     "POSITION_IDS",
     "TOP_ARGS",
@@ -71,6 +72,12 @@ CACHE_NAMES: tuple[str, ...] = ("cache", "past_key_values")  # newest spelling f
 INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK = "input_ids", "inputs_embeds", "attention_mask"
 POSITION_IDS, POSITION_EMBEDDINGS, HIDDEN_STATES = "position_ids", "position_embeddings", "hidden_states"
 MM_ENCODER_OUTPUTS = "mm_encoder_outputs"  # precomputed vision features that generate() hands to the prefill call
+# the pixel arguments of a model call, per modality: Video-LLaVA's image pixels are `pixel_values_images` up to
+# transformers 5.22 and `pixel_values` from 5.23 (the old name is still accepted, and its processor still returns it)
+PIXEL_ARGS: dict[str, tuple[str, ...]] = {
+    "image": ("pixel_values", "pixel_values_images"),
+    "video": ("pixel_values_videos",),
+}
 USE_CACHE = "use_cache"
 LOGITS = "logits"  # output field of every model call
 TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)

@@ -15,7 +15,9 @@ Mixture-of-experts decoders (Qwen3-VL-MoE: ``num_experts``, ``num_experts_per_to
 ``top_k`` routed experts per token ``2 * 3 * n * top_k * d * m_moe`` ("paper": ``3 * n * d * top_k * m_moe``, no
 router). FlopCounterMode counts the same when the experts run as per-expert matmuls
 (``experts_implementation="eager"``); transformers' default ``grouped_mm`` kernel is not counted by it (only the
-router is). DeepStack's additions (Qwen3-VL) are elementwise and not counted, by either.
+router is). DeepStack's additions (Qwen3-VL) are elementwise and not counted, by either. GLM-4V-MoE
+(``n_routed_experts``, ``n_shared_experts``, ``first_k_dense_replace``): its first layers are dense, and a sparse
+layer also runs the shared experts, one MLP of width ``n_shared * m_moe`` on every token.
 
 Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``
 (plus ``visual_after`` visual tokens that stay, as in FastV). Pruning before the LLM (FasterVLM, random) is counted by
@@ -78,10 +80,17 @@ def _rows(num_layers: int, num_tokens, num_visual, exit_layer, visual_after):
     return scalar, n, v, k, after
 
 
+def _experts(cfg) -> int:
+    """Routed experts of a mixture-of-experts config (Qwen3-MoE: ``num_experts``; GLM-4V-MoE: ``n_routed_experts``)."""
+    return getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None) or 0
+
+
 def _sparse(cfg, index: int | None) -> bool:
-    """Whether decoder layer ``index`` runs a routed mixture-of-experts FFN (Qwen3-MoE-style config fields)."""
-    experts = getattr(cfg, "num_experts", None) or 0
-    if index is None or experts <= 0 or getattr(cfg, "moe_intermediate_size", None) is None:
+    """Whether decoder layer ``index`` runs a routed mixture-of-experts FFN (Qwen3-MoE-style config fields, or
+    GLM-4V-MoE's: dense below ``first_k_dense_replace``)."""
+    if index is None or _experts(cfg) <= 0 or getattr(cfg, "moe_intermediate_size", None) is None:
+        return False
+    if index < (getattr(cfg, "first_k_dense_replace", None) or 0):
         return False
     step = getattr(cfg, "decoder_sparse_step", None) or 1
     return index not in (getattr(cfg, "mlp_only_layers", None) or []) and (index + 1) % step == 0
@@ -99,7 +108,8 @@ def layer_flops(
     heads, kv_heads, head_dim = _attention_dims(cfg)
     sparse = _sparse(cfg, index)
     if sparse:
-        m = cfg.num_experts_per_tok * cfg.moe_intermediate_size  # the experts a token runs, side by side
+        shared = getattr(cfg, "n_shared_experts", None) or 0  # GLM-4V-MoE: an always-on MLP of shared * m_moe
+        m = (cfg.num_experts_per_tok + shared) * cfg.moe_intermediate_size  # the experts a token runs, side by side
     if convention == "paper":
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
     if convention != "detailed":
@@ -109,7 +119,7 @@ def layer_flops(
     attention = 2 * (2 * n * n * heads * head_dim)  # scores and weighted sum
     ffn = 2 * 3 * n * d * m  # gate, up, down
     if sparse:
-        ffn = ffn + 2 * n * d * cfg.num_experts  # the router
+        ffn = ffn + 2 * n * d * _experts(cfg)  # the router
     return q_o + k_v + attention + ffn
 
 

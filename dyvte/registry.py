@@ -47,7 +47,9 @@ class AttentionNames:
     Attributes:
         norm: the layer's input norm; attention: its attention module; query / key: the projections;
         query_norm / key_norm: per-head norms (read only when present); head_dim / scaling / softcap: attributes of
-        the attention module (``softcap`` only when present).
+        the attention module (``softcap`` only when present); rotary: how the layer rotates q/k by ``(cos, sin)``,
+        ``"half"`` (Llama's ``rotate_half``) or ``"interleaved"`` (GLM's pairs ``(x0, x1)``); either way only the
+        first ``cos.shape[-1]`` channels rotate (partial rotary).
     """
 
     norm: str = "input_layernorm"
@@ -59,6 +61,7 @@ class AttentionNames:
     head_dim: str = "head_dim"
     scaling: str = "scaling"
     softcap: str = "attn_logit_softcapping"
+    rotary: str = "half"
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ class Family:
         deepstack: the text decoder adds vision features to the hidden states at the visual positions after each
             of its first layers (Qwen3-VL's DeepStack); the engine then applies them itself, to the visual tokens
             still present (docs/design.md §4, "DeepStack").
+        video_features: how ``get_video_features`` lays out its output, for pruning video frames before the LLM:
+            ``"frames"`` (one view per frame: the encoder's tokens, [CLS] first, which stays: Video-LLaVA), or
+            ``None`` (pruning refuses video inputs).
+        video_path: dotted path of the video encoder when it is not the one at ``vision_path`` (Video-LLaVA).
     """
 
     decoder_path: str
@@ -112,6 +119,8 @@ class Family:
     vision: VisionNames = field(default_factory=VisionNames)
     lora_targets: tuple[str, ...] = LORA_TARGETS
     deepstack: bool = False
+    video_features: str | None = None
+    video_path: str | None = None
 
 
 REGISTRY: dict[str, Family] = {
@@ -131,6 +140,27 @@ REGISTRY: dict[str, Family] = {
         "model.visual",
         lora_targets=LORA_TARGETS[:4],
         deepstack=True,
+    ),
+    "mistral3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
+    "glm4v": Family(
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.visual",
+        attention=AttentionNames(rotary="interleaved"),
+    ),
+    "video_llava": Family(
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.image_tower",
+        "views",
+        video_features="frames",
+        video_path="model.video_tower",
+    ),
+    "llava_next_video": Family(
+        "model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower", "anyres"
+    ),
+    "glm4v_moe": Family(  # LoRA: attention only, as qwen3_vl_moe (the routed experts are fused 3-D parameters)
+        "model.language_model", ("image_token_id", "video_token_id"), "model.visual", lora_targets=LORA_TARGETS[:4]
     ),
 }
 
@@ -166,9 +196,21 @@ def _anyres(model: nn.Module, arguments: dict[str, Any], features: list[torch.Te
     return [p.squeeze(-1).round().long() for p in packed]  # (n_i,) each
 
 
+def _frames(model: nn.Module, arguments: dict[str, Any], features: list[torch.Tensor], grid: tuple[int, int, int]):
+    """Video-LLaVA's videos: entry ``i`` is frame ``i`` (videos x frames, in order) with every encoder token; its
+    [CLS] feature (token 0) always stays (``-1``), patch ``p`` is encoder token ``p`` of that frame."""
+    seq_len, _, _ = grid
+    out = []
+    for i, f in enumerate(features):
+        index = i * seq_len + torch.arange(f.shape[0])
+        index[0] = -1  # the [CLS] feature: kept, like LLaVA-NeXT's newlines
+        out.append(index)  # (S,)
+    return out
+
+
 FeatureLayout = Callable[[nn.Module, dict[str, Any], list[torch.Tensor], tuple[int, int, int]], list[torch.Tensor]]
 
-FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres}
+FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres, "frames": _frames}
 """``Family.image_features`` -> ``layout(model, get_image_features arguments, per-image features, (S, offset, N))``
 giving, per image, the flat encoder-token index (``view * S + token``) of each feature entry (``-1``: a newline)."""
 
