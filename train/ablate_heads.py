@@ -77,7 +77,7 @@ ROWS = [
     Row("agreement h=256", head_size=256),
     Row("agreement unbalanced", balance=False),
     Row("agreement 12k", train=12000),
-    Row("agreement 12k, one level (platt)", train=12000, family="platt"),
+    Row("agreement 12k platt (one level)", train=12000, family="platt"),
 ]
 
 
