@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
-from .compat import cache_out, cache_tensors, logits_of
+from .compat import cache_out, cache_state_tensors, cache_tensors, logits_of
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -30,6 +30,7 @@ __all__ = [
     "build_random_llava",
     "greedy_steps",
     "kv_cache_bytes",
+    "recurrent_state_bytes",
     "llava_prompt",
     "matmul_gflops",
     "median_time",
@@ -288,6 +289,13 @@ def greedy_steps(
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the keys and values of every layer of a transformers cache."""
     return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
+
+
+def recurrent_state_bytes(cache) -> int:
+    """Bytes held by the convolution and recurrent states of a cache's linear-attention layers (Qwen3.5's Gated
+    DeltaNet); ``0`` for a cache without such layers. Unlike :func:`kv_cache_bytes`, they do not shrink with
+    withdrawal (:func:`dyvte.prefill_state_bytes` per row)."""
+    return sum(t.numel() * t.element_size() for t in cache_state_tensors(cache))
 
 
 @contextlib.contextmanager

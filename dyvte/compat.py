@@ -46,6 +46,7 @@ __all__ = [
     "cache_layer",
     "cache_length",
     "cache_tensors",
+    "cache_state_tensors",
     "cache_out",
     "cache_capacity",
     "cache_key_view",
@@ -74,7 +75,10 @@ TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
 LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)
 _DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that grow by concatenation
 _STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")  # pre-allocated; each layer counts its own length
-_LAYERS = _DYNAMIC_LAYERS + _STATIC_LAYERS  # cache layers whose layers may hold different lengths
+# a linear-attention layer's conv and recurrent states are per row, not per token: withdrawal changes what they
+# summarise (the kept sequence), never their shape
+_LINEAR_LAYERS = ("LinearAttentionLayer",)
+_LAYERS = _DYNAMIC_LAYERS + _STATIC_LAYERS + _LINEAR_LAYERS  # cache layers whose layers may hold different lengths
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -318,6 +322,17 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 yield tensor
+
+
+def cache_state_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    """The convolution and recurrent state tensors of every linear-attention layer of a cache (transformers'
+    ``LinearAttentionLayer``: ``conv_states`` / ``recurrent_states``, dicts keyed by state index); none for other
+    layers or states not yet filled."""
+    for layer in getattr(cache, "layers", []):
+        for name in ("conv_states", "recurrent_states"):
+            states = getattr(layer, name, None)
+            if isinstance(states, dict):
+                yield from (t for t in states.values() if isinstance(t, torch.Tensor))
 
 
 def seal_cache(cache: Any, error: Exception) -> None:

@@ -10,6 +10,17 @@ Two conventions, both counted per decoder layer for ``n`` tokens, hidden ``d``, 
 * ``"paper"``: the FastV/VTW-style multiply-add count ``4 n d^2 + 2 n^2 d + 3 n d m`` per layer (full MHA, gated FFN,
   no LM head), for comparison with published tables.
 
+Hybrid decoders (Qwen3.5, docs/design.md "Withdrawal on linear-attention layers (Qwen3.5)") are counted layer by
+layer from ``layer_types``. A Gated DeltaNet (``"linear_attention"``) layer costs its projections (qkv, z, b, a, out),
+its depthwise causal convolution (``2 * conv_dim * kernel * (n + kernel - 1)``: the padded output before the slice)
+and transformers' chunked delta rule, whose matrix products run on the sequence padded to a multiple of the chunk
+(64): ``N * H_v * (4 C d_k + 6 d_k d_v + 2 C d_v)`` for ``N`` padded tokens, chunk ``C``. Its two triangular solves
+per chunk (``C^2 (d_k + d_v)`` per head and chunk) are real work that ``FlopCounterMode`` does not count, nor the
+routed experts of a mixture-of-experts FFN (``6 n k d m_expert``: transformers runs them as grouped matmuls); both are
+in the ``"detailed"`` count and named in :data:`NOT_COUNTED_BY_FLOP_COUNTER` (:func:`layer_flop_parts` splits a
+layer's count into its parts). A full-attention layer with an output gate (Qwen3.5's ``q_proj`` is twice as wide)
+counts it. The ``"paper"`` convention describes full-attention decoders only and refuses hybrid ones.
+
 Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``
 (plus ``visual_after`` visual tokens that stay, as in FastV). Pruning before the LLM (FasterVLM, random) is counted by
 passing the token and visual counts the LLM actually received; relative figures then need the unpruned model's
@@ -22,7 +33,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrefillFlops", "prefill_flops", "prefill_kv_bytes", "layer_flops"]
+from .registry import family_of_config
+
+__all__ = [
+    "NOT_COUNTED_BY_FLOP_COUNTER",
+    "PrefillFlops",
+    "layer_flop_parts",
+    "layer_flops",
+    "prefill_flops",
+    "prefill_kv_bytes",
+    "prefill_state_bytes",
+]
+
+NOT_COUNTED_BY_FLOP_COUNTER: tuple[str, ...] = ("triangular_solve", "routed_experts")
+"""Parts of :func:`layer_flop_parts` that ``torch.utils.flop_counter.FlopCounterMode`` does not count."""
+
+LINEAR_ATTENTION = "linear_attention"  # the layer_types entry of a Gated DeltaNet layer
+DELTA_RULE_CHUNK = 64  # transformers' torch_chunk_gated_delta_rule chunk size
 
 
 @dataclass(frozen=True)
@@ -71,22 +98,92 @@ def _rows(num_layers: int, num_tokens, num_visual, exit_layer, visual_after):
     return scalar, n, v, k, after
 
 
-def layer_flops(config, num_tokens: torch.Tensor, convention: str = "detailed") -> torch.Tensor:
-    """FLOPs of one decoder layer on ``num_tokens`` tokens (float64 tensor, elementwise)."""
+def _layer_types(cfg) -> list[str]:
+    return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+
+
+def _ffn_parts(cfg, n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The FFN's matrix products: a gated FFN, or a mixture of experts (router, routed top-k, shared expert)."""
+    d = cfg.hidden_size
+    experts = getattr(cfg, "num_experts", None)
+    if not experts:
+        return {"ffn": 2 * 3 * n * d * cfg.intermediate_size}  # gate, up, down
+    top_k, expert_m = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    parts = {"router": 2 * n * d * experts, "routed_experts": 2 * 3 * n * top_k * d * expert_m}
+    shared = getattr(cfg, "shared_expert_intermediate_size", None)
+    if shared:
+        parts["shared_expert"] = 2 * 3 * n * d * shared + 2 * n * d  # its FFN and its 1-wide sigmoid gate
+    return parts
+
+
+def _linear_attention_parts(cfg, n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A Gated DeltaNet mixer (transformers' torch reference kernels) on ``n`` tokens."""
+    d = cfg.hidden_size
+    key_heads, value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, kernel = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
+    key_dim, value_dim = key_heads * dk, value_heads * dv
+    conv_dim = 2 * key_dim + value_dim
+    chunk = DELTA_RULE_CHUNK
+    padded = torch.ceil(n / chunk) * chunk  # the chunked rule pads the sequence to whole chunks
+    projections = 2 * n * d * (conv_dim + value_dim + 2 * value_heads) + 2 * n * value_dim * d  # qkv, z, b, a; out
+    return {
+        "projections": projections,
+        "conv": torch.where(n > 0, 2 * conv_dim * kernel * (n + kernel - 1), 0.0),
+        # per chunk and value head: k_beta k^T and q k^T (2 C^2 d_k each), then the scan: 3 (C x d_k)(d_k x d_v)
+        # products and one (C x C)(C x d_v)
+        "delta_rule": padded * value_heads * (4 * chunk * dk + 6 * dk * dv + 2 * chunk * dv),
+        "triangular_solve": padded * value_heads * chunk * (dk + dv),  # two unit-lower solves per chunk
+    }
+
+
+def _attention_parts(cfg, n: torch.Tensor, gated: bool) -> dict[str, torch.Tensor]:
+    d = cfg.hidden_size
+    heads, kv_heads, head_dim = _attention_dims(cfg)
+    q_width = heads * head_dim * (2 if gated else 1)  # a gated q_proj also outputs the output gate
+    return {
+        "projections": 2 * n * d * q_width + 2 * n * heads * head_dim * d + 2 * (2 * n * d * kv_heads * head_dim),
+        "attention": 2 * (2 * n * n * heads * head_dim),  # scores and weighted sum
+    }
+
+
+def layer_flop_parts(config, num_tokens, layer: int = 0) -> dict[str, torch.Tensor]:
+    """The ``"detailed"`` FLOPs of decoder layer ``layer`` on ``num_tokens`` tokens, by part (float64 tensors).
+
+    Parts: ``projections`` and ``attention`` (full attention), or ``projections``, ``conv``, ``delta_rule`` and
+    ``triangular_solve`` (a Gated DeltaNet layer); then ``ffn``, or ``router``, ``routed_experts`` and
+    ``shared_expert`` (mixture of experts). See the module docstring for the formulas and
+    :data:`NOT_COUNTED_BY_FLOP_COUNTER`.
+    """
     cfg = _text_config(config)
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
-    d = cfg.hidden_size
-    m = cfg.intermediate_size
-    heads, kv_heads, head_dim = _attention_dims(cfg)
+    if _layer_types(cfg)[layer] == LINEAR_ATTENTION:
+        mixer = _linear_attention_parts(cfg, n)
+    else:
+        family = family_of_config(config) or family_of_config(cfg)
+        mixer = _attention_parts(cfg, n, gated=family is not None and family.gated_query)
+    ffn = _ffn_parts(cfg, n)
+    shared = mixer.keys() & ffn.keys()
+    if shared:
+        raise ValueError(f"duplicate FLOPs parts {sorted(shared)}")
+    return {**mixer, **ffn}
+
+
+def layer_flops(config, num_tokens: torch.Tensor, convention: str = "detailed", layer: int = 0) -> torch.Tensor:
+    """FLOPs of decoder layer ``layer`` (default the first; all alike unless ``layer_types`` mixes kinds) on
+    ``num_tokens`` tokens (float64 tensor, elementwise)."""
+    cfg = _text_config(config)
+    n = torch.as_tensor(num_tokens, dtype=torch.float64)
     if convention == "paper":
+        if LINEAR_ATTENTION in _layer_types(cfg):
+            raise ValueError(
+                "the 'paper' convention (4nd^2 + 2n^2d + 3ndm) describes full-attention layers only; this decoder "
+                "has linear-attention layers: use convention='detailed'"
+            )
+        d, m = cfg.hidden_size, cfg.intermediate_size
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
     if convention != "detailed":
         raise ValueError(f"convention must be 'detailed' or 'paper', got {convention!r}")
-    q_o = 2 * (2 * n * d * heads * head_dim)  # q and o projections
-    k_v = 2 * (2 * n * d * kv_heads * head_dim)  # k and v projections (GQA)
-    attention = 2 * (2 * n * n * heads * head_dim)  # scores and weighted sum
-    ffn = 2 * 3 * n * d * m  # gate, up, down
-    return q_o + k_v + attention + ffn
+    return sum(layer_flop_parts(config, n, layer).values())
 
 
 def prefill_flops(
@@ -118,9 +215,19 @@ def prefill_flops(
     num_layers = cfg.num_hidden_layers
     scalar, n, v, k, after = _rows(num_layers, num_tokens, num_visual, exit_layer, visual_after)
     head = 0.0 if convention == "paper" else 2.0 * lm_head_tokens * cfg.hidden_size * cfg.vocab_size
-    full = num_layers * layer_flops(cfg, n, convention) + head
-    late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
-    withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * late + head
+    if LINEAR_ATTENTION in _layer_types(cfg):  # a hybrid decoder: layer by layer
+        full = withdrawn = torch.as_tensor(head, dtype=torch.float64)
+        for index in range(num_layers):
+            early, late = (
+                layer_flops(config, n, convention, index),
+                layer_flops(config, n - v + after, convention, index),
+            )
+            full = full + early
+            withdrawn = withdrawn + torch.where(k > index, early, late)
+    else:
+        full = num_layers * layer_flops(cfg, n, convention) + head
+        late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
+        withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * late + head
     ratio = withdrawn / full
     if scalar:
         return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)
@@ -136,7 +243,8 @@ def prefill_kv_bytes(
     processed); each token costs ``2 * n_kv_heads * head_dim`` values per layer. A sliding-window layer (Gemma3's
     ``layer_types``) holds at most ``sliding_window - 1`` tokens, as transformers' sliding cache layers do. Padding
     is excluded (a batched cache also stores the pad columns of the widest row), so this is the per-sample figure
-    that batching cannot blur; the tests check it against the bytes of a real ``DynamicCache``.
+    that batching cannot blur; the tests check it against the bytes of a real ``DynamicCache``. Linear-attention
+    layers hold no keys or values (their fixed-size state: :func:`prefill_state_bytes`).
 
     Args:
         config: the model config (multimodal or text).
@@ -158,8 +266,30 @@ def prefill_kv_bytes(
     window = getattr(cfg, "sliding_window", None)
     total = torch.zeros_like(n + v + k + after)
     for index, kind in enumerate(layer_types[:num_layers]):
+        if kind == LINEAR_ATTENTION:
+            continue  # no keys or values: a fixed-size state (prefill_state_bytes)
         held = torch.where(k > index, n, n - v + after)
         if kind == "sliding_attention" and window:
             held = held.clamp(max=window - 1)  # transformers' sliding layers keep the last window - 1 entries
         total = total + held * per_token
     return float(total) if scalar else total
+
+
+def prefill_state_bytes(config, *, bytes_per_value: int = 4, state_bytes_per_value: int = 4) -> int:
+    """Bytes of the recurrent and convolution states the linear-attention layers cache for one row.
+
+    Each Gated DeltaNet layer keeps a recurrent state of ``H_v * d_k * d_v`` values (transformers' torch kernels
+    compute and cache it in fp32 whatever the model dtype: ``state_bytes_per_value`` 4) and a convolution state of the
+    last ``kernel`` inputs of its depthwise convolution, ``(2 H_k d_k + H_v d_v) * kernel`` values in the model dtype
+    (``bytes_per_value``). Neither depends on the sequence length, so withdrawal does not shrink them: only the KV
+    cache of the full-attention layers shrinks (:func:`prefill_kv_bytes`). ``0`` for a decoder without such layers.
+    """
+    cfg = _text_config(config)
+    linear = sum(kind == LINEAR_ATTENTION for kind in _layer_types(cfg)[: cfg.num_hidden_layers])
+    if not linear:
+        return 0
+    key_heads, value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, kernel = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
+    conv = (2 * key_heads * dk + value_heads * dv) * kernel * bytes_per_value
+    recurrent = value_heads * dk * dv * state_bytes_per_value
+    return linear * (conv + recurrent)
