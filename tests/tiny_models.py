@@ -623,6 +623,13 @@ def image_token_id(model: Any) -> int:
     raise AttributeError("config has no image token id")
 
 
+#: Families whose ``AutoTokenizer`` ignores the saved ``tokenizer_class``: transformers forces ``Qwen3_5Tokenizer`` (a
+#: byte-level BPE rebuilt from the vocab, no merges) for ``model_type`` qwen3_5*, which cannot rebuild the word-level
+#: test tokenizer (every word becomes nothing); :func:`save_and_reload` hands the processor the saved tokenizer.json
+#: as a ``PreTrainedTokenizerFast`` (a real checkpoint ships a real BPE tokenizer).
+WORD_LEVEL_RELOAD = ("qwen3_5", "qwen3_5_moe")
+
+
 def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> tuple[Any, Any]:
     """Save ``model`` and ``processor`` with ``save_pretrained`` and load them back offline.
 
@@ -641,7 +648,10 @@ def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> 
     try:
         attn = model.config.text_config._attn_implementation
         reloaded = AutoModelForImageTextToText.from_pretrained(path, dtype=model.dtype, attn_implementation=attn)
-        reloaded_proc = AutoProcessor.from_pretrained(path)
+        kwargs = {}
+        if model.config.model_type in WORD_LEVEL_RELOAD:  # see WORD_LEVEL_RELOAD
+            kwargs["tokenizer"] = PreTrainedTokenizerFast.from_pretrained(path)
+        reloaded_proc = AutoProcessor.from_pretrained(path, **kwargs)
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
