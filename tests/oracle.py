@@ -43,7 +43,10 @@ def masked_keys_logits(model, inputs: dict, layer: int, blocked: torch.Tensor) -
         mask = mask & ~block if mask.dtype == torch.bool else mask.masked_fill(block, torch.finfo(mask.dtype).min)
         return args, {**kwargs, "attention_mask": mask}
 
-    hooks = [spec.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(layer, spec.num_layers)]
+    # a recurrent (linear-attention) layer has no keys to hide: it keeps its 2-D padding mask (see
+    # compacted_oracle_logits for what withdrawal means there)
+    attention = [i for i in range(layer, spec.num_layers) if not (spec.linear_attention and spec.linear_attention[i])]
+    hooks = [spec.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in attention]
     try:
         return model(**inputs).logits
     finally:
@@ -52,7 +55,9 @@ def masked_keys_logits(model, inputs: dict, layer: int, blocked: torch.Tensor) -
 
 
 @torch.no_grad()
-def compacted_oracle_logits(model, inputs: dict, layer: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+def compacted_oracle_logits(
+    model, inputs: dict, layer: int, keep: torch.Tensor | None = None, caches: list | None = None
+) -> torch.Tensor:
     """The compacted oracle: layers ``>= layer`` run on each row's kept tokens as their whole input.
 
     The definition of withdrawal on linear-attention (recurrent) layers (docs/design.md, "Withdrawal on
@@ -66,6 +71,8 @@ def compacted_oracle_logits(model, inputs: dict, layer: int, keep: torch.Tensor 
     Args:
         keep: ``(B, T)`` bool, the tokens layers ``>= layer`` process (default: the attended non-visual tokens plus
             each row's final token).
+        caches: one fresh transformers cache per row, or ``None``: when given, layers ``>= layer`` of row ``b`` write
+            their state into ``caches[b]`` (the state of the kept sequence alone, which decoding continues from).
 
     Returns:
         ``(B, T, V)`` logits, ``nan`` at the positions that were not kept.
@@ -108,8 +115,9 @@ def compacted_oracle_logits(model, inputs: dict, layer: int, keep: torch.Tensor 
             causal = torch.zeros(causal.shape, dtype=x.dtype).masked_fill(~causal, torch.finfo(x.dtype).min)
         for index in range(layer, spec.num_layers):
             linear = spec.text_config.layer_types[index] == "linear_attention"
+            extra = {} if caches is None else {spec.names.layer_cache: caches[row]}
             x = spec.layers[index](
-                x, position_embeddings=rotary, attention_mask=None if linear else causal, position_ids=ids
+                x, position_embeddings=rotary, attention_mask=None if linear else causal, position_ids=ids, **extra
             )
             x = x[0] if isinstance(x, tuple) else x
         out[row, cols] = head(norm(x))[0]
