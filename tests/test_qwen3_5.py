@@ -188,3 +188,41 @@ def test_flops_equal_the_flop_counter_and_state_bytes_the_cache(family):
     )
     with pytest.raises(ValueError, match="linear-attention layers: use convention='detailed'"):
         dyvte.prefill_flops(model.config, tokens, visual, 1, convention="paper")
+
+
+def video_batch(model, processor, family: str) -> dict:
+    """A ragged batch whose row 0 holds a video, row 1 an image, row 2 text only.
+
+    Qwen3.5's video processor needs torchvision (absent here), so the clip is built from the image processor's
+    output: one temporal patch (two identical frames), its placeholders turned into ``<|video_pad|>`` with
+    ``mm_token_type_ids`` 2, its patches passed as ``pixel_values_videos`` with their ``video_grid_thw``.
+    """
+    inputs = dict(make_batch(processor, family, [[(48, 32)], [(32, 32)], []]))
+    grid = inputs["image_grid_thw"]  # (2, 3)
+    first = int(grid[0].prod())  # patches of row 0's image
+    ids, types = inputs["input_ids"].clone(), inputs["mm_token_type_ids"].clone()
+    row0 = ids[0] == model.config.image_token_id
+    ids[0, row0], types[0, row0] = model.config.video_token_id, 2
+    inputs.update(input_ids=ids, mm_token_type_ids=types, image_grid_thw=grid[1:], video_grid_thw=grid[:1])
+    inputs["pixel_values_videos"] = inputs["pixel_values"][:first]
+    inputs["pixel_values"] = inputs["pixel_values"][first:]
+    return inputs
+
+
+def test_video_rows_are_withdrawn_like_image_rows(tiny):
+    family, model, processor, _ = tiny
+    inputs = video_batch(model, processor, family)
+    visual = visual_mask(model, inputs["input_ids"])
+    assert (inputs["input_ids"][0] == model.config.video_token_id).sum() == visual[0].sum() == 24
+    kept = ~visual & inputs["attention_mask"].bool()
+    with torch.no_grad():
+        base = model(**inputs).logits
+        moved = model(**{**inputs, "pixel_values_videos": inputs["pixel_values_videos"] + 1}).logits
+    assert (moved[0] - base[0]).abs().max() > 1e-3  # the clip reaches the decoder
+    for layer in range(resolve(model).num_layers):
+        reference = compacted_oracle_logits(model, inputs, layer)
+        with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
+            mapped = handle.to_input_positions(model(**inputs).logits, float("nan"))
+        assert (mapped[kept] - reference[kept]).abs().max() <= TOL, (family, layer)
+    with dyvte.withdraw(model, layer=2):
+        assert torch.equal(greedy(model, inputs), greedy(model, inputs, use_cache=False))
