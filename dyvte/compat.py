@@ -258,8 +258,22 @@ def _counting_reset(cache: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def cache_repeat_rows(cache: Any, times: int) -> None:
-    """Repeat every row of ``cache`` ``times`` times in place, each copy next to its row (as beam search expands)."""
-    cache.batch_repeat_interleave(times)
+    """Repeat every row of ``cache`` ``times`` times in place, each copy next to its row (as beam search expands).
+
+    transformers' ``LinearAttentionLayer`` (Qwen3.5's Gated DeltaNet) has no ``batch_repeat_interleave``: its conv
+    and recurrent states (dicts of ``(B, ...)`` tensors) are repeated here.
+    """
+    for layer in cache.layers:
+        if hasattr(layer, "batch_repeat_interleave"):
+            layer.batch_repeat_interleave(times)
+            continue
+        states = [getattr(layer, name, None) for name in ("conv_states", "recurrent_states")]
+        if not all(isinstance(s, dict) for s in states):
+            raise CompatibilityError(f"cannot repeat the rows of a {type(layer).__name__} cache layer")
+        for state in states:
+            for key, tensor in state.items():
+                if isinstance(tensor, torch.Tensor):
+                    state[key] = tensor.repeat_interleave(times, 0)
 
 
 def cache_capacity(cache: Any) -> int | None:

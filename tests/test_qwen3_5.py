@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 import dyvte
-from dyvte.benchmark import kv_cache_bytes, recurrent_state_bytes
+from dyvte.benchmark import greedy_steps, kv_cache_bytes, recurrent_state_bytes
 from dyvte.compat import cache_out
 from dyvte.flops import NOT_COUNTED_BY_FLOP_COUNTER, layer_flop_parts
 from dyvte.registry import resolve
@@ -226,3 +226,22 @@ def test_video_rows_are_withdrawn_like_image_rows(tiny):
         assert (mapped[kept] - reference[kept]).abs().max() <= TOL, (family, layer)
     with dyvte.withdraw(model, layer=2):
         assert torch.equal(greedy(model, inputs), greedy(model, inputs, use_cache=False))
+
+
+def test_repeated_rows_decode_like_a_prefilled_batch():
+    """``handle.repeat_rows`` repeats the linear layers' states with the KV cache (benchmarks/decode.py uses it)."""
+    model, processor = make_tiny("qwen3_5")
+    rows, exits, times = [[(32, 32)], [(32, 32)]], [1, 4], 2
+    suppress = resolve(model).visual_ids
+    few = dict(make_batch(processor, "qwen3_5", rows))
+    many = dict(make_batch(processor, "qwen3_5", [r for r in rows for _ in range(times)], row_ids=[0, 0, 1, 1]))
+    outs = []
+    for inputs, layer, repeat in ((few, exits, times), (many, [e for e in exits for _ in range(times)], 1)):
+        with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            cache, logits, mask = cache_out(out), out.logits[:, -1], inputs["attention_mask"]
+            if repeat > 1:
+                handle.repeat_rows(cache, repeat)
+                logits, mask = logits.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+            outs.append(greedy_steps(model, logits, cache, mask, NEW_TOKENS, suppress)[0])
+    assert torch.equal(outs[0], outs[1])
