@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import family_of_config
+from .registry import LINEAR_ATTENTION, family_of_config
 
 __all__ = [
     "NOT_COUNTED_BY_FLOP_COUNTER",
@@ -48,7 +48,6 @@ __all__ = [
 NOT_COUNTED_BY_FLOP_COUNTER: tuple[str, ...] = ("triangular_solve", "routed_experts")
 """Parts of :func:`layer_flop_parts` that ``torch.utils.flop_counter.FlopCounterMode`` does not count."""
 
-LINEAR_ATTENTION = "linear_attention"  # the layer_types entry of a Gated DeltaNet layer
 DELTA_RULE_CHUNK = 64  # transformers' torch_chunk_gated_delta_rule chunk size
 
 
