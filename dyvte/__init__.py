@@ -3,7 +3,7 @@
 from .calibrate import Calibration, calibrate
 from .data import DataError
 from .evaluate import EvalResult, evaluate
-from .flops import PrefillFlops, prefill_flops, prefill_kv_bytes, prefill_state_bytes
+from .flops import PrefillFlops, prefill_flops, prefill_kv_bytes
 from .heads import ExitHeads, ExitHeadsConfig
 from .methods import Calibrated, Full, Heads, Prune, Static
 from .prune import PruneError, Pruning, prune
@@ -32,7 +32,6 @@ __all__ = [
     "evaluate",
     "prefill_flops",
     "prefill_kv_bytes",
-    "prefill_state_bytes",
     "prune",
     "supported_model_types",
     "withdraw",

@@ -393,7 +393,7 @@ def kv_cache_bytes(cache) -> int:
 def recurrent_state_bytes(cache) -> int:
     """Bytes held by the convolution and recurrent states of a cache's linear-attention layers (Qwen3.5's Gated
     DeltaNet); ``0`` for a cache without such layers. Unlike :func:`kv_cache_bytes`, they do not shrink with
-    withdrawal (:func:`dyvte.prefill_state_bytes` per row)."""
+    withdrawal (:func:`dyvte.flops.prefill_state_bytes` per row)."""
     return sum(t.numel() * t.element_size() for t in cache_state_tensors(cache))
 
 

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 import dyvte
 from dyvte.benchmark import greedy_steps, kv_cache_bytes, recurrent_state_bytes
 from dyvte.compat import cache_out
-from dyvte.flops import NOT_COUNTED_BY_FLOP_COUNTER, layer_flop_parts
+from dyvte.flops import NOT_COUNTED_BY_FLOP_COUNTER, layer_flop_parts, prefill_state_bytes
 from dyvte.registry import resolve
 
 from .oracle import compacted_oracle_logits, oracle_logits, visual_mask
@@ -182,7 +182,7 @@ def test_flops_equal_the_flop_counter_and_state_bytes_the_cache(family):
         assert measured == expected.flops - uncounted, (family, layer)
         assert uncounted > 0  # the triangular solves (and the routed experts) are real work
         assert kv_cache_bytes(cache) == dyvte.prefill_kv_bytes(model.config, tokens, visual, layer)
-        assert recurrent_state_bytes(cache) == dyvte.prefill_state_bytes(model.config) > 0
+        assert recurrent_state_bytes(cache) == prefill_state_bytes(model.config) > 0
     assert dyvte.prefill_kv_bytes(model.config, tokens, visual, 0) < dyvte.prefill_kv_bytes(
         model.config, tokens, visual
     )
