@@ -146,7 +146,7 @@ def hybrid_rows(shape: Qwen3_5Shape, dtypes: list[str], runs: int, device: str =
         inputs = qwen3_5_prompt(shape, device=device)
         tokens, visual = inputs["input_ids"].shape[1], shape.image_tokens
         cfg = model.config
-        per_layer = [float(layer_flops(cfg, tokens, layer=i)) for i in range(shape.num_layers)]
+        per_layer = [float(layer_flops(cfg, tokens, index=i)) for i in range(shape.num_layers)]
         linear = sum(
             f for f, kind in zip(per_layer, cfg.text_config.layer_types, strict=True) if kind != "full_attention"
         )

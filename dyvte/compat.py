@@ -34,6 +34,7 @@ __all__ = [
     "INPUT_IDS",
     "LAYER_ARGS",
     "MM_ENCODER_OUTPUTS",
+    "PIXEL_ARGS",
     "POSITION_EMBEDDINGS",
     "POSITION_IDS",
     "TOP_ARGS",
@@ -41,6 +42,9 @@ __all__ = [
     "CallNames",
     "CaptureCache",
     "CompatibilityError",
+    "DEEPSTACK_EMBEDS",
+    "DEEPSTACK_MASK",
+    "check_deepstack",
     "attn_implementation",
     "cache_in",
     "cache_layer",
@@ -69,10 +73,19 @@ CACHE_NAMES: tuple[str, ...] = ("cache", "past_key_values")  # newest spelling f
 INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK = "input_ids", "inputs_embeds", "attention_mask"
 POSITION_IDS, POSITION_EMBEDDINGS, HIDDEN_STATES = "position_ids", "position_embeddings", "hidden_states"
 MM_ENCODER_OUTPUTS = "mm_encoder_outputs"  # precomputed vision features that generate() hands to the prefill call
+# the pixel arguments of a model call, per modality: Video-LLaVA's image pixels are `pixel_values_images` up to
+# transformers 5.22 and `pixel_values` from 5.23 (the old name is still accepted, and its processor still returns it)
+PIXEL_ARGS: dict[str, tuple[str, ...]] = {
+    "image": ("pixel_values", "pixel_values_images"),
+    "video": ("pixel_values_videos",),
+}
 USE_CACHE = "use_cache"
 LOGITS = "logits"  # output field of every model call
 TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
 LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)
+# DeepStack (Qwen3-VL): the text decoder's arguments holding the visual positions and the per-layer features it adds
+# to them after each of its first layers (docs/design.md §4, "DeepStack")
+DEEPSTACK_MASK, DEEPSTACK_EMBEDS = "visual_pos_masks", "deepstack_visual_embeds"
 _DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that grow by concatenation
 _STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")  # pre-allocated; each layer counts its own length
 # a linear-attention layer's conv and recurrent states are per row, not per token: withdrawal changes what they
@@ -170,6 +183,22 @@ def call_names(model: nn.Module, layer: nn.Module) -> CallNames:
                 "pyproject.toml / constraints.txt) or update dyvte.compat."
             )
     return CallNames(cache=cache, layer_cache=layer_cache)
+
+
+def check_deepstack(decoder: nn.Module) -> None:
+    """Check that a DeepStack text decoder's ``forward`` takes :data:`DEEPSTACK_MASK` and :data:`DEEPSTACK_EMBEDS`.
+
+    Raises:
+        CompatibilityError: one of them is missing (this release renamed what dyvte takes over).
+    """
+    params = _parameters(decoder.forward)
+    missing = [name for name in (DEEPSTACK_MASK, DEEPSTACK_EMBEDS) if name not in params]
+    if missing:
+        raise CompatibilityError(
+            f"{type(decoder).__name__}.forward takes no argument named {missing}: this transformers release renamed "
+            "the DeepStack inputs dyvte applies after withdrawal. Install the tested version range (see "
+            "pyproject.toml / constraints.txt) or update dyvte.compat."
+        )
 
 
 def cache_in(kwargs: dict[str, Any], name: str) -> Any:

@@ -36,6 +36,8 @@ from torch import nn
 
 from .compat import (
     ATTENTION_MASK,
+    DEEPSTACK_EMBEDS,
+    DEEPSTACK_MASK,
     HIDDEN_STATES,
     INPUT_IDS,
     INPUTS_EMBEDS,
@@ -142,6 +144,9 @@ class ForwardState:
         cols: ``(T,)`` the original column of each of the call's tokens, on the device (layer hooks read it instead
             of ``past``, so a compiled decode step depends on no host count).
         exited_rows: ``(B,)`` bool on the device, mirroring ``exited`` (``None`` until a row leaves).
+        deepstack: DeepStack families: the model's ``(B, T)`` visual-position mask, each position's ``(B, T)`` row
+            in the features, and the per-layer features (``(N_visual, D)`` each, in the mask's row-major order) that
+            the engine adds after the first layers (``None`` when the call has none).
     """
 
     batch: int
@@ -167,6 +172,7 @@ class ForwardState:
     rotary: dict[Any, Any] = field(default_factory=dict)
     labels: torch.Tensor | None = None
     groups: dict[tuple[bool, ...], list[RowGroup] | None] = field(default_factory=dict)  # exit set -> row groups
+    deepstack: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]] | None = None
 
 
 class Withdrawal:
@@ -259,6 +265,10 @@ class Withdrawal:
         for index in range(self.first_exit, self.spec.num_layers):
             hook = self._make_layer_hook(index)
             self._hooks.append(self.spec.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        if self.spec.family.deepstack:  # docs/design.md §4, "DeepStack"
+            self._hooks.append(self.spec.decoder.register_forward_pre_hook(self._take_deepstack, with_kwargs=True))
+            for index, layer in enumerate(self.spec.layers):
+                self._hooks.append(layer.register_forward_hook(self._make_deepstack_hook(index)))
         self._hooks.extend(self.policy.attach(self))
         if self.policy.layer is None:  # rows may leave at different layers: their layers may run grouped
             for index in range(self.first_exit, self.spec.num_layers):
@@ -460,6 +470,72 @@ class Withdrawal:
         if fwd.labels is not None:
             output["loss"] = self._loss(logits_of(output), fwd.labels)
         return output
+
+    # ----------------------------------------------------------------------------------------------- DeepStack
+    def _take_deepstack(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Text-decoder pre-hook (DeepStack families): take the visual features it would add after its first
+        layers out of its call; the layer hooks add them to the visual tokens still present instead.
+
+        The decoder adds ``features[j]`` to the hidden states at its visual positions after layer ``j`` with a
+        ``(B, T)`` mask, which no longer fits once a row has withdrawn its visual tokens (docs/design.md §4).
+        """
+        embeds = kwargs.get(DEEPSTACK_EMBEDS)
+        fwd = self._fwd
+        if embeds is None or fwd is None:
+            return None
+        mask = kwargs.get(DEEPSTACK_MASK)
+        if not isinstance(mask, torch.Tensor) or mask.shape != (fwd.batch, fwd.num_tokens):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else mask
+            raise WithdrawalError(
+                f"DeepStack: the decoder's {DEEPSTACK_MASK} is {shape}, expected one entry per input token "
+                f"{(fwd.batch, fwd.num_tokens)}"
+            )
+        kwargs = {k: v for k, v in kwargs.items() if k not in (DEEPSTACK_MASK, DEEPSTACK_EMBEDS)}
+        mask = mask.bool()
+        rank = mask.flatten().cumsum(0).view(mask.shape) - 1  # (B, T) row of each visual position's feature
+        fwd.deepstack = (mask, rank, list(embeds))
+        return args, kwargs
+
+    def _make_deepstack_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            fwd = self._fwd
+            if fwd is None or fwd.deepstack is None or index >= len(fwd.deepstack[2]):
+                return None
+            if isinstance(output, torch.Tensor):
+                return self._add_deepstack(fwd, output, *fwd.deepstack, index)
+            return (self._add_deepstack(fwd, output[0], *fwd.deepstack, index), *output[1:])
+
+        return hook
+
+    def _add_deepstack(
+        self,
+        fwd: ForwardState,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        rank: torch.Tensor,
+        embeds: list[torch.Tensor],
+        index: int,
+    ) -> torch.Tensor:
+        """``hidden`` (B, T', D) in the current layout plus layer ``index``'s DeepStack features at every visual
+        token still present (every one before an exit; FastV's kept ones after it), as the decoder adds them.
+
+        ``mask`` (B, T): the model's visual positions; ``rank`` (B, T): each one's row in ``embeds[index]``.
+        Sync-free: every other slot adds an exact zero, so a row that never leaves is the model's own result; a copy
+        is made only if a tensor sits on another device or dtype (checked on the host).
+        """
+        if mask.device != hidden.device:
+            mask, rank = mask.to(hidden.device), rank.to(hidden.device)
+        if fwd.idx is not None:
+            slots = fwd.idx.clamp(min=0)  # (B, T')
+            present = (fwd.idx >= 0) & mask.gather(1, slots)
+            rank = rank.gather(1, slots)
+        else:
+            present = mask
+        feats = embeds[index]  # (N, D)
+        if feats.device != hidden.device or feats.dtype != hidden.dtype:
+            feats = feats.to(hidden.device, hidden.dtype)
+        feats = torch.cat([feats, feats.new_zeros(1, feats.shape[-1])])  # row N: zero, for every other slot
+        return hidden + feats[torch.where(present, rank, feats.shape[0] - 1)]  # (B, T', D)
 
     # --------------------------------------------------------------------------------------------- layer hooks
     def _make_layer_hook(self, index: int):

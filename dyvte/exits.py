@@ -23,7 +23,6 @@ equals the engine's (tested in tests/test_exits.py), and so do its answer and it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,7 +34,9 @@ from .risk import NEVER, LttResult, default_grid, learn_then_test
 __all__ = [
     "HeadCalibration",
     "calibrate_heads",
+    "exit_savings",
     "platt_scaling",
+    "savings_levels",
     "platt_thresholds",
     "agrees_at",
     "disagreement_at",
@@ -155,14 +156,36 @@ def platt_scaling(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200)
     return a.detach(), b.detach()
 
 
-def platt_thresholds(a: torch.Tensor, b: torch.Tensor, level: float) -> torch.Tensor:
+def platt_thresholds(a: torch.Tensor, b: torch.Tensor, level: float | torch.Tensor) -> torch.Tensor:
     """``(L-1,)`` raw P(exit) thresholds equivalent to ``sigmoid(a * logit + b) >= level`` for each head (a head
-    with ``a <= 0`` ranks samples the wrong way round and never fires: :data:`dyvte.risk.NEVER`)."""
-    if level >= 1.0:
-        return torch.full(a.shape, NEVER)
-    target = math.log(level / (1.0 - level)) if level > 0.0 else -math.inf
+    with ``a <= 0`` ranks samples the wrong way round and never fires: :data:`dyvte.risk.NEVER`).
+
+    ``level`` is one precision level for every head, or an ``(L-1,)`` tensor of one level per head; a level >= 1
+    never fires."""
+    level = torch.as_tensor(level, dtype=torch.float64).expand(a.shape)
+    target = torch.log(level / (1.0 - level).clamp(min=0.0))  # +inf at level 1, -inf at level 0
     raw = torch.sigmoid((target - b) / a.clamp(min=1e-12)).float()
-    return torch.where(a > 0, raw, torch.full_like(raw, NEVER))
+    return torch.where((a > 0) & (level < 1.0), raw, torch.full_like(raw, NEVER))
+
+
+def savings_levels(savings: torch.Tensor, mu: float) -> torch.Tensor:
+    """``(L-1,)`` per-head precision levels of the ``savings`` family: head j may fire when its calibrated P(unsafe)
+    is at most ``mu * savings[j] / max(savings)``, i.e. the risk an exit may take is proportional to the prefill
+    FLOPs it saves (an early exit saves more, so it may be taken on weaker evidence).
+
+    Args:
+        savings: ``(L-1,)`` mean relative prefill FLOPs saved by exiting at K = j + 1 (:func:`exit_savings`).
+        mu: the family's parameter in ``[0, 1]``; 0 never exits, larger exits more.
+    """
+    savings = torch.as_tensor(savings, dtype=torch.float64).clamp(min=0.0)
+    return 1.0 - mu * savings / savings.max().clamp(min=1e-12)
+
+
+def exit_savings(flops: np.ndarray) -> torch.Tensor:
+    """``(L-1,)`` mean relative prefill FLOPs saved by exiting at K = 1..L-1, from ``(N, L+1)`` per-sample prefill
+    FLOPs at K = 0..L relative to the full model (e.g. the validation samples'; :func:`dyvte.flops.prefill_flops`)."""
+    flops = np.asarray(flops, dtype=np.float64)
+    return torch.from_numpy(1.0 - flops[:, 1:-1].mean(0))
 
 
 @dataclass
@@ -185,14 +208,22 @@ def calibrate_heads(
     tolerance: float,
     delta: float,
     reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    savings: torch.Tensor | None = None,
 ) -> HeadCalibration:
     """Choose the heads' thresholds on held-out calibration samples with the promise of :mod:`dyvte.risk`.
 
     The risk of a sample is that its answer at its exit layer differs from the full model's (``match`` of a label
-    cache). The thresholds are one family with one parameter λ walked down :func:`dyvte.risk.default_grid`: with
-    ``reference`` (validation features and targets), every head fires when its Platt-scaled P(safe) is >= λ
-    (:func:`platt_scaling`, fitted on ``reference``; :func:`platt_thresholds`); without it, every raw P(exit) is
-    compared with λ. Either way, with calibration and new samples from one distribution,
+    cache). The thresholds are one family with one parameter walked through a grid fixed in advance
+    (:func:`dyvte.risk.default_grid`), from the most conservative end:
+
+    * ``"savings"`` (``reference`` and ``savings`` given; what ``train/fit.py`` uses): head j fires when its
+      Platt-scaled P(unsafe) is <= μ · savings[j] / max(savings) (:func:`savings_levels`), μ walked up from 0: the
+      risk an exit may take is proportional to the FLOPs it saves;
+    * ``"platt"`` (``reference`` only): every head fires when its Platt-scaled P(safe) is >= λ
+      (:func:`platt_scaling`, fitted on ``reference``; :func:`platt_thresholds`), λ walked down from 1;
+    * ``"global"`` (neither): every raw P(exit) is compared with λ.
+
+    Either way, with calibration and new samples from one distribution,
     ``P(disagreement rate on new samples > tolerance) <= delta``.
 
     Args:
@@ -203,6 +234,8 @@ def calibrate_heads(
         delta: δ, e.g. 0.1.
         reference: ``(features, targets)`` of validation samples (disjoint from training and calibration), which
             put the heads on one scale.
+        savings: ``(L-1,)`` mean relative prefill FLOPs saved by an exit at K = j + 1 (:func:`exit_savings`),
+            computed on data other than the calibration samples; needs ``reference``.
 
     Returns:
         The :class:`HeadCalibration` (every threshold ``NEVER`` when nothing can be certified).
@@ -211,20 +244,32 @@ def calibrate_heads(
         probs = torch.sigmoid(heads(features).float())  # (N, L-1)
         ref_logits = None if reference is None else heads(reference[0]).float()
     num_heads = probs.shape[1]
+    grid = default_grid()  # λ from 1 down
+    if savings is not None and ref_logits is None:
+        raise ValueError("calibrate_heads: savings needs reference (the savings family is Platt-scaled)")
     if ref_logits is None:
         family = "global"
 
         def thresholds(lam: float) -> torch.Tensor:
             return torch.full((num_heads,), lam)
     else:
-        family = "platt"
         a, b = platt_scaling(ref_logits, reference[1])
+        if savings is None:
+            family = "platt"
 
-        def thresholds(lam: float) -> torch.Tensor:
-            return platt_thresholds(a, b, lam)
+            def thresholds(lam: float) -> torch.Tensor:
+                return platt_thresholds(a, b, lam)
+        else:
+            family, grid = "savings", 1.0 - grid  # μ from 0 up
+            savings = torch.as_tensor(savings, dtype=torch.float64)
+            if savings.shape != (num_heads,) or not bool(torch.isfinite(savings).all()) or savings.max() <= 0:
+                raise ValueError(f"savings: {num_heads} finite values with a positive maximum expected")
+
+            def thresholds(lam: float) -> torch.Tensor:
+                return platt_thresholds(a, b, savings_levels(savings, lam))
 
     result = learn_then_test(
-        lambda lam: disagreement_at(probs, match, thresholds(lam)), len(probs), tolerance, delta, default_grid()
+        lambda lam: disagreement_at(probs, match, thresholds(lam)), len(probs), tolerance, delta, grid
     )
     chosen = torch.full((num_heads,), NEVER) if result.parameter is None else thresholds(result.parameter)
     return HeadCalibration([float(t) for t in chosen], result, family)

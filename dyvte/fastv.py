@@ -5,7 +5,8 @@ set is narrowed to the low-ranked visual tokens, so the engine does the dropping
 rotary positions; masks and KV cache of layers >= K hold the kept tokens only, for every family). The ranking is
 computed in a forward pre-hook on layer K-1 from that layer's own input: ``input_layernorm``, ``q_proj`` for the
 row's last token, ``k_proj`` for every token, ``q_norm`` / ``k_norm`` when the attention has them, the rotary
-``position_embeddings`` the layer receives, the layer's scaling (and logit soft-capping), softmax over the causal,
+``position_embeddings`` the layer receives (rotate-half or GLM's interleaved pairs, on the first ``cos.shape[-1]``
+channels: partial rotary), the layer's scaling (and logit soft-capping), softmax over the causal,
 valid keys (inside the layer's sliding window when it has one), then the mean over heads. This is one query row per
 sample, so SDPA keeps running in every layer.
 
@@ -62,11 +63,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (all of them, or a partial rotary's share: Qwen3.5)."""
-    dim = cos.shape[-1]
-    rotated = x[..., :dim] * cos + _rotate_half(x[..., :dim]) * sin
-    return rotated if dim == x.shape[-1] else torch.cat([rotated, x[..., dim:]], dim=-1)
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """GLM's interleaved rotation: each pair ``(x0, x1)`` becomes ``(-x1, x0)``."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+_ROTATIONS = {"half": _rotate_half, "interleaved": _rotate_pairs}
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of ``x`` (partial rotary leaves the rest as they are)."""
+    width = cos.shape[-1]
+    rotated, rest = x[..., :width], x[..., width:]
+    rotated = rotated * cos + _ROTATIONS[style](rotated) * sin
+    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
 
 
 def last_token_attention(
@@ -111,7 +121,8 @@ def last_token_attention(
     cos, sin = (t[:, None] for t in rotary)  # (B or 1, 1, T, hd)
     cos_q = cos.expand(batch, -1, -1, -1)[rows, :, query][:, :, None]  # (B, 1, 1, hd)
     sin_q = sin.expand(batch, -1, -1, -1)[rows, :, query][:, :, None]
-    q, k = _rope(q, cos_q, sin_q), _rope(k, cos, sin)
+    q = _apply_rotary(q, cos_q, sin_q, names.rotary)
+    k = _apply_rotary(k, cos, sin, names.rotary)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: (B, H, T, hd)
     logits = (q @ k.transpose(-1, -2)).squeeze(2).float() * getattr(attn, names.scaling)  # (B, H, T)
     cap = getattr(attn, names.softcap, None)

@@ -10,16 +10,25 @@ Two conventions, both counted per decoder layer for ``n`` tokens, hidden ``d``, 
 * ``"paper"``: the FastV/VTW-style multiply-add count ``4 n d^2 + 2 n^2 d + 3 n d m`` per layer (full MHA, gated FFN,
   no LM head), for comparison with published tables.
 
-Hybrid decoders (Qwen3.5, docs/design.md "Withdrawal on linear-attention layers (Qwen3.5)") are counted layer by
+Mixture-of-experts decoders (Qwen3-VL-MoE: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+``decoder_sparse_step``, ``mlp_only_layers``): a sparse layer's FFN is what runs, the router ``2 * n * d * E`` plus
+``top_k`` routed experts per token ``2 * 3 * n * top_k * d * m_moe`` ("paper": ``3 * n * d * top_k * m_moe``, no
+router). FlopCounterMode counts the same when the experts run as per-expert matmuls
+(``experts_implementation="eager"``); transformers' default ``grouped_mm`` kernel is not counted by it (only the
+router is). DeepStack's additions (Qwen3-VL) are elementwise and not counted, by either. GLM-4V-MoE
+(``n_routed_experts``, ``n_shared_experts``, ``first_k_dense_replace``): its first layers are dense, and a sparse
+layer also runs the shared experts, one MLP of width ``n_shared * m_moe`` on every token.
+
+Hybrid decoders (Qwen3.5, docs/design.md §8 "Withdrawal on linear-attention layers (Qwen3.5)") are counted layer by
 layer from ``layer_types``. A Gated DeltaNet (``"linear_attention"``) layer costs its projections (qkv, z, b, a, out),
 its depthwise causal convolution (``2 * conv_dim * kernel * (n + kernel - 1)``: the padded output before the slice)
 and transformers' chunked delta rule, whose matrix products run on the sequence padded to a multiple of the chunk
 (64): ``N * H_v * (4 C d_k + 6 d_k d_v + 2 C d_v)`` for ``N`` padded tokens, chunk ``C``. Its two triangular solves
-per chunk (``C^2 (d_k + d_v)`` per head and chunk) are real work that ``FlopCounterMode`` does not count, nor the
-routed experts of a mixture-of-experts FFN (``6 n k d m_expert``: transformers runs them as grouped matmuls); both are
-in the ``"detailed"`` count and named in :data:`NOT_COUNTED_BY_FLOP_COUNTER` (:func:`layer_flop_parts` splits a
-layer's count into its parts). A full-attention layer with an output gate (Qwen3.5's ``q_proj`` is twice as wide)
-counts it. The ``"paper"`` convention describes full-attention decoders only and refuses hybrid ones.
+per chunk (``C^2 (d_k + d_v)`` per head and chunk) are real work that ``FlopCounterMode`` does not count
+(:data:`NOT_COUNTED_BY_FLOP_COUNTER`; :func:`layer_flop_parts` splits a layer's count into its parts). A
+full-attention layer with an output gate (Qwen3.5's ``q_proj`` is twice as wide) counts it; Qwen3.5-MoE's shared
+expert (``shared_expert_intermediate_size``, with its 1-wide sigmoid gate) runs on every token. The ``"paper"``
+convention describes full-attention decoders only and refuses hybrid ones.
 
 Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``
 (plus ``visual_after`` visual tokens that stay, as in FastV). Pruning before the LLM (FasterVLM, random) is counted by
@@ -43,10 +52,12 @@ __all__ = [
     "prefill_flops",
     "prefill_kv_bytes",
     "prefill_state_bytes",
+    "relative_flops_per_exit",
 ]
 
-NOT_COUNTED_BY_FLOP_COUNTER: tuple[str, ...] = ("triangular_solve", "routed_experts")
-"""Parts of :func:`layer_flop_parts` that ``torch.utils.flop_counter.FlopCounterMode`` does not count."""
+NOT_COUNTED_BY_FLOP_COUNTER: tuple[str, ...] = ("triangular_solve",)
+"""Parts of :func:`layer_flop_parts` that ``torch.utils.flop_counter.FlopCounterMode`` never counts (routed experts
+are counted only when they run as per-expert matmuls, ``experts_implementation="eager"``; see above)."""
 
 DELTA_RULE_CHUNK = 64  # transformers' torch_chunk_gated_delta_rule chunk size
 
@@ -97,21 +108,44 @@ def _rows(num_layers: int, num_tokens, num_visual, exit_layer, visual_after):
     return scalar, n, v, k, after
 
 
+def _experts(cfg) -> int:
+    """Routed experts of a mixture-of-experts config (Qwen3-MoE: ``num_experts``; GLM-4V-MoE: ``n_routed_experts``)."""
+    return getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None) or 0
+
+
+def _sparse(cfg, index: int | None) -> bool:
+    """Whether decoder layer ``index`` runs a routed mixture-of-experts FFN (Qwen3-MoE-style config fields, or
+    GLM-4V-MoE's: dense below ``first_k_dense_replace``)."""
+    if index is None or _experts(cfg) <= 0 or getattr(cfg, "moe_intermediate_size", None) is None:
+        return False
+    if index < (getattr(cfg, "first_k_dense_replace", None) or 0):
+        return False
+    step = getattr(cfg, "decoder_sparse_step", None) or 1
+    return index not in (getattr(cfg, "mlp_only_layers", None) or []) and (index + 1) % step == 0
+
+
 def _layer_types(cfg) -> list[str]:
     return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
 
 
-def _ffn_parts(cfg, n: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The FFN's matrix products: a gated FFN, or a mixture of experts (router, routed top-k, shared expert)."""
+def _hybrid(cfg) -> bool:
+    """Whether the decoder mixes linear-attention (recurrent) layers with attention ones (Qwen3.5)."""
+    return LINEAR_ATTENTION in _layer_types(cfg)[: cfg.num_hidden_layers]
+
+
+def _ffn_parts(cfg, n: torch.Tensor, index: int | None) -> dict[str, torch.Tensor]:
+    """The FFN's matrix products: a gated FFN, or a routed mixture of experts (router, top-k experts, shared)."""
     d = cfg.hidden_size
-    experts = getattr(cfg, "num_experts", None)
-    if not experts:
+    if not _sparse(cfg, index):
         return {"ffn": 2 * 3 * n * d * cfg.intermediate_size}  # gate, up, down
-    top_k, expert_m = cfg.num_experts_per_tok, cfg.moe_intermediate_size
-    parts = {"router": 2 * n * d * experts, "routed_experts": 2 * 3 * n * top_k * d * expert_m}
-    shared = getattr(cfg, "shared_expert_intermediate_size", None)
+    expert_m = cfg.moe_intermediate_size
+    parts = {"router": 2 * n * d * _experts(cfg), "routed_experts": 2 * 3 * n * cfg.num_experts_per_tok * d * expert_m}
+    shared = getattr(cfg, "n_shared_experts", None) or 0  # GLM-4V-MoE: an always-on MLP of shared * m_moe
     if shared:
-        parts["shared_expert"] = 2 * 3 * n * d * shared + 2 * n * d  # its FFN and its 1-wide sigmoid gate
+        parts["shared_experts"] = 2 * 3 * n * d * shared * expert_m
+    shared_width = getattr(cfg, "shared_expert_intermediate_size", None) or 0  # Qwen3.5-MoE: a gated shared expert
+    if shared_width:
+        parts["shared_expert"] = 2 * 3 * n * d * shared_width + 2 * n * d  # its FFN and its 1-wide sigmoid gate
     return parts
 
 
@@ -145,44 +179,48 @@ def _attention_parts(cfg, n: torch.Tensor, gated: bool) -> dict[str, torch.Tenso
     }
 
 
-def layer_flop_parts(config, num_tokens, layer: int = 0) -> dict[str, torch.Tensor]:
-    """The ``"detailed"`` FLOPs of decoder layer ``layer`` on ``num_tokens`` tokens, by part (float64 tensors).
+def layer_flop_parts(config, num_tokens, index: int | None = None) -> dict[str, torch.Tensor]:
+    """The ``"detailed"`` FLOPs of decoder layer ``index`` on ``num_tokens`` tokens, by part (float64 tensors).
 
-    Parts: ``projections`` and ``attention`` (full attention), or ``projections``, ``conv``, ``delta_rule`` and
-    ``triangular_solve`` (a Gated DeltaNet layer); then ``ffn``, or ``router``, ``routed_experts`` and
-    ``shared_expert`` (mixture of experts). See the module docstring for the formulas and
+    Parts: ``projections`` and ``attention`` (an attention layer), or ``projections``, ``conv``, ``delta_rule`` and
+    ``triangular_solve`` (a Gated DeltaNet layer); then ``ffn``, or ``router``, ``routed_experts`` and the shared
+    experts (a routed mixture of experts). ``index`` ``None``: a dense attention layer. See the module docstring and
     :data:`NOT_COUNTED_BY_FLOP_COUNTER`.
     """
     cfg = _text_config(config)
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
-    if _layer_types(cfg)[layer] == LINEAR_ATTENTION:
+    if index is not None and _layer_types(cfg)[index] == LINEAR_ATTENTION:
         mixer = _linear_attention_parts(cfg, n)
     else:
         family = family_of_config(config) or family_of_config(cfg)
         mixer = _attention_parts(cfg, n, gated=family is not None and family.gated_query)
-    ffn = _ffn_parts(cfg, n)
-    shared = mixer.keys() & ffn.keys()
-    if shared:
-        raise ValueError(f"duplicate FLOPs parts {sorted(shared)}")
+    ffn = _ffn_parts(cfg, n, index)
     return {**mixer, **ffn}
 
 
-def layer_flops(config, num_tokens: torch.Tensor, convention: str = "detailed", layer: int = 0) -> torch.Tensor:
-    """FLOPs of decoder layer ``layer`` (default the first; all alike unless ``layer_types`` mixes kinds) on
-    ``num_tokens`` tokens (float64 tensor, elementwise)."""
+def layer_flops(
+    config, num_tokens: torch.Tensor, convention: str = "detailed", index: int | None = None
+) -> torch.Tensor:
+    """FLOPs of decoder layer ``index`` on ``num_tokens`` tokens (float64 tensor, elementwise); ``index`` matters
+    only for mixture-of-experts and hybrid decoders (``None``: a dense attention layer)."""
     cfg = _text_config(config)
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
     if convention == "paper":
-        if LINEAR_ATTENTION in _layer_types(cfg):
+        if _hybrid(cfg):
             raise ValueError(
                 "the 'paper' convention (4nd^2 + 2n^2d + 3ndm) describes full-attention layers only; this decoder "
                 "has linear-attention layers: use convention='detailed'"
             )
-        d, m = cfg.hidden_size, cfg.intermediate_size
+        d = cfg.hidden_size
+        if _sparse(cfg, index):
+            shared = getattr(cfg, "n_shared_experts", None) or 0  # GLM-4V-MoE: an always-on MLP of shared * m_moe
+            m = (cfg.num_experts_per_tok + shared) * cfg.moe_intermediate_size  # the experts a token runs
+        else:
+            m = cfg.intermediate_size
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
     if convention != "detailed":
         raise ValueError(f"convention must be 'detailed' or 'paper', got {convention!r}")
-    return sum(layer_flop_parts(config, n, layer).values())
+    return sum(layer_flop_parts(config, n, index).values())
 
 
 def prefill_flops(
@@ -214,23 +252,38 @@ def prefill_flops(
     num_layers = cfg.num_hidden_layers
     scalar, n, v, k, after = _rows(num_layers, num_tokens, num_visual, exit_layer, visual_after)
     head = 0.0 if convention == "paper" else 2.0 * lm_head_tokens * cfg.hidden_size * cfg.vocab_size
-    if LINEAR_ATTENTION in _layer_types(cfg):  # a hybrid decoder: layer by layer
-        full = withdrawn = torch.as_tensor(head, dtype=torch.float64)
-        for index in range(num_layers):
-            early, late = (
-                layer_flops(config, n, convention, index),
-                layer_flops(config, n - v + after, convention, index),
-            )
-            full = full + early
-            withdrawn = withdrawn + torch.where(k > index, early, late)
-    else:
+    if not _hybrid(cfg) and not any(_sparse(cfg, index) for index in range(num_layers)):
         full = num_layers * layer_flops(cfg, n, convention) + head
         late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
         withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * late + head
+    else:  # layers differ (dense / routed FFN, linear / full attention): sum them
+        full = withdrawn = head
+        for index in range(num_layers):
+            every = layer_flops(config, n, convention, index)
+            full = full + every
+            late = layer_flops(config, n - v + after, convention, index)
+            withdrawn = withdrawn + torch.where(k > index, every, late)
     ratio = withdrawn / full
     if scalar:
         return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)
     return PrefillFlops(withdrawn, full, ratio, convention)
+
+
+def relative_flops_per_exit(config, num_tokens, num_visual) -> torch.Tensor:
+    """``(B, L+1)`` float64: each row's prefill FLOPs at exit layer K = 0..L relative to its full model (detailed).
+
+    Args:
+        config: the model config (multimodal or text).
+        num_tokens: ``(B,)`` tokens per row (padding excluded).
+        num_visual: ``(B,)`` visual tokens per row.
+    """
+    tokens, visual = torch.as_tensor(num_tokens), torch.as_tensor(num_visual)
+    num_layers = _text_config(config).num_hidden_layers
+    full = prefill_flops(config, tokens, visual).full
+    per_exit = [
+        prefill_flops(config, tokens, visual, torch.full_like(tokens, k)).flops / full for k in range(num_layers + 1)
+    ]
+    return torch.stack(per_exit, dim=1).double()  # (B, L+1)
 
 
 def prefill_kv_bytes(

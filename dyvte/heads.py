@@ -8,7 +8,7 @@ is withdrawn.
 Input of head ``j`` (docs/design.md §2): the concatenation of the mean hidden state of the non-visual tokens that
 follow the row's last visual token (excluding the final prompt token) and the final prompt token's hidden state,
 ``(B, 2d)``.
-Each head is ``LayerNorm(2d) -> Linear(2d, h) -> GELU -> Linear(h, 1)``; by default ``h = max(4, d // 32)``, about
+Each head is ``LayerNorm(2d) -> Linear(2d, h) -> GELU -> Linear(h, 1)``; by default ``h = max(128, d // 32)``, about
 0.5% of the decoder's parameters (the original 2d->2048->2 per layer is 8% of a 7B model).
 """
 
@@ -93,7 +93,7 @@ class ExitHeadsConfig:
         model_type: the base model's ``config.model_type``.
         hidden_size: the base decoder's hidden size d.
         num_layers: the base decoder's layer count L (there are L - 1 heads).
-        head_size: hidden width h of each head (``None``: ``max(4, d // 32)``).
+        head_size: hidden width h of each head (``None``: ``max(128, d // 32)``).
         threshold: P(exit) threshold at inference when no calibrated ``thresholds`` are saved.
         format_version: version of this file format.
         thresholds: calibrated P(exit) threshold of each head (``L - 1`` values), chosen by
@@ -126,7 +126,7 @@ class ExitHeadsConfig:
 
     def __post_init__(self) -> None:
         if self.head_size is None:
-            self.head_size = max(4, self.hidden_size // 32)
+            self.head_size = max(128, self.hidden_size // 32)
         if self.num_layers < 2:
             raise ValueError("exit heads need a decoder of at least 2 layers")
         if not 0.0 <= self.threshold <= 1.0:

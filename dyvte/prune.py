@@ -29,6 +29,11 @@ token per grid row; each view (the base view, each grid crop) is pruned on its o
 per image after the model's own packing (we locate every packed entry by running the model's ``pack_image_features``
 on patch indices) and newline tokens are always kept, so the row structure the newlines encode survives.
 
+Video frames (Video-LLaVA, registry ``video_features="frames"``): ``get_video_features`` is wrapped the same way;
+each frame is a view ranked by its own [CLS] attention in the video tower, and its [CLS] feature (which Video-LLaVA
+feeds the LLM) stays. Other families' videos are refused under pruning; encoders without a [CLS] token are refused
+at ``prune()`` (docs/design.md §2).
+
 Budgets: ``ratio=R`` keeps ``max(1, floor((1 - R) * n + 0.5))`` of a view's ``n`` patches; ``keep=k`` keeps ``k``
 of a full view's ``N`` patches, i.e. ``max(1, floor(n * k / N + 0.5))`` of an unpadded crop's ``n``.
 """
@@ -50,6 +55,7 @@ from .compat import (
     HIDDEN_STATES,
     INPUT_IDS,
     MM_ENCODER_OUTPUTS,
+    PIXEL_ARGS,
     POSITION_IDS,
     cache_in,
     cache_length_host,
@@ -150,6 +156,45 @@ def scorer_method(name: str, scorer: PatchScorer) -> PruningMethod:
     return PruningMethod(name, "before", build, scorer)
 
 
+class _Modality:
+    """One kind of visual input a pruning handle prunes: images, or video frames.
+
+    Attributes:
+        key: ``"image"`` / ``"video"`` (the ``mm_encoder_outputs`` key, and ``get_<key>_features``).
+        token_id: its placeholder id in ``input_ids``.
+        layout: the family's :data:`dyvte.registry.FEATURE_LAYOUTS` entry for it.
+        offset: feature entry ``p`` of a view is encoder token ``p + offset`` (for the ``"views"`` layout).
+        original / signature: the base model's unwrapped feature method; wrapper: the handle's wrapper of it.
+    """
+
+    def __init__(self, key: str, token_id: int, layout: str, offset: int, base: nn.Module) -> None:
+        self.key, self.token_id, self.offset = key, int(token_id), offset
+        self.layout = FEATURE_LAYOUTS[layout]
+        self.getter = f"get_{key}_features"
+        self.original = getattr(base, self.getter)
+        self.signature = inspect.signature(self.original)
+        self.wrapper: Callable[..., Any] | None = None
+
+
+def _token_id(config: Any, key: str) -> int:
+    """The placeholder id of ``key`` (``"image"`` / ``"video"``) in a multimodal config."""
+    value = getattr(config, f"{key}_token_id", None)
+    return int(value if value is not None else getattr(config, f"{key}_token_index"))
+
+
+def _refusal(model: nn.Module, family: Any) -> str:
+    """Why a family without a feature layout cannot be pruned before the LLM (its encoder's [CLS], if it lacks one)."""
+    tower = _get_path(model, family.vision_path)
+    names = family.vision
+    vision = getattr(tower, names.inner, tower)
+    if getattr(getattr(vision, "embeddings", None), names.class_embedding, None) is None:
+        return (
+            f"its vision encoder ({type(vision).__name__}) has no [CLS] token, whose attention FasterVLM ranks "
+            "patches by"
+        )
+    return "its image features are not laid out as patches of views dyvte can prune"
+
+
 def _vision_attention(
     layer: nn.Module, hidden: torch.Tensor, cls: bool, names: VisionNames = _VISION_NAMES
 ) -> torch.Tensor:
@@ -206,8 +251,8 @@ class Pruning:
         family = self.spec.family
         if family.image_features is None:
             raise UnsupportedModelError(
-                f"dyvte.prune(method={method!r}) does not support model_type={self.spec.model_type!r}: its image "
-                f"features are not laid out as patches of views dyvte can prune. Supported: {', '.join(_supported())} "
+                f"dyvte.prune(method={method!r}) does not support model_type={self.spec.model_type!r}: "
+                f"{_refusal(self.spec.model, family)}. Supported: {', '.join(_supported())} "
                 "(FastV, method='fastv', works on every family)."
             )
         if scorer is None:  # a registered method before the LLM, by name
@@ -217,7 +262,6 @@ class Pruning:
                 raise ValueError(f"Pruning handles the methods before the LLM ({', '.join(before)}), got {method!r}")
             scorer = entry.scorer
         self.method, self.seed, self.scorer = method, int(seed), scorer
-        self.layout = FEATURE_LAYOUTS[family.image_features]
         self.names = family.vision
         model = self.spec.model
         config = model.config
@@ -244,6 +288,7 @@ class Pruning:
             raise UnsupportedModelError("vision_feature_layer selects the patch embeddings: no attention to score by")
         self.kept_columns: torch.Tensor | None = None
         self.kept_features: list[torch.Tensor] | None = None
+        self.kept_video_features: list[torch.Tensor] | None = None
         self.fed_tokens: torch.Tensor | None = None
         self.fed_visual: torch.Tensor | None = None
         self._prompt_len = 0
@@ -253,10 +298,27 @@ class Pruning:
         self._capture: list[torch.Tensor] | None = None
         self._hooks: list[Any] = []
         self._undo_masks: Any = None
-        self._original = self.base.get_image_features
-        self._signature = inspect.signature(self._original)
-        self._image_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
-        self._attach(encoder_layers[self.score_layer])
+        seq_len = self.view_tokens + self.offset  # S, encoder tokens per view
+        self._modalities = [
+            _Modality("image", _token_id(config, "image"), family.image_features, self.offset, self.base)
+        ]
+        score_layers = [encoder_layers[self.score_layer]]
+        if getattr(config, "video_token_id", None) is not None:
+            video = None
+            if family.video_features is not None:
+                video = _Modality("video", _token_id(config, "video"), family.video_features, 0, self.base)
+                video_tower = _get_path(model, family.video_path or family.vision_path)
+                video_layers = _get_path(getattr(video_tower, names.inner, video_tower), names.layers)
+                if video_tower is not self.tower:
+                    score_layers.append(video_layers[self.score_layer])
+            self._video = video  # None: video inputs are refused
+            self._modalities += [video] if video is not None else []
+        else:
+            self._video = None
+        self._seq_len = seq_len
+        self._image_id = self._modalities[0].token_id
+        self._visual_ids = torch.tensor([m.token_id for m in self._modalities])
+        self._attach(score_layers)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -264,14 +326,17 @@ class Pruning:
         """The hooked top-level model."""
         return self.spec.model
 
-    def _attach(self, score_layer: nn.Module) -> None:
+    def _attach(self, score_layers: list[nn.Module]) -> None:
         top = self.spec.model
-        if getattr(top, _HANDLE_ATTR, None) is not None or "get_image_features" in vars(self.base):
+        if getattr(top, _HANDLE_ATTR, None) is not None or any(m.getter in vars(self.base) for m in self._modalities):
             raise PruneError("this model is already pruned by dyvte; remove that handle before pruning again")
         self._hooks.append(top.register_forward_pre_hook(self._pre_forward, with_kwargs=True, prepend=True))
         self._hooks.append(top.register_forward_hook(self._post_forward, with_kwargs=True))
-        self._hooks.append(score_layer.register_forward_pre_hook(self._score_hook, with_kwargs=True))
-        self.base.get_image_features = self._get_image_features
+        for layer in score_layers:
+            self._hooks.append(layer.register_forward_pre_hook(self._score_hook, with_kwargs=True))
+        for modality in self._modalities:
+            modality.wrapper = self._wrap(modality)
+            setattr(self.base, modality.getter, modality.wrapper)
         self._undo_masks = keep_2d_masks(top)  # static caches: generate passes the 2-D mask it shortens
         setattr(top, _HANDLE_ATTR, self)
 
@@ -280,8 +345,9 @@ class Pruning:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        if vars(self.base).get("get_image_features") == self._get_image_features:
-            del self.base.get_image_features
+        for modality in self._modalities:
+            if modality.wrapper is not None and vars(self.base).get(modality.getter) is modality.wrapper:
+                delattr(self.base, modality.getter)
         if self._undo_masks is not None:
             self._undo_masks()
             self._undo_masks = None
@@ -302,20 +368,28 @@ class Pruning:
                 self._capture.append(_vision_attention(module, hidden, self.has_cls, self.names))
         return None
 
-    def _get_image_features(self, *args: Any, **kwargs: Any) -> Any:
-        """Wrapper of the base model's ``get_image_features``: the model's features, pruned per view."""
-        bound = self._signature.bind(*args, **kwargs)
+    def _wrap(self, modality: _Modality) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return self._features(modality, *args, **kwargs)
+
+        return wrapper
+
+    def _features(self, modality: _Modality, *args: Any, **kwargs: Any) -> Any:
+        """Wrapper of the base model's ``get_image_features`` / ``get_video_features``: the model's features, pruned
+        per view (an image view, an any-resolution crop, a video frame)."""
+        bound = modality.signature.bind(*args, **kwargs)
         layer = bound.arguments.get("vision_feature_layer")
         if layer is not None and layer != self.feature_layer:
             raise PruneError(f"pruning scores at vision_feature_layer={self.feature_layer}; the call asks for {layer}")
         self._capture = [] if self.scorer.uses_attention else None
         try:
-            out = self._original(*args, **kwargs)
+            out = modality.original(*args, **kwargs)
             captured = self._capture
         finally:
             self._capture = None
-        features = list(out.pooler_output)  # per image (n_i, D)
-        sources = self._sources(bound.arguments, features)  # per image (n_i,) encoder-token index, -1 = keep
+        pooled = out.pooler_output
+        features = list(pooled)  # per image / frame (n_i, D)
+        sources = self._sources(modality, bound.arguments, features)  # per entry (n_i,) encoder token, -1 = keep
         total = max((int(s.max()) + 1 for s in sources if s.numel()), default=0)  # encoder tokens scored
         attention = None
         if self.scorer.uses_attention:
@@ -325,15 +399,23 @@ class Pruning:
         scores = self.scorer.score(attention, total, self.seed)
         seq_len = self.view_tokens + self.offset  # S, encoder tokens per view
         kept = [self._keep_mask(src, scores, seq_len) for src in sources]
-        out.pooler_output = [f[k.to(f.device)] for f, k in zip(features, kept, strict=True)]
+        pruned = [f[k.to(f.device)] for f, k in zip(features, kept, strict=True)]
+        if isinstance(pooled, torch.Tensor):  # the model reads one (entries, n, D) tensor: every entry keeps n
+            if len({p.shape[0] for p in pruned}) > 1:
+                raise PruneError("the views of these images keep different numbers of features; the model needs one")
+            pruned = torch.stack(pruned) if pruned else pooled
+        out.pooler_output = pruned
         setattr(out, _KEPT_ATTR, kept)
-        self.kept_features = kept
+        if modality.key == "video":
+            self.kept_video_features = kept
+        else:
+            self.kept_features = kept
         return out
 
-    def _sources(self, arguments: dict, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per image: the flat encoder-token index (view * S + token) of each feature entry; -1 for newlines."""
-        grid = (self.view_tokens + self.offset, self.offset, self.view_tokens)
-        sources = self.layout(self.spec.model, arguments, features, grid)  # the family's layout (registry)
+    def _sources(self, modality: _Modality, arguments: dict, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per entry: the flat encoder-token index (view * S + token) of each feature; -1 for entries that stay."""
+        grid = (self._seq_len, modality.offset, self.view_tokens)
+        sources = modality.layout(self.spec.model, arguments, features, grid)  # the family's layout (registry)
         if [s.shape[0] for s in sources] != [f.shape[0] for f in features]:
             raise PruneError(f"could not locate the {self.spec.model_type} image features (packing changed?)")
         return sources
@@ -370,39 +452,38 @@ class Pruning:
             raise PruneError(f"pruning: {reason}")
         if not new_sequence:
             return args, self._continue(kwargs, cache)
-        images = (kwargs.get(MM_ENCODER_OUTPUTS) or {}).get("image")
-        if images is None and kwargs.get("pixel_values") is not None:
-            call = {
-                "pixel_values": kwargs["pixel_values"],
-                "vision_feature_layer": kwargs.get("vision_feature_layer"),
-                "vision_feature_select_strategy": kwargs.get("vision_feature_select_strategy"),
-                "return_dict": True,
-            }
-            if kwargs.get("image_sizes") is not None:
-                call["image_sizes"] = kwargs["image_sizes"]
-            images = self.base.get_image_features(**call)
-            kwargs["pixel_values"] = None
-            kwargs[MM_ENCODER_OUTPUTS] = {**(kwargs.get(MM_ENCODER_OUTPUTS) or {}), "image": images}
+        if self._video is None and any(kwargs.get(name) is not None for name in PIXEL_ARGS["video"]):
+            raise PruneError(
+                f"dyvte.prune(method={self.method!r}) prunes the images of model_type={self.spec.model_type!r} but not "
+                "its videos: its video features are not one feature per encoder patch (registry: video_features). "
+                "Pass the video without pruning, or use method='fastv'"
+            )
+        encoded = {m.key: self._encode(m, kwargs) for m in self._modalities}
         if input_ids is None:
-            if images is not None:
+            if any(v is not None for v in encoded.values()):
                 raise PruneError("dyvte.prune needs input_ids to find the image placeholders (not inputs_embeds)")
             return args, kwargs
         batch, num_tokens = input_ids.shape
-        placeholder = input_ids == self._image_id  # (B, T)
+        placeholder = torch.isin(input_ids, self._visual_ids.to(input_ids.device))  # (B, T) every pruned kind
         keep = torch.ones_like(placeholder)
-        if images is not None:
-            kept = getattr(images, _KEPT_ATTR, None)
+        for modality in self._modalities:
+            outputs = encoded[modality.key]
+            if outputs is None:
+                continue
+            kept = getattr(outputs, _KEPT_ATTR, None)
             if kept is None:
                 raise PruneError(
-                    "these image features were not computed under this dyvte.prune handle (precomputed "
-                    "mm_encoder_outputs?): pass pixel_values, or call generate inside the `with` block"
+                    f"these {modality.key} features were not computed under this dyvte.prune handle (precomputed "
+                    "mm_encoder_outputs?): pass the pixels, or call generate inside the `with` block"
                 )
             flat = torch.cat(kept).to(keep.device)
-            if int(placeholder.sum()) != flat.numel():
+            mine = input_ids == modality.token_id  # (B, T)
+            if int(mine.sum()) != flat.numel():
                 raise PruneError(
-                    f"input_ids hold {int(placeholder.sum())} image placeholders for {flat.numel()} image features"
+                    f"input_ids hold {int(mine.sum())} {modality.key} placeholders for {flat.numel()} "
+                    f"{modality.key} features"
                 )
-            keep[placeholder] = flat  # row-major, the order masked_scatter fills placeholders in
+            keep[mine] = flat  # row-major, the order masked_scatter fills placeholders in
         mask = kwargs.get(ATTENTION_MASK)
         valid = mask.bool() if isinstance(mask, torch.Tensor) else torch.ones_like(keep)  # (B, T)
         pruned = ~keep  # (B, T) placeholders of pruned image entries
@@ -435,6 +516,23 @@ class Pruning:
         self.fed_tokens = slot_ok.sum(1).cpu()
         self.fed_visual = (take(placeholder, idx, 1) & slot_ok).sum(1).cpu()
         return args, kwargs
+
+    def _encode(self, modality: _Modality, kwargs: dict) -> Any:
+        """The call's features of one modality (computed here, pruned, from its pixels), or ``None``; the pixels
+        are replaced by the features in ``kwargs`` (``mm_encoder_outputs``)."""
+        encoded = kwargs.get(MM_ENCODER_OUTPUTS) or {}
+        outputs = encoded.get(modality.key)
+        name = next((n for n in PIXEL_ARGS[modality.key] if kwargs.get(n) is not None), None)
+        if outputs is not None or name is None:
+            return outputs
+        call = {"return_dict": True}
+        for key in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes"):
+            if kwargs.get(key) is not None and key in modality.signature.parameters:
+                call[key] = kwargs[key]
+        outputs = modality.wrapper(kwargs[name], **call)
+        kwargs[name] = None
+        kwargs[MM_ENCODER_OUTPUTS] = {**encoded, modality.key: outputs}
+        return outputs
 
     def _is_new_sequence(self, cache: Any) -> bool:
         """Whether a call with ``cache`` starts a sequence; a cache this handle filled is not read (no host sync)."""
@@ -512,7 +610,8 @@ def prune(
             out = model.generate(**inputs)
 
     Args:
-        model: a supported transformers model (``fastervlm`` / ``random``: LLaVA-1.5, LLaVA-NeXT; ``fastv``: every
+        model: a supported transformers model (``fastervlm`` / ``random``: LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video's
+            images, Video-LLaVA's images and video frames; ``fastv``: every
             family of ``dyvte.supported_model_types()``).
         method: ``"fastervlm"``, ``"random"`` or ``"fastv"``.
         keep: patches kept per image view (``fastervlm`` / ``random``), in ``[1, N]``.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compat import CallNames, attn_implementation, call_names
+from .compat import CallNames, attn_implementation, call_names, check_deepstack
 
 __all__ = [
     "AttentionNames",
@@ -52,7 +52,9 @@ class AttentionNames:
     Attributes:
         norm: the layer's input norm; attention: its attention module; query / key: the projections;
         query_norm / key_norm: per-head norms (read only when present); head_dim / scaling / softcap: attributes of
-        the attention module (``softcap`` only when present).
+        the attention module (``softcap`` only when present); rotary: how the layer rotates q/k by ``(cos, sin)``,
+        ``"half"`` (Llama's ``rotate_half``) or ``"interleaved"`` (GLM's pairs ``(x0, x1)``); either way only the
+        first ``cos.shape[-1]`` channels rotate (partial rotary).
     """
 
     norm: str = "input_layernorm"
@@ -64,6 +66,7 @@ class AttentionNames:
     head_dim: str = "head_dim"
     scaling: str = "scaling"
     softcap: str = "attn_logit_softcapping"
+    rotary: str = "half"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,13 @@ class Family:
         attention: names of the decoder layers' attention pieces.
         vision: names of the vision encoder's pieces.
         lora_targets: the decoder projections LoRA adapts by default.
+        deepstack: the text decoder adds vision features to the hidden states at the visual positions after each
+            of its first layers (Qwen3-VL's DeepStack); the engine then applies them itself, to the visual tokens
+            still present (docs/design.md §4, "DeepStack").
+        video_features: how ``get_video_features`` lays out its output, for pruning video frames before the LLM:
+            ``"frames"`` (one view per frame: the encoder's tokens, [CLS] first, which stays: Video-LLaVA), or
+            ``None`` (pruning refuses video inputs).
+        video_path: dotted path of the video encoder when it is not the one at ``vision_path`` (Video-LLaVA).
         gated_query: the full-attention ``q_proj`` also outputs a sigmoid output gate (twice the query width:
             Qwen3.5), which the FLOPs count and FastV's one-row recomputation must know.
     """
@@ -115,6 +125,9 @@ class Family:
     attention: AttentionNames = field(default_factory=AttentionNames)
     vision: VisionNames = field(default_factory=VisionNames)
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    deepstack: bool = False
+    video_features: str | None = None
+    video_path: str | None = None
     gated_query: bool = False
 
 
@@ -128,6 +141,35 @@ REGISTRY: dict[str, Family] = {
     "gemma3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
     "idefics3": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "smolvlm": Family("model.text_model", ("image_token_id",), "model.vision_model"),
+    "qwen3_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual", deepstack=True),
+    "qwen3_vl_moe": Family(  # LoRA: attention only (the routed experts are fused 3-D parameters, not Linears)
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.visual",
+        lora_targets=LORA_TARGETS[:4],
+        deepstack=True,
+    ),
+    "mistral3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
+    "glm4v": Family(
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.visual",
+        attention=AttentionNames(rotary="interleaved"),
+    ),
+    "video_llava": Family(
+        "model.language_model",
+        ("image_token_id", "video_token_id"),
+        "model.image_tower",
+        "views",
+        video_features="frames",
+        video_path="model.video_tower",
+    ),
+    "llava_next_video": Family(
+        "model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower", "anyres"
+    ),
+    "glm4v_moe": Family(  # LoRA: attention only, as qwen3_vl_moe (the routed experts are fused 3-D parameters)
+        "model.language_model", ("image_token_id", "video_token_id"), "model.visual", lora_targets=LORA_TARGETS[:4]
+    ),
     "qwen3_5": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual", gated_query=True),
     "qwen3_5_moe": Family(
         "model.language_model", ("image_token_id", "video_token_id"), "model.visual", gated_query=True
@@ -166,9 +208,21 @@ def _anyres(model: nn.Module, arguments: dict[str, Any], features: list[torch.Te
     return [p.squeeze(-1).round().long() for p in packed]  # (n_i,) each
 
 
+def _frames(model: nn.Module, arguments: dict[str, Any], features: list[torch.Tensor], grid: tuple[int, int, int]):
+    """Video-LLaVA's videos: entry ``i`` is frame ``i`` (videos x frames, in order) with every encoder token; its
+    [CLS] feature (token 0) always stays (``-1``), patch ``p`` is encoder token ``p`` of that frame."""
+    seq_len, _, _ = grid
+    out = []
+    for i, f in enumerate(features):
+        index = i * seq_len + torch.arange(f.shape[0])
+        index[0] = -1  # the [CLS] feature: kept, like LLaVA-NeXT's newlines
+        out.append(index)  # (S,)
+    return out
+
+
 FeatureLayout = Callable[[nn.Module, dict[str, Any], list[torch.Tensor], tuple[int, int, int]], list[torch.Tensor]]
 
-FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres}
+FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres, "frames": _frames}
 """``Family.image_features`` -> ``layout(model, get_image_features arguments, per-image features, (S, offset, N))``
 giving, per image, the flat encoder-token index (``view * S + token``) of each feature entry (``-1``: a newline)."""
 
@@ -279,6 +333,8 @@ def resolve(model: nn.Module) -> ModelSpec:
     ids = [int(i) for i in ids if i is not None]
     if not ids:
         raise UnsupportedModelError(f"{type(model).__name__}'s config has none of {family.visual_id_attrs} set.")
+    if family.deepstack:
+        check_deepstack(decoder)
     text_config = decoder.config
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(layers)
     window = getattr(text_config, "sliding_window", None)

@@ -67,6 +67,28 @@ def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str 
     return model, AutoProcessor.from_pretrained(path)
 
 
+def load_config(name: str = "demo"):
+    """The top-level config of what :func:`load_model` would load for ``name`` (no weights are read).
+
+    Raises:
+        FileNotFoundError: ``name`` is neither ``"demo"`` nor a directory.
+    """
+    from transformers import AutoConfig
+
+    if name == "demo":
+        from .demo import demo_checkpoint_dir
+
+        return AutoConfig.from_pretrained(demo_checkpoint_dir("demo-mllm"))
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist (use 'demo' for the embedded model)")
+    if (path / "adapter_config.json").is_file():  # a peft adapter: the config of the base it names
+        import json
+
+        return load_config(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    return AutoConfig.from_pretrained(path)
+
+
 def load_records(
     name: str = "demo",
     split: str = "test",

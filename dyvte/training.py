@@ -658,7 +658,7 @@ class ExitHeadsModule(L.LightningModule):
     """Trains :class:`ExitHeads` on cached labels; the module holds the heads and nothing else.
 
     Args:
-        head_size: hidden width of each head (``None``: ``max(4, d // 32)``).
+        head_size: hidden width of each head (``None``: ``max(128, d // 32)``).
         threshold: P(exit) threshold saved with the heads and used for the validation metrics.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.

@@ -16,15 +16,18 @@ import torch
 import dyvte
 from dyvte.data import build_inputs
 from dyvte.exits import (
+    agrees_at,
     calibrate_heads,
     check_rule,
     exit_ok,
+    exit_savings,
     first_exit,
     head_targets,
     outcome,
     platt_scaling,
     platt_thresholds,
     safe_from,
+    savings_levels,
 )
 from dyvte.heads import ExitHeads
 from dyvte.labels import label_batch
@@ -124,6 +127,62 @@ def test_platt_thresholds_equal_the_scaled_rule():
         assert torch.equal((probs >= raw[None])[:, :2], scaled[:, :2]), level
         assert raw[2] == NEVER  # a head ranking the wrong way never fires
     assert platt_thresholds(a, b, 1.0).tolist() == [NEVER] * 3
+
+
+def test_savings_family_fires_where_the_risk_it_may_take_is_proportional_to_its_saving():
+    """Per-head levels 1 - mu * s_j / max(s): head j fires exactly where its Platt P(unsafe) <= mu * s_j / max(s)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(500, 3, generator=gen) * 2
+    targets = (torch.rand(500, 3, generator=gen) < torch.sigmoid(1.5 * logits)).float()
+    a, b = platt_scaling(logits, targets)
+    savings = torch.tensor([0.6, 0.3, 0.15], dtype=torch.float64)
+    assert savings_levels(savings, 0.0).tolist() == [1.0, 1.0, 1.0]  # mu = 0: nothing fires
+    assert platt_thresholds(a, b, savings_levels(savings, 0.0)).tolist() == [NEVER] * 3
+    probs = torch.sigmoid(logits)
+    for mu in (0.01, 0.1, 0.4):
+        raw = platt_thresholds(a, b, savings_levels(savings, mu))
+        unsafe = 1 - torch.sigmoid(a[None] * logits.double() + b[None])
+        expected = unsafe <= mu * savings[None] / savings.max()
+        assert torch.equal(probs >= raw[None], expected), mu
+    # one level for every head is the platt family
+    assert torch.equal(platt_thresholds(a, b, torch.full((3,), 0.8, dtype=torch.float64)), platt_thresholds(a, b, 0.8))
+    flops = np.array([[0.2, 0.4, 0.7, 0.9, 1.0], [0.4, 0.5, 0.7, 0.8, 1.0]])  # (N, L+1) at K = 0..L
+    assert exit_savings(flops).tolist() == pytest.approx([0.55, 0.3, 0.15])
+
+
+def test_savings_calibration_keeps_its_promise_over_many_calibration_draws():
+    """Learn-then-Test over the savings family: the true disagreement rate of the chosen thresholds exceeds the
+    tolerance in at most about delta of the calibration draws (synthetic heads whose truth is known)."""
+    gen = torch.Generator().manual_seed(2)
+    num_layers, tolerance, delta = 4, 0.05, 0.2
+    savings = torch.tensor([0.6, 0.4, 0.2], dtype=torch.float64)
+
+    def draw(n: int):
+        skill = torch.randn(n, generator=gen)  # easy samples are safe early
+        safe_from = torch.clamp((2.0 - skill + 0.7 * torch.randn(n, generator=gen)).round(), 1, num_layers).long()
+        match = torch.arange(num_layers)[None] >= safe_from[:, None]  # (n, L): the answer holds from safe_from on
+        logits = torch.stack([skill + (j - 1) + 0.5 * torch.randn(n, generator=gen) for j in range(3)], 1)
+        return logits, match.numpy()
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    ref_logits, ref_match = draw(2000)
+    reference = (ref_logits, head_targets({"match": ref_match}, "agreement"))
+    population, population_match = draw(200_000)
+    failures = 0
+    for _ in range(60):
+        logits, match = draw(400)
+        cal = calibrate_heads(Fixed(), logits, match, tolerance, delta, reference, savings=savings)
+        assert cal.family == "savings"
+        exits = first_exit(torch.sigmoid(population), torch.tensor(cal.thresholds)).numpy()
+        failures += float((~agrees_at(population_match, exits)).mean()) > tolerance
+    assert failures <= 60 * delta + 5  # binomial slack over 60 draws
+    with pytest.raises(ValueError, match="savings needs reference"):
+        calibrate_heads(Fixed(), logits, match, tolerance, delta, savings=savings)
+    with pytest.raises(ValueError, match="3 finite values"):
+        calibrate_heads(Fixed(), logits, match, tolerance, delta, reference, savings=torch.zeros(3))
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def expected_kept(num: int, ratio: float) -> int:
     return max(1, int(num * (1 - ratio) + 0.5))
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_next_video"])
 def tiny(request):
     model, processor = make_tiny(request.param)
     return request.param, model, processor
@@ -206,7 +206,7 @@ def test_prune_then_withdraw_equals_pruned_inputs_withdrawn_by_hand(tiny):
             with dyvte.withdraw(model, layer=layer), dyvte.prune(model, method, ratio=0.5):  # either nesting order
                 assert torch.equal(greedy(model, inputs), cached)
         with torch.no_grad():  # by hand: the model's features and placeholders, pruned, then withdrawal alone
-            extra = {"image_sizes": inputs["image_sizes"]} if family == "llava_next" else {}
+            extra = {"image_sizes": inputs["image_sizes"]} if family.startswith("llava_next") else {}
             features = model.model.get_image_features(inputs["pixel_values"], **extra).pooler_output
             pruned = [f[k] for f, k in zip(features, kept, strict=True)]
             ids = inputs["input_ids"][0]

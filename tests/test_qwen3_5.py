@@ -110,18 +110,18 @@ def test_heads_mixed_exits_grouped_equal_ungrouped_and_rows_alone():
     model, processor = make_tiny("qwen3_5", num_layers=8)
     inputs = dict(make_batch(processor, "qwen3_5", ROWS))
     heads = dyvte.ExitHeads.for_model(model)
-    torch.manual_seed(2)
+    torch.manual_seed(5)
     for param in heads.parameters():
-        torch.nn.init.normal_(param, std=0.5)
+        torch.nn.init.normal_(param, std=0.2)
     heads = heads.eval()
     outputs = {}
     for grouped in (True, False):
-        with dyvte.withdraw(model, heads=heads, threshold=0.9) as handle, torch.no_grad():
+        with dyvte.withdraw(model, heads=heads, threshold=0.7) as handle, torch.no_grad():
             handle.grouped = grouped
             last = model(**inputs).logits[:, -1]
             outputs[grouped] = (last, greedy(model, inputs), handle.exit_layers.tolist())
     (last, cached, exits), (ref_last, ref_cached, ref_exits) = outputs[True], outputs[False]
-    assert exits == ref_exits == [1, 4, 2], exits  # really mixed: rows leave before and after the attention layer 3
+    assert exits == ref_exits == [4, 8, 2], exits  # really mixed: before / after the attention layer 3, and never
     torch.testing.assert_close(last, ref_last, atol=TOL, rtol=TOL)
     assert torch.equal(cached, ref_cached)
     for row in range(len(ROWS)):
@@ -160,6 +160,8 @@ def test_flops_equal_the_flop_counter_and_state_bytes_the_cache(family):
     """Per exit layer: the detailed FLOPs less their parts FlopCounterMode does not count equal its count; the KV
     bytes of the full-attention layers shrink, the linear layers' state bytes do not."""
     model, processor = make_tiny(family, attn="eager")  # eager: CPU SDPA's fused kernel is not counted
+    if family == "qwen3_5_moe":
+        model.set_experts_implementation("eager")  # per-expert matmuls: FlopCounterMode does not count grouped_mm
     inputs = dict(make_batch(processor, family, [ROWS[1]], row_ids=[1]))  # two images, no padding
     tokens = inputs["input_ids"].shape[1]
     visual = int(visual_mask(model, inputs["input_ids"]).sum())
@@ -180,7 +182,7 @@ def test_flops_equal_the_flop_counter_and_state_bytes_the_cache(family):
             if part in NOT_COUNTED_BY_FLOP_COUNTER
         )
         assert measured == expected.flops - uncounted, (family, layer)
-        assert uncounted > 0  # the triangular solves (and the routed experts) are real work
+        assert uncounted > 0  # the triangular solves are real work
         assert kv_cache_bytes(cache) == dyvte.prefill_kv_bytes(model.config, tokens, visual, layer)
         assert recurrent_state_bytes(cache) == prefill_state_bytes(model.config) > 0
     assert dyvte.prefill_kv_bytes(model.config, tokens, visual, 0) < dyvte.prefill_kv_bytes(

@@ -24,6 +24,10 @@ image; "placeholder" = the token id the model scatters vision features into; see
   head_dim 16): ``position_ids`` are 3-D; in generate they are 4xBxL. Qwen2.5-VL's vision tower uses window
   attention (window 16 px) in layer 0 and full attention in the last layer. The processor also returns
   ``mm_token_type_ids``.
+- ``qwen3_vl`` / ``qwen3_vl_moe``: Qwen2-VL's processor setup (patch 4, merge 2: 16 / 24 / 24 / 36), head_dim 16,
+  interleaved mrope ``[2, 3, 3]``; a 3-block vision tower whose blocks all feed DeepStack
+  (:data:`QWEN3_DEEPSTACK`: additions after decoder layers 0, 1, 2); the MoE decoder routes every layer over 4
+  experts of width 32, 2 per token (:data:`QWEN3_MOE`; transformers' default ``grouped_mm`` experts kernel).
 - ``internvl``: 32 px tiles, patch 4, pixel-shuffle 0.5 -> 16 ``<IMG_CONTEXT>`` per tile; dynamic tiling as in real
   InternVL (``crop_to_patches=True``, 1-4 tiles + a thumbnail tile when more than one): 16 / 48 / 48 / 80. Each
   image is wrapped in ``<img>``/``</img>``, separate tokens that are *not* placeholders.
@@ -37,6 +41,19 @@ image; "placeholder" = the token id the model scatters vision features into; see
   splitting (``do_image_splitting=False``): 16 / 16 / 16 / 16 (images are resized to longest edge 32 and padded;
   ``pixel_attention_mask`` is returned). Each image is ``<fake_token_around_image><global-img>`` + 16 x
   ``<image>`` + ``<fake_token_around_image>``. SmolVLM needs ``num2words``.
+- ``mistral3``: Pixtral tower (no [CLS], 2-D rotary), patch 4, spatial merge 2: one ``[IMG]`` per 8x8 pixels,
+  16 / 24 / 24 / 36, plus an ``[IMG_BREAK]`` after each row and ``[IMG_END]`` last (text tokens). Mistral decoder.
+  ``PixtralProcessor`` is imported through a shim (:func:`_pixtral_processor_class`; it needs torchvision otherwise).
+- ``glm4v``: patch 4, merge 2, temporal patch 2: 16 / 24 / 24 / 36 ``<|image|>`` between ``<|begin_of_image|>`` /
+  ``<|end_of_image|>``; 3-D rotary (``mrope_section=[1, 1, 2]``), partial rotary 0.5 with GLM's interleaved
+  rotation; the processor returns ``mm_token_type_ids``. Video frames are ``<|image|>`` tokens too.
+- ``glm4v_moe``: GLM-4V's processor and counts; decoder layer 0 dense, layers 1+ route over 4 experts of width 32, 2
+  per token, plus a shared expert (:data:`GLM_MOE`); rotate-half partial rotary.
+- ``video_llava``: separate CLIP image and video towers, 32 px / patch 8: 16 ``<image>`` per image ([CLS] dropped),
+  17 ``<video>`` per video frame ([CLS] kept). Pixels: ``pixel_values_images``.
+- ``llava_next_video``: LLaVA-NeXT's anyres images (36 / 46 / 44 / 88); video frames pooled 2x2: 4 ``<video>`` each.
+- Videos (Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision, GLM-4V) go through ``dyvte.video.FramesVideoProcessor``
+  (``tests/test_video.py``).
 
 Quirk common to the video-slot processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, SmolVLM): without
 torchvision they cannot even be built with ``video_processor=None``, nor saved or reloaded;
@@ -73,6 +90,13 @@ FAMILIES: list[str] = [
     "gemma3",
     "idefics3",
     "smolvlm",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "mistral3",
+    "glm4v",
+    "video_llava",
+    "llava_next_video",
+    "glm4v_moe",
     "qwen3_5",
     "qwen3_5_moe",
 ]
@@ -98,11 +122,20 @@ IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
     "gemma3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "idefics3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "smolvlm": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+    "qwen3_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "qwen3_vl_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "mistral3": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "glm4v": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "video_llava": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
+    "llava_next_video": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
+    "glm4v_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
     "qwen3_5": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
     "qwen3_5_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
 }
 #: Families whose placeholder count per image depends on the image size.
 DYNAMIC_RESOLUTION: list[str] = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"]
+DYNAMIC_RESOLUTION += ["qwen3_vl", "qwen3_vl_moe"]
+DYNAMIC_RESOLUTION += ["mistral3", "glm4v", "llava_next_video", "glm4v_moe"]
 DYNAMIC_RESOLUTION += ["qwen3_5", "qwen3_5_moe"]
 #: Pinpoints for the anyres families (LLaVA-NeXT, LLaVA-OneVision).
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
@@ -157,8 +190,22 @@ _FAMILY_SPECIALS: dict[str, tuple[dict[str, str | None], dict[str, str], list[st
     ),
     "idefics3": (_BASIC, _IDEFICS_EXTRA, _ROW_COL),
     "smolvlm": (_BASIC, {**_IDEFICS_EXTRA, "video_token": "<video>"}, _ROW_COL),
+    "mistral3": (
+        _BASIC,
+        {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
+        [],
+    ),
+    "glm4v": (
+        {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "unk_token": "<unk>"},
+        {"image_token": "<|image|>", "video_token": "<|video|>"},
+        ["<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"],
+    ),
+    "video_llava": (_BASIC, {"image_token": "<image>", "video_token": "<video>"}, []),
+    "llava_next_video": (_BASIC, {"image_token": "<image>", "video_token": "<video>"}, []),
 }
 _FAMILY_SPECIALS["qwen2_5_vl"] = _FAMILY_SPECIALS["qwen2_vl"]
+_FAMILY_SPECIALS["qwen3_vl"] = _FAMILY_SPECIALS["qwen3_vl_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
+_FAMILY_SPECIALS["glm4v_moe"] = _FAMILY_SPECIALS["glm4v"]
 _FAMILY_SPECIALS["qwen3_5"] = _FAMILY_SPECIALS["qwen3_5_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
 
 #: Placeholder string a prompt carries once per image, per family (the processor expands it).
@@ -172,6 +219,13 @@ PROMPT_IMAGE_TOKEN: dict[str, str] = {
     "gemma3": "<start_of_image>",
     "idefics3": "<image>",
     "smolvlm": "<image>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
+    "mistral3": "[IMG]",
+    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
+    "video_llava": "<image>",
+    "llava_next_video": "<image>",
+    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
     "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>",
 }
@@ -186,7 +240,8 @@ def allow_missing_video_processor() -> None:
     has no attribute '_extra_content'``), (b) ``save_pretrained`` fails on ``None._auto_class`` and (c)
     ``from_pretrained`` tries to load a video processor. This idempotent patch makes
     ``ProcessorMixin.get_attributes`` leave out video sub-processors when torchvision is not installed, which
-    fixes all three; it changes nothing when torchvision is present.
+    fixes all three, and makes ``ProcessorMixin.__init__`` name positional sub-processors by the full list (Video-LLaVA
+    and LLaVA-NeXT-Video pass the video slot before the tokenizer); it changes nothing when torchvision is present.
     """
     from transformers.processing_utils import ProcessorMixin
     from transformers.utils import is_torchvision_available
@@ -202,6 +257,35 @@ def allow_missing_video_processor() -> None:
 
     get_attributes._tiny_models_patched = True  # type: ignore[attr-defined]
     ProcessorMixin.get_attributes = classmethod(get_attributes)  # type: ignore[method-assign,assignment]
+
+    # Processors whose video slot comes before the tokenizer (Video-LLaVA, LLaVA-NeXT-Video) hand their sub-processors
+    # to ProcessorMixin.__init__ positionally; with the video slot left out, the positions no longer match the names.
+    # Name them by the unpatched attribute list and drop the video ones.
+    mixin_init = ProcessorMixin.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        named = dict(zip(original(type(self)), args, strict=False))
+        kwargs.update({name: value for name, value in named.items() if "video" not in name})
+        kwargs = {name: value for name, value in kwargs.items() if "video" not in name or value is not None}
+        mixin_init(self, *args[len(named) :], **kwargs)
+
+    ProcessorMixin.__init__ = __init__  # type: ignore[method-assign]
+    from_args = ProcessorMixin.__dict__["from_args_and_dict"].__func__
+
+    def from_args_and_dict(cls: type, args: Any, processor_dict: dict, **kwargs: Any) -> Any:
+        # from_pretrained hands the loaded sub-processors to the processor's own __init__ positionally: put them at
+        # their positions in its signature, with None in a video slot that comes before them
+        named = dict(zip(get_attributes(cls), args, strict=False))
+        ordered: list[Any] = []
+        for name in list(inspect.signature(cls.__init__).parameters)[1:]:
+            if not named:
+                break
+            ordered.append(named.pop(name) if name in named else None if "video" in name else named)
+        if named or any(arg is named for arg in ordered):
+            ordered = list(args)  # not the expected layout: leave it as it was
+        return from_args(cls, ordered, processor_dict, **kwargs)
+
+    ProcessorMixin.from_args_and_dict = classmethod(from_args_and_dict)  # type: ignore[method-assign,assignment]
 
 
 def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
@@ -260,6 +344,185 @@ def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict[str, Any]:
         "image_size": image_size,
         "patch_size": patch_size,
     }
+
+
+def _pixtral_processor_class() -> type:
+    """``PixtralProcessor`` without torchvision.
+
+    ``processing_pixtral`` imports one helper, ``get_resize_output_image_size``, from the torchvision image processor
+    module, so without torchvision the class is a lazy placeholder and the module fails to import. The PIL image
+    processor module defines the same helper: it stands in for that one import (only while the module loads); the
+    processor class itself is transformers' own.
+    """
+    import importlib
+    import sys
+
+    from transformers.utils import is_torchvision_available
+
+    name = "transformers.models.pixtral.processing_pixtral"
+    torch_module = "transformers.models.pixtral.image_processing_pixtral"
+    if name in sys.modules or is_torchvision_available():
+        return importlib.import_module(name).PixtralProcessor
+    pil = importlib.import_module("transformers.models.pixtral.image_processing_pil_pixtral")
+    sys.modules[torch_module] = pil
+    try:
+        return importlib.import_module(name).PixtralProcessor
+    finally:
+        del sys.modules[torch_module]
+
+
+def _build_mistral3(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """Mistral3: Pixtral tower (no [CLS], 2-D rotary), patch 4, spatial merge 2 -> one [IMG] per 8x8 pixels, one
+    [IMG_BREAK] after each row of [IMG] and [IMG_END] in place of the last break (text tokens, not placeholders)."""
+    PixtralProcessor = _pixtral_processor_class()
+    vision = tf.PixtralVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=64,
+        patch_size=4,
+        head_dim=VISION_HIDDEN // VISION_HEADS,
+    )
+    config = tf.Mistral3Config(
+        vision_config=vision,
+        text_config=tf.MistralConfig(**text, head_dim=TEXT_HIDDEN // TEXT_HEADS, sliding_window=None),
+        image_token_index=tk.image_token_id,
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    ip = tf.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8, **img_mean)
+    proc = PixtralProcessor(
+        image_processor=ip,
+        tokenizer=tk,
+        patch_size=4,
+        spatial_merge_size=2,
+        image_token="[IMG]",
+        image_break_token="[IMG_BREAK]",
+        image_end_token="[IMG_END]",
+    )
+    return config, proc
+
+
+#: GLM-4V-MoE's tiny decoder: layer 0 dense, later layers route over 4 experts of width 32, 2 per token, plus one
+#: shared expert.
+GLM_MOE = {
+    "moe_intermediate_size": 32,
+    "num_experts_per_tok": 2,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 1,
+    "topk_group": 1,
+}
+
+
+def _build_glm4v(
+    tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, moe: bool = False
+) -> tuple[Any, Any]:
+    """GLM-4V: patch 4, merge 2 -> one <|image|> per 8x8 pixels between <|begin_of_image|>/<|end_of_image|>;
+    3-D (mrope) positions; partial rotary (half the head dim), interleaved pairs; extra post-norms per layer.
+    ``moe``: GLM-4V-MoE (:data:`GLM_MOE`; rotate-half rotary, no post-norms), same processor."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
+    text = {k: v for k, v in text.items() if k != "bos_token_id"}
+    if moe:
+        cfg_cls, text_cfg, vision_cls = tf.Glm4vMoeConfig, tf.Glm4vMoeTextConfig, tf.Glm4vMoeVisionConfig
+        text = {**text, **GLM_MOE}
+    else:
+        cfg_cls, text_cfg, vision_cls = tf.Glm4vConfig, tf.Glm4vTextConfig, tf.Glm4vVisionConfig
+    config = cfg_cls(
+        text_config=text_cfg(**text, rope_parameters=rope),
+        vision_config=vision_cls(
+            depth=VISION_LAYERS,
+            hidden_size=VISION_HIDDEN,
+            intermediate_size=VISION_INTERMEDIATE,
+            out_hidden_size=TEXT_HIDDEN,
+            num_heads=VISION_HEADS,
+            image_size=32,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=tk.image_token_id,
+        video_token_id=tk.video_token_id,
+        image_start_token_id=tk.convert_tokens_to_ids("<|begin_of_image|>"),
+        image_end_token_id=tk.convert_tokens_to_ids("<|end_of_image|>"),
+        video_start_token_id=tk.convert_tokens_to_ids("<|begin_of_video|>"),
+        video_end_token_id=tk.convert_tokens_to_ids("<|end_of_video|>"),
+    )
+    ip = tf.Glm4vImageProcessorPil(
+        size={"shortest_edge": 16 * 16, "longest_edge": 2 * 64 * 64},  # pixels x 2 frames
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=2,
+        **img_mean,
+    )
+    proc = tf.Glm4vProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
+    return config, proc
+
+
+def _build_video_llava(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """Video-LLaVA: separate CLIP image and video towers (32 px / patch 8, with [CLS]); images drop the [CLS]
+    feature (16 <image>), video frames keep it (17 <video> per frame)."""
+    config = tf.VideoLlavaConfig(
+        vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
+        text_config=tf.LlamaConfig(**text),
+        image_token_index=tk.image_token_id,
+        video_token_index=tk.video_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=16,
+        video_seq_length=17 * 8,
+    )
+    ip = tf.VideoLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **img_mean)
+    proc = tf.VideoLlavaProcessor(
+        image_processor=ip,
+        video_processor=None,
+        tokenizer=tk,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return config, proc
+
+
+def _build_llava_next_video(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """LLaVA-NeXT-Video: LLaVA-NeXT's anyres images (same counts as ``llava_next``); video frames are pooled 2x2
+    (stride 2): 4 <video> per 32 px frame, no newline."""
+    config = tf.LlavaNextVideoConfig(
+        vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
+        text_config=tf.LlamaConfig(**text),
+        image_token_index=tk.image_token_id,
+        video_token_index=tk.video_token_id,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        spatial_pool_stride=2,
+        image_seq_length=16,
+        video_seq_length=4,
+    )
+    ip = tf.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS, **img_mean
+    )
+    proc = tf.LlavaNextVideoProcessor(
+        video_processor=None,
+        image_processor=ip,
+        tokenizer=tk,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return config, proc
+
+
+_MORE_BUILDERS = {
+    "mistral3": _build_mistral3,
+    "glm4v": _build_glm4v,
+    "video_llava": _build_video_llava,
+    "llava_next_video": _build_llava_next_video,
+    "glm4v_moe": lambda tf, tk, text, img_mean: _build_glm4v(tf, tk, text, img_mean, moe=True),
+}
 
 
 def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> tuple[Any, Any]:
@@ -433,6 +696,10 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
             proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tk, image_seq_len=16)
         else:
             proc = tf.SmolVLMProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_len=16)
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
+        config, proc = _build_qwen3_vl(family, tk, text, img_mean)
+    elif family in _MORE_BUILDERS:
+        config, proc = _MORE_BUILDERS[family](tf, tk, text, img_mean)
     elif family in ("qwen3_5", "qwen3_5_moe"):
         config, proc = _qwen3_5(family, tk, text, img_mean)
     else:
@@ -442,6 +709,51 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
         # back as ``video_processor=None`` by ``from_pretrained`` (SmolVLM's ``__init__`` requires the argument).
         proc.video_processor = None
     return config, proc
+
+
+#: Qwen3-VL's tiny vision tower: 3 blocks, each feeding one DeepStack level, so the 3 injections after decoder
+#: layers 0, 1, 2 cover every exit layer K = 0..3 of the 4-layer decoder.
+QWEN3_DEEPSTACK = [0, 1, 2]
+#: Qwen3-VL-MoE's tiny routed FFN: 4 experts of width 32, 2 per token, every layer sparse.
+QWEN3_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
+
+
+def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict[str, Any]):
+    """``(config, processor)`` of a tiny Qwen3-VL (dense) or Qwen3-VL-MoE with DeepStack and interleaved mrope."""
+    import transformers as tf
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = {**text, "head_dim": TEXT_HIDDEN // TEXT_HEADS, "rope_parameters": rope}
+    vision_kwargs = {
+        "depth": len(QWEN3_DEEPSTACK),
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "num_heads": VISION_HEADS,
+        "out_hidden_size": TEXT_HIDDEN,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": QWEN3_DEEPSTACK,
+    }
+    if family == "qwen3_vl":
+        cfg_cls, text_cfg, vision = tf.Qwen3VLConfig, tf.Qwen3VLTextConfig(**text), tf.Qwen3VLVisionConfig
+    else:
+        cfg_cls, vision = tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeVisionConfig
+        text_cfg = tf.Qwen3VLMoeTextConfig(**text, **QWEN3_MOE)
+    config = cfg_cls(
+        text_config=text_cfg,
+        vision_config=vision(**vision_kwargs),
+        image_token_id=tk.image_token_id,
+        video_token_id=tk.video_token_id,
+        vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    ip = tf.Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+    )
+    return config, tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
 
 
 def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict) -> tuple[Any, Any]:
@@ -516,6 +828,13 @@ _MODEL_CLASSES = {
     "gemma3": "Gemma3ForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
+    "glm4v": "Glm4vForConditionalGeneration",
+    "video_llava": "VideoLlavaForConditionalGeneration",
+    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+    "glm4v_moe": "Glm4vMoeForConditionalGeneration",
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
@@ -651,7 +970,10 @@ def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> 
         kwargs = {}
         if model.config.model_type in WORD_LEVEL_RELOAD:  # see WORD_LEVEL_RELOAD
             kwargs["tokenizer"] = PreTrainedTokenizerFast.from_pretrained(path)
-        reloaded_proc = AutoProcessor.from_pretrained(path, **kwargs)
+        try:
+            reloaded_proc = AutoProcessor.from_pretrained(path, **kwargs)
+        except ImportError:  # PixtralProcessor: exported only with torchvision (see _pixtral_processor_class)
+            reloaded_proc = type(processor).from_pretrained(path)
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)

@@ -37,11 +37,13 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dyvte.exits import agrees_at, calibrate_heads, first_exit, head_targets, outcome  # noqa: E402
+from dyvte.exits import agrees_at, calibrate_heads, exit_savings, first_exit, head_targets, outcome  # noqa: E402
+from dyvte.flops import relative_flops_per_exit  # noqa: E402
 from dyvte.heads import ExitHeadsConfig, head_inputs  # noqa: E402
 from dyvte.io import write_text_atomic  # noqa: E402
 from dyvte.labels import smallest_safe_layer  # noqa: E402
 from dyvte.risk import learn_then_test  # noqa: E402
+from dyvte.sources import load_config  # noqa: E402
 from dyvte.training import ExitHeadsModule, HeadTensorData, quiet_lightning, runs_dir  # noqa: E402
 
 log = logging.getLogger("ablate_heads")
@@ -58,6 +60,7 @@ class Row:
     balance: bool = True
     train: int = 3000
     eta: float = 0.01
+    family: str = "savings"
 
 
 ROWS = [
@@ -68,10 +71,12 @@ ROWS = [
     Row("dyvte-layer (paper)", rule="dyvte-layer"),
     Row("agreement + lens", extra=("lens",)),
     Row("agreement + attn", extra=("attn",)),
+    Row("agreement h=4 (0.1 default)", head_size=4),
     Row("agreement h=64", head_size=64),
     Row("agreement h=256", head_size=256),
     Row("agreement unbalanced", balance=False),
     Row("agreement 12k", train=12000),
+    Row("agreement 12k, one level (platt)", train=12000, family="platt"),
 ]
 
 
@@ -86,6 +91,7 @@ class Scope:
     calib: dict
     calib_flops: np.ndarray  # (N_c, L+1)
     delta: float
+    savings: torch.Tensor  # (L-1,) what an exit at K = j + 1 saves, on the validation records
 
 
 def score(heads: torch.nn.Module, row: Row, caches: dict, scope: Scope, tolerance: float) -> dict:
@@ -93,7 +99,10 @@ def score(heads: torch.nn.Module, row: Row, caches: dict, scope: Scope, toleranc
     extra = list(row.extra) or None
     reference = (head_inputs(caches["val"], extra), head_targets(caches["val"], row.rule, row.eta))
     calib = scope.calib
-    cal = calibrate_heads(heads, head_inputs(calib, extra), calib["match"], tolerance, scope.delta, reference)
+    savings = scope.savings if row.family == "savings" else None
+    cal = calibrate_heads(
+        heads, head_inputs(calib, extra), calib["match"], tolerance, scope.delta, reference, savings=savings
+    )
     thresholds = torch.tensor(cal.thresholds)
     out = {"tolerance": tolerance, "calib_errors": cal.result.errors, "level": cal.result.parameter}
     for name, columns, flops in (("", scope.test, scope.flops), ("calib_", calib, scope.calib_flops)):
@@ -188,20 +197,9 @@ def label_caches(data: Path, root: Path, args: argparse.Namespace) -> dict[str, 
     return out
 
 
-def relative_flops(columns: dict[str, np.ndarray], num_layers: int) -> np.ndarray:
+def relative_flops(columns: dict[str, np.ndarray], model: str) -> np.ndarray:
     """``(N, L+1)`` each sample's prefill FLOPs at exit layer K = 0..L relative to the full model."""
-    from transformers import AutoConfig
-
-    from dyvte.demo import demo_checkpoint_dir
-    from dyvte.flops import prefill_flops
-
-    config = AutoConfig.from_pretrained(demo_checkpoint_dir("demo-mllm"))
-    tokens, visual = torch.as_tensor(columns["tokens"]), torch.as_tensor(columns["visual"])
-    full = prefill_flops(config, tokens, visual).full
-    per_k = [
-        prefill_flops(config, tokens, visual, torch.full_like(tokens, k)).flops / full for k in range(num_layers + 1)
-    ]
-    return torch.stack(per_k, dim=1).double().numpy()
+    return relative_flops_per_exit(load_config(model), columns["tokens"], columns["visual"]).numpy()
 
 
 def oracle_layers(columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -266,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     caches = label_caches(data, Path(args.cache_dir), args)
     test, calib = caches["test"], caches["calib"]
     num_layers = test["match"].shape[1]
-    flops = relative_flops(test, num_layers)  # (N, L+1)
+    flops = relative_flops(test, args.model)  # (N, L+1)
     rows_idx = np.arange(len(flops))
     full_accuracy = float(test["correct"][:, num_layers].mean())
     oracle = float(flops[rows_idx, oracle_layers(test)].mean())
@@ -308,8 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(wanted or []) - {r.name for r in ROWS})
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; rows: {[r.name for r in ROWS]}")
-    calib_flops = relative_flops(calib, num_layers)
-    scope = Scope(test, flops, oracle, full_accuracy, calib, calib_flops, args.delta)
+    calib_flops = relative_flops(calib, args.model)
+    savings = exit_savings(relative_flops(caches["val"], args.model))
+    scope = Scope(test, flops, oracle, full_accuracy, calib, calib_flops, args.delta, savings)
     for row in [r for r in ROWS if wanted is None or r.name in wanted]:
         scored = [
             score(train_row(row, caches, seed, args.epochs), row, caches, scope, args.tolerance)

@@ -42,8 +42,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
-from dyvte.exits import calibrate_heads  # noqa: E402
+from dyvte.exits import calibrate_heads, exit_savings  # noqa: E402
+from dyvte.flops import relative_flops_per_exit  # noqa: E402
 from dyvte.io import write_text_atomic  # noqa: E402
+from dyvte.sources import load_config  # noqa: E402
 from dyvte.training import (  # noqa: E402
     ExitHeadsModule,
     ExitLabelData,
@@ -192,11 +194,21 @@ def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dic
     if "calib" not in data.columns:
         log.info("no calibration split (--data.calib_samples 0): the heads keep threshold %g", heads.config.threshold)
         return None
+    val = data.columns["val"]
+    flops = relative_flops_per_exit(load_config(data.hparams.model), val["tokens"], val["visual"])  # (N, L+1)
+    savings = exit_savings(flops.numpy())  # (L-1,) what an exit at K = j + 1 saves, on validation
     chosen = calibrate_heads(
-        heads, data.tensors["calib"][0], data.columns["calib"]["match"], tolerance, delta, data.tensors["val"]
+        heads,
+        data.tensors["calib"][0],
+        data.columns["calib"]["match"],
+        tolerance,
+        delta,
+        data.tensors["val"],
+        savings=savings,
     )
     result = chosen.result
     record = {**chosen.record(), "label_rule": data.hparams.label_rule, "source": data.split_summary()}
+    record["savings"] = [round(float(x), 6) for x in savings]
     heads.config.thresholds = chosen.thresholds
     heads.config.calibration = record
     if result.parameter is None:
@@ -209,9 +221,10 @@ def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dic
         )
     else:
         log.info(
-            "calibration: per-head thresholds %s (Platt-scaled P(safe) >= %.6g, scaled on validation) keep the "
-            "disagreement with the full model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out "
-            "samples: %d disagreements, %.1f%% exit early)",
+            "calibration: per-head thresholds %s (head j fires when its Platt-scaled P(unsafe) <= %.6g x the "
+            "share of the largest saving it brings; scaled on validation) keep the disagreement with the full "
+            "model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out samples: %d disagreements, "
+            "%.1f%% exit early)",
             [round(t, 4) for t in chosen.thresholds],
             result.parameter,
             tolerance,

@@ -1,0 +1,107 @@
+"""Exit heads (DyVTE) on the newer families, image and video rows (docs/design.md §5, invariants 1 and 4).
+
+Mistral3 on its ragged image batch; Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision and GLM-4V on the mixed
+image / video / text batch of ``tests/test_video.py``:
+
+- heads that never fire are the unhooked model (logits bit for bit, greedy tokens);
+- a head firing on layer j equals static withdrawal at K = j + 1;
+- sharpened random heads send rows out at different layers, and the batch equals each row alone (logits, tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import dyvte
+from dyvte.heads import ExitHeads
+from dyvte.video import attach_frames_video_processor
+
+from .test_video import encode as encode_video
+from .test_video import rows_of
+from .tiny_models import make_batch, make_tiny
+
+FAMILIES = ["mistral3", "video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
+IMAGE_ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 48)]]
+NEW = 3
+
+
+def encoder(family: str, processor: Any):
+    """``encode(only=None)``: the family's batch (images for Mistral3, the image/video/text mix for the others)."""
+    if family == "mistral3":
+        rows = IMAGE_ROWS
+        return len(rows), lambda only=None: dict(
+            make_batch(
+                processor, family, rows if only is None else [rows[only]], row_ids=None if only is None else [only]
+            )
+        )
+    processor = attach_frames_video_processor(processor)
+    return len(rows_of(family)), lambda only=None: encode_video(processor, family, only=only)
+
+
+def constant_heads(model: Any, fire_at: int | None) -> ExitHeads:
+    heads = ExitHeads.for_model(model)
+    with torch.no_grad():
+        for j, head in enumerate(heads.heads):
+            head[3].weight.zero_()
+            head[3].bias.fill_(10.0 if j == fire_at else -10.0)
+    return heads.eval()
+
+
+def generate(model: Any, inputs: dict) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=NEW, do_sample=False)[:, -NEW:]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request: Any) -> tuple[str, Any, Any, int]:
+    model, processor = make_tiny(request.param)
+    count, encode = encoder(request.param, processor)
+    return request.param, model, encode, count
+
+
+def test_heads_that_never_fire_and_a_head_that_fires(tiny: Any) -> None:
+    family, model, encode, count = tiny
+    inputs = encode()
+    num_layers = model.config.get_text_config().num_hidden_layers
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_tokens = generate(model, inputs)
+    with dyvte.withdraw(model, heads=constant_heads(model, None)) as handle:
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, base)
+        assert torch.equal(generate(model, inputs), base_tokens)
+        assert handle.exit_layers.tolist() == [num_layers] * count
+    with dyvte.withdraw(model, layer=2):
+        with torch.no_grad():
+            static = model(**inputs).logits
+        static_tokens = generate(model, inputs)
+    with dyvte.withdraw(model, heads=constant_heads(model, 1)) as handle:
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, static), family
+        assert torch.equal(generate(model, inputs), static_tokens)
+        assert handle.exit_layers.tolist() == [2] * count
+
+
+def test_rows_leaving_at_different_layers_equal_rows_alone(tiny: Any) -> None:
+    family, model, encode, count = tiny
+    inputs = encode()
+    torch.manual_seed(3)
+    heads = ExitHeads.for_model(model).eval()
+    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
+        for head in heads.heads:
+            head[3].weight.mul_(30.0)
+            head[3].bias.fill_(-1.0)
+    with dyvte.withdraw(model, heads=heads) as handle:
+        with torch.no_grad():
+            last = model(**inputs).logits[:, -1]
+        exits = handle.exit_layers.tolist()
+        tokens = generate(model, inputs)
+        assert len(set(exits)) > 1, f"{family}: rows should leave at different layers, got {exits}"
+        for row in range(count):
+            alone = encode(row)
+            with torch.no_grad():
+                torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert handle.exit_layers.tolist() == [exits[row]]
+            assert torch.equal(generate(model, alone), tokens[row : row + 1]), (family, row)
