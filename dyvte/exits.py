@@ -23,6 +23,7 @@ equals the engine's (tested in tests/test_exits.py), and so do its answer and it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from .risk import NEVER, LttResult, default_grid, learn_then_test
 __all__ = [
     "HeadCalibration",
     "calibrate_heads",
+    "exit_logit",
     "exit_savings",
     "platt_scaling",
     "savings_levels",
@@ -90,15 +92,26 @@ def head_targets(columns: Mapping[str, np.ndarray], rule: str, eta: float = 0.05
     return torch.from_numpy(np.ascontiguousarray(target[:, 1:])).float()
 
 
-def first_exit(probs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` exit layer: ``j + 1`` for the first head with ``probs[:, j] >= thresholds[j]``, else ``L``.
+def exit_logit(threshold: float | torch.Tensor) -> torch.Tensor:
+    """The logit of a P(exit) threshold, in float64: ``sigmoid(x) >= p`` exactly when ``x >= exit_logit(p)``
+    (``p >= 1``: ``+inf``, never fires; ``p <= 0``: ``-inf``, always fires)."""
+    p = torch.as_tensor(threshold, dtype=torch.float64)
+    return torch.where(p >= 1.0, math.inf, torch.where(p <= 0.0, -math.inf, torch.log(p) - torch.log1p(-p)))
+
+
+def first_exit(logits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` exit layer: ``j + 1`` for the first head with ``logits[:, j] >= thresholds[j]``, else ``L``.
+
+    Heads fire on logits, not on probabilities: a float32 sigmoid rounds every logit above ~17 to exactly 1.0, which
+    would tie a confident head's top samples with each other and with a threshold near 1. The engine compares the
+    same float32 values (:class:`dyvte.policies.heads.HeadsExit`).
 
     Args:
-        probs: ``(N, L-1)`` P(exit) of each head.
-        thresholds: ``(L-1,)`` per-head thresholds.
+        logits: ``(N, L-1)`` exit logits of each head.
+        thresholds: ``(L-1,)`` per-head logit thresholds (``+inf``: never fires; :meth:`ExitHeads.exit_logits`).
     """
-    fires = probs >= thresholds.to(probs.dtype)[None]  # (N, L-1)
-    num_heads = probs.shape[1]
+    fires = logits.float() >= thresholds.float()[None]  # (N, L-1)
+    num_heads = logits.shape[1]
     first = torch.where(fires, torch.arange(num_heads)[None], num_heads).amin(1)
     return first + 1  # L - 1 + 1 = L when no head fires
 
@@ -122,10 +135,11 @@ def outcome(columns: Mapping[str, np.ndarray], exits: torch.Tensor) -> dict[str,
     return {"agree": agrees_at(columns["match"], exits), "correct": correct[np.arange(len(exits)), exits]}
 
 
-def disagreement_at(probs: torch.Tensor, match: np.ndarray, thresholds: torch.Tensor) -> tuple[int, float]:
-    """``(disagreements, exit rate)`` of samples whose heads give ``probs`` (``(N, L-1)``) at ``thresholds``."""
-    exits = first_exit(probs, thresholds).numpy()
-    return int((~agrees_at(match, exits)).sum()), float((exits < probs.shape[1] + 1).mean())
+def disagreement_at(logits: torch.Tensor, match: np.ndarray, thresholds: torch.Tensor) -> tuple[int, float]:
+    """``(disagreements, exit rate)`` of samples whose heads give ``logits`` (``(N, L-1)``) at logit
+    ``thresholds``."""
+    exits = first_exit(logits, thresholds).numpy()
+    return int((~agrees_at(match, exits)).sum()), float((exits < logits.shape[1] + 1).mean())
 
 
 def platt_scaling(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,15 +171,14 @@ def platt_scaling(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200)
 
 
 def platt_thresholds(a: torch.Tensor, b: torch.Tensor, level: float | torch.Tensor) -> torch.Tensor:
-    """``(L-1,)`` raw P(exit) thresholds equivalent to ``sigmoid(a * logit + b) >= level`` for each head (a head
-    with ``a <= 0`` ranks samples the wrong way round and never fires: :data:`dyvte.risk.NEVER`).
+    """``(L-1,)`` float64 raw logit thresholds equivalent to ``sigmoid(a * logit + b) >= level`` for each head (a
+    head with ``a <= 0`` ranks samples the wrong way round and never fires: ``+inf``).
 
     ``level`` is one precision level for every head, or an ``(L-1,)`` tensor of one level per head; a level >= 1
     never fires."""
     level = torch.as_tensor(level, dtype=torch.float64).expand(a.shape)
-    target = torch.log(level / (1.0 - level).clamp(min=0.0))  # +inf at level 1, -inf at level 0
-    raw = torch.sigmoid((target - b) / a.clamp(min=1e-12)).float()
-    return torch.where((a > 0) & (level < 1.0), raw, torch.full_like(raw, NEVER))
+    raw = (exit_logit(level) - b) / a.clamp(min=1e-12)
+    return torch.where((a > 0) & (level < 1.0), raw, math.inf)
 
 
 def savings_levels(savings: torch.Tensor, mu: float) -> torch.Tensor:
@@ -190,8 +203,17 @@ def exit_savings(flops: np.ndarray) -> torch.Tensor:
 
 @dataclass
 class HeadCalibration:
-    """Calibrated per-head thresholds and the Learn-then-Test record behind them."""
+    """Calibrated per-head thresholds and the Learn-then-Test record behind them.
 
+    Attributes:
+        logits: each head's logit threshold, what the heads fire on (``None``: never fires).
+        thresholds: the same as P(exit) thresholds, for reading (float64; a logit above ~37 reads as 1.0 and
+            :data:`dyvte.risk.NEVER` marks a head that never fires).
+        result: the Learn-then-Test record.
+        family: the threshold family walked (``"savings"``, ``"platt"`` or ``"global"``).
+    """
+
+    logits: list[float | None]
     thresholds: list[float]
     result: LttResult
     family: str
@@ -241,9 +263,9 @@ def calibrate_heads(
         The :class:`HeadCalibration` (every threshold ``NEVER`` when nothing can be certified).
     """
     with torch.no_grad():
-        probs = torch.sigmoid(heads(features).float())  # (N, L-1)
+        logits = heads(features).float()  # (N, L-1)
         ref_logits = None if reference is None else heads(reference[0]).float()
-    num_heads = probs.shape[1]
+    num_heads = logits.shape[1]
     grid = default_grid()  # λ from 1 down
     if savings is not None and ref_logits is None:
         raise ValueError("calibrate_heads: savings needs reference (the savings family is Platt-scaled)")
@@ -251,7 +273,7 @@ def calibrate_heads(
         family = "global"
 
         def thresholds(lam: float) -> torch.Tensor:
-            return torch.full((num_heads,), lam)
+            return exit_logit(torch.full((num_heads,), lam))
     else:
         a, b = platt_scaling(ref_logits, reference[1])
         if savings is None:
@@ -269,7 +291,10 @@ def calibrate_heads(
                 return platt_thresholds(a, b, savings_levels(savings, lam))
 
     result = learn_then_test(
-        lambda lam: disagreement_at(probs, match, thresholds(lam)), len(probs), tolerance, delta, grid
+        lambda lam: disagreement_at(logits, match, thresholds(lam)), len(logits), tolerance, delta, grid
     )
-    chosen = torch.full((num_heads,), NEVER) if result.parameter is None else thresholds(result.parameter)
-    return HeadCalibration([float(t) for t in chosen], result, family)
+    chosen = torch.full((num_heads,), math.inf) if result.parameter is None else thresholds(result.parameter)
+    chosen = chosen.float().double()  # what a float32 comparison sees, so the record reads what fires
+    readable = torch.where(torch.isinf(chosen) & (chosen > 0), NEVER, torch.sigmoid(chosen))
+    as_logits = [None if math.isinf(t) and t > 0 else float(t) for t in chosen.tolist()]
+    return HeadCalibration(as_logits, [float(t) for t in readable], result, family)

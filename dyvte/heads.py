@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .exits import exit_logit
 from .io import atomic_path
 from .registry import resolve
 from .risk import NEVER
@@ -97,7 +99,10 @@ class ExitHeadsConfig:
         threshold: P(exit) threshold at inference when no calibrated ``thresholds`` are saved.
         format_version: version of this file format.
         thresholds: calibrated P(exit) threshold of each head (``L - 1`` values), chosen by
-            :func:`dyvte.exits.calibrate_heads` on held-out data; used by default at inference when set.
+            :func:`dyvte.exits.calibrate_heads` on held-out data; used by default at inference when set (through
+            ``threshold_logits`` when those are saved too).
+        threshold_logits: the calibrated thresholds as logits, what the heads fire on (``null``: a head that never
+            fires); exact where a P(exit) threshold would round to 1.0.
         calibration: how ``thresholds`` were chosen (tolerance, delta, calibration size, label rule, the measured
             disagreement on the calibration data, ...), for the record.
         label_rule: the label rule the heads were trained on.
@@ -118,6 +123,7 @@ class ExitHeadsConfig:
     calibration: dict | None = None
     label_rule: str | None = None
     extra_inputs: list[str] | None = None
+    threshold_logits: list[float | None] | None = None
 
     @property
     def input_size(self) -> int:
@@ -142,6 +148,18 @@ class ExitHeadsConfig:
             bad = [t for t in self.thresholds if not isinstance(t, (int, float)) or not 0.0 <= t <= NEVER]
             if bad:
                 raise ValueError(f"thresholds must be in [0, 1] ({NEVER}: a head that never fires), got {bad}")
+        if self.threshold_logits is not None:
+            if len(self.threshold_logits) != self.num_layers - 1:
+                raise ValueError(
+                    f"threshold_logits: one per head ({self.num_layers - 1}) expected, got {len(self.threshold_logits)}"
+                )
+            bad = [
+                t
+                for t in self.threshold_logits
+                if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t))
+            ]
+            if bad:
+                raise ValueError(f"threshold_logits must be finite numbers or null (never fires), got {bad}")
 
 
 class ExitHeads(nn.Module):
@@ -184,6 +202,18 @@ class ExitHeads(nn.Module):
         if self.config.thresholds is not None:
             return torch.tensor(self.config.thresholds, dtype=torch.float32)
         return torch.full((self.num_heads,), float(self.config.threshold))
+
+    def exit_logits(self, threshold: float | None = None) -> torch.Tensor:
+        """``(L-1,)`` float32 logit threshold of each head, what it fires on (``logit >= this``; ``+inf``: never):
+        ``threshold`` (a P(exit)) for every head when given, else the calibrated ``config.threshold_logits``, else
+        the calibrated ``config.thresholds``, else ``config.threshold`` for every head."""
+        if threshold is not None:
+            return exit_logit(torch.full((self.num_heads,), float(threshold))).float()
+        if self.config.threshold_logits is not None:
+            return torch.tensor([math.inf if t is None else t for t in self.config.threshold_logits]).float()
+        if self.config.thresholds is not None:
+            return exit_logit(torch.tensor(self.config.thresholds, dtype=torch.float64)).float()
+        return exit_logit(torch.full((self.num_heads,), float(self.config.threshold), dtype=torch.float64)).float()
 
     def flops_per_row(self) -> int:
         """FLOPs of evaluating one head on one row (2 per multiply-add; norms ignored)."""

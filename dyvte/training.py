@@ -796,7 +796,7 @@ def head_validation(
 ) -> list[dict[str, float | int | None]]:
     """How each head's "exit" decision compares with the labels, at the heads' threshold.
 
-    A head fires for a sample when ``sigmoid(logit) >=`` its threshold (the rule used at inference).
+    A head fires for a sample when its logit is ``>=`` its logit threshold (the rule used at inference).
 
     Args:
         heads: the trained heads.
@@ -811,9 +811,9 @@ def head_validation(
         the fraction labelled safe; ``None`` when the head never fires) and ``recall`` (of the samples labelled safe,
         the fraction it fires for; ``None`` when none is labelled safe).
     """
-    thresholds = heads.exit_thresholds(threshold)  # (L-1,)
+    thresholds = heads.exit_logits(threshold)  # (L-1,) logit thresholds
     with torch.no_grad():
-        fires = torch.sigmoid(heads(features).float()) >= thresholds[None]  # (N, L-1)
+        fires = heads(features).float() >= thresholds[None]  # (N, L-1)
     safe = targets.bool()
     rows: list[dict[str, float | int | None]] = []
     for j in range(heads.num_heads):

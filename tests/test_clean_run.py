@@ -184,7 +184,7 @@ def test_head_table_equals_a_recomputation_from_the_cached_labels(first, clone):
     safe = head_targets(cache, "agreement").bool().numpy()  # head j: answer kept at K = j + 1 and every later K
     with torch.no_grad():
         logits = heads(torch.as_tensor(np.asarray(cache["features"]), dtype=torch.float32)).numpy()
-    fires = 1 / (1 + np.exp(-logits.astype(np.float64))) >= heads.exit_thresholds().numpy()[None]
+    fires = logits >= heads.exit_logits().numpy()[None]  # float32 logits against the logit thresholds
     assert run.summary["threshold"] == heads.config.threshold and run.summary["val_samples"] == len(safe) == 4
     table = next(m for m in run.logged("fit") if "| head | exit layer |" in m)
     for j, row in enumerate(run.summary["val_heads"]):

@@ -19,6 +19,7 @@ from dyvte.exits import (
     agrees_at,
     calibrate_heads,
     check_rule,
+    exit_logit,
     exit_ok,
     exit_savings,
     first_exit,
@@ -29,7 +30,7 @@ from dyvte.exits import (
     safe_from,
     savings_levels,
 )
-from dyvte.heads import ExitHeads
+from dyvte.heads import ExitHeads, ExitHeadsConfig
 from dyvte.labels import label_batch
 from dyvte.risk import NEVER, binomial_cdf, learn_then_test
 
@@ -104,9 +105,15 @@ def test_rules_targets_and_first_exit():
     assert exit_ok(columns, "monotone").tolist() == paper.tolist()
     with pytest.raises(ValueError, match="label_rule must be one of agreement, kl, dyvte, dyvte-layer"):
         check_rule("safe")
-    probs = torch.tensor([[0.1, 0.9, 0.2], [0.95, 0.1, 0.1], [0.1, 0.1, 0.1]])
-    assert first_exit(probs, torch.tensor([0.9, 0.9, 0.9])).tolist() == [2, 1, 4]
-    assert first_exit(probs, torch.tensor([0.99, 0.95, 0.15])).tolist() == [3, 4, 4]
+    logits = exit_logit(torch.tensor([[0.1, 0.9, 0.2], [0.95, 0.1, 0.1], [0.1, 0.1, 0.1]])).float()
+    assert first_exit(logits, exit_logit(torch.tensor([0.9, 0.9, 0.9]))).tolist() == [2, 1, 4]
+    assert first_exit(logits, exit_logit(torch.tensor([0.99, 0.95, 0.15]))).tolist() == [3, 4, 4]
+    assert first_exit(logits, torch.tensor([math.inf, -math.inf, math.inf])).tolist() == [2, 2, 2]
+    # heads fire on logits: a float32 sigmoid ties every logit above ~17 at 1.0, the logits keep their order
+    confident = torch.tensor([[20.0, 0.0], [40.0, 0.0]])
+    assert torch.sigmoid(confident[:, 0]).tolist() == [1.0, 1.0]
+    assert first_exit(confident, torch.tensor([30.0, math.inf])).tolist() == [3, 1]
+    assert exit_logit(torch.tensor([0.0, 0.5, 1.0, NEVER])).tolist() == [-math.inf, 0.0, math.inf, math.inf]
     columns["correct"] = np.ones((3, 5), dtype=bool)
     assert outcome(columns, torch.tensor([2, 1, 4]))["agree"].tolist() == [True, True, True]
     assert outcome(columns, torch.tensor([1, 0, 3]))["agree"].tolist() == [False, False, False]
@@ -120,13 +127,12 @@ def test_platt_thresholds_equal_the_scaled_rule():
     targets = (torch.rand(400, 3, generator=gen) < truth).float()
     a, b = platt_scaling(logits, targets)
     assert a[0] == pytest.approx(2.0, abs=0.5) and a[1] == pytest.approx(0.5, abs=0.3) and a[2] < 0
-    probs = torch.sigmoid(logits)
     for level in (0.3, 0.8, 0.95):
         raw = platt_thresholds(a, b, level)
-        scaled = torch.sigmoid(a[None].float() * logits + b[None].float()) >= level
-        assert torch.equal((probs >= raw[None])[:, :2], scaled[:, :2]), level
-        assert raw[2] == NEVER  # a head ranking the wrong way never fires
-    assert platt_thresholds(a, b, 1.0).tolist() == [NEVER] * 3
+        scaled = torch.sigmoid(a[None] * logits.double() + b[None]) >= level
+        assert torch.equal((logits.double() >= raw[None])[:, :2], scaled[:, :2]), level
+        assert raw[2] == math.inf  # a head ranking the wrong way never fires
+    assert platt_thresholds(a, b, 1.0).tolist() == [math.inf] * 3
 
 
 def test_savings_family_fires_where_the_risk_it_may_take_is_proportional_to_its_saving():
@@ -137,13 +143,12 @@ def test_savings_family_fires_where_the_risk_it_may_take_is_proportional_to_its_
     a, b = platt_scaling(logits, targets)
     savings = torch.tensor([0.6, 0.3, 0.15], dtype=torch.float64)
     assert savings_levels(savings, 0.0).tolist() == [1.0, 1.0, 1.0]  # mu = 0: nothing fires
-    assert platt_thresholds(a, b, savings_levels(savings, 0.0)).tolist() == [NEVER] * 3
-    probs = torch.sigmoid(logits)
+    assert platt_thresholds(a, b, savings_levels(savings, 0.0)).tolist() == [math.inf] * 3
     for mu in (0.01, 0.1, 0.4):
         raw = platt_thresholds(a, b, savings_levels(savings, mu))
         unsafe = 1 - torch.sigmoid(a[None] * logits.double() + b[None])
         expected = unsafe <= mu * savings[None] / savings.max()
-        assert torch.equal(probs >= raw[None], expected), mu
+        assert torch.equal(logits.double() >= raw[None], expected), mu
     # one level for every head is the platt family
     assert torch.equal(platt_thresholds(a, b, torch.full((3,), 0.8, dtype=torch.float64)), platt_thresholds(a, b, 0.8))
     flops = np.array([[0.2, 0.4, 0.7, 0.9, 1.0], [0.4, 0.5, 0.7, 0.8, 1.0]])  # (N, L+1) at K = 0..L
@@ -176,7 +181,7 @@ def test_savings_calibration_keeps_its_promise_over_many_calibration_draws():
         logits, match = draw(400)
         cal = calibrate_heads(Fixed(), logits, match, tolerance, delta, reference, savings=savings)
         assert cal.family == "savings"
-        exits = first_exit(torch.sigmoid(population), torch.tensor(cal.thresholds)).numpy()
+        exits = first_exit(population, torch.tensor([math.inf if t is None else t for t in cal.logits])).numpy()
         failures += float((~agrees_at(population_match, exits)).mean()) > tolerance
     assert failures <= 60 * delta + 5  # binomial slack over 60 draws
     with pytest.raises(ValueError, match="savings needs reference"):
@@ -200,12 +205,12 @@ def test_offline_scoring_equals_the_engine(demo):
     model, processor, heads, records = demo
     with torch.no_grad():
         columns = label_batch(model, processor, records)
-        probs = torch.sigmoid(heads(torch.as_tensor(columns["features"])).float())
+        logits = heads(torch.as_tensor(columns["features"])).float()
     inputs = build_inputs(processor, records)
     with torch.no_grad():
         full = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     for threshold in (0.5, 0.9):
-        expected = first_exit(probs, heads.exit_thresholds(threshold))
+        expected = first_exit(logits, heads.exit_logits(threshold))
         with dyvte.withdraw(model, heads=heads, threshold=threshold) as handle, torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
             exits = handle.exit_layers.clone()
@@ -224,18 +229,31 @@ def test_calibrated_thresholds_are_the_default_and_threshold_overrides(demo, tmp
     features = torch.as_tensor(columns["features"])
     calibration = calibrate_heads(heads, features, columns["match"], tolerance=0.5, delta=0.2)
     assert calibration.result.parameter is not None and calibration.family == "global"
+    heads = ExitHeads.from_pretrained(heads.save_pretrained(tmp_path / "copy"))  # the module fixture stays as it is
     heads.config.thresholds, heads.config.calibration = calibration.thresholds, calibration.record()
+    heads.config.threshold_logits = calibration.logits
     heads.save_pretrained(tmp_path)
     loaded = ExitHeads.from_pretrained(tmp_path)
     assert loaded.config.thresholds == calibration.thresholds and loaded.config.calibration["tolerance"] == 0.5
+    assert loaded.config.threshold_logits == calibration.logits
     inputs = build_inputs(processor, records)
-    probs = torch.sigmoid(loaded(features).float())
+    logits = loaded(features).float()
     with dyvte.withdraw(model, heads=loaded) as handle, torch.no_grad():
         model(**inputs)
         default = handle.exit_layers.clone()
-    assert default.tolist() == first_exit(probs, torch.tensor(calibration.thresholds)).tolist()
+    saved = torch.tensor([math.inf if t is None else t for t in calibration.logits])
+    assert default.tolist() == first_exit(logits, saved).tolist()
     with dyvte.withdraw(model, heads=loaded, threshold=0.99) as handle, torch.no_grad():
         model(**inputs)
-        assert handle.exit_layers.tolist() == first_exit(probs, torch.full((7,), 0.99)).tolist()
+        assert handle.exit_layers.tolist() == first_exit(logits, exit_logit(torch.full((7,), 0.99))).tolist()
+    # the saved logits are what fires: a head set to never (null) never fires, whatever its P(exit) threshold says
+    never = ExitHeads.from_pretrained(tmp_path)
+    never.config.threshold_logits = [None] * 7
+    with dyvte.withdraw(model, heads=never) as handle, torch.no_grad():
+        model(**inputs)
+        assert handle.exit_layers.tolist() == [8] * len(records)
+    for bad, message in (([0.0] * 6, "one per head"), ([math.nan] * 7, "finite numbers or null")):
+        with pytest.raises(ValueError, match=message):
+            ExitHeadsConfig("llava", 128, 8, threshold_logits=bad)
     errors = int((~np.concatenate([columns["match"], np.ones((24, 1), bool)], 1)[np.arange(24), default.numpy()]).sum())
     assert errors == calibration.result.errors

@@ -92,6 +92,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "calibration": None,
         "label_rule": None,
         "extra_inputs": None,
+        "threshold_logits": None,
     }
     from safetensors.torch import load_file
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -103,12 +104,12 @@ def score(heads: torch.nn.Module, row: Row, caches: dict, scope: Scope, toleranc
     cal = calibrate_heads(
         heads, head_inputs(calib, extra), calib["match"], tolerance, scope.delta, reference, savings=savings
     )
-    thresholds = torch.tensor(cal.thresholds)
+    thresholds = torch.tensor([math.inf if t is None else t for t in cal.logits])  # (L-1,) logit thresholds
     out = {"tolerance": tolerance, "calib_errors": cal.result.errors, "level": cal.result.parameter}
     for name, columns, flops in (("", scope.test, scope.flops), ("calib_", calib, scope.calib_flops)):
         with torch.no_grad():
-            probs = torch.sigmoid(heads(head_inputs(columns, extra)).float())
-        exits = first_exit(probs, thresholds).numpy()
+            logits = heads(head_inputs(columns, extra)).float()
+        exits = first_exit(logits, thresholds).numpy()
         res = outcome(columns, exits)
         rows = np.arange(len(exits))
         oracle = float(flops[rows, oracle_layers(columns)].mean())

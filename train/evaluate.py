@@ -88,7 +88,7 @@ def same_method(a: Method, b: Method) -> bool:
     if isinstance(a, Heads):
         ours, theirs = a.heads.state_dict(), b.heads.state_dict()
         return (
-            torch.equal(a.heads.exit_thresholds(a.threshold), b.heads.exit_thresholds(b.threshold))
+            torch.equal(a.heads.exit_logits(a.threshold), b.heads.exit_logits(b.threshold))
             and a.heads.config == b.heads.config
             and ours.keys() == theirs.keys()
             and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -209,7 +209,7 @@ def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dic
     result = chosen.result
     record = {**chosen.record(), "label_rule": data.hparams.label_rule, "source": data.split_summary()}
     record["savings"] = [round(float(x), 6) for x in savings]
-    heads.config.thresholds = chosen.thresholds
+    heads.config.thresholds, heads.config.threshold_logits = chosen.thresholds, chosen.logits
     heads.config.calibration = record
     if result.parameter is None:
         log.warning(

@@ -19,7 +19,9 @@ __all__ = ["HeadsExit", "HeadsWithdrawal"]
 
 
 class HeadsExit(ExitPolicy):
-    """Row ``b`` leaves at layer ``k`` when head ``k - 1`` gives ``sigmoid(logit) >= thresholds[k - 1]``.
+    """Row ``b`` leaves at layer ``k`` when head ``k - 1`` gives ``logit >= logits[k - 1]`` (the logit of its P(exit)
+    threshold; compared as logits, as :func:`dyvte.exits.first_exit` does, so no float32 sigmoid rounds a confident
+    head to a tie at 1.0).
 
     Args:
         heads: exit heads made for the model.
@@ -32,7 +34,8 @@ class HeadsExit(ExitPolicy):
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.heads = heads
         self.threshold = threshold
-        self.thresholds = heads.exit_thresholds(threshold).tolist()  # one per head, on the host
+        self.thresholds = heads.exit_thresholds(threshold).tolist()  # one P(exit) per head, on the host (reading)
+        self.logits = heads.exit_logits(threshold).tolist()  # what each head fires on, on the host
 
     def bind(self, spec: ModelSpec) -> None:
         self.heads.check_model(spec.model)
@@ -46,7 +49,7 @@ class HeadsExit(ExitPolicy):
             valid = take(valid, state.idx, 1) & (state.idx >= 0)
         with torch.no_grad():
             logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
-        return torch.sigmoid(logits.float()) >= self.thresholds[layer - 1]
+        return logits.float() >= self.logits[layer - 1]
 
 
 class HeadsWithdrawal(Withdrawal):
