@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria
 
-from .compat import cache_out, cache_tensors, logits_of
+from .compat import cache_out, cache_state_tensors, cache_tensors, logits_of
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration
@@ -30,6 +30,10 @@ __all__ = [
     "build_random_llava",
     "greedy_steps",
     "kv_cache_bytes",
+    "Qwen3_5Shape",
+    "build_random_qwen3_5",
+    "qwen3_5_prompt",
+    "recurrent_state_bytes",
     "llava_prompt",
     "matmul_gflops",
     "median_time",
@@ -154,6 +158,102 @@ def llava_prompt(
     input_ids = torch.stack(ids).to(device)
     pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, generator=gen).to(device=device, dtype=dtype)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+
+@dataclass(frozen=True)
+class Qwen3_5Shape:
+    """Shape of a random-weight Qwen3.5 hybrid decoder (docs/design.md, "Withdrawal on linear-attention layers").
+
+    Defaults are Qwen3.5-9B's decoder dims (transformers' ``Qwen3_5TextConfig`` defaults, documented there as
+    "Qwen3.5-9B style"): d = 4096, FFN 12288, full attention 16 query / 4 KV heads of 256 with an output gate and
+    partial rotary (0.25), Gated DeltaNet 16 key / 32 value heads of 128, conv kernel 4; the real model has 32 layers,
+    3 linear : 1 full. Only ``num_layers`` are built (default 4: 3 linear + 1 full), and a 32064-token vocabulary
+    (the real one has 248320) keeps the LM head small; the vision tower is tiny and not run (see
+    :func:`qwen3_5_prompt`).
+    """
+
+    hidden_size: int = 4096
+    num_layers: int = 4
+    intermediate_size: int = 12288
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    head_dim: int = 256
+    linear_key_heads: int = 16
+    linear_value_heads: int = 32
+    linear_head_dim: int = 128
+    conv_kernel: int = 4
+    vocab_size: int = 32064
+    image_tokens: int = 576
+
+
+def build_random_qwen3_5(
+    shape: Qwen3_5Shape, dtype: torch.dtype = torch.bfloat16, device: str = "cpu", attn: str = "sdpa", seed: int = 0
+) -> nn.Module:
+    """A real ``Qwen3_5ForConditionalGeneration`` with random weights of the given shape, in eval mode.
+
+    ``layer_types``: every 4th layer is full attention, the others linear attention (the real pattern).
+    """
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig, Qwen3_5VisionConfig
+
+    text = Qwen3_5TextConfig(
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        linear_num_key_heads=shape.linear_key_heads,
+        linear_num_value_heads=shape.linear_value_heads,
+        linear_key_head_dim=shape.linear_head_dim,
+        linear_value_head_dim=shape.linear_head_dim,
+        linear_conv_kernel_dim=shape.conv_kernel,
+        vocab_size=shape.vocab_size,
+        layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(shape.num_layers)],
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [11, 11, 10],
+            "mrope_interleaved": True,
+        },
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = Qwen3_5VisionConfig(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=shape.hidden_size
+    )
+    config = Qwen3_5Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=IMAGE_TOKEN_ID + 1,
+        vision_start_token_id=IMAGE_TOKEN_ID + 2,
+        vision_end_token_id=IMAGE_TOKEN_ID + 3,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3_5ForConditionalGeneration(config)
+    model = model.to(dtype).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def qwen3_5_prompt(
+    shape: Qwen3_5Shape, text_before: int = 35, text_after: int = 40, device: str = "cpu", seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """``text_before`` text tokens, a run of ``shape.image_tokens`` image placeholders, ``text_after`` text tokens.
+
+    No pixels: the placeholders enter the decoder as their own embeddings (the decoder's cost is what the prefill
+    benchmark times; it does not depend on the embeddings' values) with plain 1-D positions.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    before = torch.randint(3, IMAGE_TOKEN_ID, (text_before,), generator=gen)
+    after = torch.randint(3, IMAGE_TOKEN_ID, (text_after,), generator=gen)
+    ids = torch.cat([before, torch.full((shape.image_tokens,), IMAGE_TOKEN_ID), after])[None].to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _sync(device: torch.device) -> None:
@@ -288,6 +388,13 @@ def greedy_steps(
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the keys and values of every layer of a transformers cache."""
     return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
+
+
+def recurrent_state_bytes(cache) -> int:
+    """Bytes held by the convolution and recurrent states of a cache's linear-attention layers (Qwen3.5's Gated
+    DeltaNet); ``0`` for a cache without such layers. Unlike :func:`kv_cache_bytes`, they do not shrink with
+    withdrawal (:func:`dyvte.flops.prefill_state_bytes` per row)."""
+    return sum(t.numel() * t.element_size() for t in cache_state_tensors(cache))
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ __all__ = [
     "cache_layer",
     "cache_length",
     "cache_tensors",
+    "cache_state_tensors",
     "cache_out",
     "cache_capacity",
     "cache_key_view",
@@ -87,7 +88,10 @@ LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDING
 DEEPSTACK_MASK, DEEPSTACK_EMBEDS = "visual_pos_masks", "deepstack_visual_embeds"
 _DYNAMIC_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")  # cache layers that grow by concatenation
 _STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")  # pre-allocated; each layer counts its own length
-_LAYERS = _DYNAMIC_LAYERS + _STATIC_LAYERS  # cache layers whose layers may hold different lengths
+# a linear-attention layer's conv and recurrent states are per row, not per token: withdrawal changes what they
+# summarise (the kept sequence), never their shape
+_LINEAR_LAYERS = ("LinearAttentionLayer",)
+_LAYERS = _DYNAMIC_LAYERS + _STATIC_LAYERS + _LINEAR_LAYERS  # cache layers whose layers may hold different lengths
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -283,8 +287,22 @@ def _counting_reset(cache: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def cache_repeat_rows(cache: Any, times: int) -> None:
-    """Repeat every row of ``cache`` ``times`` times in place, each copy next to its row (as beam search expands)."""
-    cache.batch_repeat_interleave(times)
+    """Repeat every row of ``cache`` ``times`` times in place, each copy next to its row (as beam search expands).
+
+    transformers' ``LinearAttentionLayer`` (Qwen3.5's Gated DeltaNet) has no ``batch_repeat_interleave``: its conv
+    and recurrent states (dicts of ``(B, ...)`` tensors) are repeated here.
+    """
+    for layer in cache.layers:
+        if hasattr(layer, "batch_repeat_interleave"):
+            layer.batch_repeat_interleave(times)
+            continue
+        states = [getattr(layer, name, None) for name in ("conv_states", "recurrent_states")]
+        if not all(isinstance(s, dict) for s in states):
+            raise CompatibilityError(f"cannot repeat the rows of a {type(layer).__name__} cache layer")
+        for state in states:
+            for key, tensor in state.items():
+                if isinstance(tensor, torch.Tensor):
+                    state[key] = tensor.repeat_interleave(times, 0)
 
 
 def cache_capacity(cache: Any) -> int | None:
@@ -347,6 +365,17 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 yield tensor
+
+
+def cache_state_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    """The convolution and recurrent state tensors of every linear-attention layer of a cache (transformers'
+    ``LinearAttentionLayer``: ``conv_states`` / ``recurrent_states``, dicts keyed by state index); none for other
+    layers or states not yet filled."""
+    for layer in getattr(cache, "layers", []):
+        for name in ("conv_states", "recurrent_states"):
+            states = getattr(layer, name, None)
+            if isinstance(states, dict):
+                yield from (t for t in states.values() if isinstance(t, torch.Tensor))
 
 
 def seal_cache(cache: Any, error: Exception) -> None:

@@ -542,7 +542,9 @@ class Withdrawal:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             out = self._pre_layer(index, args, kwargs)
             fwd = self._fwd
-            groups = None if fwd is None or fwd.key is None else self._row_groups(fwd)
+            # a recurrent layer's state has no per-group capture: it runs on the whole batch (the same outputs)
+            grouped = fwd is not None and fwd.key is not None and not self._is_linear(index)
+            groups = self._row_groups(fwd) if grouped else None
             self._pending = None if groups is None else (module, groups)  # collected by the wrapped forward
             return out
 
@@ -608,9 +610,12 @@ class Withdrawal:
         if fwd.key is None:
             return None  # no row has left yet: the model's own mask and positions are right
         kwargs = dict(kwargs)
-        kwargs[ATTENTION_MASK] = self._mask(
-            index, fwd, kwargs.get(self.spec.names.layer_cache), hidden.dtype, kwargs.get(ATTENTION_MASK)
-        )
+        if self._is_linear(index):
+            kwargs[ATTENTION_MASK] = self._linear_mask(fwd, hidden.dtype)
+        else:
+            kwargs[ATTENTION_MASK] = self._mask(
+                index, fwd, kwargs.get(self.spec.names.layer_cache), hidden.dtype, kwargs.get(ATTENTION_MASK)
+            )
         if fwd.idx is not None:
             kwargs[POSITION_EMBEDDINGS] = self._rotary(fwd, kwargs.get(POSITION_EMBEDDINGS))
             position_ids = kwargs.get(POSITION_IDS)
@@ -620,6 +625,26 @@ class Withdrawal:
             return (hidden, *args[1:]), kwargs
         kwargs[HIDDEN_STATES] = hidden
         return args, kwargs
+
+    def _is_linear(self, index: int) -> bool:
+        """Whether decoder layer ``index`` is a linear-attention (recurrent) layer (Qwen3.5's Gated DeltaNet)."""
+        linear = self.spec.linear_attention
+        return bool(linear) and linear[index]
+
+    def _linear_mask(self, fwd: ForwardState, dtype: torch.dtype) -> torch.Tensor:
+        """The 2-D padding mask of a linear-attention layer over the current layout: ``(B, T')``, 1 on valid slots.
+
+        A Gated DeltaNet layer multiplies its input by this mask (transformers' ``apply_mask_to_padding_states``), so
+        padding slots enter its convolution and recurrence as zeros and leave its state untouched: the layer then
+        processes exactly the kept sequence of each row (docs/design.md, "Withdrawal on linear-attention layers").
+        Memoised per layout; no host read.
+        """
+        memo = ("linear", fwd.key, dtype)
+        mask = fwd.masks.get(memo)
+        if mask is None:
+            _, valid = self._slots(fwd)
+            mask = fwd.masks[memo] = valid.to(dtype)
+        return mask
 
     def _exit(self, fwd: ForwardState, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Withdraw ``rows``: drop their droppable and padding tokens from ``hidden`` (in the current layout)."""

@@ -31,7 +31,7 @@ from torch import nn
 from .compat import HIDDEN_STATES, POSITION_EMBEDDINGS, USE_CACHE
 from .engine import ForwardState, Withdrawal, WithdrawalError, active_withdrawal
 from .policy import ExitPolicy, register_policy
-from .registry import AttentionNames, ModelSpec
+from .registry import AttentionNames, ModelSpec, UnsupportedModelError
 
 DEFAULT_NAMES = AttentionNames()
 
@@ -86,6 +86,7 @@ def last_token_attention(
     allowed: torch.Tensor,
     query: torch.Tensor | None = None,
     names: AttentionNames = DEFAULT_NAMES,
+    gated_query: bool = False,
 ) -> torch.Tensor:
     """Attention the last token (or each row's ``query`` slot) pays every token in one decoder layer, mean over heads.
 
@@ -97,6 +98,7 @@ def last_token_attention(
         allowed: ``(B, T)`` bool, keys the query token may attend to.
         query: ``(B,)`` slot of each row's query token (default: the last slot).
         names: the family's attention names.
+        gated_query: ``q_proj`` outputs, per head, the query then an output gate (Qwen3.5): only the query is used.
 
     Returns:
         ``(B, T)`` float32 attention probabilities (0 on disallowed keys).
@@ -109,7 +111,10 @@ def last_token_attention(
         query = torch.full((batch,), num_tokens - 1, dtype=torch.long, device=hidden.device)
     rows = torch.arange(batch, device=hidden.device)
     q_proj, k_proj = getattr(attn, names.query), getattr(attn, names.key)
-    q = q_proj(x[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
+    q = q_proj(x[rows, query][:, None])  # (B, 1, H * hd), or (B, 1, H * 2 hd) with the output gate
+    if gated_query:
+        q = q.view(batch, 1, -1, 2 * head_dim)[..., :head_dim]  # each head's query, without its gate
+    q = q.reshape(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
     k = k_proj(x).view(batch, num_tokens, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
     if getattr(attn, names.query_norm, None) is not None:
         q, k = getattr(attn, names.query_norm)(q), getattr(attn, names.key_norm)(k)
@@ -165,6 +170,14 @@ class FastVRanking(ExitPolicy):
             raise ValueError(
                 f"layer K={self._k} is out of range: this model has L={spec.num_layers} decoder layers, "
                 f"so K must be in [0, {spec.num_layers}] (K = {spec.num_layers} never withdraws)"
+            )
+        linear = spec.linear_attention
+        if linear and self._k < spec.num_layers and linear[self._k - 1]:
+            full = [index + 1 for index, is_linear in enumerate(linear) if not is_linear]
+            raise UnsupportedModelError(
+                f"FastV ranks visual tokens by the attention of layer K-1, but layer {self._k - 1} of this "
+                f"{spec.model_type} model is a linear-attention (Gated DeltaNet) layer, which has no attention "
+                f"weights: choose K with a full-attention layer K-1, i.e. K in {full}"
             )
 
     @property
@@ -233,7 +246,10 @@ class FastVRanking(ExitPolicy):
         if window is not None:
             allowed &= (fwd.num_tokens - 1 - cols) < window
         with torch.no_grad():
-            scores = last_token_attention(module, hidden, rotary, allowed, names=self.spec.family.attention)  # (B, T)
+            family = self.spec.family
+            scores = last_token_attention(
+                module, hidden, rotary, allowed, names=family.attention, gated_query=family.gated_query
+            )  # (B, T)
         visual = fwd.visual & fwd.valid
         budget = kept_count(visual.sum(1), self.ratio)  # (B,) on the device
         order = torch.where(visual, scores, float("-inf")).argsort(dim=1, descending=True, stable=True)

@@ -19,6 +19,17 @@ router is). DeepStack's additions (Qwen3-VL) are elementwise and not counted, by
 (``n_routed_experts``, ``n_shared_experts``, ``first_k_dense_replace``): its first layers are dense, and a sparse
 layer also runs the shared experts, one MLP of width ``n_shared * m_moe`` on every token.
 
+Hybrid decoders (Qwen3.5, docs/design.md §8 "Withdrawal on linear-attention layers (Qwen3.5)") are counted layer by
+layer from ``layer_types``. A Gated DeltaNet (``"linear_attention"``) layer costs its projections (qkv, z, b, a, out),
+its depthwise causal convolution (``2 * conv_dim * kernel * (n + kernel - 1)``: the padded output before the slice)
+and transformers' chunked delta rule, whose matrix products run on the sequence padded to a multiple of the chunk
+(64): ``N * H_v * (4 C d_k + 6 d_k d_v + 2 C d_v)`` for ``N`` padded tokens, chunk ``C``. Its two triangular solves
+per chunk (``C^2 (d_k + d_v)`` per head and chunk) are real work that ``FlopCounterMode`` does not count
+(:data:`NOT_COUNTED_BY_FLOP_COUNTER`; :func:`layer_flop_parts` splits a layer's count into its parts). A
+full-attention layer with an output gate (Qwen3.5's ``q_proj`` is twice as wide) counts it; Qwen3.5-MoE's shared
+expert (``shared_expert_intermediate_size``, with its 1-wide sigmoid gate) runs on every token. The ``"paper"``
+convention describes full-attention decoders only and refuses hybrid ones.
+
 Withdrawal at exit layer K: layers ``< K`` process all ``n`` tokens, layers ``>= K`` process ``n - n_visual``
 (plus ``visual_after`` visual tokens that stay, as in FastV). Pruning before the LLM (FasterVLM, random) is counted by
 passing the token and visual counts the LLM actually received; relative figures then need the unpruned model's
@@ -31,7 +42,24 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PrefillFlops", "prefill_flops", "prefill_kv_bytes", "layer_flops", "relative_flops_per_exit"]
+from .registry import LINEAR_ATTENTION, family_of_config
+
+__all__ = [
+    "NOT_COUNTED_BY_FLOP_COUNTER",
+    "PrefillFlops",
+    "layer_flop_parts",
+    "layer_flops",
+    "prefill_flops",
+    "prefill_kv_bytes",
+    "prefill_state_bytes",
+    "relative_flops_per_exit",
+]
+
+NOT_COUNTED_BY_FLOP_COUNTER: tuple[str, ...] = ("triangular_solve",)
+"""Parts of :func:`layer_flop_parts` that ``torch.utils.flop_counter.FlopCounterMode`` never counts (routed experts
+are counted only when they run as per-expert matmuls, ``experts_implementation="eager"``; see above)."""
+
+DELTA_RULE_CHUNK = 64  # transformers' torch_chunk_gated_delta_rule chunk size
 
 
 @dataclass(frozen=True)
@@ -96,31 +124,103 @@ def _sparse(cfg, index: int | None) -> bool:
     return index not in (getattr(cfg, "mlp_only_layers", None) or []) and (index + 1) % step == 0
 
 
+def _layer_types(cfg) -> list[str]:
+    return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
+
+
+def _hybrid(cfg) -> bool:
+    """Whether the decoder mixes linear-attention (recurrent) layers with attention ones (Qwen3.5)."""
+    return LINEAR_ATTENTION in _layer_types(cfg)[: cfg.num_hidden_layers]
+
+
+def _ffn_parts(cfg, n: torch.Tensor, index: int | None) -> dict[str, torch.Tensor]:
+    """The FFN's matrix products: a gated FFN, or a routed mixture of experts (router, top-k experts, shared)."""
+    d = cfg.hidden_size
+    if not _sparse(cfg, index):
+        return {"ffn": 2 * 3 * n * d * cfg.intermediate_size}  # gate, up, down
+    expert_m = cfg.moe_intermediate_size
+    parts = {"router": 2 * n * d * _experts(cfg), "routed_experts": 2 * 3 * n * cfg.num_experts_per_tok * d * expert_m}
+    shared = getattr(cfg, "n_shared_experts", None) or 0  # GLM-4V-MoE: an always-on MLP of shared * m_moe
+    if shared:
+        parts["shared_experts"] = 2 * 3 * n * d * shared * expert_m
+    shared_width = getattr(cfg, "shared_expert_intermediate_size", None) or 0  # Qwen3.5-MoE: a gated shared expert
+    if shared_width:
+        parts["shared_expert"] = 2 * 3 * n * d * shared_width + 2 * n * d  # its FFN and its 1-wide sigmoid gate
+    return parts
+
+
+def _linear_attention_parts(cfg, n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A Gated DeltaNet mixer (transformers' torch reference kernels) on ``n`` tokens."""
+    d = cfg.hidden_size
+    key_heads, value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, kernel = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
+    key_dim, value_dim = key_heads * dk, value_heads * dv
+    conv_dim = 2 * key_dim + value_dim
+    chunk = DELTA_RULE_CHUNK
+    padded = torch.ceil(n / chunk) * chunk  # the chunked rule pads the sequence to whole chunks
+    projections = 2 * n * d * (conv_dim + value_dim + 2 * value_heads) + 2 * n * value_dim * d  # qkv, z, b, a; out
+    return {
+        "projections": projections,
+        "conv": torch.where(n > 0, 2 * conv_dim * kernel * (n + kernel - 1), 0.0),
+        # per chunk and value head: k_beta k^T and q k^T (2 C^2 d_k each), then the scan: 3 (C x d_k)(d_k x d_v)
+        # products and one (C x C)(C x d_v)
+        "delta_rule": padded * value_heads * (4 * chunk * dk + 6 * dk * dv + 2 * chunk * dv),
+        "triangular_solve": padded * value_heads * chunk * (dk + dv),  # two unit-lower solves per chunk
+    }
+
+
+def _attention_parts(cfg, n: torch.Tensor, gated: bool) -> dict[str, torch.Tensor]:
+    d = cfg.hidden_size
+    heads, kv_heads, head_dim = _attention_dims(cfg)
+    q_width = heads * head_dim * (2 if gated else 1)  # a gated q_proj also outputs the output gate
+    return {
+        "projections": 2 * n * d * q_width + 2 * n * heads * head_dim * d + 2 * (2 * n * d * kv_heads * head_dim),
+        "attention": 2 * (2 * n * n * heads * head_dim),  # scores and weighted sum
+    }
+
+
+def layer_flop_parts(config, num_tokens, index: int | None = None) -> dict[str, torch.Tensor]:
+    """The ``"detailed"`` FLOPs of decoder layer ``index`` on ``num_tokens`` tokens, by part (float64 tensors).
+
+    Parts: ``projections`` and ``attention`` (an attention layer), or ``projections``, ``conv``, ``delta_rule`` and
+    ``triangular_solve`` (a Gated DeltaNet layer); then ``ffn``, or ``router``, ``routed_experts`` and the shared
+    experts (a routed mixture of experts). ``index`` ``None``: a dense attention layer. See the module docstring and
+    :data:`NOT_COUNTED_BY_FLOP_COUNTER`.
+    """
+    cfg = _text_config(config)
+    n = torch.as_tensor(num_tokens, dtype=torch.float64)
+    if index is not None and _layer_types(cfg)[index] == LINEAR_ATTENTION:
+        mixer = _linear_attention_parts(cfg, n)
+    else:
+        family = family_of_config(config) or family_of_config(cfg)
+        mixer = _attention_parts(cfg, n, gated=family is not None and family.gated_query)
+    ffn = _ffn_parts(cfg, n, index)
+    return {**mixer, **ffn}
+
+
 def layer_flops(
     config, num_tokens: torch.Tensor, convention: str = "detailed", index: int | None = None
 ) -> torch.Tensor:
     """FLOPs of decoder layer ``index`` on ``num_tokens`` tokens (float64 tensor, elementwise); ``index`` matters
-    only for mixture-of-experts decoders (``None``: a dense layer)."""
+    only for mixture-of-experts and hybrid decoders (``None``: a dense attention layer)."""
     cfg = _text_config(config)
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
-    d = cfg.hidden_size
-    m = cfg.intermediate_size
-    heads, kv_heads, head_dim = _attention_dims(cfg)
-    sparse = _sparse(cfg, index)
-    if sparse:
-        shared = getattr(cfg, "n_shared_experts", None) or 0  # GLM-4V-MoE: an always-on MLP of shared * m_moe
-        m = (cfg.num_experts_per_tok + shared) * cfg.moe_intermediate_size  # the experts a token runs, side by side
     if convention == "paper":
+        if _hybrid(cfg):
+            raise ValueError(
+                "the 'paper' convention (4nd^2 + 2n^2d + 3ndm) describes full-attention layers only; this decoder "
+                "has linear-attention layers: use convention='detailed'"
+            )
+        d = cfg.hidden_size
+        if _sparse(cfg, index):
+            shared = getattr(cfg, "n_shared_experts", None) or 0  # GLM-4V-MoE: an always-on MLP of shared * m_moe
+            m = (cfg.num_experts_per_tok + shared) * cfg.moe_intermediate_size  # the experts a token runs
+        else:
+            m = cfg.intermediate_size
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
     if convention != "detailed":
         raise ValueError(f"convention must be 'detailed' or 'paper', got {convention!r}")
-    q_o = 2 * (2 * n * d * heads * head_dim)  # q and o projections
-    k_v = 2 * (2 * n * d * kv_heads * head_dim)  # k and v projections (GQA)
-    attention = 2 * (2 * n * n * heads * head_dim)  # scores and weighted sum
-    ffn = 2 * 3 * n * d * m  # gate, up, down
-    if sparse:
-        ffn = ffn + 2 * n * d * _experts(cfg)  # the router
-    return q_o + k_v + attention + ffn
+    return sum(layer_flop_parts(config, n, index).values())
 
 
 def prefill_flops(
@@ -152,16 +252,17 @@ def prefill_flops(
     num_layers = cfg.num_hidden_layers
     scalar, n, v, k, after = _rows(num_layers, num_tokens, num_visual, exit_layer, visual_after)
     head = 0.0 if convention == "paper" else 2.0 * lm_head_tokens * cfg.hidden_size * cfg.vocab_size
-    if not any(_sparse(cfg, index) for index in range(num_layers)):
+    if not _hybrid(cfg) and not any(_sparse(cfg, index) for index in range(num_layers)):
         full = num_layers * layer_flops(cfg, n, convention) + head
         late = layer_flops(cfg, n - v + after, convention)  # each layer >= K
         withdrawn = k * layer_flops(cfg, n, convention) + (num_layers - k) * late + head
-    else:  # layers differ (dense / routed FFN): sum them
+    else:  # layers differ (dense / routed FFN, linear / full attention): sum them
         full = withdrawn = head
         for index in range(num_layers):
-            every = layer_flops(cfg, n, convention, index)
+            every = layer_flops(config, n, convention, index)
             full = full + every
-            withdrawn = withdrawn + torch.where(k > index, every, layer_flops(cfg, n - v + after, convention, index))
+            late = layer_flops(config, n - v + after, convention, index)
+            withdrawn = withdrawn + torch.where(k > index, every, late)
     ratio = withdrawn / full
     if scalar:
         return PrefillFlops(float(withdrawn), float(full), float(ratio), convention)
@@ -194,7 +295,8 @@ def prefill_kv_bytes(
     processed); each token costs ``2 * n_kv_heads * head_dim`` values per layer. A sliding-window layer (Gemma3's
     ``layer_types``) holds at most ``sliding_window - 1`` tokens, as transformers' sliding cache layers do. Padding
     is excluded (a batched cache also stores the pad columns of the widest row), so this is the per-sample figure
-    that batching cannot blur; the tests check it against the bytes of a real ``DynamicCache``.
+    that batching cannot blur; the tests check it against the bytes of a real ``DynamicCache``. Linear-attention
+    layers hold no keys or values (their fixed-size state: :func:`prefill_state_bytes`).
 
     Args:
         config: the model config (multimodal or text).
@@ -216,8 +318,30 @@ def prefill_kv_bytes(
     window = getattr(cfg, "sliding_window", None)
     total = torch.zeros_like(n + v + k + after)
     for index, kind in enumerate(layer_types[:num_layers]):
+        if kind == LINEAR_ATTENTION:
+            continue  # no keys or values: a fixed-size state (prefill_state_bytes)
         held = torch.where(k > index, n, n - v + after)
         if kind == "sliding_attention" and window:
             held = held.clamp(max=window - 1)  # transformers' sliding layers keep the last window - 1 entries
         total = total + held * per_token
     return float(total) if scalar else total
+
+
+def prefill_state_bytes(config, *, bytes_per_value: int = 4, state_bytes_per_value: int = 4) -> int:
+    """Bytes of the recurrent and convolution states the linear-attention layers cache for one row.
+
+    Each Gated DeltaNet layer keeps a recurrent state of ``H_v * d_k * d_v`` values (transformers' torch kernels
+    compute and cache it in fp32 whatever the model dtype: ``state_bytes_per_value`` 4) and a convolution state of the
+    last ``kernel`` inputs of its depthwise convolution, ``(2 H_k d_k + H_v d_v) * kernel`` values in the model dtype
+    (``bytes_per_value``). Neither depends on the sequence length, so withdrawal does not shrink them: only the KV
+    cache of the full-attention layers shrinks (:func:`prefill_kv_bytes`). ``0`` for a decoder without such layers.
+    """
+    cfg = _text_config(config)
+    linear = sum(kind == LINEAR_ATTENTION for kind in _layer_types(cfg)[: cfg.num_hidden_layers])
+    if not linear:
+        return 0
+    key_heads, value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, kernel = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim
+    conv = (2 * key_heads * dk + value_heads * dv) * kernel * bytes_per_value
+    recurrent = value_heads * dk * dv * state_bytes_per_value
+    return linear * (conv + recurrent)

@@ -28,12 +28,17 @@ __all__ = [
     "REGISTRY",
     "UnsupportedModelError",
     "VisionNames",
+    "family_of_config",
     "resolve",
     "supported_model_types",
 ]
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The Llama-style text-decoder projections LoRA targets by default (attention + gated MLP)."""
+
+
+LINEAR_ATTENTION = "linear_attention"
+"""The ``layer_types`` entry of a linear-attention (recurrent) decoder layer (Qwen3.5's Gated DeltaNet)."""
 
 
 class UnsupportedModelError(ValueError):
@@ -109,6 +114,8 @@ class Family:
             ``"frames"`` (one view per frame: the encoder's tokens, [CLS] first, which stays: Video-LLaVA), or
             ``None`` (pruning refuses video inputs).
         video_path: dotted path of the video encoder when it is not the one at ``vision_path`` (Video-LLaVA).
+        gated_query: the full-attention ``q_proj`` also outputs a sigmoid output gate (twice the query width:
+            Qwen3.5), which the FLOPs count and FastV's one-row recomputation must know.
     """
 
     decoder_path: str
@@ -121,6 +128,7 @@ class Family:
     deepstack: bool = False
     video_features: str | None = None
     video_path: str | None = None
+    gated_query: bool = False
 
 
 REGISTRY: dict[str, Family] = {
@@ -161,6 +169,10 @@ REGISTRY: dict[str, Family] = {
     ),
     "glm4v_moe": Family(  # LoRA: attention only, as qwen3_vl_moe (the routed experts are fused 3-D parameters)
         "model.language_model", ("image_token_id", "video_token_id"), "model.visual", lora_targets=LORA_TARGETS[:4]
+    ),
+    "qwen3_5": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual", gated_query=True),
+    "qwen3_5_moe": Family(
+        "model.language_model", ("image_token_id", "video_token_id"), "model.visual", gated_query=True
     ),
 }
 
@@ -215,6 +227,16 @@ FEATURE_LAYOUTS: dict[str, FeatureLayout] = {"views": _views, "anyres": _anyres,
 giving, per image, the flat encoder-token index (``view * S + token``) of each feature entry (``-1``: a newline)."""
 
 
+def family_of_config(config: Any) -> Family | None:
+    """The registry entry of a (multimodal or text) config, or ``None``: a text config's ``model_type`` is its
+    family's plus ``"_text"`` (``qwen3_5_text``)."""
+    model_type = str(getattr(config, "model_type", ""))
+    family = REGISTRY.get(model_type)
+    if family is None and model_type.endswith("_text"):
+        family = REGISTRY.get(model_type[: -len("_text")])
+    return family
+
+
 def supported_model_types() -> list[str]:
     """The ``model_type`` values dyvte supports, sorted."""
     return sorted(REGISTRY)
@@ -233,6 +255,9 @@ class ModelSpec:
         sliding_window: per layer, the sliding-window width, or ``None`` for full attention.
         names: the argument names its calls use (resolved once by :func:`dyvte.compat.call_names`).
         family: its :class:`Family` entry.
+        linear_attention: per layer, whether it is a linear-attention (recurrent) layer, e.g. Qwen3.5's Gated
+            DeltaNet layers (``layer_types`` entry ``"linear_attention"``): it keeps a recurrent state, not a KV cache,
+            and takes a 2-D padding mask (docs/design.md, "Withdrawal on linear-attention layers (Qwen3.5)").
     """
 
     model: nn.Module
@@ -243,6 +268,7 @@ class ModelSpec:
     sliding_window: list[int | None]
     names: CallNames
     family: Family = field(default_factory=lambda: Family("", (), ""))
+    linear_attention: list[bool] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -322,4 +348,5 @@ def resolve(model: nn.Module) -> ModelSpec:
         sliding_window=sliding,
         names=call_names(model, layers[0]),
         family=family,
+        linear_attention=[t == LINEAR_ATTENTION for t in layer_types],
     )

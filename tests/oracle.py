@@ -43,9 +43,82 @@ def masked_keys_logits(model, inputs: dict, layer: int, blocked: torch.Tensor) -
         mask = mask & ~block if mask.dtype == torch.bool else mask.masked_fill(block, torch.finfo(mask.dtype).min)
         return args, {**kwargs, "attention_mask": mask}
 
-    hooks = [spec.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(layer, spec.num_layers)]
+    # a recurrent (linear-attention) layer has no keys to hide: it keeps its 2-D padding mask (see
+    # compacted_oracle_logits for what withdrawal means there)
+    attention = [i for i in range(layer, spec.num_layers) if not (spec.linear_attention and spec.linear_attention[i])]
+    hooks = [spec.layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in attention]
     try:
         return model(**inputs).logits
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def compacted_oracle_logits(
+    model, inputs: dict, layer: int, keep: torch.Tensor | None = None, caches: list | None = None
+) -> torch.Tensor:
+    """The compacted oracle: layers ``>= layer`` run on each row's kept tokens as their whole input.
+
+    The definition of withdrawal on linear-attention (recurrent) layers (docs/design.md, "Withdrawal on
+    linear-attention layers (Qwen3.5)"): the unhooked model runs the embeddings and layers ``< layer`` on the full
+    batch (the input of layer ``layer``, its rotary tables and position ids are captured by a plain forward pre-hook);
+    then, row by row and without any padding, the kept positions are gathered and the decoder layers ``>= layer`` are
+    called directly on them, with the original rotary positions (M-RoPE tables gathered, never recomputed), a causal
+    mask built from scratch for the attention layers (bool for SDPA, additive for eager) and no mask for the
+    recurrent ones (a row alone has no padding); final norm and LM head. Independent of dyvte's layout code.
+
+    Args:
+        keep: ``(B, T)`` bool, the tokens layers ``>= layer`` process (default: the attended non-visual tokens plus
+            each row's final token).
+        caches: one fresh transformers cache per row, or ``None``: when given, layers ``>= layer`` of row ``b`` write
+            their state into ``caches[b]`` (the state of the kept sequence alone, which decoding continues from).
+
+    Returns:
+        ``(B, T, V)`` logits, ``nan`` at the positions that were not kept.
+    """
+    spec = resolve(model)
+    mask_2d = inputs.get("attention_mask")
+    input_ids = inputs["input_ids"]
+    if keep is None:
+        keep = ~visual_mask(model, input_ids)
+        if mask_2d is not None:
+            keep &= mask_2d.bool()
+        keep[:, -1] = True
+    if layer >= spec.num_layers:
+        return model(**inputs).logits
+    captured: dict = {}
+
+    def capture(module, args, kwargs):
+        captured.update(kwargs)
+        captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+
+    hook = spec.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        full = model(**inputs).logits  # (B, T, V)
+    finally:
+        hook.remove()
+    hidden = captured["hidden_states"]  # (B, T, D)
+    cos, sin = captured["position_embeddings"]  # (B or 1, T, d)
+    position_ids = captured.get("position_ids")  # (B, T) text positions, or None
+    kind = spec.text_config._attn_implementation
+    norm, head = spec.decoder.norm, model.get_output_embeddings()
+    out = torch.full_like(full, float("nan"))
+    for row in range(hidden.shape[0]):
+        cols = keep[row].nonzero().squeeze(1)  # (n,)
+        n = cols.numel()
+        x = hidden[row : row + 1, cols]  # (1, n, D)
+        rotary = (cos[min(row, cos.shape[0] - 1)][None, cols], sin[min(row, sin.shape[0] - 1)][None, cols])
+        ids = None if position_ids is None else position_ids[min(row, position_ids.shape[0] - 1)][None, cols]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]  # (1, 1, n, n)
+        if kind == "eager":
+            causal = torch.zeros(causal.shape, dtype=x.dtype).masked_fill(~causal, torch.finfo(x.dtype).min)
+        for index in range(layer, spec.num_layers):
+            linear = spec.text_config.layer_types[index] == "linear_attention"
+            extra = {} if caches is None else {spec.names.layer_cache: caches[row]}
+            x = spec.layers[index](
+                x, position_embeddings=rotary, attention_mask=None if linear else causal, position_ids=ids, **extra
+            )
+            x = x[0] if isinstance(x, tuple) else x
+        out[row, cols] = head(norm(x))[0]
+    return out

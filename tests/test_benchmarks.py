@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.benchmark import LlavaShape, build_random_llava, kv_cache_bytes, llava_prompt
+from dyvte.benchmark import LlavaShape, Qwen3_5Shape, build_random_llava, kv_cache_bytes, llava_prompt
 from dyvte.compat import cache_out
 
 from .scripts import load_script
@@ -61,3 +61,26 @@ def test_decode_benchmark_rows_repeat_alike_and_hold_the_kv_they_claim():
                 assert row.kv_bytes == row.batch * one, (name, row.batch)
             else:  # layers < 8 hold every row at the widest row's length (rows still in): no saving below K = 8
                 assert row.kv_bytes == row.batch * dyvte.prefill_kv_bytes(model.config, grown, shape.image_tokens, 8)
+
+
+def test_hybrid_prefill_rows_on_a_tiny_qwen3_5_shape():
+    """benchmarks/prefill.py --family qwen3_5 on a tiny shape: the KV bytes shrink with withdrawal, the linear
+    layers' state does not, and the FLOPs ideal falls to 1 at K = L."""
+    script = load_script("benchmarks/prefill.py")
+    shape = Qwen3_5Shape(
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        linear_key_heads=2,
+        linear_value_heads=4,
+        linear_head_dim=16,
+        image_tokens=40,
+    )
+    rows = script.hybrid_rows(shape, ["fp32"], runs=1)
+    assert [row["K"] for row in rows] == [0, 1, 2, 3, 4]
+    assert rows[-1]["ideal"] == 1.0 and all(row["ideal"] > 1.0 for row in rows[:-1])
+    assert all(row["kv"] < rows[-1]["kv"] for row in rows[:-1])
+    assert len({row["state"] for row in rows}) == 1 and rows[0]["state"] > 0
+    assert "| fp32 | 4 |" in script.hybrid_table(shape, rows)

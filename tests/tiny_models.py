@@ -97,6 +97,8 @@ FAMILIES: list[str] = [
     "video_llava",
     "llava_next_video",
     "glm4v_moe",
+    "qwen3_5",
+    "qwen3_5_moe",
 ]
 
 #: Text decoder sizes shared by all families.
@@ -127,11 +129,14 @@ IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
     "video_llava": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
     "llava_next_video": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
     "glm4v_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "qwen3_5": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
+    "qwen3_5_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
 }
 #: Families whose placeholder count per image depends on the image size.
 DYNAMIC_RESOLUTION: list[str] = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"]
 DYNAMIC_RESOLUTION += ["qwen3_vl", "qwen3_vl_moe"]
 DYNAMIC_RESOLUTION += ["mistral3", "glm4v", "llava_next_video", "glm4v_moe"]
+DYNAMIC_RESOLUTION += ["qwen3_5", "qwen3_5_moe"]
 #: Pinpoints for the anyres families (LLaVA-NeXT, LLaVA-OneVision).
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -201,6 +206,7 @@ _FAMILY_SPECIALS: dict[str, tuple[dict[str, str | None], dict[str, str], list[st
 _FAMILY_SPECIALS["qwen2_5_vl"] = _FAMILY_SPECIALS["qwen2_vl"]
 _FAMILY_SPECIALS["qwen3_vl"] = _FAMILY_SPECIALS["qwen3_vl_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
 _FAMILY_SPECIALS["glm4v_moe"] = _FAMILY_SPECIALS["glm4v"]
+_FAMILY_SPECIALS["qwen3_5"] = _FAMILY_SPECIALS["qwen3_5_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
 
 #: Placeholder string a prompt carries once per image, per family (the processor expands it).
 PROMPT_IMAGE_TOKEN: dict[str, str] = {
@@ -220,6 +226,8 @@ PROMPT_IMAGE_TOKEN: dict[str, str] = {
     "video_llava": "<image>",
     "llava_next_video": "<image>",
     "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
+    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>",
 }
 
 
@@ -692,6 +700,8 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
         config, proc = _build_qwen3_vl(family, tk, text, img_mean)
     elif family in _MORE_BUILDERS:
         config, proc = _MORE_BUILDERS[family](tf, tk, text, img_mean)
+    elif family in ("qwen3_5", "qwen3_5_moe"):
+        config, proc = _qwen3_5(family, tk, text, img_mean)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if "video_processor" in inspect.signature(type(proc).__init__).parameters:
@@ -746,6 +756,68 @@ def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, An
     return config, tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
 
 
+def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict) -> tuple[Any, Any]:
+    """Qwen3.5 (dense or MoE): hybrid decoder, ``layer_types`` 3 Gated DeltaNet (linear attention) : 1 full attention.
+
+    Full-attention layers: gated q (``q_proj`` outputs query and gate), q/k norms, partial interleaved M-RoPE
+    (head_dim 16, ``partial_rotary_factor`` 0.5 -> 8 rotary dims, ``mrope_section`` [2, 1, 1]). Linear layers: 2 key
+    heads / 4 value heads of 16, conv kernel 4. MoE: 4 experts, top-2, expert FFN 32, shared expert 32.
+    """
+    import transformers as tf
+
+    num_layers = text["num_hidden_layers"]
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    }
+    qtext = {
+        **text,
+        "head_dim": TEXT_HIDDEN // TEXT_HEADS,
+        "rope_parameters": rope,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(num_layers)],
+    }
+    vision = {
+        "depth": VISION_LAYERS,
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "num_heads": VISION_HEADS,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": TEXT_HIDDEN,
+        "num_position_embeddings": 64,
+    }
+    if family == "qwen3_5":
+        cfg_cls, text_cfg = tf.Qwen3_5Config, tf.Qwen3_5TextConfig(**qtext)
+        vision_cfg = tf.Qwen3_5VisionConfig(**vision)
+    else:
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+        qtext = {**qtext, **moe, "shared_expert_intermediate_size": 32}
+        qtext.pop("intermediate_size")
+        cfg_cls, text_cfg = tf.Qwen3_5MoeConfig, tf.Qwen3_5MoeTextConfig(**qtext)
+        vision_cfg = tf.Qwen3_5MoeVisionConfig(**vision)
+    config = cfg_cls(
+        text_config=text_cfg,
+        vision_config=vision_cfg,
+        image_token_id=tk.image_token_id,
+        video_token_id=tk.video_token_id,
+        vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    ip = tf.Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+    )
+    return config, tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
+
+
 _MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
@@ -763,6 +835,8 @@ _MODEL_CLASSES = {
     "video_llava": "VideoLlavaForConditionalGeneration",
     "llava_next_video": "LlavaNextVideoForConditionalGeneration",
     "glm4v_moe": "Glm4vMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 
 
@@ -868,6 +942,13 @@ def image_token_id(model: Any) -> int:
     raise AttributeError("config has no image token id")
 
 
+#: Families whose ``AutoTokenizer`` ignores the saved ``tokenizer_class``: transformers forces ``Qwen3_5Tokenizer`` (a
+#: byte-level BPE rebuilt from the vocab, no merges) for ``model_type`` qwen3_5*, which cannot rebuild the word-level
+#: test tokenizer (every word becomes nothing); :func:`save_and_reload` hands the processor the saved tokenizer.json
+#: as a ``PreTrainedTokenizerFast`` (a real checkpoint ships a real BPE tokenizer).
+WORD_LEVEL_RELOAD = ("qwen3_5", "qwen3_5_moe")
+
+
 def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> tuple[Any, Any]:
     """Save ``model`` and ``processor`` with ``save_pretrained`` and load them back offline.
 
@@ -886,8 +967,11 @@ def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> 
     try:
         attn = model.config.text_config._attn_implementation
         reloaded = AutoModelForImageTextToText.from_pretrained(path, dtype=model.dtype, attn_implementation=attn)
+        kwargs = {}
+        if model.config.model_type in WORD_LEVEL_RELOAD:  # see WORD_LEVEL_RELOAD
+            kwargs["tokenizer"] = PreTrainedTokenizerFast.from_pretrained(path)
         try:
-            reloaded_proc = AutoProcessor.from_pretrained(path)
+            reloaded_proc = AutoProcessor.from_pretrained(path, **kwargs)
         except ImportError:  # PixtralProcessor: exported only with torchvision (see _pixtral_processor_class)
             reloaded_proc = type(processor).from_pretrained(path)
     finally:
