@@ -54,7 +54,7 @@ def count_syncs(model, inputs: dict, **kwargs) -> list[int]:
 
 
 def random_heads(model, seed: int = 0) -> dyvte.ExitHeads:
-    heads = dyvte.ExitHeads.for_model(model)
+    heads = dyvte.ExitHeads.for_model(model, head_size=4)  # narrow: random wide heads all fire at once
     torch.manual_seed(seed)
     for param in heads.parameters():
         torch.nn.init.normal_(param, std=0.5)
