@@ -137,7 +137,12 @@ REGISTRY: dict[str, Family] = {
     "llava_onevision": Family("model.language_model", ("image_token_id", "video_token_id"), "model.vision_tower"),
     "qwen2_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual"),
     "qwen2_5_vl": Family("model.language_model", ("image_token_id", "video_token_id"), "model.visual"),
-    "internvl": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
+    "internvl": Family(  # InternViT has a [CLS] (embeddings.cls_token); its pixel shuffle merges patches
+        "model.language_model",
+        ("image_token_id",),
+        "model.vision_tower",
+        vision=VisionNames(class_embedding="cls_token"),
+    ),
     "gemma3": Family("model.language_model", ("image_token_id",), "model.vision_tower"),
     "idefics3": Family("model.text_model", ("image_token_id",), "model.vision_model"),
     "smolvlm": Family("model.text_model", ("image_token_id",), "model.vision_model"),

@@ -304,6 +304,32 @@ def test_bad_inputs_are_clear_errors():
     check_fastv_equals_masking_oracle(qwen, encode(qwen_processor, "qwen2_vl"), layer=1, ratio=0.5)  # every family
 
 
+#: why each family without a feature layout cannot be pruned before the LLM (the README's support matrix)
+PRUNE_REFUSALS = {
+    "llava_onevision": "SiglipVisionModel\\) has no \\[CLS\\]",
+    "gemma3": "SiglipVisionModel\\) has no \\[CLS\\]",
+    "mistral3": "PixtralVisionModel\\) has no \\[CLS\\]",
+    "internvl": "not laid out as patches of views",
+}
+PRUNABLE = ("llava", "llava_next", "llava_next_video", "video_llava")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_before_the_llm_is_refused_by_name_or_runs(family):
+    """FasterVLM / random run on the families with a feature layout; every other family is refused before anything
+    runs, by name and with the reason, and the model is left unhooked."""
+    model, _ = make_tiny(family, num_layers=4)
+    if family in PRUNABLE:
+        with dyvte.prune(model, "fastervlm", ratio=0.5):
+            pass
+        return
+    for method in ("fastervlm", "random"):
+        reason = PRUNE_REFUSALS.get(family, "has no \\[CLS\\] token")
+        with pytest.raises(dyvte.UnsupportedModelError, match=f"model_type='{family}': .*{reason}"):
+            dyvte.prune(model, method, ratio=0.5)
+    assert not model._forward_pre_hooks and not resolve(model).layers[0]._forward_pre_hooks
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fastv_equals_masking_oracle_on_every_family(family):
     """FastV is exact on every family, Gemma3's bidirectional attention among the kept image tokens included."""
