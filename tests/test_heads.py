@@ -185,7 +185,12 @@ def test_head_firing_on_layer_k_equals_static_withdrawal_at_k_plus_1(tiny, head)
         assert handle.exit_layers.tolist() == [head + 1] * 3
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+#: the families whose exit heads no other test file covers (test_heads_families.py, test_qwen3_vl.py, test_qwen3_5.py,
+#: test_video_qwen.py cover the rest)
+HEADS_FAMILIES = ["llava", "llava_next", "qwen2_vl", "internvl", "gemma3", "idefics3", "smolvlm"]
+
+
+@pytest.mark.parametrize("family", HEADS_FAMILIES)
 def test_ragged_batch_with_different_exit_layers_equals_rows_alone(family):
     model, processor = make_tiny(family)
     inputs = dict(make_batch(processor, family, ROWS))
