@@ -203,7 +203,7 @@ class ExitLabelData(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "validation",
         val_data: str | None = None,
-        train_samples: int | None = 12000,
+        train_samples: int | None = 24000,
         val_samples: int | None = 500,
         label_rule: str = "agreement",
         kl_eta: float = 0.05,

@@ -4,12 +4,11 @@
     python train/ablate_heads.py --rows "agreement,kl η=0.01"   # some rows only (exact row names)
     python train/ablate_heads.py --seeds 1 --train_samples 600 --calib_samples 1000   # a quick look
     python train/ablate_heads.py --model checkpoints/demo-lora-vtw --cache_dir runs/ablate-heads-lora/labels \
-        --output_dir runs/ablate-heads-lora --rows "agreement 12k"   # the withdrawal-adapted demo, merged
+        --output_dir runs/ablate-heads-lora --rows "agreement 24k"   # the withdrawal-adapted demo, merged
 
-Data: the digit-scenes splits rebuilt with more records (``runs/demo-data-large``: train 12,000 / validation 5,000 /
-test 2,000, built once from seed 0; every split is a prefix-stable extension of ``checkpoints/demo-data``, whose
-test split it equals record for record, which is checked). Heads train on the first 3,000 (or 12,000) training
-records, validate on validation records 0..499, and their thresholds are calibrated (Learn-then-Test,
+Data: the committed digit-scenes splits (``checkpoints/demo-data``: train 24,000 / validation 5,000 / test 2,000).
+Heads train on the first 3,000 (or 12,000, 24,000) training records, labelled in caches of 12,000, validate on
+validation records 0..499, and their thresholds are calibrated (Learn-then-Test,
 :func:`dyvte.exits.calibrate_heads`) on validation records 500..4999 at ``--tolerance`` / ``--delta``, exactly as
 ``train/fit.py`` does. Nothing is chosen on the test split: each row is then scored once on it.
 
@@ -77,8 +76,12 @@ ROWS = [
     Row("agreement h=256", head_size=256),
     Row("agreement unbalanced", balance=False),
     Row("agreement 12k", train=12000),
-    Row("agreement 12k platt (one level)", train=12000, family="platt"),
+    Row("agreement 24k", train=24000),
+    Row("agreement 24k platt (one level)", train=24000, family="platt"),
 ]
+
+#: training records are labelled in caches of this many (a larger row reuses the smaller rows' caches)
+TRAIN_CHUNK = 12000
 
 
 @dataclass
@@ -146,23 +149,7 @@ def table_row(
     return "| " + " | ".join(cells) + " |"
 
 
-def build_large_data(path: Path) -> None:
-    """The prefix-stable larger digit-scenes splits; refuses a test split that differs from the committed one."""
-    from datasets import load_from_disk
-
-    from dyvte.demo import load_demo_dataset
-    from dyvte.demo.data import DatasetSizes, build_dataset
-
-    if not (path / "dataset_dict.json").is_file():
-        log.info("building the larger digit-scenes splits into %s (about a minute)", path)
-        build_dataset(0, DatasetSizes(12000, 5000, 2000)).save_to_disk(str(path))
-    committed, large = load_demo_dataset("test"), load_from_disk(str(path))["test"]
-    keys = ("question", "answer", "qtype", "grid", "sources")
-    if len(committed) != len(large) or committed.select_columns(keys)[:] != large.select_columns(keys)[:]:
-        raise RuntimeError(f"{path} [test] differs from checkpoints/demo-data [test]: delete {path} to rebuild it")
-
-
-def label_caches(data: Path, root: Path, args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
+def label_caches(data: str, root: Path, args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
     """Label (once) and load the train / val / calib / test caches."""
     from datasets import load_from_disk
 
@@ -170,32 +157,31 @@ def label_caches(data: Path, root: Path, args: argparse.Namespace) -> dict[str, 
     from dyvte.sources import load_model, load_records
 
     val_end = args.val_samples + args.calib_samples
-    parts = {
-        "train": ("train", 0, max(r.train for r in ROWS)),
-        "val": ("validation", 0, args.val_samples),
-        "calib": ("validation", args.val_samples, val_end),
-        "test": ("test", 0, 2000),
-    }
-    if args.train_samples is not None:
-        parts["train"] = ("train", 0, args.train_samples)
+    train_stop = max(r.train for r in ROWS) if args.train_samples is None else args.train_samples
+    chunks = [(a, min(a + TRAIN_CHUNK, train_stop)) for a in range(0, train_stop, TRAIN_CHUNK)]  # labelled apart
+    parts = [("train", "train", a, b) for a, b in chunks] + [
+        ("val", "validation", 0, args.val_samples),
+        ("calib", "validation", args.val_samples, val_end),
+        ("test", "test", 0, 2000),
+    ]
     model = processor = None
-    out = {}
-    for name, (split, start, stop) in parts.items():
+    loaded: dict[str, list[dict[str, np.ndarray]]] = {}
+    for name, split, start, stop in parts:
         path = root / f"{name}-{split}-{start}-{stop}"
         if not (path / "done.json").is_file():
             if model is None:
                 model, processor = load_model(args.model)
                 if hasattr(model, "merge_and_unload"):  # a LoRA adapter (demo-lora-vtw): label the merged model
                     model = model.merge_and_unload().eval()
-            records = load_records(str(data), split, stop).select(range(start, stop))
+            records = load_records(data, split, stop).select(range(start, stop))
             log.info("labelling %d %s records (%s %d..%d) into %s", stop - start, name, split, start, stop - 1, path)
             began = time.perf_counter()
             cache = build_label_cache(model, processor, records, batch_size=args.label_batch_size, progress=False)
             cache.save_to_disk(str(path))
             seconds = time.perf_counter() - began
             write_text_atomic(path / "done.json", json.dumps({"seconds": seconds, "samples": stop - start}) + "\n")
-        out[name] = load_from_disk(str(path)).with_format("numpy")[:]
-    return out
+        loaded.setdefault(name, []).append(load_from_disk(str(path)).with_format("numpy")[:])
+    return {name: {k: np.concatenate([c[k] for c in cs]) for k in cs[0]} for name, cs in loaded.items()}
 
 
 def relative_flops(columns: dict[str, np.ndarray], model: str) -> np.ndarray:
@@ -238,7 +224,7 @@ def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module
 def main(argv: list[str] | None = None) -> dict:
     """Run the ablation and write ``table.md`` and ``results.json``; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(runs_dir("demo-data-large")), help="larger digit-scenes splits")
+    parser.add_argument("--data", default="demo", help="'demo' (the committed digit-scenes splits) or a directory")
     parser.add_argument("--model", default="demo", help="'demo' or a demo-shaped model / LoRA adapter directory")
     parser.add_argument("--output_dir", default=str(runs_dir("ablate-heads")))
     parser.add_argument("--cache_dir", default=str(runs_dir("ablate-heads") / "labels"), help="label caches")
@@ -254,14 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--label_batch_size", type=int, default=64)
     parser.add_argument("--sweep", default="0.005,0.01,0.015,0.02,0.03", help="tolerances swept for --sweep_row")
-    parser.add_argument("--sweep_row", default="agreement 12k")
+    parser.add_argument("--sweep_row", default="agreement 24k")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_lightning()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     out = Path(args.output_dir).absolute()
-    data = Path(args.data)
-    build_large_data(data)
+    data = args.data
     caches = label_caches(data, Path(args.cache_dir), args)
     test, calib = caches["test"], caches["calib"]
     num_layers = test["match"].shape[1]
