@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from dyvte.compat import hidden_states_of, logits_of
 from dyvte.demo.data import (
     EMPTY,
     NONE_WORD,
@@ -275,7 +276,7 @@ class VisionPretrainModule(L.LightningModule):
         """Cross-entropy of both heads on every patch."""
         tower = self.model.model.vision_tower
         layer = self.model.config.vision_feature_layer
-        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:]  # (B, P, D)
+        hidden = hidden_states_of(tower(batch["pixel_values"], output_hidden_states=True))[layer][:, 1:]  # (B, P, D)
         digit = self.digit_head(hidden)  # (B, P, 11)
         cell = self.cell_head(hidden)  # (B, P, cells)
         loss_digit = F.cross_entropy(digit.flatten(0, 1).float(), batch["patch_digit"].flatten())
@@ -306,7 +307,7 @@ class AlignModule(L.LightningModule):
         layer = self.model.config.vision_feature_layer
         with torch.no_grad():
             tower = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
-        projected = self.model.model.multi_modal_projector(tower.hidden_states[layer][:, 1:])  # (B, P, D)
+        projected = self.model.model.multi_modal_projector(hidden_states_of(tower)[layer][:, 1:])  # (B, P, D)
         logits = projected @ self.model.get_input_embeddings().weight.T  # (B, P, V)
         target = self.word_ids[batch["patch_digit"]]  # (B, P)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
@@ -336,7 +337,7 @@ class DemoMLLMModule(L.LightningModule):
         out = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
         )
-        logits = out.logits[:, :-1].float()  # (B, T-1, V)
+        logits = logits_of(out)[:, :-1].float()  # (B, T-1, V)
         target = batch["labels"][:, 1:]  # (B, T-1)
         tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")  # (B, T-1)
         valid = (target != -100).float()
