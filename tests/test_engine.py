@@ -21,7 +21,7 @@ from dyvte.prune import PRUNING_METHODS, PatchScorer, register_pruning, scorer_m
 from dyvte.registry import resolve
 from dyvte.syncs import SyncCounter
 
-from .tiny_models import make_batch, make_tiny
+from .tiny_models import make_batch, make_tiny, random_heads
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # B = 3: one image / two images / text only (ragged, left-padded)
 NUM_LAYERS = 8
@@ -51,14 +51,6 @@ def count_syncs(model, inputs: dict, **kwargs) -> list[int]:
         counter.remove()
     assert len(counter.calls) == STEPS + 1, counter.calls
     return counter.calls
-
-
-def random_heads(model, seed: int = 0) -> dyvte.ExitHeads:
-    heads = dyvte.ExitHeads.for_model(model, head_size=4)  # narrow: random wide heads all fire at once
-    torch.manual_seed(seed)
-    for param in heads.parameters():
-        torch.nn.init.normal_(param, std=0.5)
-    return heads.eval()
 
 
 # ------------------------------------------------------------------------------------------------- host syncs

@@ -21,7 +21,7 @@ from dyvte.benchmark import greedy_steps
 from dyvte.compat import cache_out
 from dyvte.registry import resolve
 
-from .tiny_models import FAMILIES, make_batch, make_tiny
+from .tiny_models import FAMILIES, make_batch, make_tiny, random_heads
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 32)]]  # ragged, left-padded; row 3 is row 0's shape
 EXITS = [1, 3, 0, 4]  # L = 4: row 3 never leaves, so every later layer has rows in and rows out
@@ -104,11 +104,7 @@ def test_heads_with_mixed_exits_grouped_equal_ungrouped():
     longer prompt, so the cached tokens are compared with the ungrouped cached tokens."""
     model, processor = make_tiny("llava", num_layers=8)
     inputs = dict(make_batch(processor, "llava", ROWS))
-    heads = dyvte.ExitHeads.for_model(model, head_size=4)  # narrow: random wide heads all fire at once
-    torch.manual_seed(0)
-    for param in heads.parameters():
-        torch.nn.init.normal_(param, std=0.5)
-    heads = heads.eval()
+    heads = random_heads(model)
     outputs = {}
     for grouped in (True, False):
         with dyvte.withdraw(model, heads=heads, threshold=0.7) as handle, torch.no_grad():
@@ -122,13 +118,16 @@ def test_heads_with_mixed_exits_grouped_equal_ungrouped():
     assert torch.equal(cached, ref_cached)
 
 
-def test_repeated_rows_decode_like_a_prefilled_batch():
-    """``handle.repeat_rows`` after a grouped prefill decodes the tokens of a batch prefilled with the repeats."""
-    model, processor = make_tiny("llava", num_layers=8)
-    rows, exits, times = [[(32, 32)], [(32, 32)]], [1, 8], 2
+@pytest.mark.parametrize(("family", "num_layers"), [("llava", 8), ("qwen3_5", 4)])
+def test_repeated_rows_decode_like_a_prefilled_batch(family, num_layers):
+    """``handle.repeat_rows`` after a grouped prefill decodes the tokens of a batch prefilled with the repeats
+    (Qwen3.5: the linear layers' recurrent and conv states are repeated with the KV cache; benchmarks/decode.py uses
+    it)."""
+    model, processor = make_tiny(family, num_layers=num_layers)
+    rows, exits, times = [[(32, 32)], [(32, 32)]], [1, num_layers], 2
     suppress = resolve(model).visual_ids
-    few = dict(make_batch(processor, "llava", rows))
-    many = dict(make_batch(processor, "llava", [r for r in rows for _ in range(times)], row_ids=[0, 0, 1, 1]))
+    few = dict(make_batch(processor, family, rows))
+    many = dict(make_batch(processor, family, [r for r in rows for _ in range(times)], row_ids=[0, 0, 1, 1]))
     outs = []
     for inputs, layer, repeat in ((few, exits, times), (many, [e for e in exits for _ in range(times)], 1)):
         with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
@@ -138,7 +137,7 @@ def test_repeated_rows_decode_like_a_prefilled_batch():
                 handle.repeat_rows(cache, repeat)
                 logits, mask = logits.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
             outs.append(greedy_steps(model, logits, cache, mask, NEW_TOKENS, suppress)[0])
-            assert handle.exit_layers.tolist() == [1, 1, 8, 8]
+            assert handle.exit_layers.tolist() == [1, 1, num_layers, num_layers]
     assert torch.equal(outs[0], outs[1])
     with dyvte.withdraw(model, layer=exits) as handle, pytest.raises(dyvte.WithdrawalError, match="cache"):
         handle.repeat_rows(cache, 2)

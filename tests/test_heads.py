@@ -15,7 +15,7 @@ from dyvte.labels import answer_loss, build_label_cache, exit_safe, on_the_fly_l
 from dyvte.registry import resolve
 
 from .test_calibrate_evaluate import TEMPLATE, records
-from .tiny_models import make_batch, make_tiny
+from .tiny_models import make_batch, make_tiny, sharpened_heads
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]
 
@@ -194,12 +194,7 @@ HEADS_FAMILIES = ["llava", "llava_next", "qwen2_vl", "internvl", "gemma3", "idef
 def test_ragged_batch_with_different_exit_layers_equals_rows_alone(family):
     model, processor = make_tiny(family)
     inputs = dict(make_batch(processor, family, ROWS))
-    torch.manual_seed(3)
-    heads = ExitHeads.for_model(model).eval()
-    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
-        for head in heads.heads:
-            head[3].weight.mul_(30.0)
-            head[3].bias.fill_(-1.0)
+    heads = sharpened_heads(model)  # rows disagree about when to leave
     with dyvte.withdraw(model, heads=heads) as handle:
         with torch.no_grad():
             last = model(**inputs).logits[:, -1]

@@ -21,7 +21,7 @@ from dyvte.video import attach_frames_video_processor
 
 from .test_video import encode as encode_video
 from .test_video import rows_of
-from .tiny_models import make_batch, make_tiny
+from .tiny_models import make_batch, make_tiny, sharpened_heads
 
 FAMILIES = ["mistral3", "video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
 IMAGE_ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 48)]]
@@ -87,12 +87,7 @@ def test_heads_that_never_fire_and_a_head_that_fires(tiny: Any) -> None:
 def test_rows_leaving_at_different_layers_equal_rows_alone(tiny: Any) -> None:
     family, model, encode, count = tiny
     inputs = encode()
-    torch.manual_seed(3)
-    heads = ExitHeads.for_model(model).eval()
-    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
-        for head in heads.heads:
-            head[3].weight.mul_(30.0)
-            head[3].bias.fill_(-1.0)
+    heads = sharpened_heads(model)  # rows disagree about when to leave
     with dyvte.withdraw(model, heads=heads) as handle:
         with torch.no_grad():
             last = model(**inputs).logits[:, -1]

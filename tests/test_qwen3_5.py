@@ -16,13 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 import dyvte
-from dyvte.benchmark import greedy_steps, kv_cache_bytes, recurrent_state_bytes
+from dyvte.benchmark import kv_cache_bytes, recurrent_state_bytes
 from dyvte.compat import cache_out
 from dyvte.flops import NOT_COUNTED_BY_FLOP_COUNTER, layer_flop_parts, prefill_state_bytes
 from dyvte.registry import resolve
 
 from .oracle import compacted_oracle_logits, oracle_logits, visual_mask
-from .tiny_models import make_batch, make_tiny
+from .tiny_models import make_batch, make_tiny, random_heads
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe"]
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
@@ -88,14 +88,11 @@ def test_recurrent_states_after_prefill_are_those_of_the_kept_sequence(tiny, lay
 def test_static_cache_equals_dynamic_cache(tiny):
     """Linear-attention states are fixed-size: a static cache holds them as a dynamic one does."""
     _, model, _, inputs = tiny
-    heads = dyvte.ExitHeads.for_model(model)
-    torch.manual_seed(0)
-    for param in heads.parameters():
-        torch.nn.init.normal_(param, std=0.5)
+    heads = random_heads(model, head_size=None)
     for context in (
         lambda: dyvte.withdraw(model, layer=2),
         lambda: dyvte.withdraw(model, layer=[1, 3, 0]),
-        lambda: dyvte.withdraw(model, heads=heads.eval(), threshold=0.5),
+        lambda: dyvte.withdraw(model, heads=heads, threshold=0.5),
     ):
         with context():
             dynamic = greedy(model, inputs)
@@ -109,11 +106,7 @@ def test_heads_mixed_exits_grouped_equal_ungrouped_and_rows_alone():
     batch) equals ungrouped, and cached decoding equals the cache-less one."""
     model, processor = make_tiny("qwen3_5", num_layers=8)
     inputs = dict(make_batch(processor, "qwen3_5", ROWS))
-    heads = dyvte.ExitHeads.for_model(model)
-    torch.manual_seed(5)
-    for param in heads.parameters():
-        torch.nn.init.normal_(param, std=0.2)
-    heads = heads.eval()
+    heads = random_heads(model, seed=5, head_size=None, std=0.2)
     outputs = {}
     for grouped in (True, False):
         with dyvte.withdraw(model, heads=heads, threshold=0.7) as handle, torch.no_grad():
@@ -228,22 +221,3 @@ def test_video_rows_are_withdrawn_like_image_rows(tiny):
         assert (mapped[kept] - reference[kept]).abs().max() <= TOL, (family, layer)
     with dyvte.withdraw(model, layer=2):
         assert torch.equal(greedy(model, inputs), greedy(model, inputs, use_cache=False))
-
-
-def test_repeated_rows_decode_like_a_prefilled_batch():
-    """``handle.repeat_rows`` repeats the linear layers' states with the KV cache (benchmarks/decode.py uses it)."""
-    model, processor = make_tiny("qwen3_5")
-    rows, exits, times = [[(32, 32)], [(32, 32)]], [1, 4], 2
-    suppress = resolve(model).visual_ids
-    few = dict(make_batch(processor, "qwen3_5", rows))
-    many = dict(make_batch(processor, "qwen3_5", [r for r in rows for _ in range(times)], row_ids=[0, 0, 1, 1]))
-    outs = []
-    for inputs, layer, repeat in ((few, exits, times), (many, [e for e in exits for _ in range(times)], 1)):
-        with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
-            out = model(**inputs, use_cache=True, logits_to_keep=1)
-            cache, logits, mask = cache_out(out), out.logits[:, -1], inputs["attention_mask"]
-            if repeat > 1:
-                handle.repeat_rows(cache, repeat)
-                logits, mask = logits.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
-            outs.append(greedy_steps(model, logits, cache, mask, NEW_TOKENS, suppress)[0])
-    assert torch.equal(outs[0], outs[1])

@@ -31,7 +31,7 @@ from dyvte.registry import resolve
 from .oracle import oracle_logits, visual_mask
 from .test_engine import STEPS, count_syncs
 from .test_heads import constant_heads
-from .tiny_models import QWEN3_DEEPSTACK, make_batch, make_tiny
+from .tiny_models import QWEN3_DEEPSTACK, make_batch, make_tiny, sharpened_heads
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]
@@ -199,12 +199,7 @@ def test_exit_heads(tiny):
             static = model(**inputs).logits
         with dyvte.withdraw(model, heads=constant_heads(model, head)) as handle, torch.no_grad():
             assert torch.equal(model(**inputs).logits, static) and handle.exit_layers.tolist() == [head + 1] * 3
-    torch.manual_seed(3)
-    heads = dyvte.ExitHeads.for_model(model).eval()
-    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
-        for head in heads.heads:
-            head[3].weight.mul_(30.0)
-            head[3].bias.fill_(-1.0)
+    heads = sharpened_heads(model)  # rows disagree about when to leave
     with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
         last = model(**inputs).logits[:, -1]
         exits = handle.exit_layers.tolist()

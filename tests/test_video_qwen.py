@@ -23,7 +23,7 @@ from dyvte.registry import resolve
 
 from .oracle import oracle_logits, visual_mask
 from .test_prune import check_fastv_equals_masking_oracle
-from .tiny_models import make_batch, make_image, make_tiny
+from .tiny_models import make_batch, make_image, make_tiny, sharpened_heads
 from .video_inputs import VIDEO_FAMILIES, make_video_batch, video_pixels
 
 FAMILIES = [*VIDEO_FAMILIES, "qwen3_vl_moe"]
@@ -167,12 +167,7 @@ def test_fastv_prunes_video_tokens_exactly(tiny):
 def test_exit_heads_on_video_rows_equal_rows_alone(tiny):
     family, model, processor = tiny
     inputs = encode(processor, family)
-    torch.manual_seed(3)
-    heads = dyvte.ExitHeads.for_model(model).eval()
-    with torch.no_grad():  # sharpen random heads so that rows disagree about when to leave
-        for head in heads.heads:
-            head[3].weight.mul_(30.0)
-            head[3].bias.fill_(-1.0)
+    heads = sharpened_heads(model)  # rows disagree about when to leave
     with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
         last = model(**inputs).logits[:, -1]
         exits = handle.exit_layers.tolist()

@@ -981,3 +981,29 @@ def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> 
             os.environ["HF_HUB_OFFLINE"] = old
     reloaded.eval()
     return reloaded, reloaded_proc
+
+
+def random_heads(model: Any, seed: int = 0, head_size: int | None = 4, std: float = 0.5) -> Any:
+    """Exit heads for ``model`` with every parameter drawn from N(0, std) (seeded after the heads are built), in
+    eval mode. Narrow by default: random heads of the default width 128 all fire at the same layer."""
+    from dyvte import ExitHeads
+
+    heads = ExitHeads.for_model(model, head_size=head_size)
+    torch.manual_seed(seed)
+    for param in heads.parameters():
+        torch.nn.init.normal_(param, std=std)
+    return heads.eval()
+
+
+def sharpened_heads(model: Any, seed: int = 3) -> Any:
+    """Randomly initialised exit heads (seeded before they are built) whose output layers are scaled by 30 with bias
+    -1, so that the rows of a batch disagree about when to leave; eval mode."""
+    from dyvte import ExitHeads
+
+    torch.manual_seed(seed)
+    heads = ExitHeads.for_model(model).eval()
+    with torch.no_grad():
+        for head in heads.heads:
+            head[3].weight.mul_(30.0)
+            head[3].bias.fill_(-1.0)
+    return heads
