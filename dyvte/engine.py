@@ -267,8 +267,8 @@ class Withdrawal:
             self._hooks.append(self.spec.layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         if self.spec.family.deepstack:  # docs/design.md §4, "DeepStack"
             self._hooks.append(self.spec.decoder.register_forward_pre_hook(self._take_deepstack, with_kwargs=True))
-            for index, layer in enumerate(self.spec.layers):
-                self._hooks.append(layer.register_forward_hook(self._make_deepstack_hook(index)))
+            for index in range(self.spec.deepstack_layers):  # only the layers after which features are added
+                self._hooks.append(self.spec.layers[index].register_forward_hook(self._make_deepstack_hook(index)))
         self._hooks.extend(self.policy.attach(self))
         if self.policy.layer is None:  # rows may leave at different layers: their layers may run grouped
             for index in range(self.first_exit, self.spec.num_layers):

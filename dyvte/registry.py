@@ -263,6 +263,9 @@ class ModelSpec:
         linear_attention: per layer, whether it is a linear-attention (recurrent) layer, e.g. Qwen3.5's Gated
             DeltaNet layers (``layer_types`` entry ``"linear_attention"``): it keeps a recurrent state, not a KV cache,
             and takes a 2-D padding mask (docs/design.md, "Withdrawal on linear-attention layers (Qwen3.5)").
+        deepstack_layers: DeepStack families: the first layers after which the decoder adds vision features (the
+            vision config's ``deepstack_visual_indexes``, one feature level each; every layer when the config does
+            not say); 0 for other families.
     """
 
     model: nn.Module
@@ -274,6 +277,7 @@ class ModelSpec:
     names: CallNames
     family: Family = field(default_factory=lambda: Family("", (), ""))
     linear_attention: list[bool] = field(default_factory=list)
+    deepstack_layers: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -338,8 +342,11 @@ def resolve(model: nn.Module) -> ModelSpec:
     ids = [int(i) for i in ids if i is not None]
     if not ids:
         raise UnsupportedModelError(f"{type(model).__name__}'s config has none of {family.visual_id_attrs} set.")
+    deepstack_layers = 0
     if family.deepstack:
         check_deepstack(decoder)
+        levels = getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None)
+        deepstack_layers = len(layers) if levels is None else min(len(levels), len(layers))
     text_config = decoder.config
     layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(layers)
     window = getattr(text_config, "sliding_window", None)
@@ -354,4 +361,5 @@ def resolve(model: nn.Module) -> ModelSpec:
         names=call_names(model, layers[0]),
         family=family,
         linear_attention=[t == LINEAR_ATTENTION for t in layer_types],
+        deepstack_layers=deepstack_layers,
     )

@@ -136,8 +136,12 @@ def test_host_syncs_are_those_of_every_family(tiny, cache):
 def test_remove_takes_the_deepstack_hooks_away(tiny):
     family, model, processor = tiny
     spec = resolve(model)
-    with dyvte.withdraw(model, layer=1):
-        assert spec.decoder._forward_pre_hooks and all(layer._forward_hooks for layer in spec.layers)
+    assert spec.deepstack_layers == len(QWEN3_DEEPSTACK) < spec.num_layers
+    with dyvte.withdraw(model, layer=1):  # the add-back hooks sit only on the layers features are added after
+        assert spec.decoder._forward_pre_hooks
+        assert [bool(layer._forward_hooks) for layer in spec.layers] == [
+            index < len(QWEN3_DEEPSTACK) for index in range(spec.num_layers)
+        ]
     assert not spec.decoder._forward_pre_hooks
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in spec.layers)
 
