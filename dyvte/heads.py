@@ -162,6 +162,17 @@ class ExitHeadsConfig:
             ]
             if bad:
                 raise ValueError(f"threshold_logits must be finite numbers or null (never fires), got {bad}")
+            if self.thresholds is not None:  # the P(exit) copy is for reading: it must say what the logits fire on
+                off = [
+                    j
+                    for j, (t, x) in enumerate(zip(self.thresholds, self.threshold_logits, strict=True))
+                    if ((t < 1.0) if x is None else abs(t - 0.5 * (1.0 + math.tanh(x / 2.0))) > 1e-9)
+                ]
+                if off:
+                    raise ValueError(
+                        f"thresholds and threshold_logits disagree at heads {off}: the heads fire on "
+                        "threshold_logits; edit both, or remove threshold_logits to use thresholds"
+                    )
 
 
 class ExitHeads(nn.Module):

@@ -255,5 +255,13 @@ def test_calibrated_thresholds_are_the_default_and_threshold_overrides(demo, tmp
     for bad, message in (([0.0] * 6, "one per head"), ([math.nan] * 7, "finite numbers or null")):
         with pytest.raises(ValueError, match=message):
             ExitHeadsConfig("llava", 128, 8, threshold_logits=bad)
+    # the readable P(exit) copy must say what fires: an edited threshold next to saved logits is refused, not ignored
+    edited = list(calibration.thresholds)
+    edited[0] = 0.5 if edited[0] != 0.5 else 0.6
+    with pytest.raises(ValueError, match=r"disagree at heads \[0\]"):
+        ExitHeadsConfig("llava", 128, 8, thresholds=edited, threshold_logits=calibration.logits)
+    with pytest.raises(ValueError, match=r"disagree at heads \[1\]"):
+        ExitHeadsConfig("llava", 128, 8, thresholds=[0.5] * 7, threshold_logits=[0.0, None] + [0.0] * 5)
+    ExitHeadsConfig("llava", 128, 8, thresholds=[0.5, NEVER] + [0.5] * 5, threshold_logits=[0.0, None] + [0.0] * 5)
     errors = int((~np.concatenate([columns["match"], np.ones((24, 1), bool)], 1)[np.arange(24), default.numpy()]).sum())
     assert errors == calibration.result.errors
