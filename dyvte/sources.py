@@ -54,14 +54,11 @@ def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str 
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (use 'demo' for the embedded model)")
-    if (path / "adapter_config.json").is_file():  # a peft adapter: load its base (by the name it records), then it
-        import json
-
+    base_name = _adapter_base(path)
+    if base_name is not None:  # a peft adapter: load its base (by the name it records), then it
         from peft import PeftModel
 
-        base, processor = load_model(
-            json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"], dtype
-        )
+        base, processor = load_model(base_name, dtype)
         return PeftModel.from_pretrained(base, path).eval(), processor
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     return model, AutoProcessor.from_pretrained(path)
@@ -82,11 +79,18 @@ def load_config(name: str = "demo"):
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (use 'demo' for the embedded model)")
-    if (path / "adapter_config.json").is_file():  # a peft adapter: the config of the base it names
-        import json
+    base_name = _adapter_base(path)
+    return AutoConfig.from_pretrained(path) if base_name is None else load_config(base_name)
 
-        return load_config(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
-    return AutoConfig.from_pretrained(path)
+
+def _adapter_base(path: Path) -> str | None:
+    """The base model a peft adapter directory names (``adapter_config.json``), or ``None`` for a model directory."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text())["base_model_name_or_path"]
 
 
 def load_records(

@@ -248,3 +248,15 @@ def test_matching_phase_draws_sparse_scenes_and_rejects_impossible_caps(processo
     for bad in (0, SCENE.rows * SCENE.cols + 1):
         with pytest.raises(ValueError, match="max_digits"):
             phase_scene(SCENE, PhaseConfig(max_digits=bad))
+
+
+def test_load_config_reads_the_config_load_model_would_load(tmp_path):
+    """``load_config`` (what fit.py reads the FLOPs shape from): the demo, an adapter's base, a missing directory."""
+    from dyvte.demo import demo_checkpoint_dir
+    from dyvte.sources import load_config
+
+    demo = load_config("demo")
+    assert demo.to_dict() == load_config(str(demo_checkpoint_dir("demo-mllm"))).to_dict()
+    assert load_config(str(demo_checkpoint_dir("demo-lora-vtw"))).to_dict() == demo.to_dict()  # its base: "demo"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "missing"))
