@@ -155,7 +155,9 @@ class ExitLabelData(L.LightningDataModule):
         val_split: split used for validation.
         val_data: records for validation when they are not a split of ``data`` (default: ``data``).
         train_samples: records of ``train_split`` to label (``None``: all).
-        val_samples: records to label for validation. When validation would come from the training records
+        val_samples: records to label for validation; they are also the reference the calibration Platt-scales
+            each head on (:func:`dyvte.exits.calibrate_heads`), so the default, 2,000, gives the late heads, whose
+            unsafe samples are rare, enough of them. When validation would come from the training records
             themselves (no ``val_data`` and ``data`` a single file or a split-less directory, or ``val_split ==
             train_split``), this many records are held out of them at random (seeded by ``split_seed``) and training
             takes the first ``train_samples`` of the rest; ``None`` holds out ``val_fraction`` of them.
@@ -204,7 +206,7 @@ class ExitLabelData(L.LightningDataModule):
         val_split: str = "validation",
         val_data: str | None = None,
         train_samples: int | None = 24000,
-        val_samples: int | None = 500,
+        val_samples: int | None = 2000,
         label_rule: str = "agreement",
         kl_eta: float = 0.05,
         calib_samples: int | None = None,

@@ -171,7 +171,7 @@ def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
     none = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_samples=4, calib_samples=0)
     assert [len(v) for v in none.split_indices().values()] == [8, 4]  # --data.calib_samples 0: no calibration
     with pytest.raises(ValueError, match=r"--data\.calib_samples=9: calibration takes the records of .* none is left"):
-        ExitLabelData(data="demo", val_samples=5000, calib_samples=9).split_indices()
+        ExitLabelData(data="demo", val_samples=15000, calib_samples=9).split_indices()
     with pytest.raises(ValueError, match=r"--data\.val_samples=12 .*held out of the 12 records"):
         ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_samples=12).split_indices()
 

@@ -281,3 +281,23 @@ def test_committed_demo_heads_load_onto_the_demo_model():
     assert ((exits >= 1) & (exits <= 8)).all()
     never = exits == 8  # rows whose heads never fired are the full model
     torch.testing.assert_close(last[never], base[never], atol=1e-5, rtol=1e-5)
+
+
+def test_committed_demo_heads_record_a_promise_their_calibration_certifies():
+    """The committed heads' calibration record is self-consistent: its binomial p-value, recomputed from the counts it
+    saves, is the saved one and <= delta; it was certified on validation records disjoint from the Platt-scaling
+    (validation) records; its P(exit) thresholds are the sigmoids of the logits the heads fire on."""
+    from dyvte.exits import exit_logit
+    from dyvte.risk import binomial_cdf
+    from dyvte.training import REPO_ROOT
+
+    config = json.loads((REPO_ROOT / "checkpoints" / "demo-exit-heads" / "exit_heads_config.json").read_text())
+    training = json.loads((REPO_ROOT / "checkpoints" / "demo-exit-heads" / "training.json").read_text())
+    cal = config["calibration"]
+    p_value = binomial_cdf(cal["errors"], cal["samples"], cal["tolerance"])
+    assert p_value == pytest.approx(cal["p_value"], rel=1e-9) and p_value <= cal["delta"]
+    val_samples = training["val_samples"]
+    assert cal["source"]["calib"] == f"demo [validation] records {val_samples}..{val_samples + cal['samples'] - 1}"
+    assert cal["family"] == "savings" and cal["tolerance"] == 0.01 and cal["delta"] == 0.1
+    for p, logit in zip(config["thresholds"], config["threshold_logits"], strict=True):
+        assert logit is not None and float(exit_logit(p)) == pytest.approx(logit, rel=1e-5, abs=1e-4)

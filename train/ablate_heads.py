@@ -6,11 +6,12 @@
     python train/ablate_heads.py --model checkpoints/demo-lora-vtw --cache_dir runs/ablate-heads-lora/labels \
         --output_dir runs/ablate-heads-lora --rows "agreement 24k"   # the withdrawal-adapted demo, merged
 
-Data: the committed digit-scenes splits (``checkpoints/demo-data``: train 24,000 / validation 5,000 / test 2,000).
+Data: the committed digit-scenes splits (``checkpoints/demo-data``: train 24,000 / validation 15,000 / test 2,000).
 Heads train on the first 3,000 (or 12,000, 24,000) training records, labelled in caches of 12,000, validate on
-validation records 0..499, and their thresholds are calibrated (Learn-then-Test,
-:func:`dyvte.exits.calibrate_heads`) on validation records 500..4999 at ``--tolerance`` / ``--delta``, exactly as
-``train/fit.py`` does. Nothing is chosen on the test split: each row is then scored once on it.
+validation records 0..1999 (also the reference the calibration Platt-scales each head on), and their thresholds are
+calibrated (Learn-then-Test, :func:`dyvte.exits.calibrate_heads`) on validation records 2000..14999 at
+``--tolerance`` / ``--delta``, exactly as ``train/fit.py`` does. Nothing is chosen on the test split: each row is
+then scored once on it.
 
 Scoring is exact and offline: before a row exits no token has left, so the heads read the cached full-model
 features and the exit layer, answer and prefill FLOPs at that layer come from the label cache (``dyvte.exits``;
@@ -233,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--tolerance", type=float, default=0.005, help="the promise every row is certified at")
     parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--val_samples", type=int, default=500)
-    parser.add_argument("--calib_samples", type=int, default=4500)
+    parser.add_argument("--val_samples", type=int, default=2000)
+    parser.add_argument("--calib_samples", type=int, default=13000)
     parser.add_argument(
         "--train_samples", type=int, default=None, help="records labelled for training (default: 12000)"
     )
