@@ -165,7 +165,7 @@ def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
     assert separate.split_indices() == {"train": None, "val": None}  # a separate validation file: nothing carved
     demo = ExitLabelData(data="demo")  # distinct named splits: calibration = validation records 500..4999
     assert demo.split_indices() == {"train": None, "val": None, "calib": None}
-    assert demo.split_summary()["calib"] == "demo [validation] records 500..4999"
+    assert demo.split_summary()["calib"] == "demo [validation] records 2000..14999"
     fraction = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=None, val_samples=None)
     assert [len(v) for v in fraction.split_indices().values()] == [9, 1, 2]  # 10% of 12 (at least 1), 20% of 12
     none = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_samples=4, calib_samples=0)
