@@ -163,7 +163,7 @@ def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
     other = str(setup_dir / "other.jsonl")
     separate = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_data=other, calib_samples=0)
     assert separate.split_indices() == {"train": None, "val": None}  # a separate validation file: nothing carved
-    demo = ExitLabelData(data="demo")  # distinct named splits: calibration = validation records 500..4999
+    demo = ExitLabelData(data="demo")  # distinct named splits: calibration = validation records 2000..14999
     assert demo.split_indices() == {"train": None, "val": None, "calib": None}
     assert demo.split_summary()["calib"] == "demo [validation] records 2000..14999"
     fraction = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=None, val_samples=None)
