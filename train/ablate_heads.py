@@ -150,8 +150,10 @@ def table_row(
     return "| " + " | ".join(cells) + " |"
 
 
-def label_caches(data: str, root: Path, args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
-    """Label (once) and load the train / val / calib / test caches."""
+def label_caches(
+    data: str, root: Path, args: argparse.Namespace, names: tuple[str, ...] = ("train", "val", "calib", "test")
+) -> dict[str, dict[str, np.ndarray]]:
+    """Label (once) and load the train / val / calib / test caches (those in ``names``)."""
     from datasets import load_from_disk
 
     from dyvte.labels import build_label_cache
@@ -165,6 +167,7 @@ def label_caches(data: str, root: Path, args: argparse.Namespace) -> dict[str, d
         ("calib", "validation", args.val_samples, val_end),
         ("test", "test", 0, 2000),
     ]
+    parts = [part for part in parts if part[0] in names]
     model = processor = None
     loaded: dict[str, list[dict[str, np.ndarray]]] = {}
     for name, split, start, stop in parts:
