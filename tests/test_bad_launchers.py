@@ -536,3 +536,11 @@ def test_head_module_arguments_are_checked_before_labelling(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         ExitHeadsModule(**kwargs)
+
+
+@pytest.mark.parametrize("splits", ["2000/13001", "0/100", "2000", "a/b"])
+def test_ablate_splits_refuses_bad_splits_before_any_labelling(splits, tmp_path):
+    """A split that overlaps the scored records (15,000..19,999), is empty or does not parse is refused up front."""
+    with pytest.raises(SystemExit, match="--splits"):
+        load_script("train/ablate_splits.py").main(["--splits", splits, "--cache_dir", str(tmp_path / "labels")])
+    assert not (tmp_path / "labels").exists()

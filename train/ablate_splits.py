@@ -19,10 +19,12 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # ablate_heads, also when imported from elsewhere (the tests)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -91,9 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     quiet_lightning()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     out = Path(args.output_dir or runs_dir("ablate-splits") / Path(args.model).name).absolute()
-    splits = [tuple(int(n) for n in s.split("/")) for s in args.splits.split(",")]
-    if any(r < 1 or c < 1 or r + c > SCORED[0] for r, c in splits):
-        raise SystemExit(f"--splits: each R/C needs R, C >= 1 and R + C <= {SCORED[0]}, got {args.splits!r}")
+    try:
+        splits = [(int(r), int(c)) for r, c in (s.split("/") for s in args.splits.split(","))]
+    except ValueError:
+        splits = []
+    if not splits or any(r < 1 or c < 1 or r + c > SCORED[0] for r, c in splits):
+        raise SystemExit(f"--splits: R/C pairs with R, C >= 1 and R + C <= {SCORED[0]} expected, got {args.splits!r}")
     root = Path(args.cache_dir)
     options = argparse.Namespace(**vars(args), val_samples=500, calib_samples=4500, train_samples=24000)
     caches = label_caches("demo", root, options, names=("train", "val"))  # never the test split
