@@ -371,6 +371,38 @@ def _pixtral_processor_class() -> type:
         del sys.modules[torch_module]
 
 
+#: the vision tower of every Qwen-style tiny model (Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V): patch 4, 2x2 merge, 2 frames
+QWEN_VISION = {
+    "depth": VISION_LAYERS,
+    "hidden_size": VISION_HIDDEN,
+    "intermediate_size": VISION_INTERMEDIATE,
+    "num_heads": VISION_HEADS,
+    "out_hidden_size": TEXT_HIDDEN,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
+def _qwen_image_processor(img_mean: dict[str, Any]) -> Any:
+    """The Qwen image processor of the tiny Qwen families: 16x16 to 64x64 pixels, patch 4, 2x2 merge, 2 frames."""
+    import transformers as tf
+
+    return tf.Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+    )
+
+
+def _qwen_token_ids(tk: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The image / video placeholder and vision start / end token ids of a Qwen-family config."""
+    return {
+        "image_token_id": tk.image_token_id,
+        "video_token_id": tk.video_token_id,
+        "vision_start_token_id": tk.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tk.convert_tokens_to_ids("<|vision_end|>"),
+    }
+
+
 def _build_mistral3(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
     """Mistral3: Pixtral tower (no [CLS], 2-D rotary), patch 4, spatial merge 2 -> one [IMG] per 8x8 pixels, one
     [IMG_BREAK] after each row of [IMG] and [IMG_END] in place of the last break (text tokens, not placeholders)."""
@@ -433,17 +465,7 @@ def _build_glm4v(
         cfg_cls, text_cfg, vision_cls = tf.Glm4vConfig, tf.Glm4vTextConfig, tf.Glm4vVisionConfig
     config = cfg_cls(
         text_config=text_cfg(**text, rope_parameters=rope),
-        vision_config=vision_cls(
-            depth=VISION_LAYERS,
-            hidden_size=VISION_HIDDEN,
-            intermediate_size=VISION_INTERMEDIATE,
-            out_hidden_size=TEXT_HIDDEN,
-            num_heads=VISION_HEADS,
-            image_size=32,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision_config=vision_cls(**QWEN_VISION, image_size=32),
         image_token_id=tk.image_token_id,
         video_token_id=tk.video_token_id,
         image_start_token_id=tk.convert_tokens_to_ids("<|begin_of_image|>"),
@@ -610,31 +632,14 @@ def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> 
             )
             cfg_cls, text_cls, proc_cls = tf.Qwen2VLConfig, tf.Qwen2VLTextConfig, tf.Qwen2VLProcessor
         else:
-            vision = tf.Qwen2_5_VLVisionConfig(
-                depth=VISION_LAYERS,
-                hidden_size=VISION_HIDDEN,
-                intermediate_size=VISION_INTERMEDIATE,
-                out_hidden_size=TEXT_HIDDEN,
-                num_heads=VISION_HEADS,
-                patch_size=4,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=16,
-                fullatt_block_indexes=[VISION_LAYERS - 1],
-            )
+            vision = tf.Qwen2_5_VLVisionConfig(**QWEN_VISION, window_size=16, fullatt_block_indexes=[VISION_LAYERS - 1])
             cfg_cls, text_cls, proc_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLTextConfig, tf.Qwen2_5_VLProcessor
         config = cfg_cls(
             text_config=text_cls(**text),
             vision_config=vision,
-            image_token_id=tk.image_token_id,
-            video_token_id=tk.video_token_id,
-            vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+            **_qwen_token_ids(tk),
         )
-        ip = tf.Qwen2VLImageProcessorPil(
-            min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
-        )
-        proc = proc_cls(image_processor=ip, tokenizer=tk, video_processor=None)
+        proc = proc_cls(image_processor=_qwen_image_processor(img_mean), tokenizer=tk, video_processor=None)
     elif family == "internvl":
         config = tf.InternVLConfig(
             vision_config=tf.InternVLVisionConfig(
@@ -725,14 +730,8 @@ def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, An
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
     text = {**text, "head_dim": TEXT_HIDDEN // TEXT_HEADS, "rope_parameters": rope}
     vision_kwargs = {
+        **QWEN_VISION,
         "depth": len(QWEN3_DEEPSTACK),
-        "hidden_size": VISION_HIDDEN,
-        "intermediate_size": VISION_INTERMEDIATE,
-        "num_heads": VISION_HEADS,
-        "out_hidden_size": TEXT_HIDDEN,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": QWEN3_DEEPSTACK,
     }
@@ -744,16 +743,12 @@ def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, An
     config = cfg_cls(
         text_config=text_cfg,
         vision_config=vision(**vision_kwargs),
-        image_token_id=tk.image_token_id,
-        video_token_id=tk.video_token_id,
-        vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+        **_qwen_token_ids(tk),
         tie_word_embeddings=False,
     )
-    ip = tf.Qwen2VLImageProcessorPil(
-        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+    return config, tf.Qwen3VLProcessor(
+        image_processor=_qwen_image_processor(img_mean), tokenizer=tk, video_processor=None
     )
-    return config, tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
 
 
 def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict) -> tuple[Any, Any]:
@@ -784,17 +779,7 @@ def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img
         "linear_num_value_heads": 4,
         "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(num_layers)],
     }
-    vision = {
-        "depth": VISION_LAYERS,
-        "hidden_size": VISION_HIDDEN,
-        "intermediate_size": VISION_INTERMEDIATE,
-        "num_heads": VISION_HEADS,
-        "patch_size": 4,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "out_hidden_size": TEXT_HIDDEN,
-        "num_position_embeddings": 64,
-    }
+    vision = {**QWEN_VISION, "num_position_embeddings": 64}
     if family == "qwen3_5":
         cfg_cls, text_cfg = tf.Qwen3_5Config, tf.Qwen3_5TextConfig(**qtext)
         vision_cfg = tf.Qwen3_5VisionConfig(**vision)
@@ -807,15 +792,11 @@ def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img
     config = cfg_cls(
         text_config=text_cfg,
         vision_config=vision_cfg,
-        image_token_id=tk.image_token_id,
-        video_token_id=tk.video_token_id,
-        vision_start_token_id=tk.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tk.convert_tokens_to_ids("<|vision_end|>"),
+        **_qwen_token_ids(tk),
     )
-    ip = tf.Qwen2VLImageProcessorPil(
-        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2, temporal_patch_size=2, **img_mean
+    return config, tf.Qwen3VLProcessor(
+        image_processor=_qwen_image_processor(img_mean), tokenizer=tk, video_processor=None
     )
-    return config, tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tk, video_processor=None)
 
 
 _MODEL_CLASSES = {
