@@ -1,13 +1,17 @@
 """The masking oracle: a full-length run in which layers >= K may not attend to visual keys.
 
 Independent of dyvte's layout code: it only edits the mask each HF decoder layer receives. Withdrawal at K must give
-the same text-position logits (docs/design.md §5, invariant 2).
+the same text-position logits (docs/design.md §5, invariant 2). The rows-alone checks hold a batch to its other
+oracle: each of its rows run by itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+import dyvte
 from dyvte.registry import resolve
 
 
@@ -122,3 +126,53 @@ def compacted_oracle_logits(
             x = x[0] if isinstance(x, tuple) else x
         out[row, cols] = head(norm(x))[0]
     return out
+
+
+def check_layers_equal_rows_alone(
+    model,
+    inputs: dict,
+    alone: Callable[[int], dict],
+    layers: int | list[int],
+    generate: Callable[[object, dict], torch.Tensor],
+) -> None:
+    """A batch withdrawn at per-row ``layers`` (an int: every row at that layer) equals each row run alone at its own
+    layer: the handle reports each row's layer, and the last position's logits and the greedy tokens of every row
+    match. ``alone(row)`` encodes row ``row`` by itself; ``generate(model, inputs)`` returns the generated tokens."""
+    rows = inputs["input_ids"].shape[0]
+    per_row = layers if isinstance(layers, list) else [layers] * rows
+    with dyvte.withdraw(model, layer=layers) as handle:
+        with torch.no_grad():
+            last = model(**inputs).logits[:, -1]
+        tokens = generate(model, inputs)
+        assert handle.exit_layers.tolist() == per_row
+    for row, layer in enumerate(per_row):
+        single = alone(row)
+        with dyvte.withdraw(model, layer=layer), torch.no_grad():
+            torch.testing.assert_close(model(**single).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert torch.equal(generate(model, single), tokens[row : row + 1]), f"row {row} differs"
+
+
+def check_heads_rows_alone(
+    model,
+    inputs: dict,
+    heads,
+    alone: Callable[[int], dict],
+    generate: Callable[[object, dict], torch.Tensor] | None = None,
+) -> list[int]:
+    """Under exit ``heads`` whose rows leave at different layers (asserted), every row of the batch equals the row run
+    alone under the same heads: same exit layer, same last-position logits and (``generate`` given) the same greedy
+    tokens. Returns the batch's exit layers."""
+    with dyvte.withdraw(model, heads=heads) as handle:
+        with torch.no_grad():
+            last = model(**inputs).logits[:, -1]
+        exits = handle.exit_layers.tolist()
+        tokens = None if generate is None else generate(model, inputs)
+        assert len(set(exits)) > 1, f"rows should leave at different layers, got {exits}"
+        for row in range(inputs["input_ids"].shape[0]):
+            single = alone(row)
+            with torch.no_grad():
+                torch.testing.assert_close(model(**single).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
+            assert handle.exit_layers.tolist() == [exits[row]]
+            if generate is not None:
+                assert torch.equal(generate(model, single), tokens[row : row + 1]), f"row {row} differs"
+    return exits

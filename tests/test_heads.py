@@ -14,6 +14,7 @@ from dyvte.heads import ExitHeads, ExitHeadsConfig, head_features
 from dyvte.labels import answer_loss, build_label_cache, exit_safe, on_the_fly_labels, smallest_safe_layer
 from dyvte.registry import resolve
 
+from .oracle import check_heads_rows_alone
 from .test_calibrate_evaluate import TEMPLATE, records
 from .tiny_models import make_batch, make_tiny, sharpened_heads
 
@@ -195,19 +196,14 @@ def test_ragged_batch_with_different_exit_layers_equals_rows_alone(family):
     model, processor = make_tiny(family)
     inputs = dict(make_batch(processor, family, ROWS))
     heads = sharpened_heads(model)  # rows disagree about when to leave
-    with dyvte.withdraw(model, heads=heads) as handle:
-        with torch.no_grad():
-            last = model(**inputs).logits[:, -1]
-        exits = handle.exit_layers.tolist()
-        tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
-        assert len(set(exits)) > 1, f"rows should leave at different layers, got {exits}"
-        for row in range(len(ROWS)):
-            alone = dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
-            with torch.no_grad():
-                torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
-            assert handle.exit_layers.tolist() == [exits[row]]
-            alone_tokens = model.generate(**alone, max_new_tokens=3, do_sample=False)[:, -3:]
-            assert torch.equal(alone_tokens, tokens[row : row + 1])
+
+    def alone(row: int) -> dict:
+        return dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
+
+    def generate(model, inputs: dict) -> torch.Tensor:
+        return model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+
+    check_heads_rows_alone(model, inputs, heads, alone, generate)
 
 
 # ------------------------------------------------------------------------------------------------ label caching

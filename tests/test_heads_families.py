@@ -19,6 +19,7 @@ import dyvte
 from dyvte.heads import ExitHeads
 from dyvte.video import attach_frames_video_processor
 
+from .oracle import check_heads_rows_alone
 from .test_video import encode as encode_video
 from .test_video import rows_of
 from .tiny_models import make_batch, make_tiny, sharpened_heads
@@ -87,16 +88,5 @@ def test_heads_that_never_fire_and_a_head_that_fires(tiny: Any) -> None:
 def test_rows_leaving_at_different_layers_equal_rows_alone(tiny: Any) -> None:
     family, model, encode, count = tiny
     inputs = encode()
-    heads = sharpened_heads(model)  # rows disagree about when to leave
-    with dyvte.withdraw(model, heads=heads) as handle:
-        with torch.no_grad():
-            last = model(**inputs).logits[:, -1]
-        exits = handle.exit_layers.tolist()
-        tokens = generate(model, inputs)
-        assert len(set(exits)) > 1, f"{family}: rows should leave at different layers, got {exits}"
-        for row in range(count):
-            alone = encode(row)
-            with torch.no_grad():
-                torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
-            assert handle.exit_layers.tolist() == [exits[row]]
-            assert torch.equal(generate(model, alone), tokens[row : row + 1]), (family, row)
+    assert inputs["input_ids"].shape[0] == count
+    check_heads_rows_alone(model, inputs, sharpened_heads(model), encode, generate)  # rows disagree when to leave

@@ -28,7 +28,7 @@ from dyvte import registry
 from dyvte.compat import CompatibilityError, check_deepstack
 from dyvte.registry import resolve
 
-from .oracle import oracle_logits, visual_mask
+from .oracle import check_heads_rows_alone, oracle_logits, visual_mask
 from .test_engine import STEPS, count_syncs
 from .test_heads import constant_heads
 from .tiny_models import QWEN3_DEEPSTACK, make_batch, make_tiny, sharpened_heads
@@ -204,14 +204,11 @@ def test_exit_heads(tiny):
         with dyvte.withdraw(model, heads=constant_heads(model, head)) as handle, torch.no_grad():
             assert torch.equal(model(**inputs).logits, static) and handle.exit_layers.tolist() == [head + 1] * 3
     heads = sharpened_heads(model)  # rows disagree about when to leave
-    with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
-        last = model(**inputs).logits[:, -1]
-        exits = handle.exit_layers.tolist()
-        assert len(set(exits)) > 1, f"rows should leave at different layers, got {exits}"
-        for row in range(len(ROWS)):
-            alone = dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
-            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
-            assert handle.exit_layers.tolist() == [exits[row]]
+
+    def alone(row: int) -> dict:
+        return dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
+
+    check_heads_rows_alone(model, inputs, heads, alone)
 
 
 def flop_model(family: str, **text):

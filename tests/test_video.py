@@ -23,7 +23,7 @@ import dyvte
 from dyvte.registry import resolve
 from dyvte.video import FramesVideoProcessor, attach_frames_video_processor
 
-from .oracle import oracle_logits, visual_mask
+from .oracle import check_layers_equal_rows_alone, oracle_logits, visual_mask
 from .tiny_models import PROMPT_IMAGE_TOKEN, WORDS, make_row_images, make_tiny
 
 VIDEO_FAMILIES = ["video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
@@ -122,17 +122,8 @@ def test_video_generate_with_cache_equals_without(tiny: Any, layer: int) -> None
 def test_mixed_batch_equals_rows_alone(tiny: Any, layers: Any) -> None:
     family, model, processor = tiny
     inputs = encode(processor, family)
-    per_row = layers if isinstance(layers, list) else [layers] * len(rows_of(family))
-    with dyvte.withdraw(model, layer=layers) as handle:
-        with torch.no_grad():
-            last = model(**inputs).logits[:, -1]
-        tokens = greedy(model, inputs)
-        assert handle.exit_layers.tolist() == per_row
-    for row, layer in enumerate(per_row):
-        alone = encode(processor, family, only=row)
-        with dyvte.withdraw(model, layer=layer), torch.no_grad():
-            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
-            assert torch.equal(greedy(model, alone), tokens[row : row + 1]), f"{family}: row {row} differs"
+    assert inputs["input_ids"].shape[0] == len(rows_of(family))
+    check_layers_equal_rows_alone(model, inputs, lambda row: encode(processor, family, only=row), layers, greedy)
 
 
 def test_temporal_patches_hold_each_frame_in_its_slot() -> None:

@@ -21,7 +21,7 @@ import torch
 import dyvte
 from dyvte.registry import resolve
 
-from .oracle import oracle_logits, visual_mask
+from .oracle import check_heads_rows_alone, check_layers_equal_rows_alone, oracle_logits, visual_mask
 from .test_prune import check_fastv_equals_masking_oracle
 from .tiny_models import make_batch, make_image, make_tiny, sharpened_heads
 from .video_inputs import VIDEO_FAMILIES, make_video_batch, video_pixels
@@ -137,17 +137,8 @@ def test_mixed_batch_equals_rows_alone(tiny, layers):
     """Video / image + video / text / video rows, left-padded, equal each row alone (per-row K runs grouped)."""
     family, model, processor = tiny
     inputs = encode(processor, family)
-    per_row = layers if isinstance(layers, list) else [layers] * len(ROWS)
-    with dyvte.withdraw(model, layer=layers) as handle:
-        with torch.no_grad():
-            last = model(**inputs).logits[:, -1]
-        batch_tokens = greedy(model, inputs)
-        assert handle.exit_layers.tolist() == per_row
-    for row, layer in enumerate(per_row):
-        alone = encode(processor, family, only=row)
-        with dyvte.withdraw(model, layer=layer), torch.no_grad():
-            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
-            assert torch.equal(greedy(model, alone), batch_tokens[row : row + 1]), f"{family}: row {row} differs"
+    assert inputs["input_ids"].shape[0] == len(ROWS)
+    check_layers_equal_rows_alone(model, inputs, lambda row: encode(processor, family, only=row), layers, greedy)
 
 
 def test_never_withdraw_is_identity_with_video(tiny):
@@ -167,12 +158,6 @@ def test_fastv_prunes_video_tokens_exactly(tiny):
 def test_exit_heads_on_video_rows_equal_rows_alone(tiny):
     family, model, processor = tiny
     inputs = encode(processor, family)
+    assert inputs["input_ids"].shape[0] == len(ROWS)
     heads = sharpened_heads(model)  # rows disagree about when to leave
-    with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
-        last = model(**inputs).logits[:, -1]
-        exits = handle.exit_layers.tolist()
-        assert len(set(exits)) > 1, f"rows should leave at different layers, got {exits}"
-        for row in range(len(ROWS)):
-            alone = encode(processor, family, only=row)
-            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
-            assert handle.exit_layers.tolist() == [exits[row]]
+    check_heads_rows_alone(model, inputs, heads, lambda row: encode(processor, family, only=row))

@@ -10,7 +10,7 @@ from dyvte.benchmark import kv_cache_bytes
 from dyvte.compat import cache_out
 from dyvte.registry import resolve
 
-from .oracle import compacted_oracle_logits, oracle_logits, visual_mask
+from .oracle import check_layers_equal_rows_alone, compacted_oracle_logits, oracle_logits, visual_mask
 from .tiny_models import FAMILIES, make_batch, make_tiny
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
@@ -189,17 +189,11 @@ def test_bf16_identity_and_greedy_cache(family):
 def test_per_row_exit_layers_equal_rows_alone(tiny):
     family, model, processor = tiny
     inputs = encode(processor, family, ROWS)
-    layers = [1, 3, 0]  # every row leaves at its own layer
-    with dyvte.withdraw(model, layer=layers) as handle:
-        with torch.no_grad():
-            last = model(**inputs).logits[:, -1]
-        batch_tokens = greedy(model, inputs)
-        assert handle.exit_layers.tolist() == layers
-    for row, layer in enumerate(layers):
-        alone = encode(processor, family, ROWS, only=row)
-        with dyvte.withdraw(model, layer=layer), torch.no_grad():
-            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)
-            assert torch.equal(greedy(model, alone), batch_tokens[row : row + 1]), f"{family}: row {row} differs"
+
+    def alone(row: int) -> dict:
+        return encode(processor, family, ROWS, only=row)
+
+    check_layers_equal_rows_alone(model, inputs, alone, [1, 3, 0], greedy)  # every row leaves at its own layer
     with dyvte.withdraw(model, layer=[1, 2]), pytest.raises(dyvte.WithdrawalError, match="2 rows"):
         model(**inputs)
 
