@@ -22,6 +22,7 @@ from dyvte.compat import cache_out
 from dyvte.registry import resolve
 
 from .tiny_models import FAMILIES, make_batch, make_tiny, random_heads
+from .tiny_models import greedy as tiny_greedy
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 32)]]  # ragged, left-padded; row 3 is row 0's shape
 EXITS = [1, 3, 0, 4]  # L = 4: row 3 never leaves, so every later layer has rows in and rows out
@@ -30,11 +31,7 @@ TOL = 1e-5
 
 
 def greedy(model, inputs: dict, **kwargs) -> torch.Tensor:
-    ids = resolve(model).visual_ids.tolist()
-    out = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs
-    )
-    return out[:, -NEW_TOKENS:]
+    return tiny_greedy(model, inputs, NEW_TOKENS, min_new_tokens=NEW_TOKENS, **kwargs)
 
 
 def run(model, inputs: dict, grouped: bool, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from dyvte.registry import resolve
 
 from .oracle import check_heads_rows_alone
 from .test_calibrate_evaluate import TEMPLATE, records
-from .tiny_models import make_batch, make_tiny, sharpened_heads
+from .tiny_models import constant_heads, make_batch, make_tiny, sharpened_heads
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]
 
@@ -145,16 +145,6 @@ def test_bad_calibrated_thresholds_and_ablation_inputs_are_refused(tiny, tmp_pat
     with pytest.raises(ValueError, match=r"extra inputs \['lens'\] .* that withdrawal does not compute"):
         dyvte.withdraw(model, heads=lens)
     assert not model._forward_pre_hooks
-
-
-def constant_heads(model, fire_at: int | None) -> ExitHeads:
-    """Heads whose head ``fire_at`` always fires and the others never."""
-    heads = ExitHeads.for_model(model)
-    with torch.no_grad():
-        for j, head in enumerate(heads.heads):
-            head[3].weight.zero_()
-            head[3].bias.fill_(10.0 if j == fire_at else -10.0)
-    return heads.eval()
 
 
 def test_heads_that_never_fire_equal_the_unhooked_model(tiny):

@@ -16,13 +16,12 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.heads import ExitHeads
 from dyvte.video import attach_frames_video_processor
 
 from .oracle import check_heads_rows_alone
 from .test_video import encode as encode_video
 from .test_video import rows_of
-from .tiny_models import make_batch, make_tiny, sharpened_heads
+from .tiny_models import constant_heads, make_batch, make_tiny, sharpened_heads
 
 FAMILIES = ["mistral3", "video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
 IMAGE_ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 48)]]
@@ -40,15 +39,6 @@ def encoder(family: str, processor: Any):
         )
     processor = attach_frames_video_processor(processor)
     return len(rows_of(family)), lambda only=None: encode_video(processor, family, only=only)
-
-
-def constant_heads(model: Any, fire_at: int | None) -> ExitHeads:
-    heads = ExitHeads.for_model(model)
-    with torch.no_grad():
-        for j, head in enumerate(heads.heads):
-            head[3].weight.zero_()
-            head[3].bias.fill_(10.0 if j == fire_at else -10.0)
-    return heads.eval()
 
 
 def generate(model: Any, inputs: dict) -> torch.Tensor:

@@ -19,10 +19,9 @@ from dyvte.registry import resolve
 
 from .oracle import compacted_oracle_logits, masked_keys_logits
 from .test_calibrate_evaluate import TEMPLATE, records
-from .tiny_models import FAMILIES, make_batch, make_tiny
+from .tiny_models import FAMILIES, greedy, make_batch, make_tiny
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
-NEW_TOKENS = 4
 VIEW = 16  # patches per view of the tiny CLIP towers (32 px / patch 8)
 
 
@@ -30,12 +29,6 @@ def encode(processor, family: str, only: int | None = None) -> dict:
     if only is None:
         return dict(make_batch(processor, family, ROWS))
     return dict(make_batch(processor, family, [ROWS[only]], row_ids=[only]))
-
-
-def greedy(model, inputs, **kwargs) -> torch.Tensor:
-    ids = resolve(model).visual_ids.tolist()
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
-    return out[:, -NEW_TOKENS:]
 
 
 def expected_kept(num: int, ratio: float) -> int:

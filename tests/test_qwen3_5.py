@@ -22,18 +22,11 @@ from dyvte.flops import NOT_COUNTED_BY_FLOP_COUNTER, layer_flop_parts, prefill_s
 from dyvte.registry import resolve
 
 from .oracle import compacted_oracle_logits, oracle_logits, visual_mask
-from .tiny_models import make_batch, make_tiny, random_heads
+from .tiny_models import greedy, make_batch, make_tiny, random_heads
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe"]
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
-NEW_TOKENS = 4
 TOL = 2e-6
-
-
-def greedy(model, inputs, **kwargs) -> torch.Tensor:
-    ids = resolve(model).visual_ids.tolist()
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
-    return out[:, -NEW_TOKENS:]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -30,8 +30,7 @@ from dyvte.registry import resolve
 
 from .oracle import check_heads_rows_alone, oracle_logits, visual_mask
 from .test_engine import STEPS, count_syncs
-from .test_heads import constant_heads
-from .tiny_models import QWEN3_DEEPSTACK, make_batch, make_tiny, sharpened_heads
+from .tiny_models import QWEN3_DEEPSTACK, constant_heads, make_batch, make_tiny, sharpened_heads
 
 FAMILIES = ["qwen3_vl", "qwen3_vl_moe"]
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]

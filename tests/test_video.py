@@ -24,7 +24,7 @@ from dyvte.registry import resolve
 from dyvte.video import FramesVideoProcessor, attach_frames_video_processor
 
 from .oracle import check_layers_equal_rows_alone, oracle_logits, visual_mask
-from .tiny_models import PROMPT_IMAGE_TOKEN, WORDS, make_row_images, make_tiny
+from .tiny_models import PROMPT_IMAGE_TOKEN, WORDS, greedy, make_row_images, make_tiny
 
 VIDEO_FAMILIES = ["video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
 #: Per row: (image sizes, number of video frames); 0 frames = no video. Rows 1 and 4: the same video length.
@@ -41,7 +41,6 @@ def rows_of(family: str) -> list[tuple[list[tuple[int, int]], int]]:
 
 
 FRAME = (32, 32)
-NEW_TOKENS = 4
 TOL = 2e-6
 
 
@@ -72,12 +71,6 @@ def encode(processor: Any, family: str, only: int | None = None) -> dict:
         kwargs["videos"] = videos
     processor.tokenizer.padding_side = "left"
     return dict(processor(**kwargs))
-
-
-def greedy(model: Any, inputs: dict, **kwargs: Any) -> torch.Tensor:
-    ids = resolve(model).visual_ids.tolist()
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
-    return out[:, -NEW_TOKENS:]
 
 
 @pytest.fixture(scope="module", params=VIDEO_FAMILIES)

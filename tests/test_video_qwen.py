@@ -23,6 +23,7 @@ from dyvte.registry import resolve
 
 from .oracle import check_heads_rows_alone, check_layers_equal_rows_alone, oracle_logits, visual_mask
 from .test_prune import check_fastv_equals_masking_oracle
+from .tiny_models import greedy as tiny_greedy
 from .tiny_models import make_batch, make_image, make_tiny, sharpened_heads
 from .video_inputs import VIDEO_FAMILIES, make_video_batch, video_pixels
 
@@ -41,11 +42,7 @@ def encode(processor, family: str, only: int | None = None) -> dict:
 
 
 def greedy(model, inputs: dict, **kwargs) -> torch.Tensor:
-    ids = resolve(model).visual_ids.tolist()
-    out = model.generate(
-        **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs
-    )
-    return out[:, -NEW_TOKENS:]
+    return tiny_greedy(model, inputs, NEW_TOKENS, min_new_tokens=NEW_TOKENS, **kwargs)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

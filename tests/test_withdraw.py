@@ -11,7 +11,7 @@ from dyvte.compat import cache_out
 from dyvte.registry import resolve
 
 from .oracle import check_layers_equal_rows_alone, compacted_oracle_logits, oracle_logits, visual_mask
-from .tiny_models import FAMILIES, make_batch, make_tiny
+from .tiny_models import FAMILIES, greedy, make_batch, make_tiny
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
 NEW_TOKENS = 4
@@ -23,12 +23,6 @@ def encode(processor, family: str, rows, only: int | None = None) -> dict:
     if only is None:
         return dict(make_batch(processor, family, rows))
     return dict(make_batch(processor, family, [rows[only]], row_ids=[only]))
-
-
-def greedy(model, inputs, **kwargs):
-    ids = resolve(model).visual_ids.tolist()
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
-    return out[:, -NEW_TOKENS:]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -988,3 +988,26 @@ def sharpened_heads(model: Any, seed: int = 3) -> Any:
             head[3].weight.mul_(30.0)
             head[3].bias.fill_(-1.0)
     return heads
+
+
+def constant_heads(model: Any, fire_at: int | None) -> Any:
+    """Exit heads for ``model`` whose head ``fire_at`` always fires and the others never (``None``: none fires); eval
+    mode."""
+    from dyvte import ExitHeads
+
+    heads = ExitHeads.for_model(model)
+    with torch.no_grad():
+        for j, head in enumerate(heads.heads):
+            head[3].weight.zero_()
+            head[3].bias.fill_(10.0 if j == fire_at else -10.0)
+    return heads.eval()
+
+
+def greedy(model: Any, inputs: dict, new_tokens: int = 4, **kwargs: Any) -> torch.Tensor:
+    """``(B, new_tokens)`` the greedy continuation of ``inputs`` with the visual placeholder tokens suppressed (a tiny
+    random model would otherwise emit them); ``kwargs`` go to ``generate`` (``use_cache``, ``min_new_tokens``...)."""
+    from dyvte.registry import resolve
+
+    ids = resolve(model).visual_ids.tolist()
+    out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=ids, **kwargs)
+    return out[:, -new_tokens:]
