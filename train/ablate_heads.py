@@ -115,14 +115,11 @@ def score(heads: torch.nn.Module, row: Row, caches: dict, scope: Scope, toleranc
             logits = heads(head_inputs(columns, extra)).float()
         exits = first_exit(logits, thresholds).numpy()
         res = outcome(columns, exits)
-        rows = np.arange(len(exits))
-        oracle = float(flops[rows, oracle_layers(columns)].mean())
-        mean_flops = float(flops[rows, exits].mean())
         out[f"{name}accuracy"] = float(res["correct"].mean())
         out[f"{name}full_accuracy"] = float(np.asarray(columns["correct"])[:, -1].mean())
         out[f"{name}agreement"] = float(res["agree"].mean())
-        out[f"{name}flops"] = mean_flops
-        out[f"{name}share"] = (1 - mean_flops) / (1 - oracle)
+        out[f"{name}flops"] = float(flops[np.arange(len(exits)), exits].mean())
+        out[f"{name}share"] = oracle_share(columns, flops, exits)
     log.info("%s at tolerance %g: %s", row.name, tolerance, out)
     return out
 
@@ -191,6 +188,22 @@ def label_caches(
 def relative_flops(columns: dict[str, np.ndarray], model: str) -> np.ndarray:
     """``(N, L+1)`` each sample's prefill FLOPs at exit layer K = 0..L relative to the full model."""
     return relative_flops_per_exit(load_config(model), columns["tokens"], columns["visual"]).numpy()
+
+
+def oracle_share(columns: dict[str, np.ndarray], flops: np.ndarray, exits: np.ndarray) -> float:
+    """The share of the per-sample oracle's prefill-FLOPs savings that exiting at ``exits`` ``(N,)`` recovers
+    (``flops``: ``(N, L+1)`` from :func:`relative_flops`)."""
+    rows = np.arange(len(exits))
+    oracle = flops[rows, oracle_layers(columns)].mean()
+    return float((1 - flops[rows, exits].mean()) / (1 - oracle))
+
+
+def write_outputs(out: Path, table: str, results: dict, what: str) -> None:
+    """Write ``table.md`` and ``results.json`` under ``out`` and log the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "table.md", table + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    log.info("%s (also in %s):\n%s", what, out / "table.md", table)
 
 
 def oracle_layers(columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -329,11 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             sweep_lines.append(table_row(f"{tolerance:g}", scored, full_accuracy, tolerance, calib_cell))
     lines += sweep_lines
-    table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "table.md", table + "\n")
-    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
-    log.info("ablation table (also in %s):\n%s", out / "table.md", table)
+    write_outputs(out, "\n".join(lines), results, "ablation table")
     return results
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # ablate_heads, also when import
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from ablate_heads import ROWS, label_caches, oracle_layers, relative_flops, train_row  # noqa: E402
+from ablate_heads import ROWS, label_caches, oracle_share, relative_flops, train_row, write_outputs  # noqa: E402
 
 from dyvte.exits import agrees_at, calibrate_heads, exit_savings, first_exit, head_targets  # noqa: E402
 from dyvte.heads import head_inputs  # noqa: E402
@@ -72,9 +72,7 @@ def validation_columns(model: str, root: Path, batch_size: int) -> dict[str, np.
 def share(columns: dict, flops: np.ndarray, logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[float, float]:
     """(share of the oracle's savings, disagreement) of ``thresholds`` on ``columns``."""
     exits = first_exit(logits, thresholds).numpy()
-    rows = np.arange(len(exits))
-    oracle = flops[rows, oracle_layers(columns)].mean()
-    return float((1 - flops[rows, exits].mean()) / (1 - oracle)), float(1 - agrees_at(columns["match"], exits).mean())
+    return oracle_share(columns, flops, exits), float(1 - agrees_at(columns["match"], exits).mean())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,11 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {key} | {100 * shares.mean():.1f}% ({100 * shares.min():.1f}–{100 * shares.max():.1f}%) | "
             f"{100 * dis.mean():.2f}% |"
         )
-    table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "table.md", table + "\n")
-    write_text_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
-    log.info("split-size table (also in %s):\n%s", out / "table.md", table)
+    write_outputs(out, "\n".join(lines), results, "split-size table")
     return results
 
 
