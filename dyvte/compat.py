@@ -91,6 +91,7 @@ _STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer")  # pre-allocated; e
 # a linear-attention layer's conv and recurrent states are per row, not per token: withdrawal changes what they
 # summarise (the kept sequence), never their shape
 _LINEAR_LAYERS = ("LinearAttentionLayer",)
+_LINEAR_STATES = ("conv_states", "recurrent_states")  # its state dicts, keyed by state index
 _LAYERS = _DYNAMIC_LAYERS + _STATIC_LAYERS + _LINEAR_LAYERS  # cache layers whose layers may hold different lengths
 
 
@@ -296,7 +297,7 @@ def cache_repeat_rows(cache: Any, times: int) -> None:
         if hasattr(layer, "batch_repeat_interleave"):
             layer.batch_repeat_interleave(times)
             continue
-        states = [getattr(layer, name, None) for name in ("conv_states", "recurrent_states")]
+        states = [getattr(layer, name, None) for name in _LINEAR_STATES]
         if not all(isinstance(s, dict) for s in states):
             raise CompatibilityError(f"cannot repeat the rows of a {type(layer).__name__} cache layer")
         for state in states:
@@ -372,7 +373,7 @@ def cache_state_tensors(cache: Any) -> Iterator[torch.Tensor]:
     ``LinearAttentionLayer``: ``conv_states`` / ``recurrent_states``, dicts keyed by state index); none for other
     layers or states not yet filled."""
     for layer in getattr(cache, "layers", []):
-        for name in ("conv_states", "recurrent_states"):
+        for name in _LINEAR_STATES:
             states = getattr(layer, name, None)
             if isinstance(states, dict):
                 yield from (t for t in states.values() if isinstance(t, torch.Tensor))

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import LINEAR_ATTENTION, family_of_config
+from .registry import LINEAR_ATTENTION, family_of_config, layer_types
 
 __all__ = [
     "NOT_COUNTED_BY_FLOP_COUNTER",
@@ -124,13 +124,9 @@ def _sparse(cfg, index: int | None) -> bool:
     return index not in (getattr(cfg, "mlp_only_layers", None) or []) and (index + 1) % step == 0
 
 
-def _layer_types(cfg) -> list[str]:
-    return list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
-
-
 def _hybrid(cfg) -> bool:
     """Whether the decoder mixes linear-attention (recurrent) layers with attention ones (Qwen3.5)."""
-    return LINEAR_ATTENTION in _layer_types(cfg)[: cfg.num_hidden_layers]
+    return LINEAR_ATTENTION in layer_types(cfg)
 
 
 def _ffn_parts(cfg, n: torch.Tensor, index: int | None) -> dict[str, torch.Tensor]:
@@ -189,7 +185,7 @@ def layer_flop_parts(config, num_tokens, index: int | None = None) -> dict[str, 
     """
     cfg = _text_config(config)
     n = torch.as_tensor(num_tokens, dtype=torch.float64)
-    if index is not None and _layer_types(cfg)[index] == LINEAR_ATTENTION:
+    if index is not None and layer_types(cfg)[index] == LINEAR_ATTENTION:
         mixer = _linear_attention_parts(cfg, n)
     else:
         family = family_of_config(config) or family_of_config(cfg)
@@ -314,10 +310,9 @@ def prefill_kv_bytes(
     scalar, n, v, k, after = _rows(num_layers, num_tokens, num_visual, exit_layer, visual_after)
     _, kv_heads, head_dim = _attention_dims(cfg)
     per_token = 2 * kv_heads * head_dim * bytes_per_value
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * num_layers
     window = getattr(cfg, "sliding_window", None)
     total = torch.zeros_like(n + v + k + after)
-    for index, kind in enumerate(layer_types[:num_layers]):
+    for index, kind in enumerate(layer_types(cfg)):
         if kind == LINEAR_ATTENTION:
             continue  # no keys or values: a fixed-size state (prefill_state_bytes)
         held = torch.where(k > index, n, n - v + after)
@@ -337,7 +332,7 @@ def prefill_state_bytes(config, *, bytes_per_value: int = 4, state_bytes_per_val
     cache of the full-attention layers shrinks (:func:`prefill_kv_bytes`). ``0`` for a decoder without such layers.
     """
     cfg = _text_config(config)
-    linear = sum(kind == LINEAR_ATTENTION for kind in _layer_types(cfg)[: cfg.num_hidden_layers])
+    linear = sum(kind == LINEAR_ATTENTION for kind in layer_types(cfg))
     if not linear:
         return 0
     key_heads, value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads

@@ -41,6 +41,13 @@ LINEAR_ATTENTION = "linear_attention"
 """The ``layer_types`` entry of a linear-attention (recurrent) decoder layer (Qwen3.5's Gated DeltaNet)."""
 
 
+def layer_types(text_config) -> list[str]:
+    """Each decoder layer's kind from a text config's ``layer_types`` (``"full_attention"``, ``"sliding_attention"``,
+    :data:`LINEAR_ATTENTION`), one per layer; every layer ``"full_attention"`` when the config lists none."""
+    num_layers = text_config.num_hidden_layers
+    return list(getattr(text_config, "layer_types", None) or ["full_attention"] * num_layers)[:num_layers]
+
+
 class UnsupportedModelError(ValueError):
     """The model is not one of the families dyvte knows how to hook."""
 
@@ -348,9 +355,9 @@ def resolve(model: nn.Module) -> ModelSpec:
         levels = getattr(getattr(config, "vision_config", None), "deepstack_visual_indexes", None)
         deepstack_layers = len(layers) if levels is None else min(len(levels), len(layers))
     text_config = decoder.config
-    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(layers)
+    kinds = layer_types(text_config)
     window = getattr(text_config, "sliding_window", None)
-    sliding = [window if (t == "sliding_attention" and window) else None for t in layer_types]
+    sliding = [window if (t == "sliding_attention" and window) else None for t in kinds]
     return ModelSpec(
         model=model,
         model_type=model_type,
@@ -360,6 +367,6 @@ def resolve(model: nn.Module) -> ModelSpec:
         sliding_window=sliding,
         names=call_names(model, layers[0]),
         family=family,
-        linear_attention=[t == LINEAR_ATTENTION for t in layer_types],
+        linear_attention=[t == LINEAR_ATTENTION for t in kinds],
         deepstack_layers=deepstack_layers,
     )
