@@ -14,7 +14,7 @@ Methods: the full model, static K = 3 and 16 of 32 (scaled to the layers run), a
 CPU (default): LLaVA-7B's layer shape with 8 of its 32 layers, fp32, prompt 35 text + 576 visual + 40 text tokens.
 A single row (the mix: its 8 rows) is prefilled once, then decoded at batch 1; the cache is repeated per row
 (``Withdrawal.repeat_rows``) to batch 8 and 32 and decoded again, so the prompt grows by ``--steps`` tokens between
-batch sizes (measured KV bytes reflect it). Greedy, one model call per token (``dyvte.benchmark.greedy_steps``).
+batch sizes (measured KV bytes reflect it). Greedy, one model call per token (``dyvte.eval.benchmark.greedy_steps``).
 
 GPU (``--gpu``, runs unchanged when a device is lent): bf16, all 32 layers, each batch size prefilled for real and
 decoded by ``generate`` with a static cache and the compiled forward (``benchmarks/serving.py``'s modes).
@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 
 import dyvte
-from dyvte.benchmark import (
+from dyvte.engine.compat import cache_out, cache_repeat_rows
+from dyvte.engine.registry import resolve
+from dyvte.eval.benchmark import (
     DTYPES,
     LlavaShape,
     build_random_llava,
@@ -48,8 +50,6 @@ from dyvte.benchmark import (
     llava_prompt,
     threads,
 )
-from dyvte.compat import cache_out, cache_repeat_rows
-from dyvte.registry import resolve
 
 logger = logging.getLogger("decode")
 

@@ -1,4 +1,4 @@
-"""What labelling costs: FLOPs per labelled sample (``dyvte.labels.label_batch``), and hours per million samples.
+"""What labelling costs: FLOPs per labelled sample (``dyvte.exits.labels.label_batch``), and hours per million samples.
 
 Per sample, ``label_batch`` runs: one greedy ``generate`` (prefill of the prompt + up to ``max_new_tokens`` decode
 steps), one teacher-forced full forward and L withdrawn forwards (K = 0..L-1) of the prompt plus the forced answer,
@@ -19,7 +19,7 @@ import argparse
 import logging
 from types import SimpleNamespace
 
-from dyvte.flops import prefill_flops
+from dyvte.eval.flops import prefill_flops
 
 logger = logging.getLogger("label_cost")
 
@@ -53,7 +53,8 @@ def flops_per_sample(cfg, prompt: int, visual: int, greedy: int, gold: int, diff
 
 
 def on_the_fly_flops(cfg, prompt: int, visual: int, gold: int) -> float:
-    """FLOPs of one on-the-fly step per sample (``dyvte.onthefly``): a full and a withdrawn copy of the gold-forced
+    """FLOPs of one on-the-fly step per sample (``dyvte.exits.onthefly``): a full and a withdrawn copy of the
+    gold-forced
     prompt, the exit layer uniform in ``[1, L-1]``."""
     layers, tokens = cfg.num_hidden_layers, prompt + gold
     full = prefill_flops(cfg, tokens, visual, lm_head_tokens=tokens).flops

@@ -39,8 +39,8 @@ def export(samples: int, workdir: Path) -> Path:
     """Write ``samples`` demo records as LLaVA instruction JSON under ``workdir`` (skipped when already there)."""
     import datasets
 
+    from dyvte.data.formats import export_llava
     from dyvte.demo import load_demo_dataset
-    from dyvte.formats import export_llava
 
     path = workdir / f"llava-{samples}.json"
     if path.is_file():
@@ -55,8 +55,8 @@ def child(path: Path, cache: Path, shard_size: int, batch_size: int, threads: in
     import torch
 
     torch.set_num_threads(threads)
-    from dyvte.shards import label_shards, merge_shards
-    from dyvte.sources import load_model, load_records
+    from dyvte.data.sources import load_model, load_records
+    from dyvte.exits.shards import label_shards, merge_shards
 
     peak_anon = [0]
     stop = threading.Event()

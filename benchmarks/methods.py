@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 import dyvte
-from dyvte.benchmark import (
+from dyvte.engine.compat import cache_out
+from dyvte.eval.benchmark import (
     DTYPES,
     LlavaShape,
     add_shape_arguments,
@@ -44,9 +45,8 @@ from dyvte.benchmark import (
     shape_from_args,
     threads,
 )
-from dyvte.compat import cache_out
-from dyvte.fastv import kept_count
-from dyvte.heads import ExitHeads
+from dyvte.policies.exit_heads import ExitHeads
+from dyvte.policies.fastv import kept_count
 
 logger = logging.getLogger("methods")
 

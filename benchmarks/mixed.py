@@ -25,7 +25,7 @@ import platform
 import torch
 
 import dyvte
-from dyvte.benchmark import DTYPES, LlavaShape, build_random_llava, llava_prompt, median_time, threads
+from dyvte.eval.benchmark import DTYPES, LlavaShape, build_random_llava, llava_prompt, median_time, threads
 
 logger = logging.getLogger("mixed")
 
@@ -34,8 +34,8 @@ DEFAULT_EXITS = (1, 1, 3, 3, 5, 5, 8, 8)  # of 8 layers; 8 = never leaves
 
 def demo_exits(records: int, threshold: float = 0.8) -> list[int]:
     """Exit layers the demo heads choose on the first ``records`` demo test records."""
-    from dyvte.data import build_inputs
-    from dyvte.sources import load_model, load_records
+    from dyvte.data.records import build_inputs
+    from dyvte.data.sources import load_model, load_records
 
     model, processor = load_model("demo")
     batch = list(load_records("demo", "test", records))

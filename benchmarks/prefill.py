@@ -9,7 +9,7 @@ per-token decode time over 16 generated tokens, and the KV-cache bytes after the
     python benchmarks/prefill.py                      # bf16 and fp32, K in 0 4 8 12 16 20 24 of 24, 3 runs
     python benchmarks/prefill.py --dtypes bf16 --runs 5 --layers 24 --hidden 1536
 
-``--family qwen3_5`` times a Qwen3.5-shaped hybrid decoder instead (:class:`dyvte.benchmark.Qwen3_5Shape`: the 9B
+``--family qwen3_5`` times a Qwen3.5-shaped hybrid decoder instead (:class:`dyvte.eval.benchmark.Qwen3_5Shape`: the 9B
 dims, 4 layers = 3 Gated DeltaNet + 1 full attention, 35 text + 576 visual + 40 text tokens): prefill with and
 without withdrawal at every K, the FLOPs ideal, how much of it the wall clock delivers when most layers are linear,
 and the cache: KV bytes of the full-attention layers (which shrink) next to the linear layers' state (which does not).
@@ -26,7 +26,8 @@ import platform
 import torch
 
 import dyvte
-from dyvte.benchmark import (
+from dyvte.engine.compat import cache_out
+from dyvte.eval.benchmark import (
     DTYPES,
     IMAGE_TOKEN_ID,
     LlavaShape,
@@ -43,8 +44,7 @@ from dyvte.benchmark import (
     time_decode,
     time_prefill,
 )
-from dyvte.compat import cache_out
-from dyvte.flops import layer_flops
+from dyvte.eval.flops import layer_flops
 
 logger = logging.getLogger("prefill")
 

@@ -4,7 +4,8 @@ For each exit policy (none, static K, per-row K, exit heads) and each decoding m
 static cache + ``torch.compile``d forward, as ``generate`` compiles it), greedy-generates ``--new-tokens`` tokens for a
 batch of LLaVA-1.5-like prompts on a random-weight model and prints one table row: whether the tokens equal those of
 the dynamic cache under the same policy, the prefill time, the median decode time per step, dyvte's own host syncs
-(prefill / per decode step, counted by :class:`dyvte.syncs.SyncCounter` in an eager run of the same mode), and, for
+(prefill / per decode step, counted by :class:`dyvte.engine.syncs.SyncCounter` in an eager run of the same mode), and,
+for
 the compiled mode, the graphs dynamo built and its graph breaks.
 
     python benchmarks/serving.py                              # tiny shape, fp32, every mode (compiling takes minutes)
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 
 import dyvte
-from dyvte.benchmark import (
+from dyvte.engine.syncs import SyncCounter
+from dyvte.eval.benchmark import (
     DTYPES,
     LlavaShape,
     StepClock,
@@ -38,7 +40,6 @@ from dyvte.benchmark import (
     llava_prompt,
     threads,
 )
-from dyvte.syncs import SyncCounter
 
 logger = logging.getLogger("serving")
 

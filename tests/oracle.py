@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 import dyvte
-from dyvte.registry import resolve
+from dyvte.engine.registry import resolve
 
 
 def visual_mask(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 from types import ModuleType
 
-from dyvte.training import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(relative_path: str) -> ModuleType:

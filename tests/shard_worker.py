@@ -28,13 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # every run uses the same threads, so floating-point sums happen in the same order
 
-    import dyvte.labels
-    from dyvte.shards import label_shards
-    from dyvte.sources import load_model, load_records
+    import dyvte.exits.labels
+    from dyvte.data.sources import load_model, load_records
+    from dyvte.exits.shards import label_shards
 
     if args.kill_at_shard is not None:
         started = []
-        build = dyvte.labels.build_label_cache
+        build = dyvte.exits.labels.build_label_cache
 
         def build_or_die(*a, **k):
             if len(started) == args.kill_at_shard:
@@ -42,7 +42,7 @@ def main() -> None:
             started.append(1)
             return build(*a, **k)
 
-        dyvte.labels.build_label_cache = build_or_die
+        dyvte.exits.labels.build_label_cache = build_or_die
     model, processor = load_model(args.model)
     records = load_records(args.records, "train")
     from pathlib import Path

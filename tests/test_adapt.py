@@ -1,4 +1,4 @@
-"""Withdrawal-aware LoRA (dyvte.adapt, train/adapt.py) on a tiny LLaVA saved to disk."""
+"""Withdrawal-aware LoRA (dyvte.train.lora, train/adapt.py) on a tiny LLaVA saved to disk."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import dyvte
-from dyvte.adapt import (
+from dyvte.data.records import build_inputs, normalize_answer
+from dyvte.data.sources import load_model
+from dyvte.eval.methods import Full, PolicyRun
+from dyvte.train.lora import (
     AdaptData,
     AdaptModule,
     adapt_loss,
@@ -22,9 +25,6 @@ from dyvte.adapt import (
     decoder_target_regex,
     draw_exit_layers,
 )
-from dyvte.data import build_inputs, normalize_answer
-from dyvte.methods import Full, Static
-from dyvte.sources import load_model
 
 from .oracle import oracle_logits, visual_mask
 from .test_calibrate_evaluate import TEMPLATE, records
@@ -205,9 +205,13 @@ def test_adapter_directory_loads_and_runs_in_the_harness(adapter_dir, setup_dir)
     assert isinstance(model, PeftModel)
     recs = records(6, seed=2)
     full = dyvte.evaluate(model, processor, recs, Full(), batch_size=3, max_new_tokens=2, progress=False)
-    static = dyvte.evaluate(model, processor, recs, Static(1), reference=full, batch_size=3, progress=False)
+    static = dyvte.evaluate(
+        model, processor, recs, PolicyRun("static", {"layer": 1}), reference=full, batch_size=3, progress=False
+    )
     merged, _ = load_model(str(setup_dir / "merged"))
-    merged_static = dyvte.evaluate(merged, processor, recs, Static(1), batch_size=3, progress=False)
+    merged_static = dyvte.evaluate(
+        merged, processor, recs, PolicyRun("static", {"layer": 1}), batch_size=3, progress=False
+    )
     assert static.answers == merged_static.answers
     assert static.exit_layers == [1] * 6 and static.flops < 1.0
 
@@ -258,7 +262,7 @@ def _oracle_comparison(base_dir: Path, adapted_dir: Path, gold: list[str], toler
 
 
 def test_evaluate_script_on_the_adapter_dir_and_side_by_side_comparison(adapter_dir, setup_dir, capsys):
-    evaluate_main = _load_script("evaluate").main
+    evaluate_main = _load_script("eval").main
     common = {"split": "train", "batch_size": 6, "max_new_tokens": 2}
     # gold answers = the base model's own full answers: accuracy is then agreement with it, which withdrawal changes
     # K by K (the tiny models never produce the records' answers: every accuracy would be 0 and every K "earliest")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.compat import cache_out
-from dyvte.io import atomic_path
-from dyvte.registry import resolve
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.utils.io import atomic_path
 
 from .scripts import load_script
 from .tiny_models import make_batch, make_tiny

@@ -18,20 +18,20 @@ import pytest
 import torch
 
 import dyvte
-import dyvte.sources
-from dyvte.data import build_inputs
-from dyvte.evaluate import EvalResult
-from dyvte.heads import CONFIG_NAME, WEIGHTS_NAME, ExitHeads, ExitHeadsConfig
-from dyvte.labels import build_label_cache, on_the_fly_labels
-from dyvte.methods import parse_method
-from dyvte.risk import NEVER
-from dyvte.training import REPO_ROOT, ExitLabelData
+import dyvte.data.sources
+from dyvte.data.records import build_inputs
+from dyvte.eval.harness import EvalResult
+from dyvte.eval.methods import parse_method
+from dyvte.exits.labels import build_label_cache, on_the_fly_labels
+from dyvte.policies.exit_heads import CONFIG_NAME, NEVER, WEIGHTS_NAME, ExitHeads, ExitHeadsConfig
+from dyvte.train.fitting import ExitLabelData
 
 from .scripts import load_script
 from .test_calibrate_evaluate import TEMPLATE, records
 from .test_fit import fit_args, make_fit_setup
 from .tiny_models import make_tiny
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_HEADS = REPO_ROOT / "checkpoints" / "demo-exit-heads"  # made for the 8-layer demo model
 DEMO_CALIBRATION = REPO_ROOT / "checkpoints" / "demo-calibration"
 
@@ -56,7 +56,7 @@ def _flags(model: torch.nn.Module) -> dict[str, bool]:
 )
 def test_fit_refuses_a_run_without_training_steps_before_labelling(setup_dir, option, monkeypatch):
     """`fit.py --trainer.max_epochs 0` saved untrained heads (`steps: 0`); now refused before any labelling."""
-    monkeypatch.setattr(dyvte.sources, "load_model", _forbid)  # labelling would load the MLLM first
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)  # labelling would load the MLLM first
     name = option.split(".")[1].split("=")[0]
     args = fit_args(setup_dir, f"heads-{name}", 1, [option, f"--data.cache_dir={setup_dir / f'cache-{name}'}"])
     with pytest.raises(ValueError, match=re.escape(option) + r": training would run no optimizer step"):
@@ -91,7 +91,7 @@ def _adapt_args(root: Path, out: str, *extra: str) -> list[str]:
 
 
 def test_adapt_refuses_zero_steps_before_loading_the_model(setup_dir, monkeypatch):
-    monkeypatch.setattr(dyvte.sources, "load_model", _forbid)
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
     with pytest.raises(ValueError, match=r"--trainer\.max_steps=0: training would run no optimizer step"):
         load_script("train/adapt.py").main(_adapt_args(setup_dir, "adapter-0", "--trainer.max_steps=0"))
     assert not (setup_dir / "adapter-0").exists()
@@ -106,7 +106,7 @@ def test_adapt_writes_no_adapter_when_training_ran_no_step(setup_dir, monkeypatc
 
 @pytest.mark.parametrize("launcher", ["fit", "adapt"])
 def test_an_output_dir_that_is_a_file_is_refused_before_work(setup_dir, launcher, monkeypatch):
-    monkeypatch.setattr(dyvte.sources, "load_model", _forbid)
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
     (setup_dir / "a-file").write_text("keep me\n")
     args = (
         fit_args(setup_dir, "a-file", 1)
@@ -121,7 +121,7 @@ def test_an_output_dir_that_is_a_file_is_refused_before_work(setup_dir, launcher
 
 @pytest.mark.parametrize(("option", "value"), [("--tolerance", "0"), ("--tolerance", "1.5"), ("--delta", "1")])
 def test_fit_refuses_a_promise_it_cannot_make_before_work(setup_dir, monkeypatch, option, value):
-    monkeypatch.setattr(dyvte.sources, "load_model", _forbid)
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
     args = fit_args(setup_dir, "heads-promise", 1, [f"{option}={value}"])
     with pytest.raises(ValueError, match=f"{option} must be in \\(0, 1\\), got {float(value)!r}"):
         load_script("train/fit.py").main(args)
@@ -129,7 +129,7 @@ def test_fit_refuses_a_promise_it_cannot_make_before_work(setup_dir, monkeypatch
 
 
 def test_fit_refuses_a_missing_resume_checkpoint(setup_dir, monkeypatch):
-    monkeypatch.setattr(dyvte.sources, "load_model", _forbid)
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
     args = fit_args(setup_dir, "heads-resume", 1, [f"--ckpt_path={setup_dir / 'no.ckpt'}"])
     with pytest.raises(ValueError, match=r"--ckpt_path .*no\.ckpt: no such checkpoint file"):
         load_script("train/fit.py").main(args)
@@ -137,7 +137,7 @@ def test_fit_refuses_a_missing_resume_checkpoint(setup_dir, monkeypatch):
 
 # -------------------------------------------------------------------- case 3: validation on the training records
 def test_held_out_split_is_disjoint_and_seeded():
-    from dyvte.training import held_out_split
+    from dyvte.train.fitting import held_out_split
 
     train, val = held_out_split(12, 4, 8, seed=0)
     assert len(val) == 4 and len(train) == 8 and not set(train) & set(val)
@@ -180,7 +180,7 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
     """`fit.py --data.data file.jsonl` validated on its own training records; now on a disjoint held-out split."""
     cache = setup_dir / "cache-heldout"
     args = fit_args(setup_dir, "heads-heldout", 1, [f"--data.cache_dir={cache}"])
-    with caplog.at_level(logging.INFO, logger="dyvte.training"):
+    with caplog.at_level(logging.INFO, logger="dyvte.train.fitting"):
         summary = load_script("train/fit.py").main(args)
     assert "validation: 4 records and calibration: 2 records held out at random (seed 0) from the 12 records of" in (
         caplog.text
@@ -241,12 +241,12 @@ def test_evaluation_of_a_model_in_training_mode_runs_in_eval_mode(dropout_model,
     model, processor = dropout_model
     recs = records(6)
     kwargs = {"batch_size": 3, "max_new_tokens": 2, "progress": False}
-    reference = dyvte.evaluate(model, processor, recs, dyvte.Static(1), **kwargs)
+    reference = dyvte.evaluate(model, processor, recs, dyvte.PolicyRun("static", {"layer": 1}), **kwargs)
     model.train()
     model.model.vision_tower.eval()  # a mixed state must come back as it was, module by module
     flags = _flags(model)
-    with caplog.at_level(logging.WARNING, logger="dyvte.modes"):
-        got = dyvte.evaluate(model, processor, recs, dyvte.Static(1), **kwargs)
+    with caplog.at_level(logging.WARNING, logger="dyvte.utils.modes"):
+        got = dyvte.evaluate(model, processor, recs, dyvte.PolicyRun("static", {"layer": 1}), **kwargs)
     assert "evaluate: the model was in training mode (dropout on); running it in eval mode" in caplog.text
     untimed = {group: {k: v for k, v in m.items() if "_ms" not in k} for group, m in got.metrics.items()}
     assert got.answers == reference.answers and got.exit_layers == reference.exit_layers
@@ -262,7 +262,7 @@ def test_labels_of_a_model_in_training_mode_are_the_eval_mode_labels(dropout_mod
     fly_reference = on_the_fly_labels(model, inputs, 2)
     model.train()
     flags = _flags(model)
-    with caplog.at_level(logging.WARNING, logger="dyvte.modes"):
+    with caplog.at_level(logging.WARNING, logger="dyvte.utils.modes"):
         got = build_label_cache(model, processor, recs, batch_size=2, progress=False).with_format("torch")[:]
         fly = on_the_fly_labels(model, inputs, 2)
     assert "build_label_cache (labelling): the model was in training mode" in caplog.text
@@ -322,7 +322,8 @@ def test_well_formed_method_strings_still_parse():
     assert [m.name for m in parse_method("static:0,8", 8)] == ["static K=0", "static K=8"]
     assert len(parse_method(" static:all ", 8)) == 9
     heads = parse_method(f"heads:{DEMO_HEADS}:0.5,1", 8)
-    assert [m.threshold for m in heads] == [0.5, 1.0] and parse_method(f"heads:{DEMO_HEADS}", 8)[0].threshold is None
+    assert [m.options["threshold"] for m in heads] == [0.5, 1.0]
+    assert parse_method(f"heads:{DEMO_HEADS}", 8)[0].options["threshold"] is None
     assert [m.name for m in parse_method("fastv:8:0,0.5", 8)] == ["fastv K=8 R=0", "fastv K=8 R=0.5"]
     assert len(parse_method(f"random:0.5+heads:{DEMO_HEADS}:0.5", 8)) == 1
 
@@ -338,7 +339,7 @@ def test_an_inconsistent_calibration_is_named_with_its_method_string(tmp_path):
 
 @pytest.mark.parametrize("spec", [f"heads:{DEMO_HEADS}:0.5", f"calibrated:{DEMO_CALIBRATION}"])
 def test_directories_for_another_model_are_named_before_running(spec):
-    from dyvte.methods import check_method
+    from dyvte.eval.methods import check_method
 
     model, _ = make_tiny("llava")  # 4 layers; the demo heads and calibration were made for 8
     hooks = len(model._forward_pre_hooks)
@@ -363,7 +364,7 @@ def _counting_loader(monkeypatch, script, forwards: list[int]) -> None:
 
 def test_evaluate_checks_every_method_before_the_full_model_runs(tmp_path, monkeypatch):
     """The issue's call: `'["static:0,1","static:9"]'` on the 8-layer demo ran full, K = 0, K = 1, then crashed."""
-    script = load_script("train/evaluate.py")
+    script = load_script("train/eval.py")
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     out = tmp_path / "eval"
@@ -391,7 +392,7 @@ def _two_heads_named_alike(root: Path) -> list[str]:
     ],
 )
 def test_evaluate_refuses_bad_methods_before_any_forward(setup_dir, tmp_path, monkeypatch, methods, match):
-    script = load_script("train/evaluate.py")
+    script = load_script("train/eval.py")
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     methods = methods or _two_heads_named_alike(tmp_path)
@@ -411,7 +412,7 @@ def test_evaluate_runs_a_repeated_method_once(tmp_path):
     model, _ = make_tiny("llava")
     ExitHeads.for_model(model, threshold=0.5).save_pretrained(tmp_path / "heads")
     specs = ["static:all", "static:1", f"heads:{tmp_path / 'heads'}", f"heads:{tmp_path / 'heads'}:0.5,0.7"]
-    names = [m.name for m in load_script("train/evaluate.py").resolve_methods(specs, model, 4)]
+    names = [m.name for m in load_script("train/eval.py").resolve_methods(specs, model, 4)]
     assert names == [f"static K={k}" for k in range(5)] + ["heads(heads) p=0.5", "heads(heads) p=0.7"]
 
 
@@ -427,7 +428,7 @@ def test_evaluate_runs_a_repeated_method_once(tmp_path):
     ],
 )
 def test_evaluate_refuses_bad_arguments_before_loading_the_model(tmp_path, monkeypatch, option, value, match):
-    script = load_script("train/evaluate.py")
+    script = load_script("train/eval.py")
     monkeypatch.setattr(script, "load_model", _forbid)
     (tmp_path / "a-file").write_text("keep me\n")
     if option == "output_dir":
@@ -464,7 +465,7 @@ def test_a_heads_save_that_fails_midway_leaves_the_old_heads(tmp_path, monkeypat
         raise OSError("disk full (simulated)")
 
     with monkeypatch.context() as mp:
-        mp.setattr(dyvte.heads, "save_file", broken_save_file)
+        mp.setattr(dyvte.policies.exit_heads, "save_file", broken_save_file)
         with pytest.raises(OSError, match="simulated"):
             new.save_pretrained(tmp_path)
     loaded = ExitHeads.from_pretrained(tmp_path)
@@ -532,7 +533,7 @@ def test_label_data_arguments_are_checked_when_given(kwargs, match):
 )
 def test_head_module_arguments_are_checked_before_labelling(kwargs, match):
     """`--model.threshold 1.5` failed only after labelling, when the heads were shaped."""
-    from dyvte.training import ExitHeadsModule
+    from dyvte.train.fitting import ExitHeadsModule
 
     with pytest.raises(ValueError, match=match):
         ExitHeadsModule(**kwargs)

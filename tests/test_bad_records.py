@@ -1,7 +1,9 @@
 """Bad records files and bad records are refused before any work, with a ``DataError`` naming the input.
 
-Records files (``.json`` / ``.jsonl`` / ``.parquet``) are read by :func:`dyvte.sources.load_records`; records become
-model inputs through :func:`dyvte.data.iter_batches` and :func:`dyvte.data.build_inputs`. Each test builds its tiny
+Records files (``.json`` / ``.jsonl`` / ``.parquet``) are read by :func:`dyvte.data.sources.load_records`; records
+become
+model inputs through :func:`dyvte.data.records.iter_batches` and :func:`dyvte.data.records.build_inputs`. Each test
+builds its tiny
 records file in ``tmp_path``. Relative image paths resolve against the records file, never the working directory.
 """
 
@@ -22,8 +24,8 @@ import pytest
 from PIL import Image
 
 import dyvte
-from dyvte.data import DataError, build_inputs, iter_batches
-from dyvte.sources import load_records
+from dyvte.data.records import DataError, build_inputs, iter_batches
+from dyvte.data.sources import load_records
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -286,7 +288,7 @@ def test_a_record_without_image_is_skipped_with_a_count(tmp_path, caplog):
     """Text-only records (LLaVA's mix has them) are skipped and counted, not an error (issue 18)."""
     folder_with_images(tmp_path)
     pd.DataFrame([record(0), record(1, image=None)]).to_parquet(tmp_path / "records.parquet")
-    with caplog.at_level(logging.INFO, logger="dyvte.sources"):
+    with caplog.at_level(logging.INFO, logger="dyvte.data.sources"):
         ds = load_records(str(tmp_path / "records.parquet"))
     assert len(ds) == 1 and ds[0]["question"] == record(0)["question"]
     assert "records.parquet: skipped 1 text-only records (no image)" in caplog.text

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.benchmark import LlavaShape, Qwen3_5Shape, build_random_llava, kv_cache_bytes, llava_prompt
-from dyvte.compat import cache_out
+from dyvte.engine.compat import cache_out
+from dyvte.eval.benchmark import LlavaShape, Qwen3_5Shape, build_random_llava, kv_cache_bytes, llava_prompt
 
 from .scripts import load_script
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.calibrate import kl_divergence
-from dyvte.data import build_inputs, normalize_answer
-from dyvte.evaluate import format_per_type, format_table, plot_sweep
+from dyvte.data.records import build_inputs, normalize_answer
+from dyvte.eval.harness import format_per_type, format_table, plot_sweep
+from dyvte.exits.kl import kl_divergence
 
 from .tiny_models import WORDS, make_image, make_tiny
 
@@ -126,11 +126,25 @@ def test_harness_accuracy_agreement_flops(tiny, tmp_path):
     assert full.metrics["all"]["agreement"] == 1.0 and full.metrics["all"]["relative_flops"] == 1.0
     assert 0 < full.metrics["all"]["prefill_ms_p10"] <= full.metrics["all"]["prefill_ms_p90"]  # over the 2 batches
     never = dyvte.evaluate(
-        model, processor, recs, dyvte.Static(4), reference=full, batch_size=3, max_new_tokens=2, progress=False
+        model,
+        processor,
+        recs,
+        dyvte.PolicyRun("static", {"layer": 4}),
+        reference=full,
+        batch_size=3,
+        max_new_tokens=2,
+        progress=False,
     )
     assert never.answers == full.answers and never.metrics["all"]["agreement"] == 1.0
     zero = dyvte.evaluate(
-        model, processor, recs, dyvte.Static(0), reference=full, batch_size=3, max_new_tokens=2, progress=False
+        model,
+        processor,
+        recs,
+        dyvte.PolicyRun("static", {"layer": 0}),
+        reference=full,
+        batch_size=3,
+        max_new_tokens=2,
+        progress=False,
     )
     assert zero.exit_layers == [0] * 6
     inputs = build_inputs(processor, recs)
@@ -183,7 +197,7 @@ def test_normalize_answer():
 
 
 def test_oracle_exit_on_hand_built_results():
-    from dyvte.evaluate import EvalResult, format_histogram, oracle_exit
+    from dyvte.eval.harness import EvalResult, format_histogram, oracle_exit
 
     def result(answers, flops):
         return EvalResult("x", {}, answers, [0] * len(answers), flops, ["a", "b", "a"])
@@ -204,12 +218,12 @@ def test_oracle_exit_on_hand_built_results():
 
 
 def test_composed_method_equals_nesting_by_hand(tiny):
-    from dyvte.methods import Compose, Prune, parse_method
+    from dyvte.eval.methods import Compose, PruningRun, parse_method
 
     model, processor = tiny
     recs = records(4)
     full = dyvte.evaluate(model, processor, recs, batch_size=4, max_new_tokens=2, progress=False)
-    method = Compose(Prune("random", ratio=0.5), dyvte.Static(1))
+    method = Compose(PruningRun("random", {"ratio": 0.5}), dyvte.PolicyRun("static", {"layer": 1}))
     assert [m.name for m in parse_method("random:0.5+static:1", 4)] == [method.name]
     got = dyvte.evaluate(model, processor, recs, method, reference=full, batch_size=4, max_new_tokens=2, progress=False)
     inputs = build_inputs(processor, recs)

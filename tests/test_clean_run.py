@@ -1,6 +1,6 @@
 """A clean first run of ``train/fit.py`` with its default output paths, in a fresh git "clone" of the project.
 
-The clone holds the project's ``.gitignore`` and a committed copy of ``checkpoints/``; ``dyvte.training.REPO_ROOT``
+The clone holds the project's ``.gitignore`` and a committed copy of ``checkpoints/``; ``$DYVTE_CHECKPOINTS``
 points at it and the run starts in it, as ``python train/fit.py`` from a fresh clone would. Only the model and data
 are the tiny ones of ``tests/test_fit.py`` (seconds instead of minutes); every output path is left at its default.
 """
@@ -23,15 +23,14 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-import dyvte.training
-from dyvte.exits import head_targets
-from dyvte.heads import ExitHeads
-from dyvte.training import LIGHTNING_TIPS, RANK_ZERO_LOGGERS, quiet_lightning
+from dyvte.exits.rules import head_targets
+from dyvte.policies.exit_heads import ExitHeads
+from dyvte.train.fitting import LIGHTNING_TIPS, RANK_ZERO_LOGGERS, quiet_lightning
 
 from .scripts import load_script
 from .test_fit import make_fit_setup
 
-REAL_ROOT = dyvte.training.REPO_ROOT
+REAL_ROOT = Path(__file__).resolve().parents[1]
 GIT = shutil.which("git")
 pytestmark = pytest.mark.skipif(GIT is None, reason="needs git")
 
@@ -79,13 +78,13 @@ class Run:
 
 @contextmanager
 def run_in(clone: Path) -> Iterator[list]:
-    """``REPO_ROOT`` = ``clone``, working directory = ``clone``; yields a list that receives the :class:`Run`."""
+    """Demo assets from ``clone``, working directory = ``clone``; yields a list that receives the :class:`Run`."""
     handler = _Records()
     loggers = [logging.getLogger(), *map(logging.getLogger, LIGHTNING_LOGGERS)]
     result: list = []
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mp.setattr(dyvte.training, "REPO_ROOT", clone)
+        mp.setenv("DYVTE_CHECKPOINTS", str(clone / "checkpoints"))
         mp.chdir(clone)
         level = loggers[0].level
         loggers[0].setLevel(logging.INFO)  # what the launcher's basicConfig does on a console (not under pytest)
@@ -115,7 +114,7 @@ def fit(clone: Path, setup: Path, *extra: str) -> Run:
         *extra,
     ]
     with run_in(clone) as result:
-        main = load_script("train/fit.py").main  # loaded here, so that it reads the clone's REPO_ROOT
+        main = load_script("train/fit.py").main  # loaded here, in the clone
         result.append(main(args))
     return result[0]
 
@@ -172,7 +171,7 @@ def test_outputs_are_where_the_log_says(first, clone):
     assert f"fit: label cache: {expected}" in run.messages
     for path in caches.values():
         assert path.parent == clone / "runs" / "label-cache" and (path / "meta.json").is_file()
-        labelled = [m for m in run.messages if m.startswith("dyvte.training: labelling ")]
+        labelled = [m for m in run.messages if m.startswith("dyvte.train.fitting: labelling ")]
         assert [m for m in labelled if m.endswith(f" into the label cache {path}")]
     assert json.loads((heads_dir / "training.json").read_text()) == json.loads(json.dumps(run.summary))
 
@@ -213,7 +212,7 @@ def test_later_runs_reuse_the_label_cache_and_relabel_on_request(first, clone, s
     caches = [Path(p) for p in first[0].summary["label_cache"].values()]
     stamps = [(p / "meta.json").stat().st_mtime_ns for p in caches]
     again = fit(clone, setup)
-    reuse = "dyvte.training: reusing the cached labels of "
+    reuse = "dyvte.train.fitting: reusing the cached labels of "
     for path in caches:
         assert any(m.startswith(reuse) and f" in {path} (" in m and "--data.relabel true" in m for m in again.messages)
     assert not [m for m in again.messages if "labelling " in m]
@@ -222,7 +221,7 @@ def test_later_runs_reuse_the_label_cache_and_relabel_on_request(first, clone, s
     (caches[0] / "stale").write_text("left over")
     relabelled = fit(clone, setup, "--data.relabel=true")
     assert not [m for m in relabelled.messages if "reusing the cached labels" in m]
-    assert len([m for m in relabelled.messages if m.startswith("dyvte.training: labelling ")]) == 3
+    assert len([m for m in relabelled.messages if m.startswith("dyvte.train.fitting: labelling ")]) == 3
     assert not (caches[0] / "stale").exists() and all((p / "meta.json").is_file() for p in caches)
     assert relabelled.summary["val_heads"] == again.summary["val_heads"]  # same labels, same seed: same heads
     assert git(clone, "status", "--porcelain", "--untracked-files=all") == ""

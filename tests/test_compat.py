@@ -1,4 +1,5 @@
-"""dyvte.compat: every transformers name is resolved once, both cache spellings work, unknown names fail loudly."""
+"""dyvte.engine.compat: every transformers name is resolved once, both cache spellings work, unknown names fail
+loudly."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from packaging.version import Version
 from torch import nn
 
 import dyvte
-from dyvte.compat import (
+from dyvte.engine.compat import (
     CACHE_NAMES,
     CompatibilityError,
     attn_implementation,
@@ -23,7 +24,7 @@ from dyvte.compat import (
     hidden_states_of,
     logits_of,
 )
-from dyvte.registry import resolve
+from dyvte.engine.registry import resolve
 
 from .tiny_models import FAMILIES, make_batch, make_tiny
 

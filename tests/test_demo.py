@@ -252,8 +252,8 @@ def test_matching_phase_draws_sparse_scenes_and_rejects_impossible_caps(processo
 
 def test_load_config_reads_the_config_load_model_would_load(tmp_path):
     """``load_config`` (what fit.py reads the FLOPs shape from): the demo, an adapter's base, a missing directory."""
+    from dyvte.data.sources import load_config
     from dyvte.demo import demo_checkpoint_dir
-    from dyvte.sources import load_config
 
     demo = load_config("demo")
     assert demo.to_dict() == load_config(str(demo_checkpoint_dir("demo-mllm"))).to_dict()

@@ -1,6 +1,6 @@
 """Engine v2 (docs/design.md §4-§5): host syncs per call, static cache = dynamic cache, in-place layouts, new policies.
 
-Host syncs are counted by :class:`dyvte.syncs.SyncCounter` (a ``TorchFunctionMode``): every call of a reading
+Host syncs are counted by :class:`dyvte.engine.syncs.SyncCounter` (a ``TorchFunctionMode``): every call of a reading
 function (``item``, ``tolist``, ``__bool__``, ``cpu``, ``nonzero``, ...), boolean-mask indexing, and every
 host-to-device copy whose innermost caller outside torch is the ``dyvte`` package, i.e. dyvte itself (hooks,
 policies, FastV's ranking) and not transformers or ``generate``.
@@ -14,12 +14,12 @@ import transformers
 from packaging.version import Version
 
 import dyvte
-from dyvte.fastv import FastVRanking
-from dyvte.handle import Handle
-from dyvte.policy import POLICIES, ExitPolicy, register_policy
-from dyvte.prune import PRUNING_METHODS, PatchScorer, register_pruning, scorer_method
-from dyvte.registry import resolve
-from dyvte.syncs import SyncCounter
+from dyvte.engine.handle import Handle
+from dyvte.engine.policy import POLICIES, ExitPolicy, register_policy
+from dyvte.engine.registry import resolve
+from dyvte.engine.syncs import SyncCounter
+from dyvte.policies.fastv import FastVRanking
+from dyvte.pruning.prune import PRUNING_METHODS, PatchScorer, register_pruning, scorer_method
 
 from .tiny_models import make_batch, make_tiny, random_heads
 
@@ -209,7 +209,7 @@ class EveryRowAtTheMiddle(ExitPolicy):
     def planned_exits(self, state):
         return [self.spec.num_layers // 2] * state.batch
 
-    def first_exit(self) -> int:
+    def earliest_exit(self) -> int:
         return self.spec.num_layers // 2
 
 

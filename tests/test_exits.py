@@ -1,4 +1,4 @@
-"""Label rules, offline exit scoring and Learn-then-Test calibration (dyvte.exits, dyvte.risk).
+"""Label rules, offline exit scoring and Learn-then-Test calibration (dyvte.exits.rules, dyvte.exits.risk).
 
 Invariants: the binomial tail is exact; Learn-then-Test keeps its promise (the chosen rule's true risk exceeds the
 tolerance in at most a δ share of calibration draws); scoring exits from a label cache equals running the engine
@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.data import build_inputs
-from dyvte.exits import (
+from dyvte.data.records import build_inputs
+from dyvte.exits.labels import label_batch
+from dyvte.exits.risk import binomial_cdf, learn_then_test
+from dyvte.exits.rules import (
     agrees_at,
-    calibrate_heads,
+    certify_thresholds,
     check_rule,
     exit_logit,
     exit_ok,
@@ -30,9 +32,7 @@ from dyvte.exits import (
     safe_from,
     savings_levels,
 )
-from dyvte.heads import ExitHeads, ExitHeadsConfig
-from dyvte.labels import label_batch
-from dyvte.risk import NEVER, binomial_cdf, learn_then_test
+from dyvte.policies.exit_heads import NEVER, ExitHeads, ExitHeadsConfig
 
 
 def test_binomial_cdf_is_the_exact_tail():
@@ -101,8 +101,8 @@ def test_rules_targets_and_first_exit():
     assert head_targets(columns, "kl", eta=0.05).tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 0]]
     assert head_targets(columns, "kl", eta=0.25).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
     assert head_targets(columns, "dyvte-layer").tolist() == paper[:, 1:].astype(float).tolist()
-    assert check_rule("layer") == "dyvte-layer" and check_rule("monotone") == "dyvte"
-    assert exit_ok(columns, "monotone").tolist() == paper.tolist()
+    assert check_rule("dyvte-layer") == "dyvte-layer" and check_rule("dyvte") == "dyvte"
+    assert exit_ok(columns, "dyvte").tolist() == paper.tolist()
     with pytest.raises(ValueError, match="label_rule must be one of agreement, kl, dyvte, dyvte-layer"):
         check_rule("safe")
     logits = exit_logit(torch.tensor([[0.1, 0.9, 0.2], [0.95, 0.1, 0.1], [0.1, 0.1, 0.1]])).float()
@@ -179,21 +179,21 @@ def test_savings_calibration_keeps_its_promise_over_many_calibration_draws():
     failures = 0
     for _ in range(60):
         logits, match = draw(400)
-        cal = calibrate_heads(Fixed(), logits, match, tolerance, delta, reference, savings=savings)
+        cal = certify_thresholds(Fixed(), logits, match, tolerance, delta, reference, savings=savings)
         assert cal.family == "savings"
         exits = first_exit(population, torch.tensor([math.inf if t is None else t for t in cal.logits])).numpy()
         failures += float((~agrees_at(population_match, exits)).mean()) > tolerance
     assert failures <= 60 * delta + 5  # binomial slack over 60 draws
     with pytest.raises(ValueError, match="savings needs reference"):
-        calibrate_heads(Fixed(), logits, match, tolerance, delta, savings=savings)
+        certify_thresholds(Fixed(), logits, match, tolerance, delta, savings=savings)
     with pytest.raises(ValueError, match="3 finite values"):
-        calibrate_heads(Fixed(), logits, match, tolerance, delta, reference, savings=torch.zeros(3))
+        certify_thresholds(Fixed(), logits, match, tolerance, delta, reference, savings=torch.zeros(3))
 
 
 @pytest.fixture(scope="module")
 def demo():
     from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
-    from dyvte.training import REPO_ROOT
+    from tests.scripts import REPO_ROOT
 
     model, processor = load_demo_model(), load_demo_processor()
     heads = ExitHeads.from_pretrained(REPO_ROOT / "checkpoints" / "demo-exit-heads")
@@ -227,7 +227,7 @@ def test_calibrated_thresholds_are_the_default_and_threshold_overrides(demo, tmp
     with torch.no_grad():
         columns = label_batch(model, processor, records)
     features = torch.as_tensor(columns["features"])
-    calibration = calibrate_heads(heads, features, columns["match"], tolerance=0.5, delta=0.2)
+    calibration = certify_thresholds(heads, features, columns["match"], tolerance=0.5, delta=0.2)
     assert calibration.result.parameter is not None and calibration.family == "global"
     heads = ExitHeads.from_pretrained(heads.save_pretrained(tmp_path / "copy"))  # the module fixture stays as it is
     heads.config.thresholds, heads.config.calibration = calibration.thresholds, calibration.record()

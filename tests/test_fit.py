@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dyvte.heads import ExitHeads
+from dyvte.policies.exit_heads import ExitHeads
 
 from .test_calibrate_evaluate import TEMPLATE, records
 from .tiny_models import make_tiny

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from datasets import load_from_disk
 
+from dyvte.data.formats import export_llava
 from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
-from dyvte.formats import export_llava
-from dyvte.heads import ExitHeads
-from dyvte.labels import build_label_cache
+from dyvte.exits.labels import build_label_cache
+from dyvte.policies.exit_heads import ExitHeads
 
 from .scripts import load_script
 from .test_fit import fit_args, make_fit_setup

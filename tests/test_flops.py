@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyvte
-from dyvte.benchmark import LlavaShape, build_random_llava, llava_prompt
+from dyvte.eval.benchmark import LlavaShape, build_random_llava, llava_prompt
 
 SHAPE = LlavaShape(
     hidden_size=64,

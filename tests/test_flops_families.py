@@ -15,10 +15,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyvte
-from dyvte.benchmark import kv_cache_bytes
-from dyvte.compat import cache_out
-from dyvte.registry import resolve
-from dyvte.video import attach_frames_video_processor
+from dyvte.data.video import attach_frames_video_processor
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.eval.benchmark import kv_cache_bytes
 
 from .oracle import visual_mask
 from .test_video import encode as encode_video

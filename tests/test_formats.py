@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dyvte.data import DataError
+from dyvte.data.formats import export_llava, iter_json_rows, parse_columns
+from dyvte.data.records import DataError
+from dyvte.data.sources import load_records
 from dyvte.demo import load_demo_dataset
-from dyvte.formats import export_llava, iter_json_rows, parse_columns
-from dyvte.sources import load_records
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_multi_turn_rows_give_one_sample_per_answer_with_earlier_turns(tmp_path,
         },
         {"id": "text", "conversations": [turn("human", "hello"), turn("gpt", "hi")]},
     ]
-    with caplog.at_level(logging.INFO, logger="dyvte.formats"):
+    with caplog.at_level(logging.INFO, logger="dyvte.data.formats"):
         ds = load_records(str(write(tmp_path / "llava.json", rows)))
     assert ds["question"] == ["what is it?", "which colour?"] and ds["answer"] == ["a square", "black"]
     assert ds["context"] == [[], [{"question": "what is it?", "answer": "a square"}]] and ds["turn"] == [1, 3]
@@ -118,7 +118,7 @@ def test_a_bad_row_is_named_by_its_id_or_skipped_with_a_count(tmp_path, row, rea
     path = write(tmp_path / "rows.json", [good, {"id": "bad-1", **row}])
     with pytest.raises(DataError, match=rf"rows\.json, row 1 \(line \d+, id 'bad-1'\): .*\[{reason}\].*skip_bad_rows"):
         load_records(str(path))
-    with caplog.at_level(logging.INFO, logger="dyvte.formats"):
+    with caplog.at_level(logging.INFO, logger="dyvte.data.formats"):
         ds = load_records(str(path), skip_bad_rows=True)
     assert ds["id"] == ["good"]
     assert f"skipped 1 bad rows (--skip_bad_rows): 1 {reason} (e.g. bad-1)" in caplog.text
@@ -137,9 +137,9 @@ def test_a_truncated_llava_json_names_its_line(tmp_path):
 
 
 def test_json_rows_stream_across_read_windows(tmp_path, monkeypatch):
-    import dyvte.formats
+    import dyvte.data.formats
 
-    monkeypatch.setattr(dyvte.formats, "CHUNK", 5)  # every row spans several windows
+    monkeypatch.setattr(dyvte.data.formats, "CHUNK", 5)  # every row spans several windows
     rows = [{"id": str(i), "text": "]\n[" * i, "n": [i, {"x": ","}]} for i in range(12)]
     path = write(tmp_path / "rows.json", rows)
     parsed = list(iter_json_rows(path))
@@ -174,7 +174,7 @@ def test_parquet_and_datasets_folders_with_a_column_mapping(tmp_path, caplog):
     ds.save_to_disk(str(tmp_path / "folder"))
     mapping = "image=picture,question=prompt,answer=response"
     for source in ("rows.parquet", "folder"):
-        with caplog.at_level(logging.INFO, logger="dyvte.sources"):
+        with caplog.at_level(logging.INFO, logger="dyvte.data.sources"):
             out = load_records(str(tmp_path / source), columns=mapping)
         assert out["question"] == ["first?", "second?"] and out["answer"] == ["one", "two"]
         assert [np.asarray(im)[0, 0, 0] for im in out["image"]] == [10, 20]
@@ -196,6 +196,6 @@ def test_flat_records_with_a_column_mapping_and_skipped_bad_rows(tmp_path, caplo
         DataError, match=r"rows\.jsonl, record 1 \(line 2\): the image .* does not exist.*skip_bad_rows"
     ):
         load_records(str(path), columns=mapping)
-    with caplog.at_level(logging.INFO, logger="dyvte.sources"):
+    with caplog.at_level(logging.INFO, logger="dyvte.data.sources"):
         ds = load_records(str(path), columns=mapping, skip_bad_rows=True)
     assert ds["answer"] == ["one"] and "skipped 1 bad records (--skip_bad_rows)" in caplog.text

@@ -17,9 +17,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyvte
-from dyvte.benchmark import greedy_steps
-from dyvte.compat import cache_out
-from dyvte.registry import resolve
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.eval.benchmark import greedy_steps
 
 from .tiny_models import FAMILIES, make_batch, make_tiny, random_heads
 from .tiny_models import greedy as tiny_greedy

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.data import build_inputs
-from dyvte.flops import prefill_flops
-from dyvte.heads import ExitHeads, ExitHeadsConfig, head_features
-from dyvte.labels import answer_loss, build_label_cache, exit_safe, on_the_fly_labels, smallest_safe_layer
-from dyvte.registry import resolve
+from dyvte.data.records import build_inputs
+from dyvte.engine.registry import resolve
+from dyvte.eval.flops import prefill_flops
+from dyvte.exits.labels import answer_loss, build_label_cache, exit_safe, on_the_fly_labels, smallest_safe_layer
+from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig, head_features
 
 from .oracle import check_heads_rows_alone
 from .test_calibrate_evaluate import TEMPLATE, records
@@ -247,9 +247,9 @@ def test_cached_labels_equal_generation_under_withdrawal_and_on_the_fly_labels(t
 
 
 def test_committed_demo_heads_load_onto_the_demo_model():
-    from dyvte.data import build_inputs as inputs_of
+    from dyvte.data.records import build_inputs as inputs_of
     from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
-    from dyvte.training import REPO_ROOT
+    from tests.scripts import REPO_ROOT
 
     model, processor = load_demo_model(), load_demo_processor()
     heads = ExitHeads.from_pretrained(REPO_ROOT / "checkpoints" / "demo-exit-heads")
@@ -273,9 +273,9 @@ def test_committed_demo_heads_record_a_promise_their_calibration_certifies():
     """The committed heads' calibration record is self-consistent: its binomial p-value, recomputed from the counts it
     saves, is the saved one and <= delta; it was certified on validation records disjoint from the Platt-scaling
     (validation) records; its P(exit) thresholds are the sigmoids of the logits the heads fire on."""
-    from dyvte.exits import exit_logit
-    from dyvte.risk import binomial_cdf
-    from dyvte.training import REPO_ROOT
+    from dyvte.exits.risk import binomial_cdf
+    from dyvte.exits.rules import exit_logit
+    from tests.scripts import REPO_ROOT
 
     config = json.loads((REPO_ROOT / "checkpoints" / "demo-exit-heads" / "exit_heads_config.json").read_text())
     training = json.loads((REPO_ROOT / "checkpoints" / "demo-exit-heads" / "training.json").read_text())

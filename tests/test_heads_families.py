@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.video import attach_frames_video_processor
+from dyvte.data.video import attach_frames_video_processor
 
 from .oracle import check_heads_rows_alone
 from .test_video import encode as encode_video

@@ -53,8 +53,9 @@ def test_import_does_not_load_heavy_dependencies(fresh, package):
 
 
 def test_import_does_not_load_benchmark_or_model_code(fresh):
-    # dyvte.benchmark builds LLaVA models; transformers' per-model modeling code costs seconds and is loaded on demand
-    assert _loaded_under(fresh["loaded"], "dyvte.benchmark") == []
+    # dyvte.eval.benchmark builds LLaVA models; transformers' per-model modeling code costs seconds and is loaded on
+    # demand
+    assert _loaded_under(fresh["loaded"], "dyvte.eval.benchmark") == []
     assert [m for m in fresh["loaded"] if m.startswith("transformers.models.") and ".modeling_" in m] == []
 
 
@@ -67,8 +68,8 @@ def test_every_public_name_resolves(fresh):
 
 
 def test_reexports_are_the_submodules_objects():
-    module = importlib.import_module("dyvte.evaluate")
+    module = importlib.import_module("dyvte.eval.harness")
     assert dyvte.evaluate is module.evaluate
     assert dyvte.EvalResult is module.EvalResult
-    assert dyvte.prune is importlib.import_module("dyvte.prune").prune
-    assert dyvte.withdraw is importlib.import_module("dyvte.withdraw").withdraw
+    assert dyvte.prune is importlib.import_module("dyvte.pruning.prune").prune
+    assert dyvte.withdraw is importlib.import_module("dyvte.policies.withdraw").withdraw

@@ -2,7 +2,7 @@
 
 import torch
 
-from dyvte.layout import compose, pack_right, slot_mask, take
+from dyvte.engine.layout import compose, pack_right, slot_mask, take
 
 
 def test_pack_right_keeps_order_and_left_pads():

@@ -11,11 +11,11 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from dyvte.heads import ExitHeads
-from dyvte.labels import build_label_cache
-from dyvte.onthefly import draw_layers, fresh_labels
-from dyvte.sources import load_model, load_records
-from dyvte.training import ExitLabelData
+from dyvte.data.sources import load_model, load_records
+from dyvte.exits.labels import build_label_cache
+from dyvte.exits.onthefly import draw_layers, fresh_labels
+from dyvte.policies.exit_heads import ExitHeads
+from dyvte.train.fitting import ExitLabelData
 
 from .scripts import load_script
 from .test_fit import fit_args, make_fit_setup

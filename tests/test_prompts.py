@@ -8,9 +8,9 @@ import pytest
 import torch
 from tokenizers import processors
 
-from dyvte.data import DataError, build_inputs
+from dyvte.data.prompts import attach_prompt_template, check_prompt_template, render_prompt
+from dyvte.data.records import DataError, build_inputs
 from dyvte.demo import load_demo_dataset, load_demo_processor
-from dyvte.prompts import attach_prompt_template, check_prompt_template, render_prompt
 
 from .test_calibrate_evaluate import records
 from .tiny_models import make_tiny
@@ -102,8 +102,8 @@ def test_every_launcher_takes_prompt_template(tmp_path):
     import inspect
     import json
 
-    from dyvte.adapt import AdaptModule
-    from dyvte.training import ExitLabelData
+    from dyvte.train.fitting import ExitLabelData
+    from dyvte.train.lora import AdaptModule
 
     from .scripts import load_script
 
@@ -121,7 +121,7 @@ def test_every_launcher_takes_prompt_template(tmp_path):
         calibrate(**kwargs, output=str(tmp_path / "cal"))
     calibrate(**kwargs, output=str(tmp_path / "cal"), prompt_template="USER: <image>\n{question} ASSISTANT:")
     assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["num_samples"] == 4
-    for script in ("train/calibrate.py", "train/evaluate.py", "train/report.py"):
+    for script in ("train/calibrate.py", "train/eval.py", "train/report.py"):
         assert "prompt_template" in inspect.signature(load_script(script).main).parameters, script
     for cls in (ExitLabelData, AdaptModule):
         assert "prompt_template" in inspect.signature(cls).parameters, cls

@@ -11,11 +11,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import dyvte
-from dyvte.benchmark import kv_cache_bytes
-from dyvte.compat import cache_out
-from dyvte.data import build_inputs
-from dyvte.methods import Prune, parse_method
-from dyvte.registry import resolve
+from dyvte.data.records import build_inputs
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.eval.benchmark import kv_cache_bytes
+from dyvte.eval.methods import PruningRun, parse_method
 
 from .oracle import compacted_oracle_logits, masked_keys_logits
 from .test_calibrate_evaluate import TEMPLATE, records
@@ -234,7 +234,7 @@ def test_flops_and_harness():
     cfg = model.config
     layers = cfg.text_config.num_hidden_layers
     got = flops(cfg, 40, 16, 2, visual_after=4, convention="paper")
-    per_layer = lambda n: float(dyvte.flops.layer_flops(cfg, n, "paper"))  # noqa: E731
+    per_layer = lambda n: float(dyvte.eval.flops.layer_flops(cfg, n, "paper"))  # noqa: E731
     assert got.flops == pytest.approx(2 * per_layer(40) + (layers - 2) * per_layer(40 - 16 + 4))
     assert flops(cfg, 40, 16, 2, visual_after=16).ratio == 1.0
     assert flops(cfg, 40, 16, 2).flops == flops(cfg, 40, 16, 2, visual_after=0).flops
@@ -243,7 +243,7 @@ def test_flops_and_harness():
 
     names = [m.name for m in parse_method("fastervlm:0.75,0.9", layers) + parse_method("fastv:2:0.5", layers)]
     assert names == ["fastervlm R=0.75", "fastervlm R=0.9", "fastv K=2 R=0.5"]
-    assert parse_method("random:0.5", layers)[0] == Prune("random", ratio=0.5)
+    assert parse_method("random:0.5", layers)[0] == PruningRun("random", {"ratio": 0.5})
     processor.chat_template = TEMPLATE
     data = records(4)
     full = dyvte.evaluate(model, processor, data, batch_size=2, progress=False)
@@ -259,7 +259,7 @@ def test_flops_and_harness():
         "fastervlm": flops(cfg, tokens - visual + kept, kept).full / unpruned,
         "fastv": flops(cfg, tokens, visual, 2, visual_after=kept).flops / unpruned,
     }
-    for method in (Prune("fastervlm", ratio=0.75), Prune("fastv", 0.75, layer=2)):
+    for method in (PruningRun("fastervlm", {"ratio": 0.75}), PruningRun("fastv", {"ratio": 0.75, "layer": 2})):
         result = dyvte.evaluate(model, processor, data, method, reference=full, batch_size=2, progress=False)
         assert result.relative_flops == pytest.approx(expected[method.method].tolist(), rel=1e-12)
         assert result.flops == pytest.approx(float(expected[method.method].mean()), rel=1e-6)
@@ -289,7 +289,7 @@ def test_bad_inputs_are_clear_errors():
         dyvte.prune(model, "fastv", layer=1, ratio=0.5)
     with dyvte.prune(model, "fastv", layer=1, ratio=0.5), pytest.raises(dyvte.WithdrawalError, match="already"):
         dyvte.withdraw(model, layer=1)
-    with dyvte.prune(model, "random", ratio=0.5), pytest.raises(dyvte.PruneError, match="already pruned"):
+    with dyvte.prune(model, "random", ratio=0.5), pytest.raises(dyvte.PruningError, match="already pruned"):
         dyvte.prune(model, "fastervlm", ratio=0.5)
     qwen, qwen_processor = make_tiny("qwen2_vl", num_layers=2)
     with pytest.raises(dyvte.UnsupportedModelError, match="llava, llava_next"):

@@ -19,10 +19,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import dyvte
-from dyvte.benchmark import kv_cache_bytes
-from dyvte.compat import cache_out
-from dyvte.registry import resolve
-from dyvte.video import attach_frames_video_processor
+from dyvte.data.video import attach_frames_video_processor
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.eval.benchmark import kv_cache_bytes
 
 from .test_prune import check_fastv_equals_masking_oracle
 from .test_video import ROWS, encode, greedy
@@ -153,7 +153,7 @@ def test_llava_next_video_prunes_images_and_refuses_videos() -> None:
         model(**images_only)
         visual = torch.isin(images_only["input_ids"], resolve(model).visual_ids).sum()
         assert 0 < int(handle.fed_visual[0]) < int(visual)
-        with pytest.raises(dyvte.PruneError, match="not its videos"):
+        with pytest.raises(dyvte.PruningError, match="not its videos"):
             model(**encode(processor, "llava_next_video", only=1))
 
 

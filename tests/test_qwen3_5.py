@@ -16,10 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache
 
 import dyvte
-from dyvte.benchmark import kv_cache_bytes, recurrent_state_bytes
-from dyvte.compat import cache_out
-from dyvte.flops import NOT_COUNTED_BY_FLOP_COUNTER, layer_flop_parts, prefill_state_bytes
-from dyvte.registry import resolve
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.eval.benchmark import kv_cache_bytes, recurrent_state_bytes
+from dyvte.eval.flops import NOT_COUNTED_BY_FLOP_COUNTER, layer_flop_parts, prefill_state_bytes
 
 from .oracle import compacted_oracle_logits, oracle_logits, visual_mask
 from .tiny_models import greedy, make_batch, make_tiny, random_heads

@@ -24,9 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyvte
-from dyvte import registry
-from dyvte.compat import CompatibilityError, check_deepstack
-from dyvte.registry import resolve
+from dyvte.engine import registry
+from dyvte.engine.compat import CompatibilityError, check_deepstack
+from dyvte.engine.registry import resolve
 
 from .oracle import check_heads_rows_alone, oracle_logits, visual_mask
 from .test_engine import STEPS, count_syncs

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dyvte.evaluate import EvalResult
+from dyvte.eval.harness import EvalResult
 
 from .scripts import load_script
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from dyvte.shards import label_shards, merge_shards, missing_shards, shard_ranges
-from dyvte.sources import load_model, load_records
+from dyvte.data.sources import load_model, load_records
+from dyvte.exits.shards import label_shards, merge_shards, missing_shards, shard_ranges
 
 from .test_fit import make_fit_setup
 

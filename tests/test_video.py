@@ -1,6 +1,6 @@
 """Video inputs (docs/design.md §5): withdrawal on batches that mix image rows, video rows and text-only rows.
 
-Videos reach the models through ``dyvte.video.FramesVideoProcessor`` (frames through the image processor; no
+Videos reach the models through ``dyvte.data.video.FramesVideoProcessor`` (frames through the image processor; no
 torchvision). On Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision and GLM-4V, with withdrawal on:
 
 - withdrawal at every K equals the masking oracle (SDPA and eager, 2e-6 in fp32);
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.registry import resolve
-from dyvte.video import FramesVideoProcessor, attach_frames_video_processor
+from dyvte.data.video import FramesVideoProcessor, attach_frames_video_processor
+from dyvte.engine.registry import resolve
 
 from .oracle import check_layers_equal_rows_alone, oracle_logits, visual_mask
 from .tiny_models import PROMPT_IMAGE_TOKEN, WORDS, greedy, make_row_images, make_tiny

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.registry import resolve
+from dyvte.engine.registry import resolve
 
 from .oracle import check_heads_rows_alone, check_layers_equal_rows_alone, oracle_logits, visual_mask
 from .test_prune import check_fastv_equals_masking_oracle

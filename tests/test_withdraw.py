@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.benchmark import kv_cache_bytes
-from dyvte.compat import cache_out
-from dyvte.registry import resolve
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.eval.benchmark import kv_cache_bytes
 
 from .oracle import check_layers_equal_rows_alone, compacted_oracle_logits, oracle_logits, visual_mask
 from .tiny_models import FAMILIES, greedy, make_batch, make_tiny

@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import dyvte
-from dyvte.compat import cache_out
-from dyvte.methods import Method
-from dyvte.registry import resolve
+from dyvte.engine.compat import cache_out
+from dyvte.engine.registry import resolve
+from dyvte.eval.methods import Method
 
 from .oracle import oracle_logits, visual_mask
 from .tiny_models import make_batch, make_tiny
@@ -149,11 +149,11 @@ def test_public_api_of_design_section_3(llava, tmp_path):
         (dyvte.prune, (model, "random"), {"keep": 64, "seed": 0}),
         (dyvte.prune, (model, "fastv"), {"layer": 2, "ratio": 0.75}),
         (dyvte.prefill_flops, (model.config, 40, 16, 2), {}),
-        (dyvte.evaluate, (model, None, [], dyvte.Static(6)), {}),
+        (dyvte.evaluate, (model, None, [], dyvte.PolicyRun("static", {"layer": 6})), {}),
     ]
     for fn, args, kwargs in documented_calls:
         inspect.signature(fn).bind(*args, **kwargs)  # TypeError if the documented call no longer fits
-    assert all(issubclass(getattr(dyvte, m), Method) for m in ("Full", "Static", "Calibrated", "Heads", "Prune"))
+    assert all(issubclass(getattr(dyvte, m), Method) for m in ("Full", "PolicyRun", "PruningRun", "Compose"))
     assert dyvte.supported_model_types() == sorted(dyvte.REGISTRY) and "llava" in dyvte.REGISTRY
 
     with dyvte.withdraw(model, layer=[1, 2, num_layers]) as handle, torch.no_grad():  # one exit layer per row

@@ -52,7 +52,7 @@ image; "placeholder" = the token id the model scatters vision features into; see
 - ``video_llava``: separate CLIP image and video towers, 32 px / patch 8: 16 ``<image>`` per image ([CLS] dropped),
   17 ``<video>`` per video frame ([CLS] kept). Pixels: ``pixel_values_images``.
 - ``llava_next_video``: LLaVA-NeXT's anyres images (36 / 46 / 44 / 88); video frames pooled 2x2: 4 ``<video>`` each.
-- Videos (Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision, GLM-4V) go through ``dyvte.video.FramesVideoProcessor``
+- Videos (Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision, GLM-4V) go through ``dyvte.data.video.FramesVideoProcessor``
   (``tests/test_video.py``).
 
 Quirk common to the video-slot processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, SmolVLM): without
@@ -1006,7 +1006,7 @@ def constant_heads(model: Any, fire_at: int | None) -> Any:
 def greedy(model: Any, inputs: dict, new_tokens: int = 4, **kwargs: Any) -> torch.Tensor:
     """``(B, new_tokens)`` the greedy continuation of ``inputs`` with the visual placeholder tokens suppressed (a tiny
     random model would otherwise emit them); ``kwargs`` go to ``generate`` (``use_cache``, ``min_new_tokens``...)."""
-    from dyvte.registry import resolve
+    from dyvte.engine.registry import resolve
 
     ids = resolve(model).visual_ids.tolist()
     out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=ids, **kwargs)

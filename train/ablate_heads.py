@@ -9,12 +9,12 @@
 Data: the committed digit-scenes splits (``checkpoints/demo-data``: train 24,000 / validation 15,000 / test 2,000).
 Heads train on the first 3,000 (or 12,000, 24,000) training records, labelled in caches of 12,000, validate on
 validation records 0..1999 (also the reference the calibration Platt-scales each head on), and their thresholds are
-calibrated (Learn-then-Test, :func:`dyvte.exits.calibrate_heads`) on validation records 2000..14999 at
+calibrated (Learn-then-Test, :func:`dyvte.exits.rules.certify_thresholds`) on validation records 2000..14999 at
 ``--tolerance`` / ``--delta``, exactly as ``train/fit.py`` does. Nothing is chosen on the test split: each row is
 then scored once on it.
 
 Scoring is exact and offline: before a row exits no token has left, so the heads read the cached full-model
-features and the exit layer, answer and prefill FLOPs at that layer come from the label cache (``dyvte.exits``;
+features and the exit layer, answer and prefill FLOPs at that layer come from the label cache (``dyvte.exits.rules``;
 tests/test_exits.py checks this against the engine). Each row: accuracy, agreement with the full model, relative
 prefill FLOPs, the share of the oracle's FLOPs savings, and the promised tolerance next to the disagreement
 realized on test; mean and spread over ``--seeds`` trainings. The static-K row picks K with the same
@@ -38,14 +38,18 @@ import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dyvte.exits import agrees_at, calibrate_heads, exit_savings, first_exit, head_targets, outcome  # noqa: E402
-from dyvte.flops import relative_flops_per_exit  # noqa: E402
-from dyvte.heads import ExitHeadsConfig, head_inputs  # noqa: E402
-from dyvte.io import write_text_atomic  # noqa: E402
-from dyvte.labels import smallest_safe_layer  # noqa: E402
-from dyvte.risk import learn_then_test  # noqa: E402
-from dyvte.sources import load_config  # noqa: E402
-from dyvte.training import ExitHeadsModule, HeadTensorData, quiet_lightning, runs_dir  # noqa: E402
+from dyvte.data.sources import load_config  # noqa: E402
+from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
+from dyvte.exits.labels import smallest_safe_layer  # noqa: E402
+from dyvte.exits.risk import learn_then_test  # noqa: E402
+from dyvte.exits.rules import agrees_at, certify_thresholds, exit_savings, head_targets, outcome  # noqa: E402
+from dyvte.policies.exit_heads import (  # noqa: E402
+    ExitHeadsConfig,
+    first_exit,  # noqa: E402
+    head_inputs,
+)
+from dyvte.train.fitting import ExitHeadsModule, HeadTensorData, quiet_lightning, runs_dir  # noqa: E402
+from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("ablate_heads")
 
@@ -105,7 +109,7 @@ def score(heads: torch.nn.Module, row: Row, caches: dict, scope: Scope, toleranc
     reference = (head_inputs(caches["val"], extra), head_targets(caches["val"], row.rule, row.eta))
     calib = scope.calib
     savings = scope.savings if row.family == "savings" else None
-    cal = calibrate_heads(
+    cal = certify_thresholds(
         heads, head_inputs(calib, extra), calib["match"], tolerance, scope.delta, reference, savings=savings
     )
     thresholds = torch.tensor([math.inf if t is None else t for t in cal.logits])  # (L-1,) logit thresholds
@@ -153,8 +157,8 @@ def label_caches(
     """Label (once) and load the train / val / calib / test caches (those in ``names``)."""
     from datasets import load_from_disk
 
-    from dyvte.labels import build_label_cache
-    from dyvte.sources import load_model, load_records
+    from dyvte.data.sources import load_model, load_records
+    from dyvte.exits.labels import build_label_cache
 
     val_end = args.val_samples + args.calib_samples
     train_stop = max(r.train for r in ROWS) if args.train_samples is None else args.train_samples

@@ -30,10 +30,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ablate_heads import ROWS, label_caches, oracle_share, relative_flops, train_row, write_outputs  # noqa: E402
 
-from dyvte.exits import agrees_at, calibrate_heads, exit_savings, first_exit, head_targets  # noqa: E402
-from dyvte.heads import head_inputs  # noqa: E402
-from dyvte.io import write_text_atomic  # noqa: E402
-from dyvte.training import quiet_lightning, runs_dir  # noqa: E402
+from dyvte.exits.rules import agrees_at, certify_thresholds, exit_savings, head_targets  # noqa: E402
+from dyvte.policies.exit_heads import (
+    first_exit,  # noqa: E402
+    head_inputs,  # noqa: E402
+)
+from dyvte.train.fitting import quiet_lightning, runs_dir  # noqa: E402
+from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("ablate_splits")
 
@@ -46,9 +49,9 @@ def validation_columns(model: str, root: Path, batch_size: int) -> dict[str, np.
     """Label (once) and load validation records 0..19,999 of the demo's seeded stream."""
     from datasets import load_from_disk
 
+    from dyvte.data.sources import load_model
     from dyvte.demo.data import DatasetSizes, build_dataset
-    from dyvte.labels import build_label_cache
-    from dyvte.sources import load_model
+    from dyvte.exits.labels import build_label_cache
 
     loaded, records, net = [], None, None
     for name, start, stop in PARTS:
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             logits = heads(features).float()  # (20000, L-1)
         for ref, cal in splits:
             reference = (features[:ref], head_targets({"match": columns["match"][:ref]}, "agreement"))
-            chosen = calibrate_heads(
+            chosen = certify_thresholds(
                 heads,
                 features[ref : ref + cal],
                 columns["match"][ref : ref + cal],

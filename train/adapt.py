@@ -2,8 +2,8 @@
 
     python train/adapt.py --config configs/adapt_demo.yaml       # -> runs/adapt-demo/lora-vtw (adapter only)
     python train/adapt.py --config configs/adapt_demo.yaml --model.distill 0 --output_dir runs/lora-ce
-    python train/evaluate.py --model demo --methods '[full, "static:all"]' --output_dir runs/eval-base
-    python train/evaluate.py --model runs/adapt-demo/lora-vtw --methods '[full, "static:all"]' \
+    python train/eval.py --model demo --methods '[full, "static:all"]' --output_dir runs/eval-base
+    python train/eval.py --model runs/adapt-demo/lora-vtw --methods '[full, "static:all"]' \
         --output_dir runs/eval-lora
     python train/adapt.py compare --base runs/eval-base --adapted runs/eval-lora    # side by side, earliest K
     python train/adapt.py --config configs/adapt_demo.yaml --output_dir checkpoints/demo-lora-vtw
@@ -16,7 +16,8 @@ base model is loaded; a run that ends with no step writes no adapter.
 Outputs go under ``<repo>/runs`` (ignored by git) unless ``--output_dir`` says otherwise: the adapter and
 ``training.json`` in ``runs/adapt-demo/lora-vtw``, Lightning's CSV logs in ``runs/adapt-demo/logs/version_N``;
 both paths are logged. Only the adapter is written (``PeftModel.save_pretrained``; ``adapter_config.json`` names the
-base, so ``dyvte.sources.load_model(<dir>)`` loads base + adapter). ``--merged_dir`` also writes the merged model and
+base, so ``dyvte.data.sources.load_model(<dir>)`` loads base + adapter). ``--merged_dir`` also writes the merged model
+and
 its processor as a plain ``from_pretrained`` directory (e.g. for ``train/fit.py --data.model <dir>``).
 """
 
@@ -35,16 +36,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from dyvte.adapt import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
 from dyvte.demo import demo_checkpoint_dir  # noqa: E402
-from dyvte.io import write_text_atomic  # noqa: E402
-from dyvte.training import (  # noqa: E402
+from dyvte.train.fitting import (  # noqa: E402
     check_output_dir,
     check_training_budget,
     quiet_lightning,
     require_trained,
     runs_dir,
 )
+from dyvte.train.lora import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
+from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("adapt")
 
@@ -74,7 +75,7 @@ class AdaptCLI(LightningCLI):
 
 
 def compare(base: str, adapted: str, tolerance: float = 0.005) -> None:
-    """Print base vs adapted accuracy for every K from two ``train/evaluate.py`` output directories.
+    """Print base vs adapted accuracy for every K from two ``train/eval.py`` output directories.
 
     Args:
         base: the base model's evaluate output directory (``full`` + ``static:all``).

@@ -21,11 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.calibrate import POSITIONS  # noqa: E402
-from dyvte.checks import check_positive_int  # noqa: E402
-from dyvte.data import build_inputs, iter_batches  # noqa: E402
-from dyvte.sources import DTYPES, load_model, load_records  # noqa: E402
-from dyvte.training import REPO_ROOT  # noqa: E402
+from dyvte.data.records import build_inputs, iter_batches  # noqa: E402
+from dyvte.data.sources import DTYPES, load_model, load_records  # noqa: E402
+from dyvte.exits.kl import POSITIONS  # noqa: E402
+from dyvte.train.fitting import runs_dir  # noqa: E402
+from dyvte.utils.checks import check_positive_int  # noqa: E402
 
 
 def check_arguments(
@@ -54,7 +54,7 @@ def main(
     batch_size: int = 50,
     dtype: str = "float32",
     prompt_template: str | None = None,
-    output: str = str(REPO_ROOT / "runs" / "calibrate-demo"),
+    output: str = str(runs_dir("calibrate-demo")),
 ) -> dyvte.Calibration:
     """Calibrate the static exit layer.
 
@@ -69,7 +69,7 @@ def main(
         batch_size: rows per forward.
         dtype: float32 or bfloat16.
         prompt_template: prompt format string with {question} and the image placeholder, e.g.
-            "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.prompts).
+            "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.data.prompts).
         output: directory for calibration.json (pass checkpoints/demo-calibration to regenerate the committed one).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

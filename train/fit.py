@@ -42,11 +42,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
-from dyvte.exits import calibrate_heads, exit_savings  # noqa: E402
-from dyvte.flops import relative_flops_per_exit  # noqa: E402
-from dyvte.io import write_text_atomic  # noqa: E402
-from dyvte.sources import load_config  # noqa: E402
-from dyvte.training import (  # noqa: E402
+from dyvte.data.sources import load_config  # noqa: E402
+from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
+from dyvte.exits.rules import certify_thresholds, exit_savings  # noqa: E402
+from dyvte.train.fitting import (  # noqa: E402
     ExitHeadsModule,
     ExitLabelData,
     check_output_dir,
@@ -57,6 +56,7 @@ from dyvte.training import (  # noqa: E402
     require_trained,
     runs_dir,
 )
+from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("fit")
 
@@ -152,7 +152,7 @@ def main(args: list[str] | None = None) -> dict:
         return {}
     heads = cli.model.heads
     heads.config.label_rule = data.hparams.label_rule
-    calibration = calibrate(heads, data, cli.config["tolerance"], cli.config["delta"])
+    calibration = certify(heads, data, cli.config["tolerance"], cli.config["delta"])
     heads.save_pretrained(out)
     features, targets = data.tensors["val"]
     per_head = head_validation(heads, features, targets)
@@ -189,7 +189,7 @@ def main(args: list[str] | None = None) -> dict:
     return summary
 
 
-def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
+def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
     """Choose the heads' thresholds on the calibration split (Learn-then-Test) and store them in their config."""
     if "calib" not in data.columns:
         log.info("no calibration split (--data.calib_samples 0): the heads keep threshold %g", heads.config.threshold)
@@ -197,7 +197,7 @@ def calibrate(heads, data: ExitLabelData, tolerance: float, delta: float) -> dic
     val = data.columns["val"]
     flops = relative_flops_per_exit(load_config(data.hparams.model), val["tokens"], val["visual"])  # (N, L+1)
     savings = exit_savings(flops.numpy())  # (L-1,) what an exit at K = j + 1 saves, on validation
-    chosen = calibrate_heads(
+    chosen = certify_thresholds(
         heads,
         data.tensors["calib"][0],
         data.columns["calib"]["match"],

@@ -26,11 +26,11 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.evaluate import OVERALL, format_per_type, method_family, plot_sweep  # noqa: E402
-from dyvte.methods import Full, parse_method  # noqa: E402
-from dyvte.registry import resolve  # noqa: E402
-from dyvte.sources import load_model, load_records  # noqa: E402
-from dyvte.training import REPO_ROOT  # noqa: E402
+from dyvte.data.sources import load_model, load_records  # noqa: E402
+from dyvte.engine.registry import resolve  # noqa: E402
+from dyvte.eval.harness import OVERALL, format_per_type, method_kind, plot_sweep  # noqa: E402
+from dyvte.eval.methods import Full, parse_method  # noqa: E402
+from dyvte.train.fitting import runs_dir  # noqa: E402
 
 
 def main(
@@ -46,7 +46,7 @@ def main(
     compose_threshold: float | None = None,
     targets: list[float] = (0.7, 0.5, 0.3),
     batch_size: int = 100,
-    output_dir: str = str(REPO_ROOT / "runs" / "report"),
+    output_dir: str = str(runs_dir("report")),
     wallclock: str = "docs/wallclock.md",
     mixed: str = "docs/mixed.md",
     decode: str = "docs/decode.md",
@@ -72,7 +72,7 @@ def main(
         wallclock: the Markdown table written by ``benchmarks/methods.py --output`` (included as is).
         mixed: the mixed-exit batch prefill tables of ``benchmarks/mixed.py`` (included as is).
         decode: the decode table of ``benchmarks/decode.py`` (included as is).
-        prompt_template: prompt format string with {question} for a model without a chat template (dyvte.prompts).
+        prompt_template: prompt format string with {question} for a model without a chat template (dyvte.data.prompts).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     mllm, processor = load_model(model, prompt_template=prompt_template)
@@ -94,7 +94,7 @@ def main(
     results = [full] + [
         dyvte.evaluate(mllm, processor, records, m, reference=full, batch_size=batch_size, max_new_tokens=4)
         for m in methods
-        if not (isinstance(m, dyvte.Static) and m.layer == num_layers)  # K = L is the full model
+        if not (isinstance(m, dyvte.PolicyRun) and m.policy == "static" and m.options["layer"] == num_layers)
     ]
     # the full model timed again after every method: the two passes bracket the sweep, so their gap is this machine's
     # drift over the run; speedups are taken against their mean
@@ -129,7 +129,7 @@ PROMISE_MARK = "<!-- promise -->"
 
 def promise(results: list, heads_dir: str) -> str:
     """The calibrated heads' promise (tolerance, δ, calibration size) next to the disagreement realized here."""
-    from dyvte.heads import ExitHeads
+    from dyvte.policies.exit_heads import ExitHeads
 
     config = ExitHeads.from_pretrained(heads_dir).config
     calibration = config.calibration
@@ -154,7 +154,7 @@ def matched(results: list, targets: list[float]) -> str:
     """For each FLOPs target, the best accuracy of each method family at or below it."""
     families: dict[str, list] = defaultdict(list)
     for r in results[1:]:
-        families[method_family(r.method)].append(r)
+        families[method_kind(r.method)].append(r)
     lines = ["| method | " + " | ".join(f"≤ {t:.0%} FLOPs" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
     for family, group in families.items():
         cells = []

@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 QTYPES: tuple[str, ...] = ("count", "exists", "cell", "max", "rowsum")
 """The evaluated question types, in order of the reports."""
 
-AUX_QTYPES: tuple[str, ...] = ("describe",)
-"""Training-only auxiliary tasks."""
-
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 EMPTY = -1
 """Grid value of an empty cell."""

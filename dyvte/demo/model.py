@@ -180,15 +180,33 @@ def num_image_tokens(processor) -> int:
 # --------------------------------------------------------------------------------------------------- loading
 
 
+#: environment variable naming the folder that holds the demo assets (a clone's ``checkpoints/``)
+CHECKPOINTS_ENV = "DYVTE_CHECKPOINTS"
+
+
 def demo_checkpoint_dir(name: str = "demo-mllm") -> Path:
-    """``<repo>/checkpoints/<name>``; the repository root is the parent of the ``dyvte`` package."""
-    return Path(__file__).resolve().parents[2] / "checkpoints" / name
+    """Where the demo asset ``name`` (``demo-mllm``, ``demo-exit-heads``, ``demo-data``, ...) lives.
+
+    The demo assets ship with the repository's ``checkpoints/`` folder, not with the wheel. They are looked up, in
+    order: in ``$DYVTE_CHECKPOINTS``; in the source checkout this package was imported from (an editable install or
+    a clone on ``sys.path``, recognised by its ``pyproject.toml`` beside ``checkpoints/``); in ``./checkpoints``.
+    A non-editable install run outside a clone sets ``DYVTE_CHECKPOINTS=<clone>/checkpoints``.
+    """
+    env = os.environ.get(CHECKPOINTS_ENV)
+    if env:
+        return Path(env).expanduser().resolve() / name
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "checkpoints").is_dir():
+        return checkout / "checkpoints" / name
+    return Path.cwd() / "checkpoints" / name
 
 
 def _require(path: Path) -> Path:
     if not path.is_dir() or not any(path.iterdir()):
         raise FileNotFoundError(
-            f"{path} is missing: build it with `python train/pretrain_demo.py` (about 45 min on CPU)"
+            f"{path} is missing: the demo assets ship with the repository's checkpoints/ folder (set "
+            f"{CHECKPOINTS_ENV}=<clone>/checkpoints outside a clone), or build the model with "
+            "`python train/pretrain_demo.py` (about 45 min on CPU)"
         )
     return path
 

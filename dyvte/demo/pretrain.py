@@ -40,7 +40,6 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from dyvte.compat import hidden_states_of, logits_of
 from dyvte.demo.data import (
     EMPTY,
     NONE_WORD,
@@ -57,7 +56,6 @@ from dyvte.demo.model import (
     DemoModelConfig,
     build_model,
     build_processor,
-    demo_checkpoint_dir,
     format_prompts,
     generate_answers,
     load_demo_model,
@@ -65,6 +63,7 @@ from dyvte.demo.model import (
     num_image_tokens,
     scene_pixel_values,
 )
+from dyvte.engine.compat import hidden_states_of, logits_of
 
 logger = logging.getLogger(__name__)
 
@@ -430,7 +429,7 @@ def run_pretraining(
     model_cfg = model
     torch.set_num_threads(train.threads)
     L.seed_everything(seed, workers=True)
-    runs = demo_checkpoint_dir().parents[1] / "runs" / "pretrain-demo"  # <repo>/runs: ignored by git
+    runs = Path.cwd() / "runs" / "pretrain-demo"  # the launcher runs from the repository: runs/ is ignored by git
     out_dir = Path(output_dir) if output_dir else runs / "mllm"
     data_path = Path(data_dir) if data_dir else runs / "data"
 

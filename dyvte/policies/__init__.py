@@ -1,8 +1,8 @@
-"""The built-in exit policies, one module each; importing this package registers them (docs/design.md §4).
+"""Exit policies: static K, calibrated K, learned exit heads and FastV, one module each (docs/design.md §4).
 
-Adding a policy: a module here with an :class:`dyvte.policy.ExitPolicy` subclass and its
-:func:`dyvte.policy.register_policy` call, plus its import line below.
+Importing this package registers them. Adding a policy: a module with an :class:`dyvte.engine.policy.ExitPolicy`
+subclass and its :func:`dyvte.engine.policy.register_policy` call, imported below (or anywhere before use: the
+registry does not care where the module lives).
 """
 
-from .. import fastv  # noqa: F401  (FastV's ranking, registered as "fastv")
-from . import calibrated, heads, static  # noqa: F401  (each registers its policies)
+from dyvte.policies import calibrated, fastv, learned, static  # noqa: F401  (each registers its policies)

@@ -1,15 +1,129 @@
-"""Calibrated exits: the static K a :class:`dyvte.Calibration` chose (VTW's KL criterion), checked against the model."""
+"""Calibrated exits: the static K that VTW's KL criterion chose (:func:`dyvte.calibrate`), saved as a
+:class:`Calibration` and checked against the model it is applied to."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
 
-from ..policy import register_policy
-from .static import StaticExit
+from dyvte.engine.policy import register_policy
+from dyvte.engine.registry import resolve
+from dyvte.policies.static import StaticExit
+from dyvte.utils.io import write_text_atomic
+from dyvte.utils.syntax import ArgumentError, MethodSyntax
 
-__all__ = ["calibrated"]
+__all__ = ["Calibration", "calibrated", "choose_layer"]
+
+FILENAME = "calibration.json"
+POSITIONS = ("first", "answer")
+
+
+@dataclass
+class Calibration:
+    """Result of :func:`dyvte.calibrate`: the KL curve and the exit layer it chose.
+
+    Attributes:
+        layer: chosen exit layer K (``num_layers`` when no K meets the threshold).
+        kl_per_layer: mean KL at K = 0..L (index K).
+        threshold: eta.
+        num_samples: samples averaged.
+        positions: ``"first"`` (first answer position) or ``"answer"`` (every teacher-forced answer position).
+        model_type: the calibrated model's ``model_type``.
+        num_layers: its decoder layer count L.
+        met: whether some K < L met the threshold.
+    """
+
+    layer: int
+    kl_per_layer: list[float]
+    threshold: float
+    num_samples: int
+    positions: str
+    model_type: str
+    num_layers: int
+    met: bool
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``calibration.json`` into ``directory`` (created if needed, written atomically); returns its path."""
+        self.validate(Path(directory) / FILENAME)
+        return write_text_atomic(Path(directory) / FILENAME, json.dumps(asdict(self), indent=2) + "\n")
+
+    def validate(self, source: str | Path = "calibration") -> None:
+        """Raise ``ValueError`` (naming ``source``) unless the fields agree with each other.
+
+        The stored layer must be the one its own KL curve and threshold choose, ``met`` must say whether a K < L
+        met the threshold, and the curve must hold ``L + 1`` values.
+        """
+        problems = []
+        if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
+            raise ValueError(f"{source}: num_layers must be a positive int, got {self.num_layers!r}")
+        if not isinstance(self.kl_per_layer, list) or len(self.kl_per_layer) != self.num_layers + 1:
+            raise ValueError(
+                f"{source}: kl_per_layer must hold L + 1 = {self.num_layers + 1} values (K = 0..L), "
+                f"got {self.kl_per_layer!r:.80}"
+            )
+        if self.positions not in POSITIONS:
+            problems.append(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
+            problems.append(f"threshold eta must be > 0, got {self.threshold!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            problems.append(f"num_samples must be a positive int, got {self.num_samples!r}")
+        if not problems:
+            layer, met = choose_layer(self.kl_per_layer, self.threshold, self.num_layers)
+            if (self.layer, self.met) != (layer, met):
+                kl = (
+                    self.kl_per_layer[self.layer]
+                    if isinstance(self.layer, int) and 0 <= self.layer <= self.num_layers
+                    else None
+                )
+                problems.append(
+                    f"it stores layer={self.layer!r}, met={self.met!r}, but its own KL curve and threshold "
+                    f"eta={self.threshold:g} choose layer={layer}, met={met} (KL at the stored layer: {kl})"
+                )
+        if problems:
+            raise ValueError(f"{source} is not a consistent dyvte calibration: " + "; ".join(problems))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration from a directory holding ``calibration.json`` or from the file itself."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / FILENAME
+        try:
+            data = json.loads(file.read_text())
+            calibration = cls(**data)
+        except FileNotFoundError:
+            raise
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not a dyvte calibration file: {err}") from err
+        calibration.validate(file)
+        return calibration
+
+    def with_threshold(self, threshold: float) -> Calibration:
+        """The same KL curve with the layer chosen for another eta (no model run needed)."""
+        layer, met = choose_layer(self.kl_per_layer, threshold, self.num_layers)
+        return Calibration(
+            layer, self.kl_per_layer, threshold, self.num_samples, self.positions, self.model_type, self.num_layers, met
+        )
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` if ``model`` is not the kind of model this calibration was made for."""
+        spec = resolve(model)
+        if (spec.model_type, spec.num_layers) != (self.model_type, self.num_layers):
+            raise ValueError(
+                f"calibration made for {self.model_type} with {self.num_layers} layers, "
+                f"not for {spec.model_type} with {spec.num_layers} layers"
+            )
+
+
+def choose_layer(curve: list[float], threshold: float, num_layers: int) -> tuple[int, bool]:
+    """Smallest K < L with ``curve[K] <= threshold`` (``nan`` = not scored), else ``L``; and whether one met it."""
+    if not threshold > 0:
+        raise ValueError(f"threshold eta must be > 0, got {threshold}")
+    meeting = [k for k in range(num_layers) if curve[k] == curve[k] and curve[k] <= threshold]
+    return (meeting[0], True) if meeting else (num_layers, False)
 
 
 def calibrated(model: nn.Module, calibration: object | str | Path) -> StaticExit:
@@ -18,12 +132,31 @@ def calibrated(model: nn.Module, calibration: object | str | Path) -> StaticExit
     Raises:
         ValueError: the calibration was made for another kind of model, or its file is inconsistent.
     """
-    from ..calibrate import Calibration
-
     if not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
     calibration.check_model(model)
     return StaticExit(calibration.layer)
 
 
-register_policy("calibration", calibrated)
+def _parse(argument: str, num_layers: int) -> list[dict[str, Calibration]]:
+    """``calibrated:DIR``: the calibration is loaded (and checked for consistency) here."""
+    if not argument.strip():
+        raise ArgumentError("the calibration directory is missing")
+    try:
+        return [{"calibration": Calibration.load(argument)}]
+    except (OSError, ValueError) as err:
+        raise ArgumentError(f"cannot load the calibration: {err}") from err
+
+
+def _name(options: dict[str, Calibration]) -> str:
+    calibration = options["calibration"]
+    return f"calibrated eta={calibration.threshold:g} (K={calibration.layer})"
+
+
+SYNTAX = MethodSyntax(
+    form="calibrated:DIR (a directory holding calibration.json, or the file itself)",
+    short="calibrated:DIR",
+    parse=_parse,
+    name=_name,
+)
+register_policy("calibrated", calibrated, SYNTAX)

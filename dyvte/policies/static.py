@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import ForwardState, WithdrawalError
-from ..policy import ExitPolicy, register_policy
-from ..registry import ModelSpec
+from dyvte.engine.policy import ExitPolicy, register_policy
+from dyvte.engine.registry import ModelSpec
+from dyvte.engine.withdrawal import ForwardState, WithdrawalError
+from dyvte.utils.syntax import MethodSyntax, int_in, items
 
 __all__ = ["StaticExit", "as_layer"]
 
@@ -50,7 +51,7 @@ class StaticExit(ExitPolicy):
     def layer(self) -> int | None:
         return self._k
 
-    def first_exit(self) -> int:
+    def earliest_exit(self) -> int:
         return min(self._rows) if self._rows is not None else self._k
 
     def planned_exits(self, state: ForwardState) -> list[int]:
@@ -84,12 +85,17 @@ def _static(model: nn.Module, layer: int | Sequence[int] | torch.Tensor) -> Stat
     return StaticExit(layer)
 
 
-def _per_row(model: nn.Module, layers: Sequence[int] | torch.Tensor) -> StaticExit:
-    policy = StaticExit(layers)
-    if policy.layer is not None:
-        raise TypeError(f"per_row needs one exit layer per row, got {layers!r}")
-    return policy
+def _parse(argument: str, num_layers: int) -> list[dict[str, Any]]:
+    """``static:K[,K...]`` or ``static:all`` (K = 0..L)."""
+    if argument.strip() == "all":
+        return [{"layer": k} for k in range(num_layers + 1)]
+    return [{"layer": int_in(k, 0, num_layers, "exit layer K")} for k in items(argument, "K")]
 
 
-register_policy("static", _static)
-register_policy("per_row", _per_row)
+SYNTAX = MethodSyntax(
+    form="static:K[,K...] (K an int in [0, L]; L never withdraws) or static:all",
+    short="static:K",
+    parse=_parse,
+    name=lambda options: f"static K={options['layer']}",
+)
+register_policy("static", _static, SYNTAX)

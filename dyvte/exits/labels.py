@@ -1,0 +1,441 @@
+"""DyVTE labels: is withdrawing at exit layer K safe for a sample?
+
+The rule (DyVTE): with the ground-truth answer teacher-forced, withdrawal at K is safe when the withdrawn model's
+argmax tokens agree with the full model's on more than ``agree`` (99%) of the answer positions AND its answer loss
+is at most ``loss_ratio`` (1.03) times the full model's (``<=`` rather than ``<`` so that identical predictions are
+always safe, even at zero loss).
+
+Two ways to get labels:
+
+* :func:`build_label_cache` (default for training): every K = 0..L-1 for every sample, plus the heads' inputs at every
+  layer, computed once and stored with ``datasets``; head training afterwards never runs the MLLM.
+* :func:`on_the_fly_labels` (as the paper did): one random K per step, full and withdrawn copies of the batch in one
+  forward (per-row exit layers), one label per sample per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dyvte.data.records import build_inputs, iter_batches
+from dyvte.engine.compat import HIDDEN_STATES, POSITION_EMBEDDINGS, hidden_states_of, logit_lens, logits_of
+from dyvte.engine.registry import resolve, unwrap
+from dyvte.policies.exit_heads import head_features
+from dyvte.policies.withdraw import withdraw
+from dyvte.utils.checks import check_positive_int
+from dyvte.utils.modes import eval_mode
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+__all__ = [
+    "LABEL_FORMAT",
+    "answer_kl",
+    "answer_loss",
+    "build_label_cache",
+    "exit_safe",
+    "label_batch",
+    "label_features",
+    "on_the_fly_labels",
+    "smallest_safe_layer",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: positions whose next token is a labelled answer token."""
+    return torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean next-token cross-entropy over the answer tokens: ``(B, T, V), (B, T) -> (B,)``."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the token each position predicts
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none"
+    )  # (B, T)
+    mask = targets != -100
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def exit_safe(
+    full_logits: torch.Tensor,
+    withdrawn_logits: torch.Tensor,
+    labels: torch.Tensor,
+    agree: float = 0.99,
+    loss_ratio: float = 1.03,
+) -> torch.Tensor:
+    """The DyVTE rule per sample.
+
+    Args:
+        full_logits: ``(B, T, V)`` the full model's logits at the input positions (teacher forcing).
+        withdrawn_logits: ``(B, T, V)`` the withdrawn model's logits at the same positions (only the answer
+            positions are read).
+        labels: ``(B, T)`` answer token ids, -100 elsewhere.
+        agree: required fraction of answer positions where the argmax tokens agree (strictly more than it).
+        loss_ratio: the withdrawn answer loss may be at most this times the full model's.
+
+    Returns:
+        ``(B,)`` bool, True where withdrawal is safe.
+    """
+    positions = _answer_positions(labels)
+    counts = positions.sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError("every sample needs at least one answer token (labels != -100)")
+    same = (full_logits.argmax(-1) == withdrawn_logits.argmax(-1)) & positions
+    agreement = same.sum(1).float() / counts.float()
+    return (agreement > agree) & (
+        answer_loss(withdrawn_logits, labels) <= loss_ratio * answer_loss(full_logits, labels)
+    )
+
+
+def smallest_safe_layer(safe: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` safety at K = 0..L-1 -> ``(B,)`` the smallest K with every K' >= K safe (L if none is)."""
+    num_layers = safe.shape[1]
+    unsafe = torch.where(~safe, torch.arange(num_layers, device=safe.device), -1)  # (B, L)
+    return unsafe.amax(1) + 1
+
+
+def _final_prompt_slot(labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` the slot before each row's first answer token."""
+    return (labels != -100).long().argmax(1) - 1
+
+
+def _answer_argmax_equal(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: at every answer position the argmax is the teacher-forced answer token (greedy decoding under
+    these logits would write exactly the labelled answer, end token included)."""
+    positions = _answer_positions(labels)
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    wrong = (logits.argmax(-1) != targets) & positions
+    return ~wrong.any(1)
+
+
+def answer_kl(full_logits: torch.Tensor, withdrawn_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` mean over the answer positions of ``KL(P_withdrawn || P_full)`` in float32 (VTW's direction, as in
+    :mod:`dyvte.calibrate`)."""
+    positions = _answer_positions(labels)
+    log_w = withdrawn_logits.float().log_softmax(-1)
+    log_f = full_logits.float().log_softmax(-1)
+    kl = (log_w.exp() * (log_w - log_f)).sum(-1)  # (B, T)
+    return (kl * positions).sum(1) / positions.sum(1).clamp(min=1)
+
+
+def _greedy_answers(model: nn.Module, prompt: dict, eos_id: int, max_new_tokens: int) -> list[torch.Tensor]:
+    """The full model's greedy answer of each row: its generated ids up to and including the first end token."""
+    out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, prompt["input_ids"].shape[1] :].cpu()  # (B, <= max_new_tokens)
+    answers = []
+    for row in new:
+        ends = (row == eos_id).nonzero()
+        answers.append(row[: int(ends[0]) + 1] if len(ends) else row)
+    return answers
+
+
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    """The tensors of ``inputs`` on ``device`` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+class _AttentionProbe:
+    """Captures the input hidden states and rotary embeddings of decoder layers 1..L-1 during one forward."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.inputs: dict[int, tuple[torch.Tensor, tuple | None]] = {}
+        self._hooks = [
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers) if i > 0
+        ]
+
+    def _hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs[HIDDEN_STATES]
+            self.inputs[index] = (hidden, kwargs.get(POSITION_EMBEDDINGS))
+
+        return hook
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _extras(
+    spec, model: nn.Module, hidden_states: tuple, probe: _AttentionProbe, visual, valid, final, rows: int
+) -> torch.Tensor:
+    """``(B, L-1, 3)`` float32 extra inputs of head j (ablation, docs/report.md): the final prompt token's logit lens
+    after layer j (top-1 probability, entropy in nats) and the attention mass layer j+1 would give the visual
+    tokens from that token (one query row from the layer's own q/k, mean over heads; ``nan`` when the layer gets
+    no rotary embeddings)."""
+    from dyvte.policies.fastv import last_token_attention
+
+    norm, head = logit_lens(model, spec.decoder)
+    batch = torch.arange(rows, device=visual.device)
+    slots = torch.arange(visual.shape[1], device=visual.device)[None]
+    allowed = valid[:rows] & (slots <= final[:, None])
+    out = torch.full((rows, spec.num_layers - 1, 3), float("nan"))
+    for j in range(spec.num_layers - 1):
+        state = hidden_states[j + 1][:rows][batch, final]  # (B, d)
+        probs = head(norm(state)).float().softmax(-1)  # (B, V)
+        out[:, j, 0] = probs.amax(-1)
+        out[:, j, 1] = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+        hidden, rotary = probe.inputs.get(j + 1, (None, None))
+        if rotary is not None:
+            cos, sin = (t[:rows] if t.shape[0] > 1 else t for t in rotary)
+            attention = last_token_attention(spec.layers[j + 1], hidden[:rows], (cos, sin), allowed, query=final)
+            out[:, j, 2] = (attention * visual[:rows]).sum(1)
+    return out
+
+
+def label_batch(
+    model: nn.Module,
+    processor,
+    records: list[dict],
+    *,
+    offset: int = 0,
+    agree: float = 0.99,
+    loss_ratio: float = 1.03,
+    max_new_tokens: int = 8,
+) -> dict[str, np.ndarray]:
+    """Everything the exit heads learn from and are calibrated and scored on, for one batch of records.
+
+    The full model first writes its greedy answer to each prompt; that answer (with its end token) is then
+    teacher-forced through the full model and through withdrawal at every K = 0..L-1. Agreement under this forcing
+    is exact: the withdrawn model's greedy answer equals the full model's iff its argmax equals the forced token at
+    every answer position. Rows whose greedy answer differs from the gold answer are also forced with the gold
+    answer (extra rows in the same forwards), which gives per-layer correctness and the paper's rule; other rows
+    share the forcing, since the two answers are the same tokens.
+
+    Args:
+        model: the frozen MLLM (unwrapped, in eval mode).
+        processor: its processor.
+        records: records with ``image``, ``question``, ``answer`` (and ``qtype``).
+        offset: index of the first record in its dataset (for error messages).
+        agree: the paper's agreement threshold (:func:`exit_safe`).
+        loss_ratio: the paper's loss-ratio threshold (:func:`exit_safe`).
+        max_new_tokens: greedy answer length bound (as in :func:`dyvte.eval.harness.evaluate`).
+
+    Returns:
+        Columns, one row per record (``L`` decoder layers, ``d`` hidden size):
+        ``features`` ``(B, L-1, 2d)`` head inputs; ``extras`` ``(B, L-1, 3)`` (see :func:`_extras`);
+        ``match`` ``(B, L)`` withdrawal at K gives the full model's greedy answer; ``correct`` ``(B, L+1)`` the
+        answer at K (K = L: the full model) equals the gold answer; ``kl`` ``(B, L)`` mean answer-position
+        ``KL(P_withdrawn || P_full)`` under the full model's answer; ``dyvte`` ``(B, L)`` the paper's rule on the
+        gold answer; ``tokens`` / ``visual`` ``(B,)`` prompt and visual token counts (for FLOPs).
+    """
+    spec = resolve(model)
+    num_layers = spec.num_layers
+    tokenizer = processor.tokenizer
+    device = next(model.parameters()).device  # inputs follow the model (a rank's GPU under DDP); results come back
+    visual_ids = spec.visual_ids.to(device)
+    prompt = _to_device(build_inputs(processor, records, offset=offset, dtype=model.dtype), device)
+    greedy = _greedy_answers(model, prompt, tokenizer.eos_token_id, max_new_tokens)
+    gold = build_inputs(processor, records, with_answers=True, offset=offset)["labels"]
+    gold = [row[row != -100] for row in gold]
+    differ = [b for b in range(len(records)) if not torch.equal(greedy[b], gold[b])]
+    rows = len(records)
+    forced = _to_device(
+        build_inputs(
+            processor,
+            [*records, *(records[b] for b in differ)],
+            with_answers=True,
+            offset=offset,
+            dtype=model.dtype,
+            answer_ids=[*greedy, *(gold[b] for b in differ)],
+        ),
+        device,
+    )
+    gold_row = list(range(rows))  # row of the gold-forced copy of each record
+    for extra, b in enumerate(differ):
+        gold_row[b] = rows + extra
+    labels = forced.pop("labels")
+    probe = _AttentionProbe(spec.layers)
+    try:
+        out = model(**forced, output_hidden_states=True)
+    finally:
+        probe.remove()
+    full_logits, states = logits_of(out), hidden_states_of(out)  # (B', T, V), L + 1 x (B', T, d)
+    visual = torch.isin(forced["input_ids"], visual_ids)
+    valid = forced["attention_mask"].bool()
+    final = _final_prompt_slot(labels)
+    features = torch.stack(
+        [head_features(states[j + 1][:rows], visual[:rows], valid[:rows], final[:rows]) for j in range(num_layers - 1)],
+        dim=1,
+    )  # (B, L-1, 2d)
+    extras = _extras(spec, model, states, probe, visual, valid, final[:rows], rows)
+    g = torch.tensor(gold_row, device=device)
+    match = torch.ones(rows, num_layers, dtype=torch.bool)
+    correct = torch.ones(rows, num_layers + 1, dtype=torch.bool)
+    kl = torch.zeros(rows, num_layers)
+    paper = torch.ones(rows, num_layers, dtype=torch.bool)
+    correct[:, num_layers] = _answer_argmax_equal(full_logits[g], labels[g])
+    for layer in range(num_layers):
+        with withdraw(model, layer=layer) as handle:
+            withdrawn = handle.to_input_positions(logits_of(model(**forced)))  # (B', T, V)
+        match[:, layer] = _answer_argmax_equal(withdrawn[:rows], labels[:rows])
+        kl[:, layer] = answer_kl(full_logits[:rows], withdrawn[:rows], labels[:rows])
+        correct[:, layer] = _answer_argmax_equal(withdrawn[g], labels[g])
+        paper[:, layer] = exit_safe(full_logits[g], withdrawn[g], labels[g], agree, loss_ratio)
+    tokens = prompt["attention_mask"].sum(1).cpu()
+    return {
+        "features": features.float().cpu().numpy(),
+        "extras": extras.numpy(),
+        "match": match.numpy(),
+        "correct": correct.numpy(),
+        "kl": kl.numpy(),
+        "dyvte": paper.numpy(),
+        "tokens": tokens.numpy(),
+        "visual": torch.isin(prompt["input_ids"], visual_ids).sum(1).cpu().numpy(),
+    }
+
+
+def label_features(num_layers: int, width: int):
+    """The ``datasets`` schema of a label cache (:func:`label_batch`'s columns plus ``qtype`` and ``index``)."""
+    from datasets import Array2D, Features, Sequence, Value  # lazy: only the label cache needs datasets
+
+    return Features(
+        {
+            "features": Array2D((num_layers - 1, width), "float32"),
+            "extras": Array2D((num_layers - 1, 3), "float32"),
+            "match": Sequence(Value("bool"), length=num_layers),
+            "correct": Sequence(Value("bool"), length=num_layers + 1),
+            "kl": Sequence(Value("float32"), length=num_layers),
+            "dyvte": Sequence(Value("bool"), length=num_layers),
+            "tokens": Value("int32"),
+            "visual": Value("int32"),
+            "qtype": Value("string"),
+            "index": Value("int64"),
+        }
+    )
+
+
+#: version of the label cache's columns (part of the cache key: older caches are labelled again)
+LABEL_FORMAT = 2
+
+
+@torch.no_grad()
+def build_label_cache(
+    model: nn.Module,
+    processor,
+    dataset,
+    *,
+    batch_size: int = 32,
+    agree: float = 0.99,
+    loss_ratio: float = 1.03,
+    max_new_tokens: int = 8,
+    progress: bool = True,
+) -> Dataset:
+    """:func:`label_batch` over a dataset, once per sample, as a ``datasets.Dataset``.
+
+    Args:
+        model: the frozen MLLM.
+        processor: its processor.
+        dataset: records with ``image``, ``question``, ``answer`` (and ``qtype``).
+        batch_size: rows per forward.
+        agree: see :func:`exit_safe`.
+        loss_ratio: see :func:`exit_safe`.
+        max_new_tokens: greedy answer length bound.
+        progress: show a progress bar.
+
+    Returns:
+        The columns of :func:`label_batch` plus ``qtype`` and ``index`` (row in ``dataset``); every label rule of
+        :mod:`dyvte.exits.rules` is computed from them without running the model again.
+
+    The model runs in eval mode (a model in training mode is switched, with a warning, and restored afterwards):
+    dropout would make the labels and features random.
+    """
+    if len(dataset) == 0:
+        raise ValueError("build_label_cache: the dataset is empty (no record to label)")
+    check_positive_int("build_label_cache: batch_size", batch_size)
+    check_positive_int("build_label_cache: max_new_tokens", max_new_tokens)
+    with eval_mode(model, "build_label_cache (labelling)"):
+        return _build_label_cache(
+            unwrap(model), processor, dataset, batch_size, agree, loss_ratio, max_new_tokens, progress
+        )
+
+
+def _build_label_cache(
+    model: nn.Module,
+    processor,
+    dataset,
+    batch_size: int,
+    agree: float,
+    loss_ratio: float,
+    max_new_tokens: int,
+    progress: bool,
+) -> Dataset:
+    from datasets import Dataset
+
+    spec = resolve(model)
+    columns: dict[str, list] = defaultdict(list)
+    start_time = time.perf_counter()
+    total = (len(dataset) + batch_size - 1) // batch_size
+    for b, records in enumerate(
+        tqdm(iter_batches(dataset, batch_size, answers=True), total=total, desc="labels", disable=not progress)
+    ):
+        batch = label_batch(
+            model,
+            processor,
+            records,
+            offset=b * batch_size,
+            agree=agree,
+            loss_ratio=loss_ratio,
+            max_new_tokens=max_new_tokens,
+        )
+        for key, value in batch.items():
+            columns[key].extend(value)
+        columns["qtype"].extend(str(r.get("qtype", "all")) for r in records)
+        columns["index"].extend(range(b * batch_size, b * batch_size + len(records)))
+    elapsed = time.perf_counter() - start_time
+    logger.info("labels for %d samples in %.1f s (%.1f ms/sample)", len(dataset), elapsed, 1e3 * elapsed / len(dataset))
+    schema = label_features(spec.num_layers, 2 * spec.text_config.hidden_size)
+    return Dataset.from_dict(dict(columns), features=schema)
+
+
+@torch.no_grad()
+def on_the_fly_labels(
+    model: nn.Module, inputs: dict, layer: int, agree: float = 0.99, loss_ratio: float = 1.03
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One exit layer's labels and head inputs, the paper's way: full and withdrawn copies in one forward.
+
+    Args:
+        model: the frozen MLLM.
+        inputs: teacher-forced model inputs with ``labels`` (from ``dyvte.data.records.build_inputs(...,
+        with_answers=True)``).
+        layer: exit layer K in ``[1, L-1]`` (head ``K - 1``).
+        agree: see :func:`exit_safe`.
+        loss_ratio: see :func:`exit_safe`.
+
+    Returns:
+        ``(features (B, 2d), safe (B,))`` for head ``layer - 1``.
+
+    The model runs in eval mode (a model in training mode is switched, with a warning, and restored afterwards).
+    """
+    with eval_mode(model, "on_the_fly_labels (labelling)"):
+        return _on_the_fly_labels(unwrap(model), inputs, layer, agree, loss_ratio)
+
+
+def _on_the_fly_labels(
+    model: nn.Module, inputs: dict, layer: int, agree: float, loss_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = resolve(model)
+    if not 1 <= layer < spec.num_layers:
+        raise ValueError(f"on-the-fly labels need an exit layer in [1, {spec.num_layers - 1}], got {layer}")
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    batch = labels.shape[0]
+    # every tensor input (per-token or per-image) is repeated: rows 0..B-1 full, B..2B-1 withdrawn
+    doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    rows = [spec.num_layers] * batch + [layer] * batch  # first copy: full model, second: withdrawn at K
+    with withdraw(model, layer=rows) as handle:
+        out = model(**doubled, output_hidden_states=True)
+        logits = handle.to_input_positions(logits_of(out))  # (2B, T, V)
+    visual = torch.isin(inputs["input_ids"], spec.visual_ids)
+    hidden = hidden_states_of(out)[layer][:batch]  # output of layer K-1 for the full copies: (B, T, d)
+    features = head_features(hidden, visual, inputs["attention_mask"].bool(), _final_prompt_slot(labels))
+    return features, exit_safe(logits[:batch], logits[batch:], labels, agree, loss_ratio)

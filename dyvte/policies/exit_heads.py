@@ -1,0 +1,344 @@
+"""DyVTE exit heads: one small network per decoder layer that reads the text tokens' state and says "exit now".
+
+Layer convention: head ``j`` (``j = 0..L-2``) reads the output of decoder layer ``j``; when it fires for a row, that
+row's exit layer is ``K = j + 1`` (layers ``0..j`` saw every token). A head after the last layer would save nothing,
+so there are ``L - 1`` heads. At inference the first head whose P(exit) >= threshold decides; if none fires, nothing
+is withdrawn.
+
+Input of head ``j`` (docs/design.md §2): the concatenation of the mean hidden state of the non-visual tokens that
+follow the row's last visual token (excluding the final prompt token) and the final prompt token's hidden state,
+``(B, 2d)``.
+Each head is ``LayerNorm(2d) -> Linear(2d, h) -> GELU -> Linear(h, 1)``; by default ``h = max(128, d // 32)``, about
+0.5% of a 7B decoder's parameters (the original 2d->2048->2 per layer is 8%); the floor of 128 makes them relatively
+bigger on small decoders (14% of the 1.7 M demo decoder, still 0.3% of its prefill FLOPs). Heads fire on logits
+(:func:`dyvte.policies.exit_heads.first_exit`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dyvte.engine.registry import resolve
+from dyvte.utils.io import atomic_path
+
+__all__ = [
+    "EXTRA_COLUMNS",
+    "EXTRA_WIDTH",
+    "FORMAT_VERSION",
+    "ExitHeads",
+    "ExitHeadsConfig",
+    "NEVER",
+    "exit_logit",
+    "first_exit",
+    "head_features",
+    "head_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+#: extra head inputs (ablation) and their widths: columns of a label cache's ``extras`` (see ``ExitHeadsConfig``)
+EXTRA_WIDTH = {"lens": 2, "attn": 1}
+EXTRA_COLUMNS = {"lens": [0, 1], "attn": [2]}
+CONFIG_NAME = "exit_heads_config.json"
+WEIGHTS_NAME = "exit_heads.safetensors"
+
+
+#: the threshold of a head that must never fire (a probability never reaches it)
+NEVER = 1.0 + 2.0**-20  # exactly representable in float32
+
+
+def exit_logit(threshold: float | torch.Tensor) -> torch.Tensor:
+    """The logit of a P(exit) threshold, in float64: ``sigmoid(x) >= p`` exactly when ``x >= exit_logit(p)``
+    (``p >= 1``: ``+inf``, never fires; ``p <= 0``: ``-inf``, always fires)."""
+    p = torch.as_tensor(threshold, dtype=torch.float64)
+    return torch.where(p >= 1.0, math.inf, torch.where(p <= 0.0, -math.inf, torch.log(p) - torch.log1p(-p)))
+
+
+def first_exit(logits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` exit layer: ``j + 1`` for the first head with ``logits[:, j] >= thresholds[j]``, else ``L``.
+
+    Heads fire on logits, not on probabilities: a float32 sigmoid rounds every logit above ~17 to exactly 1.0, which
+    would tie a confident head's top samples with each other and with a threshold near 1. The engine compares the
+    same float32 values (:class:`dyvte.policies.learned.LearnedExit`).
+
+    Args:
+        logits: ``(N, L-1)`` exit logits of each head.
+        thresholds: ``(L-1,)`` per-head logit thresholds (``+inf``: never fires; :meth:`ExitHeads.exit_logits`).
+    """
+    fires = logits.float() >= thresholds.float()[None]  # (N, L-1)
+    num_heads = logits.shape[1]
+    first = torch.where(fires, torch.arange(num_heads)[None], num_heads).amin(1)
+    return first + 1  # L - 1 + 1 = L when no head fires
+
+
+def head_features(
+    hidden: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor, final: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The exit heads' input for each row.
+
+    Args:
+        hidden: ``(B, T, d)`` hidden states after a decoder layer.
+        visual: ``(B, T)`` bool, slot holds a visual token.
+        valid: ``(B, T)`` bool, slot holds a real token (not padding).
+        final: ``(B,)`` slot of each row's final prompt token (default: the last slot, as in prefill; a
+            teacher-forced sequence passes the slot before its answer).
+
+    Returns:
+        ``(B, 2d)``: [mean of the non-visual tokens after the last visual token and before the final prompt token
+        (zeros when there are none) ; the final prompt token's state].
+    """
+    batch, num_slots = hidden.shape[:2]
+    if final is None:
+        final = torch.full((batch,), num_slots - 1, dtype=torch.long, device=hidden.device)
+    slots = torch.arange(num_slots, device=hidden.device)[None]  # (1, T)
+    last_visual = torch.where(visual, slots, -1).amax(dim=1)  # (B,), -1 when the row has no visual token
+    text = valid & ~visual & (slots > last_visual[:, None]) & (slots < final[:, None])  # (B, T)
+    weights = text.to(hidden.dtype)
+    mean = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)  # (B, d)
+    return torch.cat([mean, hidden[torch.arange(batch, device=hidden.device), final]], dim=-1)
+
+
+def head_inputs(columns, extra_inputs: list[str] | None = None) -> torch.Tensor:
+    """``(N, L-1, width)`` float32 head inputs from a label cache's columns: ``features`` plus the named
+    ``extras`` (see :class:`ExitHeadsConfig`)."""
+    inputs = torch.as_tensor(columns["features"], dtype=torch.float32)
+    if extra_inputs:
+        extras = torch.as_tensor(columns["extras"], dtype=torch.float32)
+        picked = [extras[..., EXTRA_COLUMNS[name]] for name in extra_inputs]
+        inputs = torch.cat([inputs, *picked], dim=-1)
+    return inputs
+
+
+@dataclass
+class ExitHeadsConfig:
+    """Everything that defines a set of exit heads, saved as JSON next to their weights.
+
+    Attributes:
+        model_type: the base model's ``config.model_type``.
+        hidden_size: the base decoder's hidden size d.
+        num_layers: the base decoder's layer count L (there are L - 1 heads).
+        head_size: hidden width h of each head (``None``: ``max(128, d // 32)``).
+        threshold: P(exit) threshold at inference when no calibrated ``thresholds`` are saved.
+        format_version: version of this file format.
+        thresholds: calibrated P(exit) threshold of each head (``L - 1`` values), chosen by
+            :func:`dyvte.exits.rules.certify_thresholds` on held-out data; used by default at inference when set
+            (through
+            ``threshold_logits`` when those are saved too).
+        threshold_logits: the calibrated thresholds as logits, what the heads fire on (``null``: a head that never
+            fires); exact where a P(exit) threshold would round to 1.0.
+        calibration: how ``thresholds`` were chosen (tolerance, delta, calibration size, label rule, the measured
+            disagreement on the calibration data, ...), for the record.
+        label_rule: the label rule the heads were trained on.
+        extra_inputs: extra per-layer inputs appended to the ``2d`` features, from a label cache's ``extras``
+            (``"lens"``: the final prompt token's logit-lens top-1 probability and entropy; ``"attn"``: its
+            attention mass on the visual tokens). For the ablation in docs/report.md only: the engine computes the
+            ``2d`` features alone, so heads with extra inputs are scored offline (:mod:`dyvte.exits.rules`) and refused
+            by
+            ``withdraw``.
+    """
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    head_size: int | None = None
+    threshold: float = 0.5
+    format_version: int = FORMAT_VERSION
+    thresholds: list[float] | None = None
+    calibration: dict | None = None
+    label_rule: str | None = None
+    extra_inputs: list[str] | None = None
+    threshold_logits: list[float | None] | None = None
+
+    @property
+    def input_size(self) -> int:
+        """Width of each head's input: ``2d`` plus the extra inputs."""
+        return 2 * self.hidden_size + sum(EXTRA_WIDTH[name] for name in self.extra_inputs or [])
+
+    def __post_init__(self) -> None:
+        if self.head_size is None:
+            self.head_size = max(128, self.hidden_size // 32)
+        if self.num_layers < 2:
+            raise ValueError("exit heads need a decoder of at least 2 layers")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        unknown = sorted(set(self.extra_inputs or []) - set(EXTRA_WIDTH))
+        if unknown:
+            raise ValueError(f"extra_inputs: unknown {unknown}; known: {sorted(EXTRA_WIDTH)}")
+        if self.thresholds is not None:
+            if len(self.thresholds) != self.num_layers - 1:
+                raise ValueError(
+                    f"thresholds: one per head ({self.num_layers - 1}) expected, got {len(self.thresholds)}"
+                )
+            bad = [t for t in self.thresholds if not isinstance(t, (int, float)) or not 0.0 <= t <= NEVER]
+            if bad:
+                raise ValueError(f"thresholds must be in [0, 1] ({NEVER}: a head that never fires), got {bad}")
+        if self.threshold_logits is not None:
+            if len(self.threshold_logits) != self.num_layers - 1:
+                raise ValueError(
+                    f"threshold_logits: one per head ({self.num_layers - 1}) expected, got {len(self.threshold_logits)}"
+                )
+            bad = [
+                t
+                for t in self.threshold_logits
+                if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t))
+            ]
+            if bad:
+                raise ValueError(f"threshold_logits must be finite numbers or null (never fires), got {bad}")
+            if self.thresholds is not None:  # the P(exit) copy is for reading: it must say what the logits fire on
+                off = [
+                    j
+                    for j, (t, x) in enumerate(zip(self.thresholds, self.threshold_logits, strict=True))
+                    if ((t < 1.0) if x is None else abs(t - 0.5 * (1.0 + math.tanh(x / 2.0))) > 1e-9)
+                ]
+                if off:
+                    raise ValueError(
+                        f"thresholds and threshold_logits disagree at heads {off}: the heads fire on "
+                        "threshold_logits; edit both, or remove threshold_logits to use thresholds"
+                    )
+
+
+class ExitHeads(nn.Module):
+    """The L - 1 exit heads of one base model (see the module docstring for conventions)."""
+
+    def __init__(self, config: ExitHeadsConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.name_or_path: str | None = None  # the directory it was loaded from (names it in tables)
+        width, h = config.input_size, config.head_size
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, h), nn.GELU(), nn.Linear(h, 1))
+            for _ in range(config.num_layers - 1)
+        )
+
+    @classmethod
+    def for_model(cls, model: nn.Module, head_size: int | None = None, threshold: float = 0.5) -> ExitHeads:
+        """Fresh heads shaped for ``model``."""
+        spec = resolve(model)
+        cfg = ExitHeadsConfig(spec.model_type, spec.text_config.hidden_size, spec.num_layers, head_size, threshold)
+        return cls(cfg)
+
+    @property
+    def num_heads(self) -> int:
+        """L - 1."""
+        return len(self.heads)
+
+    def layer_logits(self, head: int, features: torch.Tensor) -> torch.Tensor:
+        """Exit logit of head ``head`` for ``(B, 2d)`` features: ``(B,)``."""
+        return self.heads[head](features.to(self.heads[head][1].weight.dtype)).squeeze(-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Exit logits of every head: ``(B, L-1, 2d) -> (B, L-1)``."""
+        return torch.stack([self.layer_logits(j, features[:, j]) for j in range(self.num_heads)], dim=1)
+
+    def exit_thresholds(self, threshold: float | None = None) -> torch.Tensor:
+        """``(L-1,)`` float32 P(exit) threshold of each head: ``threshold`` for every head when given, else the
+        calibrated ``config.thresholds``, else ``config.threshold`` for every head."""
+        if threshold is not None:
+            return torch.full((self.num_heads,), float(threshold))
+        if self.config.thresholds is not None:
+            return torch.tensor(self.config.thresholds, dtype=torch.float32)
+        return torch.full((self.num_heads,), float(self.config.threshold))
+
+    def exit_logits(self, threshold: float | None = None) -> torch.Tensor:
+        """``(L-1,)`` float32 logit threshold of each head, what it fires on (``logit >= this``; ``+inf``: never):
+        ``threshold`` (a P(exit)) for every head when given, else the calibrated ``config.threshold_logits``, else
+        the calibrated ``config.thresholds``, else ``config.threshold`` for every head."""
+        if threshold is not None:
+            return exit_logit(torch.full((self.num_heads,), float(threshold))).float()
+        if self.config.threshold_logits is not None:
+            return torch.tensor([math.inf if t is None else t for t in self.config.threshold_logits]).float()
+        if self.config.thresholds is not None:
+            return exit_logit(torch.tensor(self.config.thresholds, dtype=torch.float64)).float()
+        return exit_logit(torch.full((self.num_heads,), float(self.config.threshold), dtype=torch.float64)).float()
+
+    def flops_per_row(self) -> int:
+        """FLOPs of evaluating one head on one row (2 per multiply-add; norms ignored)."""
+        d2, h = self.config.input_size, self.config.head_size
+        return 2 * (d2 * h + h)
+
+    # ----------------------------------------------------------------------------------------------- checking
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless ``model`` is the kind of model these heads were made for (and the engine can
+        compute their inputs)."""
+        if self.config.extra_inputs:
+            raise ValueError(
+                f"these exit heads read extra inputs {self.config.extra_inputs} (an ablation variant, docs/report.md) "
+                "that withdrawal does not compute; score them offline with dyvte.exits.rules"
+            )
+        spec = resolve(model)
+        got = (spec.model_type, spec.text_config.hidden_size, spec.num_layers)
+        want = (self.config.model_type, self.config.hidden_size, self.config.num_layers)
+        if got != want:
+            raise ValueError(
+                "these exit heads were made for model_type={}, hidden_size={}, {} layers; the model is "
+                "model_type={}, hidden_size={}, {} layers".format(*want, *got)
+            )
+
+    # ------------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``exit_heads.safetensors`` (the heads' weights only) and ``exit_heads_config.json``, atomically.
+
+        Both files are written to temporary files beside their targets and renamed over them only once both are
+        complete, so a save that fails midway leaves the heads that stood in ``directory`` loadable and unchanged.
+
+        Raises:
+            NotADirectoryError: ``directory`` is an existing file.
+        """
+        path = Path(directory)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is an existing file: exit heads are saved into a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config = json.dumps(asdict(self.config), indent=2) + "\n"
+        with atomic_path(path / WEIGHTS_NAME) as weights, atomic_path(path / CONFIG_NAME) as config_file:
+            save_file(state, str(weights), metadata={"format": "pt", "dyvte": "exit_heads"})
+            config_file.write_text(config)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ExitHeads:
+        """Load heads written by :meth:`save_pretrained`.
+
+        Raises:
+            FileNotFoundError: the directory lacks the config or the weights.
+            ValueError: the files are corrupt, of another format version, or do not match each other.
+        """
+        path = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path} has no {name}: not a dyvte exit-heads directory")
+        try:
+            raw = json.loads((path / CONFIG_NAME).read_text())
+            config = ExitHeadsConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path / CONFIG_NAME} is not a valid exit-heads config: {err}") from err
+        if config.format_version != FORMAT_VERSION:
+            raise ValueError(f"exit heads of format version {config.format_version}; this dyvte reads {FORMAT_VERSION}")
+        heads = cls(config)
+        try:
+            state = load_file(str(path / WEIGHTS_NAME))
+        except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"{path / WEIGHTS_NAME} is corrupt: {err}") from err
+        expected = heads.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(
+                f"{path / WEIGHTS_NAME} does not hold these heads' weights: missing "
+                f"{sorted(set(expected) - set(state))[:3]}, unexpected {sorted(set(state) - set(expected))[:3]}"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{key}: shape {tuple(value.shape)} in the file, {tuple(expected[key].shape)} expected"
+                )
+        heads.load_state_dict(state)
+        heads.name_or_path = str(directory)
+        return heads.eval()

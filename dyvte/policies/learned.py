@@ -1,0 +1,105 @@
+"""Learned exits (DyVTE): each row leaves after the first layer whose exit head fires (see
+:mod:`dyvte.policies.exit_heads`).
+
+A run-time policy: at each layer where some row is still in, the engine reads the ``(B,)`` decision once (one host
+sync), and none once every row has left. Decode steps replay the exits fixed at prefill.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dyvte.engine.layout import take
+from dyvte.engine.policy import ExitPolicy, register_policy
+from dyvte.engine.registry import ModelSpec
+from dyvte.engine.withdrawal import ForwardState
+from dyvte.policies.exit_heads import ExitHeads, head_features
+from dyvte.utils.syntax import ArgumentError, MethodSyntax, float_in, items
+
+__all__ = ["LearnedExit"]
+
+
+class LearnedExit(ExitPolicy):
+    """Row ``b`` leaves at layer ``k`` when head ``k - 1`` gives ``logit >= logits[k - 1]`` (the logit of its P(exit)
+    threshold; compared as logits, as :func:`dyvte.policies.exit_heads.first_exit` does, so no float32 sigmoid rounds a
+    confident
+    head to a tie at 1.0).
+
+    Args:
+        heads: exit heads made for the model.
+        threshold: one P(exit) threshold for every head; ``None``: the heads' calibrated thresholds (or their
+            config's single threshold).
+    """
+
+    def __init__(self, heads: ExitHeads, threshold: float | None = None) -> None:
+        if threshold is not None and not 0.0 <= threshold:
+            raise ValueError(f"threshold must be >= 0, got {threshold}")
+        self.heads = heads
+        self.threshold = threshold
+        self.thresholds = heads.exit_thresholds(threshold).tolist()  # one P(exit) per head, on the host (reading)
+        self.logits = heads.exit_logits(threshold).tolist()  # what each head fires on, on the host
+
+    def bind(self, spec: ModelSpec) -> None:
+        self.heads.check_model(spec.model)
+        super().bind(spec)
+
+    def decide(self, layer: int, hidden: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``)."""
+        visual, valid = state.visual, state.valid
+        if state.idx is not None:  # the current layout of the hidden states
+            visual = take(visual, state.idx, 1) & (state.idx >= 0)
+            valid = take(valid, state.idx, 1) & (state.idx >= 0)
+        with torch.no_grad():
+            logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
+        return logits.float() >= self.logits[layer - 1]
+
+
+def _heads(model: nn.Module, heads: ExitHeads, threshold: float | None = None) -> LearnedExit:
+    return LearnedExit(heads, threshold)
+
+
+def _parse(argument: str, num_layers: int) -> list[dict[str, Any]]:
+    """``heads:DIR[:P[,P...]]``: the heads are loaded (and checked for consistency) here.
+
+    P = 0 would fire every head on every row (static:1 under another name) and P > 1 would never fire (the full model
+    under another name), so the method string refuses both; ``dyvte.withdraw(heads=..., threshold=...)`` itself
+    takes any P >= 0.
+    """
+    path, colon, thresholds = argument.partition(":")
+    if not path.strip():
+        raise ArgumentError("the exit-heads directory is missing")
+    ps: list[float | None] = [None]
+    if colon:
+        interval = "(0, 1]"
+        ps = [float_in(p, "threshold P", lambda t: 0.0 < t <= 1.0, interval) for p in items(thresholds, "threshold P")]
+    try:
+        heads = ExitHeads.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ArgumentError(f"cannot load the exit heads: {err}") from err
+    if heads.config.thresholds is None:  # no per-head thresholds saved: no P means the config's single threshold
+        ps = [heads.config.threshold if p is None else p for p in ps]
+    return [{"heads": heads, "threshold": p} for p in ps]
+
+
+def _name(options: dict[str, Any]) -> str:
+    """``heads(DIR) calibrated tol=...`` for the saved certified thresholds, else ``heads(DIR) p=...``."""
+    heads, threshold = options["heads"], options.get("threshold")
+    source = Path(heads.name_or_path).name if heads.name_or_path else ""
+    label = f"heads({source})" if source else "heads"
+    certificate = heads.config.calibration
+    if threshold is None and heads.config.thresholds is not None and certificate is not None:
+        return f"{label} calibrated tol={certificate['tolerance']:g}"
+    return f"{label} p={heads.config.threshold if threshold is None else threshold:g}"
+
+
+SYNTAX = MethodSyntax(
+    form="heads:DIR[:P[,P...]] (DIR an exit-heads directory, P a P(exit) threshold in (0, 1])",
+    short="heads:DIR[:P]",
+    parse=_parse,
+    name=_name,
+)
+register_policy("heads", _heads, SYNTAX)
