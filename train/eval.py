@@ -5,17 +5,22 @@
     python train/eval.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
 
 Method strings: full, static:K[,K...], static:all, calibrated:DIR, heads:DIR[:P,...], fastervlm:R, random:R,
-fastv:K:R (R = fraction of visual tokens pruned). Writes <output_dir>/results.json (every method's metrics),
-<output_dir>/<method>.json, and <output_dir>/accuracy_vs_flops.png (default ``<repo>/runs/eval``, ignored by git;
-with every static K also oracle.json), logs where, and prints the tables. Nothing is written under checkpoints/.
+fastv:K:R (R = fraction of visual tokens pruned), A+B, and every kind registered with a method syntax
+(``--plugins '["my_policy.py"]'`` imports files or modules that register exit policies or pruning methods first).
+Writes <output_dir>/results.json (every method's metrics), <output_dir>/<method>.json, and
+<output_dir>/accuracy_vs_flops.png (default ``runs/eval`` under the working directory, ignored by git; with every
+static K also oracle.json), logs where, and prints the tables. Nothing is written under checkpoints/.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,6 +110,24 @@ def _same_value(x: object, y: object) -> bool:
     return x == y
 
 
+def load_plugins(plugins: list[str]) -> None:
+    """Import each plugin (a ``.py`` file or an importable module name), so that the exit policies and pruning
+    methods it registers (with their method syntax) can be named in ``--methods``."""
+    for plugin in plugins:
+        if plugin.endswith(".py"):
+            path = Path(plugin)
+            if not path.is_file():
+                raise FileNotFoundError(f"--plugins: {path} does not exist")
+            name = f"dyvte_plugin_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(plugin)
+        log.info("plugin %s loaded", plugin)
+
+
 def file_name(method_name: str) -> str:
     """The JSON file name of a method's result (``<name>.json``, unsafe characters replaced)."""
     return re.sub(r"[^A-Za-z0-9=.,-]+", "_", method_name) + ".json"
@@ -121,6 +144,7 @@ def main(
     dtype: str = "float32",
     prompt_template: str | None = None,
     output_dir: str = str(runs_dir("eval")),
+    plugins: list[str] = (),
 ) -> list[dyvte.EvalResult]:
     """Run each method over the dataset and report.
 
@@ -138,10 +162,13 @@ def main(
         dtype: float32 or bfloat16.
         prompt_template: prompt format string with {question} and the image placeholder, e.g.
             "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.data.prompts).
-        output_dir: where JSON and PNG go (default ``<repo>/runs/eval``).
+        output_dir: where JSON and PNG go (default ``runs/eval`` under the working directory).
+        plugins: ``.py`` files or module names to import first: they register exit policies or pruning methods
+            (with a method syntax) that ``methods`` may then name.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_arguments(samples, methods, batch_size, max_new_tokens, dtype, output_dir)  # before any work
+    load_plugins(list(plugins))
     mllm, processor = load_model(model, dtype, prompt_template)
     num_layers = resolve(mllm).num_layers
     chosen = resolve_methods(list(methods), mllm, num_layers)  # before any forward
