@@ -63,7 +63,7 @@ def test_speedups_are_against_the_mean_of_the_two_full_passes(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_report_on_the_demo_model(tmp_path):
+def test_small_report_on_the_demo_model(tmp_path, plugin):
     script = load_script("train/report.py")
     script.main(
         samples=40,
@@ -73,6 +73,8 @@ def test_small_report_on_the_demo_model(tmp_path):
         compose_threshold=0.8,
         output_dir=str(tmp_path),
         wallclock=str(tmp_path / "absent.md"),
+        methods=["middle", "keepfirst:0.75"],  # a policy and a pruning method registered by a plugin file
+        plugins=[str(plugin)],
     )
     text = (tmp_path / "report.md").read_text()
     for png in ("accuracy_vs_flops.png", "exit_layers.png"):
@@ -85,3 +87,7 @@ def test_small_report_on_the_demo_model(tmp_path):
     assert float(k0[3]) < 0.5 and float(k0[8].rstrip(" |")) < 0.5
     assert "not measured yet" in text  # no wall-clock file given: said so, not invented
     assert re.search(r"\| static \| [0-9.]+ \(K=\d\)", text)
+    # the plugin's policy is static K = L // 2 = 4 under another name: its report row says the same
+    middle, static = rows["middle"], rows["static K=4"]
+    assert middle[1:4] == static[1:4] and middle[8] == static[8]  # accuracy, agreement, FLOPs; KV bytes
+    assert "keepfirst R=0.75" in rows

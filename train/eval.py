@@ -14,13 +14,10 @@ static K also oracle.json), logs where, and prints the tables. Nothing is writte
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +29,16 @@ import dyvte  # noqa: E402
 from dyvte.data.sources import DTYPES, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
-from dyvte.eval.methods import Compose, Full, Method, PolicyRun, PruningRun, check_method, parse_method  # noqa: E402
+from dyvte.eval.methods import (  # noqa: E402
+    Compose,
+    Full,
+    Method,
+    PolicyRun,
+    PruningRun,
+    check_method,
+    load_plugins,
+    parse_method,
+)
 from dyvte.train.fitting import check_output_dir, runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
@@ -108,24 +114,6 @@ def _same_value(x: object, y: object) -> bool:
         ours, theirs = x.state_dict(), y.state_dict()
         return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     return x == y
-
-
-def load_plugins(plugins: list[str]) -> None:
-    """Import each plugin (a ``.py`` file or an importable module name), so that the exit policies and pruning
-    methods it registers (with their method syntax) can be named in ``--methods``."""
-    for plugin in plugins:
-        if plugin.endswith(".py"):
-            path = Path(plugin)
-            if not path.is_file():
-                raise FileNotFoundError(f"--plugins: {path} does not exist")
-            name = f"dyvte_plugin_{path.stem}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        else:
-            importlib.import_module(plugin)
-        log.info("plugin %s loaded", plugin)
 
 
 def file_name(method_name: str) -> str:

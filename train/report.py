@@ -29,7 +29,7 @@ import dyvte  # noqa: E402
 from dyvte.data.sources import load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import OVERALL, format_per_type, method_kind, plot_sweep  # noqa: E402
-from dyvte.eval.methods import Full, parse_method  # noqa: E402
+from dyvte.eval.methods import Full, load_plugins, parse_method  # noqa: E402
 from dyvte.train.fitting import runs_dir  # noqa: E402
 
 
@@ -51,6 +51,8 @@ def main(
     mixed: str = "docs/mixed.md",
     decode: str = "docs/decode.md",
     prompt_template: str | None = None,
+    methods: list[str] = (),
+    plugins: list[str] = (),
 ) -> None:
     """Run every method and write the report.
 
@@ -73,8 +75,12 @@ def main(
         mixed: the mixed-exit batch prefill tables of ``benchmarks/mixed.py`` (included as is).
         decode: the decode table of ``benchmarks/decode.py`` (included as is).
         prompt_template: prompt format string with {question} for a model without a chat template (dyvte.data.prompts).
+        methods: more method strings to run and report beside the built-in ones (any registered kind).
+        plugins: ``.py`` files or module names to import first (they register the exit policies or pruning methods
+            that ``methods`` names; see ``train/eval.py``).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    load_plugins(list(plugins))
     mllm, processor = load_model(model, prompt_template=prompt_template)
     records = load_records(data, split, samples)
     num_layers = resolve(mllm).num_layers
@@ -88,12 +94,13 @@ def main(
         f"fastv:{fastv_layer}:{ratios}",
         f"random:{ratios}",
         f"fastervlm:{ratios}+heads:{heads}" + ("" if compose_threshold is None else f":{compose_threshold}"),
+        *methods,
     ]
-    methods = [m for spec in specs for m in parse_method(spec, num_layers)]
+    chosen_methods = [m for spec in specs for m in parse_method(spec, num_layers)]
     full = dyvte.evaluate(mllm, processor, records, Full(), batch_size=batch_size, max_new_tokens=4)
     results = [full] + [
         dyvte.evaluate(mllm, processor, records, m, reference=full, batch_size=batch_size, max_new_tokens=4)
-        for m in methods
+        for m in chosen_methods
         if not (isinstance(m, dyvte.PolicyRun) and m.policy == "static" and m.options["layer"] == num_layers)
     ]
     # the full model timed again after every method: the two passes bracket the sweep, so their gap is this machine's

@@ -13,8 +13,13 @@ A new policy registered with a syntax therefore runs in ``train/eval.py`` and th
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -34,9 +39,12 @@ __all__ = [
     "PolicyRun",
     "PruningRun",
     "check_method",
+    "load_plugins",
     "method_forms",
     "parse_method",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class Method:
@@ -202,6 +210,24 @@ def parse_method(spec: str, num_layers: int) -> list[Method]:
     if role == "pruning":
         return [PruningRun(kind, o) for o in options]
     return [PolicyRun(kind, o) for o in options]
+
+
+def load_plugins(plugins: list[str]) -> None:
+    """Import each plugin (a ``.py`` file or an importable module name), so that the exit policies and pruning
+    methods it registers (with their method syntax) can be named in ``--methods``."""
+    for plugin in plugins:
+        if plugin.endswith(".py"):
+            path = Path(plugin)
+            if not path.is_file():
+                raise FileNotFoundError(f"--plugins: {path} does not exist")
+            name = f"dyvte_plugin_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(plugin)
+        logger.info("plugin %s loaded", plugin)
 
 
 def check_method(method: Method, model: nn.Module, spec: str | None = None) -> None:
