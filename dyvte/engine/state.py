@@ -1,9 +1,11 @@
-"""The state of one call of the top-level model under withdrawal, and the cache layout of a group of layers.
+"""The state of one call of the top-level model under withdrawal, and the cache layouts kept between calls.
 
-:class:`ForwardState` is what the engine (:mod:`dyvte.engine.withdrawal`) builds in the top-level pre-hook and the
-layer hooks read and update (:mod:`dyvte.engine.masks`, :mod:`dyvte.engine.deepstack`); an exit policy sees only its
-read-only :class:`dyvte.engine.policy.PolicyView`. :class:`GroupLayout` outlives the call: it remembers, for the
-layers that share one exit set, which original column each KV-cache slot holds.
+:class:`ForwardState` is what the engine (:mod:`dyvte.engine.withdrawal`) builds in the top-level pre-hook (from the
+call's arguments: :func:`read_tokens`, :func:`read_valid`) and the layer hooks read and update: an exit repacks its
+layout (:meth:`ForwardState.withdraw`), the layers' inputs follow it (:mod:`dyvte.engine.masks`,
+:mod:`dyvte.engine.deepstack`). An exit policy sees only its read-only :class:`dyvte.engine.policy.PolicyView`.
+:class:`CacheLayouts` outlives the call: the cache the calls filled and, per group of layers sharing one exit set, a
+:class:`GroupLayout` of which original column each KV-cache slot holds.
 """
 
 from __future__ import annotations
