@@ -185,7 +185,7 @@ def test_decode_layouts_grow_in_place(llava, cache):
     with dyvte.withdraw(model, layer=[1, 3, 0]) as handle:
 
         def record(module, args, kwargs, output):
-            for key, group in handle._layouts.items():
+            for key, group in handle._layouts.groups.items():
                 pointers.setdefault(key, set()).add(group.cols.data_ptr())
                 lengths.setdefault(key, []).append(group.length)
             return output

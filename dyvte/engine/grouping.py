@@ -29,7 +29,7 @@ from torch import nn
 
 from dyvte.engine.compat import ATTENTION_MASK, HIDDEN_STATES, POSITION_EMBEDDINGS, POSITION_IDS, CaptureCache
 
-__all__ = ["RowGroup", "row_index", "run_grouped", "wrap_forward"]
+__all__ = ["Handoff", "RowGroup", "row_index", "run_grouped", "wrap_forward"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,33 @@ def run_grouped(
     if isinstance(first, tuple):
         return (out, *first[1:])
     return out
+
+
+class Handoff:
+    """The row groups a layer's pre-hook leaves for the same call of its wrapped forward (:func:`wrap_forward`).
+
+    A forward pre-hook cannot redirect the call it precedes, so it puts the groups here (:meth:`put`) and the
+    wrapped forward takes them (:meth:`take`), once; a call of another module finds none.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[nn.Module, list[RowGroup]] | None = None
+
+    def put(self, module: nn.Module, groups: list[RowGroup] | None) -> None:
+        """Leave ``groups`` for the call of ``module`` about to run (``None``: run it on the whole batch)."""
+        self._pending = None if groups is None else (module, groups)
+
+    def take(self, module: nn.Module) -> list[RowGroup] | None:
+        """The groups left for this call of ``module`` (consumed), or ``None``."""
+        pending = self._pending
+        if pending is None or pending[0] is not module:
+            return None
+        self._pending = None
+        return pending[1]
+
+    def clear(self) -> None:
+        """Drop what was left (the call ended, or the hooks are gone)."""
+        self._pending = None
 
 
 def wrap_forward(

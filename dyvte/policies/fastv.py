@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from dyvte.engine.compat import HIDDEN_STATES, POSITION_EMBEDDINGS, USE_CACHE
-from dyvte.engine.policy import ExitPolicy, register_policy
+from dyvte.engine.policy import ExitPolicy, PolicyView, register_policy
 from dyvte.engine.registry import AttentionNames, ModelSpec, UnsupportedModelError
-from dyvte.engine.withdrawal import ForwardState, Withdrawal, WithdrawalError, active_withdrawal
+from dyvte.engine.withdrawal import Withdrawal, WithdrawalError, active_withdrawal
 
 DEFAULT_NAMES = AttentionNames()
 
@@ -199,24 +199,24 @@ class FastVRanking(ExitPolicy):
         scorer = self.spec.layers[self._k - 1]
         return [scorer.register_forward_pre_hook(self._rank, with_kwargs=True)]
 
-    def start(self, state: ForwardState, kwargs: dict[str, Any]) -> None:
-        self._input_ids = state.input_ids
+    def start(self, view: PolicyView, kwargs: dict[str, Any]) -> None:
+        self._input_ids = view.input_ids
         self._cacheless = kwargs.get(USE_CACHE) is False
 
-    def planned_exits(self, state: ForwardState) -> list[int]:
-        return [self._k] * state.batch
+    def planned_exits(self, view: PolicyView) -> list[int]:
+        return [self._k] * view.batch
 
-    def kept_tokens(self, stats: list[list[int]], state: ForwardState) -> list[int]:
-        if not state.new_sequence:
-            return super().kept_tokens(stats, state)
+    def kept_tokens(self, stats: list[list[int]], view: PolicyView) -> list[int]:
+        if not view.new_sequence:
+            return super().kept_tokens(stats, view)
         budget = [_kept_on_host(visual, self.ratio) for _, visual, _ in stats]
         self._visual_after = torch.tensor(budget, dtype=torch.long)
         return [text + kept + extra for (text, _, extra), kept in zip(stats, budget, strict=True)]
 
-    def droppable(self, state: ForwardState) -> torch.Tensor:
-        if state.new_sequence and self.kept_visual is not None:
-            return state.visual & ~self.kept_visual
-        return state.visual
+    def droppable(self, view: PolicyView) -> torch.Tensor:
+        if view.new_sequence and self.kept_visual is not None:
+            return view.visual & ~self.kept_visual
+        return view.visual
 
     def _extends_prompt(self) -> bool:
         """The current call re-feeds the last ranked prompt plus new tokens (generate without a cache)."""
@@ -229,11 +229,11 @@ class FastVRanking(ExitPolicy):
 
     def _rank(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook on layer K-1: rank each row's visual tokens by the last token's attention."""
-        fwd = self._handle.state if self._handle is not None else None
-        if fwd is None or not fwd.new_sequence:
+        view = self._handle.policy_view if self._handle is not None else None
+        if view is None or not view.new_sequence:
             return None  # decode steps: the kept set was fixed at prefill
         if self._extends_prompt() and self.kept_visual is not None:
-            extra = fwd.num_tokens - self.kept_visual.shape[1]
+            extra = view.num_tokens - self.kept_visual.shape[1]
             self.kept_visual = torch.nn.functional.pad(self.kept_visual, (0, extra), value=False)
             self.scores = torch.nn.functional.pad(self.scores, (0, extra))
             return None
@@ -241,17 +241,17 @@ class FastVRanking(ExitPolicy):
         rotary = kwargs.get(POSITION_EMBEDDINGS)
         if rotary is None:
             raise WithdrawalError("FastV needs the rotary position_embeddings passed to the decoder layers")
-        cols = torch.arange(fwd.num_tokens, device=hidden.device)
-        allowed = fwd.valid.clone()  # (B, T): causal keys of the last token are all tokens; padding hidden
+        cols = torch.arange(view.num_tokens, device=hidden.device)
+        allowed = view.valid.clone()  # (B, T): causal keys of the last token are all tokens; padding hidden
         window = self.spec.sliding_window[self._k - 1]
         if window is not None:
-            allowed &= (fwd.num_tokens - 1 - cols) < window
+            allowed &= (view.num_tokens - 1 - cols) < window
         with torch.no_grad():
             family = self.spec.family
             scores = last_token_attention(
                 module, hidden, rotary, allowed, names=family.attention, gated_query=family.gated_query
             )  # (B, T)
-        visual = fwd.visual & fwd.valid
+        visual = view.visual & view.valid
         budget = kept_count(visual.sum(1), self.ratio)  # (B,) on the device
         order = torch.where(visual, scores, float("-inf")).argsort(dim=1, descending=True, stable=True)
         rank = order.argsort(dim=1)  # (B, T) rank of each token by score

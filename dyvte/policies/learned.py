@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from dyvte.engine.layout import take
-from dyvte.engine.policy import ExitPolicy, register_policy
+from dyvte.engine.policy import ExitPolicy, PolicyView, register_policy
 from dyvte.engine.registry import ModelSpec
-from dyvte.engine.withdrawal import ForwardState
 from dyvte.policies.exit_heads import ExitHeads, head_features
 from dyvte.utils.syntax import ArgumentError, MethodSyntax, float_in, items
 
@@ -47,12 +46,12 @@ class LearnedExit(ExitPolicy):
         self.heads.check_model(spec.model)
         super().bind(spec)
 
-    def decide(self, layer: int, hidden: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    def decide(self, layer: int, hidden: torch.Tensor, view: PolicyView) -> torch.Tensor:
         """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``)."""
-        visual, valid = state.visual, state.valid
-        if state.idx is not None:  # the current layout of the hidden states
-            visual = take(visual, state.idx, 1) & (state.idx >= 0)
-            valid = take(valid, state.idx, 1) & (state.idx >= 0)
+        visual, valid = view.visual, view.valid
+        if view.idx is not None:  # the current layout of the hidden states
+            visual = take(visual, view.idx, 1) & (view.idx >= 0)
+            valid = take(valid, view.idx, 1) & (view.idx >= 0)
         with torch.no_grad():
             logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
         return logits.float() >= self.logits[layer - 1]

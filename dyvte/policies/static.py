@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dyvte.engine.policy import ExitPolicy, register_policy
+from dyvte.engine.policy import ExitPolicy, PolicyView, register_policy
 from dyvte.engine.registry import ModelSpec
-from dyvte.engine.withdrawal import ForwardState, WithdrawalError
+from dyvte.engine.withdrawal import WithdrawalError
 from dyvte.utils.syntax import MethodSyntax, int_in, items
 
 __all__ = ["StaticExit", "as_layer"]
@@ -54,12 +54,12 @@ class StaticExit(ExitPolicy):
     def earliest_exit(self) -> int:
         return min(self._rows) if self._rows is not None else self._k
 
-    def planned_exits(self, state: ForwardState) -> list[int]:
+    def planned_exits(self, view: PolicyView) -> list[int]:
         if self._rows is None:
-            return [self._k] * state.batch
-        if len(self._rows) != state.batch:
+            return [self._k] * view.batch
+        if len(self._rows) != view.batch:
             raise WithdrawalError(
-                f"per-row exit layers were given for {len(self._rows)} rows, the batch has {state.batch}"
+                f"per-row exit layers were given for {len(self._rows)} rows, the batch has {view.batch}"
             )
         return self._rows
 
