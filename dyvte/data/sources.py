@@ -30,8 +30,7 @@ def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str 
     """``(model, processor)``: the embedded demo (``"demo"``) or a local ``from_pretrained`` directory, in eval mode.
 
     ``prompt_template`` (a format string with ``{question}``, :mod:`dyvte.data.prompts`) is attached to the processor,
-    so
-    that every prompt built from it uses the template instead of the chat template (a model without one needs it).
+    so that every prompt built from it uses the template instead of the chat template (a model without one needs it).
 
     A directory holding a peft adapter (``adapter_config.json``) loads the base model it names (``"demo"`` or a
     directory) and returns the ``PeftModel`` on it; dyvte unwraps it wherever it hooks the model.

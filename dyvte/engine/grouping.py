@@ -10,11 +10,10 @@ ones still in. Grouped execution runs such a layer once per *group* of rows at t
 
 Each group's call gets the rows and slot window of the combined ``hidden_states``, mask, rotary tables and position
 ids, and a :class:`dyvte.engine.compat.CaptureCache` in place of the KV cache. Only a new sequence (a prefill, whose
-cache
-is empty: its keys are exactly this call's slots) runs grouped, so the captured keys and values are all a group's
-attention needs. They are then scattered into the combined layout (zeros in the slots a group did not run, which
-the masks hide) and written to the real cache in one ``update`` per layer: the cache ends up with the layout the
-ungrouped call writes, so decode steps and later calls run unchanged.
+cache is empty: its keys are exactly this call's slots) runs grouped, so the captured keys and values are all a group's
+attention needs. They are then scattered into the combined layout (zeros in the slots a group did not run, which the
+masks hide) and written to the real cache in one ``update`` per layer: the cache ends up with the layout the ungrouped
+call writes, so decode steps and later calls run unchanged.
 """
 
 from __future__ import annotations

@@ -3,15 +3,13 @@
 The user states a tolerance ε ("at most 1% of answers may differ from the full model") and a failure probability
 δ. The exit rule has one parameter λ (a global threshold, or the precision level of per-head thresholds, see
 :mod:`dyvte.exits.rules`), and a grid of λ values is fixed in advance, from "exit almost never" to "exit often". On
-``n``
-held-out calibration samples each λ gets the null hypothesis H_λ: "the disagreement rate R(λ) on new data exceeds
-ε". Its p-value is the binomial tail ``P(Bin(n, ε) <= errors(λ))``: how likely so few disagreements would be if the
-rate really were ε. The grid is walked in order, rejecting while ``p <= δ``, and the chosen λ is the last one
-rejected. Fixed-sequence testing controls the family-wise error at δ with no multiplicity correction, so
-``P(R(λ̂) > ε) <= δ`` for calibration and new samples drawn from the same distribution (Angelopoulos et al.,
-"Learn then Test", arXiv 2110.01052; the same construction CALM, arXiv 2207.07061, uses for early-exit language
-models). When even the first λ is not rejected the heads never fire, which keeps the promise trivially. See
-docs/design.md §2.
+``n`` held-out calibration samples each λ gets the null hypothesis H_λ: "the disagreement rate R(λ) on new data exceeds
+ε". Its p-value is the binomial tail ``P(Bin(n, ε) <= errors(λ))``: how likely so few disagreements would be if the rate
+really were ε. The grid is walked in order, rejecting while ``p <= δ``, and the chosen λ is the last one rejected.
+Fixed-sequence testing controls the family-wise error at δ with no multiplicity correction, so ``P(R(λ̂) > ε) <= δ`` for
+calibration and new samples drawn from the same distribution (Angelopoulos et al., "Learn then Test", arXiv 2110.01052;
+the same construction CALM, arXiv 2207.07061, uses for early-exit language models). When even the first λ is not
+rejected the heads never fire, which keeps the promise trivially. See docs/design.md §2.
 """
 
 from __future__ import annotations

@@ -131,8 +131,7 @@ class ExitHeadsConfig:
         format_version: version of this file format.
         thresholds: calibrated P(exit) threshold of each head (``L - 1`` values), chosen by
             :func:`dyvte.exits.rules.certify_thresholds` on held-out data; used by default at inference when set
-            (through
-            ``threshold_logits`` when those are saved too).
+            (through ``threshold_logits`` when those are saved too).
         threshold_logits: the calibrated thresholds as logits, what the heads fire on (``null``: a head that never
             fires); exact where a P(exit) threshold would round to 1.0.
         calibration: how ``thresholds`` were chosen (tolerance, delta, calibration size, label rule, the measured
@@ -142,8 +141,7 @@ class ExitHeadsConfig:
             (``"lens"``: the final prompt token's logit-lens top-1 probability and entropy; ``"attn"``: its
             attention mass on the visual tokens). For the ablation in docs/report.md only: the engine computes the
             ``2d`` features alone, so heads with extra inputs are scored offline (:mod:`dyvte.exits.rules`) and refused
-            by
-            ``withdraw``.
+            by ``withdraw``.
     """
 
     model_type: str

@@ -25,8 +25,7 @@ __all__ = ["LearnedExit"]
 class LearnedExit(ExitPolicy):
     """Row ``b`` leaves at layer ``k`` when head ``k - 1`` gives ``logit >= logits[k - 1]`` (the logit of its P(exit)
     threshold; compared as logits, as :func:`dyvte.policies.exit_heads.first_exit` does, so no float32 sigmoid rounds a
-    confident
-    head to a tie at 1.0).
+    confident head to a tie at 1.0).
 
     Args:
         heads: exit heads made for the model.

@@ -1,8 +1,7 @@
 """``dyvte.withdraw``: the public entry point of withdrawal; it builds an exit policy and hands it to the engine.
 
 The engine (:mod:`dyvte.engine.withdrawal`) and the policies (:mod:`dyvte.policies`, :mod:`dyvte.policies.fastv`) live
-in their own
-modules; this one only maps the keyword arguments onto the policy registry (docs/design.md §3, §4).
+in their own modules; this one only maps the keyword arguments onto the policy registry (docs/design.md §3, §4).
 """
 
 from __future__ import annotations
