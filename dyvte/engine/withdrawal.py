@@ -34,7 +34,6 @@ position ids over the current layout); :mod:`dyvte.engine.grouping` (grouped exe
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -60,8 +59,6 @@ from dyvte.engine.registry import ModelSpec, resolve
 from dyvte.engine.state import CacheLayouts, ForwardState, WithdrawalError, read_tokens, read_valid
 
 __all__ = ["Withdrawal", "WithdrawalError", "HANDLE_ATTR", "PRUNING_ATTR", "active_withdrawal"]
-
-logger = logging.getLogger(__name__)
 
 HANDLE_ATTR = "_dyvte_withdrawal"  # the top-level model's attribute naming its active withdrawal
 PRUNING_ATTR = "_dyvte_pruning"  # ... and its active pruning before the LLM (which shortens the 2-D mask itself)
