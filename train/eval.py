@@ -28,7 +28,7 @@ from dyvte.data.sources import DTYPES, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
 from dyvte.eval.methods import Compose, Full, Method, PolicyRun, PruningRun, check_method, parse_method  # noqa: E402
-from dyvte.train.fitting import check_output_dir, runs_dir  # noqa: E402
+from dyvte.train.runs import check_output_dir, runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
 
