@@ -2,11 +2,11 @@
 
 For each N the demo records (train + validation + test, 11,000, cycled beyond that with distinct ids) are written as
 ``llava_format.json`` + ``images/`` under ``--workdir`` (not measured); a fresh child process then converts the JSON
-(streamed into Arrow), labels every shard with the demo model and merges the shards, the way
-``train/fit.py --data.data llava_format.json`` does. The child reports its peak RSS after labelling (``VmHWM``, which
-includes the memory-mapped records and shard files it touched) and after the merge, the peak anonymous memory
-(``RssAnon`` sampled every 50 ms: memory that is the process's own, not file pages the kernel can drop), and the
-labelling time per sample.
+(streamed into Arrow), labels every shard with the demo model and merges the shards, the way ``train/fit.py
+--data.source.data llava_format.json`` does. The child reports its peak RSS after labelling (``VmHWM``, which includes
+the memory-mapped records and shard files it touched) and after the merge, the peak anonymous memory (``RssAnon``
+sampled every 50 ms: memory that is the process's own, not file pages the kernel can drop), and the labelling time per
+sample.
 
     python benchmarks/label_memory.py --samples 1000 20000 --threads 1 --output runs/label-memory.json
 """

@@ -24,7 +24,8 @@ from dyvte.eval.harness import EvalResult
 from dyvte.eval.methods import parse_method
 from dyvte.exits.labels import build_label_cache, on_the_fly_labels
 from dyvte.policies.exit_heads import CONFIG_NAME, NEVER, WEIGHTS_NAME, ExitHeads, ExitHeadsConfig
-from dyvte.train.fitting import ExitLabelData
+from dyvte.train.label_data import ExitLabelData
+from dyvte.train.options import DataSource, LabelOptions, SplitSizes
 
 from .scripts import load_script
 from .test_calibrate_evaluate import TEMPLATE, records
@@ -58,7 +59,7 @@ def test_fit_refuses_a_run_without_training_steps_before_labelling(setup_dir, op
     """`fit.py --trainer.max_epochs 0` saved untrained heads (`steps: 0`); now refused before any labelling."""
     monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)  # labelling would load the MLLM first
     name = option.split(".")[1].split("=")[0]
-    args = fit_args(setup_dir, f"heads-{name}", 1, [option, f"--data.cache_dir={setup_dir / f'cache-{name}'}"])
+    args = fit_args(setup_dir, f"heads-{name}", 1, [option, f"--data.labels.cache_dir={setup_dir / f'cache-{name}'}"])
     with pytest.raises(ValueError, match=re.escape(option) + r": training would run no optimizer step"):
         load_script("train/fit.py").main(args)
     assert not (setup_dir / f"heads-{name}").exists() and not (setup_dir / f"cache-{name}").exists()
@@ -137,7 +138,7 @@ def test_fit_refuses_a_missing_resume_checkpoint(setup_dir, monkeypatch):
 
 # -------------------------------------------------------------------- case 3: validation on the training records
 def test_held_out_split_is_disjoint_and_seeded():
-    from dyvte.train.fitting import held_out_split
+    from dyvte.train.splits import held_out_split
 
     train, val = held_out_split(12, 4, 8, seed=0)
     assert len(val) == 4 and len(train) == 8 and not set(train) & set(val)
@@ -151,36 +152,41 @@ def test_held_out_split_is_disjoint_and_seeded():
 
 def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
     jsonl = str(setup_dir / "records.jsonl")
-    data = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=8, val_samples=4)
+    source = DataSource(model=str(setup_dir / "model"), data=jsonl)
+    data = ExitLabelData(source, SplitSizes(train_samples=8, val_samples=4))
     parts = data.split_indices()  # calibration: calib_fraction (0.2) of 12 = 2 more records held out
     assert parts["val"] is not None and [len(parts[k]) for k in ("train", "val", "calib")] == [6, 4, 2]
     train, val, calib = (set(parts[k]) for k in ("train", "val", "calib"))
     assert not train & val and not calib & (train | val)
-    again = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=8, val_samples=4)
+    again = ExitLabelData(source, SplitSizes(train_samples=8, val_samples=4))
     assert again.split_indices() == parts
-    other = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=8, val_samples=4, split_seed=3)
+    other = ExitLabelData(source, SplitSizes(train_samples=8, val_samples=4, split_seed=3))
     assert other.split_indices()["val"] != parts["val"]
     other = str(setup_dir / "other.jsonl")
-    separate = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_data=other, calib_samples=0)
+    separate = ExitLabelData(
+        DataSource(model=str(setup_dir / "model"), data=jsonl, val_data=other), SplitSizes(calib_samples=0)
+    )
     assert separate.split_indices() == {"train": None, "val": None}  # a separate validation file: nothing carved
-    demo = ExitLabelData(data="demo")  # distinct named splits: calibration = validation records 2000..14999
+    demo = ExitLabelData(DataSource(data="demo"))  # distinct named splits: calibration = validation records 2000..14999
     assert demo.split_indices() == {"train": None, "val": None, "calib": None}
     assert demo.split_summary()["calib"] == "demo [validation] records 2000..14999"
-    fraction = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, train_samples=None, val_samples=None)
+    fraction = ExitLabelData(source, SplitSizes(train_samples=None, val_samples=None))
     assert [len(v) for v in fraction.split_indices().values()] == [9, 1, 2]  # 10% of 12 (at least 1), 20% of 12
-    none = ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_samples=4, calib_samples=0)
-    assert [len(v) for v in none.split_indices().values()] == [8, 4]  # --data.calib_samples 0: no calibration
-    with pytest.raises(ValueError, match=r"--data\.calib_samples=9: calibration takes the records of .* none is left"):
-        ExitLabelData(data="demo", val_samples=15000, calib_samples=9).split_indices()
-    with pytest.raises(ValueError, match=r"--data\.val_samples=12 .*held out of the 12 records"):
-        ExitLabelData(model=str(setup_dir / "model"), data=jsonl, val_samples=12).split_indices()
+    none = ExitLabelData(source, SplitSizes(val_samples=4, calib_samples=0))
+    assert [len(v) for v in none.split_indices().values()] == [8, 4]  # --data.splits.calib_samples 0: no calibration
+    with pytest.raises(
+        ValueError, match=r"--data\.splits\.calib_samples=9: calibration takes the records of .* none is left"
+    ):
+        ExitLabelData(DataSource(data="demo"), SplitSizes(val_samples=15000, calib_samples=9)).split_indices()
+    with pytest.raises(ValueError, match=r"--data\.splits\.val_samples=12 .*held out of the 12 records"):
+        ExitLabelData(source, SplitSizes(val_samples=12)).split_indices()
 
 
 def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
-    """`fit.py --data.data file.jsonl` validated on its own training records; now on a disjoint held-out split."""
+    """`fit.py --data.source.data file.jsonl` validated on its own training records; now on a held-out split."""
     cache = setup_dir / "cache-heldout"
-    args = fit_args(setup_dir, "heads-heldout", 1, [f"--data.cache_dir={cache}"])
-    with caplog.at_level(logging.INFO, logger="dyvte.train.fitting"):
+    args = fit_args(setup_dir, "heads-heldout", 1, [f"--data.labels.cache_dir={cache}"])
+    with caplog.at_level(logging.INFO, logger="dyvte.train.splits"):
         summary = load_script("train/fit.py").main(args)
     assert "validation: 4 records and calibration: 2 records held out at random (seed 0) from the 12 records of" in (
         caplog.text
@@ -504,22 +510,35 @@ def test_a_result_save_that_fails_midway_leaves_the_old_file(tmp_path, monkeypat
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"train_samples": 0}, r"train_samples \(--data.train_samples\) must be an int >= 1 or null, got 0"),
-        ({"val_samples": 0}, r"val_samples \(--data.val_samples\) must be an int >= 1 or null, got 0"),
+        (
+            {"splits": {"train_samples": 0}},
+            r"train_samples \(--data.splits.train_samples\) must be an int >= 1 or null, got 0",
+        ),
+        (
+            {"splits": {"val_samples": 0}},
+            r"val_samples \(--data.splits.val_samples\) must be an int >= 1 or null, got 0",
+        ),
         ({"batch_size": 0}, r"batch_size \(--data.batch_size\) must be an int >= 1"),
-        ({"label_batch_size": 0}, r"label_batch_size \(--data.label_batch_size\) must be an int >= 1"),
-        ({"val_fraction": 1.0}, r"val_fraction \(--data.val_fraction\) must be in \(0, 1\)"),
-        ({"agree": 1.0}, r"agree \(--data.agree\) must be in \[0, 1\)"),
-        ({"loss_ratio": 0.9}, r"loss_ratio \(--data.loss_ratio\) must be >= 1"),
-        ({"label_rule": "safe"}, r"--data.label_rule: label_rule must be one of agreement, kl, dyvte, dyvte-layer"),
-        ({"kl_eta": 0.0}, r"kl_eta \(--data.kl_eta\) must be > 0"),
-        ({"calib_samples": -1}, r"calib_samples \(--data.calib_samples\) must be null or an int >= 0, got -1"),
-        ({"calib_fraction": 0.0}, r"calib_fraction \(--data.calib_fraction\) must be in \(0, 1\)"),
+        ({"labels": {"batch_size": 0}}, r"batch_size \(--data.labels.batch_size\) must be an int >= 1"),
+        ({"splits": {"val_fraction": 1.0}}, r"val_fraction \(--data.splits.val_fraction\) must be in \(0, 1\)"),
+        ({"labels": {"agree": 1.0}}, r"agree \(--data.labels.agree\) must be in \[0, 1\)"),
+        ({"labels": {"loss_ratio": 0.9}}, r"loss_ratio \(--data.labels.loss_ratio\) must be >= 1"),
+        (
+            {"labels": {"rule": "safe"}},
+            r"--data.labels.rule: label_rule must be one of agreement, kl, dyvte, dyvte-layer",
+        ),
+        ({"labels": {"kl_eta": 0.0}}, r"kl_eta \(--data.labels.kl_eta\) must be > 0"),
+        (
+            {"splits": {"calib_samples": -1}},
+            r"calib_samples \(--data.splits.calib_samples\) must be null or an int >= 0, got -1",
+        ),
+        ({"splits": {"calib_fraction": 0.0}}, r"calib_fraction \(--data.splits.calib_fraction\) must be in \(0, 1\)"),
     ],
 )
 def test_label_data_arguments_are_checked_when_given(kwargs, match):
+    groups = {"source": DataSource, "splits": SplitSizes, "labels": LabelOptions}
     with pytest.raises(ValueError, match=match):
-        ExitLabelData(**kwargs)
+        ExitLabelData(**{k: groups[k](**v) if k in groups else v for k, v in kwargs.items()})
 
 
 @pytest.mark.parametrize(
@@ -533,7 +552,7 @@ def test_label_data_arguments_are_checked_when_given(kwargs, match):
 )
 def test_head_module_arguments_are_checked_before_labelling(kwargs, match):
     """`--model.threshold 1.5` failed only after labelling, when the heads were shaped."""
-    from dyvte.train.fitting import ExitHeadsModule
+    from dyvte.train.module import ExitHeadsModule
 
     with pytest.raises(ValueError, match=match):
         ExitHeadsModule(**kwargs)

@@ -25,7 +25,7 @@ from datasets import load_from_disk
 
 from dyvte.exits.rules import head_targets
 from dyvte.policies.exit_heads import ExitHeads
-from dyvte.train.fitting import LIGHTNING_TIPS, RANK_ZERO_LOGGERS, quiet_lightning
+from dyvte.train.runs import LIGHTNING_TIPS, RANK_ZERO_LOGGERS, quiet_lightning
 
 from .scripts import load_script
 from .test_fit import make_fit_setup
@@ -103,12 +103,12 @@ def run_in(clone: Path) -> Iterator[list]:
 def fit(clone: Path, setup: Path, *extra: str) -> Run:
     """``train/fit.py``'s ``main()`` in ``clone`` on the tiny model, default output paths."""
     args = [
-        f"--data.model={setup / 'model'}",
-        f"--data.data={setup / 'records.jsonl'}",
-        "--data.train_samples=8",
-        "--data.val_samples=4",
+        f"--data.source.model={setup / 'model'}",
+        f"--data.source.data={setup / 'records.jsonl'}",
+        "--data.splits.train_samples=8",
+        "--data.splits.val_samples=4",
         "--data.batch_size=4",
-        "--data.label_batch_size=4",
+        "--data.labels.batch_size=4",
         "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false",
         *extra,
@@ -171,7 +171,7 @@ def test_outputs_are_where_the_log_says(first, clone):
     assert f"fit: label cache: {expected}" in run.messages
     for path in caches.values():
         assert path.parent == clone / "runs" / "label-cache" and (path / "meta.json").is_file()
-        labelled = [m for m in run.messages if m.startswith("dyvte.train.fitting: labelling ")]
+        labelled = [m for m in run.messages if m.startswith("dyvte.train.label_cache: labelling ")]
         assert [m for m in labelled if m.endswith(f" into the label cache {path}")]
     assert json.loads((heads_dir / "training.json").read_text()) == json.loads(json.dumps(run.summary))
 
@@ -212,16 +212,18 @@ def test_later_runs_reuse_the_label_cache_and_relabel_on_request(first, clone, s
     caches = [Path(p) for p in first[0].summary["label_cache"].values()]
     stamps = [(p / "meta.json").stat().st_mtime_ns for p in caches]
     again = fit(clone, setup)
-    reuse = "dyvte.train.fitting: reusing the cached labels of "
+    reuse = "dyvte.train.label_cache: reusing the cached labels of "
     for path in caches:
-        assert any(m.startswith(reuse) and f" in {path} (" in m and "--data.relabel true" in m for m in again.messages)
+        assert any(
+            m.startswith(reuse) and f" in {path} (" in m and "--data.labels.relabel true" in m for m in again.messages
+        )
     assert not [m for m in again.messages if "labelling " in m]
     assert [(p / "meta.json").stat().st_mtime_ns for p in caches] == stamps
     assert again.summary["logs"].endswith("version_1")
     (caches[0] / "stale").write_text("left over")
-    relabelled = fit(clone, setup, "--data.relabel=true")
+    relabelled = fit(clone, setup, "--data.labels.relabel=true")
     assert not [m for m in relabelled.messages if "reusing the cached labels" in m]
-    assert len([m for m in relabelled.messages if m.startswith("dyvte.train.fitting: labelling ")]) == 3
+    assert len([m for m in relabelled.messages if m.startswith("dyvte.train.label_cache: labelling ")]) == 3
     assert not (caches[0] / "stale").exists() and all((p / "meta.json").is_file() for p in caches)
     assert relabelled.summary["val_heads"] == again.summary["val_heads"]  # same labels, same seed: same heads
     assert git(clone, "status", "--porcelain", "--untracked-files=all") == ""

@@ -54,13 +54,13 @@ def setup_dir(tmp_path_factory):
 
 def fit_args(root: Path, out: str, epochs: int, extra: list[str] = ()) -> list[str]:
     return [
-        f"--data.model={root / 'model'}",
-        f"--data.data={root / 'records.jsonl'}",
-        "--data.train_samples=8",
-        "--data.val_samples=4",
+        f"--data.source.model={root / 'model'}",
+        f"--data.source.data={root / 'records.jsonl'}",
+        "--data.splits.train_samples=8",
+        "--data.splits.val_samples=4",
         "--data.batch_size=4",
-        "--data.label_batch_size=4",
-        f"--data.cache_dir={root / 'cache'}",
+        "--data.labels.batch_size=4",
+        f"--data.labels.cache_dir={root / 'cache'}",
         f"--output_dir={root / out}",
         f"--trainer.max_epochs={epochs}",
         f"--trainer.default_root_dir={root / 'runs'}",

@@ -31,14 +31,14 @@ def test_fit_on_a_llava_format_export_of_the_demo(tmp_path):
     (tmp_path / "images-elsewhere").mkdir()
     (tmp_path / "export" / "images").rename(tmp_path / "images-elsewhere" / "images")
     args = [
-        f"--data.data={path}",
-        f"--data.image_folder={tmp_path / 'images-elsewhere'}",
-        "--data.train_samples=8",
-        "--data.val_samples=4",
-        "--data.calib_samples=4",
-        "--data.shard_size=4",  # a multiple of the batch: the same batches as labelling directly
-        "--data.label_batch_size=4",
-        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--data.source.data={path}",
+        f"--data.source.image_folder={tmp_path / 'images-elsewhere'}",
+        "--data.splits.train_samples=8",
+        "--data.splits.val_samples=4",
+        "--data.splits.calib_samples=4",
+        "--data.labels.shard_size=4",  # a multiple of the batch: the same batches as labelling directly
+        "--data.labels.batch_size=4",
+        f"--data.labels.cache_dir={tmp_path / 'cache'}",
         f"--output_dir={tmp_path / 'heads'}",
         "--trainer.max_epochs=2",
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
@@ -69,8 +69,8 @@ def test_fit_under_ddp_labels_on_every_rank_and_equals_one_process(tmp_path):
         extra = [
             "--trainer.strategy=ddp",
             f"--trainer.devices={devices}",
-            f"--data.cache_dir={setup / f'cache-{devices}'}",
-            "--data.shard_size=3",
+            f"--data.labels.cache_dir={setup / f'cache-{devices}'}",
+            "--data.labels.shard_size=3",
         ]
         done = subprocess.run(
             [sys.executable, str(ROOT / "train" / "fit.py"), *fit_args(setup, f"heads-{devices}", 1, extra)],

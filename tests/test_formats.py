@@ -43,7 +43,7 @@ def turn(who: str, text: str) -> dict:
 def test_llava_export_of_the_demo_reads_back_as_the_demo_records(tmp_path, demo_records):
     path = export_llava(demo_records, tmp_path / "export", 8)  # 8 > 6: cycles, each image written once
     (tmp_path / "store").mkdir()
-    (tmp_path / "export" / "images").rename(tmp_path / "store" / "images")  # elsewhere: --data.image_folder
+    (tmp_path / "export" / "images").rename(tmp_path / "store" / "images")  # elsewhere: --data.source.image_folder
     with pytest.raises(DataError, match=r"row 0 \(line 2, id 'demo-0'\): the image file .*0\.png does not exist"):
         load_records(str(path))
     ds = load_records(str(path), image_folder=str(tmp_path / "store"), limit=7)
@@ -179,7 +179,7 @@ def test_parquet_and_datasets_folders_with_a_column_mapping(tmp_path, caplog):
         assert out["question"] == ["first?", "second?"] and out["answer"] == ["one", "two"]
         assert [np.asarray(im)[0, 0, 0] for im in out["image"]] == [10, 20]
         assert "skipped 1 text-only records" in caplog.text
-    with pytest.raises(DataError, match=r"--data.columns names \['nope'\], not among its columns"):
+    with pytest.raises(DataError, match=r"--data.source.columns names \['nope'\], not among its columns"):
         load_records(str(tmp_path / "rows.parquet"), columns="image=nope,question=prompt,answer=response")
     with pytest.raises(ValueError, match=r"expected 'image=COLUMN"):
         parse_columns("image")

@@ -15,7 +15,8 @@ from dyvte.data.sources import load_model, load_records
 from dyvte.exits.labels import build_label_cache
 from dyvte.exits.onthefly import draw_layers, fresh_labels
 from dyvte.policies.exit_heads import ExitHeads
-from dyvte.train.fitting import ExitLabelData
+from dyvte.train.label_data import ExitLabelData
+from dyvte.train.options import LabelOptions
 
 from .scripts import load_script
 from .test_fit import fit_args, make_fit_setup
@@ -41,13 +42,17 @@ def test_fresh_labels_equal_the_cached_labels_at_each_samples_layer(setup):
 
 
 def test_on_the_fly_needs_the_per_layer_rule():
-    with pytest.raises(ValueError, match=r"--data.on_the_fly .*--data.label_rule dyvte-layer"):
-        ExitLabelData(on_the_fly=True)
+    with pytest.raises(ValueError, match=r"--data.labels.on_the_fly .*--data.labels.rule dyvte-layer"):
+        ExitLabelData(labels=LabelOptions(on_the_fly=True))
 
 
 @pytest.mark.slow
 def test_fit_trains_on_fresh_labels_without_a_training_cache(setup):
-    extra = ["--data.on_the_fly=true", "--data.label_rule=dyvte-layer", f"--data.cache_dir={setup / 'fly-cache'}"]
+    extra = [
+        "--data.labels.on_the_fly=true",
+        "--data.labels.rule=dyvte-layer",
+        f"--data.labels.cache_dir={setup / 'fly-cache'}",
+    ]
     summary = load_script("train/fit.py").main(fit_args(setup, "heads-fly", 2, extra))
     heads = ExitHeads.from_pretrained(setup / "heads-fly")
     assert heads.config.num_layers == 4 and summary["steps"] == 4  # 2 epochs x 8 records / batch 4
@@ -68,9 +73,9 @@ def test_on_the_fly_under_ddp_on_two_cpu_processes(setup):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     extra = [
-        "--data.on_the_fly=true",
-        "--data.label_rule=dyvte-layer",
-        f"--data.cache_dir={setup / 'fly-ddp-cache'}",
+        "--data.labels.on_the_fly=true",
+        "--data.labels.rule=dyvte-layer",
+        f"--data.labels.cache_dir={setup / 'fly-ddp-cache'}",
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
     ]

@@ -102,8 +102,8 @@ def test_every_launcher_takes_prompt_template(tmp_path):
     import inspect
     import json
 
-    from dyvte.train.fitting import ExitLabelData
     from dyvte.train.lora import AdaptModule
+    from dyvte.train.options import DataSource
 
     from .scripts import load_script
 
@@ -123,5 +123,5 @@ def test_every_launcher_takes_prompt_template(tmp_path):
     assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["num_samples"] == 4
     for script in ("train/calibrate.py", "train/eval.py", "train/report.py"):
         assert "prompt_template" in inspect.signature(load_script(script).main).parameters, script
-    for cls in (ExitLabelData, AdaptModule):
+    for cls in (DataSource, AdaptModule):
         assert "prompt_template" in inspect.signature(cls).parameters, cls

@@ -48,7 +48,9 @@ from dyvte.policies.exit_heads import (  # noqa: E402
     first_exit,  # noqa: E402
     head_inputs,
 )
-from dyvte.train.fitting import ExitHeadsModule, HeadTensorData, quiet_lightning, runs_dir  # noqa: E402
+from dyvte.train.label_data import HeadTensorData  # noqa: E402
+from dyvte.train.module import ExitHeadsModule  # noqa: E402
+from dyvte.train.runs import quiet_lightning, runs_dir  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("ablate_heads")

@@ -35,7 +35,7 @@ from dyvte.policies.exit_heads import (
     first_exit,  # noqa: E402
     head_inputs,  # noqa: E402
 )
-from dyvte.train.fitting import quiet_lightning, runs_dir  # noqa: E402
+from dyvte.train.runs import quiet_lightning, runs_dir  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("ablate_splits")

@@ -18,7 +18,7 @@ Outputs go under ``<repo>/runs`` (ignored by git) unless ``--output_dir`` says o
 both paths are logged. Only the adapter is written (``PeftModel.save_pretrained``; ``adapter_config.json`` names the
 base, so ``dyvte.data.sources.load_model(<dir>)`` loads base + adapter). ``--merged_dir`` also writes the merged model
 and
-its processor as a plain ``from_pretrained`` directory (e.g. for ``train/fit.py --data.model <dir>``).
+its processor as a plain ``from_pretrained`` directory (e.g. for ``train/fit.py --data.source.model <dir>``).
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ import torch  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from dyvte.demo import demo_checkpoint_dir  # noqa: E402
-from dyvte.train.fitting import (  # noqa: E402
+from dyvte.train.lora import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
+from dyvte.train.runs import (  # noqa: E402
     check_output_dir,
     check_training_budget,
     quiet_lightning,
     require_trained,
     runs_dir,
 )
-from dyvte.train.lora import AdaptData, AdaptModule, compare_sweeps  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("adapt")

@@ -24,7 +24,7 @@ import dyvte  # noqa: E402
 from dyvte.data.records import build_inputs, iter_batches  # noqa: E402
 from dyvte.data.sources import DTYPES, load_model, load_records  # noqa: E402
 from dyvte.exits.kl import POSITIONS  # noqa: E402
-from dyvte.train.fitting import runs_dir  # noqa: E402
+from dyvte.train.runs import runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
 
 

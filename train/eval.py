@@ -39,7 +39,7 @@ from dyvte.eval.methods import (  # noqa: E402
     load_plugins,
     parse_method,
 )
-from dyvte.train.fitting import check_output_dir, runs_dir  # noqa: E402
+from dyvte.train.runs import check_output_dir, runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
 

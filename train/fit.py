@@ -4,8 +4,8 @@
     python train/fit.py --config configs/fit_demo.yaml    # the same, from YAML
     python train/fit.py --trainer.strategy ddp --trainer.devices 2    # two processes on CPU
     python train/fit.py --ckpt_path runs/fit-demo/logs/version_0/checkpoints/last.ckpt   # resume
-    python train/fit.py --data.data llava_format.json --data.image_folder images/    # LLaVA instruction JSON
-    python train/fit.py --data.on_the_fly true --data.label_rule dyvte-layer     # the paper's on-the-fly labels
+    python train/fit.py --data.source.data llava_format.json --data.source.image_folder images/   # LLaVA JSON
+    python train/fit.py --data.labels.on_the_fly true --data.labels.rule dyvte-layer     # the paper's on-the-fly labels
     python train/fit.py --output_dir checkpoints/demo-exit-heads      # regenerate the committed demo heads
 
 Outputs, all under ``<repo>/runs`` (ignored by git; a run never modifies a tracked file unless ``--output_dir``
@@ -16,16 +16,16 @@ points at one, as in the last command):
 * ``runs/fit-demo/logs/version_N``: Lightning's CSV logs (``metrics.csv``, ``hparams.yaml``, ``config.yaml``) and
   ``checkpoints/last.ckpt`` (heads only);
 * ``runs/label-cache/<split>-<samples>-<key>``: labels and head inputs, computed once per (model weights, data,
-  split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.relabel true`` labels again).
+  split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.labels.relabel true`` labels again).
 
 Every path is logged at INFO. Lightning checkpoints hold only the heads; training never runs the MLLM after labelling.
 
-Validation never reuses training records: with a single records file and no ``--data.val_data`` (or
-``--data.val_split`` equal to ``--data.train_split``), ``--data.val_samples`` records (``--data.val_fraction`` of
-them when null) are held out at random (``--data.split_seed``); the log and ``training.json`` (``validation_split``)
-say so. A configuration that can run no optimizer step (``--trainer.max_epochs 0``, ``--trainer.max_steps 0``,
-``--trainer.limit_train_batches 0``), an ``--output_dir`` that is a file or a missing ``--ckpt_path`` is refused
-before labelling; a run that ends with no step writes no heads.
+Validation never reuses training records: with a single records file and no ``--data.source.val_data`` (or
+``--data.source.val_split`` equal to ``--data.source.train_split``), ``--data.splits.val_samples`` records
+(``--data.splits.val_fraction`` of them when null) are held out at random (``--data.splits.split_seed``); the log and
+``training.json`` (``validation_split``) say so. A configuration that can run no optimizer step
+(``--trainer.max_epochs 0``, ``--trainer.max_steps 0``, ``--trainer.limit_train_batches 0``), an ``--output_dir`` that
+is a file or a missing ``--ckpt_path`` is refused before labelling; a run that ends with no step writes no heads.
 """
 
 from __future__ import annotations
@@ -45,13 +45,11 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from dyvte.data.sources import load_config  # noqa: E402
 from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
 from dyvte.exits.rules import certify_thresholds, exit_savings  # noqa: E402
-from dyvte.train.fitting import (  # noqa: E402
-    ExitHeadsModule,
-    ExitLabelData,
+from dyvte.train.label_data import ExitLabelData  # noqa: E402
+from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
+from dyvte.train.runs import (  # noqa: E402
     check_output_dir,
     check_training_budget,
-    format_head_table,
-    head_validation,
     quiet_lightning,
     require_trained,
     runs_dir,
@@ -79,7 +77,7 @@ class FitCLI(LightningCLI):
             type=float,
             default=DEFAULT_TOLERANCE,
             help="the promise the saved thresholds keep: at most this share of answers differ from the full model's "
-            "(e.g. 0.01 = 1%%), except with probability --delta; certified on the --data.calib_samples records",
+            "(e.g. 0.01 = 1%%), except with probability --delta; certified on the --data.splits.calib_samples records",
         )
         parser.add_argument("--delta", type=float, default=0.1, help="probability that the --tolerance promise fails")
 
@@ -151,7 +149,7 @@ def main(args: list[str] | None = None) -> dict:
     if not cli.trainer.is_global_zero:
         return {}
     heads = cli.model.heads
-    heads.config.label_rule = data.hparams.label_rule
+    heads.config.label_rule = data.labels.rule
     calibration = certify(heads, data, cli.config["tolerance"], cli.config["delta"])
     heads.save_pretrained(out)
     features, targets = data.tensors["val"]
@@ -163,7 +161,7 @@ def main(args: list[str] | None = None) -> dict:
         "labels_ms_per_sample": meta.get("ms_per_sample"),
         "epochs": cli.trainer.current_epoch,
         "steps": cli.trainer.global_step,
-        "label_rule": data.hparams.label_rule,
+        "label_rule": data.labels.rule,
         "threshold": heads.config.threshold,
         "thresholds": heads.config.thresholds,
         "calibration": calibration,
@@ -179,7 +177,7 @@ def main(args: list[str] | None = None) -> dict:
         "samples it exits, the share labelled safe; recall: of the samples labelled safe, the share it exits):\n%s",
         "calibrated per head" if heads.config.thresholds else heads.config.threshold,
         len(targets),
-        data.hparams.label_rule,
+        data.labels.rule,
         format_head_table(per_head),
     )
     log.info("heads and training.json written to %s (%.1f s, %d steps)", out, seconds, cli.trainer.global_step)
@@ -192,10 +190,12 @@ def main(args: list[str] | None = None) -> dict:
 def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
     """Choose the heads' thresholds on the calibration split (Learn-then-Test) and store them in their config."""
     if "calib" not in data.columns:
-        log.info("no calibration split (--data.calib_samples 0): the heads keep threshold %g", heads.config.threshold)
+        log.info(
+            "no calibration split (--data.splits.calib_samples 0): the heads keep threshold %g", heads.config.threshold
+        )
         return None
     val = data.columns["val"]
-    flops = relative_flops_per_exit(load_config(data.hparams.model), val["tokens"], val["visual"])  # (N, L+1)
+    flops = relative_flops_per_exit(load_config(data.source.model), val["tokens"], val["visual"])  # (N, L+1)
     savings = exit_savings(flops.numpy())  # (L-1,) what an exit at K = j + 1 saves, on validation
     chosen = certify_thresholds(
         heads,
@@ -207,14 +207,14 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
         savings=savings,
     )
     result = chosen.result
-    record = {**chosen.record(), "label_rule": data.hparams.label_rule, "source": data.split_summary()}
+    record = {**chosen.record(), "label_rule": data.labels.rule, "source": data.split_summary()}
     record["savings"] = [round(float(x), 6) for x in savings]
     heads.config.thresholds, heads.config.threshold_logits = chosen.thresholds, chosen.logits
     heads.config.calibration = record
     if result.parameter is None:
         log.warning(
             "calibration: no threshold keeps at most %.3g disagreement with probability >= %.3g on %d samples; the "
-            "saved heads never fire (raise --tolerance or --data.calib_samples)",
+            "saved heads never fire (raise --tolerance or --data.splits.calib_samples)",
             tolerance,
             1 - delta,
             result.samples,

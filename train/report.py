@@ -30,7 +30,7 @@ from dyvte.data.sources import load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import OVERALL, format_per_type, method_kind, plot_sweep  # noqa: E402
 from dyvte.eval.methods import Full, load_plugins, parse_method  # noqa: E402
-from dyvte.train.fitting import runs_dir  # noqa: E402
+from dyvte.train.runs import runs_dir  # noqa: E402
 
 
 def main(
@@ -142,7 +142,7 @@ def promise(results: list, heads_dir: str) -> str:
     calibration = config.calibration
     calibrated = next((r for r in results if r.method.startswith("heads") and "calibrated" in r.method), None)
     if calibration is None or calibrated is None:
-        return f"`{heads_dir}` holds no calibrated thresholds (trained with --data.calib_samples 0)."
+        return f"`{heads_dir}` holds no calibrated thresholds (trained with --data.splits.calib_samples 0)."
     m = calibrated.metrics[OVERALL]
     full = results[0].metrics[OVERALL]
     kept = "kept" if 1 - m["agreement"] <= calibration["tolerance"] else "NOT kept"

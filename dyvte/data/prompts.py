@@ -4,7 +4,7 @@ A model saved without a chat template (many LLaVA-architecture checkpoints) cann
 ``apply_chat_template``. ``prompt_template`` is a Python format string with one ``{question}`` field, written
 exactly as the model was trained, image placeholder included, e.g. ``"USER: <image>\\n{question} ASSISTANT:"``
 (LLaVA-1.5). It is used whenever it is given (it wins over a chat template) and is the only way when the processor
-has none. A launcher passes it as ``--prompt_template`` (``--data.prompt_template`` for ``train/fit.py``);
+has none. A launcher passes it as ``--prompt_template`` (``--data.source.prompt_template`` for ``train/fit.py``);
 :func:`attach_prompt_template` stores it on a processor so that every later :func:`dyvte.data.records.build_inputs` call
 uses it.
 
@@ -42,7 +42,7 @@ __all__ = [
 #: attribute under which :func:`attach_prompt_template` keeps the template on a processor (not saved with it)
 PROMPT_TEMPLATE_ATTR = "dyvte_prompt_template"
 #: the option that sets the template, named in every message
-OPTION = "prompt_template (--prompt_template; train/fit.py: --data.prompt_template)"
+OPTION = "prompt_template (--prompt_template; train/fit.py: --data.source.prompt_template)"
 EXAMPLE = "USER: <image>\\n{question} ASSISTANT:"
 
 

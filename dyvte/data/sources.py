@@ -147,7 +147,7 @@ def load_records(
         return _checked(_pick_split(load_demo_dataset(None), split, "demo"), f"demo [{split}]", None, **options)
     path = Path(name)
     if image_folder is not None and not Path(image_folder).is_dir():
-        raise DataError(f"image folder {image_folder} (--data.image_folder) does not exist")
+        raise DataError(f"image folder {image_folder} (--data.source.image_folder) does not exist")
     folder = Path(image_folder).resolve() if image_folder is not None else None
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
@@ -228,7 +228,7 @@ def _check_records(
             open_image(image, where).close()
         except DataError as error:
             if not skip_bad_rows:
-                hint = "fix it, or pass --data.skip_bad_rows true (skip_bad_rows=True) to skip such records"
+                hint = "fix it, or pass --data.source.skip_bad_rows true (skip_bad_rows=True) to skip such records"
                 raise DataError(f"{error}; {hint}") from error
             bad += 1
             examples = examples if len(examples) >= 3 else [*examples, str(error)]
@@ -248,7 +248,7 @@ def _rename(ds, columns: Mapping[str, str], source: str):
     """``ds`` with each mapped source column renamed to its dyvte field (a column already named so is dropped)."""
     missing = sorted(column for column in columns.values() if column not in ds.column_names)
     if missing:
-        raise DataError(f"{source}: --data.columns names {missing}, not among its columns {ds.column_names}")
+        raise DataError(f"{source}: --data.source.columns names {missing}, not among its columns {ds.column_names}")
     renames = {column: field for field, column in columns.items() if column != field}
     clash = [field for field in renames.values() if field in ds.column_names and field not in renames]
     return ds.remove_columns(clash).rename_columns(renames) if renames else ds
@@ -383,7 +383,7 @@ def _json_dataset(path: Path, root: Path, limit: int | None, columns: Mapping[st
         keys = set(key for row in rows for key in row)
         missing = sorted(column for column in columns.values() if column not in keys)
         if missing:
-            raise DataError(f"{path}: --data.columns names {missing}, not among its fields {sorted(keys)}")
+            raise DataError(f"{path}: --data.source.columns names {missing}, not among its fields {sorted(keys)}")
         renames = {column: field for field, column in columns.items()}
         rows = [
             {renames.get(key, key): value for key, value in row.items() if key in renames or key not in columns}

@@ -1,14 +1,13 @@
 """The paper's on-the-fly labels for head training: one exit layer per sample, fresh at every step.
 
-For a batch of B records, each sample draws an exit layer K_b in [1, L-1]; the batch is doubled (rows 0..B-1 the
-full model, rows B..2B-1 withdrawn at their own K_b) and run in one forward with per-row exits
+For a batch of B records, each sample draws an exit layer K_b in [1, L-1]; the batch is doubled (rows 0..B-1 the full
+model, rows B..2B-1 withdrawn at their own K_b) and run in one forward with per-row exits
 (``withdraw(model, layer=[L]*B + K)``). With the gold answer teacher-forced, the DyVTE rule
 (:func:`dyvte.exits.labels.exit_safe`) on the two copies gives sample b's label for head K_b - 1, which reads the full
 copy's layer K_b - 1 output (:func:`dyvte.policies.exit_heads.head_features`). Every other head gets no label from that
-sample at
-that step (``mask``). This is the ``dyvte-layer`` label rule, one layer at a time; ``ExitLabelData(on_the_fly=True)``
-(``--data.on_the_fly true``) trains with it instead of a label cache, through the same records, and under DDP each
-rank labels its own records.
+sample at that step (``mask``). This is the ``dyvte-layer`` label rule, one layer at a time;
+``ExitLabelData(labels=LabelOptions(rule="dyvte-layer", on_the_fly=True))`` (``--data.labels.on_the_fly true``) trains
+with it instead of a label cache, through the same records, and under DDP each rank labels its own records.
 """
 
 from __future__ import annotations

@@ -188,10 +188,10 @@ class AdaptData(L.LightningDataModule):
         if self.splits:
             return
         from dyvte.data.sources import load_records
-        from dyvte.train.fitting import _has_splits, held_out_split
+        from dyvte.train.splits import has_named_splits, held_out_split
 
         hp = self.hparams
-        if hp.train_split != hp.val_split and _has_splits(hp.data):
+        if hp.train_split != hp.val_split and has_named_splits(hp.data):
             self.splits["train"] = load_records(hp.data, hp.train_split, hp.train_samples)
             self.splits["val"] = load_records(hp.data, hp.val_split, hp.val_samples)
             return

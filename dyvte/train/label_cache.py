@@ -1,0 +1,196 @@
+"""The label caches of ``ExitLabelData``: where each split's cache lives, which are reused, and labelling the rest.
+
+A label cache is the output of :func:`dyvte.exits.labels.build_label_cache` for one split, written in shards by every
+rank (:mod:`dyvte.exits.shards`) and merged by rank 0, whose ``meta.json`` marks it complete. Caches live under
+``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model weights, data and its files' sizes /
+times, split, samples or held-out indices, agree, loss_ratio) (:func:`cache_path`); a later run with the same key
+reuses the folder and says so in the log (:func:`missing_caches`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+
+from dyvte.data.formats import parse_columns
+from dyvte.data.prompts import attach_prompt_template
+from dyvte.demo import demo_checkpoint_dir
+from dyvte.engine.registry import resolve
+from dyvte.exits.labels import LABEL_FORMAT
+from dyvte.train.options import DataSource, LabelOptions
+from dyvte.train.splits import Split, SplitPlan
+from dyvte.utils.io import write_text_atomic
+
+__all__ = ["cache_path", "label_missing", "missing_caches"]
+
+logger = logging.getLogger(__name__)
+
+
+def _files_stamp(data: str) -> list[str]:
+    """Sizes and modification times of a records file or directory (an edited file must not reuse old labels)."""
+    if data == "demo":
+        return []
+    path = Path(data)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+
+
+def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split, split_seed: int) -> Path:
+    """The folder of ``part``'s label cache under ``root``, named by a digest of everything the labels depend on.
+
+    Args:
+        root: the folder of all label caches.
+        source: the model and the records options.
+        labels: the labelling options (``agree`` and ``loss_ratio`` enter the key).
+        part: the split.
+        split_seed: the held-out split's seed (in the folder name of a held-out split).
+
+    Returns:
+        ``<root>/<split>-<start>+<samples>-<digest>``, or ``<root>/<name>-<n>-of-<total>-seed<seed>-<digest>`` for a
+        split held out of the training records.
+    """
+    model_dir = demo_checkpoint_dir("demo-mllm") if source.model == "demo" else Path(source.model)
+    weights = sorted(model_dir.glob("*.safetensors"))
+    stamp = [f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights]
+    key = [str(model_dir.resolve()), stamp, part.data, _files_stamp(part.data), part.split, part.samples]
+    key += [labels.agree, labels.loss_ratio, LABEL_FORMAT, part.start]
+    options = {
+        "image_folder": str(Path(source.image_folder).resolve()) if source.image_folder else None,
+        "columns": parse_columns(source.columns) or None,
+        "skip_bad_rows": source.skip_bad_rows,
+        "prompt_template": source.prompt_template,
+    }
+    options = {k: v for k, v in options.items() if v not in (None, False)}
+    if options:  # only when given, so that existing caches keep their keys
+        key.append(options)
+    if part.indices is not None:
+        key.append(part.indices)
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+    if part.indices is None:
+        return root / f"{part.split}-{part.start}+{part.samples}-{digest}"
+    return root / f"{part.name}-{len(part.indices)}-of-{part.total}-seed{split_seed}-{digest}"
+
+
+def missing_caches(caches: Mapping[Path, Split], relabel: bool) -> dict[Path, Split]:
+    """The label caches of ``caches`` to build (all of them with ``relabel``); logs the ones reused."""
+    todo: dict[Path, Split] = {}
+    for path, part in caches.items():
+        if (path / "meta.json").is_file() and not relabel:
+            labelled = json.loads((path / "meta.json").read_text()).get("samples")
+            logger.info(
+                "reusing the cached labels of %s %s samples of %s in %s (to label again, delete that folder "
+                "or pass relabel=True, i.e. --data.labels.relabel true)",
+                labelled,
+                part.split,
+                part.data,
+                path,
+            )
+        else:
+            todo[path] = part
+    return todo
+
+
+def _barrier(trainer: L.Trainer | None) -> None:
+    if trainer is not None and trainer.world_size > 1:
+        trainer.strategy.barrier()
+
+
+def label_missing(
+    todo: Mapping[Path, Split],
+    plan: SplitPlan,
+    labels: LabelOptions,
+    rank: int,
+    world: int,
+    trainer: L.Trainer | None = None,
+) -> None:
+    """Label the caches of ``todo``: this rank's shards of each (:func:`dyvte.exits.shards.label_shards`), then rank 0
+    merges them and writes ``meta.json``, which marks a cache complete.
+
+    Args:
+        todo: the caches to build (:func:`missing_caches`), by folder.
+        plan: the splits, which read their records.
+        labels: the labelling options.
+        rank: this process's global rank.
+        world: the number of ranks, each labelling its own shards.
+        trainer: the attached trainer (its device and barrier), if any.
+    """
+    from dyvte.data.sources import load_model
+    from dyvte.exits.shards import label_shards, merge_shards, shard_dir
+
+    source = plan.source
+    if rank == 0:
+        for path in todo:
+            if path.exists():  # relabel, or a merge cut short: replace it, never write over it
+                logger.info("removing the old label cache %s before labelling again", path)
+                shutil.rmtree(path)
+            if labels.relabel and shard_dir(path, labels.shard_size).exists():
+                shutil.rmtree(shard_dir(path, labels.shard_size))
+    _barrier(trainer)
+    model, processor = load_model(source.model)
+    if trainer is not None:  # each rank labels on its own device (a GPU under DDP on GPUs)
+        model = model.to(trainer.strategy.root_device)
+    attach_prompt_template(processor, source.prompt_template)
+    spec = resolve(model)
+    for path, part in todo.items():
+        if part.indices is None:
+            count, kind = part.samples or "all", part.split
+        else:
+            kind = {"val": "held-out validation", "calib": "held-out calibration"}.get(part.name, "training")
+            count = len(part.indices)
+        records = plan.records(part)
+        shards = shard_dir(path, labels.shard_size)
+        logger.info(
+            "labelling %s %s samples of %s (rank %d of %d, shards of %d in %s) into the label cache %s",
+            count,
+            kind,
+            part.data,
+            rank,
+            world,
+            labels.shard_size,
+            shards,
+            path,
+        )
+        start = time.perf_counter()
+        label_shards(
+            model,
+            processor,
+            records,
+            shards,
+            shard_size=labels.shard_size,
+            rank=rank,
+            world_size=world,
+            batch_size=labels.batch_size,
+            agree=labels.agree,
+            loss_ratio=labels.loss_ratio,
+        )
+        seconds = time.perf_counter() - start
+        _barrier(trainer)
+        if rank == 0:
+            cache = merge_shards(shards, path, len(records), labels.shard_size)
+            meta = {
+                "model_type": spec.model_type,
+                "hidden_size": spec.text_config.hidden_size,
+                "num_layers": spec.num_layers,
+                "samples": len(cache),
+                "seconds": seconds,
+                "ms_per_sample": 1e3 * seconds * world / len(cache),
+                "ranks": world,
+                "source_indices": part.indices,
+            }
+            write_text_atomic(path / "meta.json", json.dumps(meta, indent=2) + "\n")  # marks it complete
+            logger.info(
+                "labelled %d %s samples in %.1f s on %d rank(s); label cache written to %s",
+                len(cache),
+                part.split,
+                seconds,
+                world,
+                path,
+            )
+        _barrier(trainer)

@@ -1,0 +1,127 @@
+"""Where the launchers write, what they refuse before any work, and Lightning's console noise.
+
+:func:`runs_dir` and :func:`default_label_cache_dir` place outputs under ``runs/`` of the working directory (ignored
+by git). :func:`check_training_budget` and :func:`require_trained` keep the launchers from saving weights that never
+trained; :func:`check_output_dir` refuses an output directory that is a file. :func:`quiet_lightning` silences
+Lightning's known harmless console messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+__all__ = [
+    "LIGHTNING_TIPS",
+    "NO_STEP_OPTIONS",
+    "RANK_ZERO_LOGGERS",
+    "check_output_dir",
+    "check_training_budget",
+    "default_label_cache_dir",
+    "quiet_lightning",
+    "require_trained",
+    "runs_dir",
+]
+
+#: trainer options whose value 0 means "no optimizer step": refused before any work
+NO_STEP_OPTIONS = ("max_epochs", "max_steps", "limit_train_batches")
+
+
+def runs_dir(job: str) -> Path:
+    """``runs/<job>`` under the working directory: where a launcher writes by default (the launchers run from the
+    repository root, where ``runs/`` is ignored by git; never a tracked file)."""
+    return Path.cwd() / "runs" / job
+
+
+def default_label_cache_dir() -> Path:
+    """Where label caches live unless ``cache_dir`` says otherwise: ``runs/label-cache`` under the working
+    directory (the repository's, when a launcher runs as the README says; ``runs/`` is ignored by git)."""
+    return runs_dir("label-cache")
+
+
+def check_training_budget(trainer: Mapping[str, Any], what: str) -> None:
+    """Refuse, before anything is loaded or labelled, a trainer configuration that runs no optimizer step.
+
+    Args:
+        trainer: the trainer's options (``LightningCLI``'s ``config["trainer"]``).
+        what: what would be saved untrained, for the message (e.g. ``"exit heads"``).
+
+    Raises:
+        ValueError: naming each of ``--trainer.max_epochs`` / ``max_steps`` / ``limit_train_batches`` that is 0.
+    """
+    zero = [
+        f"--trainer.{name}={trainer.get(name):g}"  # 0 and 0.0 (jsonargparse may give either) read the same
+        for name in NO_STEP_OPTIONS
+        if not isinstance(trainer.get(name), (bool, type(None))) and trainer.get(name) == 0
+    ]
+    if zero:
+        raise ValueError(
+            f"{', '.join(zero)}: training would run no optimizer step, and untrained {what} would be saved as if "
+            "trained; give a positive value"
+        )
+
+
+def check_output_dir(option: str, path: str | None) -> None:
+    """Raise ``ValueError`` when ``path`` (the value of ``option``) is an existing file, not a directory."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option} {path} is an existing file, not a directory")
+
+
+def require_trained(trainer: L.Trainer, what: str, output: Path) -> None:
+    """Raise unless ``trainer`` ran at least one optimizer step (call it after ``fit``, before saving).
+
+    Raises:
+        RuntimeError: ``trainer.global_step == 0``; the message names the options that bound training.
+    """
+    if trainer.global_step > 0:
+        return
+    raise RuntimeError(
+        f"training ran no optimizer step (global_step 0 with --trainer.max_epochs={trainer.max_epochs}, "
+        f"--trainer.max_steps={trainer.max_steps}, --trainer.limit_train_batches={trainer.limit_train_batches}, "
+        f"{trainer.num_training_batches} training batches per epoch; check those and --trainer.max_time): untrained "
+        f"{what} are not written to {output}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ console noise
+#: Lightning's advertisements, logged at INFO through ``rank_zero_info`` whenever no LitLogger is configured
+#: (``trainer/connectors/logger_connector/logger_connector.py``) or Lightning adds its default ModelCheckpoint
+#: (``trainer/connectors/callback_connector.py``).
+LIGHTNING_TIPS = re.compile(r"💡 Tip: For seamless cloud (logging and experiment tracking|uploads and versioning)")
+#: torch >= 2.10 deprecates ``LeafSpec``; Lightning's ``utilities/_pytree.py`` still builds one for each
+#: ``CombinedLoader`` (every fit), which torch reports as this FutureWarning attributed to that Lightning module.
+PYTREE_LEAFSPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+PYTREE_MODULE = r"lightning\.pytorch\.utilities\._pytree\Z"
+#: the loggers that ``rank_zero_info`` writes through (lightning_utilities' ``log``, set by each package on import)
+RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropLightningTips(logging.Filter):
+    """Drops the records whose message is one of :data:`LIGHTNING_TIPS` and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and LIGHTNING_TIPS.match(record.msg))
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's known harmless console messages at their source (idempotent).
+
+    * the "💡 Tip: ... litlogger / litmodels" advertisements: a filter on the logger ``rank_zero_info`` writes
+      through, matching only those two messages;
+    * the ``LeafSpec`` deprecation FutureWarning: ignored only when raised from ``lightning.pytorch.utilities._pytree``
+      with that exact message (the call is in Lightning, not in dyvte).
+
+    Lightning's "No seed found, seed set to 0" warning (printed next to "Seed set to 0") is not silenced here: the
+    launchers pass an explicit seed (``seed_everything_default=0``), so ``seed_everything`` has nothing to warn about.
+    """
+    for name in RANK_ZERO_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in log.filters):
+            log.addFilter(_DropLightningTips())
+    warnings.filterwarnings("ignore", message=PYTREE_LEAFSPEC, category=FutureWarning, module=PYTREE_MODULE)

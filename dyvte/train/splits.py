@@ -1,0 +1,234 @@
+"""Which records train, validate and calibrate exit heads: the split plan of ``ExitLabelData``.
+
+Validation never reuses training records: when it would come from the same records as training (no ``val_data`` and
+a single records file or a split-less ``save_to_disk`` directory, or ``val_split == train_split``), a seeded
+held-out split is carved from them instead (:func:`held_out_split`), logged and recorded in ``training.json``
+(:meth:`SplitPlan.summary`). Calibration records follow the validation records of the validation split, or are held
+out with them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import load_from_disk
+
+from dyvte.train.options import DataSource, SplitSizes
+
+__all__ = ["Split", "SplitPlan", "has_named_splits", "held_out_split"]
+
+logger = logging.getLogger(__name__)
+
+
+def held_out_split(
+    num_records: int, val_count: int | None, train_count: int | None = None, seed: int = 0, val_fraction: float = 0.1
+) -> tuple[list[int], list[int]]:
+    """Disjoint ``(train, val)`` record indices carved from one set of ``num_records`` records.
+
+    ``val`` is a seeded random sample of ``val_count`` indices (sorted; ``None``: ``val_fraction`` of the records,
+    at least 1); ``train`` is the first ``train_count`` of the remaining indices in order (all of them when
+    ``None``). The same arguments always give the same split.
+
+    Raises:
+        ValueError: ``val_count`` leaves no record for training, or is < 1.
+    """
+    if val_count is None:
+        val_count = max(1, round(val_fraction * num_records))
+    if not 1 <= val_count < num_records:
+        raise ValueError(
+            f"cannot hold out {val_count} validation records from {num_records}: at least 1 must stay for training "
+            "and at least 1 is needed for validation"
+        )
+    val = sorted(int(i) for i in np.random.default_rng(seed).permutation(num_records)[:val_count])
+    held = set(val)
+    rest = [i for i in range(num_records) if i not in held]
+    return (rest if train_count is None else rest[:train_count]), val
+
+
+def has_named_splits(data: str) -> bool:
+    """Whether ``data`` has named splits (the demo, a ``DatasetDict`` directory); single files have one set."""
+    return data == "demo" or (Path(data) / "dataset_dict.json").is_file()
+
+
+def _count_records(data: str, split: str, **options: Any) -> int:
+    """Records in ``split`` of ``data`` (Arrow metadata for the demo and ``save_to_disk`` directories)."""
+    if data == "demo":
+        from dyvte.demo import load_demo_dataset
+
+        return len(load_demo_dataset(split))
+    if (Path(data) / "dataset_dict.json").is_file():
+        return load_from_disk(data)[split].num_rows
+    from dyvte.data.sources import load_records
+
+    return len(load_records(data, split, **options))
+
+
+def _source_key(data: str) -> str:
+    return data if data == "demo" else str(Path(data).resolve())
+
+
+@dataclass
+class Split:
+    """One split to label: records ``split`` of ``data`` (the first ``samples``, or exactly ``indices``)."""
+
+    name: str
+    data: str
+    split: str
+    samples: int | None
+    indices: list[int] | None = None  # held-out carving: these records of the source, in this order
+    total: int | None = None  # records in the source the split was carved from
+    start: int = 0  # first record of ``split`` (calibration follows the validation records)
+
+
+class SplitPlan:
+    """The ``train``, ``val`` and (unless there is none) ``calib`` splits of a source, worked out once.
+
+    Args:
+        source: the records and how to read them.
+        sizes: the split sizes and the held-out split's seed.
+    """
+
+    def __init__(self, source: DataSource, sizes: SplitSizes) -> None:
+        self.source = source
+        self.sizes = sizes
+        self._parts: dict[str, Split] | None = None
+        self._records = None  # the records validation is held out of, once loaded
+
+    def held_out(self) -> bool:
+        """Whether validation would come from the training records, so that it is held out of them."""
+        src = self.source
+        if _source_key(src.val_data or src.data) != _source_key(src.data):
+            return False
+        return src.train_split == src.val_split or not has_named_splits(src.data)
+
+    def indices(self) -> dict[str, list[int] | None]:
+        """The source records of each split when validation is held out of the training records, else ``None``s."""
+        return {name: part.indices for name, part in self.parts().items()}
+
+    def summary(self) -> dict[str, Any]:
+        """Where the training and validation records come from (for ``training.json``)."""
+        parts = self.parts()
+        train, val = parts["train"], parts["val"]
+        calib = parts.get("calib")
+        if val.indices is None:
+            summary = {"held_out": False, "train": f"{train.data} [{train.split}]", "val": f"{val.data} [{val.split}]"}
+            if calib is not None:
+                summary["calib"] = (
+                    f"{calib.data} [{calib.split}] records {calib.start}..{calib.start + calib.samples - 1}"
+                )
+            return summary
+        return {
+            "held_out": True,
+            "source": f"{train.data} [{train.split}]",
+            "source_records": train.total,
+            "seed": self.sizes.split_seed,
+            "train_samples": len(train.indices or []),
+            "val_samples": len(val.indices),
+            "calib_samples": len(calib.indices or []) if calib is not None else 0,
+        }
+
+    def parts(self) -> dict[str, Split]:
+        """``{"train": ..., "val": ...}`` and ``"calib"`` when calibration has records (worked out on first call).
+
+        Raises:
+            ValueError: the sizes ask for more records than there are (naming the options to change).
+        """
+        if self._parts is not None:
+            return self._parts
+        src, sizes = self.source, self.sizes
+        train = Split("train", src.data, src.train_split, sizes.train_samples)
+        val = Split("val", src.val_data or src.data, src.val_split, sizes.val_samples)
+        calib = Split("calib", val.data, val.split, sizes.calib_samples, start=sizes.val_samples or 0)
+        if not self.held_out() and sizes.calib_samples != 0:
+            self._size_calibration(val, calib)
+        if self.held_out():
+            self._hold_out(train, val, calib)
+        self._parts = {"train": train, "val": val}
+        if calib.indices if calib.indices is not None else calib.samples:
+            self._parts["calib"] = calib
+        return self._parts
+
+    def _size_calibration(self, val: Split, calib: Split) -> None:
+        """Calibration on the validation split's records after the first ``val_samples``: as many as are left."""
+        sizes = self.sizes
+        options = self.source.record_options()
+        left = None if sizes.val_samples is None else _count_records(val.data, val.split, **options) - sizes.val_samples
+        if sizes.calib_samples is None:
+            calib.samples = max(left or 0, 0)
+            if not calib.samples:
+                logger.warning(
+                    "no calibration: no record of %s [%s] is left after the %s validation records (set "
+                    "--data.splits.val_samples below the split's size); the heads keep --model.threshold",
+                    val.data,
+                    val.split,
+                    sizes.val_samples if sizes.val_samples is not None else "(all)",
+                )
+        elif left is None or left <= 0:
+            raise ValueError(
+                f"--data.splits.calib_samples={sizes.calib_samples}: calibration takes the records of {val.data} "
+                f"[{val.split}] after the first --data.splits.val_samples={sizes.val_samples}, and none is left; lower "
+                "--data.splits.val_samples, pass --data.splits.calib_samples 0 or null"
+            )
+        elif left < sizes.calib_samples:
+            logger.warning(
+                "calibration: only %d records of %s [%s] left after the %d validation records (%d asked for)",
+                left,
+                val.data,
+                val.split,
+                sizes.val_samples,
+                sizes.calib_samples,
+            )
+            calib.samples = left
+
+    def _hold_out(self, train: Split, val: Split, calib: Split) -> None:
+        """Carve validation and calibration at random out of the training records; training keeps the rest."""
+        src, sizes = self.source, self.sizes
+        self._records = self.load(src.data, src.train_split)  # every record: the count fixes the split
+        total = len(self._records)
+        val_count = sizes.val_samples or max(1, round(sizes.val_fraction * total))
+        calib_count = round(sizes.calib_fraction * total) if sizes.calib_samples is None else sizes.calib_samples
+        try:
+            train.indices, held = held_out_split(
+                total, val_count + calib_count, sizes.train_samples, sizes.split_seed, sizes.val_fraction
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"--data.splits.val_samples={sizes.val_samples} (--data.splits.val_fraction={sizes.val_fraction}) and "
+                f"--data.splits.calib_samples={sizes.calib_samples}: validation and calibration are held out of the "
+                f"{total} records of {src.data} (no --data.source.val_data given): {err}; lower them or pass "
+                "--data.source.val_data"
+            ) from None
+        order = np.random.default_rng(sizes.split_seed + 1).permutation(len(held))  # val / calib: a random cut
+        val.indices = sorted(held[i] for i in order[:val_count])
+        calib.indices = sorted(held[i] for i in order[val_count:])
+        train.total = val.total = calib.total = total
+        logger.info(
+            "validation: %d records and calibration: %d records held out at random (seed %d) from the %d records "
+            "of %s, disjoint from the %d training records (pass --data.source.val_data for a separate validation set)",
+            len(val.indices),
+            len(calib.indices),
+            sizes.split_seed,
+            total,
+            src.data,
+            len(train.indices),
+        )
+
+    def load(self, data: str, split: str, limit: int | None = None):
+        """The first ``limit`` records of ``split`` of ``data`` (all when ``None``), read with the source's options."""
+        from dyvte.data.sources import load_records
+
+        return load_records(data, split, limit, **self.source.record_options())
+
+    def records(self, part: Split):
+        """The records of ``part``, in order."""
+        if part.indices is None and part.start:
+            records = self.load(part.data, part.split, part.start + part.samples)
+            return records.select(range(part.start, len(records)))
+        if part.indices is None:
+            return self.load(part.data, part.split, part.samples)
+        source = self._records if self._records is not None else self.load(part.data, part.split)
+        return source.select(part.indices)
