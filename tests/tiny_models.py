@@ -321,9 +321,7 @@ GLM_MOE = {
 }
 
 
-def build_glm4v(
-    tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, moe: bool = False
-) -> tuple[Any, Any]:
+def build_glm4v(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, moe: bool = False) -> tuple[Any, Any]:
     """GLM-4V: patch 4, merge 2 -> one <|image|> per 8x8 pixels between <|begin_of_image|>/<|end_of_image|>;
     3-D (mrope) positions; partial rotary (half the head dim), interleaved pairs; extra post-norms per layer.
     ``moe``: GLM-4V-MoE (:data:`GLM_MOE`; rotate-half rotary, no post-norms), same processor."""
@@ -380,9 +378,7 @@ def build_video_llava(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean
     return config, proc
 
 
-def build_llava_next_video(
-    tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict
-) -> tuple[Any, Any]:
+def build_llava_next_video(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
     """LLaVA-NeXT-Video: LLaVA-NeXT's anyres images (same counts as ``llava_next``); video frames are pooled 2x2
     (stride 2): 4 <video> per 32 px frame, no newline."""
     config = tf.LlavaNextVideoConfig(
@@ -471,7 +467,9 @@ def build_llava_onevision(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
-    ip = tf.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS, **img_mean)
+    ip = tf.LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS, **img_mean
+    )
     proc = tf.LlavaOnevisionProcessor(
         image_processor=ip,
         tokenizer=tk,
@@ -586,7 +584,7 @@ def build_idefics3(
 
 
 def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> tuple[Any, Any]:
-    """Return ``(config, processor)`` for ``family`` (tokenizer already built), by the builder its table entry names."""
+    """``(config, processor)`` of ``family`` (tokenizer already built), from the builder its table entry names."""
     import transformers as tf
 
     text = {**_text_kwargs(tokenizer), "num_hidden_layers": num_layers}
@@ -874,3 +872,27 @@ def greedy(model: Any, inputs: dict, new_tokens: int = 4, **kwargs: Any) -> torc
     ids = resolve(model).visual_ids.tolist()
     out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=ids, **kwargs)
     return out[:, -new_tokens:]
+
+
+# ------------------------------------------------------------------------------------ records for the launchers
+#: A chat template for the tiny models' processors (they ship none): image placeholder, then the question.
+TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} {{ '" + WORDS[0] + "' }}"
+    "{% endif %}"
+)
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` random (image, question, answer, qtype) records of the tiny vocabulary: 32x32 images, 2-4 word
+    questions, one-word answers, question types "a" and "b" alternating."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": make_image(32, 32, rng),
+            "question": " ".join(WORDS[int(j)] for j in rng.integers(1, len(WORDS), size=2 + i % 3)),
+            "answer": WORDS[int(rng.integers(1, len(WORDS)))],
+            "qtype": "ab"[i % 2],
+        }
+        for i in range(n)
+    ]

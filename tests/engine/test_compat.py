@@ -21,12 +21,14 @@ from dyvte.engine.compat import (
     cache_out,
     call_names,
     check_cache,
+    check_deepstack,
     hidden_states_of,
     logits_of,
 )
 from dyvte.engine.registry import resolve
 
-from .tiny_models import FAMILIES, make_batch, make_tiny
+from ..families import MODEL_TYPES, representatives
+from ..tiny_models import make_batch, make_tiny
 
 RENAMED_CACHE = Version("5.24.0")  # transformers 5.24 renamed past_key_values -> cache
 INSTALLED = Version(transformers.__version__)
@@ -39,7 +41,17 @@ def llava():
     return model, dict(make_batch(processor, "llava", ROWS))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.fixture(scope="module", params=representatives("deepstack"))
+def deepstack(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor
+
+
+def encode(processor, family: str) -> dict:
+    return dict(make_batch(processor, family, [[(32, 32)], [(48, 32), (32, 32)], []]))
+
+
+@pytest.mark.parametrize("family", MODEL_TYPES)
 def test_names_follow_the_installed_release(family):
     model, _ = make_tiny(family)
     names = resolve(model).names
@@ -129,7 +141,7 @@ def test_deprecated_spelling_from_the_caller_still_decodes(llava):
     assert torch.equal(steps[0], steps[1])
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize("family", representatives("plain", "sliding_window"))
 def test_static_cache_is_accepted_and_other_layers_are_refused_naming_the_cause(family):
     """Static (pre-allocated) caches work under withdrawal and pruning (each layer fills its own slots; equality
     with the dynamic cache is tests/test_engine.py's); a cache of another layer kind is refused by name."""
@@ -192,3 +204,27 @@ def test_output_fields_are_read_through_compat_and_a_missing_one_is_named():
         hidden_states_of(out)
     states = (torch.zeros(1, 2, 4),) * 3
     assert hidden_states_of(CausalLMOutputWithPast(logits=logits, hidden_states=states)) is states
+
+
+def test_deepstack_errors_are_clear(deepstack):
+    family, model, processor = deepstack
+    inputs = encode(processor, family)
+    spec = resolve(model)
+
+    class Renamed(torch.nn.Module):
+        def forward(self, inputs_embeds=None, visual_positions=None, deepstack_visual_embeds=None):
+            return inputs_embeds
+
+    with pytest.raises(CompatibilityError, match="visual_pos_masks"):
+        check_deepstack(Renamed())
+
+    def shorten(module, args, kwargs):  # runs before dyvte's hook: positions that no longer fit the call
+        return args, {**kwargs, "visual_pos_masks": kwargs["visual_pos_masks"][:, 1:]}
+
+    hook = spec.decoder.register_forward_pre_hook(shorten, with_kwargs=True, prepend=True)
+    try:
+        with dyvte.withdraw(model, layer=1), torch.no_grad(), pytest.raises(dyvte.WithdrawalError, match="DeepStack"):
+            model(**inputs)
+    finally:
+        hook.remove()
+    assert not spec.decoder._forward_pre_hooks

@@ -21,10 +21,12 @@ from dyvte.engine.compat import cache_out
 from dyvte.engine.registry import resolve
 from dyvte.eval.benchmark import greedy_steps
 
-from .tiny_models import FAMILIES, make_batch, make_tiny, random_heads
-from .tiny_models import greedy as tiny_greedy
+from ..families import MODEL_TYPES, representative, representatives
+from ..tiny_models import greedy as tiny_greedy
+from ..tiny_models import make_batch, make_tiny, random_heads
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 32)]]  # ragged, left-padded; row 3 is row 0's shape
+HYBRID_ROWS = ROWS[:3]  # Qwen3.5's mixed heads exits below are those of these three rows
 EXITS = [1, 3, 0, 4]  # L = 4: row 3 never leaves, so every later layer has rows in and rows out
 NEW_TOKENS = 4
 TOL = 1e-5
@@ -45,7 +47,7 @@ def run(model, inputs: dict, grouped: bool, **kwargs) -> tuple[torch.Tensor, tor
     return last, cached, plain
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODEL_TYPES)
 def test_grouped_equals_ungrouped_and_cache_equals_no_cache(family):
     model, processor = make_tiny(family)
     inputs = dict(make_batch(processor, family, ROWS))
@@ -58,7 +60,7 @@ def test_grouped_equals_ungrouped_and_cache_equals_no_cache(family):
         assert "forward" not in vars(layer), "remove() left a wrapped forward"
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", representatives("plain", "mrope", "sliding_window"))
 def test_static_cache_after_a_grouped_prefill(family):
     model, processor = make_tiny(family)
     inputs = dict(make_batch(processor, family, ROWS))
@@ -115,7 +117,9 @@ def test_heads_with_mixed_exits_grouped_equal_ungrouped():
     assert torch.equal(cached, ref_cached)
 
 
-@pytest.mark.parametrize(("family", "num_layers"), [("llava", 8), ("qwen3_5", 4)])
+@pytest.mark.parametrize(
+    ("family", "num_layers"), [(representative("plain"), 8), (representative("linear_attention"), 4)]
+)
 def test_repeated_rows_decode_like_a_prefilled_batch(family, num_layers):
     """``handle.repeat_rows`` after a grouped prefill decodes the tokens of a batch prefilled with the repeats
     (Qwen3.5: the linear layers' recurrent and conv states are repeated with the KV cache; benchmarks/decode.py uses
@@ -138,3 +142,25 @@ def test_repeated_rows_decode_like_a_prefilled_batch(family, num_layers):
     assert torch.equal(outs[0], outs[1])
     with dyvte.withdraw(model, layer=exits) as handle, pytest.raises(dyvte.WithdrawalError, match="cache"):
         handle.repeat_rows(cache, 2)
+
+
+def test_heads_mixed_exits_grouped_equal_ungrouped_and_rows_alone():
+    """Exit heads with really mixed exits: grouped (full-attention layers per group, linear layers on the whole
+    batch) equals ungrouped, and cached decoding equals the cache-less one."""
+    model, processor = make_tiny("qwen3_5", num_layers=8)
+    inputs = dict(make_batch(processor, "qwen3_5", HYBRID_ROWS))
+    heads = random_heads(model, seed=5, head_size=None, std=0.2)
+    outputs = {}
+    for grouped in (True, False):
+        with dyvte.withdraw(model, heads=heads, threshold=0.7) as handle, torch.no_grad():
+            handle.grouped = grouped
+            last = model(**inputs).logits[:, -1]
+            outputs[grouped] = (last, tiny_greedy(model, inputs), handle.exit_layers.tolist())
+    (last, cached, exits), (ref_last, ref_cached, ref_exits) = outputs[True], outputs[False]
+    assert exits == ref_exits == [4, 8, 2], exits  # really mixed: before / after the attention layer 3, and never
+    torch.testing.assert_close(last, ref_last, atol=2e-6, rtol=2e-6)
+    assert torch.equal(cached, ref_cached)
+    for row in range(len(HYBRID_ROWS)):
+        alone = dict(make_batch(processor, "qwen3_5", [HYBRID_ROWS[row]], row_ids=[row]))
+        with dyvte.withdraw(model, layer=exits[row]), torch.no_grad():
+            torch.testing.assert_close(model(**alone).logits[:, -1], last[row : row + 1], atol=1e-5, rtol=1e-5)

@@ -7,9 +7,10 @@ torchvision). On Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision and GLM-4V, with
 - ``generate`` with the KV cache equals ``generate`` without it;
 - a left-padded batch of an image row, two video rows, a text-only row and a row with an image and a video equals
   each row alone (static K and per-row K);
-- K = L is the unhooked model, ``remove()`` restores it, and mixed exits run grouped equal the whole batch;
-- the video helper's layouts: GLM-4V's temporal patches hold frame ``g * t + i`` in slot ``i`` of group ``g``, and a
-  still image's patches are the image processor's own.
+- K = L is the unhooked model, ``remove()`` restores it, and mixed exits run grouped equal the whole batch.
+
+The families are those the table feeds videos through frames (``tests.families.with_video("frames")``), the rows
+those of ``tests/video_inputs.py`` (:data:`FRAMES_ROWS`); the helper's own layouts are ``tests/data/test_video.py``'s.
 """
 
 from __future__ import annotations
@@ -20,60 +21,19 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.data.video import FramesVideoProcessor, attach_frames_video_processor
+from dyvte.data.video import attach_frames_video_processor
 from dyvte.engine.registry import resolve
 
-from .oracle import check_layers_equal_rows_alone, oracle_logits, visual_mask
-from .tiny_models import PROMPT_IMAGE_TOKEN, WORDS, greedy, make_row_images, make_tiny
+from ..families import with_video
+from ..oracle import check_layers_equal_rows_alone, oracle_logits, visual_mask
+from ..tiny_models import greedy, make_tiny
+from ..video_inputs import encode_frames as encode
+from ..video_inputs import frames_rows_of as rows_of
 
-VIDEO_FAMILIES = ["video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
-#: Per row: (image sizes, number of video frames); 0 frames = no video. Rows 1 and 4: the same video length.
-ROWS: list[tuple[list[tuple[int, int]], int]] = [([(32, 32)], 0), ([], 4), ([], 0), ([(48, 32)], 4), ([], 4)]
-#: GLM-4V's (and GLM-4V-MoE's) own model cannot take images and videos in one call: its video frames are image
-#: placeholders, and it scatters the image features into every one of them (transformers 5.19-5.24: "Image features
-#: and image tokens do not match"). Its batch mixes videos of different lengths (temporal patches are concatenated)
-#: and text.
-GLM_ROWS: list[tuple[list[tuple[int, int]], int]] = [([], 2), ([], 4), ([], 0), ([], 6), ([], 4)]
-
-
-def rows_of(family: str) -> list[tuple[list[tuple[int, int]], int]]:
-    return GLM_ROWS if family.startswith("glm4v") else ROWS
-
-
-FRAME = (32, 32)
 TOL = 2e-6
 
 
-def video_placeholder(processor: Any, family: str) -> str:
-    """What a prompt carries once per video (GLM-4V wraps its placeholder in video start/end tokens)."""
-    if family.startswith("glm4v"):
-        return "<|begin_of_video|><|video|><|end_of_video|>"
-    return processor.video_token
-
-
-def encode(processor: Any, family: str, only: int | None = None) -> dict:
-    """The left-padded batch of :data:`ROWS` (or row ``only`` alone); a row's content depends on its index only."""
-    rows = rows_of(family)
-    ids = range(len(rows)) if only is None else [only]
-    texts, images, videos = [], [], []
-    for i in ids:
-        sizes, frames = rows[i]
-        words = " ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(2 + 3 * i))
-        parts = [PROMPT_IMAGE_TOKEN[family] for _ in sizes] + [video_placeholder(processor, family)] * bool(frames)
-        texts.append(" ".join([*parts, words]))
-        images.append(make_row_images(sizes, row_id=i))
-        if frames:
-            videos.append(make_row_images([FRAME] * frames, row_id=100 + i))
-    kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
-    if any(images):
-        kwargs["images"] = images if only is None else images[0]
-    if videos:
-        kwargs["videos"] = videos
-    processor.tokenizer.padding_side = "left"
-    return dict(processor(**kwargs))
-
-
-@pytest.fixture(scope="module", params=VIDEO_FAMILIES)
+@pytest.fixture(scope="module", params=with_video("frames"))
 def tiny(request: Any) -> tuple[str, Any, Any]:
     model, processor = make_tiny(request.param)
     return request.param, model, attach_frames_video_processor(processor)
@@ -117,37 +77,6 @@ def test_mixed_batch_equals_rows_alone(tiny: Any, layers: Any) -> None:
     inputs = encode(processor, family)
     assert inputs["input_ids"].shape[0] == len(rows_of(family))
     check_layers_equal_rows_alone(model, inputs, lambda row: encode(processor, family, only=row), layers, greedy)
-
-
-def test_temporal_patches_hold_each_frame_in_its_slot() -> None:
-    """GLM-4V layout: slot i of temporal group g is frame g * t + i; a still frame is the image processor's patch."""
-    _, processor = make_tiny("glm4v")
-    image_processor = processor.image_processor
-    frames = make_row_images([FRAME] * 3, row_id=5)  # 3 frames: padded to 4 by repeating the last one
-    out = FramesVideoProcessor(image_processor, fps=2.0)([frames])
-    step = image_processor.temporal_patch_size
-    still = [image_processor(images=[f], return_tensors="pt")["pixel_values"] for f in frames]  # (N, C*t*p*p) each
-    num = still[0].shape[0]
-    assert out["video_grid_thw"].tolist() == [[2, 8, 8]] and out["pixel_values_videos"].shape == (2 * num, 96)
-    video = out["pixel_values_videos"].view(2, num, 3, step, -1)  # (G, N, C, t, p*p)
-    for group in range(2):
-        for slot in range(step):
-            frame = still[min(group * step + slot, 2)].view(num, 3, step, -1)[:, :, 0]
-            assert torch.equal(video[group, :, :, slot], frame)
-    assert out["video_metadata"][0].timestamps == [0.0, 0.5, 1.0, 1.5]
-
-
-def test_video_helper_refuses_bad_input() -> None:
-    _, processor = make_tiny("llava")
-    with pytest.raises(ValueError, match="no video placeholder"):
-        attach_frames_video_processor(processor)
-    frames = FramesVideoProcessor(processor.image_processor)
-    with pytest.raises(ValueError, match="same frame count"):
-        frames([make_row_images([FRAME] * 2), make_row_images([FRAME] * 3)])
-    with pytest.raises(ValueError, match="sequence of frames"):
-        frames([[1, 2]])
-    with pytest.raises(ValueError, match="fps"):
-        FramesVideoProcessor(processor.image_processor, fps=0)
 
 
 def test_never_withdrawing_is_the_unhooked_model_and_remove_restores(tiny: Any) -> None:

@@ -15,13 +15,7 @@ from dyvte.data.records import build_inputs, normalize_answer
 from dyvte.eval.harness import format_per_type, format_table, plot_sweep
 from dyvte.exits.kl import kl_divergence
 
-from .tiny_models import WORDS, make_image, make_tiny
-
-TEMPLATE = (
-    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}"
-    "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} {{ '" + WORDS[0] + "' }}"
-    "{% endif %}"
-)
+from .tiny_models import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +23,6 @@ def tiny():
     model, processor = make_tiny("llava")
     processor.chat_template = TEMPLATE
     return model, processor
-
-
-def records(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [
-        {
-            "image": make_image(32, 32, rng),
-            "question": " ".join(WORDS[int(j)] for j in rng.integers(1, len(WORDS), size=2 + i % 3)),
-            "answer": WORDS[int(rng.integers(1, len(WORDS)))],
-            "qtype": "ab"[i % 2],
-        }
-        for i in range(n)
-    ]
 
 
 def batches(processor, recs, size, with_answers=False):
@@ -178,17 +159,6 @@ def test_bad_datasets(tiny):
     broken[2]["answer"] = "zzqx-unknown-word"
     with pytest.raises(dyvte.DataError, match="cannot express"):
         build_inputs(processor, broken, with_answers=True)
-
-
-def test_model_without_visual_token_id_is_refused(tiny):
-    model, _ = tiny
-    old = model.config.image_token_id
-    model.config.image_token_id = None
-    try:
-        with pytest.raises(dyvte.UnsupportedModelError, match="image_token_id"):
-            dyvte.withdraw(model, layer=1)
-    finally:
-        model.config.image_token_id = old
 
 
 def test_normalize_answer():

@@ -80,3 +80,31 @@ def test_rows_leaving_at_different_layers_equal_rows_alone(tiny: Any) -> None:
     inputs = encode()
     assert inputs["input_ids"].shape[0] == count
     check_heads_rows_alone(model, inputs, sharpened_heads(model), encode, generate)  # rows disagree when to leave
+
+
+def test_exit_heads_on_video_rows_equal_rows_alone(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    assert inputs["input_ids"].shape[0] == len(ROWS)
+    heads = sharpened_heads(model)  # rows disagree about when to leave
+    check_heads_rows_alone(model, inputs, heads, lambda row: encode(processor, family, only=row))
+
+
+def test_exit_heads(tiny):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    with torch.no_grad():
+        base = model(**inputs).logits
+    with dyvte.withdraw(model, heads=constant_heads(model, None)) as handle, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base) and handle.exit_layers.tolist() == [4, 4, 4]
+    for head in (0, 2):  # inside the DeepStack range
+        with dyvte.withdraw(model, layer=head + 1), torch.no_grad():
+            static = model(**inputs).logits
+        with dyvte.withdraw(model, heads=constant_heads(model, head)) as handle, torch.no_grad():
+            assert torch.equal(model(**inputs).logits, static) and handle.exit_layers.tolist() == [head + 1] * 3
+    heads = sharpened_heads(model)  # rows disagree about when to leave
+
+    def alone(row: int) -> dict:
+        return dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
+
+    check_heads_rows_alone(model, inputs, heads, alone)

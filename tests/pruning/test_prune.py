@@ -17,7 +17,6 @@ from dyvte.engine.registry import resolve
 from dyvte.eval.benchmark import kv_cache_bytes
 from dyvte.eval.methods import PruningRun, parse_method
 
-from .oracle import compacted_oracle_logits, masked_keys_logits
 from .test_calibrate_evaluate import TEMPLATE, records
 from .tiny_models import FAMILIES, greedy, make_batch, make_tiny
 
@@ -29,10 +28,6 @@ def encode(processor, family: str, only: int | None = None) -> dict:
     if only is None:
         return dict(make_batch(processor, family, ROWS))
     return dict(make_batch(processor, family, [ROWS[only]], row_ids=[only]))
-
-
-def expected_kept(num: int, ratio: float) -> int:
-    return max(1, int(num * (1 - ratio) + 0.5))
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next", "llava_next_video"])
@@ -343,29 +338,6 @@ def test_fastv_on_gemma3_eager_and_with_cache():
         assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
 
 
-def check_fastv_equals_masking_oracle(model, inputs: dict, layer: int, ratio: float) -> None:
-    """FastV keeps each row's budget of visual tokens and its logits are those of masking the pruned keys at >= K."""
-    mask = inputs["attention_mask"].bool()
-    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids) & mask
-    with dyvte.prune(model, "fastv", layer=layer, ratio=ratio) as handle, torch.no_grad():
-        logits = handle.to_input_positions(model(**inputs).logits)  # (B, T, V)
-    budgets = [expected_kept(int(n), ratio) if n else 0 for n in visual.sum(1)]
-    assert handle.visual_after.tolist() == budgets and handle.kept_visual.sum(1).tolist() == budgets
-    assert not (handle.kept_visual & ~visual).any()
-    dropped = visual & ~handle.kept_visual
-    assert dropped.any()
-    fed = mask & ~dropped  # text and kept visual positions: the ones FastV computes
-    if any(resolve(model).linear_attention):  # recurrent layers: the compacted oracle (docs/design.md)
-        oracle = compacted_oracle_logits
-        reference, unpruned = oracle(model, inputs, layer, keep=fed), oracle(model, inputs, layer, keep=mask)
-    else:
-        reference = masked_keys_logits(model, inputs, layer, dropped)
-        unpruned = masked_keys_logits(model, inputs, layer, torch.zeros_like(dropped))
-    torch.testing.assert_close(logits[fed], reference[fed], atol=2e-6, rtol=1e-5)
-    assert (unpruned[fed] - reference[fed]).abs().max() > 1e-3  # the oracle is not the unpruned model
-    assert not model._forward_pre_hooks
-
-
 @pytest.mark.parametrize(
     "spec", [("fastervlm", {"ratio": 0.75}), ("random", {"ratio": 0.5}), ("fastv", {"ratio": 0.75})]
 )
@@ -386,3 +358,25 @@ def test_kv_cache_bytes_equal_the_formula(tiny, spec):
         assert handle.fed_visual[0] < visual
     assert kv_cache_bytes(cache) == expected
     assert expected < dyvte.prefill_kv_bytes(model.config, tokens, visual)
+
+
+# -------------------------------------------------------------------------------- a new pruning method
+def _first_patches(attention, total: int, seed: int) -> torch.Tensor:
+    """Scores that rank each view's patches in reading order (a toy scorer)."""
+    return -torch.arange(max(total, 1), dtype=torch.float64)
+
+
+def test_a_new_pruning_method_is_one_scorer_and_one_registration(llava):
+    model, inputs = llava
+    register_pruning(scorer_method("first", PatchScorer(uses_attention=False, score=_first_patches)))
+    try:
+        with dyvte.prune(model, "first", keep=4) as handle:
+            cached = generate(model, inputs)
+            assert torch.equal(generate(model, inputs, use_cache=False), cached)
+            assert torch.equal(generate(model, inputs, cache_implementation="static"), cached)
+        assert handle.kept_features and all(k[:4].all() and not k[4:].any() for k in handle.kept_features)
+        assert handle.fed_visual.tolist() == [4, 8, 0]
+    finally:
+        PRUNING_METHODS.pop("first")
+    with pytest.raises(ValueError, match="unknown pruning method 'first'"):
+        dyvte.prune(model, "first", keep=4)

@@ -15,9 +15,6 @@ import torch
 
 from dyvte.policies.exit_heads import ExitHeads
 
-from .test_calibrate_evaluate import TEMPLATE, records
-from .tiny_models import make_tiny
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,46 +25,10 @@ def _fit_main():
     return module.main
 
 
-def make_fit_setup(root: Path) -> Path:
-    """Save a tiny LLaVA (from_pretrained layout) to ``root / "model"`` and 12 records to ``root / "records.jsonl"``."""
-    model, processor = make_tiny("llava")
-    processor.chat_template = TEMPLATE
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    lines = []
-    for i, rec in enumerate(records(12)):
-        rec["image"].save(root / f"img{i}.png")
-        lines.append(
-            json.dumps(
-                {"image": f"img{i}.png", "question": rec["question"], "answer": rec["answer"], "qtype": rec["qtype"]}
-            )
-        )
-    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     """A tiny LLaVA saved with from_pretrained layout and a JSONL of records with image files."""
     return make_fit_setup(tmp_path_factory.mktemp("fit"))
-
-
-def fit_args(root: Path, out: str, epochs: int, extra: list[str] = ()) -> list[str]:
-    return [
-        f"--data.model={root / 'model'}",
-        f"--data.data={root / 'records.jsonl'}",
-        "--data.train_samples=8",
-        "--data.val_samples=4",
-        "--data.batch_size=4",
-        "--data.label_batch_size=4",
-        f"--data.cache_dir={root / 'cache'}",
-        f"--output_dir={root / out}",
-        f"--trainer.max_epochs={epochs}",
-        f"--trainer.default_root_dir={root / 'runs'}",
-        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
 
 
 def test_fit_writes_only_heads_and_resumes(setup_dir):

@@ -545,3 +545,15 @@ def test_ablate_splits_refuses_bad_splits_before_any_labelling(splits, tmp_path)
     with pytest.raises(SystemExit, match="--splits"):
         load_script("train/ablate_splits.py").main(["--splits", splits, "--cache_dir", str(tmp_path / "labels")])
     assert not (tmp_path / "labels").exists()
+
+
+def test_calibrate_launcher_checks_arguments_before_writing(llava, tmp_path):
+    """A bad --report_thresholds fails before the model loads, and a good calibration file stays as it was."""
+    model, processor, _ = llava
+    _, file = _saved_calibration(model, processor, tmp_path)
+    before = file.read_bytes()
+    script = load_script("train/calibrate.py")
+    for bad in ({"report_thresholds": [1e-3, -1.0]}, {"threshold": 0.0}, {"positions": "last"}, {"dtype": "float16"}):
+        with pytest.raises(ValueError, match="threshold|positions|dtype"):
+            script.main(model="/nonexistent/model", output=str(tmp_path), **bad)
+    assert file.read_bytes() == before

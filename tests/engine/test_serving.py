@@ -1,9 +1,12 @@
-"""Engine v2 (docs/design.md §4-§5): host syncs per call, static cache = dynamic cache, in-place layouts, new policies.
+"""Serving (docs/design.md §4, "Hot path"; §5 item 6): host syncs per call, static cache = dynamic cache, compiled
+decoding, in-place layouts.
 
 Host syncs are counted by :class:`dyvte.engine.syncs.SyncCounter` (a ``TorchFunctionMode``): every call of a reading
 function (``item``, ``tolist``, ``__bool__``, ``cpu``, ``nonzero``, ...), boolean-mask indexing, and every
 host-to-device copy whose innermost caller outside torch is the ``dyvte`` package, i.e. dyvte itself (hooks,
-policies, FastV's ranking) and not transformers or ``generate``.
+policies, FastV's ranking) and not transformers or ``generate``. The counts hold on one representative of every
+mechanism (``tests.families.representatives()``); the static cache equals the dynamic one on the decoder mechanisms
+that shape a cache (plain, M-RoPE, sliding window), under DeepStack and on linear-attention states.
 """
 
 from __future__ import annotations
@@ -14,18 +17,38 @@ import transformers
 from packaging.version import Version
 
 import dyvte
-from dyvte.engine.handle import Handle
-from dyvte.engine.policy import POLICIES, ExitPolicy, register_policy
 from dyvte.engine.registry import resolve
 from dyvte.engine.syncs import SyncCounter
-from dyvte.policies.fastv import FastVRanking
-from dyvte.pruning.prune import PRUNING_METHODS, PatchScorer, register_pruning, scorer_method
 
-from .tiny_models import make_batch, make_tiny, random_heads
+from ..families import representatives
+from ..tiny_models import greedy, make_batch, make_tiny, random_heads
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # B = 3: one image / two images / text only (ragged, left-padded)
 NUM_LAYERS = 8
 STEPS = 4  # decode steps after the prefill
+NEW_TOKENS = 4
+
+
+def encode(processor, family: str) -> dict:
+    return dict(make_batch(processor, family, ROWS))
+
+
+@pytest.fixture(scope="module", params=representatives())
+def tiny(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor
+
+
+@pytest.fixture(scope="module", params=representatives("deepstack"))
+def deepstack(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor
+
+
+@pytest.fixture(scope="module", params=representatives("linear_attention"))
+def hybrid(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor, dict(make_batch(processor, request.param, ROWS))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +138,7 @@ def _policies(model):
     }
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", representatives("plain", "mrope", "sliding_window"))
 def test_static_cache_equals_dynamic_cache(family):
     """Greedy tokens with ``cache_implementation="static"`` equal those of the dynamic cache, for every policy, and
     a second generate reusing the (reset) static cache gives them again."""
@@ -202,85 +225,41 @@ def test_decode_layouts_grow_in_place(llava, cache):
         assert len(pointers[key]) <= limit, (key, seen[0], seen[-1], len(pointers[key]))
 
 
-# ------------------------------------------------------------------------------------------------- extension
-class EveryRowAtTheMiddle(ExitPolicy):
-    """A new policy in one class: every row leaves at layer L // 2 (planned on the host)."""
-
-    def planned_exits(self, state):
-        return [self.spec.num_layers // 2] * state.batch
-
-    def earliest_exit(self) -> int:
-        return self.spec.num_layers // 2
-
-
-class LeaveWhenImagesAreLong(ExitPolicy):
-    """A run-time policy: a row leaves at ``layer`` if it holds more than ``tokens`` visual tokens."""
-
-    def __init__(self, layer: int, tokens: int) -> None:
-        self.at, self.tokens = layer, tokens
-
-    def decide(self, layer, hidden, state):
-        return (state.visual & state.valid).sum(1) > self.tokens if layer == self.at else state.valid[:, 0] & False
+# ------------------------------------------------------------------------------------------ every mechanism
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_host_syncs_are_those_of_every_family(tiny, cache):
+    family, model, processor = tiny
+    inputs = encode(processor, family)
+    for layer, prefill in ((1, 1), ([1, 3, 0], 1), (resolve(model).num_layers, 0)):
+        with dyvte.withdraw(model, layer=layer):
+            assert count_syncs(model, inputs, cache_implementation=cache) == [prefill] + [0] * STEPS, layer
 
 
-def test_a_new_policy_is_one_class_and_one_registration(llava):
-    model, inputs = llava
-    register_policy("middle", lambda model: EveryRowAtTheMiddle())
-    register_policy("long_images", lambda model, at, tokens: LeaveWhenImagesAreLong(at, tokens))
-    try:
-        with dyvte.withdraw(model, layer=NUM_LAYERS // 2), torch.no_grad():
-            reference = model(**inputs).logits
-        with dyvte.withdraw(model, policy="middle") as handle, torch.no_grad():
-            assert torch.equal(model(**inputs).logits, reference)
-        assert handle.exit_layers.tolist() == [NUM_LAYERS // 2] * 3
-        with dyvte.withdraw(model, policy="long_images", at=2, tokens=20) as handle, torch.no_grad():
-            model(**inputs)
-        assert handle.exit_layers.tolist() == [NUM_LAYERS, 2, NUM_LAYERS]  # only row 1 has two images (32 tokens)
-        with dyvte.withdraw(model, policy=EveryRowAtTheMiddle()) as handle, torch.no_grad():  # or an instance
-            assert torch.equal(model(**inputs).logits, reference)
-    finally:
-        POLICIES.pop("middle")
-        POLICIES.pop("long_images")
-    with pytest.raises(ValueError, match="unknown exit policy 'middle'"):
-        dyvte.withdraw(model, policy="middle")
-    with pytest.raises(TypeError, match="options go with policy"):
-        dyvte.withdraw(model, layer=1, tokens=3)
+# ----------------------------------------------------------------------------------------------- DeepStack
+def test_static_cache_after_mixed_exits_equals_dynamic(deepstack):
+    family, model, processor = deepstack
+    inputs = encode(processor, family)
+    ids = resolve(model).visual_ids.tolist()
+    runs = []
+    for kwargs in ({}, {"cache_implementation": "static"}, {"use_cache": False}):
+        with dyvte.withdraw(model, layer=[1, 3, 0]), torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=ids, **kwargs)
+        runs.append(out[:, -NEW_TOKENS:])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
-def _first_patches(attention, total: int, seed: int) -> torch.Tensor:
-    """Scores that rank each view's patches in reading order (a toy scorer)."""
-    return -torch.arange(max(total, 1), dtype=torch.float64)
-
-
-def test_a_new_pruning_method_is_one_scorer_and_one_registration(llava):
-    model, inputs = llava
-    register_pruning(scorer_method("first", PatchScorer(uses_attention=False, score=_first_patches)))
-    try:
-        with dyvte.prune(model, "first", keep=4) as handle:
-            cached = generate(model, inputs)
-            assert torch.equal(generate(model, inputs, use_cache=False), cached)
-            assert torch.equal(generate(model, inputs, cache_implementation="static"), cached)
-        assert handle.kept_features and all(k[:4].all() and not k[4:].any() for k in handle.kept_features)
-        assert handle.fed_visual.tolist() == [4, 8, 0]
-    finally:
-        PRUNING_METHODS.pop("first")
-    with pytest.raises(ValueError, match="unknown pruning method 'first'"):
-        dyvte.prune(model, "first", keep=4)
-
-
-def test_every_handle_satisfies_the_handle_protocol(llava):
-    model, inputs = llava
-    contexts = [
+# --------------------------------------------------------------------------------------- linear attention
+def test_static_cache_holds_linear_attention_states(hybrid):
+    """Linear-attention states are fixed-size: a static cache holds them as a dynamic one does."""
+    _, model, _, inputs = hybrid
+    heads = random_heads(model, head_size=None)
+    for context in (
         lambda: dyvte.withdraw(model, layer=2),
-        lambda: dyvte.withdraw(model, heads=random_heads(model)),
-        lambda: dyvte.prune(model, "fastv", layer=2, ratio=0.5),
-        lambda: dyvte.prune(model, "random", keep=4),
-    ]
-    for context in contexts:
-        with context() as handle, torch.no_grad():
-            model(**inputs)
-        assert isinstance(handle, Handle)
-        assert (handle.exit_layers is None) == isinstance(handle, dyvte.Pruning)
-        assert (handle.fed_tokens is None) != isinstance(handle, dyvte.Pruning)
-        fastv = isinstance(getattr(handle, "policy", None), FastVRanking)
-        assert (handle.visual_after is None) != fastv
+        lambda: dyvte.withdraw(model, layer=[1, 3, 0]),
+        lambda: dyvte.withdraw(model, heads=heads, threshold=0.5),
+    ):
+        with context():
+            dynamic = greedy(model, inputs)
+            static = greedy(model, inputs, cache_implementation="static")
+            again = greedy(model, inputs, cache_implementation="static")
+        assert torch.equal(static, dynamic) and torch.equal(again, static)
