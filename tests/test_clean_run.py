@@ -27,8 +27,7 @@ from dyvte.exits.rules import head_targets
 from dyvte.policies.exit_heads import ExitHeads
 from dyvte.train.fitting import LIGHTNING_TIPS, RANK_ZERO_LOGGERS, quiet_lightning
 
-from .scripts import load_script
-from .test_fit import make_fit_setup
+from .scripts import load_script, make_fit_setup
 
 REAL_ROOT = Path(__file__).resolve().parents[1]
 GIT = shutil.which("git")

@@ -12,8 +12,7 @@ from dyvte.data.prompts import attach_prompt_template, check_prompt_template, re
 from dyvte.data.records import DataError, build_inputs
 from dyvte.demo import load_demo_dataset, load_demo_processor
 
-from .test_calibrate_evaluate import records
-from .tiny_models import make_tiny
+from ..tiny_models import make_tiny, records
 
 #: the demo chat template's prompt, written as a format string
 DEMO_TEMPLATE = "<s>USER: <image> {question} ASSISTANT:"
@@ -96,32 +95,3 @@ def test_earlier_turns_render_the_same_through_either_template(demo):
     assert tok(chat)["input_ids"] == tok(formatted)["input_ids"]
     with_context = build_inputs(processor, [{**recs[0], "context": [{"question": q, "answer": a} for q, a in context]}])
     assert with_context["input_ids"].shape[1] > build_inputs(processor, recs[:1])["input_ids"].shape[1]
-
-
-def test_every_launcher_takes_prompt_template(tmp_path):
-    import inspect
-    import json
-
-    from dyvte.train.fitting import ExitLabelData
-    from dyvte.train.lora import AdaptModule
-
-    from .scripts import load_script
-
-    model, processor = make_tiny("llava")  # saved without a chat template, as many checkpoints are
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    lines = []
-    for i, rec in enumerate(records(4)):
-        rec["image"].save(tmp_path / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "question": rec["question"], "answer": rec["answer"]}))
-    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
-    calibrate = load_script("train/calibrate.py").main
-    kwargs = {"model": str(tmp_path / "model"), "data": str(tmp_path / "records.jsonl"), "samples": 4, "batch_size": 2}
-    with pytest.raises(DataError, match=r"no chat template.*--prompt_template"):
-        calibrate(**kwargs, output=str(tmp_path / "cal"))
-    calibrate(**kwargs, output=str(tmp_path / "cal"), prompt_template="USER: <image>\n{question} ASSISTANT:")
-    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["num_samples"] == 4
-    for script in ("train/calibrate.py", "train/eval.py", "train/report.py"):
-        assert "prompt_template" in inspect.signature(load_script(script).main).parameters, script
-    for cls in (ExitLabelData, AdaptModule):
-        assert "prompt_template" in inspect.signature(cls).parameters, cls

@@ -1,10 +1,10 @@
-"""Bad records files and bad records are refused before any work, with a ``DataError`` naming the input.
+"""Records files and model directories by name (dyvte.data.sources): bad records files and bad records are refused
+before any work, with a ``DataError`` naming the input.
 
-Records files (``.json`` / ``.jsonl`` / ``.parquet``) are read by :func:`dyvte.data.sources.load_records`; records
-become
-model inputs through :func:`dyvte.data.records.iter_batches` and :func:`dyvte.data.records.build_inputs`. Each test
-builds its tiny
-records file in ``tmp_path``. Relative image paths resolve against the records file, never the working directory.
+Records files (``.json`` / ``.jsonl`` / ``.parquet``, dataset folders) are read by
+:func:`dyvte.data.sources.load_records`. Each test builds its tiny records file in ``tmp_path``. Relative image paths
+resolve against the records file, never the working directory. ``load_config`` reads the config ``load_model`` would
+load. Records in memory (``build_inputs``, ``iter_batches``) are ``tests/data/test_records.py``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import datasets
@@ -23,8 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import dyvte
-from dyvte.data.records import DataError, build_inputs, iter_batches
+from dyvte.data.records import DataError
 from dyvte.data.sources import load_records
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -61,21 +59,6 @@ def folder_with_images(root: Path, n: int = 2) -> Path:
     for i in range(n):
         png(root / f"imgs/{i}.png")
     return root
-
-
-class FakeProcessor:
-    """Just enough of a processor for build_inputs' checks (prompt = the question; no tensors)."""
-
-    chat_template = "(the question)"
-
-    def __init__(self) -> None:
-        self.tokenizer = SimpleNamespace(padding_side="right", bos_token_id=None)
-
-    def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> str:
-        return conversation[0]["content"][1]["text"]
-
-    def __call__(self, images: list, text: list[str], **kwargs: Any) -> dict[str, Any]:
-        return {"images": images, "text": text}
 
 
 # ------------------------------------------------------------------------ case 2: relative paths, any column type
@@ -139,17 +122,6 @@ def test_empty_question_in_a_records_file_is_refused(tmp_path, question):
         load_records(str(tmp_path / "records.parquet"))
 
 
-def test_empty_question_in_memory_is_refused_before_any_work():
-    good = {"image": Image.new("RGB", (8, 8)), "question": "which digit?", "answer": "3"}
-    bad = [good, good | {"question": " "}]
-    with pytest.raises(DataError, match="record 1: the question is empty"):
-        next(iter_batches(bad, 1))  # evaluation, labelling and calibration batch through iter_batches
-    with pytest.raises(DataError, match="record 4: the question is empty"):
-        build_inputs(FakeProcessor(), bad, with_answers=True, offset=3)
-    with pytest.raises(DataError, match="record 1 has no question"):
-        next(iter_batches([good, {k: v for k, v in good.items() if k != "question"}], 2))
-
-
 # ------------------------------------------------------------------------ case 7: empty gold answer
 
 
@@ -168,29 +140,6 @@ def test_bad_gold_answer_in_a_records_file_is_refused(tmp_path, answer, message)
     path = write_jsonl(tmp_path / "records.jsonl", [record(0), record(1, answer=answer)])
     with pytest.raises(DataError, match=rf"records\.jsonl, record 1 \(line 2\):? {message}"):
         load_records(str(path))
-
-
-def test_empty_gold_answer_in_memory_is_refused():
-    good = {"image": Image.new("RGB", (8, 8)), "question": "which digit?", "answer": "3"}
-    with pytest.raises(DataError, match="record 1: the answer is empty"):
-        next(iter_batches([good, good | {"answer": ""}], 1))
-    with pytest.raises(DataError, match="record 1: the answer is empty"):
-        build_inputs(FakeProcessor(), [good, good | {"answer": ""}], with_answers=True)
-    assert len(next(iter_batches([good, good | {"answer": None}], 2))) == 2  # unlabelled records: answers optional
-    with pytest.raises(DataError, match="record 1 has no answer"):
-        next(iter_batches([good, good | {"answer": None}], 2, answers=True))
-
-
-def test_evaluate_refuses_an_empty_gold_answer_before_generating():
-    from .test_calibrate_evaluate import TEMPLATE, records
-    from .tiny_models import make_tiny
-
-    model, processor = make_tiny("llava")
-    processor.chat_template = TEMPLATE
-    recs = records(3)
-    recs[2]["answer"] = ""
-    with pytest.raises(DataError, match="record 2: the answer is empty"):
-        dyvte.evaluate(model, processor, recs, progress=False)
 
 
 # ------------------------------------------------------------------------ case 9: corrupt image
@@ -215,20 +164,6 @@ def test_not_an_image_names_the_image(tmp_path):
     path = write_jsonl(tmp_path / "records.jsonl", [record(0), record(1)])
     with pytest.raises(DataError, match=r"record 1 \(line 2\): cannot read the image .*1\.png: cannot identify"):
         load_records(str(path))
-
-
-def test_corrupt_image_in_memory_names_the_record(tmp_path):
-    good = png(tmp_path / "good.png")
-    truncated_png(tmp_path / "bad.png")
-    lazy = {"image": Image.open(tmp_path / "bad.png"), "question": "which digit?", "answer": "3"}
-    with pytest.raises(DataError, match=r"record 5: cannot read the image .*bad\.png: image file is truncated"):
-        build_inputs(FakeProcessor(), [lazy], offset=5)
-    ds = datasets.Dataset.from_dict(
-        {"image": [str(tmp_path / "good.png"), str(tmp_path / "bad.png")], "question": ["q", "q"], "answer": ["a"] * 2}
-    ).cast_column("image", datasets.Image())
-    with pytest.raises(DataError, match=r"record 1 \(image .*bad\.png\): cannot decode it: OSError: image file"):
-        list(iter_batches(ds, 2))  # a dataset built without load_records: decoding fails with the record named
-    assert good.shape == (8, 8, 3)
 
 
 # ------------------------------------------------------------------------ case 10: unreadable or empty JSON
@@ -340,15 +275,6 @@ def test_missing_split_of_a_dataset_directory_is_named(tmp_path):
         load_records(str(tmp_path / "ds"), split="test")
 
 
-def test_relative_image_path_in_memory_is_refused(tmp_path, monkeypatch):
-    png(tmp_path / "imgs/0.png")
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"record 0: the image path 'imgs/0\.png' is relative"):
-        build_inputs(FakeProcessor(), [record(0)])
-    inputs = build_inputs(FakeProcessor(), [record(0, image=str(tmp_path / "imgs/0.png"))])
-    assert isinstance(inputs["images"][0], Image.Image)
-
-
 def test_limit_checks_only_the_kept_records(tmp_path):
     folder_with_images(tmp_path)
     path = write_jsonl(tmp_path / "records.jsonl", [record(0), record(1), record(2, question="")])
@@ -377,3 +303,15 @@ def test_image_url_is_refused(tmp_path):
     path = write_jsonl(tmp_path / "records.jsonl", [record(0, image="https://example.com/0.png")])
     with pytest.raises(DataError, match=r"record 0 \(line 1\): the image .* is a URL; dyvte does not download"):
         load_records(str(path))
+
+
+def test_load_config_reads_the_config_load_model_would_load(tmp_path):
+    """``load_config`` (what fit.py reads the FLOPs shape from): the demo, an adapter's base, a missing directory."""
+    from dyvte.data.sources import load_config
+    from dyvte.demo import demo_checkpoint_dir
+
+    demo = load_config("demo")
+    assert demo.to_dict() == load_config(str(demo_checkpoint_dir("demo-mllm"))).to_dict()
+    assert load_config(str(demo_checkpoint_dir("demo-lora-vtw"))).to_dict() == demo.to_dict()  # its base: "demo"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "missing"))

@@ -29,6 +29,8 @@ from dyvte.demo import (
 from dyvte.demo.data import DatasetSizes, load_digit_images, render_scene, split_digit_pools
 from dyvte.demo.model import scene_pixel_values
 
+from ..scripts import REPO_ROOT
+
 SCENE = SceneConfig()
 HAS_CHECKPOINT = (demo_checkpoint_dir() / "model.safetensors").is_file()
 needs_checkpoint = pytest.mark.skipif(
@@ -219,14 +221,13 @@ def test_stored_dataset_matches_the_builder():
 def test_recipe_yaml_equals_the_code_defaults():
     """`python train/pretrain_demo.py --config configs/pretrain_demo.yaml` and `run_pretraining()` train the same."""
     from dataclasses import asdict
-    from pathlib import Path
 
     import yaml
 
     from dyvte.demo.model import DemoModelConfig
     from dyvte.demo.pretrain import PhaseConfig, TrainConfig
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "pretrain_demo.yaml").read_text())
+    cfg = yaml.safe_load((REPO_ROOT / "configs" / "pretrain_demo.yaml").read_text())
     phases = {k: PhaseConfig(**v) for k, v in cfg["train"].items() if isinstance(v, dict) and "steps" in v}
     assert TrainConfig(**{**cfg["train"], **phases}) == TrainConfig()
     assert cfg["model"] == asdict(DemoModelConfig())
@@ -248,15 +249,3 @@ def test_matching_phase_draws_sparse_scenes_and_rejects_impossible_caps(processo
     for bad in (0, SCENE.rows * SCENE.cols + 1):
         with pytest.raises(ValueError, match="max_digits"):
             phase_scene(SCENE, PhaseConfig(max_digits=bad))
-
-
-def test_load_config_reads_the_config_load_model_would_load(tmp_path):
-    """``load_config`` (what fit.py reads the FLOPs shape from): the demo, an adapter's base, a missing directory."""
-    from dyvte.data.sources import load_config
-    from dyvte.demo import demo_checkpoint_dir
-
-    demo = load_config("demo")
-    assert demo.to_dict() == load_config(str(demo_checkpoint_dir("demo-mllm"))).to_dict()
-    assert load_config(str(demo_checkpoint_dir("demo-lora-vtw"))).to_dict() == demo.to_dict()  # its base: "demo"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_config(str(tmp_path / "missing"))

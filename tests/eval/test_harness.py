@@ -1,8 +1,13 @@
-"""VTW calibration and the evaluation harness on a tiny LLaVA and a tiny (image, question, answer) dataset."""
+"""The evaluation harness (dyvte.eval.harness) on a tiny LLaVA and a tiny (image, question, answer) dataset.
+
+Accuracy, agreement, relative FLOPs and KV bytes per method and question type, results saved and loaded, tables and
+plots; the oracle exit on hand-built results; bad datasets refused before generating; the relative FLOPs of pruning
+(FasterVLM: a shorter prompt; FastV: fewer visual tokens after K); a model in training mode evaluated in eval mode.
+Method strings are ``tests/eval/test_methods.py``'s.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
@@ -11,11 +16,15 @@ import pytest
 import torch
 
 import dyvte
-from dyvte.data.records import build_inputs, normalize_answer
+from dyvte.data.records import DataError, build_inputs
+from dyvte.engine.registry import resolve
 from dyvte.eval.harness import format_per_type, format_table, plot_sweep
-from dyvte.exits.kl import kl_divergence
+from dyvte.eval.methods import PruningRun, parse_method
 
-from .tiny_models import make_tiny
+from ..oracle import expected_kept
+from ..tiny_models import TEMPLATE, make_tiny, records
+
+VIEW = 16  # patches per image of the tiny LLaVA (CLIP 32 px / patch 8)
 
 
 @pytest.fixture(scope="module")
@@ -23,75 +32,6 @@ def tiny():
     model, processor = make_tiny("llava")
     processor.chat_template = TEMPLATE
     return model, processor
-
-
-def batches(processor, recs, size, with_answers=False):
-    return [build_inputs(processor, recs[i : i + size], with_answers=with_answers) for i in range(0, len(recs), size)]
-
-
-def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
-    logits = torch.randn(3, 11)
-    assert torch.equal(kl_divergence(logits, logits), torch.zeros(3))
-    assert (kl_divergence(logits, torch.randn(3, 11)) > 0).all()
-
-
-def test_calibration_curve_choice_and_json_round_trip(tiny, tmp_path):
-    model, processor = tiny
-    data = batches(processor, records(6), 3)
-    cal = dyvte.calibrate(model, data, threshold=1e-2, progress=False)
-    num_layers = model.config.text_config.num_hidden_layers
-    assert len(cal.kl_per_layer) == num_layers + 1 and cal.kl_per_layer[num_layers] == 0.0
-    assert cal.num_samples == 6
-    assert cal.kl_per_layer[cal.layer] <= 1e-2
-    assert all(kl > 1e-2 for kl in cal.kl_per_layer[: cal.layer])  # the smallest K meeting eta
-    cal.save(tmp_path)
-    loaded = dyvte.Calibration.load(tmp_path)
-    assert loaded == cal
-    with dyvte.withdraw(model, calibration=tmp_path) as handle:
-        assert handle.layer == cal.layer
-
-
-def test_calibration_is_batch_invariant_and_first_position_matches_teacher_forcing(tiny):
-    model, processor = tiny
-    recs = records(4)
-    together = dyvte.calibrate(model, batches(processor, recs, 4), progress=False)
-    alone = dyvte.calibrate(model, batches(processor, recs, 1), progress=False)
-    np.testing.assert_allclose(together.kl_per_layer, alone.kl_per_layer, rtol=1e-4, atol=1e-7)
-    forced = dyvte.calibrate(model, batches(processor, recs, 2, with_answers=True), progress=False)
-    np.testing.assert_allclose(forced.kl_per_layer, together.kl_per_layer, rtol=1e-4, atol=1e-7)
-    every = dyvte.calibrate(model, batches(processor, recs, 2, with_answers=True), positions="answer", progress=False)
-    assert every.kl_per_layer[-1] == 0.0 and every.positions == "answer"
-    assert not np.allclose(every.kl_per_layer[:-1], forced.kl_per_layer[:-1])  # later positions do count
-
-
-def test_unmet_threshold_means_never_withdraw(tiny, caplog):
-    model, processor = tiny
-    with caplog.at_level(logging.WARNING):
-        cal = dyvte.calibrate(model, batches(processor, records(2), 2), threshold=1e-30, progress=False)
-    assert cal.layer == model.config.text_config.num_hidden_layers and not cal.met
-    assert "never withdraw" in caplog.text
-
-
-@pytest.mark.parametrize("eta", [0.0, -1e-3])
-def test_non_positive_threshold_is_refused(tiny, eta):
-    model, processor = tiny
-    with pytest.raises(ValueError, match="eta"):
-        dyvte.calibrate(model, batches(processor, records(2), 2), threshold=eta)
-
-
-def test_calibration_for_another_model_or_corrupt_file_is_refused(tiny, tmp_path):
-    model, processor = tiny
-    cal = dyvte.calibrate(model, batches(processor, records(2), 2), progress=False, layers=[1])
-    nan = float("nan")
-    other = dataclasses.replace(cal, num_layers=12, layer=12, met=False, kl_per_layer=[nan] * 12 + [0.0])
-    other.save(tmp_path / "other")  # a consistent calibration of a 12-layer model
-    with pytest.raises(ValueError, match="12 layers"):
-        dyvte.withdraw(model, calibration=tmp_path / "other")
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "calibration.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not a dyvte calibration"):
-        dyvte.Calibration.load(tmp_path / "bad")
-    assert not model._forward_pre_hooks
 
 
 def test_harness_accuracy_agreement_flops(tiny, tmp_path):
@@ -161,11 +101,6 @@ def test_bad_datasets(tiny):
         build_inputs(processor, broken, with_answers=True)
 
 
-def test_normalize_answer():
-    assert normalize_answer("  Seven.\nmore") == "seven"
-    assert normalize_answer("A  b") == "a b"
-
-
 def test_oracle_exit_on_hand_built_results():
     from dyvte.eval.harness import EvalResult, format_histogram, oracle_exit
 
@@ -187,24 +122,79 @@ def test_oracle_exit_on_hand_built_results():
         oracle_exit(full, {0: static[0], 3: full})
 
 
-def test_composed_method_equals_nesting_by_hand(tiny):
-    from dyvte.eval.methods import Compose, PruningRun, parse_method
+# ------------------------------------------------------------------------------------------------- pruning
+def test_flops_and_harness():
+    flops = dyvte.prefill_flops
+    model, processor = make_tiny("llava")
+    cfg = model.config
+    layers = cfg.text_config.num_hidden_layers
+    got = flops(cfg, 40, 16, 2, visual_after=4, convention="paper")
+    per_layer = lambda n: float(dyvte.eval.flops.layer_flops(cfg, n, "paper"))  # noqa: E731
+    assert got.flops == pytest.approx(2 * per_layer(40) + (layers - 2) * per_layer(40 - 16 + 4))
+    assert flops(cfg, 40, 16, 2, visual_after=16).ratio == 1.0
+    assert flops(cfg, 40, 16, 2).flops == flops(cfg, 40, 16, 2, visual_after=0).flops
+    with pytest.raises(ValueError, match="visual_after"):
+        flops(cfg, 40, 16, 2, visual_after=17)
 
-    model, processor = tiny
-    recs = records(4)
-    full = dyvte.evaluate(model, processor, recs, batch_size=4, max_new_tokens=2, progress=False)
-    method = Compose(PruningRun("random", {"ratio": 0.5}), dyvte.PolicyRun("static", {"layer": 1}))
-    assert [m.name for m in parse_method("random:0.5+static:1", 4)] == [method.name]
-    got = dyvte.evaluate(model, processor, recs, method, reference=full, batch_size=4, max_new_tokens=2, progress=False)
-    inputs = build_inputs(processor, recs)
-    with dyvte.prune(model, method="random", ratio=0.5) as pruning, dyvte.withdraw(model, layer=1):
-        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        fed_tokens, fed_visual = pruning.fed_tokens, pruning.fed_visual
-    texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert got.answers == [normalize_answer(t) for t in texts]
-    assert got.exit_layers == [1] * 4
-    visual = (inputs["input_ids"] == model.config.image_token_id).sum(1)
-    full_flops = dyvte.prefill_flops(model.config, inputs["attention_mask"].sum(1), visual).full
-    expected = dyvte.prefill_flops(model.config, fed_tokens, fed_visual, 1).flops / full_flops
-    assert got.relative_flops == pytest.approx(expected.tolist())
-    assert all(r < 0.7 for r in got.relative_flops)
+    names = [m.name for m in parse_method("fastervlm:0.75,0.9", layers) + parse_method("fastv:2:0.5", layers)]
+    assert names == ["fastervlm R=0.75", "fastervlm R=0.9", "fastv K=2 R=0.5"]
+    assert parse_method("random:0.5", layers)[0] == PruningRun("random", {"ratio": 0.5})
+    processor.chat_template = TEMPLATE
+    data = records(4)
+    full = dyvte.evaluate(model, processor, data, batch_size=2, progress=False)
+    assert full.relative_flops == [1.0] * len(data)
+    # each record alone: its tokens (padding excluded) and visual tokens, and what the documented budget keeps
+    alone = [build_inputs(processor, [r]) for r in data]
+    tokens = torch.tensor([int(x["attention_mask"].sum()) for x in alone])
+    visual = torch.tensor([int(torch.isin(x["input_ids"], resolve(model).visual_ids).sum()) for x in alone])
+    assert visual.tolist() == [VIEW] * len(data)
+    kept = torch.tensor([expected_kept(int(v), 0.75) for v in visual])  # 16 -> 4
+    unpruned = flops(cfg, tokens, visual).full  # the reference of "relative": the full model on the full prompt
+    expected = {  # FasterVLM: the LLM receives a shorter prompt; FastV: layers >= K see the kept visual tokens
+        "fastervlm": flops(cfg, tokens - visual + kept, kept).full / unpruned,
+        "fastv": flops(cfg, tokens, visual, 2, visual_after=kept).flops / unpruned,
+    }
+    for method in (PruningRun("fastervlm", {"ratio": 0.75}), PruningRun("fastv", {"ratio": 0.75, "layer": 2})):
+        result = dyvte.evaluate(model, processor, data, method, reference=full, batch_size=2, progress=False)
+        assert result.relative_flops == pytest.approx(expected[method.method].tolist(), rel=1e-12)
+        assert result.flops == pytest.approx(float(expected[method.method].mean()), rel=1e-6)
+        assert result.exit_layers == [2 if method.method == "fastv" else layers] * len(data)
+
+
+# ------------------------------------------------------------------------------------------- training mode
+def _flags(model: torch.nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def test_dropout_is_real_in_training_mode(dropout_model):
+    model, processor = dropout_model
+    inputs = build_inputs(processor, records(2))
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, model(**inputs).logits)
+
+
+def test_evaluation_of_a_model_in_training_mode_runs_in_eval_mode(dropout_model, caplog):
+    model, processor = dropout_model
+    recs = records(6)
+    kwargs = {"batch_size": 3, "max_new_tokens": 2, "progress": False}
+    reference = dyvte.evaluate(model, processor, recs, dyvte.PolicyRun("static", {"layer": 1}), **kwargs)
+    model.train()
+    model.model.vision_tower.eval()  # a mixed state must come back as it was, module by module
+    flags = _flags(model)
+    with caplog.at_level(logging.WARNING, logger="dyvte.utils.modes"):
+        got = dyvte.evaluate(model, processor, recs, dyvte.PolicyRun("static", {"layer": 1}), **kwargs)
+    assert "evaluate: the model was in training mode (dropout on); running it in eval mode" in caplog.text
+    untimed = {group: {k: v for k, v in m.items() if "_ms" not in k} for group, m in got.metrics.items()}
+    assert got.answers == reference.answers and got.exit_layers == reference.exit_layers
+    assert untimed == {group: {k: v for k, v in m.items() if "_ms" not in k} for group, m in reference.metrics.items()}
+    assert _flags(model) == flags
+
+
+def test_evaluate_refuses_an_empty_gold_answer_before_generating():
+    model, processor = make_tiny("llava")
+    processor.chat_template = TEMPLATE
+    recs = records(3)
+    recs[2]["answer"] = ""
+    with pytest.raises(DataError, match="record 2: the answer is empty"):
+        dyvte.evaluate(model, processor, recs, progress=False)

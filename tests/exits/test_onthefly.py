@@ -17,8 +17,7 @@ from dyvte.exits.onthefly import draw_layers, fresh_labels
 from dyvte.policies.exit_heads import ExitHeads
 from dyvte.train.fitting import ExitLabelData
 
-from .scripts import load_script
-from .test_fit import fit_args, make_fit_setup
+from ..scripts import REPO_ROOT, fit_args, load_script, make_fit_setup
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def test_on_the_fly_under_ddp_on_two_cpu_processes(setup):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     extra = [
         "--data.on_the_fly=true",

@@ -16,9 +16,9 @@ from datasets import load_from_disk
 from dyvte.data.sources import load_model, load_records
 from dyvte.exits.shards import label_shards, merge_shards, missing_shards, shard_ranges
 
-from .test_fit import make_fit_setup
+from ..scripts import REPO_ROOT, make_fit_setup
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 RECORDS = 12
 SHARD = 3  # 4 shards of 3 records, batches of 2 (a shard's last batch is short)
 

@@ -1,11 +1,15 @@
-"""Exit heads (DyVTE) on the newer families, image and video rows (docs/design.md §5, invariants 1 and 4).
+"""Learned exits (dyvte.policies.learned): withdrawal under exit heads (DyVTE), on every family of the table
+(docs/design.md §5, invariants 1 and 4).
 
-Mistral3 on its ragged image batch; Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision and GLM-4V on the mixed
-image / video / text batch of ``tests/test_video.py``:
+Each family on its batch of ``tests/video_inputs.py``'s kind (``Family.video``): the ragged image batch, the mixed
+image / video / text batch of the frames families (Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision, GLM-4V), or the
+Qwen-layout video batch (Qwen2-VL, Qwen2.5-VL, Qwen3-VL):
 
 - heads that never fire are the unhooked model (logits bit for bit, greedy tokens);
 - a head firing on layer j equals static withdrawal at K = j + 1;
 - sharpened random heads send rows out at different layers, and the batch equals each row alone (logits, tokens).
+
+On a tiny LLaVA: every head and the threshold that never fires; on Qwen3-VL, heads firing inside the DeepStack range.
 """
 
 from __future__ import annotations
@@ -17,20 +21,25 @@ import torch
 
 import dyvte
 from dyvte.data.video import attach_frames_video_processor
+from dyvte.policies.exit_heads import ExitHeads
 
-from .oracle import check_heads_rows_alone
-from .test_video import encode as encode_video
-from .test_video import rows_of
-from .tiny_models import constant_heads, make_batch, make_tiny, sharpened_heads
+from ..families import MODEL_TYPES, representatives
+from ..families import family as entry
+from ..oracle import check_heads_rows_alone
+from ..tiny_models import constant_heads, make_batch, make_tiny, sharpened_heads
+from ..video_inputs import GRID_ROWS, encode_frames, encode_grid, frames_rows_of
 
-FAMILIES = ["mistral3", "video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"]
 IMAGE_ROWS = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 48)]]
+ROWS = IMAGE_ROWS[:3]
 NEW = 3
 
 
 def encoder(family: str, processor: Any):
-    """``encode(only=None)``: the family's batch (images for Mistral3, the image/video/text mix for the others)."""
-    if family == "mistral3":
+    """``count, encode(only=None)``: the family's batch (see the module docstring)."""
+    kind = entry(family).video
+    if kind == "grid":
+        return len(GRID_ROWS), lambda only=None: encode_grid(processor, family, only=only)
+    if kind is None:
         rows = IMAGE_ROWS
         return len(rows), lambda only=None: dict(
             make_batch(
@@ -38,14 +47,14 @@ def encoder(family: str, processor: Any):
             )
         )
     processor = attach_frames_video_processor(processor)
-    return len(rows_of(family)), lambda only=None: encode_video(processor, family, only=only)
+    return len(frames_rows_of(family)), lambda only=None: encode_frames(processor, family, only=only)
 
 
 def generate(model: Any, inputs: dict) -> torch.Tensor:
     return model.generate(**inputs, max_new_tokens=NEW, do_sample=False)[:, -NEW:]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=MODEL_TYPES)
 def tiny(request: Any) -> tuple[str, Any, Any, int]:
     model, processor = make_tiny(request.param)
     count, encode = encoder(request.param, processor)
@@ -82,17 +91,21 @@ def test_rows_leaving_at_different_layers_equal_rows_alone(tiny: Any) -> None:
     check_heads_rows_alone(model, inputs, sharpened_heads(model), encode, generate)  # rows disagree when to leave
 
 
-def test_exit_heads_on_video_rows_equal_rows_alone(tiny):
-    family, model, processor = tiny
-    inputs = encode(processor, family)
-    assert inputs["input_ids"].shape[0] == len(ROWS)
-    heads = sharpened_heads(model)  # rows disagree about when to leave
-    check_heads_rows_alone(model, inputs, heads, lambda row: encode(processor, family, only=row))
+# ----------------------------------------------------------------------------------------------- DeepStack
+@pytest.fixture(scope="module", params=representatives("deepstack"))
+def deepstack(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor
 
 
-def test_exit_heads(tiny):
-    family, model, processor = tiny
-    inputs = encode(processor, family)
+@pytest.fixture(scope="module")
+def llava():
+    return make_tiny("llava")
+
+
+def test_exit_heads_inside_the_deepstack_range(deepstack):
+    family, model, processor = deepstack
+    inputs = dict(make_batch(processor, family, ROWS))
     with torch.no_grad():
         base = model(**inputs).logits
     with dyvte.withdraw(model, heads=constant_heads(model, None)) as handle, torch.no_grad():
@@ -108,3 +121,33 @@ def test_exit_heads(tiny):
         return dict(make_batch(processor, family, [ROWS[row]], row_ids=[row]))
 
     check_heads_rows_alone(model, inputs, heads, alone)
+
+
+# --------------------------------------------------------------------------------- thresholds and each head
+def test_heads_that_never_fire_equal_the_unhooked_model(llava):
+    model, processor = llava
+    inputs = dict(make_batch(processor, "llava", ROWS))
+    with torch.no_grad():
+        base = model(**inputs).logits
+    base_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    for heads, threshold in ((constant_heads(model, None), 0.5), (ExitHeads.for_model(model), 1.01)):
+        with dyvte.withdraw(model, heads=heads, threshold=threshold) as handle:
+            with torch.no_grad():
+                assert torch.equal(model(**inputs).logits, base)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), base_tokens)
+            assert handle.exit_layers.tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize("head", [0, 1, 2])
+def test_head_firing_on_layer_k_equals_static_withdrawal_at_k_plus_1(llava, head):
+    model, processor = llava
+    inputs = dict(make_batch(processor, "llava", ROWS))
+    with dyvte.withdraw(model, layer=head + 1):
+        with torch.no_grad():
+            static = model(**inputs).logits
+        static_tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with dyvte.withdraw(model, heads=constant_heads(model, head)) as handle:
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, static)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), static_tokens)
+        assert handle.exit_layers.tolist() == [head + 1] * 3

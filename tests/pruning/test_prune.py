@@ -1,4 +1,10 @@
-"""Pruning (FasterVLM, random, FastV) on tiny random models: identity, oracles, cache, ragged batches, composition."""
+"""Pruning (dyvte.pruning.prune: FasterVLM and random before the LLM, FastV through the same entry point) on tiny
+random models: identity, oracles, cache, ragged batches, composition, refusals, a new method in one registration.
+
+The invariants run on the families pruned before the LLM (``tests.families.prunable()``; Video-LLaVA's separate image
+and video towers: ``tests/pruning/test_prune_video.py``); every other family is refused by name with its reason. FastV's
+ranking and exactness on every family are ``tests/policies/test_fastv.py``'s.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import dyvte
-from dyvte.data.records import build_inputs
 from dyvte.engine.compat import cache_out
 from dyvte.engine.registry import resolve
 from dyvte.eval.benchmark import kv_cache_bytes
-from dyvte.eval.methods import PruningRun, parse_method
+from dyvte.pruning.prune import PRUNING_METHODS, PatchScorer, register_pruning, scorer_method
 
-from .test_calibrate_evaluate import TEMPLATE, records
-from .tiny_models import FAMILIES, greedy, make_batch, make_tiny
+from ..engine.test_serving import generate
+from ..families import MODEL_TYPES, prunable
+from ..families import family as entry
+from ..oracle import check_fastv_equals_masking_oracle
+from ..tiny_models import greedy, make_batch, make_tiny
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # one image / two images of different sizes / text only
 VIEW = 16  # patches per view of the tiny CLIP towers (32 px / patch 8)
@@ -30,10 +38,21 @@ def encode(processor, family: str, only: int | None = None) -> dict:
     return dict(make_batch(processor, family, [ROWS[only]], row_ids=[only]))
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_next_video"])
+#: the families pruned before the LLM whose images come as ``pixel_values`` (Video-LLaVA's image tower takes
+#: ``pixel_values_images``: tests/pruning/test_prune_video.py)
+IMAGE_PRUNABLE = [family for family in prunable() if family != "video_llava"]
+
+
+@pytest.fixture(scope="module", params=IMAGE_PRUNABLE)
 def tiny(request):
     model, processor = make_tiny(request.param)
     return request.param, model, processor
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, processor = make_tiny("llava", num_layers=8)
+    return model, dict(make_batch(processor, "llava", ROWS))
 
 
 @pytest.mark.parametrize(("method", "budget"), [("fastervlm", {"keep": VIEW}), ("random", {"ratio": 0.0})])
@@ -124,26 +143,6 @@ def test_llava_next_views_are_pruned_on_their_own_and_newlines_stay(budget):
     assert crops_seen > 0  # some crop is unpadded: its budget differs from the base view's
 
 
-@pytest.mark.parametrize(("family", "layer"), [("llava", 2), ("qwen2_vl", 1), ("gemma3", 4)])
-def test_fastv_ranking_equals_eager_attention(family, layer):
-    model, processor = make_tiny(family, attn="eager", num_layers=5)
-    inputs = encode(processor, family)
-    with torch.no_grad():
-        attn = model(**inputs, output_attentions=True).attentions[layer - 1]  # (B, H, T, T)
-    reference = attn[:, :, -1].mean(1)  # (B, T) the last token's attention, mean over heads
-    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids) & inputs["attention_mask"].bool()
-    ratio = 0.6
-    with dyvte.prune(model, "fastv", layer=layer, ratio=ratio) as handle, torch.no_grad():
-        model(**inputs)
-    torch.testing.assert_close(handle.scores[visual], reference[visual], atol=1e-6, rtol=1e-5)
-    for row in range(len(ROWS)):
-        cols = visual[row].nonzero().flatten()
-        budget = expected_kept(cols.numel(), ratio) if cols.numel() else 0
-        top = cols[reference[row, cols].topk(budget).indices].sort().values
-        assert torch.equal(handle.kept_visual[row].nonzero().flatten(), top)
-        assert int(handle.visual_after[row]) == budget
-
-
 @pytest.mark.parametrize(
     "spec", [("fastervlm", {"ratio": 0.75}), ("random", {"keep": 3, "seed": 1}), ("fastv", {"layer": 2, "ratio": 0.5})]
 )
@@ -223,44 +222,6 @@ def test_random_is_seeded_and_the_size_of_fastervlm():
     assert fastervlm.sum() == r0.sum() == r1.sum()
 
 
-def test_flops_and_harness():
-    flops = dyvte.prefill_flops
-    model, processor = make_tiny("llava")
-    cfg = model.config
-    layers = cfg.text_config.num_hidden_layers
-    got = flops(cfg, 40, 16, 2, visual_after=4, convention="paper")
-    per_layer = lambda n: float(dyvte.eval.flops.layer_flops(cfg, n, "paper"))  # noqa: E731
-    assert got.flops == pytest.approx(2 * per_layer(40) + (layers - 2) * per_layer(40 - 16 + 4))
-    assert flops(cfg, 40, 16, 2, visual_after=16).ratio == 1.0
-    assert flops(cfg, 40, 16, 2).flops == flops(cfg, 40, 16, 2, visual_after=0).flops
-    with pytest.raises(ValueError, match="visual_after"):
-        flops(cfg, 40, 16, 2, visual_after=17)
-
-    names = [m.name for m in parse_method("fastervlm:0.75,0.9", layers) + parse_method("fastv:2:0.5", layers)]
-    assert names == ["fastervlm R=0.75", "fastervlm R=0.9", "fastv K=2 R=0.5"]
-    assert parse_method("random:0.5", layers)[0] == PruningRun("random", {"ratio": 0.5})
-    processor.chat_template = TEMPLATE
-    data = records(4)
-    full = dyvte.evaluate(model, processor, data, batch_size=2, progress=False)
-    assert full.relative_flops == [1.0] * len(data)
-    # each record alone: its tokens (padding excluded) and visual tokens, and what the documented budget keeps
-    alone = [build_inputs(processor, [r]) for r in data]
-    tokens = torch.tensor([int(x["attention_mask"].sum()) for x in alone])
-    visual = torch.tensor([int(torch.isin(x["input_ids"], resolve(model).visual_ids).sum()) for x in alone])
-    assert visual.tolist() == [VIEW] * len(data)
-    kept = torch.tensor([expected_kept(int(v), 0.75) for v in visual])  # 16 -> 4
-    unpruned = flops(cfg, tokens, visual).full  # the reference of "relative": the full model on the full prompt
-    expected = {  # FasterVLM: the LLM receives a shorter prompt; FastV: layers >= K see the kept visual tokens
-        "fastervlm": flops(cfg, tokens - visual + kept, kept).full / unpruned,
-        "fastv": flops(cfg, tokens, visual, 2, visual_after=kept).flops / unpruned,
-    }
-    for method in (PruningRun("fastervlm", {"ratio": 0.75}), PruningRun("fastv", {"ratio": 0.75, "layer": 2})):
-        result = dyvte.evaluate(model, processor, data, method, reference=full, batch_size=2, progress=False)
-        assert result.relative_flops == pytest.approx(expected[method.method].tolist(), rel=1e-12)
-        assert result.flops == pytest.approx(float(expected[method.method].mean()), rel=1e-6)
-        assert result.exit_layers == [2 if method.method == "fastv" else layers] * len(data)
-
-
 def test_bad_inputs_are_clear_errors():
     model, _ = make_tiny("llava", num_layers=2)
     with pytest.raises(ValueError, match="keep=0"):
@@ -292,50 +253,21 @@ def test_bad_inputs_are_clear_errors():
     check_fastv_equals_masking_oracle(qwen, encode(qwen_processor, "qwen2_vl"), layer=1, ratio=0.5)  # every family
 
 
-#: why each family without a feature layout cannot be pruned before the LLM (the README's support matrix)
-PRUNE_REFUSALS = {
-    "llava_onevision": "SiglipVisionModel\\) has no \\[CLS\\]",
-    "gemma3": "SiglipVisionModel\\) has no \\[CLS\\]",
-    "mistral3": "PixtralVisionModel\\) has no \\[CLS\\]",
-    "internvl": "not laid out as patches of views",
-}
-PRUNABLE = ("llava", "llava_next", "llava_next_video", "video_llava")
-
-
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODEL_TYPES)
 def test_pruning_before_the_llm_is_refused_by_name_or_runs(family):
     """FasterVLM / random run on the families with a feature layout; every other family is refused before anything
-    runs, by name and with the reason, and the model is left unhooked."""
+    runs, by name, with the reason (the table's ``prune_refusal``: the README's support matrix; an encoder without
+    [CLS] is named) and FastV as the way to prune it, and the model is left unhooked."""
     model, _ = make_tiny(family, num_layers=4)
-    if family in PRUNABLE:
+    if family in prunable():
         with dyvte.prune(model, "fastervlm", ratio=0.5):
             pass
         return
     for method in ("fastervlm", "random"):
-        reason = PRUNE_REFUSALS.get(family, "has no \\[CLS\\] token")
-        with pytest.raises(dyvte.UnsupportedModelError, match=f"model_type='{family}': .*{reason}"):
+        reason = entry(family).prune_refusal
+        with pytest.raises(dyvte.UnsupportedModelError, match=f"model_type='{family}': .*{reason}.*fastv"):
             dyvte.prune(model, method, ratio=0.5)
     assert not model._forward_pre_hooks and not resolve(model).layers[0]._forward_pre_hooks
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_fastv_equals_masking_oracle_on_every_family(family):
-    """FastV is exact on every family, Gemma3's bidirectional attention among the kept image tokens included."""
-    if family.startswith("qwen3_5"):  # its layer K-1 must be a full-attention layer: the 4th of every 4
-        model, processor = make_tiny(family, num_layers=8)
-        check_fastv_equals_masking_oracle(model, encode(processor, family), layer=4, ratio=0.5)
-        return
-    model, processor = make_tiny(family)
-    check_fastv_equals_masking_oracle(model, encode(processor, family), layer=1, ratio=0.5)
-
-
-def test_fastv_on_gemma3_eager_and_with_cache():
-    """Gemma3 (bidirectional image attention, sliding windows): eager equals the oracle; cache equals no cache."""
-    model, processor = make_tiny("gemma3", attn="eager")
-    inputs = encode(processor, "gemma3")
-    check_fastv_equals_masking_oracle(model, inputs, layer=1, ratio=0.5)
-    with dyvte.prune(model, "fastv", layer=1, ratio=0.5):
-        assert torch.equal(greedy(model, inputs, use_cache=True), greedy(model, inputs, use_cache=False))
 
 
 @pytest.mark.parametrize(

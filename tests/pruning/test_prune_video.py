@@ -1,13 +1,14 @@
-"""Pruning before the LLM on the new families (docs/design.md §2, FasterVLM): video frames, refusals.
+"""Pruning before the LLM (dyvte.pruning.prune, docs/design.md §2, FasterVLM) of video frames, on the mixed image /
+video / text batch of ``tests/video_inputs.py``.
 
 - Video-LLaVA: FasterVLM prunes every video frame on its own by that frame's [CLS] attention (the frame's [CLS]
   feature stays), and its images like LLaVA-1.5's; the result equals the model fed the pruned features by hand;
   counts follow the documented budget; cache == no cache; a mixed batch equals its rows alone; KV bytes.
-- LLaVA-NeXT-Video: its images are pruned like LLaVA-NeXT's (and run through ``tests/test_prune.py``'s LLaVA tests);
-  its videos (2x2-pooled features) are refused.
-- Encoders without [CLS] (Pixtral, GLM-4V's, SigLIP) are refused by name.
-- FastV: its ranking equals eager attention on GLM-4V (interleaved, partial rotary) and Mistral3; on video rows it
-  equals the masking oracle of its pruned keys, and cache == no cache.
+- LLaVA-NeXT-Video: its images are pruned like LLaVA-NeXT's (and run through ``tests/pruning/test_prune.py``'s
+  tests); its videos (2x2-pooled features) are refused.
+
+Encoders without [CLS] are refused by name on every family (``tests/pruning/test_prune.py``); FastV on video rows is
+``tests/policies/test_fastv.py``'s.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from dyvte.engine.compat import cache_out
 from dyvte.engine.registry import resolve
 from dyvte.eval.benchmark import kv_cache_bytes
 
-from .test_prune import check_fastv_equals_masking_oracle
-from .test_video import ROWS, encode, greedy
-from .tiny_models import make_batch, make_tiny
+from ..tiny_models import greedy, make_tiny
+from ..video_inputs import FRAMES_ROWS as ROWS
+from ..video_inputs import encode_frames as encode
 
 VIEW = 16  # patches per 32 px view / frame (patch 8)
 FRAMES = 4
@@ -155,47 +156,3 @@ def test_llava_next_video_prunes_images_and_refuses_videos() -> None:
         assert 0 < int(handle.fed_visual[0]) < int(visual)
         with pytest.raises(dyvte.PruningError, match="not its videos"):
             model(**encode(processor, "llava_next_video", only=1))
-
-
-@pytest.mark.parametrize(
-    ("family", "encoder"),
-    [
-        ("mistral3", "PixtralVisionModel"),
-        ("glm4v", "Glm4vVisionModel"),
-        ("glm4v_moe", "Glm4vMoeVisionModel"),
-        ("llava_onevision", "SiglipVision\\w*"),
-    ],
-)
-def test_encoders_without_cls_are_refused_by_name(family: str, encoder: str) -> None:
-    model, _ = make_tiny(family, num_layers=2)
-    for method in ("fastervlm", "random"):
-        with pytest.raises(dyvte.UnsupportedModelError, match=rf"{family}.*\({encoder}\) has no \[CLS\] token"):
-            dyvte.prune(model, method, ratio=0.5)
-    assert not model._forward_pre_hooks
-
-
-@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe", "mistral3", "video_llava"])
-def test_fastv_ranking_equals_eager_attention(family: str) -> None:
-    """GLM-4V rotates interleaved pairs of the first half of each head (partial rotary): FastV's recomputed row
-    equals the model's own eager attention there too, on image rows (and video rows where the family has them)."""
-    model, processor = make_tiny(family, attn="eager")
-    inputs = dict(make_batch(processor, family, [[(32, 32)], [(48, 32), (32, 32)], []]))
-    if family != "mistral3":
-        inputs = encode(attach_frames_video_processor(processor), family)
-    layer = 2
-    with torch.no_grad():
-        attn = model(**inputs, output_attentions=True).attentions[layer - 1]  # (B, H, T, T)
-    reference = attn[:, :, -1].mean(1)  # (B, T)
-    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids) & inputs["attention_mask"].bool()
-    with dyvte.prune(model, "fastv", layer=layer, ratio=0.5) as handle, torch.no_grad():
-        model(**inputs)
-    torch.testing.assert_close(handle.scores[visual], reference[visual], atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("family", ["video_llava", "llava_next_video", "llava_onevision", "glm4v", "glm4v_moe"])
-def test_fastv_on_video_rows_equals_masking_oracle(family: str) -> None:
-    model, processor = make_tiny(family)
-    inputs = encode(attach_frames_video_processor(processor), family)
-    check_fastv_equals_masking_oracle(model, inputs, layer=1, ratio=0.5)
-    with dyvte.prune(model, "fastv", layer=2, ratio=0.5):
-        assert torch.equal(greedy(model, inputs), greedy(model, inputs, use_cache=False))

@@ -15,7 +15,9 @@ import torch
 
 from dyvte.policies.exit_heads import ExitHeads
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..scripts import REPO_ROOT, fit_args, make_fit_setup
+
+ROOT = REPO_ROOT
 
 
 def _fit_main():

@@ -18,10 +18,9 @@ from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
 from dyvte.exits.labels import build_label_cache
 from dyvte.policies.exit_heads import ExitHeads
 
-from .scripts import load_script
-from .test_fit import fit_args, make_fit_setup
+from ..scripts import REPO_ROOT, fit_args, load_script, make_fit_setup
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 @pytest.mark.slow

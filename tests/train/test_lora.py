@@ -26,11 +26,11 @@ from dyvte.train.lora import (
     draw_exit_layers,
 )
 
-from .oracle import oracle_logits, visual_mask
-from .test_calibrate_evaluate import TEMPLATE, records
-from .tiny_models import make_tiny
+from ..oracle import oracle_logits, visual_mask
+from ..scripts import REPO_ROOT
+from ..tiny_models import TEMPLATE, make_tiny, records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 NUM_LAYERS = 4
 
 

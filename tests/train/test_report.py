@@ -8,7 +8,7 @@ import pytest
 
 from dyvte.eval.harness import EvalResult
 
-from .scripts import load_script
+from ..scripts import load_script
 
 
 def result(name: str, accuracy: float, flops: float, ms: float = 1.0, kv: float = 1024.0) -> EvalResult:
