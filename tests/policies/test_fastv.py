@@ -1,8 +1,8 @@
 """FastV (dyvte.policies.fastv, through ``dyvte.prune(method="fastv")``): its ranking and its exactness.
 
 - its ranking equals the model's own eager attention (the last prompt token's attention at layer K - 1, mean over
-  heads), and it keeps each row's documented budget of the top-ranked visual tokens: every family's image rows, and
-  the video rows of the frames families (GLM-4V's interleaved partial rotary included);
+  heads), and it keeps each row's documented budget of the top-ranked visual tokens: on image rows of one family per
+  mechanism, and on the video rows of the frames families (GLM-4V's interleaved partial rotary included);
 - it equals the masking oracle of the keys it prunes (the compacted oracle on linear-attention layers) on every
   family, on image rows, frames video rows and Qwen-layout video rows, and decoding with the cache equals decoding
   without it; Gemma3 with eager attention (bidirectional image attention, sliding windows);
@@ -40,11 +40,12 @@ def grid_video(request):
     return request.param, model, processor
 
 
-@pytest.mark.parametrize("family", [f for f in MODEL_TYPES if "linear_attention" not in entry(f).tags])
+@pytest.mark.parametrize("family", [f for f in representatives() if "linear_attention" not in entry(f).tags])
 def test_fastv_ranking_equals_eager_attention(family):
-    """The recomputed attention row of layer K - 1 (every family's own rotary, norms, scaling) is the model's own,
-    and FastV keeps each row's budget of top-ranked visual tokens. K - 1 = 3 is Gemma3's full-attention layer.
-    (Linear-attention layers have no attention map: Qwen3.5 below.)"""
+    """The recomputed attention row of layer K - 1 (the family's own rotary, norms, scaling) is the model's own, and
+    FastV keeps each row's budget of top-ranked visual tokens; one family per mechanism (GLM-4V's interleaved partial
+    rotary: its video rows below; linear-attention layers have no attention map: Qwen3.5 below). K - 1 = 3 is
+    Gemma3's full-attention layer."""
     layer = 4 if "sliding_window" in entry(family).tags else 2
     model, processor = make_tiny(family, attn="eager", num_layers=5)
     inputs = encode(processor, family)
