@@ -2,7 +2,7 @@
 
 The clone holds the project's ``.gitignore`` and a committed copy of ``checkpoints/``; ``$DYVTE_CHECKPOINTS``
 points at it and the run starts in it, as ``python train/fit.py`` from a fresh clone would. Only the model and data
-are the tiny ones of ``tests/test_fit.py`` (seconds instead of minutes); every output path is left at its default.
+are the tiny ones of ``tests/scripts.py`` (seconds instead of minutes); every output path is left at its default.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ image; "placeholder" = the token id the model scatters vision features into; see
   17 ``<video>`` per video frame ([CLS] kept). Pixels: ``pixel_values_images``.
 - ``llava_next_video``: LLaVA-NeXT's anyres images (36 / 46 / 44 / 88); video frames pooled 2x2: 4 ``<video>`` each.
 - Videos (Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision, GLM-4V) go through ``dyvte.data.video.FramesVideoProcessor``
-  (``tests/test_video.py``).
+  (``tests/engine/test_video.py``, ``tests/data/test_video.py``).
 
 Quirk common to the video-slot processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, SmolVLM): without
 torchvision they cannot even be built with ``video_processor=None``, nor saved or reloaded;

@@ -1,5 +1,6 @@
-"""dyvte.engine.compat: every transformers name is resolved once, both cache spellings work, unknown names fail
-loudly."""
+"""dyvte.engine.compat: every transformers name is resolved once (on every family of the table), both cache
+spellings work, unknown names fail loudly, static caches are accepted and other cache layers refused by name, and
+DeepStack calls that no longer fit are named."""
 
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def test_deprecated_spelling_from_the_caller_still_decodes(llava):
 @pytest.mark.parametrize("family", representatives("plain", "sliding_window"))
 def test_static_cache_is_accepted_and_other_layers_are_refused_naming_the_cause(family):
     """Static (pre-allocated) caches work under withdrawal and pruning (each layer fills its own slots; equality
-    with the dynamic cache is tests/test_engine.py's); a cache of another layer kind is refused by name."""
+    with the dynamic cache is tests/engine/test_serving.py's); a cache of another layer kind is refused by name."""
     model, processor = make_tiny(family)
     inputs = dict(make_batch(processor, family, ROWS))
     base = model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")

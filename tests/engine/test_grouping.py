@@ -3,10 +3,13 @@
 A batch whose rows leave at different layers runs each later layer once per group of rows (rows still in / rows
 that left), each at its own width. What must hold:
 
-- the outputs are those of the ungrouped call (``handle.grouped = False``), on every family, SDPA and eager;
-- ``generate`` with the cache equals ``generate`` without it, dynamic and static caches: the grouped prefill writes
-  the cache the decode steps read;
+- the outputs are those of the ungrouped call (``handle.grouped = False``), on every family of the table, SDPA and
+  eager, per-row K and exit heads (Qwen3.5: full-attention layers per group, linear layers on the whole batch);
+- ``generate`` with the cache equals ``generate`` without it, dynamic caches on every family, static caches on the
+  decoder mechanisms that shape a cache (plain, M-RoPE, sliding window): the grouped prefill writes the cache the
+  decode steps read;
 - the prefill's FLOPs are the sum of its rows' FLOPs alone (the FLOPs ideal), where the ungrouped call costs more;
+- repeated rows decode like a batch prefilled with the repeats (Qwen3.5's recurrent states too);
 - removing the handle leaves no wrapped forward behind.
 """
 
