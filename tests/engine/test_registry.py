@@ -17,7 +17,7 @@ import dyvte
 from dyvte.engine import registry
 from dyvte.engine.registry import resolve
 
-from ..families import MECHANISMS, MODEL_TYPES, TABLE, family, representative, representatives, with_tag
+from ..families import MECHANISMS, MODEL_TYPES, OTHER_TAGS, TABLE, family, representative, representatives, with_tag
 from ..tiny_models import make_batch, make_tiny
 
 ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]
@@ -50,7 +50,7 @@ def test_the_families_table_covers_exactly_the_supported_families():
     assert len(set(MODEL_TYPES)) == len(TABLE)
     for entry in TABLE:
         assert family(entry.model_type) is entry
-        assert entry.tags and entry.tags <= set(MECHANISMS) | {"anyres", "moe"}, entry.model_type
+        assert entry.tags and entry.tags <= set(MECHANISMS) | OTHER_TAGS, entry.model_type
         assert (entry.prune_refusal is None) == (registry.REGISTRY[entry.model_type].image_features is not None)
     assert sorted(representative(m) for m in MECHANISMS) == sorted(f for f in MODEL_TYPES if family(f).represents)
     assert representatives() == [f for f in MODEL_TYPES if family(f).represents]  # one each, in table order
