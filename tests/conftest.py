@@ -1,4 +1,4 @@
-"""Fixtures shared across test folders."""
+"""Fixtures shared by test folders (each folder's own fixtures live in its test files)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import pytest
 
 from dyvte.engine.policy import POLICIES, POLICY_SYNTAX
 from dyvte.pruning.prune import PRUNING_METHODS
+
+from .tiny_models import TEMPLATE, make_tiny
 
 PLUGIN = textwrap.dedent(
     '''
@@ -59,3 +61,16 @@ def plugin(tmp_path):
     POLICIES.pop("middle", None)
     POLICY_SYNTAX.pop("middle", None)
     PRUNING_METHODS.pop("keepfirst", None)
+
+
+@pytest.fixture
+def dropout_model():
+    """A tiny LLaVA whose attention has real dropout (0.5), returned in eval mode."""
+    model, processor = make_tiny("llava")
+    processor.chat_template = TEMPLATE
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5
+        if isinstance(getattr(module, "dropout", None), float):  # CLIP's attention keeps its rate as `dropout`
+            module.dropout = 0.5
+    return model, processor

@@ -176,3 +176,30 @@ def check_heads_rows_alone(
             if generate is not None:
                 assert torch.equal(generate(model, single), tokens[row : row + 1]), f"row {row} differs"
     return exits
+
+
+def expected_kept(num: int, ratio: float) -> int:
+    return max(1, int(num * (1 - ratio) + 0.5))
+
+
+def check_fastv_equals_masking_oracle(model, inputs: dict, layer: int, ratio: float) -> None:
+    """FastV keeps each row's budget of visual tokens and its logits are those of masking the pruned keys at >= K."""
+    mask = inputs["attention_mask"].bool()
+    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids) & mask
+    with dyvte.prune(model, "fastv", layer=layer, ratio=ratio) as handle, torch.no_grad():
+        logits = handle.to_input_positions(model(**inputs).logits)  # (B, T, V)
+    budgets = [expected_kept(int(n), ratio) if n else 0 for n in visual.sum(1)]
+    assert handle.visual_after.tolist() == budgets and handle.kept_visual.sum(1).tolist() == budgets
+    assert not (handle.kept_visual & ~visual).any()
+    dropped = visual & ~handle.kept_visual
+    assert dropped.any()
+    fed = mask & ~dropped  # text and kept visual positions: the ones FastV computes
+    if any(resolve(model).linear_attention):  # recurrent layers: the compacted oracle (docs/design.md)
+        oracle = compacted_oracle_logits
+        reference, unpruned = oracle(model, inputs, layer, keep=fed), oracle(model, inputs, layer, keep=mask)
+    else:
+        reference = masked_keys_logits(model, inputs, layer, dropped)
+        unpruned = masked_keys_logits(model, inputs, layer, torch.zeros_like(dropped))
+    torch.testing.assert_close(logits[fed], reference[fed], atol=2e-6, rtol=1e-5)
+    assert (unpruned[fed] - reference[fed]).abs().max() > 1e-3  # the oracle is not the unpruned model
+    assert not model._forward_pre_hooks

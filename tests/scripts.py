@@ -1,11 +1,15 @@
-"""Import a launcher script (``benchmarks/*.py``, ``train/*.py``) as a module, to test its functions."""
+"""Launcher scripts (``benchmarks/*.py``, ``train/*.py``) in the tests: import one as a module to test its functions,
+and the tiny model and records a launcher run reads (:func:`make_fit_setup`, :func:`fit_args`)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from .tiny_models import TEMPLATE, make_tiny, records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,3 +22,41 @@ def load_script(relative_path: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def make_fit_setup(root: Path) -> Path:
+    """Save a tiny LLaVA (from_pretrained layout) to ``root / "model"`` and 12 records to ``root / "records.jsonl"``."""
+    model, processor = make_tiny("llava")
+    processor.chat_template = TEMPLATE
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    lines = []
+    for i, rec in enumerate(records(12)):
+        rec["image"].save(root / f"img{i}.png")
+        lines.append(
+            json.dumps(
+                {"image": f"img{i}.png", "question": rec["question"], "answer": rec["answer"], "qtype": rec["qtype"]}
+            )
+        )
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def fit_args(root: Path, out: str, epochs: int, extra: list[str] = ()) -> list[str]:
+    """``train/fit.py`` arguments for the setup of :func:`make_fit_setup` in ``root``: 8 training and 4 validation
+    records, batches of 4, ``epochs`` epochs, heads written to ``root / out``."""
+    return [
+        f"--data.source.model={root / 'model'}",
+        f"--data.source.data={root / 'records.jsonl'}",
+        "--data.splits.train_samples=8",
+        "--data.splits.val_samples=4",
+        "--data.batch_size=4",
+        "--data.labels.batch_size=4",
+        f"--data.labels.cache_dir={root / 'cache'}",
+        f"--output_dir={root / out}",
+        f"--trainer.max_epochs={epochs}",
+        f"--trainer.default_root_dir={root / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]

@@ -1,4 +1,4 @@
-"""Test helper run as a separate process: label one rank's shards of a records file (tests/test_shards.py).
+"""Test helper run as a separate process: label one rank's shards of a records file (tests/exits/test_shards.py).
 
     python -m tests.shard_worker MODEL RECORDS SHARDS --rank R --world W --shard_size S [--kill_at_shard K]
 

@@ -2,7 +2,7 @@
 
 The clone holds the project's ``.gitignore`` and a committed copy of ``checkpoints/``; ``$DYVTE_CHECKPOINTS``
 points at it and the run starts in it, as ``python train/fit.py`` from a fresh clone would. Only the model and data
-are the tiny ones of ``tests/test_fit.py`` (seconds instead of minutes); every output path is left at its default.
+are the tiny ones of ``tests/scripts.py`` (seconds instead of minutes); every output path is left at its default.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from dyvte.exits.rules import head_targets
 from dyvte.policies.exit_heads import ExitHeads
 from dyvte.train.runs import LIGHTNING_TIPS, RANK_ZERO_LOGGERS, quiet_lightning
 
-from .scripts import load_script
-from .test_fit import make_fit_setup
+from .scripts import load_script, make_fit_setup
 
 REAL_ROOT = Path(__file__).resolve().parents[1]
 GIT = shutil.which("git")

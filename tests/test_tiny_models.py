@@ -1,4 +1,6 @@
-"""Sanity tests of the tiny model factory in ``tests/tiny_models.py`` (one quick run per family)."""
+"""Sanity tests of the tiny model factory in ``tests/tiny_models.py`` (one quick run per family of the table in
+``tests/families.py``): forward and generate on a ragged left-padded batch, the table's placeholder counts, rows
+equal to unpadded single rows, eager attention equal to SDPA, a save / reload round trip."""
 
 from __future__ import annotations
 
@@ -8,15 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from .tiny_models import (
-    DYNAMIC_RESOLUTION,
-    FAMILIES,
-    IMAGE_TOKENS,
-    image_token_id,
-    make_batch,
-    make_tiny,
-    save_and_reload,
-)
+from .families import MODEL_TYPES as FAMILIES
+from .families import family as entry
+from .tiny_models import image_token_id, make_batch, make_tiny, save_and_reload
 
 #: Ragged batch: one image, two images of different sizes, no image, one image of a third size.
 ROWS: list[list[tuple[int, int]]] = [[(32, 32)], [(48, 32), (32, 32)], [], [(32, 48)]]
@@ -56,14 +52,14 @@ def test_placeholder_counts_per_row(family: str) -> None:
     counts = _placeholder_counts(model, make_batch(processor, family, ROWS))
     assert counts[2] == 0
     assert len({counts[0], counts[1], counts[2]}) == 3, counts
-    expected = IMAGE_TOKENS[family]
+    expected = entry(family).image_tokens
     assert counts[0] == expected[(32, 32)]
     assert counts[3] == expected[(32, 48)]
     if family == "llava_onevision":
         assert counts[1] == 2 * 17  # several images in a row: base features + newline only
     else:
         assert counts[1] == expected[(48, 32)] + expected[(32, 32)]
-    if family in DYNAMIC_RESOLUTION:
+    if entry(family).dynamic_resolution:
         assert expected[(48, 32)] != expected[(32, 32)]
         for size, n in expected.items():
             assert _placeholder_counts(model, make_batch(processor, family, [[size]])) == [n]

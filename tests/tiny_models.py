@@ -1,6 +1,8 @@
 """Tiny, randomly initialised vision-language models with real processors, built fully in memory.
 
-Test-support module (not a test file). For each family in :data:`FAMILIES`, :func:`make_tiny` builds a tiny
+Test-support module (not a test file). For each family of the table in ``tests/families.py`` (one entry per family:
+its builder below, model class, special tokens, prompt placeholder, placeholder counts and mechanism tags),
+:func:`make_tiny` builds a tiny
 model (text decoder: hidden 64, ``num_layers`` layers, 4 heads / 2 kv heads where the family allows; vision tower:
 hidden 32, 1-2 layers) plus the family's *real* processor class with an in-memory word-level tokenizer built
 with the ``tokenizers`` library. :func:`make_batch` produces ragged, left-padded batches whose rows hold
@@ -10,7 +12,8 @@ the network or the hub. Image processors are the ``...ImageProcessorPil`` classe
 Image sizes in ``rows`` are ``(height, width)`` in pixels.
 
 Per-family facts (placeholders per image for sizes (h, w) = 32x32 / 48x32 / 32x48 / 48x48, in a row with one
-image; "placeholder" = the token id the model scatters vision features into; see :data:`IMAGE_TOKENS`):
+image; "placeholder" = the token id the model scatters vision features into; see ``Family.image_tokens`` in
+``tests/families.py``):
 
 - ``llava``: CLIP 32 px / patch 8, strategy "default" (CLS dropped): 16 / 16 / 16 / 16 (the CLIP processor
   resizes + centre-crops to 32x32).
@@ -53,7 +56,7 @@ image; "placeholder" = the token id the model scatters vision features into; see
   17 ``<video>`` per video frame ([CLS] kept). Pixels: ``pixel_values_images``.
 - ``llava_next_video``: LLaVA-NeXT's anyres images (36 / 46 / 44 / 88); video frames pooled 2x2: 4 ``<video>`` each.
 - Videos (Video-LLaVA, LLaVA-NeXT-Video, LLaVA-OneVision, GLM-4V) go through ``dyvte.data.video.FramesVideoProcessor``
-  (``tests/test_video.py``).
+  (``tests/engine/test_video.py``, ``tests/data/test_video.py``).
 
 Quirk common to the video-slot processors (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, InternVL, SmolVLM): without
 torchvision they cannot even be built with ``video_processor=None``, nor saved or reloaded;
@@ -80,27 +83,6 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
-FAMILIES: list[str] = [
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "internvl",
-    "gemma3",
-    "idefics3",
-    "smolvlm",
-    "qwen3_vl",
-    "qwen3_vl_moe",
-    "mistral3",
-    "glm4v",
-    "video_llava",
-    "llava_next_video",
-    "glm4v_moe",
-    "qwen3_5",
-    "qwen3_5_moe",
-]
-
 #: Text decoder sizes shared by all families.
 TEXT_HIDDEN = 64
 TEXT_HEADS = 4
@@ -111,32 +93,6 @@ VISION_HIDDEN = 32
 VISION_LAYERS = 2
 VISION_HEADS = 2
 VISION_INTERMEDIATE = 64
-#: Placeholder tokens per image in a single-image row, by image size (height, width), for the tiny processors.
-IMAGE_TOKENS: dict[str, dict[tuple[int, int], int]] = {
-    "llava": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
-    "llava_next": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
-    "llava_onevision": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
-    "qwen2_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "qwen2_5_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "internvl": {(32, 32): 16, (48, 32): 48, (32, 48): 48, (48, 48): 80},
-    "gemma3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
-    "idefics3": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
-    "smolvlm": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
-    "qwen3_vl": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "qwen3_vl_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "mistral3": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "glm4v": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "video_llava": {(32, 32): 16, (48, 32): 16, (32, 48): 16, (48, 48): 16},
-    "llava_next_video": {(32, 32): 36, (48, 32): 46, (32, 48): 44, (48, 48): 88},
-    "glm4v_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "qwen3_5": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-    "qwen3_5_moe": {(32, 32): 16, (48, 32): 24, (32, 48): 24, (48, 48): 36},
-}
-#: Families whose placeholder count per image depends on the image size.
-DYNAMIC_RESOLUTION: list[str] = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl"]
-DYNAMIC_RESOLUTION += ["qwen3_vl", "qwen3_vl_moe"]
-DYNAMIC_RESOLUTION += ["mistral3", "glm4v", "llava_next_video", "glm4v_moe"]
-DYNAMIC_RESOLUTION += ["qwen3_5", "qwen3_5_moe"]
 #: Pinpoints for the anyres families (LLaVA-NeXT, LLaVA-OneVision).
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
@@ -144,91 +100,6 @@ _SYLLABLES_A = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "vu", "ho"
 _SYLLABLES_B = ["ran", "mel", "tos", "pik", "dun", "sar", "lev", "bom", "gil", "fet", "nok", "wix"]
 #: Plain words of the tiny vocabulary (144 words).
 WORDS: list[str] = [a + b for a in _SYLLABLES_A for b in _SYLLABLES_B]
-
-# Special tokens per family: (bos, eos, pad, unk) plus extra special tokens exposed as tokenizer attributes.
-_BASIC = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-_QWEN_BASIC = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
-_GEMMA_BASIC = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
-
-_ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
-_IDEFICS_EXTRA = {
-    "image_token": "<image>",
-    "fake_image_token": "<fake_token_around_image>",
-    "global_image_token": "<global-img>",
-    "end_of_utterance_token": "<end_of_utterance>",
-}
-
-_FAMILY_SPECIALS: dict[str, tuple[dict[str, str | None], dict[str, str], list[str]]] = {
-    # family: (basic special tokens, extra special tokens (attribute -> token), other added special tokens)
-    "llava": (_BASIC, {"image_token": "<image>"}, []),
-    "llava_next": (_BASIC, {"image_token": "<image>"}, []),
-    "llava_onevision": (_QWEN_BASIC, {"image_token": "<image>", "video_token": "<video>"}, []),
-    "qwen2_vl": (
-        _QWEN_BASIC,
-        {
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>",
-            "vision_eos_token": "<|vision_end|>",
-        },
-        ["<|im_start|>"],
-    ),
-    "internvl": (
-        _QWEN_BASIC,
-        {
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>",
-            "video_token": "<video>",
-        },
-        [],
-    ),
-    "gemma3": (
-        _GEMMA_BASIC,
-        {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
-        [],
-    ),
-    "idefics3": (_BASIC, _IDEFICS_EXTRA, _ROW_COL),
-    "smolvlm": (_BASIC, {**_IDEFICS_EXTRA, "video_token": "<video>"}, _ROW_COL),
-    "mistral3": (
-        _BASIC,
-        {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
-        [],
-    ),
-    "glm4v": (
-        {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "unk_token": "<unk>"},
-        {"image_token": "<|image|>", "video_token": "<|video|>"},
-        ["<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"],
-    ),
-    "video_llava": (_BASIC, {"image_token": "<image>", "video_token": "<video>"}, []),
-    "llava_next_video": (_BASIC, {"image_token": "<image>", "video_token": "<video>"}, []),
-}
-_FAMILY_SPECIALS["qwen2_5_vl"] = _FAMILY_SPECIALS["qwen2_vl"]
-_FAMILY_SPECIALS["qwen3_vl"] = _FAMILY_SPECIALS["qwen3_vl_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
-_FAMILY_SPECIALS["glm4v_moe"] = _FAMILY_SPECIALS["glm4v"]
-_FAMILY_SPECIALS["qwen3_5"] = _FAMILY_SPECIALS["qwen3_5_moe"] = _FAMILY_SPECIALS["qwen2_vl"]
-
-#: Placeholder string a prompt carries once per image, per family (the processor expands it).
-PROMPT_IMAGE_TOKEN: dict[str, str] = {
-    "llava": "<image>",
-    "llava_next": "<image>",
-    "llava_onevision": "<image>",
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "internvl": "<IMG_CONTEXT>",
-    "gemma3": "<start_of_image>",
-    "idefics3": "<image>",
-    "smolvlm": "<image>",
-    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
-    "mistral3": "[IMG]",
-    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
-    "video_llava": "<image>",
-    "llava_next_video": "<image>",
-    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
-    "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen3_5_moe": "<|vision_start|><|image_pad|><|vision_end|>",
-}
 
 
 def allow_missing_video_processor() -> None:
@@ -294,7 +165,7 @@ def make_tokenizer(family: str) -> PreTrainedTokenizerFast:
     Llama/Gemma-style families prepend the bos token to every sequence; Qwen-style ones have no bos.
     The tokenizer pads on the left.
     """
-    basic, extra, others = _FAMILY_SPECIALS[family]
+    basic, extra, others = _table(family).tokens
     specials: list[str] = []
     for tok in [*basic.values(), *extra.values(), *others]:
         if tok is not None and tok not in specials:
@@ -403,7 +274,7 @@ def _qwen_token_ids(tk: PreTrainedTokenizerFast) -> dict[str, int]:
     }
 
 
-def _build_mistral3(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+def build_mistral3(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
     """Mistral3: Pixtral tower (no [CLS], 2-D rotary), patch 4, spatial merge 2 -> one [IMG] per 8x8 pixels, one
     [IMG_BREAK] after each row of [IMG] and [IMG_END] in place of the last break (text tokens, not placeholders)."""
     PixtralProcessor = _pixtral_processor_class()
@@ -450,9 +321,7 @@ GLM_MOE = {
 }
 
 
-def _build_glm4v(
-    tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, moe: bool = False
-) -> tuple[Any, Any]:
+def build_glm4v(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, moe: bool = False) -> tuple[Any, Any]:
     """GLM-4V: patch 4, merge 2 -> one <|image|> per 8x8 pixels between <|begin_of_image|>/<|end_of_image|>;
     3-D (mrope) positions; partial rotary (half the head dim), interleaved pairs; extra post-norms per layer.
     ``moe``: GLM-4V-MoE (:data:`GLM_MOE`; rotate-half rotary, no post-norms), same processor."""
@@ -484,7 +353,7 @@ def _build_glm4v(
     return config, proc
 
 
-def _build_video_llava(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+def build_video_llava(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
     """Video-LLaVA: separate CLIP image and video towers (32 px / patch 8, with [CLS]); images drop the [CLS]
     feature (16 <image>), video frames keep it (17 <video> per frame)."""
     config = tf.VideoLlavaConfig(
@@ -509,7 +378,7 @@ def _build_video_llava(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mea
     return config, proc
 
 
-def _build_llava_next_video(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+def build_llava_next_video(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
     """LLaVA-NeXT-Video: LLaVA-NeXT's anyres images (same counts as ``llava_next``); video frames are pooled 2x2
     (stride 2): 4 <video> per 32 px frame, no newline."""
     config = tf.LlavaNextVideoConfig(
@@ -538,182 +407,202 @@ def _build_llava_next_video(tf: Any, tk: PreTrainedTokenizerFast, text: dict, im
     return config, proc
 
 
-_MORE_BUILDERS = {
-    "mistral3": _build_mistral3,
-    "glm4v": _build_glm4v,
-    "video_llava": _build_video_llava,
-    "llava_next_video": _build_llava_next_video,
-    "glm4v_moe": lambda tf, tk, text, img_mean: _build_glm4v(tf, tk, text, img_mean, moe=True),
-}
+def build_llava(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """LLaVA-1.5: CLIP 32 px / patch 8, strategy "default" ([CLS] dropped): 16 <image> per image."""
+    config = tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
+        text_config=tf.LlamaConfig(**text),
+        image_token_index=tk.image_token_id,
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    ip = tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **img_mean)
+    proc = tf.LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tk,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return config, proc
+
+
+def build_llava_next(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """LLaVA-NeXT: anyres over :data:`PINPOINTS`, CLIP 32 px / patch 8."""
+    config = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
+        text_config=tf.LlamaConfig(**text),
+        image_token_index=tk.image_token_id,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=16,
+    )
+    ip = tf.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=PINPOINTS,
+        **img_mean,
+    )
+    proc = tf.LlavaNextProcessor(
+        image_processor=ip,
+        tokenizer=tk,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return config, proc
+
+
+def build_llava_onevision(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """LLaVA-OneVision: SigLIP 32 px / patch 8 + Qwen2, anyres over :data:`PINPOINTS`."""
+    config = tf.LlavaOnevisionConfig(
+        vision_config=tf.SiglipVisionConfig(**_clip_vision(32, 8)),
+        text_config=tf.Qwen2Config(**text),
+        image_token_index=tk.image_token_id,
+        video_token_index=tk.video_token_id,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    ip = tf.LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS, **img_mean
+    )
+    proc = tf.LlavaOnevisionProcessor(
+        image_processor=ip,
+        tokenizer=tk,
+        video_processor=None,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+    )
+    return config, proc
+
+
+def build_qwen2_vl(
+    tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, v2_5: bool = False
+) -> tuple[Any, Any]:
+    """Qwen2-VL (``v2_5``: Qwen2.5-VL, whose vision tower uses window attention): patch 4, merge 2, mrope."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = {**text, "rope_parameters": rope}
+    if not v2_5:
+        vision = tf.Qwen2VLVisionConfig(
+            depth=VISION_LAYERS,
+            embed_dim=VISION_HIDDEN,
+            hidden_size=TEXT_HIDDEN,
+            mlp_ratio=2,
+            num_heads=VISION_HEADS,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        cfg_cls, text_cls, proc_cls = tf.Qwen2VLConfig, tf.Qwen2VLTextConfig, tf.Qwen2VLProcessor
+    else:
+        vision = tf.Qwen2_5_VLVisionConfig(**QWEN_VISION, window_size=16, fullatt_block_indexes=[VISION_LAYERS - 1])
+        cfg_cls, text_cls, proc_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLTextConfig, tf.Qwen2_5_VLProcessor
+    config = cfg_cls(
+        text_config=text_cls(**text),
+        vision_config=vision,
+        **_qwen_token_ids(tk),
+    )
+    proc = proc_cls(image_processor=_qwen_image_processor(img_mean), tokenizer=tk, video_processor=None)
+    return config, proc
+
+
+def build_internvl(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """InternVL: 32 px tiles, patch 4, pixel shuffle 0.5, dynamic tiling (1-4 tiles + a thumbnail)."""
+    config = tf.InternVLConfig(
+        vision_config=tf.InternVLVisionConfig(
+            hidden_size=VISION_HIDDEN,
+            num_hidden_layers=VISION_LAYERS,
+            num_attention_heads=VISION_HEADS,
+            intermediate_size=VISION_INTERMEDIATE,
+            image_size=[32, 32],
+            patch_size=[4, 4],
+        ),
+        text_config=tf.Qwen2Config(**text),
+        image_token_id=tk.context_image_token_id,
+        image_seq_length=16,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    ip = tf.GotOcr2ImageProcessorPil(
+        size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4, **img_mean
+    )
+    proc = tf.InternVLProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_length=16)
+    return config, proc
+
+
+def build_gemma3(tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict) -> tuple[Any, Any]:
+    """Gemma3: SigLIP pooled to 16 tokens; layer types [sliding x 3, full] repeated, ``sliding_window=8``."""
+    pattern = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    layer_types = [pattern[i % len(pattern)] for i in range(text["num_hidden_layers"])]
+    gtext = {
+        **text,
+        "head_dim": TEXT_HIDDEN // TEXT_HEADS,
+        "query_pre_attn_scalar": TEXT_HIDDEN // TEXT_HEADS,
+        "sliding_window": 8,
+        "layer_types": layer_types,
+        "tie_word_embeddings": True,
+    }
+    config = tf.Gemma3Config(
+        text_config=tf.Gemma3TextConfig(**gtext),
+        vision_config=tf.SiglipVisionConfig(**_clip_vision(32, 4)),
+        mm_tokens_per_image=16,
+        boi_token_index=tk.boi_token_id,
+        eoi_token_index=tk.eoi_token_id,
+        image_token_index=tk.image_token_id,
+        tie_word_embeddings=True,
+    )
+    ip = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **img_mean)
+    proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tk, image_seq_length=16)
+    return config, proc
+
+
+def build_idefics3(
+    tf: Any, tk: PreTrainedTokenizerFast, text: dict, img_mean: dict, smol: bool = False
+) -> tuple[Any, Any]:
+    """Idefics3 (``smol``: SmolVLM): vision 32 px / patch 4, pixel shuffle (scale factor 2), no image splitting."""
+    if not smol:
+        cfg_cls, vis_cls, ip_cls = tf.Idefics3Config, tf.Idefics3VisionConfig, tf.Idefics3ImageProcessorPil
+    else:
+        cfg_cls, vis_cls, ip_cls = tf.SmolVLMConfig, tf.SmolVLMVisionConfig, tf.SmolVLMImageProcessorPil
+    config = cfg_cls(
+        vision_config=vis_cls(**_clip_vision(32, 4)),
+        text_config=tf.LlamaConfig(**text),
+        image_token_id=tk.image_token_id,
+        scale_factor=2,
+        pad_token_id=tk.pad_token_id,
+    )
+    ip = ip_cls(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, **img_mean)
+    if not smol:
+        proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tk, image_seq_len=16)
+    else:
+        proc = tf.SmolVLMProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_len=16)
+    return config, proc
 
 
 def _build(family: str, tokenizer: PreTrainedTokenizerFast, num_layers: int) -> tuple[Any, Any]:
-    """Return ``(config, processor)`` for ``family`` (tokenizer already built)."""
+    """``(config, processor)`` of ``family`` (tokenizer already built), from the builder its table entry names."""
     import transformers as tf
 
-    tk = tokenizer
-    text = {**_text_kwargs(tk), "num_hidden_layers": num_layers}
+    text = {**_text_kwargs(tokenizer), "num_hidden_layers": num_layers}
     img_mean = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-
-    if family == "llava":
-        config = tf.LlavaConfig(
-            vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
-            text_config=tf.LlamaConfig(**text),
-            image_token_index=tk.image_token_id,
-            image_seq_length=16,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-1,
-            projector_hidden_act="gelu",
-        )
-        ip = tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **img_mean)
-        proc = tf.LlavaProcessor(
-            image_processor=ip,
-            tokenizer=tk,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-        )
-    elif family == "llava_next":
-        config = tf.LlavaNextConfig(
-            vision_config=tf.CLIPVisionConfig(**_clip_vision(32, 8)),
-            text_config=tf.LlamaConfig(**text),
-            image_token_index=tk.image_token_id,
-            image_grid_pinpoints=PINPOINTS,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-1,
-            image_seq_length=16,
-        )
-        ip = tf.LlavaNextImageProcessorPil(
-            size={"shortest_edge": 32},
-            crop_size={"height": 32, "width": 32},
-            image_grid_pinpoints=PINPOINTS,
-            **img_mean,
-        )
-        proc = tf.LlavaNextProcessor(
-            image_processor=ip,
-            tokenizer=tk,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-        )
-    elif family == "llava_onevision":
-        config = tf.LlavaOnevisionConfig(
-            vision_config=tf.SiglipVisionConfig(**_clip_vision(32, 8)),
-            text_config=tf.Qwen2Config(**text),
-            image_token_index=tk.image_token_id,
-            video_token_index=tk.video_token_id,
-            image_grid_pinpoints=PINPOINTS,
-            vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
-        )
-        ip = tf.LlavaOnevisionImageProcessorPil(
-            size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS, **img_mean
-        )
-        proc = tf.LlavaOnevisionProcessor(
-            image_processor=ip,
-            tokenizer=tk,
-            video_processor=None,
-            num_image_tokens=16,
-            vision_feature_select_strategy="full",
-        )
-    elif family in ("qwen2_vl", "qwen2_5_vl"):
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-        text = {**text, "rope_parameters": rope}
-        if family == "qwen2_vl":
-            vision = tf.Qwen2VLVisionConfig(
-                depth=VISION_LAYERS,
-                embed_dim=VISION_HIDDEN,
-                hidden_size=TEXT_HIDDEN,
-                mlp_ratio=2,
-                num_heads=VISION_HEADS,
-                patch_size=4,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-            )
-            cfg_cls, text_cls, proc_cls = tf.Qwen2VLConfig, tf.Qwen2VLTextConfig, tf.Qwen2VLProcessor
-        else:
-            vision = tf.Qwen2_5_VLVisionConfig(**QWEN_VISION, window_size=16, fullatt_block_indexes=[VISION_LAYERS - 1])
-            cfg_cls, text_cls, proc_cls = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLTextConfig, tf.Qwen2_5_VLProcessor
-        config = cfg_cls(
-            text_config=text_cls(**text),
-            vision_config=vision,
-            **_qwen_token_ids(tk),
-        )
-        proc = proc_cls(image_processor=_qwen_image_processor(img_mean), tokenizer=tk, video_processor=None)
-    elif family == "internvl":
-        config = tf.InternVLConfig(
-            vision_config=tf.InternVLVisionConfig(
-                hidden_size=VISION_HIDDEN,
-                num_hidden_layers=VISION_LAYERS,
-                num_attention_heads=VISION_HEADS,
-                intermediate_size=VISION_INTERMEDIATE,
-                image_size=[32, 32],
-                patch_size=[4, 4],
-            ),
-            text_config=tf.Qwen2Config(**text),
-            image_token_id=tk.context_image_token_id,
-            image_seq_length=16,
-            downsample_ratio=0.5,
-            tie_word_embeddings=False,
-        )
-        ip = tf.GotOcr2ImageProcessorPil(
-            size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4, **img_mean
-        )
-        proc = tf.InternVLProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_length=16)
-    elif family == "gemma3":
-        pattern = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
-        layer_types = [pattern[i % len(pattern)] for i in range(num_layers)]
-        gtext = {
-            **text,
-            "head_dim": TEXT_HIDDEN // TEXT_HEADS,
-            "query_pre_attn_scalar": TEXT_HIDDEN // TEXT_HEADS,
-            "sliding_window": 8,
-            "layer_types": layer_types,
-            "tie_word_embeddings": True,
-        }
-        config = tf.Gemma3Config(
-            text_config=tf.Gemma3TextConfig(**gtext),
-            vision_config=tf.SiglipVisionConfig(**_clip_vision(32, 4)),
-            mm_tokens_per_image=16,
-            boi_token_index=tk.boi_token_id,
-            eoi_token_index=tk.eoi_token_id,
-            image_token_index=tk.image_token_id,
-            tie_word_embeddings=True,
-        )
-        ip = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **img_mean)
-        proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tk, image_seq_length=16)
-    elif family in ("idefics3", "smolvlm"):
-        if family == "idefics3":
-            cfg_cls, vis_cls, ip_cls = tf.Idefics3Config, tf.Idefics3VisionConfig, tf.Idefics3ImageProcessorPil
-        else:
-            cfg_cls, vis_cls, ip_cls = tf.SmolVLMConfig, tf.SmolVLMVisionConfig, tf.SmolVLMImageProcessorPil
-        config = cfg_cls(
-            vision_config=vis_cls(**_clip_vision(32, 4)),
-            text_config=tf.LlamaConfig(**text),
-            image_token_id=tk.image_token_id,
-            scale_factor=2,
-            pad_token_id=tk.pad_token_id,
-        )
-        ip = ip_cls(
-            do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, **img_mean
-        )
-        if family == "idefics3":
-            proc = tf.Idefics3Processor(image_processor=ip, tokenizer=tk, image_seq_len=16)
-        else:
-            proc = tf.SmolVLMProcessor(image_processor=ip, tokenizer=tk, video_processor=None, image_seq_len=16)
-    elif family in ("qwen3_vl", "qwen3_vl_moe"):
-        config, proc = _build_qwen3_vl(family, tk, text, img_mean)
-    elif family in _MORE_BUILDERS:
-        config, proc = _MORE_BUILDERS[family](tf, tk, text, img_mean)
-    elif family in ("qwen3_5", "qwen3_5_moe"):
-        config, proc = _qwen3_5(family, tk, text, img_mean)
-    else:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    config, proc = _table(family).build(tf, tokenizer, text, img_mean)
     if "video_processor" in inspect.signature(type(proc).__init__).parameters:
         # Keep the attribute (left unset by the patched ``get_attributes``); it is saved as ``null`` and handed
         # back as ``video_processor=None`` by ``from_pretrained`` (SmolVLM's ``__init__`` requires the argument).
         proc.video_processor = None
     return config, proc
+
+
+def _table(family: str) -> Any:
+    """The entry of ``family`` in the table of ``tests/families.py`` (imported on first use: the table names the
+    builders of this module)."""
+    from .families import family as entry
+
+    return entry(family)
 
 
 #: Qwen3-VL's tiny vision tower: 3 blocks, each feeding one DeepStack level, so the 3 injections after decoder
@@ -723,10 +612,11 @@ QWEN3_DEEPSTACK = [0, 1, 2]
 QWEN3_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
 
 
-def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict[str, Any]):
-    """``(config, processor)`` of a tiny Qwen3-VL (dense) or Qwen3-VL-MoE with DeepStack and interleaved mrope."""
-    import transformers as tf
-
+def build_qwen3_vl(
+    tf: Any, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict[str, Any], moe: bool = False
+) -> tuple[Any, Any]:
+    """``(config, processor)`` of a tiny Qwen3-VL (dense) or (``moe``) Qwen3-VL-MoE with DeepStack and interleaved
+    mrope."""
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
     text = {**text, "head_dim": TEXT_HIDDEN // TEXT_HEADS, "rope_parameters": rope}
     vision_kwargs = {
@@ -735,7 +625,7 @@ def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, An
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": QWEN3_DEEPSTACK,
     }
-    if family == "qwen3_vl":
+    if not moe:
         cfg_cls, text_cfg, vision = tf.Qwen3VLConfig, tf.Qwen3VLTextConfig(**text), tf.Qwen3VLVisionConfig
     else:
         cfg_cls, vision = tf.Qwen3VLMoeConfig, tf.Qwen3VLMoeVisionConfig
@@ -751,15 +641,16 @@ def _build_qwen3_vl(family: str, tk: PreTrainedTokenizerFast, text: dict[str, An
     )
 
 
-def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict) -> tuple[Any, Any]:
-    """Qwen3.5 (dense or MoE): hybrid decoder, ``layer_types`` 3 Gated DeltaNet (linear attention) : 1 full attention.
+def build_qwen3_5(
+    tf: Any, tk: PreTrainedTokenizerFast, text: dict[str, Any], img_mean: dict, moe: bool = False
+) -> tuple[Any, Any]:
+    """Qwen3.5 (dense or, ``moe``, MoE): hybrid decoder, ``layer_types`` 3 Gated DeltaNet (linear attention) : 1 full
+    attention.
 
     Full-attention layers: gated q (``q_proj`` outputs query and gate), q/k norms, partial interleaved M-RoPE
     (head_dim 16, ``partial_rotary_factor`` 0.5 -> 8 rotary dims, ``mrope_section`` [2, 1, 1]). Linear layers: 2 key
     heads / 4 value heads of 16, conv kernel 4. MoE: 4 experts, top-2, expert FFN 32, shared expert 32.
     """
-    import transformers as tf
-
     num_layers = text["num_hidden_layers"]
     rope = {
         "rope_type": "default",
@@ -780,12 +671,12 @@ def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img
         "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(num_layers)],
     }
     vision = {**QWEN_VISION, "num_position_embeddings": 64}
-    if family == "qwen3_5":
+    if not moe:
         cfg_cls, text_cfg = tf.Qwen3_5Config, tf.Qwen3_5TextConfig(**qtext)
         vision_cfg = tf.Qwen3_5VisionConfig(**vision)
     else:
-        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
-        qtext = {**qtext, **moe, "shared_expert_intermediate_size": 32}
+        routed = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+        qtext = {**qtext, **routed, "shared_expert_intermediate_size": 32}
         qtext.pop("intermediate_size")
         cfg_cls, text_cfg = tf.Qwen3_5MoeConfig, tf.Qwen3_5MoeTextConfig(**qtext)
         vision_cfg = tf.Qwen3_5MoeVisionConfig(**vision)
@@ -799,28 +690,6 @@ def _qwen3_5(family: str, tk: PreTrainedTokenizerFast, text: dict[str, Any], img
     )
 
 
-_MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "internvl": "InternVLForConditionalGeneration",
-    "gemma3": "Gemma3ForConditionalGeneration",
-    "idefics3": "Idefics3ForConditionalGeneration",
-    "smolvlm": "SmolVLMForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-    "mistral3": "Mistral3ForConditionalGeneration",
-    "glm4v": "Glm4vForConditionalGeneration",
-    "video_llava": "VideoLlavaForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-    "glm4v_moe": "Glm4vMoeForConditionalGeneration",
-    "qwen3_5": "Qwen3_5ForConditionalGeneration",
-    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-}
-
-
 def make_tiny(
     family: str,
     attn: str = "sdpa",
@@ -831,7 +700,7 @@ def make_tiny(
     """Build a tiny random model of ``family`` and its real processor.
 
     Args:
-        family: one of :data:`FAMILIES`.
+        family: a ``model_type`` of the table in ``tests/families.py``.
         attn: attention implementation ("sdpa" or "eager"), applied to the whole model (text decoder included).
         dtype: parameter dtype.
         num_layers: number of text-decoder layers.
@@ -842,13 +711,12 @@ def make_tiny(
     """
     import transformers as tf
 
-    if family not in _MODEL_CLASSES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    entry = _table(family)  # a ValueError naming the table's families if there is none
     allow_missing_video_processor()
     tokenizer = make_tokenizer(family)
     config, processor = _build(family, tokenizer, num_layers)
     torch.manual_seed(seed)
-    model_cls = getattr(tf, _MODEL_CLASSES[family])
+    model_cls = getattr(tf, entry.model_class)
     model = model_cls._from_config(config, attn_implementation=attn, dtype=dtype)
     model.eval()
     gc = model.generation_config
@@ -874,7 +742,7 @@ def make_prompt(family: str, row: Sequence[tuple[int, int]], row_id: int = 0, se
     rng = _row_rng(seed, row_id)
     n_words = 2 + 3 * row_id + int(rng.integers(0, 3))
     words = " ".join(WORDS[int(j)] for j in rng.integers(0, len(WORDS), size=n_words))
-    placeholders = " ".join(PROMPT_IMAGE_TOKEN[family] for _ in row)
+    placeholders = " ".join(_table(family).prompt_image for _ in row)
     return f"{placeholders} {words}" if placeholders else words
 
 
@@ -895,7 +763,7 @@ def make_batch(
 
     Args:
         processor: the processor returned by :func:`make_tiny` for ``family``.
-        family: one of :data:`FAMILIES`.
+        family: a ``model_type`` of the table in ``tests/families.py``.
         rows: per row, the list of image sizes ``(height, width)``; ``[]`` is a text-only row. E.g.
             ``[[(32, 32)], [(48, 32), (32, 32)], []]``. Rows get prompts of different lengths.
         seed: seed for the random words and pixels.
@@ -923,13 +791,6 @@ def image_token_id(model: Any) -> int:
     raise AttributeError("config has no image token id")
 
 
-#: Families whose ``AutoTokenizer`` ignores the saved ``tokenizer_class``: transformers forces ``Qwen3_5Tokenizer`` (a
-#: byte-level BPE rebuilt from the vocab, no merges) for ``model_type`` qwen3_5*, which cannot rebuild the word-level
-#: test tokenizer (every word becomes nothing); :func:`save_and_reload` hands the processor the saved tokenizer.json
-#: as a ``PreTrainedTokenizerFast`` (a real checkpoint ships a real BPE tokenizer).
-WORD_LEVEL_RELOAD = ("qwen3_5", "qwen3_5_moe")
-
-
 def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> tuple[Any, Any]:
     """Save ``model`` and ``processor`` with ``save_pretrained`` and load them back offline.
 
@@ -949,7 +810,7 @@ def save_and_reload(model: Any, processor: Any, tmp_path: str | os.PathLike) -> 
         attn = model.config.text_config._attn_implementation
         reloaded = AutoModelForImageTextToText.from_pretrained(path, dtype=model.dtype, attn_implementation=attn)
         kwargs = {}
-        if model.config.model_type in WORD_LEVEL_RELOAD:  # see WORD_LEVEL_RELOAD
+        if _table(model.config.model_type).word_level_reload:  # see Family.word_level_reload
             kwargs["tokenizer"] = PreTrainedTokenizerFast.from_pretrained(path)
         try:
             reloaded_proc = AutoProcessor.from_pretrained(path, **kwargs)
@@ -1011,3 +872,27 @@ def greedy(model: Any, inputs: dict, new_tokens: int = 4, **kwargs: Any) -> torc
     ids = resolve(model).visual_ids.tolist()
     out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=ids, **kwargs)
     return out[:, -new_tokens:]
+
+
+# ------------------------------------------------------------------------------------ records for the launchers
+#: A chat template for the tiny models' processors (they ship none): image placeholder, then the question.
+TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} {{ '" + WORDS[0] + "' }}"
+    "{% endif %}"
+)
+
+
+def records(n: int, seed: int = 0) -> list[dict]:
+    """``n`` random (image, question, answer, qtype) records of the tiny vocabulary: 32x32 images, 2-4 word
+    questions, one-word answers, question types "a" and "b" alternating."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": make_image(32, 32, rng),
+            "question": " ".join(WORDS[int(j)] for j in rng.integers(1, len(WORDS), size=2 + i % 3)),
+            "answer": WORDS[int(rng.integers(1, len(WORDS)))],
+            "qtype": "ab"[i % 2],
+        }
+        for i in range(n)
+    ]

@@ -1,0 +1,127 @@
+"""DyVTE labels (dyvte.exits.labels): is withdrawal at K safe for a sample, and the label cache heads train on.
+
+The rule on hand-built tensors (argmax agreement and the loss ratio) and the smallest safe layer; a label cache's
+``match`` / ``correct`` columns are exactly what greedy generation under withdrawal at K writes, and its ``dyvte``
+column and features what the on-the-fly labels compute; a model in training mode is labelled in eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import dyvte
+from dyvte.data.records import build_inputs
+from dyvte.exits.labels import answer_loss, build_label_cache, exit_safe, on_the_fly_labels, smallest_safe_layer
+
+from ..tiny_models import TEMPLATE, make_tiny, records
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = make_tiny("llava")
+    processor.chat_template = TEMPLATE
+    return model, processor
+
+
+def _flags(model: torch.nn.Module) -> dict[str, bool]:
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def one_hot_logits(tokens: list[list[int]], vocab: int = 5, scale: float = 4.0) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(tokens), vocab).float() * scale
+
+
+def test_exit_rule_on_hand_built_tensors():
+    labels = torch.tensor([[-100, -100, 2, 3], [-100, -100, -100, 1]])  # answers: [2, 3] and [1]
+    full = one_hot_logits([[0, 2, 3, 0], [0, 0, 1, 0]])  # predicts the answers at positions 1, 2 and 2
+    same = full.clone()
+    one_wrong = one_hot_logits([[0, 2, 4, 0], [0, 0, 1, 0]])  # row 0: 1 of 2 answer tokens differ
+    assert exit_safe(full, same, labels).tolist() == [True, True]  # identical: safe even at the same loss
+    assert exit_safe(full, one_wrong, labels).tolist() == [False, True]
+    assert exit_safe(full, one_wrong, labels, agree=0.49).tolist() == [False, True]  # loss rose far above 1.03x
+    softer = full.clone()
+    softer[1, 2, 1] = 3.9  # same argmax, loss a little higher
+    ratio = (answer_loss(softer, labels) / answer_loss(full, labels))[1].item()
+    assert ratio > 1.03
+    assert exit_safe(full, softer, labels).tolist() == [True, False]
+    assert exit_safe(full, softer, labels, loss_ratio=ratio + 1e-3).tolist() == [True, True]
+    with pytest.raises(ValueError, match="answer token"):
+        exit_safe(full, same, torch.full_like(labels, -100))
+
+
+def test_smallest_safe_layer():
+    safe = torch.tensor([[False, True, True, True], [True, False, True, True], [True] * 4, [False] * 4])
+    assert smallest_safe_layer(safe).tolist() == [1, 2, 0, 4]
+
+
+def _greedy(model, inputs, eos: int, new_tokens: int) -> list[list[int]]:
+    """Each row's greedy answer ids up to and including the first end token (``new_tokens`` at most)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    out = out[:, inputs["input_ids"].shape[1] :]
+    rows = []
+    for row in out.tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+def test_cached_labels_equal_generation_under_withdrawal_and_on_the_fly_labels(tiny):
+    model, processor = tiny
+    recs = records(5)
+    for i, rec in enumerate(recs):  # answers the full model gives, so that some layers are safe
+        inputs = build_inputs(processor, [rec])
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        rec["answer"] = processor.tokenizer.decode(out[0, -1:]) if i % 2 == 0 else rec["answer"]
+    cache = build_label_cache(model, processor, recs, batch_size=2, max_new_tokens=2, progress=False)
+    cache = cache.with_format("torch")[:]  # 2-token answers: a random model's longer ones never survive withdrawal
+    assert cache["features"].shape == (5, 3, 128) and cache["match"].shape == (5, 4)
+    assert cache["correct"].shape == (5, 5)
+    eos = processor.tokenizer.eos_token_id
+    prompt = build_inputs(processor, recs)
+    gold = build_inputs(processor, recs, with_answers=True)["labels"]
+    gold = [row[row != -100].tolist() for row in gold]
+    full = _greedy(model, prompt, eos, 2)
+    assert cache["correct"][:, 4].tolist() == [f == g for f, g in zip(full, gold, strict=True)]
+    for layer in range(4):  # match / correct: exactly what greedy generation under withdrawal at K writes
+        with dyvte.withdraw(model, layer=layer):
+            answers = _greedy(model, prompt, eos, 2)
+        assert cache["match"][:, layer].tolist() == [a == f for a, f in zip(answers, full, strict=True)], layer
+        assert cache["correct"][:, layer].tolist() == [a == g for a, g in zip(answers, gold, strict=True)], layer
+    assert not cache["match"].all() and cache["match"].any()  # both outcomes occur: the comparison can fail
+    inputs = build_inputs(processor, recs, with_answers=True)
+    labels = inputs["labels"]
+    with torch.no_grad():
+        full_logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    for layer in (1, 2, 3):  # the paper's rule and the head inputs: as the on-the-fly labels compute them
+        feats, fly = on_the_fly_labels(model, inputs, layer)
+        assert fly.tolist() == cache["dyvte"][:, layer].tolist()
+        torch.testing.assert_close(feats, cache["features"][:, layer - 1], atol=1e-5, rtol=1e-5)
+        with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
+            withdrawn = handle.to_input_positions(model(**{k: v for k, v in inputs.items() if k != "labels"}).logits)
+        assert exit_safe(full_logits, withdrawn, labels).tolist() == cache["dyvte"][:, layer].tolist()
+    with pytest.raises(ValueError, match="exit layer"):
+        on_the_fly_labels(model, inputs, 0)
+
+
+def test_labels_of_a_model_in_training_mode_are_the_eval_mode_labels(dropout_model, caplog):
+    model, processor = dropout_model
+    recs = records(4)
+    inputs = build_inputs(processor, recs, with_answers=True)
+    reference = build_label_cache(model, processor, recs, batch_size=2, progress=False).with_format("torch")[:]
+    fly_reference = on_the_fly_labels(model, inputs, 2)
+    model.train()
+    flags = _flags(model)
+    with caplog.at_level(logging.WARNING, logger="dyvte.utils.modes"):
+        got = build_label_cache(model, processor, recs, batch_size=2, progress=False).with_format("torch")[:]
+        fly = on_the_fly_labels(model, inputs, 2)
+    assert "build_label_cache (labelling): the model was in training mode" in caplog.text
+    assert "on_the_fly_labels (labelling): the model was in training mode" in caplog.text
+    assert torch.allclose(got["features"], reference["features"], atol=1e-6)
+    for column in ("match", "correct", "dyvte"):
+        assert torch.equal(got[column], reference[column]), column
+    assert torch.allclose(got["kl"], reference["kl"], atol=1e-6)
+    assert torch.allclose(fly[0], fly_reference[0], atol=1e-6) and torch.equal(fly[1], fly_reference[1])
+    assert _flags(model) == flags

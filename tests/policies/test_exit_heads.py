@@ -1,0 +1,163 @@
+"""dyvte.policies.exit_heads: the exit heads themselves: their features, size, save / load, the refusals of heads or
+thresholds that do not fit, and the committed demo heads.
+
+What withdrawal under heads guarantees (the learned exits policy) is ``tests/policies/test_learned.py``'s; the labels
+the heads learn from are ``tests/exits/test_labels.py``'s; a save that fails midway ``tests/utils/test_io.py``'s.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dyvte
+from dyvte.engine.registry import resolve
+from dyvte.eval.flops import prefill_flops
+from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig, head_features
+
+from ..tiny_models import TEMPLATE, make_tiny
+
+
+# ------------------------------------------------------------------------------------------------- features
+def test_head_features_hand_built():
+    hidden = torch.arange(6.0).view(1, 6, 1).repeat(2, 1, 1)  # token t has state t
+    visual = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    feats = head_features(hidden, visual, valid)
+    assert feats.tolist() == [[3.5, 5.0], [2.5, 5.0]]  # mean of tokens 3,4 / 1..4 ; final token 5
+    feats = head_features(hidden, visual, valid, final=torch.tensor([4, 3]))
+    assert feats.tolist() == [[3.0, 4.0], [1.5, 3.0]]
+
+
+# -------------------------------------------------------------------------------------------------------- heads
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = make_tiny("llava")
+    processor.chat_template = TEMPLATE
+    return model, processor
+
+
+def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
+    model, _ = tiny
+    heads = ExitHeads.for_model(model, threshold=0.7)
+    spec = resolve(model)
+    decoder = sum(p.numel() for p in spec.decoder.parameters())
+    assert heads.num_heads == spec.num_layers - 1
+    big = ExitHeadsConfig("llava", 4096, 32)  # LLaVA-1.5-7B's decoder: 6.5 B parameters
+    assert big.head_size == 128
+    assert sum(p.numel() for p in ExitHeads(big).parameters()) < 0.01 * 6.5e9
+    assert ExitHeadsConfig("llava", 8192, 80).head_size == 256  # d // 32 above the floor
+    assert heads.config.head_size == 128  # the floor of max(128, d // 32): tiny decoders make heads relatively big
+    assert decoder > 0
+    heads.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exit_heads.safetensors", "exit_heads_config.json"]
+    config = json.loads((tmp_path / "exit_heads_config.json").read_text())
+    assert config == {
+        "model_type": "llava",
+        "hidden_size": 64,
+        "num_layers": 4,
+        "head_size": 128,
+        "threshold": 0.7,
+        "format_version": 1,
+        "thresholds": None,
+        "calibration": None,
+        "label_rule": None,
+        "extra_inputs": None,
+        "threshold_logits": None,
+    }
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "exit_heads.safetensors"))
+    assert set(saved) == {f"heads.{j}.{i}.{w}" for j in range(3) for i in (0, 1, 3) for w in ("weight", "bias")}
+    loaded = ExitHeads.from_pretrained(tmp_path)
+    feats = torch.randn(2, 3, 128)
+    assert torch.equal(loaded(feats), heads.eval()(feats))
+
+
+def test_heads_for_another_model_or_corrupt_files_are_refused(tiny, tmp_path):
+    model, _ = tiny
+    other, _ = make_tiny("llava", num_layers=3)
+    heads = ExitHeads.for_model(other)
+    with pytest.raises(ValueError, match="3 layers"):
+        dyvte.withdraw(model, heads=heads)
+    assert not model._forward_pre_hooks
+    with pytest.raises(FileNotFoundError, match="exit_heads_config.json"):
+        ExitHeads.from_pretrained(tmp_path)
+    heads.save_pretrained(tmp_path)
+    weights = tmp_path / "exit_heads.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        ExitHeads.from_pretrained(tmp_path)
+    ExitHeads.for_model(model).save_pretrained(tmp_path / "four")
+    (tmp_path / "four" / "exit_heads.safetensors").replace(weights)  # weights of 4-layer heads, config of 3
+    ExitHeads.for_model(other).save_pretrained(tmp_path / "x")
+    (tmp_path / "x" / "exit_heads_config.json").replace(tmp_path / "exit_heads_config.json")
+    with pytest.raises(ValueError, match="does not hold|shape"):
+        ExitHeads.from_pretrained(tmp_path)
+    (tmp_path / "exit_heads_config.json").write_text("{]")
+    with pytest.raises(ValueError, match="not a valid"):
+        ExitHeads.from_pretrained(tmp_path)
+
+
+def test_bad_calibrated_thresholds_and_ablation_inputs_are_refused(tiny, tmp_path):
+    model, _ = tiny
+    heads = ExitHeads.for_model(model)
+    heads.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "exit_heads_config.json").read_text())
+    for thresholds, match in (([0.5, 0.5], r"one per head \(3\) expected, got 2"), ([0.5, 2.0, 0.5], r"\[2.0\]")):
+        (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "thresholds": thresholds}))
+        with pytest.raises(ValueError, match=match):
+            ExitHeads.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"extra_inputs: unknown \['logits'\]"):
+        ExitHeadsConfig("llava", 64, 4, extra_inputs=["logits"])
+    lens = ExitHeads(ExitHeadsConfig("llava", 64, 4, extra_inputs=["lens"]))
+    assert lens.heads[0][1].in_features == 2 * 64 + 2
+    with pytest.raises(ValueError, match=r"extra inputs \['lens'\] .* that withdrawal does not compute"):
+        dyvte.withdraw(model, heads=lens)
+    assert not model._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------------------------ the demo's heads
+def test_committed_demo_heads_load_onto_the_demo_model():
+    from dyvte.data.records import build_inputs as inputs_of
+    from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
+    from tests.scripts import REPO_ROOT
+
+    model, processor = load_demo_model(), load_demo_processor()
+    heads = ExitHeads.from_pretrained(REPO_ROOT / "checkpoints" / "demo-exit-heads")
+    heads.check_model(model)
+    batch = inputs_of(processor, list(load_demo_dataset("test").select(range(8))))
+    tokens = batch["attention_mask"].sum(1)
+    visual = torch.isin(batch["input_ids"], resolve(model).visual_ids).sum(1)
+    prefill = prefill_flops(model.config, tokens, visual).full  # (B,) the full model's prefill FLOPs per row
+    assert heads.num_heads * heads.flops_per_row() <= 0.01 * prefill.min()  # every head costs < 1% of a prefill
+    with torch.no_grad():
+        base = model(**batch).logits[:, -1]
+    with dyvte.withdraw(model, heads=heads, threshold=0.5) as handle, torch.no_grad():
+        last = model(**batch).logits[:, -1]
+        exits = handle.exit_layers
+    assert ((exits >= 1) & (exits <= 8)).all()
+    never = exits == 8  # rows whose heads never fired are the full model
+    torch.testing.assert_close(last[never], base[never], atol=1e-5, rtol=1e-5)
+
+
+def test_committed_demo_heads_record_a_promise_their_calibration_certifies():
+    """The committed heads' calibration record is self-consistent: its binomial p-value, recomputed from the counts it
+    saves, is the saved one and <= delta; it was certified on validation records disjoint from the Platt-scaling
+    (validation) records; its P(exit) thresholds are the sigmoids of the logits the heads fire on."""
+    from dyvte.exits.risk import binomial_cdf
+    from dyvte.exits.rules import exit_logit
+    from tests.scripts import REPO_ROOT
+
+    config = json.loads((REPO_ROOT / "checkpoints" / "demo-exit-heads" / "exit_heads_config.json").read_text())
+    training = json.loads((REPO_ROOT / "checkpoints" / "demo-exit-heads" / "training.json").read_text())
+    cal = config["calibration"]
+    p_value = binomial_cdf(cal["errors"], cal["samples"], cal["tolerance"])
+    assert p_value == pytest.approx(cal["p_value"], rel=1e-9) and p_value <= cal["delta"]
+    val_samples = training["val_samples"]
+    assert cal["source"]["calib"] == f"demo [validation] records {val_samples}..{val_samples + cal['samples'] - 1}"
+    assert cal["family"] == "savings" and cal["tolerance"] == 0.01 and cal["delta"] == 0.1
+    for p, logit in zip(config["thresholds"], config["threshold_logits"], strict=True):
+        assert logit is not None and float(exit_logit(p)) == pytest.approx(logit, rel=1e-5, abs=1e-4)

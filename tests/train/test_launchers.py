@@ -1,0 +1,414 @@
+"""The launchers (``train/fit.py``, ``adapt.py``, ``eval.py``, ``calibrate.py``, ``ablate_splits.py``) on bad
+arguments: each is refused with a message that names it, before any work, or handled correctly, never a silent wrong
+answer.
+
+Cases (docs/robustness.md): untrained weights saved as trained (fit / adapt with no optimizer step), validation on
+the training records (fit holds records out of a single file), evaluate's late failures (every method checked before
+the first forward, repeated methods run once, bad arguments before loading the model), calibrate's and
+ablate_splits' arguments, and every launcher takes ``--prompt_template``; the ``--data.*`` / ``--model.*`` options
+are checked by the Lightning data and head modules of dyvte.train when given, and its held-out splits are
+disjoint and seeded. Method strings themselves are ``tests/eval/test_methods.py``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import dyvte
+import dyvte.data.sources
+from dyvte.data.records import DataError
+from dyvte.policies.exit_heads import NEVER, ExitHeads
+from dyvte.train.label_data import ExitLabelData
+from dyvte.train.options import DataSource, LabelOptions, SplitSizes
+
+from ..policies.test_policies import saved_calibration
+from ..scripts import REPO_ROOT, fit_args, load_script, make_fit_setup
+from ..tiny_models import make_batch, make_tiny, records
+
+DEMO_HEADS = REPO_ROOT / "checkpoints" / "demo-exit-heads"  # made for the 8-layer demo model
+DEMO_CALIBRATION = REPO_ROOT / "checkpoints" / "demo-calibration"
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory) -> Path:
+    """A tiny 4-layer LLaVA in from_pretrained layout and 12 records in one JSONL file (no validation file)."""
+    return make_fit_setup(tmp_path_factory.mktemp("bad-launchers"))
+
+
+@pytest.fixture(scope="module")
+def llava():
+    model, processor = make_tiny("llava")
+    return model, processor, dict(make_batch(processor, "llava", [[(32, 32)], [(32, 32), (32, 32)], []]))
+
+
+def _forbid(*_args, **_kwargs):
+    raise AssertionError("work started: the bad input should have been refused before it")
+
+
+# ------------------------------------------------------------------------------ case 1: weights that never trained
+@pytest.mark.parametrize(
+    "option", ["--trainer.max_epochs=0", "--trainer.max_steps=0", "--trainer.limit_train_batches=0"]
+)
+def test_fit_refuses_a_run_without_training_steps_before_labelling(setup_dir, option, monkeypatch):
+    """`fit.py --trainer.max_epochs 0` saved untrained heads (`steps: 0`); now refused before any labelling."""
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)  # labelling would load the MLLM first
+    name = option.split(".")[1].split("=")[0]
+    args = fit_args(setup_dir, f"heads-{name}", 1, [option, f"--data.labels.cache_dir={setup_dir / f'cache-{name}'}"])
+    with pytest.raises(ValueError, match=re.escape(option) + r": training would run no optimizer step"):
+        load_script("train/fit.py").main(args)
+    assert not (setup_dir / f"heads-{name}").exists() and not (setup_dir / f"cache-{name}").exists()
+
+
+def test_fit_writes_no_heads_when_training_ran_no_step(setup_dir, monkeypatch):
+    """Whatever stopped training (here a fit that returns at once), global_step 0 writes no heads."""
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match=r"training ran no optimizer step .*untrained exit heads are not written"):
+        load_script("train/fit.py").main(fit_args(setup_dir, "heads-nostep", 1))
+    assert not (setup_dir / "heads-nostep").exists()
+
+
+def _adapt_args(root: Path, out: str, *extra: str) -> list[str]:
+    return [
+        f"--model.model={root / 'model'}",
+        "--model.rank=2",
+        "--model.exit_layers=[1,4]",
+        f"--data.data={root / 'records.jsonl'}",
+        "--data.train_samples=4",
+        "--data.val_samples=2",
+        "--data.batch_size=4",
+        "--trainer.max_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+        f"--output_dir={root / out}",
+        *extra,
+    ]
+
+
+def test_adapt_refuses_zero_steps_before_loading_the_model(setup_dir, monkeypatch):
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
+    with pytest.raises(ValueError, match=r"--trainer\.max_steps=0: training would run no optimizer step"):
+        load_script("train/adapt.py").main(_adapt_args(setup_dir, "adapter-0", "--trainer.max_steps=0"))
+    assert not (setup_dir / "adapter-0").exists()
+
+
+def test_adapt_writes_no_adapter_when_training_ran_no_step(setup_dir, monkeypatch):
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match=r"no optimizer step .*untrained LoRA adapter weights are not written"):
+        load_script("train/adapt.py").main(_adapt_args(setup_dir, "adapter-nostep"))
+    assert not (setup_dir / "adapter-nostep").exists()
+
+
+@pytest.mark.parametrize("launcher", ["fit", "adapt"])
+def test_an_output_dir_that_is_a_file_is_refused_before_work(setup_dir, launcher, monkeypatch):
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
+    (setup_dir / "a-file").write_text("keep me\n")
+    args = (
+        fit_args(setup_dir, "a-file", 1)
+        if launcher == "fit"
+        else _adapt_args(setup_dir, "unused", f"--merged_dir={setup_dir / 'a-file'}")
+    )
+    option = "--output_dir" if launcher == "fit" else "--merged_dir"
+    with pytest.raises(ValueError, match=f"{option} .*a-file is an existing file, not a directory"):
+        load_script(f"train/{launcher}.py").main(args)
+    assert (setup_dir / "a-file").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(("option", "value"), [("--tolerance", "0"), ("--tolerance", "1.5"), ("--delta", "1")])
+def test_fit_refuses_a_promise_it_cannot_make_before_work(setup_dir, monkeypatch, option, value):
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
+    args = fit_args(setup_dir, "heads-promise", 1, [f"{option}={value}"])
+    with pytest.raises(ValueError, match=f"{option} must be in \\(0, 1\\), got {float(value)!r}"):
+        load_script("train/fit.py").main(args)
+    assert not (setup_dir / "heads-promise").exists()
+
+
+def test_fit_refuses_a_missing_resume_checkpoint(setup_dir, monkeypatch):
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
+    args = fit_args(setup_dir, "heads-resume", 1, [f"--ckpt_path={setup_dir / 'no.ckpt'}"])
+    with pytest.raises(ValueError, match=r"--ckpt_path .*no\.ckpt: no such checkpoint file"):
+        load_script("train/fit.py").main(args)
+
+
+# -------------------------------------------------------------------- case 3: validation on the training records
+
+
+def test_held_out_split_is_disjoint_and_seeded():
+    from dyvte.train.splits import held_out_split
+
+    train, val = held_out_split(12, 4, 8, seed=0)
+    assert len(val) == 4 and len(train) == 8 and not set(train) & set(val)
+    assert set(train) | set(val) == set(range(12))
+    assert held_out_split(12, 4, 8, seed=0) == (train, val)  # deterministic for a seed
+    assert any(held_out_split(12, 4, 8, seed=s)[1] != val for s in range(1, 5))  # and the seed matters
+    assert held_out_split(12, 4, None, seed=0)[0] == train  # training takes the rest, in order
+    with pytest.raises(ValueError, match="at least 1 must stay for training"):
+        held_out_split(12, 12, None)
+
+
+def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
+    jsonl = str(setup_dir / "records.jsonl")
+    source = DataSource(model=str(setup_dir / "model"), data=jsonl)
+    data = ExitLabelData(source, SplitSizes(train_samples=8, val_samples=4))
+    parts = data.split_indices()  # calibration: calib_fraction (0.2) of 12 = 2 more records held out
+    assert parts["val"] is not None and [len(parts[k]) for k in ("train", "val", "calib")] == [6, 4, 2]
+    train, val, calib = (set(parts[k]) for k in ("train", "val", "calib"))
+    assert not train & val and not calib & (train | val)
+    again = ExitLabelData(source, SplitSizes(train_samples=8, val_samples=4))
+    assert again.split_indices() == parts
+    other = ExitLabelData(source, SplitSizes(train_samples=8, val_samples=4, split_seed=3))
+    assert other.split_indices()["val"] != parts["val"]
+    other = str(setup_dir / "other.jsonl")
+    separate = ExitLabelData(
+        DataSource(model=str(setup_dir / "model"), data=jsonl, val_data=other), SplitSizes(calib_samples=0)
+    )
+    assert separate.split_indices() == {"train": None, "val": None}  # a separate validation file: nothing carved
+    demo = ExitLabelData(DataSource(data="demo"))  # distinct named splits: calibration = validation records 2000..14999
+    assert demo.split_indices() == {"train": None, "val": None, "calib": None}
+    assert demo.split_summary()["calib"] == "demo [validation] records 2000..14999"
+    fraction = ExitLabelData(source, SplitSizes(train_samples=None, val_samples=None))
+    assert [len(v) for v in fraction.split_indices().values()] == [9, 1, 2]  # 10% of 12 (at least 1), 20% of 12
+    none = ExitLabelData(source, SplitSizes(val_samples=4, calib_samples=0))
+    assert [len(v) for v in none.split_indices().values()] == [8, 4]  # --data.splits.calib_samples 0: no calibration
+    with pytest.raises(
+        ValueError, match=r"--data\.splits\.calib_samples=9: calibration takes the records of .* none is left"
+    ):
+        ExitLabelData(DataSource(data="demo"), SplitSizes(val_samples=15000, calib_samples=9)).split_indices()
+    with pytest.raises(ValueError, match=r"--data\.splits\.val_samples=12 .*held out of the 12 records"):
+        ExitLabelData(source, SplitSizes(val_samples=12)).split_indices()
+
+
+def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
+    """`fit.py --data.source.data file.jsonl` validated on its own training records; now on a held-out split."""
+    cache = setup_dir / "cache-heldout"
+    args = fit_args(setup_dir, "heads-heldout", 1, [f"--data.labels.cache_dir={cache}"])
+    with caplog.at_level(logging.INFO, logger="dyvte.train.splits"):
+        summary = load_script("train/fit.py").main(args)
+    assert "validation: 4 records and calibration: 2 records held out at random (seed 0) from the 12 records of" in (
+        caplog.text
+    )
+    written = json.loads((setup_dir / "heads-heldout" / "training.json").read_text())
+    assert written["validation_split"] == summary["validation_split"]
+    expected = {
+        "held_out": True,
+        "source_records": 12,
+        "seed": 0,
+        "train_samples": 6,
+        "val_samples": 4,
+        "calib_samples": 2,
+    }
+    assert {k: v for k, v in written["validation_split"].items() if k != "source"} == expected
+    assert written["val_samples"] == 4
+    # 2 calibration records cannot certify 1% disagreement: the heads never fire, and the log says why
+    assert written["calibration"]["parameter"] is None and written["calibration"]["samples"] == 2
+    assert written["thresholds"] == [NEVER] * 3
+    assert "calibration: no threshold keeps at most 0.01 disagreement with probability >= 0.9 on 2 samples" in (
+        caplog.text
+    )
+    from datasets import load_from_disk
+
+    caches = {k: load_from_disk(v).with_format("torch")[:] for k, v in written["label_cache"].items()}
+    train, val, calib = (caches[k]["features"] for k in ("train", "val", "calib"))
+    assert len(train) == 6 and len(val) == 4 and len(calib) == 2
+    for row in [*val, *calib]:  # no held-out sample is a training sample (identical features would say it is)
+        assert not any(torch.equal(row, t) for t in train)
+    meta = {k: json.loads((Path(v) / "meta.json").read_text()) for k, v in written["label_cache"].items()}
+    held = [set(meta[k]["source_indices"]) for k in ("train", "val", "calib")]
+    assert not held[0] & held[1] and not held[0] & held[2] and not held[1] & held[2]
+
+
+# -------------------------------------------------------------------- evaluate: everything checked before work
+def _counting_loader(monkeypatch, script, forwards: list[int]) -> None:
+    """Make ``script.load_model`` count every forward of the model it loads."""
+    real = script.load_model
+
+    def load(*args, **kwargs):
+        model, processor = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        return model, processor
+
+    monkeypatch.setattr(script, "load_model", load)
+
+
+def test_evaluate_checks_every_method_before_the_full_model_runs(tmp_path, monkeypatch):
+    """The issue's call: `'["static:0,1","static:9"]'` on the 8-layer demo ran full, K = 0, K = 1, then crashed."""
+    script = load_script("train/eval.py")
+    forwards: list[int] = []
+    _counting_loader(monkeypatch, script, forwards)
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match=r"method 'static:9': exit layer K 9 is out of range \[0, 8\]"):
+        script.main(model="demo", data="demo", samples=4, methods=["static:0,1", "static:9"], output_dir=str(out))
+    assert forwards == [] and not out.exists()
+
+
+def _two_heads_named_alike(root: Path) -> list[str]:
+    model = make_tiny("llava")[0]
+    for seed, parent in enumerate(("a", "b")):  # two different sets of heads in folders of the same name
+        torch.manual_seed(seed)
+        ExitHeads.for_model(model, threshold=0.5).save_pretrained(root / parent / "heads")
+    return [f"heads:{root / 'a' / 'heads'}:0.5", f"heads:{root / 'b' / 'heads'}:0.5"]
+
+
+@pytest.mark.parametrize(
+    ("methods", "match"),
+    [
+        (["full", "static:0,1", "static:5"], r"method 'static:5': exit layer K 5 is out of range \[0, 4\]"),
+        (["full", f"heads:{DEMO_HEADS}:0.5"], r"made for model_type=llava, hidden_size=128, 8 layers"),
+        (["full", f"calibrated:{DEMO_CALIBRATION}"], r"calibration made for llava with 8 layers"),
+        (["static:1", "fastv:1:0.5+static:2"], r"method 'fastv:1:0.5\+static:2'.*expected A\+B"),
+        (None, r"different methods under one name \('heads\(heads\) p=0.5'\)"),
+    ],
+)
+def test_evaluate_refuses_bad_methods_before_any_forward(setup_dir, tmp_path, monkeypatch, methods, match):
+    script = load_script("train/eval.py")
+    forwards: list[int] = []
+    _counting_loader(monkeypatch, script, forwards)
+    methods = methods or _two_heads_named_alike(tmp_path)
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match=match):
+        script.main(
+            model=str(setup_dir / "model"),
+            data=str(setup_dir / "records.jsonl"),
+            samples=2,
+            methods=methods,
+            output_dir=str(out),
+        )
+    assert forwards == [] and not out.exists()
+
+
+def test_evaluate_runs_a_repeated_method_once(tmp_path):
+    model, _ = make_tiny("llava")
+    ExitHeads.for_model(model, threshold=0.5).save_pretrained(tmp_path / "heads")
+    specs = ["static:all", "static:1", f"heads:{tmp_path / 'heads'}", f"heads:{tmp_path / 'heads'}:0.5,0.7"]
+    names = [m.name for m in load_script("train/eval.py").resolve_methods(specs, model, 4)]
+    assert names == [f"static K={k}" for k in range(5)] + ["heads(heads) p=0.5", "heads(heads) p=0.7"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        ("samples", 0, r"--samples must be an int >= 1"),
+        ("batch_size", 0, r"--batch_size must be an int >= 1, got 0"),
+        ("max_new_tokens", 0, r"--max_new_tokens must be an int >= 1, got 0"),
+        ("dtype", "float16", r"--dtype must be one of"),
+        ("output_dir", "a-file", r"--output_dir .*a-file is an existing file, not a directory"),
+        ("methods", "static:1", r"--methods must be a list of method strings"),
+    ],
+)
+def test_evaluate_refuses_bad_arguments_before_loading_the_model(tmp_path, monkeypatch, option, value, match):
+    script = load_script("train/eval.py")
+    monkeypatch.setattr(script, "load_model", _forbid)
+    (tmp_path / "a-file").write_text("keep me\n")
+    if option == "output_dir":
+        value = str(tmp_path / value)
+    kwargs = {"output_dir": str(tmp_path / "eval"), option: value}
+    with pytest.raises(ValueError, match=match):
+        script.main(**kwargs)
+    assert not (tmp_path / "eval").exists() and (tmp_path / "a-file").read_text() == "keep me\n"
+
+
+# ------------------------------------------- --data.* and --model.* options (the modules of dyvte.train)
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"splits": {"train_samples": 0}},
+            r"train_samples \(--data.splits.train_samples\) must be an int >= 1 or null, got 0",
+        ),
+        (
+            {"splits": {"val_samples": 0}},
+            r"val_samples \(--data.splits.val_samples\) must be an int >= 1 or null, got 0",
+        ),
+        ({"batch_size": 0}, r"batch_size \(--data.batch_size\) must be an int >= 1"),
+        ({"labels": {"batch_size": 0}}, r"batch_size \(--data.labels.batch_size\) must be an int >= 1"),
+        ({"splits": {"val_fraction": 1.0}}, r"val_fraction \(--data.splits.val_fraction\) must be in \(0, 1\)"),
+        ({"labels": {"agree": 1.0}}, r"agree \(--data.labels.agree\) must be in \[0, 1\)"),
+        ({"labels": {"loss_ratio": 0.9}}, r"loss_ratio \(--data.labels.loss_ratio\) must be >= 1"),
+        (
+            {"labels": {"rule": "safe"}},
+            r"--data.labels.rule: label_rule must be one of agreement, kl, dyvte, dyvte-layer",
+        ),
+        ({"labels": {"kl_eta": 0.0}}, r"kl_eta \(--data.labels.kl_eta\) must be > 0"),
+        (
+            {"splits": {"calib_samples": -1}},
+            r"calib_samples \(--data.splits.calib_samples\) must be null or an int >= 0, got -1",
+        ),
+        ({"splits": {"calib_fraction": 0.0}}, r"calib_fraction \(--data.splits.calib_fraction\) must be in \(0, 1\)"),
+    ],
+)
+def test_label_data_arguments_are_checked_when_given(kwargs, match):
+    groups = {"source": DataSource, "splits": SplitSizes, "labels": LabelOptions}
+    with pytest.raises(ValueError, match=match):
+        ExitLabelData(**{k: groups[k](**v) if k in groups else v for k, v in kwargs.items()})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": 1.5}, r"threshold \(--model.threshold\) must be a P\(exit\) in \[0, 1\], got 1.5"),
+        ({"lr": 0.0}, r"lr \(--model.lr\) must be > 0"),
+        ({"head_size": 0}, r"head_size \(--model.head_size\) must be an int >= 1 or null, got 0"),
+        ({"weight_decay": -1.0}, r"weight_decay \(--model.weight_decay\) must be >= 0"),
+    ],
+)
+def test_head_module_arguments_are_checked_before_labelling(kwargs, match):
+    """`--model.threshold 1.5` failed only after labelling, when the heads were shaped."""
+    from dyvte.train.module import ExitHeadsModule
+
+    with pytest.raises(ValueError, match=match):
+        ExitHeadsModule(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- other launchers
+@pytest.mark.parametrize("splits", ["2000/13001", "0/100", "2000", "a/b"])
+def test_ablate_splits_refuses_bad_splits_before_any_labelling(splits, tmp_path):
+    """A split that overlaps the scored records (15,000..19,999), is empty or does not parse is refused up front."""
+    with pytest.raises(SystemExit, match="--splits"):
+        load_script("train/ablate_splits.py").main(["--splits", splits, "--cache_dir", str(tmp_path / "labels")])
+    assert not (tmp_path / "labels").exists()
+
+
+def test_calibrate_launcher_checks_arguments_before_writing(llava, tmp_path):
+    """A bad --report_thresholds fails before the model loads, and a good calibration file stays as it was."""
+    model, processor, _ = llava
+    _, file = saved_calibration(model, processor, tmp_path)
+    before = file.read_bytes()
+    script = load_script("train/calibrate.py")
+    for bad in ({"report_thresholds": [1e-3, -1.0]}, {"threshold": 0.0}, {"positions": "last"}, {"dtype": "float16"}):
+        with pytest.raises(ValueError, match="threshold|positions|dtype"):
+            script.main(model="/nonexistent/model", output=str(tmp_path), **bad)
+    assert file.read_bytes() == before
+
+
+def test_every_launcher_takes_prompt_template(tmp_path):
+    import inspect
+    import json
+
+    from dyvte.train.lora import AdaptModule
+    from dyvte.train.options import DataSource
+
+    model, processor = make_tiny("llava")  # saved without a chat template, as many checkpoints are
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    lines = []
+    for i, rec in enumerate(records(4)):
+        rec["image"].save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": rec["question"], "answer": rec["answer"]}))
+    (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+    calibrate = load_script("train/calibrate.py").main
+    kwargs = {"model": str(tmp_path / "model"), "data": str(tmp_path / "records.jsonl"), "samples": 4, "batch_size": 2}
+    with pytest.raises(DataError, match=r"no chat template.*--prompt_template"):
+        calibrate(**kwargs, output=str(tmp_path / "cal"))
+    calibrate(**kwargs, output=str(tmp_path / "cal"), prompt_template="USER: <image>\n{question} ASSISTANT:")
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["num_samples"] == 4
+    for script in ("train/calibrate.py", "train/eval.py", "train/report.py"):
+        assert "prompt_template" in inspect.signature(load_script(script).main).parameters, script
+    for cls in (DataSource, AdaptModule):
+        assert "prompt_template" in inspect.signature(cls).parameters, cls
