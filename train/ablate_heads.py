@@ -15,7 +15,7 @@ then scored once on it.
 
 Scoring is exact and offline: before a row exits no token has left, so the heads read the cached full-model
 features and the exit layer, answer and prefill FLOPs at that layer come from the label cache (``dyvte.exits.rules``;
-tests/test_exits.py checks this against the engine). Each row: accuracy, agreement with the full model, relative
+tests/exits/test_rules.py checks this against the engine). Each row: accuracy, agreement with the full model, relative
 prefill FLOPs, the share of the oracle's FLOPs savings, and the promised tolerance next to the disagreement
 realized on test; mean and spread over ``--seeds`` trainings. The static-K row picks K with the same
 Learn-then-Test promise (K walked down from L-1).

@@ -18,7 +18,7 @@ oracle's own target; ``dyvte-layer`` keeps the paper's per-layer target ``dyvte[
 
 Exits: the first head j with P(exit) >= its threshold gives K = j + 1; none gives L (nothing withdrawn). Before a
 row's exit no token has left, so the heads read exactly the cached full-model features: the simulated exit layer
-equals the engine's (tested in tests/test_exits.py), and so do its answer and its prefill FLOPs.
+equals the engine's (tested in tests/exits/test_rules.py), and so do its answer and its prefill FLOPs.
 """
 
 from __future__ import annotations
