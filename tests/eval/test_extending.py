@@ -62,3 +62,17 @@ def test_a_registered_policy_and_pruning_method_run_through_the_harness(plugin, 
         MethodError, match=r"method 'middle:3': middle takes no argument; expected middle \(no argument\)"
     ):
         parse_method("middle:3", 4)
+
+
+def test_a_missing_plugin_is_named_before_any_model_loads(tmp_path, monkeypatch):
+    script = load_script("train/eval.py")
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(script, "load_model", forbid)
+    with pytest.raises(FileNotFoundError, match=r"--plugins: .*absent\.py does not exist"):
+        script.main(plugins=[str(tmp_path / "absent.py")], output_dir=str(tmp_path / "eval"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dyvte_plugin"):
+        script.main(plugins=["no_such_dyvte_plugin"], output_dir=str(tmp_path / "eval"))
+    assert not (tmp_path / "eval").exists()

@@ -14,7 +14,6 @@ import torch
 
 import dyvte
 from dyvte.engine.registry import resolve
-from dyvte.eval.flops import prefill_flops
 from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig, head_features
 
 from ..tiny_models import TEMPLATE, make_tiny
@@ -120,29 +119,6 @@ def test_bad_calibrated_thresholds_and_ablation_inputs_are_refused(tiny, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------ the demo's heads
-def test_committed_demo_heads_load_onto_the_demo_model():
-    from dyvte.data.records import build_inputs as inputs_of
-    from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
-    from tests.scripts import REPO_ROOT
-
-    model, processor = load_demo_model(), load_demo_processor()
-    heads = ExitHeads.from_pretrained(REPO_ROOT / "checkpoints" / "demo-exit-heads")
-    heads.check_model(model)
-    batch = inputs_of(processor, list(load_demo_dataset("test").select(range(8))))
-    tokens = batch["attention_mask"].sum(1)
-    visual = torch.isin(batch["input_ids"], resolve(model).visual_ids).sum(1)
-    prefill = prefill_flops(model.config, tokens, visual).full  # (B,) the full model's prefill FLOPs per row
-    assert heads.num_heads * heads.flops_per_row() <= 0.01 * prefill.min()  # every head costs < 1% of a prefill
-    with torch.no_grad():
-        base = model(**batch).logits[:, -1]
-    with dyvte.withdraw(model, heads=heads, threshold=0.5) as handle, torch.no_grad():
-        last = model(**batch).logits[:, -1]
-        exits = handle.exit_layers
-    assert ((exits >= 1) & (exits <= 8)).all()
-    never = exits == 8  # rows whose heads never fired are the full model
-    torch.testing.assert_close(last[never], base[never], atol=1e-5, rtol=1e-5)
-
-
 def test_committed_demo_heads_record_a_promise_their_calibration_certifies():
     """The committed heads' calibration record is self-consistent: its binomial p-value, recomputed from the counts it
     saves, is the saved one and <= delta; it was certified on validation records disjoint from the Platt-scaling
