@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.data.sources import DTYPES, load_model, load_records  # noqa: E402
+from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
 from dyvte.eval.methods import (  # noqa: E402
@@ -41,20 +41,26 @@ from dyvte.eval.methods import (  # noqa: E402
 )
 from dyvte.train.runs import check_output_dir, runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
+from dyvte.utils.devices import check_device  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
 
 def check_arguments(
-    samples: int | None, methods: list[str], batch_size: int, max_new_tokens: int, dtype: str, output_dir: str
+    samples: int | None,
+    methods: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+    dtype: str,
+    output_dir: str,
+    device: str = "cpu",
 ) -> None:
     """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
     check_positive_int("--samples", samples, optional=True)
     check_positive_int("--batch_size", batch_size)
     check_positive_int("--max_new_tokens", max_new_tokens)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype, check_device(device, "--device"), option="--dtype")
     if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
         raise ValueError(f"--methods must be a list of method strings, e.g. '[full, \"static:all\"]', got {methods!r}")
     check_output_dir("--output_dir", output_dir)
@@ -130,6 +136,7 @@ def main(
     batch_size: int = 100,
     max_new_tokens: int = 4,
     dtype: str = "float32",
+    device: str = "cpu",
     prompt_template: str | None = None,
     output_dir: str = str(runs_dir("eval")),
     plugins: list[str] = (),
@@ -147,7 +154,8 @@ def main(
         methods: method strings (see the module docstring); the full model always runs first (the reference).
         batch_size: rows per generate call.
         max_new_tokens: generation length.
-        dtype: float32 or bfloat16.
+        dtype: float32 or bfloat16 (float16 only with a CUDA --device: it is ~100x slower than float32 on CPU).
+        device: where the model runs: cpu, cuda or cuda:N (the inputs follow it).
         prompt_template: prompt format string with {question} and the image placeholder, e.g.
             "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.data.prompts).
         output_dir: where JSON and PNG go (default ``runs/eval`` under the working directory).
@@ -155,9 +163,9 @@ def main(
             (with a method syntax) that ``methods`` may then name.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    check_arguments(samples, methods, batch_size, max_new_tokens, dtype, output_dir)  # before any work
+    check_arguments(samples, methods, batch_size, max_new_tokens, dtype, output_dir, device)  # before any work
     load_plugins(list(plugins))
-    mllm, processor = load_model(model, dtype, prompt_template)
+    mllm, processor = load_model(model, dtype, prompt_template, device=device)
     num_layers = resolve(mllm).num_layers
     chosen = resolve_methods(list(methods), mllm, num_layers)  # before any forward
     records = load_records(data, split, samples)

@@ -3,6 +3,7 @@
     python train/fit.py                                   # demo model + data -> runs/fit-demo/exit-heads
     python train/fit.py --config configs/fit_demo.yaml    # the same, from YAML
     python train/fit.py --trainer.strategy ddp --trainer.devices 2    # two processes on CPU
+    python train/fit.py --trainer.accelerator cuda --trainer.devices 1    # label and train on a GPU
     python train/fit.py --ckpt_path runs/fit-demo/logs/version_0/checkpoints/last.ckpt   # resume
     python train/fit.py --data.source.data llava_format.json --data.source.image_folder images/   # LLaVA JSON
     python train/fit.py --data.labels.on_the_fly true --data.labels.rule dyvte-layer     # the paper's on-the-fly labels
@@ -17,6 +18,11 @@ points at one, as in the last command):
   ``checkpoints/last.ckpt`` (heads only);
 * ``runs/label-cache/<split>-<samples>-<key>``: labels and head inputs, computed once per (model weights, data,
   split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.labels.relabel true`` labels again).
+
+The device is Lightning's: ``--trainer.accelerator`` / ``--trainer.devices`` (default: the CPU). The labelling model
+is loaded on the CPU and moved to each rank's device (``trainer.strategy.root_device``), so labels, head features and
+training all run there; there is no separate ``--device`` option to disagree with the trainer's. Labelling runs in
+float32 (no ``--dtype``).
 
 Every path is logged at INFO. Lightning checkpoints hold only the heads; training never runs the MLLM after labelling.
 

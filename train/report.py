@@ -31,6 +31,7 @@ from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import OVERALL, format_per_type, method_kind, plot_sweep  # noqa: E402
 from dyvte.eval.methods import Full, load_plugins, parse_method  # noqa: E402
 from dyvte.train.runs import runs_dir  # noqa: E402
+from dyvte.utils.devices import check_device  # noqa: E402
 
 
 def main(
@@ -53,6 +54,7 @@ def main(
     prompt_template: str | None = None,
     methods: list[str] = (),
     plugins: list[str] = (),
+    device: str = "cpu",
 ) -> None:
     """Run every method and write the report.
 
@@ -78,10 +80,12 @@ def main(
         methods: more method strings to run and report beside the built-in ones (any registered kind).
         plugins: ``.py`` files or module names to import first (they register the exit policies or pruning methods
             that ``methods`` names; see ``train/eval.py``).
+        device: where the model runs: cpu, cuda or cuda:N (the report is fp32 on either).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_device(device, "--device")  # before any work
     load_plugins(list(plugins))
-    mllm, processor = load_model(model, prompt_template=prompt_template)
+    mllm, processor = load_model(model, prompt_template=prompt_template, device=device)
     records = load_records(data, split, samples)
     num_layers = resolve(mllm).num_layers
     ratios = ",".join(f"{1 - k:g}" for k in keep)

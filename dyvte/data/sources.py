@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from dyvte.data.errors import DataError
+from dyvte.data.placement import CPU_DTYPES, DTYPES, check_dtype, check_placement
 from dyvte.data.records import check_answer, check_question, open_image
 
-__all__ = ["load_model", "load_records"]
+__all__ = ["CPU_DTYPES", "DTYPES", "check_dtype", "check_placement", "load_model", "load_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,14 @@ REQUIRED = ("image", "question", "answer")
 SUFFIXES = (".json", ".jsonl", ".parquet")
 EXPECTED = "expected 'demo', a save_to_disk directory, or a .json/.jsonl/.parquet records file"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-
-def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str | None = None):
+def load_model(
+    name: str = "demo",
+    dtype: str = "float32",
+    prompt_template: str | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+):
     """``(model, processor)``: the embedded demo (``"demo"``) or a local ``from_pretrained`` directory, in eval mode.
 
     ``prompt_template`` (a format string with ``{question}``, :mod:`dyvte.data.prompts`) is attached to the processor,
@@ -35,21 +40,49 @@ def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str 
     A directory holding a peft adapter (``adapter_config.json``) loads the base model it names (``"demo"`` or a
     directory) and returns the ``PeftModel`` on it; dyvte unwraps it wherever it hooks the model.
 
+    Args:
+        name: ``"demo"`` or a local model (or peft adapter) directory.
+        dtype: ``float32``, ``bfloat16`` or (on CUDA only) ``float16``; short names ``fp32``, ``bf16``, ``fp16``.
+        prompt_template: see above.
+        device: move the loaded model there (``"cpu"``, ``"cuda"``, ``"cuda:1"``); default: where it loads (CPU).
+        device_map: passed to ``from_pretrained`` (``"auto"``, a device, or ``{module name: device}``; needs
+            ``accelerate``). Exclusive with ``device``.
+
+    Every check (dtype, device, template) runs before any weight is read. dyvte moves the inputs it builds to the
+    device of the model's first parameter (:func:`dyvte.utils.devices.model_device`).
+
     Raises:
-        ValueError: unknown dtype (float16 is refused: it is ~100x slower than fp32 on CPU).
+        ValueError: unknown dtype, float16 for a model on the CPU (it is ~100x slower than fp32 there), ``device``
+            and ``device_map`` both given, a malformed device, or a CUDA device on a machine without CUDA.
+        ImportError: ``device_map`` without ``accelerate``.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    target = check_placement(device, device_map)
+    check_dtype(dtype, target, device_map)
     if prompt_template is not None:
         from dyvte.data.prompts import attach_prompt_template, check_prompt_template
 
         check_prompt_template(prompt_template)  # before loading anything
-        model, processor = load_model(name, dtype)
+        model, processor = load_model(name, dtype, device=device, device_map=device_map)
         return model, attach_prompt_template(processor, prompt_template)
-    if name == "demo":
-        from dyvte.demo import load_demo_model, load_demo_processor
+    model, processor = _load(name, DTYPES[dtype], device_map)
+    if target is not None:
+        model = model.to(target)
+        logger.info("model %s on %s (%s)", name, target, dtype)
+    return model, processor
 
-        return load_demo_model(DTYPES[dtype]), load_demo_processor()
+
+def _load(name: str, torch_dtype: torch.dtype, device_map: Any):
+    """``(model, processor)`` in eval mode, placed by ``device_map`` when given (else on the CPU)."""
+    placement = {} if device_map is None else {"device_map": device_map}
+    if name == "demo":
+        from dyvte.demo import demo_checkpoint_dir, load_demo_model, load_demo_processor
+
+        if device_map is None:
+            return load_demo_model(torch_dtype), load_demo_processor()
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(demo_checkpoint_dir(), dtype=torch_dtype, **placement)
+        return model.eval(), load_demo_processor()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(name)
@@ -59,9 +92,9 @@ def load_model(name: str = "demo", dtype: str = "float32", prompt_template: str 
     if base_name is not None:  # a peft adapter: load its base (by the name it records), then it
         from peft import PeftModel
 
-        base, processor = load_model(base_name, dtype)
+        base, processor = _load(base_name, torch_dtype, device_map)
         return PeftModel.from_pretrained(base, path).eval(), processor
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, **placement).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from dyvte.engine.registry import resolve, unwrap
 from dyvte.eval.flops import prefill_flops, prefill_kv_bytes
 from dyvte.eval.methods import Full, Method
 from dyvte.utils.checks import check_positive_int
+from dyvte.utils.devices import model_device, to_device
 from dyvte.utils.io import atomic_path, write_text_atomic
 from dyvte.utils.modes import eval_mode
 
@@ -196,32 +198,35 @@ def _evaluate(
     batch_ms: list[float] = []  # prefill ms per sample of each batch (the spread)
     num_batches = (len(dataset) + batch_size - 1) // batch_size
     item_bytes = torch.finfo(model.dtype).bits // 8
+    device = model_device(model)  # inputs go there; what the metrics read comes back to the host
     if warmup:  # one untimed batch, so the first method measured does not pay for allocator / kernel warm-up
-        inputs = build_inputs(processor, next(iter_batches(dataset, batch_size, answers=True)), dtype=model.dtype)
+        records = next(iter_batches(dataset, batch_size, answers=True))
+        inputs = to_device(build_inputs(processor, records, dtype=model.dtype), device)
         with method.apply(model):
             model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     batches = iter_batches(dataset, batch_size, answers=True)
     for index, records in enumerate(tqdm(batches, total=num_batches, desc=method.name, disable=not progress)):
-        inputs = build_inputs(processor, records, offset=index * batch_size, dtype=model.dtype)
-        clock = StepClock(model.device)
+        host = build_inputs(processor, records, offset=index * batch_size, dtype=model.dtype)
+        inputs = to_device(host, device)
+        clock = StepClock(device)
         with method.apply(model) as handle:
             start = time.perf_counter()
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[clock])
             total_s += time.perf_counter() - start
-            exits = handle.exit_layers.clone() if handle is not None and handle.exit_layers is not None else None
+            exits = _host(handle.exit_layers) if handle is not None and handle.exit_layers is not None else None
             # pruning handles say what the LLM received (fed_*) and how many visual tokens stay after the exit
             fed = {
-                "fed_tokens": None if handle is None else handle.fed_tokens,
-                "fed_visual": None if handle is None else handle.fed_visual,
-                "visual_after": None if handle is None else handle.visual_after,
+                "fed_tokens": None if handle is None else _host(handle.fed_tokens),
+                "fed_visual": None if handle is None else _host(handle.fed_visual),
+                "visual_after": None if handle is None else _host(handle.visual_after),
             }
         prefill_s += clock.stamps[0] - start
         batch_ms.append(1e3 * (clock.stamps[0] - start) / len(records))
         if exits is None:
             exits = torch.full((len(records),), spec.num_layers)
-        texts = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        texts = processor.tokenizer.batch_decode(out[:, host["input_ids"].shape[1] :].cpu(), skip_special_tokens=True)
         predicted = [normalize_answer(t) for t in texts]
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        ids, mask = host["input_ids"], host["attention_mask"]  # on the host, as spec.visual_ids
         visual = torch.isin(ids, spec.visual_ids).sum(1)
         tokens = mask.sum(1)
         fed_tokens = tokens if fed["fed_tokens"] is None else fed["fed_tokens"]
@@ -249,6 +254,12 @@ def _evaluate(
     p10, p90 = torch.tensor(batch_ms, dtype=torch.float64).quantile(torch.tensor([0.1, 0.9], dtype=torch.float64))
     metrics[OVERALL]["prefill_ms_p10"], metrics[OVERALL]["prefill_ms_p90"] = float(p10), float(p90)
     return EvalResult(method.name, metrics, answers, exits_all, flops_all, qtypes)
+
+
+def _host(value: Any) -> Any:
+    """A tensor copied to the host (a detached clone, so later writes on the handle cannot change it); other values
+    (``None``, lists) as they are."""
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
 def oracle_exit(full: EvalResult, static: dict[int, EvalResult]) -> tuple[list[int], list[float]]:

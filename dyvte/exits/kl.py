@@ -19,6 +19,7 @@ from dyvte.engine.compat import logits_of
 from dyvte.engine.registry import resolve, unwrap
 from dyvte.policies.calibrated import POSITIONS, Calibration, choose_layer
 from dyvte.policies.withdraw import withdraw
+from dyvte.utils.devices import model_device, to_device
 from dyvte.utils.modes import eval_mode
 
 __all__ = ["calibrate", "kl_divergence", "scored_positions"]
@@ -113,6 +114,8 @@ def _calibrate(
 
     full: list[torch.Tensor] = []  # per batch: (N_positions, V) full-model logits at the scored positions
     masks: list[torch.Tensor] = []
+    device = model_device(model)
+    batches = [to_device(batch, device) for batch in batches]  # once: every candidate layer reads them again
     model_inputs = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
     for batch, inputs in zip(batches, model_inputs, strict=True):
         mask = scored_positions(batch, positions)
@@ -129,7 +132,7 @@ def _calibrate(
         for inputs, mask, reference in zip(model_inputs, masks, full, strict=True):
             with withdraw(model, layer=layer) as handle:
                 logits = handle.to_input_positions(logits_of(model(**inputs)))  # (B, T, V)
-            kl = torch.zeros(mask.shape, dtype=torch.float32)
+            kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
             kl[mask] = kl_divergence(logits[mask], reference)
             count = mask.sum(1)
             per_sample.append((kl.sum(1) / count.clamp(min=1))[count > 0])  # mean over a sample's positions

@@ -23,6 +23,7 @@ from dyvte.engine.registry import resolve, unwrap
 from dyvte.exits.labels import exit_safe
 from dyvte.policies.exit_heads import head_features
 from dyvte.policies.withdraw import withdraw
+from dyvte.utils.devices import model_device, to_device
 from dyvte.utils.modes import eval_mode
 
 __all__ = ["draw_layers", "fresh_labels"]
@@ -64,9 +65,8 @@ def fresh_labels(
     num_layers = spec.num_layers
     if len(layers) != len(records) or not all(1 <= int(k) < num_layers for k in layers):
         raise ValueError(f"fresh_labels: one exit layer in [1, {num_layers - 1}] per record expected, got {layers}")
-    device = next(model.parameters()).device
-    inputs = build_inputs(processor, records, with_answers=True, offset=offset, dtype=model.dtype)
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}  # the model's device
+    device = model_device(model)
+    inputs = to_device(build_inputs(processor, records, with_answers=True, offset=offset, dtype=model.dtype), device)
     labels = inputs.pop("labels")  # (B, T)
     batch = labels.shape[0]
     doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

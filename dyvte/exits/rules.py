@@ -32,6 +32,7 @@ import torch
 
 from dyvte.exits.risk import LttResult, default_grid, learn_then_test
 from dyvte.policies.exit_heads import NEVER, exit_logit, first_exit
+from dyvte.utils.devices import model_device
 
 __all__ = [
     "ThresholdCertificate",
@@ -235,8 +236,9 @@ def certify_thresholds(
         The :class:`ThresholdCertificate` (every threshold ``NEVER`` when nothing can be certified).
     """
     with torch.no_grad():
-        logits = heads(features).float()  # (N, L-1)
-        ref_logits = None if reference is None else heads(reference[0]).float()
+        device = model_device(heads)  # the heads may still be where they trained; the search runs on the host
+        logits = heads(features.to(device)).float().cpu()  # (N, L-1)
+        ref_logits = None if reference is None else heads(reference[0].to(device)).float().cpu()
     num_heads = logits.shape[1]
     grid = default_grid()  # λ from 1 down
     if savings is not None and ref_logits is None:

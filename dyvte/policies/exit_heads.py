@@ -74,9 +74,9 @@ def first_exit(logits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         logits: ``(N, L-1)`` exit logits of each head.
         thresholds: ``(L-1,)`` per-head logit thresholds (``+inf``: never fires; :meth:`ExitHeads.exit_logits`).
     """
-    fires = logits.float() >= thresholds.float()[None]  # (N, L-1)
+    fires = logits.float() >= thresholds.to(logits.device).float()[None]  # (N, L-1)
     num_heads = logits.shape[1]
-    first = torch.where(fires, torch.arange(num_heads)[None], num_heads).amin(1)
+    first = torch.where(fires, torch.arange(num_heads, device=logits.device)[None], num_heads).amin(1)
     return first + 1  # L - 1 + 1 = L when no head fires
 
 

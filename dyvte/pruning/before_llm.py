@@ -238,7 +238,8 @@ class Pruning:
         total = max((int(s.max()) + 1 for s in sources if s.numel()), default=0)  # encoder tokens scored
         attention = None
         if self.scorer.uses_attention:
-            attention = torch.cat(captured).flatten() if captured else torch.empty(0)  # (V * S,)
+            # (V * S,) on the host, where the views are ranked (the sources are host tensors; one copy per image batch)
+            attention = torch.cat(captured).flatten().cpu() if captured else torch.empty(0)
             if attention.numel() < total:
                 raise PruningError("the scoring encoder layer did not run on every view of these images")
         scores = self.scorer.score(attention, total, self.seed)

@@ -18,6 +18,7 @@ from torchmetrics.classification import MultilabelPrecision, MultilabelRecall
 
 from dyvte.policies.exit_heads import ExitHeads
 from dyvte.utils.checks import check_positive_int
+from dyvte.utils.devices import model_device
 
 if TYPE_CHECKING:
     from dyvte.train.label_data import ExitLabelData
@@ -136,9 +137,9 @@ def head_validation(
         the fraction labelled safe; ``None`` when the head never fires) and ``recall`` (of the samples labelled safe,
         the fraction it fires for; ``None`` when none is labelled safe).
     """
-    thresholds = heads.exit_logits(threshold)  # (L-1,) logit thresholds
-    with torch.no_grad():
-        fires = heads(features).float() >= thresholds[None]  # (N, L-1)
+    thresholds = heads.exit_logits(threshold)  # (L-1,) logit thresholds, on the host
+    with torch.no_grad():  # the heads may still be on the device they trained on: their logits come back
+        fires = heads(features.to(model_device(heads))).float().cpu() >= thresholds[None]  # (N, L-1)
     safe = targets.bool()
     rows: list[dict[str, float | int | None]] = []
     for j in range(heads.num_heads):
