@@ -3,11 +3,16 @@
     python train/eval.py                                     # demo test split: full model and every static K
     python train/eval.py --config configs/evaluate_demo.yaml
     python train/eval.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
+    python train/eval.py --device cuda --dtype bfloat16      # on a GPU (float16 too; never float16 on CPU)
 
 Method strings: full, static:K[,K...], static:all, calibrated:DIR, heads:DIR[:P,...], fastervlm:R, random:R,
 fastv:K:R (R = fraction of visual tokens pruned), A+B, and every kind registered with a method syntax
 (``--plugins '["my_policy.py"]'`` imports files or modules that register exit policies or pruning methods first).
-Writes <output_dir>/results.json (every method's metrics), <output_dir>/<method>.json, and
+The full model is timed first and again after every other method; when the two timings drift apart by more than
+10% of their mean, or the 1-minute load average exceeds the usable cores at the start or end, the printed table marks
+its timing columns "(unreliable)" and says why (``dyvte.eval.timing.check_timings``).
+Writes <output_dir>/results.json (every method's metrics, and under "timing" the two full-model timings' check:
+reliable, reasons, drift, loads, cores), <output_dir>/<method>.json, and
 <output_dir>/accuracy_vs_flops.png (default ``runs/eval`` under the working directory, ignored by git; with every
 static K also oracle.json), logs where, and prints the tables. Nothing is written under checkpoints/.
 """
@@ -39,6 +44,7 @@ from dyvte.eval.methods import (  # noqa: E402
     load_plugins,
     parse_method,
 )
+from dyvte.eval.timing import TimingCheck, check_timings, machine_load, usable_cores  # noqa: E402
 from dyvte.train.runs import check_output_dir, runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
 from dyvte.utils.devices import check_device  # noqa: E402
@@ -173,14 +179,18 @@ def main(
         raise ValueError(f"--data {data} --split {split} holds no records to evaluate")
     out = Path(output_dir)
     kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    load_start = machine_load()
     full = dyvte.evaluate(mllm, processor, records, Full(), **kwargs)
     results = [full] + [dyvte.evaluate(mllm, processor, records, m, reference=full, **kwargs) for m in chosen]
+    timing = time_again(mllm, processor, records, full, load_start, kwargs)
     for r in results:
         r.save(out / file_name(r.method))
-    write_text_atomic(out / "results.json", json.dumps({r.method: r.metrics for r in results}, indent=1) + "\n")
+    saved = {**{r.method: r.metrics for r in results}, "timing": timing.record()}
+    write_text_atomic(out / "results.json", json.dumps(saved, indent=1) + "\n")
     plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
     print(f"\n{model} on {data}/{split}, {len(records)} samples, {dtype}\n")
-    print(format_table(results))
+    print(format_table(results, unreliable=not timing.reliable))
+    print(timing_note(timing))
     print("\naccuracy per question type\n")
     print(format_per_type(results, "accuracy"))
     print("\nagreement with the full model per question type\n")
@@ -191,6 +201,24 @@ def main(
         summarize(full, static, [r for r in results[1:] if not r.method.startswith("static")], num_layers, out)
     log.info("results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", out.absolute())
     return results
+
+
+def time_again(mllm, processor, records, full: dyvte.EvalResult, load_start: float | None, kwargs: dict) -> TimingCheck:
+    """The full model timed again after every method, checked against its first pass and the machine's load."""
+    again = dyvte.evaluate(mllm, processor, records, Full(), reference=full, **kwargs)
+    if again.answers != full.answers:
+        log.warning("the full model answered differently on its second pass: generation is not deterministic")
+    first_ms, again_ms = full.metrics["all"]["prefill_ms"], again.metrics["all"]["prefill_ms"]
+    return check_timings(first_ms, again_ms, load_start, machine_load(), usable_cores())
+
+
+def timing_note(timing: TimingCheck) -> str:
+    """One paragraph under the table: whether its timing columns can be trusted, and why not."""
+    loads = "/".join("-" if x is None else f"{x:.2f}" for x in (timing.load_start, timing.load_end))
+    seen = f"full-model drift {timing.drift:.1%} (limit {timing.max_drift:.0%}), load {loads} on {timing.cores} cores"
+    if timing.reliable:
+        return f"\ntimings: {seen}"
+    return "\ntiming columns UNRELIABLE: " + "; ".join(timing.reasons) + f" ({seen})"
 
 
 def summarize(

@@ -115,5 +115,5 @@ def check_placement(device: str | torch.device | None, device_map: Any) -> torch
             dev = _map_device(target)
         except (RuntimeError, TypeError) as error:
             raise ValueError(f"device_map: {target!r} is not a device") from error
-        check_device(dev, "device_map")
+        check_device(str(dev), "device_map")
     return None

@@ -301,11 +301,15 @@ def format_histogram(layers: list[int], qtypes: list[str], num_layers: int) -> s
     return "\n".join(lines)
 
 
-def format_table(results: list[EvalResult]) -> str:
-    """Markdown table, one row per result: overall accuracy, agreement, exit layers, FLOPs and time."""
+def format_table(results: list[EvalResult], unreliable: bool = False) -> str:
+    """Markdown table, one row per result: overall accuracy, agreement, exit layers, FLOPs and time.
+
+    ``unreliable`` marks the two timing columns' headers "(unreliable)" (:func:`dyvte.eval.timing.check_timings`).
+    """
+    mark = " (unreliable)" if unreliable else ""
     lines = [
-        "| method | accuracy | agreement | exit mean (p10/p50/p90) | rel. prefill FLOPs | prefill ms/sample | "
-        "total ms/sample |",
+        "| method | accuracy | agreement | exit mean (p10/p50/p90) | rel. prefill FLOPs | "
+        f"prefill ms/sample{mark} | total ms/sample{mark} |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -52,7 +52,8 @@ def test_a_registered_policy_and_pruning_method_run_through_the_harness(plugin, 
 
     # into the harness's outputs: results.json, one file per method, and the printed tables
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved) == set(by_name)
+    assert set(saved) == {*by_name, "timing"}  # "timing": the two full-model passes' check (dyvte.eval.timing)
+    assert isinstance(saved["timing"]["reliable"], bool) and saved["timing"]["cores"] >= 1
     table = capsys.readouterr().out.split("accuracy per question type")[0]  # the main table, one row per method
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")][1:] == [
         f"| {name}" for name in by_name
