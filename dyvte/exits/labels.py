@@ -31,6 +31,7 @@ from dyvte.engine.registry import resolve, unwrap
 from dyvte.policies.exit_heads import head_features
 from dyvte.policies.withdraw import withdraw
 from dyvte.utils.checks import check_positive_int
+from dyvte.utils.devices import model_device, to_device
 from dyvte.utils.modes import eval_mode
 
 if TYPE_CHECKING:
@@ -426,7 +427,8 @@ def _on_the_fly_labels(
     spec = resolve(model)
     if not 1 <= layer < spec.num_layers:
         raise ValueError(f"on-the-fly labels need an exit layer in [1, {spec.num_layers - 1}], got {layer}")
-    inputs = dict(inputs)
+    device = model_device(model)
+    inputs = to_device(inputs, device)  # the caller's batch, built on the host, follows the model
     labels = inputs.pop("labels")
     batch = labels.shape[0]
     # every tensor input (per-token or per-image) is repeated: rows 0..B-1 full, B..2B-1 withdrawn
@@ -435,7 +437,7 @@ def _on_the_fly_labels(
     with withdraw(model, layer=rows) as handle:
         out = model(**doubled, output_hidden_states=True)
         logits = handle.to_input_positions(logits_of(out))  # (2B, T, V)
-    visual = torch.isin(inputs["input_ids"], spec.visual_ids)
+    visual = torch.isin(inputs["input_ids"], spec.visual_ids.to(device))
     hidden = hidden_states_of(out)[layer][:batch]  # output of layer K-1 for the full copies: (B, T, d)
     features = head_features(hidden, visual, inputs["attention_mask"].bool(), _final_prompt_slot(labels))
     return features, exit_safe(logits[:batch], logits[batch:], labels, agree, loss_ratio)
