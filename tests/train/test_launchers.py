@@ -314,6 +314,48 @@ def test_evaluate_refuses_bad_arguments_before_loading_the_model(tmp_path, monke
     assert not (tmp_path / "eval").exists() and (tmp_path / "a-file").read_text() == "keep me\n"
 
 
+#: the message every launcher gives for float16 on the CPU (dyvte.data.placement.check_dtype)
+CPU_FP16 = (
+    r"^--dtype must be one of \['bf16', 'bfloat16', 'float32', 'fp32'\] on CPU, got 'float16': float16 is ~100x "
+    r"slower than float32 on CPU"
+)
+
+
+@pytest.mark.parametrize(
+    ("script", "kwargs"),
+    [
+        ("train/eval.py", {"output_dir": "eval"}),
+        ("train/calibrate.py", {"output": "calibration"}),
+    ],
+)
+def test_launchers_refuse_float16_on_cpu_and_cuda_without_it_before_loading(tmp_path, monkeypatch, script, kwargs):
+    """--dtype float16 with --device cpu (the default): one message on every launcher; --device cuda on a machine
+    without CUDA, and a malformed --device, are refused before the model loads."""
+    module = load_script(script)
+    monkeypatch.setattr(module, "load_model", _forbid)
+    kwargs = {key: str(tmp_path / value) for key, value in kwargs.items()}
+    for device in ("cpu", None):
+        extra = {} if device is None else {"device": device}
+        with pytest.raises(ValueError, match=CPU_FP16):
+            module.main(dtype="float16", **extra, **kwargs)
+    with pytest.raises(ValueError, match=r"--device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        module.main(device="gpu", **kwargs)
+    if not torch.cuda.is_available():
+        for dtype in ("float32", "float16"):
+            with pytest.raises(ValueError, match=r"--device 'cuda:0': CUDA is not available on this machine"):
+                module.main(device="cuda:0", dtype=dtype, **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_report_refuses_cuda_without_it_before_loading(tmp_path, monkeypatch):
+    module = load_script("train/report.py")
+    monkeypatch.setattr(module, "load_model", _forbid)
+    with pytest.raises(ValueError, match=r"--device 'cuda': CUDA is not available"):
+        module.main(device="cuda", output_dir=str(tmp_path / "report"))
+    assert not (tmp_path / "report").exists()
+
+
 # ------------------------------------------- --data.* and --model.* options (the modules of dyvte.train)
 @pytest.mark.parametrize(
     ("kwargs", "match"),
