@@ -11,6 +11,8 @@ the compiled mode, the graphs dynamo built and its graph breaks.
     python benchmarks/serving.py                              # tiny shape, fp32, every mode (compiling takes minutes)
     python benchmarks/serving.py --modes dynamic static       # no compile
     python benchmarks/serving.py --dtype bf16 --layers 32 --hidden 4096 --ffn 11008 --heads 32   # LLaVA-7B shape
+    python benchmarks/serving.py --device cpu --smoke --output /tmp/serving.md    # seconds: the code path, tiny
+    benchmarks/gpu.sh docs/gpu.md                             # the GPU run: LLaVA-7B shape, bf16, static + compiled
 
 On CPU ``generate`` compiles only when told to (``compile_config._compile_all_devices``); this script does so, with
 ``mode="default"`` (CUDA graphs, ``"reduce-overhead"``, are used on a GPU).
@@ -25,6 +27,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +43,7 @@ from dyvte.eval.benchmark import (
     llava_prompt,
     threads,
 )
+from dyvte.utils.devices import check_device
 
 logger = logging.getLogger("serving")
 
@@ -115,7 +119,12 @@ def dynamo_stats() -> Iterator[dict[str, int]]:
         stats["breaks"] = sum(counters["graph_break"].values())
 
 
-def main() -> None:
+#: ``--smoke``: the shape and lengths of a seconds-long CPU run of the same code path
+SMOKE = LlavaShape(hidden_size=64, num_layers=4, intermediate_size=128, num_heads=4, num_kv_heads=4, image_size=56)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``: default ``sys.argv[1:]``); a CUDA ``--device`` without CUDA is an error here."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -125,9 +134,30 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_shape_arguments(parser, TINY)
     parser.add_argument("--image-size", type=int, default=TINY.image_size, help="vision input (px), patch 14")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser.add_argument("--output", default=None, help="also write the Markdown table (with its header) to this file")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long check of the same code path: a 4-layer d=64 shape, batch 2, 3 new tokens",
+    )
+    args = parser.parse_args(argv)
+    try:
+        check_device(args.device, "--device")
+    except ValueError as error:
+        parser.error(str(error))
+    if args.smoke:
+        args.layers, args.hidden, args.ffn, args.heads = (
+            SMOKE.num_layers,
+            SMOKE.hidden_size,
+            SMOKE.intermediate_size,
+            SMOKE.num_heads,
+        )
+        args.image_size, args.batch, args.new_tokens = SMOKE.image_size, 2, 3
+    return args
 
+
+def run(args: argparse.Namespace) -> list[tuple]:
+    """One row per (policy, mode): ``(policy, mode, exits, same, prefill s, decode s/step, syncs, graphs)``."""
     shape = LlavaShape(
         hidden_size=args.hidden,
         num_layers=args.layers,
@@ -139,7 +169,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     rows = []
     with threads(args.threads):
-        model = build_random_llava(shape, dtype=dtype, device=args.device)
+        model = build_random_llava(shape, dtype=dtype, device=args.device, attn="sdpa")
         inputs = llava_prompt(shape, batch=args.batch, device=args.device, dtype=dtype)
         device = model.device
         for name, context in policies(model, args.batch).items():
@@ -161,21 +191,44 @@ def main() -> None:
                 graphs = f"{stats['graphs']} / {stats['breaks']}" if mode == "compiled" else "-"
                 rows.append((name, mode, exits, same, prefill, step, syncs, graphs))
                 logger.info("%s / %s: %.1f ms per step, tokens equal: %s", name, mode, 1e3 * step, same)
-    print(
-        f"\nServing benchmark on {platform.processor() or platform.machine()} ({args.device}, {args.dtype}, "
-        f"{torch.get_num_threads()} threads), decoder L={shape.num_layers} d={shape.hidden_size}, batch "
-        f"{args.batch} x (35 text + {shape.image_tokens} visual + 40 text tokens), {args.new_tokens} new tokens\n"
-    )
-    print(
-        "| policy | mode | exit layers | tokens = dynamic | prefill (s) | decode (ms/step) | "
-        "dyvte syncs prefill / step | dynamo graphs / breaks |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    return rows
+
+
+def markdown(args: argparse.Namespace, rows: list[tuple]) -> str:
+    """The table of :func:`run`'s rows under a header naming the machine, device, dtype, shape and lengths."""
+    on_cuda = args.device.startswith("cuda")
+    machine = torch.cuda.get_device_name(args.device) if on_cuda else platform.processor() or platform.machine()
+    visual = (args.image_size // 14) ** 2
+    lines = [
+        f"Serving benchmark on {machine} ({args.device}, {args.dtype}, "
+        f"SDPA attention, {torch.get_num_threads()} threads, torch {torch.__version__}), random-weight decoder "
+        f"L={args.layers} d={args.hidden} FFN {args.ffn} {args.heads} heads, batch {args.batch} x (35 text + "
+        f"{visual} visual + 40 text tokens), {args.new_tokens} new tokens. Exit heads have random weights (they time "
+        "the heads' cost, not a meaningful exit decision); per-row K is a batch whose rows exit at different layers.",
+        "",
+        f"| policy | mode | exit layers | tokens = {args.modes[0]} | prefill (s) | decode (ms/step) | "
+        "dyvte syncs prefill / step | dynamo graphs / breaks |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, mode, exits, same, prefill, step, (s_pre, s_step), graphs in rows:
-        print(
+        lines.append(
             f"| {name} | {mode} | {exits or '-'} | {same} | {prefill:.3f} | {1e3 * step:.1f} | "
             f"{s_pre} / {s_step:g} | {graphs} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark, print its table and write it to ``--output`` when given; returns the table."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    text = markdown(args, run(args))
+    print("\n" + text)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        logger.info("table written to %s", args.output)
+    return text
 
 
 if __name__ == "__main__":

@@ -84,3 +84,46 @@ def test_hybrid_prefill_rows_on_a_tiny_qwen3_5_shape():
     assert all(row["kv"] < rows[-1]["kv"] for row in rows[:-1])
     assert len({row["state"] for row in rows}) == 1 and rows[0]["state"] > 0
     assert "| fp32 | 4 |" in script.hybrid_table(shape, rows)
+
+
+def test_serving_smoke_runs_the_gpu_scripts_code_path_on_cpu(tmp_path, capsys):
+    """benchmarks/gpu.sh runs ``benchmarks/serving.py`` (CUDA, LLaVA-7B shape, bf16); its ``--device cpu --smoke``
+    twin here (without the compiled mode, which compiles for minutes on CPU): every policy in each mode, the tokens of
+    each policy equal across modes, and the Markdown table written where ``--output`` says."""
+    script = load_script("benchmarks/serving.py")
+    out = tmp_path / "tables" / "serving.md"
+    text = script.main(["--device", "cpu", "--smoke", "--modes", "dynamic", "static", "--output", str(out)])
+    assert out.read_text() == text and text in capsys.readouterr().out
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(r[0].lstrip("| "), r[1]) for r in rows] == [
+        (policy, mode)
+        for policy in ("full", "static K=1", "per-row K=[1, 4]", "exit heads (random, p=0.5)")
+        for mode in ("dynamic", "static")
+    ]
+    assert all(r[3] == "yes" for r in rows)
+    assert "L=4 d=64" in text and "random weights" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_serving_refuses_cuda_without_it_before_building_a_model(capsys):
+    script = load_script("benchmarks/serving.py")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--device", "cuda"])
+    assert "--device 'cuda': CUDA is not available on this machine" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_script_stops_at_once_without_cuda_and_without_an_output(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .scripts import REPO_ROOT
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    script = str(REPO_ROOT / "benchmarks" / "gpu.sh")
+    done = subprocess.run(["bash", script, str(tmp_path / "gpu.md")], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "CUDA is not available on this machine" in done.stderr
+    assert "--smoke" in done.stderr and not (tmp_path / "gpu.md").exists()
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "usage:" in done.stderr
