@@ -188,7 +188,7 @@ def main(
     saved = {**{r.method: r.metrics for r in results}, "timing": timing.record()}
     write_text_atomic(out / "results.json", json.dumps(saved, indent=1) + "\n")
     plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
-    print(f"\n{model} on {data}/{split}, {len(records)} samples, {dtype}\n")
+    print(f"\n{model} on {data}/{split}, {len(records)} samples, {dtype} on {device}\n")
     print(format_table(results, unreliable=not timing.reliable))
     print(timing_note(timing))
     print("\naccuracy per question type\n")
