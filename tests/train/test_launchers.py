@@ -23,6 +23,7 @@ import torch
 
 import dyvte
 import dyvte.data.sources
+from dyvte.cli import evaluate as evaluate_cli
 from dyvte.data.records import DataError
 from dyvte.policies.exit_heads import NEVER, ExitHeads
 from dyvte.train.label_data import ExitLabelData
@@ -226,7 +227,7 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
 
 # -------------------------------------------------------------------- evaluate: everything checked before work
 def _counting_loader(monkeypatch, script, forwards: list[int]) -> None:
-    """Make ``script.load_model`` count every forward of the model it loads."""
+    """Make ``script.load_model`` count every forward of the model it loads (``script``: the module of the job)."""
     real = script.load_model
 
     def load(*args, **kwargs):
@@ -239,7 +240,7 @@ def _counting_loader(monkeypatch, script, forwards: list[int]) -> None:
 
 def test_evaluate_checks_every_method_before_the_full_model_runs(tmp_path, monkeypatch):
     """The issue's call: `'["static:0,1","static:9"]'` on the 8-layer demo ran full, K = 0, K = 1, then crashed."""
-    script = load_script("train/eval.py")
+    script = evaluate_cli  # the module whose load_model main calls (train/eval.py only re-exports main)
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     out = tmp_path / "eval"
@@ -267,7 +268,7 @@ def _two_heads_named_alike(root: Path) -> list[str]:
     ],
 )
 def test_evaluate_refuses_bad_methods_before_any_forward(setup_dir, tmp_path, monkeypatch, methods, match):
-    script = load_script("train/eval.py")
+    script = evaluate_cli  # the module whose load_model main calls (train/eval.py only re-exports main)
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     methods = methods or _two_heads_named_alike(tmp_path)
@@ -287,7 +288,7 @@ def test_evaluate_runs_a_repeated_method_once(tmp_path):
     model, _ = make_tiny("llava")
     ExitHeads.for_model(model, threshold=0.5).save_pretrained(tmp_path / "heads")
     specs = ["static:all", "static:1", f"heads:{tmp_path / 'heads'}", f"heads:{tmp_path / 'heads'}:0.5,0.7"]
-    names = [m.name for m in load_script("train/eval.py").resolve_methods(specs, model, 4)]
+    names = [m.name for m in evaluate_cli.resolve_methods(specs, model, 4)]
     assert names == [f"static K={k}" for k in range(5)] + ["heads(heads) p=0.5", "heads(heads) p=0.7"]
 
 
@@ -303,7 +304,7 @@ def test_evaluate_runs_a_repeated_method_once(tmp_path):
     ],
 )
 def test_evaluate_refuses_bad_arguments_before_loading_the_model(tmp_path, monkeypatch, option, value, match):
-    script = load_script("train/eval.py")
+    script = evaluate_cli
     monkeypatch.setattr(script, "load_model", _forbid)
     (tmp_path / "a-file").write_text("keep me\n")
     if option == "output_dir":
