@@ -1,5 +1,5 @@
-"""An editable install that a clone's folder cannot shadow (docs/design.md, "An install a clone's folder cannot
-shadow").
+"""An editable install that a clone's folder cannot shadow (docs/design.md §6, "An editable install a clone's
+folder cannot shadow").
 
 A clone of the repository in a folder named ``dyvte`` holds no ``__init__.py`` at its top, so Python running in the
 clone's parent folder (``''`` first on ``sys.path``) sees that folder as a namespace package ``dyvte``. setuptools'
