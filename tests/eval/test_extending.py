@@ -66,7 +66,7 @@ def test_a_registered_policy_and_pruning_method_run_through_the_harness(plugin, 
 
 
 def test_a_missing_plugin_is_named_before_any_model_loads(tmp_path, monkeypatch):
-    script = load_script("train/eval.py")
+    from dyvte.cli import evaluate as script  # where main looks load_model up (train/eval.py re-exports main)
 
     def forbid(*args, **kwargs):
         raise AssertionError("the model was loaded")

@@ -12,6 +12,7 @@ disjoint and seeded. Method strings themselves are ``tests/eval/test_methods.py`
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ import torch
 
 import dyvte
 import dyvte.data.sources
+from dyvte.cli import evaluate as evaluate_cli
 from dyvte.data.records import DataError
 from dyvte.policies.exit_heads import NEVER, ExitHeads
 from dyvte.train.label_data import ExitLabelData
@@ -226,7 +228,7 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
 
 # -------------------------------------------------------------------- evaluate: everything checked before work
 def _counting_loader(monkeypatch, script, forwards: list[int]) -> None:
-    """Make ``script.load_model`` count every forward of the model it loads."""
+    """Make ``script.load_model`` count every forward of the model it loads (``script``: the module of the job)."""
     real = script.load_model
 
     def load(*args, **kwargs):
@@ -239,7 +241,7 @@ def _counting_loader(monkeypatch, script, forwards: list[int]) -> None:
 
 def test_evaluate_checks_every_method_before_the_full_model_runs(tmp_path, monkeypatch):
     """The issue's call: `'["static:0,1","static:9"]'` on the 8-layer demo ran full, K = 0, K = 1, then crashed."""
-    script = load_script("train/eval.py")
+    script = evaluate_cli  # the module whose load_model main calls (train/eval.py only re-exports main)
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     out = tmp_path / "eval"
@@ -267,7 +269,7 @@ def _two_heads_named_alike(root: Path) -> list[str]:
     ],
 )
 def test_evaluate_refuses_bad_methods_before_any_forward(setup_dir, tmp_path, monkeypatch, methods, match):
-    script = load_script("train/eval.py")
+    script = evaluate_cli  # the module whose load_model main calls (train/eval.py only re-exports main)
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     methods = methods or _two_heads_named_alike(tmp_path)
@@ -287,7 +289,7 @@ def test_evaluate_runs_a_repeated_method_once(tmp_path):
     model, _ = make_tiny("llava")
     ExitHeads.for_model(model, threshold=0.5).save_pretrained(tmp_path / "heads")
     specs = ["static:all", "static:1", f"heads:{tmp_path / 'heads'}", f"heads:{tmp_path / 'heads'}:0.5,0.7"]
-    names = [m.name for m in load_script("train/eval.py").resolve_methods(specs, model, 4)]
+    names = [m.name for m in evaluate_cli.resolve_methods(specs, model, 4)]
     assert names == [f"static K={k}" for k in range(5)] + ["heads(heads) p=0.5", "heads(heads) p=0.7"]
 
 
@@ -303,7 +305,7 @@ def test_evaluate_runs_a_repeated_method_once(tmp_path):
     ],
 )
 def test_evaluate_refuses_bad_arguments_before_loading_the_model(tmp_path, monkeypatch, option, value, match):
-    script = load_script("train/eval.py")
+    script = evaluate_cli
     monkeypatch.setattr(script, "load_model", _forbid)
     (tmp_path / "a-file").write_text("keep me\n")
     if option == "output_dir":
@@ -322,16 +324,16 @@ CPU_FP16 = (
 
 
 @pytest.mark.parametrize(
-    ("script", "kwargs"),
+    ("job", "kwargs"),
     [
-        ("train/eval.py", {"output_dir": "eval"}),
-        ("train/calibrate.py", {"output": "calibration"}),
+        ("dyvte.cli.evaluate", {"output_dir": "eval"}),  # train/eval.py, dyvte evaluate
+        ("dyvte.cli.calibrate", {"output": "calibration"}),  # train/calibrate.py, dyvte calibrate
     ],
 )
-def test_launchers_refuse_float16_on_cpu_and_cuda_without_it_before_loading(tmp_path, monkeypatch, script, kwargs):
+def test_launchers_refuse_float16_on_cpu_and_cuda_without_it_before_loading(tmp_path, monkeypatch, job, kwargs):
     """--dtype float16 with --device cpu (the default): one message on every launcher; --device cuda on a machine
     without CUDA, and a malformed --device, are refused before the model loads."""
-    module = load_script(script)
+    module = importlib.import_module(job)
     monkeypatch.setattr(module, "load_model", _forbid)
     kwargs = {key: str(tmp_path / value) for key, value in kwargs.items()}
     for device in ("cpu", None):
@@ -349,7 +351,7 @@ def test_launchers_refuse_float16_on_cpu_and_cuda_without_it_before_loading(tmp_
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_report_refuses_cuda_without_it_before_loading(tmp_path, monkeypatch):
-    module = load_script("train/report.py")
+    module = importlib.import_module("dyvte.cli.report")  # train/report.py, dyvte report
     monkeypatch.setattr(module, "load_model", _forbid)
     with pytest.raises(ValueError, match=r"--device 'cuda': CUDA is not available"):
         module.main(device="cuda", output_dir=str(tmp_path / "report"))

@@ -1,4 +1,5 @@
-"""train/report.py: the matched-FLOPs table picks the right settings, and a small run writes a consistent report."""
+"""train/report.py (the job: dyvte.cli.report): the matched-FLOPs table picks the right settings, and a small run
+writes a consistent report."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 
 import pytest
 
+from dyvte.cli import report as report_cli
 from dyvte.eval.harness import EvalResult
 
 from ..scripts import load_script
@@ -33,7 +35,7 @@ def every_setting(text: str) -> dict[str, list[str]]:
 
 
 def test_matched_table_takes_the_best_accuracy_at_or_below_each_target():
-    script = load_script("train/report.py")
+    script = report_cli
     results = [
         result("full", 0.9, 1.0),
         result("static K=1", 0.3, 0.3),
@@ -52,7 +54,7 @@ def test_matched_table_takes_the_best_accuracy_at_or_below_each_target():
 
 
 def test_speedups_are_against_the_mean_of_the_two_full_passes(tmp_path):
-    script = load_script("train/report.py")
+    script = report_cli
     full, again = result("full", 0.9, 1.0, ms=4.0, kv=4096.0), result("full, timed again last", 0.9, 1.0, ms=6.0)
     static = result("static K=1", 0.5, 0.3, ms=2.5, kv=1024.0)
     text = script.render([full, static], again, [0.5], 10, "test", "heads", 5, str(tmp_path / "absent.md"))

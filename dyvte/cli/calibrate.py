@@ -1,0 +1,109 @@
+"""``dyvte calibrate``: VTW calibration, the per-layer KL curve of a model on a few samples and the static exit layer
+it chooses.
+
+``python train/calibrate.py`` runs the same job with the same options (examples in its docstring). Writes
+``<output>/calibration.json`` (default ``runs/calibrate-demo`` under the working directory) and prints the KL curve.
+    python train/calibrate.py --device cuda --dtype bfloat16    # on a GPU (the batches follow the model)
+Needs the ``dyvte[train]`` extra (jsonargparse).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from jsonargparse import CLI  # noqa: E402
+
+import dyvte  # noqa: E402
+from dyvte.data.records import build_inputs, iter_batches  # noqa: E402
+from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
+from dyvte.exits.kl import POSITIONS  # noqa: E402
+from dyvte.train.runs import runs_dir  # noqa: E402
+from dyvte.utils.checks import check_positive_int  # noqa: E402
+from dyvte.utils.devices import check_device  # noqa: E402
+
+
+def check_arguments(
+    threshold: float,
+    report_thresholds: list[float],
+    positions: str,
+    samples: int,
+    batch_size: int,
+    dtype: str,
+    device: str = "cpu",
+) -> None:
+    """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
+    for name, eta in [("--threshold", threshold), *(("--report_thresholds", t) for t in report_thresholds)]:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
+            raise ValueError(f"{name}: a KL threshold eta must be a number > 0, got {eta!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"--positions must be one of {POSITIONS}, got {positions!r}")
+    check_positive_int("--samples", samples)
+    check_positive_int("--batch_size", batch_size)
+    check_dtype(dtype, check_device(device, "--device"), option="--dtype")
+
+
+def main(
+    model: str = "demo",
+    data: str = "demo",
+    split: str = "validation",
+    samples: int = 100,
+    threshold: float = 3e-3,
+    report_thresholds: list[float] = (1e-3, 3e-3, 1e-2),
+    positions: str = "first",
+    batch_size: int = 50,
+    dtype: str = "float32",
+    device: str = "cpu",
+    prompt_template: str | None = None,
+    output: str = str(runs_dir("calibrate-demo")),
+) -> dyvte.Calibration:
+    """Calibrate the static exit layer.
+
+    Args:
+        model: "demo" or a local model directory.
+        data: "demo", a save_to_disk directory or a .json/.jsonl/.parquet records file.
+        split: dataset split to calibrate on (never the test split you report).
+        samples: number of calibration samples (VTW used 20).
+        threshold: eta saved in the calibration file.
+        report_thresholds: other etas whose chosen layer is printed.
+        positions: "first" (first answer position, as VTW) or "answer" (every teacher-forced answer position).
+        batch_size: rows per forward.
+        dtype: float32 or bfloat16 (float16 only with a CUDA --device: it is ~100x slower than float32 on CPU).
+        device: where the model runs: cpu, cuda or cuda:N (the batches follow it).
+        prompt_template: prompt format string with {question} and the image placeholder, e.g.
+            "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.data.prompts).
+        output: directory for calibration.json (pass checkpoints/demo-calibration to regenerate the committed one).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_arguments(threshold, report_thresholds, positions, samples, batch_size, dtype, device)  # before any work
+    mllm, processor = load_model(model, dtype, prompt_template, device=device)
+    records = load_records(data, split, samples)
+    batches = [
+        build_inputs(processor, recs, with_answers=positions == "answer", offset=i * batch_size)
+        for i, recs in enumerate(iter_batches(records, batch_size))
+    ]
+    cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions)
+    file = cal.save(output)
+    print(f"\nKL(P_withdrawn || P_full) at the {positions} answer position(s), {cal.num_samples} samples of {split}:\n")
+    print("| K | mean KL |\n|---|---|")
+    for k, kl in enumerate(cal.kl_per_layer):
+        print(f"| {k} | {kl:.3g} |")
+    print("\n| eta | chosen K |\n|---|---|")
+    for eta in sorted({threshold, *report_thresholds}):
+        print(f"| {eta:g} | {cal.with_threshold(eta).layer} |")
+    logging.getLogger("calibrate").info(
+        "calibration written to %s (eta=%g, K=%d)", file.absolute(), threshold, cal.layer
+    )
+    return cal
+
+
+def run(args: list[str] | None = None, prog: str | None = None) -> dyvte.Calibration:
+    """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/calibrate.py`` parses it.
+
+    Args:
+        args: command-line arguments (default: ``sys.argv[1:]``).
+        prog: the program name in usage and help messages (default: the script's file name).
+    """
+    return CLI(main, as_positional=False, args=args, **({"prog": prog} if prog else {}))

@@ -1,0 +1,258 @@
+"""``dyvte evaluate``: methods on a dataset, with accuracy, agreement with the full model, exit layers, prefill FLOPs
+and wall clock.
+
+``python train/eval.py`` runs the same job with the same options; its docstring lists the method strings
+(``full``, ``static:K``, ``heads:DIR``, ``fastervlm:R``, ``A+B``, registered kinds with ``--plugins``) and the
+outputs (``results.json``, one JSON per method and ``accuracy_vs_flops.png`` under ``--output_dir``, default
+``runs/eval``). Needs the ``dyvte[train,eval]`` extras (jsonargparse, torchmetrics, matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from jsonargparse import CLI  # noqa: E402
+
+import dyvte  # noqa: E402
+from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
+from dyvte.engine.registry import resolve  # noqa: E402
+from dyvte.eval.harness import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
+from dyvte.eval.methods import (  # noqa: E402
+    Compose,
+    Full,
+    Method,
+    PolicyRun,
+    PruningRun,
+    check_method,
+    load_plugins,
+    parse_method,
+)
+from dyvte.eval.timing import TimingCheck, check_timings, machine_load, usable_cores  # noqa: E402
+from dyvte.train.runs import check_output_dir, runs_dir  # noqa: E402
+from dyvte.utils.checks import check_positive_int  # noqa: E402
+from dyvte.utils.devices import check_device  # noqa: E402
+from dyvte.utils.io import write_text_atomic  # noqa: E402
+
+log = logging.getLogger("evaluate")
+
+
+def check_arguments(
+    samples: int | None,
+    methods: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+    dtype: str,
+    output_dir: str,
+    device: str = "cpu",
+) -> None:
+    """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
+    check_positive_int("--samples", samples, optional=True)
+    check_positive_int("--batch_size", batch_size)
+    check_positive_int("--max_new_tokens", max_new_tokens)
+    check_dtype(dtype, check_device(device, "--device"), option="--dtype")
+    if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"--methods must be a list of method strings, e.g. '[full, \"static:all\"]', got {methods!r}")
+    check_output_dir("--output_dir", output_dir)
+
+
+def resolve_methods(specs: list[str], model, num_layers: int) -> list[Method]:
+    """Every method of every string, checked against ``model`` without running it; the full model left out.
+
+    Raises:
+        ValueError: a malformed string, a directory that does not load or does not fit the model, an out-of-range
+            value (each message quotes the method string), or two different methods whose results would be saved
+            under the same name.
+    """
+    chosen: list[Method] = []
+    seen: dict[str, tuple[str, Method]] = {}  # output file name -> (method string, method)
+    for spec in specs:
+        for method in parse_method(spec, num_layers):
+            check_method(method, model, spec)
+            if isinstance(method, Full):
+                continue  # the full model always runs first, as the reference
+            name = file_name(method.name)
+            if name in seen:
+                if same_method(seen[name][1], method):
+                    log.info("method %r repeats %s of %r: run once", spec, method.name, seen[name][0])
+                    continue
+                raise ValueError(
+                    f"methods {seen[name][0]!r} and {spec!r} are different methods under one name "
+                    f"({method.name!r}): their results would overwrite each other; give the heads or calibration "
+                    "directories distinct names"
+                )
+            seen[name] = (spec, method)
+            chosen.append(method)
+    return chosen
+
+
+def same_method(a: Method, b: Method) -> bool:
+    """Whether two methods compute the same thing (options holding modules, such as exit heads, compare by config
+    and weights)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, Compose):
+        return same_method(a.outer, b.outer) and same_method(a.inner, b.inner)
+    if isinstance(a, (PolicyRun, PruningRun)):
+        kind = (a.policy, b.policy) if isinstance(a, PolicyRun) else (a.method, b.method)
+        return (
+            kind[0] == kind[1]
+            and a.options.keys() == b.options.keys()
+            and all(_same_value(a.options[k], b.options[k]) for k in a.options)
+        )
+    return a == b
+
+
+def _same_value(x: object, y: object) -> bool:
+    if isinstance(x, torch.nn.Module) or isinstance(y, torch.nn.Module):
+        if type(x) is not type(y) or getattr(x, "config", None) != getattr(y, "config", None):
+            return False
+        ours, theirs = x.state_dict(), y.state_dict()
+        return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    return x == y
+
+
+def file_name(method_name: str) -> str:
+    """The JSON file name of a method's result (``<name>.json``, unsafe characters replaced)."""
+    return re.sub(r"[^A-Za-z0-9=.,-]+", "_", method_name) + ".json"
+
+
+def main(
+    model: str = "demo",
+    data: str = "demo",
+    split: str = "test",
+    samples: int | None = None,
+    methods: list[str] = ("full", "static:all"),
+    batch_size: int = 100,
+    max_new_tokens: int = 4,
+    dtype: str = "float32",
+    device: str = "cpu",
+    prompt_template: str | None = None,
+    output_dir: str = str(runs_dir("eval")),
+    plugins: list[str] = (),
+) -> list[dyvte.EvalResult]:
+    """Run each method over the dataset and report.
+
+    Every argument and every method string (heads and calibration directories loaded and checked against the model,
+    every K in range) is checked before the first forward; nothing is written unless every method ran.
+
+    Args:
+        model: "demo" or a local model directory.
+        data: "demo", a save_to_disk directory or a .json/.jsonl/.parquet records file.
+        split: dataset split.
+        samples: evaluate the first N records (default: all).
+        methods: method strings (see the module docstring); the full model always runs first (the reference).
+        batch_size: rows per generate call.
+        max_new_tokens: generation length.
+        dtype: float32 or bfloat16 (float16 only with a CUDA --device: it is ~100x slower than float32 on CPU).
+        device: where the model runs: cpu, cuda or cuda:N (the inputs follow it).
+        prompt_template: prompt format string with {question} and the image placeholder, e.g.
+            "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.data.prompts).
+        output_dir: where JSON and PNG go (default ``runs/eval`` under the working directory).
+        plugins: ``.py`` files or module names to import first: they register exit policies or pruning methods
+            (with a method syntax) that ``methods`` may then name.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_arguments(samples, methods, batch_size, max_new_tokens, dtype, output_dir, device)  # before any work
+    load_plugins(list(plugins))
+    mllm, processor = load_model(model, dtype, prompt_template, device=device)
+    num_layers = resolve(mllm).num_layers
+    chosen = resolve_methods(list(methods), mllm, num_layers)  # before any forward
+    records = load_records(data, split, samples)
+    if len(records) == 0:
+        raise ValueError(f"--data {data} --split {split} holds no records to evaluate")
+    out = Path(output_dir)
+    kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    load_start = machine_load()
+    full = dyvte.evaluate(mllm, processor, records, Full(), **kwargs)
+    results = [full] + [dyvte.evaluate(mllm, processor, records, m, reference=full, **kwargs) for m in chosen]
+    timing = time_again(mllm, processor, records, full, load_start, kwargs)
+    for r in results:
+        r.save(out / file_name(r.method))
+    saved = {**{r.method: r.metrics for r in results}, "timing": timing.record()}
+    write_text_atomic(out / "results.json", json.dumps(saved, indent=1) + "\n")
+    plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
+    print(f"\n{model} on {data}/{split}, {len(records)} samples, {dtype} on {device}\n")
+    print(format_table(results, unreliable=not timing.reliable))
+    print(timing_note(timing))
+    print("\naccuracy per question type\n")
+    print(format_per_type(results, "accuracy"))
+    print("\nagreement with the full model per question type\n")
+    print(format_per_type(results, "agreement"))
+    static = {int(r.method.split("=")[1]): r for r in results if r.method.startswith("static K=")}
+    static[num_layers] = static.get(num_layers, full)
+    if sorted(static) == list(range(num_layers + 1)):
+        summarize(full, static, [r for r in results[1:] if not r.method.startswith("static")], num_layers, out)
+    log.info("results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", out.absolute())
+    return results
+
+
+def time_again(mllm, processor, records, full: dyvte.EvalResult, load_start: float | None, kwargs: dict) -> TimingCheck:
+    """The full model timed again after every method, checked against its first pass and the machine's load."""
+    again = dyvte.evaluate(mllm, processor, records, Full(), reference=full, **kwargs)
+    if again.answers != full.answers:
+        log.warning("the full model answered differently on its second pass: generation is not deterministic")
+    first_ms, again_ms = full.metrics["all"]["prefill_ms"], again.metrics["all"]["prefill_ms"]
+    return check_timings(first_ms, again_ms, load_start, machine_load(), usable_cores())
+
+
+def timing_note(timing: TimingCheck) -> str:
+    """One paragraph under the table: whether its timing columns can be trusted, and why not."""
+    loads = "/".join("-" if x is None else f"{x:.2f}" for x in (timing.load_start, timing.load_end))
+    seen = f"full-model drift {timing.drift:.1%} (limit {timing.max_drift:.0%}), load {loads} on {timing.cores} cores"
+    if timing.reliable:
+        return f"\ntimings: {seen}"
+    return "\ntiming columns UNRELIABLE: " + "; ".join(timing.reasons) + f" ({seen})"
+
+
+def summarize(
+    full: dyvte.EvalResult,
+    static: dict[int, dyvte.EvalResult],
+    others: list[dyvte.EvalResult],
+    num_layers: int,
+    out: Path,
+    tolerance: float = 0.005,
+) -> None:
+    """Oracle per-sample exit, and each method's cheapest setting within ``tolerance`` of the full accuracy."""
+    layers, oracle_flops = oracle_exit(full, static)
+    oracle = sum(oracle_flops) / len(oracle_flops)
+    print("\nsmallest safe exit layer per sample (withdrawal at every K' >= K gives the full model's answer)\n")
+    print(format_histogram(layers, full.qtypes, num_layers))
+    target = full.accuracy - tolerance
+
+    def cheapest(results: list[dyvte.EvalResult]) -> tuple[str, float, float] | None:
+        ok = [r for r in results if r.accuracy >= target]
+        best = min(ok, key=lambda r: r.flops, default=None)
+        return None if best is None else (best.method, best.accuracy, best.flops)
+
+    rows = [("full", full.accuracy, 1.0), ("oracle per-sample exit", full.accuracy, oracle)]
+    groups: dict[str, list] = {"static": list(static.values())}
+    for r in others:
+        groups.setdefault(r.method.split(" ")[0], []).append(r)
+    for group in groups.values():
+        best = cheapest(group)
+        if best is not None:
+            rows.append(best)
+    print(f"\ncheapest setting of each method with accuracy >= full - {tolerance:g} ({target:.3f})\n")
+    print("| method | accuracy | rel. prefill FLOPs | share of the oracle's savings |\n|---|---|---|---|")
+    for name, acc, flops in rows:
+        share = (1 - flops) / (1 - oracle) if oracle < 1 else float("nan")
+        print(f"| {name} | {acc:.3f} | {flops:.3f} | {share:.0%} |")
+    summary = {"oracle_relative_flops": oracle, "smallest_safe_layer": layers, "cheapest_within_tolerance": rows}
+    write_text_atomic(out / "oracle.json", json.dumps(summary) + "\n")
+
+
+def run(args: list[str] | None = None, prog: str | None = None) -> list[dyvte.EvalResult]:
+    """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/eval.py`` parses it.
+
+    Args:
+        args: command-line arguments (default: ``sys.argv[1:]``).
+        prog: the program name in usage and help messages (default: the script's file name).
+    """
+    return CLI(main, as_positional=False, args=args, **({"prog": prog} if prog else {}))

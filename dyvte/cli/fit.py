@@ -1,0 +1,224 @@
+"""``dyvte fit``: train DyVTE exit heads on a frozen MLLM (default: the embedded demo model and digit-scenes data).
+
+``python train/fit.py`` runs the same job with the same options; its docstring lists examples and every output
+(heads and ``training.json`` under ``runs/fit-demo/exit-heads``, Lightning logs under ``runs/fit-demo/logs``, the
+label cache under ``runs/label-cache``, all relative to the working directory). Needs the ``dyvte[train]`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+
+from dyvte.data.sources import load_config  # noqa: E402
+from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
+from dyvte.exits.rules import certify_thresholds, exit_savings  # noqa: E402
+from dyvte.train.label_data import ExitLabelData  # noqa: E402
+from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
+from dyvte.train.runs import (  # noqa: E402
+    check_output_dir,
+    check_training_budget,
+    quiet_lightning,
+    require_trained,
+    runs_dir,
+)
+from dyvte.utils.io import write_text_atomic  # noqa: E402
+
+log = logging.getLogger("fit")
+
+
+def job_dir() -> Path:
+    """``runs/fit-demo`` under the working directory at the time of the call: heads in ``exit-heads``, Lightning
+    logs in ``logs``."""
+    return runs_dir("fit-demo")
+
+
+class FitCLI(LightningCLI):
+    """``LightningCLI`` with the heads' output directory and a resume checkpoint."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--output_dir",
+            default=str(job_dir() / "exit-heads"),
+            help="where the trained heads and training.json are written (pass checkpoints/demo-exit-heads to "
+            "regenerate the committed demo heads)",
+        )
+        parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to resume from")
+        parser.add_argument(
+            "--tolerance",
+            type=float,
+            default=DEFAULT_TOLERANCE,
+            help="the promise the saved thresholds keep: at most this share of answers differ from the full model's "
+            "(e.g. 0.01 = 1%%), except with probability --delta; certified on the --data.splits.calib_samples records",
+        )
+        parser.add_argument("--delta", type=float, default=0.1, help="probability that the --tolerance promise fails")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse what cannot give trained heads or cannot be written, before the model is loaded or labelled."""
+        check_training_budget(self.config["trainer"], "exit heads")
+        check_output_dir("--output_dir", self.config["output_dir"])
+        for option, value in (("--tolerance", self.config["tolerance"]), ("--delta", self.config["delta"])):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{option} must be in (0, 1), got {value!r}")
+        ckpt = self.config["ckpt_path"]
+        if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES and not Path(ckpt).is_file():
+            raise ValueError(f"--ckpt_path {ckpt}: no such checkpoint file")
+
+
+#: the default promise: at most 1% of answers differ from the full model's (fixed before any test figure was seen;
+#: checkpoints/README.md: on the demo this keeps test accuracy within 0.5 pt)
+DEFAULT_TOLERANCE = 0.01
+
+#: ``ckpt_path`` values Lightning resolves itself
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def main(args: list[str] | None = None, prog: str | None = None) -> dict:
+    """Label (or reuse the label cache), train the heads, save them and log the per-head validation table.
+
+    Args:
+        args: command-line arguments (default: ``sys.argv[1:]``).
+        prog: the program name in usage and help messages (default: the script's file name).
+
+    Returns:
+        The ``training.json`` summary on global rank 0, ``{}`` on the other ranks.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_lightning()
+    jobs = job_dir()
+    with warnings.catch_warnings():
+        if prog is not None:  # from the dyvte command: sys.argv[1:] is [command, *args], not other arguments
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = FitCLI(
+            ExitHeadsModule,
+            ExitLabelData,
+            run=False,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": prog} if prog else None,
+            seed_everything_default=0,  # an explicit seed: seed_everything(None) warns "No seed found" before seeding 0
+            trainer_defaults={
+                "accelerator": "cpu",
+                "max_epochs": 40,
+                "log_every_n_steps": 5,
+                "default_root_dir": str(jobs),
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(jobs), "name": "logs"},
+                },
+                "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)],
+            },
+        )
+    data: ExitLabelData = cli.datamodule
+    out = Path(cli.config["output_dir"]).absolute()  # logged and recorded absolute: YAML paths are relative to cwd
+    if rank_zero_only.rank == 0:
+        logger = cli.trainer.logger
+        log.info(
+            "heads will be written to %s, Lightning logs under %s, label cache in %s",
+            out,
+            Path(getattr(logger, "root_dir", None) or cli.trainer.default_root_dir).absolute(),
+            data.cache_root,
+        )
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
+    seconds = time.perf_counter() - start
+    log_dir = str(Path(cli.trainer.log_dir).absolute())  # on every rank: under DDP it is a broadcast
+    require_trained(cli.trainer, "exit heads", out)  # on every rank: global_step is the same everywhere
+    if not cli.trainer.is_global_zero:
+        return {}
+    heads = cli.model.heads
+    heads.config.label_rule = data.labels.rule
+    calibration = certify(heads, data, cli.config["tolerance"], cli.config["delta"])
+    heads.save_pretrained(out)
+    features, targets = data.tensors["val"]
+    per_head = head_validation(heads, features, targets)
+    caches = data.cache_paths()
+    meta = data.meta or {}
+    summary = {
+        "fit_seconds": seconds,
+        "labels_ms_per_sample": meta.get("ms_per_sample"),
+        "epochs": cli.trainer.current_epoch,
+        "steps": cli.trainer.global_step,
+        "label_rule": data.labels.rule,
+        "threshold": heads.config.threshold,
+        "thresholds": heads.config.thresholds,
+        "calibration": calibration,
+        "val_samples": len(targets),
+        "validation_split": data.split_summary(),
+        "val_heads": per_head,
+        "logs": log_dir,
+        "label_cache": {name: str(path) for name, path in caches.items()},
+    }
+    write_text_atomic(out / "training.json", json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "validation of each head's exit decision at threshold %s (%d samples, label rule %r; precision: of the "
+        "samples it exits, the share labelled safe; recall: of the samples labelled safe, the share it exits):\n%s",
+        "calibrated per head" if heads.config.thresholds else heads.config.threshold,
+        len(targets),
+        data.labels.rule,
+        format_head_table(per_head),
+    )
+    log.info("heads and training.json written to %s (%.1f s, %d steps)", out, seconds, cli.trainer.global_step)
+    log.info("Lightning logs (metrics.csv, config.yaml, checkpoints/last.ckpt) in %s", log_dir)
+    names = {"train": "train", "val": "validation", "calib": "calibration"}
+    log.info("label cache: %s", ", ".join(f"{path} ({names[name]})" for name, path in caches.items()))
+    return summary
+
+
+def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
+    """Choose the heads' thresholds on the calibration split (Learn-then-Test) and store them in their config."""
+    if "calib" not in data.columns:
+        log.info(
+            "no calibration split (--data.splits.calib_samples 0): the heads keep threshold %g", heads.config.threshold
+        )
+        return None
+    val = data.columns["val"]
+    flops = relative_flops_per_exit(load_config(data.source.model), val["tokens"], val["visual"])  # (N, L+1)
+    savings = exit_savings(flops.numpy())  # (L-1,) what an exit at K = j + 1 saves, on validation
+    chosen = certify_thresholds(
+        heads,
+        data.tensors["calib"][0],
+        data.columns["calib"]["match"],
+        tolerance,
+        delta,
+        data.tensors["val"],
+        savings=savings,
+    )
+    result = chosen.result
+    record = {**chosen.record(), "label_rule": data.labels.rule, "source": data.split_summary()}
+    record["savings"] = [round(float(x), 6) for x in savings]
+    heads.config.thresholds, heads.config.threshold_logits = chosen.thresholds, chosen.logits
+    heads.config.calibration = record
+    if result.parameter is None:
+        log.warning(
+            "calibration: no threshold keeps at most %.3g disagreement with probability >= %.3g on %d samples; the "
+            "saved heads never fire (raise --tolerance or --data.splits.calib_samples)",
+            tolerance,
+            1 - delta,
+            result.samples,
+        )
+    else:
+        log.info(
+            "calibration: per-head thresholds %s (head j fires when its Platt-scaled P(unsafe) <= %.6g x the "
+            "share of the largest saving it brings; scaled on validation) keep the disagreement with the full "
+            "model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out samples: %d disagreements, "
+            "%.1f%% exit early)",
+            [round(t, 4) for t in chosen.thresholds],
+            result.parameter,
+            tolerance,
+            1 - delta,
+            result.samples,
+            result.errors,
+            100 * result.exit_rate,
+        )
+    return record

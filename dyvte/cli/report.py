@@ -1,0 +1,314 @@
+"""``dyvte report``: the comparison report, every method on the demo test split at matched prefill FLOPs.
+
+``python train/report.py`` runs the same job with the same options (its docstring lists the methods and tables).
+Writes ``report.md``, ``accuracy_vs_flops.png`` and ``exit_layers.png`` under ``--output_dir`` (default
+``runs/report``). Needs the ``dyvte[train,eval]`` extras (jsonargparse, torchmetrics, matplotlib).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from jsonargparse import CLI  # noqa: E402
+
+import dyvte  # noqa: E402
+from dyvte.data.sources import load_model, load_records  # noqa: E402
+from dyvte.engine.registry import resolve  # noqa: E402
+from dyvte.eval.harness import OVERALL, format_per_type, method_kind, plot_sweep  # noqa: E402
+from dyvte.eval.methods import Full, load_plugins, parse_method  # noqa: E402
+from dyvte.train.runs import runs_dir
+from dyvte.utils.devices import check_device  # noqa: E402
+
+
+def main(
+    model: str = "demo",
+    data: str = "demo",
+    split: str = "test",
+    samples: int | None = None,
+    heads: str = "checkpoints/demo-exit-heads",
+    calibration: str = "checkpoints/demo-calibration",
+    thresholds: list[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
+    keep: list[float] = (0.5, 0.25, 0.1, 0.05),
+    fastv_layer: int = 2,
+    compose_threshold: float | None = None,
+    targets: list[float] = (0.7, 0.5, 0.3),
+    batch_size: int = 100,
+    output_dir: str = str(runs_dir("report")),
+    wallclock: str = "docs/wallclock.md",
+    mixed: str = "docs/mixed.md",
+    decode: str = "docs/decode.md",
+    prompt_template: str | None = None,
+    methods: list[str] = (),
+    plugins: list[str] = (),
+    device: str = "cpu",
+) -> None:
+    """Run every method and write the report.
+
+    Args:
+        model: "demo" or a local model directory.
+        data: "demo" or a records file / directory.
+        split: dataset split.
+        samples: first N records (default: all).
+        heads: exit-heads directory.
+        calibration: calibration directory.
+        thresholds: exit-head P(exit) thresholds of the sweep (one raw threshold for every head).
+        keep: fractions of visual tokens kept by the pruning methods.
+        fastv_layer: FastV's K.
+        compose_threshold: exit-head threshold used with FasterVLM and for the exit-layer histogram (``None``: the
+            heads' calibrated thresholds).
+        targets: relative-FLOPs targets of the matched-FLOPs table.
+        batch_size: rows per generate call.
+        output_dir: where report.md and the PNGs go.
+        wallclock: the Markdown table written by ``benchmarks/methods.py --output`` (included as is).
+        mixed: the mixed-exit batch prefill tables of ``benchmarks/mixed.py`` (included as is).
+        decode: the decode table of ``benchmarks/decode.py`` (included as is).
+        prompt_template: prompt format string with {question} for a model without a chat template (dyvte.data.prompts).
+        methods: more method strings to run and report beside the built-in ones (any registered kind).
+        plugins: ``.py`` files or module names to import first (they register the exit policies or pruning methods
+            that ``methods`` names; see ``train/eval.py``).
+        device: where the model runs: cpu, cuda or cuda:N (the report is fp32 on either).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_device(device, "--device")  # before any work
+    load_plugins(list(plugins))
+    mllm, processor = load_model(model, prompt_template=prompt_template, device=device)
+    records = load_records(data, split, samples)
+    num_layers = resolve(mllm).num_layers
+    ratios = ",".join(f"{1 - k:g}" for k in keep)
+    specs = [
+        "static:all",
+        f"calibrated:{calibration}",
+        f"heads:{heads}",  # the heads' calibrated thresholds (their promise: see promise())
+        f"heads:{heads}:" + ",".join(map(str, thresholds)),
+        f"fastervlm:{ratios}",
+        f"fastv:{fastv_layer}:{ratios}",
+        f"random:{ratios}",
+        f"fastervlm:{ratios}+heads:{heads}" + ("" if compose_threshold is None else f":{compose_threshold}"),
+        *methods,
+    ]
+    chosen_methods = [m for spec in specs for m in parse_method(spec, num_layers)]
+    full = dyvte.evaluate(mllm, processor, records, Full(), batch_size=batch_size, max_new_tokens=4)
+    results = [full] + [
+        dyvte.evaluate(mllm, processor, records, m, reference=full, batch_size=batch_size, max_new_tokens=4)
+        for m in chosen_methods
+        if not (isinstance(m, dyvte.PolicyRun) and m.policy == "static" and m.options["layer"] == num_layers)
+    ]
+    # the full model timed again after every method: the two passes bracket the sweep, so their gap is this machine's
+    # drift over the run; speedups are taken against their mean
+    again = dyvte.evaluate(mllm, processor, records, Full(), reference=full, batch_size=batch_size, max_new_tokens=4)
+    if again.answers != full.answers:
+        raise RuntimeError("the full model answered differently on its second pass: generation is not deterministic")
+    again = dataclasses.replace(again, method="full, timed again last")
+    out = Path(output_dir)
+    plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
+    mark = "calibrated" if compose_threshold is None else f"p={compose_threshold:g}"
+    chosen = next(r for r in results if r.method.startswith("heads") and mark in r.method)
+    plot_exit_layers(chosen, num_layers, out / "exit_layers.png")
+    text = render(
+        results,
+        again,
+        targets,
+        len(records),
+        split,
+        chosen.method,
+        batch_size,
+        wallclock,
+        mixed_path=mixed,
+        decode_path=decode,
+    )
+    text = text.replace(PROMISE_MARK, promise(results, heads))
+    (out / "report.md").write_text(text + "\n")
+    print((out / "report.md").read_text())
+
+
+PROMISE_MARK = "<!-- promise -->"
+
+
+def promise(results: list, heads_dir: str) -> str:
+    """The calibrated heads' promise (tolerance, δ, calibration size) next to the disagreement realized here."""
+    from dyvte.policies.exit_heads import ExitHeads
+
+    config = ExitHeads.from_pretrained(heads_dir).config
+    calibration = config.calibration
+    calibrated = next((r for r in results if r.method.startswith("heads") and "calibrated" in r.method), None)
+    if calibration is None or calibrated is None:
+        return f"`{heads_dir}` holds no calibrated thresholds (trained with --data.splits.calib_samples 0)."
+    m = calibrated.metrics[OVERALL]
+    full = results[0].metrics[OVERALL]
+    kept = "kept" if 1 - m["agreement"] <= calibration["tolerance"] else "NOT kept"
+    gap = m["accuracy"] - full["accuracy"]
+    return (
+        f"`{calibrated.method}`: thresholds certified by Learn-then-Test on {calibration['samples']} held-out "
+        f"calibration samples ({calibration['errors']} disagreements there) to keep the share of answers that differ "
+        f"from the full model's at most {calibration['tolerance']:g}, except with probability "
+        f"{calibration['delta']:g}. On this split: disagreement {1 - m['agreement']:.4f} (promise {kept}), accuracy "
+        f"{m['accuracy']:.3f} against the full model's {full['accuracy']:.3f} ({100 * gap:+.2f} pt), relative prefill "
+        f"FLOPs {m['relative_flops']:.3f}."
+    )
+
+
+def matched(results: list, targets: list[float]) -> str:
+    """For each FLOPs target, the best accuracy of each method family at or below it."""
+    families: dict[str, list] = defaultdict(list)
+    for r in results[1:]:
+        families[method_kind(r.method)].append(r)
+    lines = ["| method | " + " | ".join(f"≤ {t:.0%} FLOPs" for t in targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for family, group in families.items():
+        cells = []
+        for target in targets:
+            ok = [r for r in group if r.flops <= target + 1e-9]
+            best = max(ok, key=lambda r: r.accuracy, default=None)
+            cells.append("—" if best is None else f"{best.accuracy:.3f} ({best.method.split(' ', 1)[-1]})")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render(
+    results: list,
+    again,
+    targets: list[float],
+    samples: int,
+    split: str,
+    heads_name: str,
+    batch_size: int,
+    wallclock_path: str,
+    mixed_path: str = "docs/mixed.md",
+    decode_path: str = "docs/decode.md",
+) -> str:
+    """The report's Markdown (``results[0]`` is the full model; ``again`` is its second timed pass)."""
+    full = results[0]
+    base_ms = (full.metrics[OVERALL]["prefill_ms"] + again.metrics[OVERALL]["prefill_ms"]) / 2
+    base_kv = full.metrics[OVERALL]["kv_bytes"]
+    rows = [
+        "| method | accuracy | agreement | rel. prefill FLOPs | prefill ms/sample | p10–p90 over batches | "
+        "measured speedup | KV cache after prefill (KB/sample) | rel. KV |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [full, again, *results[1:]]:
+        m = r.metrics[OVERALL]
+        rows.append(
+            f"| {r.method} | {m['accuracy']:.3f} | {m['agreement']:.3f} | {m['relative_flops']:.3f} | "
+            f"{m['prefill_ms']:.2f} | {m['prefill_ms_p10']:.2f}–{m['prefill_ms_p90']:.2f} | "
+            f"{base_ms / m['prefill_ms']:.2f}× | {m['kv_bytes'] / 1024:.1f} | "
+            f"{m['kv_bytes'] / base_kv:.3f} |"
+        )
+    wallclock = Path(wallclock_path)
+    realistic = (
+        wallclock.read_text().strip()
+        if wallclock.is_file()
+        else f"(not measured yet: run `python benchmarks/methods.py --output {wallclock_path}`)"
+    )
+    return "\n".join(
+        [
+            "# dyvte comparison report",
+            "",
+            f"Demo model on the {split} split ({samples} samples), greedy, fp32, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} CPU threads on {platform.machine()}. One timed pass per method over the split "
+            f"in batches of {batch_size} after one untimed warm-up batch (prefill = time to the first generated "
+            "token, vision encoder included); the spread is the 10th–90th percentile of the per-batch prefill time "
+            f"per sample over the {-(-samples // batch_size)} batches (batches differ in content as well as in noise). "
+            "The full model is timed first and again after every other method; speedups are against the mean of "
+            "the two passes, and their gap is the machine's drift over the run. "
+            "FLOPs: text decoder + LM head on one position, 2 FLOPs per "
+            "multiply-add, dense attention, GQA-aware (`dyvte.prefill_flops`, detailed convention), relative to "
+            "the full model. Regenerate with `python train/report.py`.",
+            "",
+            "![accuracy vs FLOPs](accuracy_vs_flops.png)",
+            "",
+            "## The exit heads' promise",
+            "",
+            PROMISE_MARK,
+            "",
+            "## Matched FLOPs: best accuracy at or below each budget",
+            "",
+            matched(results, targets),
+            "",
+            "## Every setting",
+            "",
+            "\n".join(rows),
+            "",
+            "Exit heads in a batch: each row exits at its own layer and its FLOPs and KV bytes are counted as if it "
+            "were served alone (batch 1, DyVTE's setting); after an exit the later layers run each group of rows at "
+            "its own width (grouped execution, below), and the heads' per-layer decision adds its own cost, so their "
+            f"measured time in batches of {batch_size} on this tiny model is dominated by per-call costs. Static K, "
+            "calibrated K and the pruning methods shorten every row at once. The realistic-shape table below times "
+            "the heads at batch 1, and the mixed-exit section times a grouped batch.",
+            "",
+            "## Accuracy per question type",
+            "",
+            format_per_type(results, "accuracy"),
+            "",
+            f"## Exit layers of `{heads_name}` per question type",
+            "",
+            "![exit layers](exit_layers.png)",
+            "",
+            "## Wall clock at realistic shapes",
+            "",
+            "On the demo's 2.6 M-parameter model the wall clock above is dominated by per-call costs. The table below "
+            "is every method at matched FLOPs budgets on a random-weight decoder shaped like LLaVA-1.5-7B's "
+            f"(`benchmarks/methods.py`, included from `{wallclock_path}`):",
+            "",
+            realistic,
+            "",
+            "## Mixed exits in a batch (grouped execution)",
+            "",
+            "A prefill whose rows leave at different layers runs each layer after an exit once per group of rows "
+            "(rows still in, rows that left), each at its own width (docs/design.md §4). "
+            f"`benchmarks/mixed.py`, included from `{mixed_path}`:",
+            "",
+            included(mixed_path, "benchmarks/mixed.py"),
+            "",
+            "## Decode",
+            "",
+            "Time per output token, tokens/s, KV bytes and peak memory per method and batch size, with the bytes a "
+            f"step reads and which of weights or KV bounds it. `benchmarks/decode.py`, included from `{decode_path}`:",
+            "",
+            included(decode_path, "benchmarks/decode.py"),
+        ]
+    )
+
+
+def included(path: str, script: str) -> str:
+    """The Markdown file at ``path`` as is, or a line saying it was not measured yet (never an invented figure)."""
+    file = Path(path)
+    return file.read_text().strip() if file.is_file() else f"(not measured yet: run `python {script}`)"
+
+
+def plot_exit_layers(result, num_layers: int, path: Path) -> None:
+    """PNG: histogram of exit layers per question type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = sorted(set(result.qtypes))
+    fig, axes = plt.subplots(1, len(types), figsize=(2.4 * len(types), 2.6), sharey=True)
+    for ax, qtype in zip(axes, types, strict=True):
+        layers = [e for e, q in zip(result.exit_layers, result.qtypes, strict=True) if q == qtype]
+        ax.hist(layers, bins=range(num_layers + 2), align="left", rwidth=0.85)
+        ax.set_title(qtype)
+        ax.set_xticks(range(num_layers + 1))
+        ax.set_xlabel("exit layer")
+    axes[0].set_ylabel("samples")
+    fig.suptitle(result.method, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: list[str] | None = None, prog: str | None = None) -> None:
+    """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/report.py`` parses it.
+
+    Args:
+        args: command-line arguments (default: ``sys.argv[1:]``).
+        prog: the program name in usage and help messages (default: the script's file name).
+    """
+    return CLI(main, as_positional=False, args=args, **({"prog": prog} if prog else {}))

@@ -1,0 +1,1 @@
+"""Tests of dyvte/cli: the dyvte command."""
