@@ -11,13 +11,28 @@ shape, it prints the achieved FLOP rate; for a target shape it prints FLOPs per 
 on ``--gpus`` devices at each ``--tflops`` (sustained FLOP/s per device: an input, not a measurement).
 
     python benchmarks/label_cost.py --measured_ms 59 --gpus 8 --tflops 100 200 400
+
+``--measure`` times ``label_batch`` itself, the old way (``branch=False``: the whole withdrawn model once per K) and by
+branching (``branch=True``: layers 0..K-1 and the vision encoder replayed from the full forward,
+:mod:`dyvte.exits.branching`), on the demo model and on a random LLaVA-1.5-shaped model (32 layers, 576 visual
+tokens per image, the 32064-token vocabulary; ``--llava_hidden`` / ``--llava_ffn`` narrow the decoder to fit a CPU).
+Each run's cost is given in full-forward equivalents: its time over the time of the teacher-forced full forward of the
+same batch inside it (the call with ``output_hidden_states``), with its parts (greedy ``generate``, full forward,
+the L withdrawn forwards), and in samples/s; a markdown table is printed at the end.
+
+    python benchmarks/label_cost.py --measure --llava_hidden 512 --llava_ffn 1376 --llava_samples 2
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
 
 from dyvte.eval.flops import prefill_flops
 
@@ -62,6 +77,153 @@ def on_the_fly_flops(cfg, prompt: int, visual: int, gold: int) -> float:
     return float(full + sum(withdrawn) / len(withdrawn))
 
 
+class CallClock:
+    """Wall time of every top-level call of a model, by kind: ``full`` (the call with ``output_hidden_states``),
+    ``withdrawn`` (under an active withdrawal) and ``generate`` (the rest: generate's prefill and decode steps)."""
+
+    def __init__(self, model) -> None:
+        self.seconds: dict[str, list[float]] = {"generate": [], "full": [], "withdrawn": []}
+        self._start = 0.0
+        self._kind = "generate"
+        self._device = next(model.parameters()).device
+        self._hooks = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
+            model.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def _pre(self, module, args, kwargs) -> None:
+        from dyvte.engine.withdrawal import active_withdrawal
+
+        if active_withdrawal(module) is not None:
+            self._kind = "withdrawn"
+        else:
+            self._kind = "full" if kwargs.get("output_hidden_states") else "generate"
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output) -> None:
+        self._sync()
+        self.seconds[self._kind].append(time.perf_counter() - self._start)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def time_labelling(model, processor, records: list[dict], branch: bool, max_new_tokens: int) -> dict[str, float]:
+    """One ``label_batch`` call (after a warm-up call on the first record): its seconds, and per kind of call."""
+    from dyvte.exits.labels import label_batch
+
+    with torch.no_grad():
+        label_batch(model, processor, records[:1], max_new_tokens=max_new_tokens, branch=branch)  # warm-up
+        clock = CallClock(model)
+        try:
+            start = time.perf_counter()
+            label_batch(model, processor, records, max_new_tokens=max_new_tokens, branch=branch)
+            total = time.perf_counter() - start
+        finally:
+            clock.remove()
+    parts = {kind: sum(times) for kind, times in clock.seconds.items()}
+    return {"total": total, **parts, "full_once": clock.seconds["full"][0]}
+
+
+def random_llava_processor(shape):
+    """A ``LlavaProcessor`` for :func:`dyvte.eval.benchmark.build_random_llava`: a word-level tokenizer (words
+    ``w4``.. plus ``USER:``/``ASSISTANT:``; ``<image>`` is the model's image token id) and a 336-pixel CLIP image
+    processor, 576 placeholders per image."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    from dyvte.data.prompts import attach_prompt_template
+    from dyvte.eval.benchmark import IMAGE_TOKEN_ID
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "USER:": 4, "ASSISTANT:": 5}
+    vocab.update({f"w{i}": i for i in range(6, 1000)})
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    size = {"height": shape.image_size, "width": shape.image_size}
+    images = CLIPImageProcessorPil(size=size, crop_size=size, do_center_crop=False)
+    processor = LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=shape.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return attach_prompt_template(processor, "USER: <image> {question} ASSISTANT:")
+
+
+def random_records(count: int, size: int, question_words: int, answer_words: int, seed: int = 0) -> list[dict]:
+    """``count`` records of random pixels and random words of :func:`random_llava_processor`'s vocabulary."""
+    rng = np.random.default_rng(seed)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{i}" for i in rng.integers(6, 1000, size=n))
+
+    return [
+        {
+            "image": Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)),
+            "question": words(question_words),
+            "answer": words(answer_words),
+        }
+        for _ in range(count)
+    ]
+
+
+def measure(args: argparse.Namespace) -> list[str]:
+    """Time both labelling paths on the demo and the random LLaVA shape; returns the markdown table rows."""
+    from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
+    from dyvte.eval.benchmark import LlavaShape, build_random_llava
+
+    demo = load_demo_model()
+    demo_records = list(load_demo_dataset("test").select(range(args.demo_samples)))
+    shape = LlavaShape(
+        hidden_size=args.llava_hidden,
+        num_layers=32,
+        intermediate_size=args.llava_ffn,
+        num_heads=args.llava_hidden // 128,
+        num_kv_heads=args.llava_hidden // 128,
+    )
+    llava = build_random_llava(shape, dtype=torch.float32)
+    llava.generation_config.suppress_tokens = [llava.config.image_token_index]  # a random model may emit it
+    cases = [
+        ("demo (8 x 128, 36 visual tokens)", demo, load_demo_processor(), demo_records),
+        (
+            f"LLaVA-1.5 shape, 32 x {shape.hidden_size} (FFN {shape.intermediate_size}), 576 visual tokens",
+            llava,
+            random_llava_processor(shape),
+            random_records(args.llava_samples, shape.image_size, args.text_tokens, args.answer_tokens),
+        ),
+    ]
+    rows = []
+    for name, model, processor, records in cases:
+        for branch in (False, True):
+            t = time_labelling(model, processor, records, branch, args.max_new_tokens)
+            full = t["full_once"]
+            rows.append(
+                f"| {name} | {len(records)} | {'branching' if branch else 'whole forward per K'} "
+                f"| {len(records) / t['total']:.2f} | {t['total'] / full:.2f} | {t['generate'] / full:.2f} "
+                f"| {t['full'] / full:.2f} | {t['withdrawn'] / full:.2f} | {1e3 * full:.0f} |"
+            )
+            logger.info(rows[-1])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measured_ms", type=float, default=None, help="measured demo labelling ms per sample")
@@ -70,8 +232,25 @@ def main() -> None:
     parser.add_argument("--text_tokens", type=int, default=60, help="target prompt text tokens (assumed)")
     parser.add_argument("--answer_tokens", type=int, default=40, help="target gold answer tokens (assumed)")
     parser.add_argument("--differ", type=float, default=1.0, help="share of greedy answers that differ from gold")
+    parser.add_argument("--measure", action="store_true", help="time label_batch, old path and branching")
+    parser.add_argument("--demo_samples", type=int, default=16, help="demo records in the measured batch")
+    parser.add_argument("--llava_samples", type=int, default=2, help="random-LLaVA records in the measured batch")
+    parser.add_argument("--llava_hidden", type=int, default=4096, help="random LLaVA decoder width (7B: 4096)")
+    parser.add_argument("--llava_ffn", type=int, default=11008, help="random LLaVA FFN width (7B: 11008)")
+    parser.add_argument("--max_new_tokens", type=int, default=8, help="greedy answer length bound")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.measure:
+        torch.manual_seed(0)
+        rows = measure(args)
+        logger.info(
+            "| model | samples | path | samples/s | full-forward equivalents | of which generate | full forward "
+            "| withdrawn forwards | one full forward (ms) |"
+        )
+        logger.info("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            logger.info(row)
+        return
     from dyvte.demo import load_demo_model
 
     # the demo's own config; its prompts are 44-48 tokens (36 visual), its answers 1 word + the end token, and its

@@ -140,6 +140,7 @@ class Branches:
         self._inputs: dict[str, Any] | None = None
         self._kwargs: dict[str, Any] = {}
         self._outputs: list[Any] = []
+        self._num_tokens = 0
 
     @property
     def model(self) -> nn.Module:
@@ -184,31 +185,57 @@ class Branches:
         if missing:
             raise RuntimeError(f"Branches.full: decoder layers {missing} did not run in the full forward")
         self._inputs, self._kwargs, self._outputs = inputs, kwargs, outputs
+        self._num_tokens = int(logits_of(out).shape[1])
         return out
 
-    def withdrawn(self, layer: int) -> torch.Tensor:
+    def withdrawn(self, layer: int, last: int | None = None) -> torch.Tensor:
         """``(B, T, V)`` logits of the recorded batch under withdrawal at exit layer ``layer``, at its input positions
         (withdrawn positions hold 0, as ``handle.to_input_positions``); layers ``0..layer-1`` are replayed.
 
+        Args:
+            layer: the exit layer K in ``[0, L-1]``.
+            last: return only the last ``last`` input positions, ``(B, last, V)`` (the same values; the ``(B, T, V)``
+                tensor is never built).
+
         Raises:
             RuntimeError: no full forward recorded in this ``with`` block.
-            ValueError: ``layer`` is not in ``[0, L-1]``.
+            ValueError: ``layer`` is not in ``[0, L-1]``, or ``last`` not in ``[1, T]``.
         """
         if self._inputs is None:
             raise RuntimeError("Branches.withdrawn: call Branches.full first (inside the same `with` block)")
         num_layers = self.spec.num_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
             raise ValueError(f"Branches.withdrawn: exit layer must be an int in [0, {num_layers - 1}], got {layer!r}")
+        num_tokens = self._num_tokens
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= num_tokens):
+            raise ValueError(f"Branches.withdrawn: last must be an int in [1, {num_tokens}], got {last!r}")
         undo = [
             _swap(self.spec.layers[j], _FORWARD, _replay(self.spec.layers[j].forward, self._outputs[j]))
             for j in range(layer)
         ]
         try:
             with withdraw(self.model, layer=layer) as handle:
-                return handle.to_input_positions(logits_of(self.model(**self._inputs, **self._kwargs)))
+                logits = logits_of(self.model(**self._inputs, **self._kwargs))  # (B, T_out, V)
+                if last is None:
+                    return handle.to_input_positions(logits)
+                return _last_positions(logits, handle.output_positions, num_tokens, last)
         finally:
             for step in reversed(undo):
                 step()
+
+
+def _last_positions(logits: torch.Tensor, positions: torch.Tensor | None, num_tokens: int, last: int) -> torch.Tensor:
+    """``(B, last, V)``: the values of ``(B, T_out, V)`` output slots at the last ``last`` of ``num_tokens`` input
+    positions (``positions`` ``(B, T_out)``: each slot's input position, ``-1`` for padding; ``None``: the input's
+    own), 0 where no slot holds one, as :meth:`dyvte.engine.withdrawal.Withdrawal.to_input_positions` then
+    ``[:, -last:]``."""
+    if positions is None:
+        return logits[:, -last:]
+    pos = positions[:, -logits.shape[1] :].to(logits.device) - (num_tokens - last)  # (B, T_out) column in the window
+    out = logits.new_zeros((logits.shape[0], last + 1, *logits.shape[2:]))
+    target = torch.where(pos >= 0, pos, last)  # padding and earlier slots go to a spare column
+    out.index_put_((torch.arange(logits.shape[0], device=logits.device)[:, None], target), logits)
+    return out[:, :last]
 
 
 def _recorder(forward: Callable[..., Any], outputs: list[Any], index: int) -> Callable[..., Any]:

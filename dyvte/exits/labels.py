@@ -309,9 +309,12 @@ def _label_columns(
     kl = torch.zeros(rows, num_layers)
     paper = torch.ones(rows, num_layers, dtype=torch.bool)
     correct[:, num_layers] = _answer_argmax_equal(full_logits[g], labels[g])
+    # by branching, the rules read only the last W columns, which hold every answer position (answers end each row)
+    window = labels.shape[1] if branches is None else min(int((labels != -100).sum(1).max()) + 1, labels.shape[1])
+    labels, full_logits = labels[:, -window:], full_logits[:, -window:]  # (B', W), (B', W, V)
     for layer in range(num_layers):
         if branches is not None:
-            withdrawn = branches.withdrawn(layer)  # (B', T, V)
+            withdrawn = branches.withdrawn(layer, last=window)  # (B', W, V)
         else:
             with withdraw(model, layer=layer) as handle:
                 withdrawn = handle.to_input_positions(logits_of(model(**forced)))  # (B', T, V)

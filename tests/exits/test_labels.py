@@ -181,9 +181,10 @@ def test_branches_equal_whole_withdrawn_forwards_on_a_ragged_batch(family_model)
             assert torch.equal(full.logits, reference)
             for layer, expected in enumerate(old):
                 assert torch.equal(branches.withdrawn(layer), expected), layer
+                assert torch.equal(branches.withdrawn(layer, last=5), expected[:, -5:]), layer
                 _untouched_layers(model)
             memo = branches.encoder_memo
-            assert memo.calls == memo.hits + 1 and memo.hits == len(old)  # the encoder ran in the full forward only
+            assert memo.calls == memo.hits + 1 and memo.hits == 2 * len(old)  # the encoder ran in the full forward
     _untouched(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
@@ -265,6 +266,10 @@ def test_branches_restore_the_model_after_an_error_and_refuse_misuse(tiny):
         for bad in (-1, spec.num_layers, 1.0, True):
             with pytest.raises(ValueError, match=r"exit layer must be an int in \[0, 3\]"):
                 branches.withdrawn(bad)
+        width = inputs["input_ids"].shape[1]
+        for bad in (0, width + 1, 2.0):
+            with pytest.raises(ValueError, match=rf"last must be an int in \[1, {width}\]"):
+                branches.withdrawn(1, last=bad)
     with pytest.raises(RuntimeError, match="inside a `with` block"):
         Branches(model).full(inputs)
     _untouched(model)
