@@ -219,6 +219,10 @@ def test_branched_labels_equal_the_labels_of_whole_withdrawn_forwards(family_mod
     for column in ("features", "extras", "match", "correct", "dyvte", "tokens", "visual"):
         np.testing.assert_array_equal(branched[column], old[column], err_msg=column)
     np.testing.assert_allclose(branched["kl"], old["kl"], rtol=1e-5, atol=1e-6)
+    linear = resolve(model).linear_attention  # no attention mass on a linear-attention layer (Qwen3.5): nan
+    for j in range(resolve(model).num_layers - 1):
+        if linear and linear[j + 1]:
+            assert np.isnan(branched["extras"][:, j, 2]).all(), j
 
 
 class _Boom(RuntimeError):
