@@ -3,8 +3,9 @@
 Per sample, ``label_batch`` runs: one greedy ``generate`` (prefill of the prompt + up to ``max_new_tokens`` decode
 steps), one teacher-forced full forward and L withdrawn forwards (K = 0..L-1) of the prompt plus the forced answer,
 with logits at every kept position; a sample whose greedy answer differs from its gold answer adds a second row
-(gold-forced) to those L + 1 forwards. FLOPs come from ``dyvte.prefill_flops`` (detailed convention: decoder and
-LM head; the vision tower, under 1% at LLaVA-1.5-7B, is not counted).
+(gold-forced) to those L + 1 forwards. By branching (the default, :mod:`dyvte.exits.branching`) the withdrawn forward
+at K runs only layers K..L-1, on the text tokens; both counts are printed. FLOPs come from ``dyvte.prefill_flops``
+(detailed convention: decoder and LM head; the vision tower, under 1% at LLaVA-1.5-7B, is not counted).
 
 Given a measured labelling time per sample (``--measured_ms``, e.g. from ``benchmarks/label_memory.py``) on the demo
 shape, it prints the achieved FLOP rate; for a target shape it prints FLOPs per sample and hours per million samples
@@ -124,11 +125,15 @@ def time_labelling(
 ) -> dict[str, float]:
     """One ``label_batch`` call (after a warm-up call on the first record, if ``warmup``): its seconds, and per kind
     of call."""
+    from dyvte.data.records import build_inputs
     from dyvte.exits.labels import label_batch
 
     with torch.no_grad():
         if warmup:
             label_batch(model, processor, records[:1], max_new_tokens=max_new_tokens, branch=branch)
+        else:  # one forward: the first call of a fresh model pays one-off costs
+            inputs = build_inputs(processor, records[:1], with_answers=True, dtype=model.dtype)
+            model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
         clock = CallClock(model)
         try:
             start = time.perf_counter()
@@ -226,7 +231,7 @@ def measure(args: argparse.Namespace) -> list[str]:
             full = t["full_once"]
             rows.append(
                 f"| {name} | {len(records)} | {'branching' if branch else 'whole forward per K'} "
-                f"| {len(records) / t['total']:.2f} | {t['total'] / full:.2f} | {t['generate'] / full:.2f} "
+                f"| {len(records) / t['total']:.3g} | {t['total'] / full:.2f} | {t['generate'] / full:.2f} "
                 f"| {t['full'] / full:.2f} | {t['withdrawn'] / full:.2f} | {1e3 * full:.0f} |"
             )
             logger.info(rows[-1])
