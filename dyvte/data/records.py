@@ -271,7 +271,8 @@ def build_inputs(
         images.append(open_image(record.get("image"), where))
     for i, record in enumerate(records):
         prompts.append(_prompt(processor, record, f"record {offset + i}", prompt_template))
-    prompt = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+    # one list per row: a processor given a flat list may read it as one row's images (Gemma3 does)
+    prompt = dict(processor(images=[[image] for image in images], text=prompts, padding=True, return_tensors="pt"))
     check_single_bos(processor, prompt.get("input_ids"), prompt.get("attention_mask"), offset, prompt_template)
     if not with_answers:
         return _cast(prompt, dtype)

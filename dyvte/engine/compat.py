@@ -44,6 +44,7 @@ __all__ = [
     "CompatibilityError",
     "DEEPSTACK_EMBEDS",
     "DEEPSTACK_MASK",
+    "ENCODER_METHODS",
     "check_deepstack",
     "attn_implementation",
     "cache_in",
@@ -80,6 +81,8 @@ PIXEL_ARGS: dict[str, tuple[str, ...]] = {
     "video": ("pixel_values_videos",),
 }
 USE_CACHE = "use_cache"
+# the base model's vision-encoder entry points its forward calls (``self.get_image_features(...)``), per modality
+ENCODER_METHODS: tuple[str, ...] = ("get_image_features", "get_video_features")
 LOGITS = "logits"  # output field of every model call
 TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
 LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)

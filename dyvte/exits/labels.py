@@ -15,10 +15,11 @@ Two ways to get labels:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 
 from dyvte.data.records import build_inputs, iter_batches
 from dyvte.engine.compat import HIDDEN_STATES, POSITION_EMBEDDINGS, hidden_states_of, logit_lens, logits_of
-from dyvte.engine.registry import resolve, unwrap
+from dyvte.engine.registry import ModelSpec, resolve, unwrap
+from dyvte.exits.branching import Branches
 from dyvte.policies.exit_heads import head_features
 from dyvte.policies.withdraw import withdraw
 from dyvte.utils.checks import check_positive_int
@@ -172,7 +174,7 @@ def _extras(
     """``(B, L-1, 3)`` float32 extra inputs of head j (ablation, docs/report.md): the final prompt token's logit lens
     after layer j (top-1 probability, entropy in nats) and the attention mass layer j+1 would give the visual
     tokens from that token (one query row from the layer's own q/k, mean over heads; ``nan`` when the layer gets
-    no rotary embeddings)."""
+    no rotary embeddings or has no attention, as a linear-attention layer)."""
     from dyvte.policies.fastv import last_token_attention
 
     norm, head = logit_lens(model, spec.decoder)
@@ -186,7 +188,7 @@ def _extras(
         out[:, j, 0] = probs.amax(-1)
         out[:, j, 1] = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
         hidden, rotary = probe.inputs.get(j + 1, (None, None))
-        if rotary is not None:
+        if rotary is not None and not (spec.linear_attention and spec.linear_attention[j + 1]):
             cos, sin = (t[:rows] if t.shape[0] > 1 else t for t in rotary)
             attention = last_token_attention(spec.layers[j + 1], hidden[:rows], (cos, sin), allowed, query=final)
             out[:, j, 2] = (attention * visual[:rows]).sum(1)
@@ -202,6 +204,7 @@ def label_batch(
     agree: float = 0.99,
     loss_ratio: float = 1.03,
     max_new_tokens: int = 8,
+    branch: bool = True,
 ) -> dict[str, np.ndarray]:
     """Everything the exit heads learn from and are calibrated and scored on, for one batch of records.
 
@@ -220,6 +223,9 @@ def label_batch(
         agree: the paper's agreement threshold (:func:`exit_safe`).
         loss_ratio: the paper's loss-ratio threshold (:func:`exit_safe`).
         max_new_tokens: greedy answer length bound (as in :func:`dyvte.eval.harness.evaluate`).
+        branch: run each withdrawn forward as a branch of the full one (:class:`dyvte.exits.branching.Branches`:
+            layers ``0..K-1`` and the vision encoder are replayed, about two full forwards for all K together);
+            ``False`` runs the whole withdrawn model once per K (``L + 1`` forwards; the same labels, for comparison).
 
     Returns:
         Columns, one row per record (``L`` decoder layers, ``d`` hidden size):
@@ -230,7 +236,6 @@ def label_batch(
         gold answer; ``tokens`` / ``visual`` ``(B,)`` prompt and visual token counts (for FLOPs).
     """
     spec = resolve(model)
-    num_layers = spec.num_layers
     tokenizer = processor.tokenizer
     device = next(model.parameters()).device  # inputs follow the model (a rank's GPU under DDP); results come back
     visual_ids = spec.visual_ids.to(device)
@@ -255,11 +260,41 @@ def label_batch(
     for extra, b in enumerate(differ):
         gold_row[b] = rows + extra
     labels = forced.pop("labels")
-    probe = _AttentionProbe(spec.layers)
-    try:
-        out = model(**forced, output_hidden_states=True)
-    finally:
-        probe.remove()
+    with contextlib.ExitStack() as stack:
+        branches = stack.enter_context(Branches(model)) if branch else None
+        probe = _AttentionProbe(spec.layers)
+        try:
+            full = branches.full if branches is not None else lambda inputs, **kw: model(**inputs, **kw)
+            out = full(forced, output_hidden_states=True)
+        finally:
+            probe.remove()
+        columns = _label_columns(spec, model, forced, labels, out, probe, branches, rows, gold_row, agree, loss_ratio)
+    tokens = prompt["attention_mask"].sum(1).cpu()
+    return {
+        **columns,
+        "tokens": tokens.numpy(),
+        "visual": torch.isin(prompt["input_ids"], visual_ids).sum(1).cpu().numpy(),
+    }
+
+
+def _label_columns(
+    spec: ModelSpec,
+    model: nn.Module,
+    forced: dict,
+    labels: torch.Tensor,
+    out: Any,
+    probe: _AttentionProbe,
+    branches: Branches | None,
+    rows: int,
+    gold_row: list[int],
+    agree: float,
+    loss_ratio: float,
+) -> dict[str, np.ndarray]:
+    """:func:`label_batch`'s per-layer columns from the full forward ``out`` of the ``forced`` batch (``B'`` rows: the
+    ``rows`` records, then the gold-forced copies) and the withdrawn forwards (``branches`` or whole forwards)."""
+    num_layers = spec.num_layers
+    device = labels.device
+    visual_ids = spec.visual_ids.to(device)
     full_logits, states = logits_of(out), hidden_states_of(out)  # (B', T, V), L + 1 x (B', T, d)
     visual = torch.isin(forced["input_ids"], visual_ids)
     valid = forced["attention_mask"].bool()
@@ -275,14 +310,19 @@ def label_batch(
     kl = torch.zeros(rows, num_layers)
     paper = torch.ones(rows, num_layers, dtype=torch.bool)
     correct[:, num_layers] = _answer_argmax_equal(full_logits[g], labels[g])
+    # by branching, the rules read only the last W columns, which hold every answer position (answers end each row)
+    window = labels.shape[1] if branches is None else min(int((labels != -100).sum(1).max()) + 1, labels.shape[1])
+    labels, full_logits = labels[:, -window:], full_logits[:, -window:]  # (B', W), (B', W, V)
     for layer in range(num_layers):
-        with withdraw(model, layer=layer) as handle:
-            withdrawn = handle.to_input_positions(logits_of(model(**forced)))  # (B', T, V)
+        if branches is not None:
+            withdrawn = branches.withdrawn(layer, last=window)  # (B', W, V)
+        else:
+            with withdraw(model, layer=layer) as handle:
+                withdrawn = handle.to_input_positions(logits_of(model(**forced)))  # (B', T, V)
         match[:, layer] = _answer_argmax_equal(withdrawn[:rows], labels[:rows])
         kl[:, layer] = answer_kl(full_logits[:rows], withdrawn[:rows], labels[:rows])
         correct[:, layer] = _answer_argmax_equal(withdrawn[g], labels[g])
         paper[:, layer] = exit_safe(full_logits[g], withdrawn[g], labels[g], agree, loss_ratio)
-    tokens = prompt["attention_mask"].sum(1).cpu()
     return {
         "features": features.float().cpu().numpy(),
         "extras": extras.numpy(),
@@ -290,8 +330,6 @@ def label_batch(
         "correct": correct.numpy(),
         "kl": kl.numpy(),
         "dyvte": paper.numpy(),
-        "tokens": tokens.numpy(),
-        "visual": torch.isin(prompt["input_ids"], visual_ids).sum(1).cpu().numpy(),
     }
 
 

@@ -74,7 +74,7 @@ def test_relative_image_path_in_memory_is_refused(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"record 0: the image path 'imgs/0\.png' is relative"):
         build_inputs(FakeProcessor(), [record(0)])
     inputs = build_inputs(FakeProcessor(), [record(0, image=str(tmp_path / "imgs/0.png"))])
-    assert isinstance(inputs["images"][0], Image.Image)
+    assert [len(row) for row in inputs["images"]] == [1] and isinstance(inputs["images"][0][0], Image.Image)
 
 
 def test_normalize_answer():

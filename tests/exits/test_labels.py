@@ -7,16 +7,32 @@ column and features what the on-the-fly labels compute; a model in training mode
 
 from __future__ import annotations
 
+import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 
 import dyvte
+from dyvte.data.prompts import attach_prompt_template
 from dyvte.data.records import build_inputs
-from dyvte.exits.labels import answer_loss, build_label_cache, exit_safe, on_the_fly_labels, smallest_safe_layer
+from dyvte.engine.compat import ENCODER_METHODS
+from dyvte.engine.registry import resolve
+from dyvte.engine.withdrawal import active_withdrawal
+from dyvte.exits.branching import Branches
+from dyvte.exits.labels import (
+    answer_loss,
+    build_label_cache,
+    exit_safe,
+    label_batch,
+    on_the_fly_labels,
+    smallest_safe_layer,
+)
 
-from ..tiny_models import TEMPLATE, make_tiny, records
+from ..families import MODEL_TYPES
+from ..families import family as family_of
+from ..tiny_models import TEMPLATE, WORDS, make_batch, make_tiny, records
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +141,139 @@ def test_labels_of_a_model_in_training_mode_are_the_eval_mode_labels(dropout_mod
     assert torch.allclose(got["kl"], reference["kl"], atol=1e-6)
     assert torch.allclose(fly[0], fly_reference[0], atol=1e-6) and torch.equal(fly[1], fly_reference[1])
     assert _flags(model) == flags
+
+
+# ------------------------------------------------------------------------------------------ labels by branching
+ROWS = [[(32, 32)], [(48, 32), (32, 32)], []]  # ragged, left-padded: one image / two images / text only
+
+
+@pytest.fixture(scope="module", params=MODEL_TYPES)
+def family_model(request):
+    model, processor = make_tiny(request.param)
+    return request.param, model, processor
+
+
+def _old_withdrawn(model, inputs: dict, layer: int) -> torch.Tensor:
+    """The withdrawn logits at the input positions, the whole model run under withdrawal at ``layer``."""
+    with dyvte.withdraw(model, layer=layer) as handle, torch.no_grad():
+        return handle.to_input_positions(model(**inputs).logits)
+
+
+def _untouched(model) -> None:
+    """No wrapped forward, encoder method or withdrawal left on ``model``."""
+    spec = resolve(model)
+    assert all("forward" not in vars(layer) for layer in spec.layers)
+    assert not any(name in vars(model.base_model) for name in ENCODER_METHODS)
+    assert active_withdrawal(model) is None
+
+
+def test_branches_equal_whole_withdrawn_forwards_on_a_ragged_batch(family_model):
+    """Every family (DeepStack, linear attention included): the full forward and withdrawal at every K replaying
+    layers 0..K-1 equal the whole model run once per K, on rows with different image counts; the vision encoder
+    runs once."""
+    family, model, processor = family_model
+    inputs = dict(make_batch(processor, family, ROWS))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        old = [_old_withdrawn(model, inputs, layer) for layer in range(resolve(model).num_layers)]
+        with Branches(model) as branches:
+            full = branches.full(inputs, output_hidden_states=True)
+            assert torch.equal(full.logits, reference)
+            for layer, expected in enumerate(old):
+                assert torch.equal(branches.withdrawn(layer), expected), layer
+                assert torch.equal(branches.withdrawn(layer, last=5), expected[:, -5:]), layer
+                _untouched_layers(model)
+            memo = branches.encoder_memo
+            assert memo.calls == memo.hits + 1 and memo.hits == 2 * len(old)  # the encoder ran in the full forward
+    _untouched(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+def _untouched_layers(model) -> None:
+    assert all("forward" not in vars(layer) for layer in resolve(model).layers)
+
+
+def test_branched_labels_equal_the_labels_of_whole_withdrawn_forwards(family_model):
+    """Every family: label_batch's columns by branching equal those of one whole withdrawn forward per K (greedy
+    answers that differ from the gold ones add gold-forced rows: the batch is ragged in length and rows)."""
+    family, model, processor = family_model
+    processor = copy.copy(processor)
+    prompt_image = family_of(family).prompt_image
+    if getattr(processor, "video_processor", ...) is None:  # SmolVLM's chat template needs its video processor
+        attach_prompt_template(processor, f"{prompt_image} {{question}} {WORDS[0]}")
+    else:
+        processor.chat_template = TEMPLATE.replace("<image>", prompt_image)
+    recs = records(3)
+    generation = model.generation_config
+    model.generation_config = copy.deepcopy(generation)  # a random model may answer with visual placeholders
+    model.generation_config.suppress_tokens = resolve(model).visual_ids.tolist()
+    try:
+        with torch.no_grad():
+            branched = label_batch(model, processor, recs, max_new_tokens=2)
+            old = label_batch(model, processor, recs, max_new_tokens=2, branch=False)
+    finally:
+        model.generation_config = generation
+    _untouched(model)
+    assert branched.keys() == old.keys()
+    for column in ("features", "extras", "match", "correct", "dyvte", "tokens", "visual"):
+        np.testing.assert_array_equal(branched[column], old[column], err_msg=column)
+    np.testing.assert_allclose(branched["kl"], old["kl"], rtol=1e-5, atol=1e-6)
+    linear = resolve(model).linear_attention  # no attention mass on a linear-attention layer (Qwen3.5): nan
+    for j in range(resolve(model).num_layers - 1):
+        if linear and linear[j + 1]:
+            assert np.isnan(branched["extras"][:, j, 2]).all(), j
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_branches_restore_the_model_after_an_error_and_refuse_misuse(tiny):
+    model, processor = tiny
+    inputs = dict(make_batch(processor, "llava", ROWS))
+    spec = resolve(model)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    raise_at: list[int | None] = [None]
+
+    def hook(module, args):
+        if raise_at[0] is not None:
+            raise _Boom("mid-way")
+
+    handle = spec.layers[2].register_forward_pre_hook(hook)
+    try:
+        with pytest.raises(_Boom), Branches(model) as branches, torch.no_grad():
+            raise_at[0] = 2
+            branches.full(inputs)  # fails in layer 2: the recording forwards are undone
+        _untouched(model)
+        with pytest.raises(_Boom), Branches(model) as branches, torch.no_grad():
+            raise_at[0] = None
+            branches.full(inputs)
+            raise_at[0] = 2
+            try:
+                branches.withdrawn(3)  # layers 0..2 replayed; layer 2's hook still runs, and fails
+            finally:
+                _untouched_layers(model)
+                assert active_withdrawal(model) is None
+                assert "get_image_features" in vars(model.base_model)  # the memo lives until the block ends
+        _untouched(model)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+    with Branches(model) as branches:
+        with pytest.raises(RuntimeError, match="call Branches.full first"):
+            branches.withdrawn(0)
+        with torch.no_grad():
+            branches.full(inputs)
+        for bad in (-1, spec.num_layers, 1.0, True):
+            with pytest.raises(ValueError, match=r"exit layer must be an int in \[0, 3\]"):
+                branches.withdrawn(bad)
+        width = inputs["input_ids"].shape[1]
+        for bad in (0, width + 1, 2.0):
+            with pytest.raises(ValueError, match=rf"last must be an int in \[1, {width}\]"):
+                branches.withdrawn(1, last=bad)
+    with pytest.raises(RuntimeError, match="inside a `with` block"):
+        Branches(model).full(inputs)
+    _untouched(model)
