@@ -18,7 +18,6 @@ instead of ``L + 1`` (``benchmarks/label_cost.py`` measures it).
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +29,6 @@ from dyvte.engine.registry import resolve
 from dyvte.policies.withdraw import withdraw
 
 __all__ = ["Branches", "EncoderMemo"]
-
-logger = logging.getLogger(__name__)
 
 _FORWARD = "forward"
 
