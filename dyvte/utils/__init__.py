@@ -1,1 +1,1 @@
-"""dyvte.utils."""
+"""Utilities every layer may use: atomic writes, argument checks, eval mode, devices, method-string syntax."""
