@@ -24,6 +24,7 @@ from dyvte.data.prompts import check_prompt_template, check_single_bos, render_p
 
 __all__ = [
     "DataError",
+    "answer_token_ids",
     "build_inputs",
     "check_answer",
     "check_question",
@@ -31,6 +32,7 @@ __all__ = [
     "normalize_answer",
     "open_image",
     "records_of",
+    "teacher_force",
 ]
 
 #: What PIL raises for an unreadable image (truncated, corrupt, not an image, too large).
@@ -276,10 +278,19 @@ def build_inputs(
     check_single_bos(processor, prompt.get("input_ids"), prompt.get("attention_mask"), offset, prompt_template)
     if not with_answers:
         return _cast(prompt, dtype)
-    if answer_ids is not None:
-        if len(answer_ids) != len(records) or any(a.ndim != 1 or a.numel() == 0 for a in answer_ids):
-            raise ValueError("answer_ids: one non-empty 1-D tensor of token ids per record expected")
-        return _cast(_append_answers(prompt, list(answer_ids), tokenizer.pad_token_id or 0), dtype)
+    if answer_ids is None:
+        answer_ids = answer_token_ids(processor, records, offset)
+    return teacher_force(processor, prompt, answer_ids, dtype)
+
+
+def answer_token_ids(processor, records: Sequence[dict], offset: int = 0) -> list[torch.Tensor]:
+    """Each record's ``answer`` as the token ids teacher forcing appends: the tokenized answer and the end token.
+
+    Raises:
+        DataError: the tokenizer has no end-of-sequence token, or cannot express an answer (no token, or an unknown
+            one); the message names the record (``offset``: index of the first record in its dataset).
+    """
+    tokenizer = processor.tokenizer
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no end-of-sequence token to close teacher-forced answers")
     answers = []
@@ -288,7 +299,24 @@ def build_inputs(
         if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
             raise DataError(f"record {offset + i}: the tokenizer cannot express the answer {record['answer']!r}")
         answers.append(torch.tensor([*ids, tokenizer.eos_token_id]))
-    return _cast(_append_answers(prompt, answers, tokenizer.pad_token_id or 0), dtype)
+    return answers
+
+
+def teacher_force(
+    processor, prompt: dict[str, Any], answer_ids: Sequence[torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Prompt inputs (:func:`build_inputs` without answers) with each row's ``answer_ids`` appended, re-padded on the
+    left, plus ``labels`` (the answer ids, -100 elsewhere): the teacher-forced batch, without running the processor
+    again (its pixel tensors are shared).
+
+    Raises:
+        ValueError: not one non-empty 1-D tensor of ids per row.
+    """
+    rows = prompt["input_ids"].shape[0]
+    if len(answer_ids) != rows or any(a.ndim != 1 or a.numel() == 0 for a in answer_ids):
+        raise ValueError("answer_ids: one non-empty 1-D tensor of token ids per record expected")
+    answers = [a.to(prompt["input_ids"].device) for a in answer_ids]
+    return _cast(_append_answers(prompt, answers, processor.tokenizer.pad_token_id or 0), dtype)
 
 
 def _cast(inputs: dict[str, Any], dtype: torch.dtype | None) -> dict[str, Any]:

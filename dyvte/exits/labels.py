@@ -19,14 +19,14 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dyvte.data.records import build_inputs, iter_batches
+from dyvte.data.records import answer_token_ids, build_inputs, iter_batches, teacher_force
 from dyvte.engine.compat import HIDDEN_STATES, POSITION_EMBEDDINGS, hidden_states_of, logit_lens, logits_of
 from dyvte.engine.registry import ModelSpec, resolve, unwrap
 from dyvte.exits.branching import Branches
@@ -142,9 +142,38 @@ def _greedy_answers(model: nn.Module, prompt: dict, eos_id: int, max_new_tokens:
     return answers
 
 
-def _to_device(inputs: dict, device: torch.device) -> dict:
-    """The tensors of ``inputs`` on ``device`` (other values as they are)."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+#: generation settings under which greedy decoding is the argmax of the logits at every step (``generate`` applies
+#: no logits processor that could change it), with their neutral values
+_PLAIN_GREEDY = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "sequence_bias": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "begin_suppress_tokens": (None,),
+    "exponential_decay_length_penalty": (None,),
+}
+
+
+def _argmax_is_greedy(model: nn.Module) -> bool:
+    """Whether ``model.generate(do_sample=False)`` writes the argmax token at every step (its generation config sets
+    no logits processor that could change it; suppressed tokens are checked per answer)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    return all(getattr(config, name, None) in neutral for name, neutral in _PLAIN_GREEDY.items())
+
+
+def _stop_ids(model: nn.Module, eos_id: int) -> set[int]:
+    """The token ids that end a greedy answer: the tokenizer's end token and the generation config's."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]
+    return {eos_id, *(int(i) for i in ids if i is not None)}
 
 
 class _AttentionProbe:
@@ -208,12 +237,15 @@ def label_batch(
 ) -> dict[str, np.ndarray]:
     """Everything the exit heads learn from and are calibrated and scored on, for one batch of records.
 
-    The full model first writes its greedy answer to each prompt; that answer (with its end token) is then
-    teacher-forced through the full model and through withdrawal at every K = 0..L-1. Agreement under this forcing
-    is exact: the withdrawn model's greedy answer equals the full model's iff its argmax equals the forced token at
-    every answer position. Rows whose greedy answer differs from the gold answer are also forced with the gold
-    answer (extra rows in the same forwards), which gives per-layer correctness and the paper's rule; other rows
-    share the forcing, since the two answers are the same tokens.
+    The gold answers (with their end token) are teacher-forced through the full model and through withdrawal at
+    every K = 0..L-1: this gives per-layer correctness, the paper's rule and the head inputs. Greedy decoding writes
+    the gold answer exactly where the full model's argmax is the gold token at every answer position (and the answer
+    fits ``max_new_tokens``); for those rows the gold forcing is also the forcing of the full model's own answer, and
+    ``match`` / ``kl`` come from the same forwards. Only the other rows are decoded with ``generate`` and forced a
+    second time with their greedy answer. Agreement under this forcing is exact: the withdrawn model's greedy answer
+    equals the full model's iff its argmax equals the forced token at every answer position. (A generation config
+    with logits processors that can change the argmax, e.g. a repetition penalty, sends every row through
+    ``generate``.)
 
     Args:
         model: the frozen MLLM (unwrapped, in eval mode).
@@ -236,101 +268,132 @@ def label_batch(
         gold answer; ``tokens`` / ``visual`` ``(B,)`` prompt and visual token counts (for FLOPs).
     """
     spec = resolve(model)
-    tokenizer = processor.tokenizer
-    device = next(model.parameters()).device  # inputs follow the model (a rank's GPU under DDP); results come back
-    visual_ids = spec.visual_ids.to(device)
-    prompt = _to_device(build_inputs(processor, records, offset=offset, dtype=model.dtype), device)
-    greedy = _greedy_answers(model, prompt, tokenizer.eos_token_id, max_new_tokens)
-    gold = build_inputs(processor, records, with_answers=True, offset=offset)["labels"]
-    gold = [row[row != -100] for row in gold]
-    differ = [b for b in range(len(records)) if not torch.equal(greedy[b], gold[b])]
-    rows = len(records)
-    forced = _to_device(
-        build_inputs(
-            processor,
-            [*records, *(records[b] for b in differ)],
-            with_answers=True,
-            offset=offset,
-            dtype=model.dtype,
-            answer_ids=[*greedy, *(gold[b] for b in differ)],
-        ),
-        device,
-    )
-    gold_row = list(range(rows))  # row of the gold-forced copy of each record
-    for extra, b in enumerate(differ):
-        gold_row[b] = rows + extra
-    labels = forced.pop("labels")
-    with contextlib.ExitStack() as stack:
-        branches = stack.enter_context(Branches(model)) if branch else None
-        probe = _AttentionProbe(spec.layers)
-        try:
-            full = branches.full if branches is not None else lambda inputs, **kw: model(**inputs, **kw)
-            out = full(forced, output_hidden_states=True)
-        finally:
-            probe.remove()
-        columns = _label_columns(spec, model, forced, labels, out, probe, branches, rows, gold_row, agree, loss_ratio)
-    tokens = prompt["attention_mask"].sum(1).cpu()
+    device = model_device(model)  # inputs follow the model (a rank's GPU under DDP); results come back
+    prompt = build_inputs(processor, records, offset=offset, dtype=model.dtype)  # (B, T) on the host
+    gold = answer_token_ids(processor, records, offset)
+    forced = to_device(teacher_force(processor, prompt, gold, model.dtype), device)
+    labels = forced.pop("labels")  # (B, T')
+    columns, same = _forced_columns(spec, model, forced, labels, branch, agree, loss_ratio)
+    suppressed = set(getattr(model.generation_config, "suppress_tokens", None) or [])
+    plain = _argmax_is_greedy(model)
+    stops = _stop_ids(model, processor.tokenizer.eos_token_id)
+    for b, answer in enumerate(gold):  # rows whose greedy answer is not certainly the gold one
+        ids = answer.tolist()
+        fits = len(ids) <= max_new_tokens and not suppressed.intersection(ids) and not stops.intersection(ids[:-1])
+        same[b] &= plain and fits
+    differ = [b for b in range(len(records)) if not same[b]]
+    if differ:
+        subset = [records[b] for b in differ]
+        sub_prompt = to_device(build_inputs(processor, subset, offset=offset, dtype=model.dtype), device)
+        greedy = _greedy_answers(model, sub_prompt, processor.tokenizer.eos_token_id, max_new_tokens)
+        sub_forced = to_device(teacher_force(processor, sub_prompt, greedy, model.dtype), device)
+        sub_labels = sub_forced.pop("labels")
+        match, kl = _match_columns(spec, model, sub_forced, sub_labels, branch)
+        rows = torch.tensor(differ)
+        columns["match"][rows], columns["kl"][rows] = match, kl
+    tokens = prompt["attention_mask"].sum(1)
+    visual = torch.isin(prompt["input_ids"], spec.visual_ids.to(prompt["input_ids"].device)).sum(1)
     return {
-        **columns,
+        **{key: value.numpy() for key, value in columns.items()},
         "tokens": tokens.numpy(),
-        "visual": torch.isin(prompt["input_ids"], visual_ids).sum(1).cpu().numpy(),
+        "visual": visual.numpy(),
     }
 
 
-def _label_columns(
+def _forwards(spec: ModelSpec, model: nn.Module, forced: dict, branch: bool, probe: bool = False):
+    """A context that runs the full forward of ``forced`` (hidden states recorded) and yields ``(out, withdrawn,
+    probe)``, where ``withdrawn(layer, window)`` gives ``(B, W, V)`` logits of the last ``window`` input positions
+    under withdrawal at ``layer`` (a branch of the full forward, or the whole withdrawn model)."""
+
+    @contextlib.contextmanager
+    def run():
+        with contextlib.ExitStack() as stack:
+            branches = stack.enter_context(Branches(model)) if branch else None
+            attention = _AttentionProbe(spec.layers) if probe else None
+            try:
+                full = branches.full if branches is not None else lambda inputs, **kw: model(**inputs, **kw)
+                out = full(forced, output_hidden_states=True)
+            finally:
+                if attention is not None:
+                    attention.remove()
+
+            def withdrawn(layer: int, window: int) -> torch.Tensor:
+                if branches is not None:
+                    return branches.withdrawn(layer, last=window)
+                with withdraw(model, layer=layer) as handle:
+                    return handle.to_input_positions(logits_of(model(**forced)))[:, -window:]
+
+            yield out, withdrawn, attention
+
+    return run()
+
+
+def _window(labels: torch.Tensor) -> int:
+    """The last ``W`` input columns hold every answer position (answers end each row): what the rules read."""
+    return min(int((labels != -100).sum(1).max()) + 1, labels.shape[1])
+
+
+def _forced_columns(
     spec: ModelSpec,
     model: nn.Module,
     forced: dict,
     labels: torch.Tensor,
-    out: Any,
-    probe: _AttentionProbe,
-    branches: Branches | None,
-    rows: int,
-    gold_row: list[int],
+    branch: bool,
     agree: float,
     loss_ratio: float,
-) -> dict[str, np.ndarray]:
-    """:func:`label_batch`'s per-layer columns from the full forward ``out`` of the ``forced`` batch (``B'`` rows: the
-    ``rows`` records, then the gold-forced copies) and the withdrawn forwards (``branches`` or whole forwards)."""
-    num_layers = spec.num_layers
-    device = labels.device
-    visual_ids = spec.visual_ids.to(device)
-    full_logits, states = logits_of(out), hidden_states_of(out)  # (B', T, V), L + 1 x (B', T, d)
-    visual = torch.isin(forced["input_ids"], visual_ids)
-    valid = forced["attention_mask"].bool()
-    final = _final_prompt_slot(labels)
-    features = torch.stack(
-        [head_features(states[j + 1][:rows], visual[:rows], valid[:rows], final[:rows]) for j in range(num_layers - 1)],
-        dim=1,
-    )  # (B, L-1, 2d)
-    extras = _extras(spec, model, states, probe, visual, valid, final[:rows], rows)
-    g = torch.tensor(gold_row, device=device)
-    match = torch.ones(rows, num_layers, dtype=torch.bool)
-    correct = torch.ones(rows, num_layers + 1, dtype=torch.bool)
-    kl = torch.zeros(rows, num_layers)
-    paper = torch.ones(rows, num_layers, dtype=torch.bool)
-    correct[:, num_layers] = _answer_argmax_equal(full_logits[g], labels[g])
-    # by branching, the rules read only the last W columns, which hold every answer position (answers end each row)
-    window = labels.shape[1] if branches is None else min(int((labels != -100).sum(1).max()) + 1, labels.shape[1])
-    labels, full_logits = labels[:, -window:], full_logits[:, -window:]  # (B', W), (B', W, V)
-    for layer in range(num_layers):
-        if branches is not None:
-            withdrawn = branches.withdrawn(layer, last=window)  # (B', W, V)
-        else:
-            with withdraw(model, layer=layer) as handle:
-                withdrawn = handle.to_input_positions(logits_of(model(**forced)))  # (B', T, V)
-        match[:, layer] = _answer_argmax_equal(withdrawn[:rows], labels[:rows])
-        kl[:, layer] = answer_kl(full_logits[:rows], withdrawn[:rows], labels[:rows])
-        correct[:, layer] = _answer_argmax_equal(withdrawn[g], labels[g])
-        paper[:, layer] = exit_safe(full_logits[g], withdrawn[g], labels[g], agree, loss_ratio)
-    return {
-        "features": features.float().cpu().numpy(),
-        "extras": extras.numpy(),
-        "match": match.numpy(),
-        "correct": correct.numpy(),
-        "kl": kl.numpy(),
-        "dyvte": paper.numpy(),
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`label_batch`'s columns from the gold-forced batch: head inputs, ``correct``, ``dyvte``, and ``match`` /
+    ``kl`` as if the gold answer were the full model's (right where it is); with ``(B,)`` bool: the full model's argmax
+    is the gold token at every answer position."""
+    num_layers, rows = spec.num_layers, labels.shape[0]
+    with _forwards(spec, model, forced, branch, probe=True) as (out, withdrawn, probe):
+        full_logits, states = logits_of(out), hidden_states_of(out)  # (B, T, V), L + 1 x (B, T, d)
+        visual = torch.isin(forced["input_ids"], spec.visual_ids.to(labels.device))
+        valid = forced["attention_mask"].bool()
+        final = _final_prompt_slot(labels)
+        features = torch.stack(
+            [head_features(states[j + 1], visual, valid, final) for j in range(num_layers - 1)], dim=1
+        )  # (B, L-1, 2d)
+        extras = _extras(spec, model, states, probe, visual, valid, final, rows)
+        match = torch.ones(rows, num_layers, dtype=torch.bool)
+        correct = torch.ones(rows, num_layers + 1, dtype=torch.bool)
+        kl = torch.zeros(rows, num_layers)
+        paper = torch.ones(rows, num_layers, dtype=torch.bool)
+        same = _answer_argmax_equal(full_logits, labels).cpu()
+        correct[:, num_layers] = same
+        window = _window(labels)
+        labels, full_logits = labels[:, -window:], full_logits[:, -window:]  # (B, W), (B, W, V)
+        for layer in range(num_layers):
+            logits = withdrawn(layer, window)  # (B, W, V)
+            correct[:, layer] = match[:, layer] = _answer_argmax_equal(logits, labels).cpu()
+            kl[:, layer] = answer_kl(full_logits, logits, labels).cpu()
+            paper[:, layer] = exit_safe(full_logits, logits, labels, agree, loss_ratio).cpu()
+    columns = {
+        "features": features.float().cpu(),
+        "extras": extras,
+        "match": match,
+        "correct": correct,
+        "kl": kl,
+        "dyvte": paper,
     }
+    return columns, same.clone()
+
+
+def _match_columns(
+    spec: ModelSpec, model: nn.Module, forced: dict, labels: torch.Tensor, branch: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``match`` ``(B, L)`` and ``kl`` ``(B, L)`` of rows forced with the full model's own greedy answer."""
+    num_layers, rows = spec.num_layers, labels.shape[0]
+    match = torch.ones(rows, num_layers, dtype=torch.bool)
+    kl = torch.zeros(rows, num_layers)
+    with _forwards(spec, model, forced, branch) as (out, withdrawn, _):
+        window = _window(labels)
+        labels, full_logits = labels[:, -window:], logits_of(out)[:, -window:]
+        for layer in range(num_layers):
+            logits = withdrawn(layer, window)
+            match[:, layer] = _answer_argmax_equal(logits, labels).cpu()
+            kl[:, layer] = answer_kl(full_logits, logits, labels).cpu()
+    return match, kl
 
 
 def label_features(num_layers: int, width: int):

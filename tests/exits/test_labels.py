@@ -277,3 +277,37 @@ def test_branches_restore_the_model_after_an_error_and_refuse_misuse(tiny):
     with pytest.raises(RuntimeError, match="inside a `with` block"):
         Branches(model).full(inputs)
     _untouched(model)
+
+
+def test_only_rows_whose_greedy_answer_is_not_the_gold_one_are_decoded():
+    """Rows whose gold answer the full model writes greedily (the demo model's right answers) are labelled from the
+    gold forcing alone: ``generate`` sees only the others; a generation config whose logits processors may change
+    the argmax (a repetition penalty) sends every row through it. The labels are the same either way."""
+    from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
+
+    model, processor = load_demo_model().eval(), load_demo_processor()
+    data = load_demo_dataset("validation")
+    recs = [data[i] for i in range(12)]
+    recs[0] = {**recs[0], "answer": "none" if recs[0]["answer"] != "none" else "7"}  # a wrong gold answer
+    decoded: list[int] = []
+    generate = model.generate
+
+    def counting(**kwargs):
+        decoded.append(int(kwargs["input_ids"].shape[0]))
+        return generate(**kwargs)
+
+    model.generate = counting
+    try:
+        with torch.no_grad():
+            shortcut = label_batch(model, processor, recs)
+            right = int(shortcut["correct"][:, -1].sum())
+            assert not shortcut["correct"][0, -1] and 0 < right < len(recs)
+            assert decoded == [len(recs) - right]  # only the rows whose greedy answer is not the gold one
+            model.generation_config.repetition_penalty = 1.0 + 1e-6  # a processor, (almost) no change to the argmax
+            everything = label_batch(model, processor, recs)
+            assert decoded == [len(recs) - right, len(recs)]
+    finally:
+        del model.generate
+    for column in ("features", "match", "correct", "dyvte", "tokens", "visual"):
+        np.testing.assert_array_equal(shortcut[column], everything[column], err_msg=column)
+    np.testing.assert_allclose(shortcut["kl"], everything["kl"], rtol=1e-4, atol=1e-5)
