@@ -16,20 +16,24 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import datasets  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 from dyvte.data.sources import load_config  # noqa: E402
 from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
+from dyvte.exits.risk import calibration_records_needed, promise_text  # noqa: E402
 from dyvte.exits.rules import certify_thresholds, exit_savings  # noqa: E402
 from dyvte.train.label_data import ExitLabelData  # noqa: E402
 from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
+from dyvte.train.progress import RunProgressBar  # noqa: E402
 from dyvte.train.runs import (  # noqa: E402
     check_output_dir,
     check_training_budget,
     quiet_lightning,
     require_trained,
+    run_name,
     runs_dir,
 )
 from dyvte.utils.io import write_text_atomic  # noqa: E402
@@ -37,10 +41,11 @@ from dyvte.utils.io import write_text_atomic  # noqa: E402
 log = logging.getLogger("fit")
 
 
-def job_dir() -> Path:
-    """``runs/fit-demo`` under the working directory at the time of the call: heads in ``exit-heads``, Lightning
-    logs in ``logs``."""
-    return runs_dir("fit-demo")
+def job_dir(model: str = "demo") -> Path:
+    """``runs/fit-<model>`` under the working directory at the time of the call (``runs/fit-demo`` for the demo,
+    ``runs/fit-llava-1.5-7b-hf`` for ``--data.source.model /models/llava-1.5-7b-hf``): heads in ``exit-heads``,
+    Lightning logs in ``logs``."""
+    return runs_dir(f"fit-{run_name(model)}")
 
 
 class FitCLI(LightningCLI):
@@ -49,9 +54,9 @@ class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--output_dir",
-            default=str(job_dir() / "exit-heads"),
-            help="where the trained heads and training.json are written (pass checkpoints/demo-exit-heads to "
-            "regenerate the committed demo heads)",
+            default=None,
+            help="where the trained heads and training.json are written (default: runs/fit-<model>/exit-heads, "
+            "the model's folder name; pass checkpoints/demo-exit-heads to regenerate the committed demo heads)",
         )
         parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to resume from")
         parser.add_argument(
@@ -66,6 +71,7 @@ class FitCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Refuse what cannot give trained heads or cannot be written, before the model is loaded or labelled."""
         check_training_budget(self.config["trainer"], "exit heads")
+        self._name_outputs()
         check_output_dir("--output_dir", self.config["output_dir"])
         for option, value in (("--tolerance", self.config["tolerance"]), ("--delta", self.config["delta"])):
             if not 0.0 < value < 1.0:
@@ -73,6 +79,30 @@ class FitCLI(LightningCLI):
         ckpt = self.config["ckpt_path"]
         if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES and not Path(ckpt).is_file():
             raise ValueError(f"--ckpt_path {ckpt}: no such checkpoint file")
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with one progress bar over the whole training (:class:`RunProgressBar`) instead of
+        Lightning's per-epoch bar, unless ``--trainer.enable_progress_bar false``."""
+        trainer = self.config_init["trainer"]
+        if trainer.get("enable_progress_bar") is not False:
+            user = trainer.get("callbacks") or []
+            trainer["callbacks"] = [*(user if isinstance(user, list) else [user]), RunProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _name_outputs(self) -> None:
+        """Outputs named after the model: ``--output_dir`` and the Lightning logs go under ``runs/fit-<model>``
+        unless given (the demo's ``runs/fit-demo`` is only the default of the demo)."""
+        model = self.config["data"]["source"]["model"]
+        jobs, placeholder = job_dir(model), str(job_dir())
+        if self.config["output_dir"] is None:
+            self.config["output_dir"] = str(jobs / "exit-heads")
+        trainer = self.config["trainer"]
+        if trainer.get("default_root_dir") == placeholder:
+            trainer["default_root_dir"] = str(jobs)
+        logger = trainer.get("logger")
+        init = getattr(logger, "init_args", None)
+        if init is not None and getattr(init, "save_dir", None) == placeholder:
+            init.save_dir = str(jobs)
 
 
 #: the default promise: at most 1% of answers differ from the full model's (fixed before any test figure was seen;
@@ -95,6 +125,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_lightning()
+    datasets.disable_progress_bars()  # the label caches' "Saving the dataset" bars: the labelling bar says it all
     jobs = job_dir()
     with warnings.catch_warnings():
         if prog is not None:  # from the dyvte command: sys.argv[1:] is [command, *args], not other arguments
@@ -120,6 +151,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
             },
         )
     data: ExitLabelData = cli.datamodule
+    check_promise(data, cli.config["tolerance"], cli.config["delta"])
     out = Path(cli.config["output_dir"]).absolute()  # logged and recorded absolute: YAML paths are relative to cwd
     if rank_zero_only.rank == 0:
         logger = cli.trainer.logger
@@ -153,6 +185,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         "threshold": heads.config.threshold,
         "thresholds": heads.config.thresholds,
         "calibration": calibration,
+        "promise": calibration["promise"] if calibration else "none: no calibration, the heads keep one threshold",
         "val_samples": len(targets),
         "validation_split": data.split_summary(),
         "val_heads": per_head,
@@ -173,6 +206,53 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     names = {"train": "train", "val": "validation", "calib": "calibration"}
     log.info("label cache: %s", ", ".join(f"{path} ({names[name]})" for name, path in caches.items()))
     return summary
+
+
+def check_promise(data: ExitLabelData, tolerance: float, delta: float) -> dict[str, int]:
+    """Log the records each split takes and refuse, before any model is loaded or record labelled, a calibration split
+    too small to certify ``tolerance`` at ``delta`` (:func:`dyvte.exits.risk.calibration_records_needed`); warn when
+    it leaves the heads little room to exit.
+
+    Returns:
+        The record counts ``{"train", "val", "calib"}``.
+
+    Raises:
+        ValueError: fewer calibration records than the promise needs, with the number it needs and the options that
+            change either.
+    """
+    counts = data.plan.counts()
+    log.info(
+        "records: %s training, %s validation (the Platt reference), %s calibration (the promise)",
+        f"{counts['train']:,}",
+        f"{counts['val']:,}",
+        f"{counts['calib']:,}",
+    )
+    if data.splits.calib_samples == 0:
+        log.warning(
+            "no calibration (--data.splits.calib_samples 0): the heads keep --model.threshold and carry no promise"
+        )
+        return counts
+    needed = calibration_records_needed(tolerance, delta)
+    room = calibration_records_needed(tolerance, delta, tolerance / 2)
+    calib = counts["calib"]
+    if calib < needed:
+        raise ValueError(
+            f"a promise of at most {100 * tolerance:g}% disagreement (--tolerance {tolerance:g}) at --delta {delta:g} "
+            f"needs at least {needed:,} calibration records (and about {room:,} to leave the heads room to exit: with "
+            f"{needed:,}, a single disagreement fails it); this run has {calib:,} "
+            f"({data.split_summary().get('calib', 'held out of the training records')}). Give more validation "
+            "records (--data.source.val_data, --data.splits.calib_samples), lower --data.splits.val_samples, raise "
+            "--tolerance, or pass --data.splits.calib_samples 0 to train heads without a promise. Nothing was labelled."
+        )
+    if calib < room:
+        log.warning(
+            "calibration: %s records certify a %g%% promise only if the heads realize about half of it or less there "
+            "(%s records would leave room to exit at half the promise); expect few early exits",
+            f"{calib:,}",
+            100 * tolerance,
+            f"{room:,}",
+        )
+    return counts
 
 
 def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
@@ -196,6 +276,13 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
     )
     result = chosen.result
     record = {**chosen.record(), "label_rule": data.labels.rule, "source": data.split_summary()}
+    record["promise"] = promise_text(tolerance, delta, result.samples)
+    room = calibration_records_needed(tolerance, delta, tolerance / 2)
+    if result.samples < room:
+        record["warning"] = (
+            f"only {result.samples:,} calibration records: the promise holds as stated, but it is loose (about "
+            f"{room:,} are needed to certify heads that realize half of it)"
+        )
     record["savings"] = [round(float(x), 6) for x in savings]
     heads.config.thresholds, heads.config.threshold_logits = chosen.thresholds, chosen.logits
     heads.config.calibration = record
@@ -212,7 +299,7 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
             "calibration: per-head thresholds %s (head j fires when its Platt-scaled P(unsafe) <= %.6g x the "
             "share of the largest saving it brings; scaled on validation) keep the disagreement with the full "
             "model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out samples: %d disagreements, "
-            "%.1f%% exit early)",
+            "%.1f%% exit early). The promise: %s",
             [round(t, 4) for t in chosen.thresholds],
             result.parameter,
             tolerance,
@@ -220,5 +307,8 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
             result.samples,
             result.errors,
             100 * result.exit_rate,
+            record["promise"],
         )
+        if "warning" in record:
+            log.warning("calibration: %s", record["warning"])
     return record

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -431,6 +432,7 @@ def build_label_cache(
     loss_ratio: float = 1.03,
     max_new_tokens: int = 8,
     progress: bool = True,
+    on_batch: Callable[[int, float], None] | None = None,
 ) -> Dataset:
     """:func:`label_batch` over a dataset, once per sample, as a ``datasets.Dataset``.
 
@@ -443,6 +445,7 @@ def build_label_cache(
         loss_ratio: see :func:`exit_safe`.
         max_new_tokens: greedy answer length bound.
         progress: show a progress bar.
+        on_batch: called after each batch with its number of records and seconds (a caller's progress bar).
 
     Returns:
         The columns of :func:`label_batch` plus ``qtype`` and ``index`` (row in ``dataset``); every label rule of
@@ -457,7 +460,7 @@ def build_label_cache(
     check_positive_int("build_label_cache: max_new_tokens", max_new_tokens)
     with eval_mode(model, "build_label_cache (labelling)"):
         return _build_label_cache(
-            unwrap(model), processor, dataset, batch_size, agree, loss_ratio, max_new_tokens, progress
+            unwrap(model), processor, dataset, batch_size, agree, loss_ratio, max_new_tokens, progress, on_batch
         )
 
 
@@ -470,6 +473,7 @@ def _build_label_cache(
     loss_ratio: float,
     max_new_tokens: int,
     progress: bool,
+    on_batch: Callable[[int, float], None] | None,
 ) -> Dataset:
     from datasets import Dataset
 
@@ -480,6 +484,7 @@ def _build_label_cache(
     for b, records in enumerate(
         tqdm(iter_batches(dataset, batch_size, answers=True), total=total, desc="labels", disable=not progress)
     ):
+        began = time.perf_counter()
         batch = label_batch(
             model,
             processor,
@@ -493,6 +498,8 @@ def _build_label_cache(
             columns[key].extend(value)
         columns["qtype"].extend(str(r.get("qtype", "all")) for r in records)
         columns["index"].extend(range(b * batch_size, b * batch_size + len(records)))
+        if on_batch is not None:
+            on_batch(len(records), time.perf_counter() - began)
     elapsed = time.perf_counter() - start_time
     logger.info("labels for %d samples in %.1f s (%.1f ms/sample)", len(dataset), elapsed, 1e3 * elapsed / len(dataset))
     schema = label_features(spec.num_layers, 2 * spec.text_config.hidden_size)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["LttResult", "binomial_cdf", "default_grid", "learn_then_test"]
+__all__ = ["LttResult", "binomial_cdf", "calibration_records_needed", "default_grid", "learn_then_test", "promise_text"]
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
@@ -44,6 +44,49 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def calibration_records_needed(tolerance: float, delta: float, realized: float = 0.0) -> int:
+    """The fewest calibration records on which a rule whose disagreement rate there is ``realized`` (a share of the
+    records, ``0 <= realized < tolerance``) is certified at ``tolerance`` with failure probability ``delta``:
+    the smallest ``n`` with ``P(Bin(n, tolerance) <= floor(realized * n)) <= delta``.
+
+    With ``realized = 0`` this is the size below which no exit can ever be certified (one disagreement among them
+    already fails): 230 records for a 1% promise at ``delta = 0.1``. ``realized = tolerance / 2`` gives the size at
+    which a rule that realizes half the promise passes (a margin to exit with): 667 records for 1% at 0.1.
+
+    Raises:
+        ValueError: ε / δ outside ``(0, 1)``, or ``realized`` outside ``[0, tolerance)``.
+    """
+    if not 0.0 < tolerance < 1.0 or not 0.0 < delta < 1.0:
+        raise ValueError(f"tolerance and delta must be in (0, 1), got {tolerance!r} and {delta!r}")
+    if not 0.0 <= realized < tolerance:
+        raise ValueError(f"realized must be in [0, tolerance={tolerance}), got {realized!r}")
+
+    def certified(n: int) -> bool:
+        return binomial_cdf(math.floor(realized * n + 1e-9), n, tolerance) <= delta
+
+    high = 1
+    while not certified(high):  # the binomial tail at a fixed share falls with n (not strictly: floor steps)
+        high *= 2
+    low = high // 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if certified(mid) else (mid, high)
+    n = high
+    while n > 1 and certified(n - 1):  # the first n that passes, whatever the floor steps did in between
+        n -= 1
+    return n
+
+
+def promise_text(tolerance: float, delta: float, samples: int) -> str:
+    """The promise the certified thresholds carry, in words a user can act on (saved with the heads, logged by fit)."""
+    return (
+        f"at most {100 * tolerance:g}% of answers differ from the full model's on new data exchangeable with the "
+        f"{samples:,} calibration records (the same distribution: same sources, question mix and images), except "
+        f"with probability delta = {delta:g}: in about 1 run in {round(1 / delta):,} the realized share may exceed "
+        f"{100 * tolerance:g}%. Data from elsewhere (new writers, sources or question types) is not covered."
+    )
 
 
 def default_grid() -> np.ndarray:

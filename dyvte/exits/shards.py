@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
@@ -68,6 +69,7 @@ def label_shards(
     agree: float = 0.99,
     loss_ratio: float = 1.03,
     progress: bool = False,
+    on_batch: Callable[[int, float], None] | None = None,
 ) -> list[int]:
     """Label this rank's shards of ``records`` that are not on disk yet, writing each as soon as it is done.
 
@@ -83,6 +85,8 @@ def label_shards(
         agree: see :func:`dyvte.exits.labels.exit_safe`.
         loss_ratio: see :func:`dyvte.exits.labels.exit_safe`.
         progress: show a progress bar per shard.
+        on_batch: called after each labelled batch with its number of records and seconds (one progress bar over
+            every shard, :func:`dyvte.train.label_cache.label_missing`).
 
     Returns:
         The indices of the shards this call labelled (finished shards already on disk are skipped).
@@ -113,6 +117,7 @@ def label_shards(
                 agree=agree,
                 loss_ratio=loss_ratio,
                 progress=progress,
+                on_batch=on_batch,
             )
         except DataError as error:
             raise DataError(
@@ -128,7 +133,7 @@ def label_shards(
         os.replace(temporary, path)  # the shard appears complete, or not at all
         done.append(index)
         seconds = time.perf_counter() - start
-        logger.info(
+        logger.debug(
             "rank %d: shard %d/%d (records %d..%d) labelled in %.1f s (%.1f ms/sample) -> %s",
             rank,
             index + 1,

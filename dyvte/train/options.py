@@ -67,21 +67,26 @@ class DataSource:
 @dataclass(frozen=True)
 class SplitSizes:
     """How many records each split takes, and how validation is held out of the training records
-    (``--data.splits.*``).
+    (``--data.splits.*``). Every size defaults to ``None``: sized from the records given (:meth:`platt_size` and
+    the rules below); the demo's config (``configs/fit_demo.yaml``) pins its own measured sizes.
 
     Attributes:
-        train_samples: records of the training split to label (``None``: all).
+        train_samples: records of the training split to label (``None``: all of them; the log gives the labelling
+            time measured on the first batch before it goes on).
         val_samples: records to label for validation; they are also the reference the calibration Platt-scales
-            each head on (:func:`dyvte.exits.rules.certify_thresholds`), so the default, 2,000, gives the late heads,
-            whose unsafe samples are rare, enough of them. When validation would come from the training records
-            themselves (no ``val_data`` and ``data`` a single file or a split-less directory, or ``val_split ==
-            train_split``), this many records are held out of them at random (seeded by ``split_seed``) and training
-            takes the first ``train_samples`` of the rest; ``None`` holds out ``val_fraction`` of them.
+            each head on (:func:`dyvte.exits.rules.certify_thresholds`). ``None``: :meth:`platt_size` of the
+            validation records (10% of them, at least 100 and at most 2,000, never more than half). When validation
+            would come from the training records themselves (no ``val_data`` and ``data`` a single file or a
+            split-less directory, or ``val_split == train_split``), this many records are held out of them at
+            random (seeded by ``split_seed``; ``None``: ``val_fraction`` of them) and training takes the first
+            ``train_samples`` of the rest.
         calib_samples: records for threshold calibration (:func:`dyvte.exits.rules.certify_thresholds`), disjoint from
             training and validation: the validation split's records right after the first ``val_samples`` (``None``:
-            all of them; none left: no calibration, with a warning), or, when validation is held out of the training
-            records, that many more records held out with it (``None``: ``calib_fraction`` of them). 0: no
-            calibration (the heads keep their single ``threshold``).
+            all of them), or, when validation is held out of the training records, that many more records held out
+            with it (``None``: ``calib_fraction`` of them). 0: no calibration (the heads keep their single
+            ``threshold`` and carry no promise). ``train/fit.py`` refuses, before labelling, a calibration split too
+            small to certify its ``--tolerance`` at ``--delta``
+            (:func:`dyvte.exits.risk.calibration_records_needed`).
         calib_fraction: share of the records held out for calibration in the held-out case when ``calib_samples``
             is ``None``.
         val_fraction: share of the records held out for validation in that case when ``val_samples`` is ``None``.
@@ -91,8 +96,8 @@ class SplitSizes:
         ValueError: a size < 1 (``calib_samples`` < 0) or a fraction outside (0, 1).
     """
 
-    train_samples: int | None = 24000
-    val_samples: int | None = 2000
+    train_samples: int | None = None
+    val_samples: int | None = None
     calib_samples: int | None = None
     calib_fraction: float = 0.2
     val_fraction: float = 0.1
@@ -110,6 +115,13 @@ class SplitSizes:
         check_positive_int("val_samples (--data.splits.val_samples)", self.val_samples, optional=True)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction (--data.splits.val_fraction) must be in (0, 1), got {self.val_fraction!r}")
+
+    @staticmethod
+    def platt_size(records: int) -> int:
+        """The validation (Platt reference) records taken from a validation split of ``records`` records when
+        ``val_samples`` is ``None``: 10% of them, at least 100 and at most 2,000, and never more than half (the rest
+        calibrates)."""
+        return max(1, min(max(100, round(0.1 * records)), 2000, records // 2))
 
 
 @dataclass(frozen=True)

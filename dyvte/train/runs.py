@@ -26,6 +26,7 @@ __all__ = [
     "default_label_cache_dir",
     "quiet_lightning",
     "require_trained",
+    "run_name",
     "runs_dir",
 ]
 
@@ -37,6 +38,14 @@ def runs_dir(job: str) -> Path:
     """``runs/<job>`` under the working directory: where a launcher writes by default (the launchers run from the
     repository root, where ``runs/`` is ignored by git; never a tracked file)."""
     return Path.cwd() / "runs" / job
+
+
+def run_name(model: str) -> str:
+    """A folder-name form of a model argument: ``"demo"`` as it is, a model directory by its last part
+    (``/models/llava-1.5-7b-hf`` -> ``llava-1.5-7b-hf``), characters other than letters, digits, ``.``, ``_`` and
+    ``-`` replaced by ``_``."""
+    name = model if model == "demo" else Path(model.rstrip("/\\")).name or "model"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def default_label_cache_dir() -> Path:

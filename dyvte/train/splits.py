@@ -142,35 +142,46 @@ class SplitPlan:
         src, sizes = self.source, self.sizes
         train = Split("train", src.data, src.train_split, sizes.train_samples)
         val = Split("val", src.val_data or src.data, src.val_split, sizes.val_samples)
-        calib = Split("calib", val.data, val.split, sizes.calib_samples, start=sizes.val_samples or 0)
-        if not self.held_out() and sizes.calib_samples != 0:
-            self._size_calibration(val, calib)
+        calib = Split("calib", val.data, val.split, sizes.calib_samples)
         if self.held_out():
             self._hold_out(train, val, calib)
+        else:
+            self._size_validation(val, calib)
         self._parts = {"train": train, "val": val}
         if calib.indices if calib.indices is not None else calib.samples:
             self._parts["calib"] = calib
         return self._parts
 
-    def _size_calibration(self, val: Split, calib: Split) -> None:
-        """Calibration on the validation split's records after the first ``val_samples``: as many as are left."""
+    def _size_validation(self, val: Split, calib: Split) -> None:
+        """Validation: the first ``val_samples`` records of the validation split (``None``:
+        :meth:`SplitSizes.platt_size` of it); calibration: the records after them (``calib_samples`` of them, or
+        all that are left)."""
         sizes = self.sizes
-        options = self.source.record_options()
-        left = None if sizes.val_samples is None else _count_records(val.data, val.split, **options) - sizes.val_samples
+        if sizes.calib_samples == 0:  # no calibration: validation takes its records (all of them when None)
+            return
+        total = _count_records(val.data, val.split, **self.source.record_options())
+        if val.samples is None:
+            val.samples = SplitSizes.platt_size(total)
+            logger.info(
+                "validation: the first %d of the %d records of %s [%s] (--data.splits.val_samples; the rest "
+                "calibrates)",
+                val.samples,
+                total,
+                val.data,
+                val.split,
+            )
+        elif val.samples > total:
+            raise ValueError(
+                f"--data.splits.val_samples={val.samples}: {val.data} [{val.split}] has only {total} records"
+            )
+        calib.start = val.samples
+        left = total - val.samples
         if sizes.calib_samples is None:
-            calib.samples = max(left or 0, 0)
-            if not calib.samples:
-                logger.warning(
-                    "no calibration: no record of %s [%s] is left after the %s validation records (set "
-                    "--data.splits.val_samples below the split's size); the heads keep --model.threshold",
-                    val.data,
-                    val.split,
-                    sizes.val_samples if sizes.val_samples is not None else "(all)",
-                )
-        elif left is None or left <= 0:
+            calib.samples = left
+        elif left <= 0:
             raise ValueError(
                 f"--data.splits.calib_samples={sizes.calib_samples}: calibration takes the records of {val.data} "
-                f"[{val.split}] after the first --data.splits.val_samples={sizes.val_samples}, and none is left; lower "
+                f"[{val.split}] after the first --data.splits.val_samples={val.samples}, and none is left; lower "
                 "--data.splits.val_samples, pass --data.splits.calib_samples 0 or null"
             )
         elif left < sizes.calib_samples:
@@ -179,10 +190,25 @@ class SplitPlan:
                 left,
                 val.data,
                 val.split,
-                sizes.val_samples,
+                val.samples,
                 sizes.calib_samples,
             )
             calib.samples = left
+
+    def counts(self) -> dict[str, int]:
+        """The number of records of each split (``train``, ``val``, ``calib``: 0 without calibration)."""
+        parts = self.parts()
+        counts = {}
+        for name in ("train", "val", "calib"):
+            part = parts.get(name)
+            if part is None:
+                counts[name] = 0
+            elif part.indices is not None:
+                counts[name] = len(part.indices)
+            else:
+                available = _count_records(part.data, part.split, **self.source.record_options()) - part.start
+                counts[name] = available if part.samples is None else min(part.samples, available)
+        return counts
 
     def _hold_out(self, train: Split, val: Split, calib: Split) -> None:
         """Carve validation and calibration at random out of the training records; training keeps the rest."""

@@ -62,3 +62,21 @@ def test_learn_then_test_refuses_bad_promises():
         learn_then_test(lambda lam: (0, 0.0), 0, 0.01, 0.1)
     never = learn_then_test(lambda lam: (10, 1.0), 10, 0.01, 0.1, [0.9, 0.5])
     assert never.parameter is None and never.tested == 1
+
+
+def test_calibration_records_needed_is_the_smallest_size_that_certifies():
+    """230 records for a 1% promise at delta 0.1 (with no disagreement), 667 for a rule that realizes half of it; one
+    record fewer does not certify, and the size grows as the promise tightens."""
+    from dyvte.exits.risk import calibration_records_needed, promise_text
+
+    assert calibration_records_needed(0.01, 0.1) == 230
+    assert binomial_cdf(0, 230, 0.01) <= 0.1 < binomial_cdf(0, 229, 0.01)
+    half = calibration_records_needed(0.01, 0.1, 0.005)
+    assert half == 667
+    assert binomial_cdf(3, 667, 0.01) <= 0.1 < binomial_cdf(3, 666, 0.01)  # floor(0.005 n) = 3 at both sizes
+    assert calibration_records_needed(0.005, 0.1) > 230 > calibration_records_needed(0.02, 0.1)
+    with pytest.raises(ValueError, match="realized"):
+        calibration_records_needed(0.01, 0.1, 0.01)
+    text = promise_text(0.01, 0.1, 13000)
+    assert "at most 1% of answers differ" in text and "13,000 calibration records" in text
+    assert "in about 1 run in 10 the realized share may exceed 1%" in text

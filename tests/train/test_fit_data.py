@@ -43,6 +43,7 @@ def test_fit_on_a_llava_format_export_of_the_demo(tmp_path):
         f"--trainer.default_root_dir={tmp_path / 'runs'}",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         "--trainer.enable_progress_bar=false",
+        "--tolerance=0.5",  # 4 calibration records can certify 50% (a 1% promise needs 230)
     ]
     summary = load_script("train/fit.py").main(args)
     heads = ExitHeads.from_pretrained(tmp_path / "heads")
@@ -82,7 +83,7 @@ def test_fit_under_ddp_labels_on_every_rank_and_equals_one_process(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         log = done.stderr + done.stdout
         if devices == 2:
-            assert "(rank 1 of 2, shards of 3" in log and "(rank 0 of 2, shards of 3" in log
+            assert "; rank 1 of 2, shards of 3" in log and "; rank 0 of 2, shards of 3" in log
             assert "rank 1: shard" in log  # rank 1 labelled shards of its own
         caches[devices] = sorted(p for p in (setup / f"cache-{devices}").iterdir() if p.is_dir())
     assert [p.name for p in caches[1]] == [p.name for p in caches[2]] and len(caches[1]) == 3  # train, val, calib

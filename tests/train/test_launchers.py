@@ -26,7 +26,7 @@ import dyvte
 import dyvte.data.sources
 from dyvte.cli import evaluate as evaluate_cli
 from dyvte.data.records import DataError
-from dyvte.policies.exit_heads import NEVER, ExitHeads
+from dyvte.policies.exit_heads import ExitHeads
 from dyvte.train.label_data import ExitLabelData
 from dyvte.train.options import DataSource, LabelOptions, SplitSizes
 
@@ -132,6 +132,32 @@ def test_fit_refuses_a_promise_it_cannot_make_before_work(setup_dir, monkeypatch
     assert not (setup_dir / "heads-promise").exists()
 
 
+def test_fit_refuses_a_calibration_split_too_small_for_its_promise_before_labelling(setup_dir, monkeypatch):
+    """A 1% promise at delta 0.1 needs 230 calibration records: with the setup's 2, fit says so and what to change,
+    before the model is loaded or anything is labelled; 0 calibration records is a choice (no promise), allowed."""
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
+    cache = setup_dir / "cache-small"
+    args = fit_args(setup_dir, "heads-small", 1, ["--tolerance=0.01", f"--data.labels.cache_dir={cache}"])
+    with pytest.raises(ValueError, match=r"--delta 0\.1 needs at least 230 calibration records .* this run has 2 "):
+        load_script("train/fit.py").main(args)
+    assert not cache.exists() and not (setup_dir / "heads-small").exists()
+    with pytest.raises(ValueError, match=r"needs at least 460 calibration records"):  # 0.5%: twice as many
+        load_script("train/fit.py").main([*args, "--tolerance=0.005"])
+
+
+def test_fit_names_its_outputs_after_the_model(setup_dir, monkeypatch):
+    """Without --output_dir and log folders, a user's model writes to runs/fit-<model folder name>, not fit-demo."""
+    work = setup_dir / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = [a for a in fit_args(setup_dir, "unused", 1) if not a.startswith(("--output_dir", "--trainer.default_root"))]
+    args = [a for a in args if not a.startswith("--trainer.logger")]
+    summary = load_script("train/fit.py").main([*args, f"--data.labels.cache_dir={setup_dir / 'cache'}"])
+    assert ExitHeads.from_pretrained(work / "runs" / "fit-model" / "exit-heads").config.num_layers == 4
+    assert Path(summary["logs"]).is_relative_to(work / "runs" / "fit-model" / "logs")
+    assert not (work / "runs" / "fit-demo").exists()
+
+
 def test_fit_refuses_a_missing_resume_checkpoint(setup_dir, monkeypatch):
     monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
     args = fit_args(setup_dir, "heads-resume", 1, [f"--ckpt_path={setup_dir / 'no.ckpt'}"])
@@ -172,9 +198,16 @@ def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
         DataSource(model=str(setup_dir / "model"), data=jsonl, val_data=other), SplitSizes(calib_samples=0)
     )
     assert separate.split_indices() == {"train": None, "val": None}  # a separate validation file: nothing carved
-    demo = ExitLabelData(DataSource(data="demo"))  # distinct named splits: calibration = validation records 2000..14999
+    demo = ExitLabelData(DataSource(data="demo"), SplitSizes(val_samples=2000))  # named splits: calibration follows
     assert demo.split_indices() == {"train": None, "val": None, "calib": None}
     assert demo.split_summary()["calib"] == "demo [validation] records 2000..14999"
+    # sizes from the records given: 10% of a 500-record validation file validates (at least 100), the rest calibrates
+    lines = (setup_dir / "records.jsonl").read_text().splitlines()
+    (setup_dir / "val500.jsonl").write_text("\n".join(lines[i % len(lines)] for i in range(500)) + "\n")
+    user = ExitLabelData(DataSource(data=jsonl, val_data=str(setup_dir / "val500.jsonl")))
+    assert user.plan.counts() == {"train": 12, "val": 100, "calib": 400}
+    assert user.split_summary()["calib"].endswith("records 100..499")
+    assert [SplitSizes.platt_size(n) for n in (3, 150, 500, 5000, 15000, 10**6)] == [1, 75, 100, 500, 1500, 2000]
     fraction = ExitLabelData(source, SplitSizes(train_samples=None, val_samples=None))
     assert [len(v) for v in fraction.split_indices().values()] == [9, 1, 2]  # 10% of 12 (at least 1), 20% of 12
     none = ExitLabelData(source, SplitSizes(val_samples=4, calib_samples=0))
@@ -208,12 +241,16 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
     }
     assert {k: v for k, v in written["validation_split"].items() if k != "source"} == expected
     assert written["val_samples"] == 4
-    # 2 calibration records cannot certify 1% disagreement: the heads never fire, and the log says why
-    assert written["calibration"]["parameter"] is None and written["calibration"]["samples"] == 2
-    assert written["thresholds"] == [NEVER] * 3
-    assert "calibration: no threshold keeps at most 0.01 disagreement with probability >= 0.9 on 2 samples" in (
-        caplog.text
+    # the saved promise says what it covers and what delta means, and that 2 records make it loose
+    calibration = written["calibration"]
+    assert calibration["samples"] == 2 and written["promise"] == calibration["promise"]
+    assert (
+        "at most 70% of answers differ" in calibration["promise"]
+        and "2 calibration records" in (calibration["promise"])
     )
+    assert "in about 1 run in 10 the realized share may exceed 70%" in calibration["promise"]
+    heads = ExitHeads.from_pretrained(setup_dir / "heads-heldout")
+    assert heads.config.calibration["promise"] == calibration["promise"]
     from datasets import load_from_disk
 
     caches = {k: load_from_disk(v).with_format("torch")[:] for k, v in written["label_cache"].items()}
