@@ -90,7 +90,7 @@ def _usage() -> str:
         "  -h, --help  show this message and exit",
         "  --version   print dyvte's version and exit",
         "",
-        "`dyvte COMMAND --help`: a command's common options (--samples, --image_folder, --device, ... the same on every",
+        "`dyvte COMMAND --help`: its common options (--samples, --image_folder, --device, ..., the same on every",
         "command) and examples; `dyvte COMMAND --help all`: every option. Install the extras a command needs with",
         "pip install 'dyvte[train,eval]' (in a clone: pip install -e \".[dev]\" -c constraints.txt).",
         'Guide: docs/guide.md, "Command line".',
