@@ -2,7 +2,7 @@
 
     python train/calibrate.py                                   # demo model, 100 validation samples, eta 3e-3
     python train/calibrate.py --config configs/calibrate_demo.yaml
-    python train/calibrate.py --threshold 1e-3 --samples 20 --positions answer
+    python train/calibrate.py --threshold 1e-3 --samples 20 --positions answer   # 20 records, stratified by qtype
     python train/calibrate.py --device cuda --dtype bfloat16    # on a GPU (the batches follow the model)
     python train/calibrate.py --config configs/calibrate_demo.yaml --output checkpoints/demo-calibration
                                                                 # regenerate the committed demo calibration

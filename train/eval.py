@@ -4,6 +4,7 @@
     python train/eval.py --config configs/evaluate_demo.yaml
     python train/eval.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
     python train/eval.py --device cuda --dtype bfloat16      # on a GPU (float16 too; never float16 on CPU)
+    python train/eval.py --samples 500 --seed 1              # 500 records drawn at random, stratified by qtype
 
 Method strings: full, static:K[,K...], static:all, calibrated:DIR, heads:DIR[:P,...], fastervlm:R, random:R,
 fastv:K:R (R = fraction of visual tokens pruned), A+B, and every kind registered with a method syntax

@@ -5,7 +5,7 @@
     python train/fit.py --trainer.strategy ddp --trainer.devices 2    # two processes on CPU
     python train/fit.py --trainer.accelerator cuda --trainer.devices 1    # label and train on a GPU
     python train/fit.py --ckpt_path runs/fit-demo/logs/version_0/checkpoints/last.ckpt   # resume
-    python train/fit.py --data.source.data llava_format.json --data.source.image_folder images/   # LLaVA JSON
+    python train/fit.py --data.source.data llava_format.json --image_folder images/   # LLaVA JSON
     python train/fit.py --data.labels.on_the_fly true --data.labels.rule dyvte-layer     # the paper's on-the-fly labels
     python train/fit.py --output_dir checkpoints/demo-exit-heads      # regenerate the committed demo heads
 
@@ -19,10 +19,15 @@ points at one, as in the last command):
 * ``runs/label-cache/<split>-<samples>-<key>``: labels and head inputs, computed once per (model weights, data,
   split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.labels.relabel true`` labels again).
 
-The device is Lightning's: ``--trainer.accelerator`` / ``--trainer.devices`` (default: the CPU). The labelling model
-is loaded on the CPU and moved to each rank's device (``trainer.strategy.root_device``), so labels, head features and
-training all run there; there is no separate ``--device`` option to disagree with the trainer's. Labelling runs in
-float32 (no ``--dtype``).
+The device is Lightning's: ``--trainer.accelerator`` / ``--trainer.devices`` (default: the CPU); ``--device cuda:N``
+is short for ``--trainer.accelerator cuda --trainer.devices [N]`` (``cuda``: ``--trainer.devices 1``; ``cpu``:
+``--trainer.accelerator cpu``), and giving both with different values is refused. The labelling model is loaded on
+the CPU and moved to each rank's device (``trainer.strategy.root_device``), so labels, head features and training all
+run there. Labelling runs in float32 (``--dtype`` is refused).
+
+The common options of every ``dyvte`` command, ``--image_folder``, ``--skip_bad_rows`` and ``--prompt_template``, are
+short for ``--data.source.*``; ``--samples`` and ``--seed`` are refused (the splits are sized and seeded by
+``--data.splits.*``). ``--help`` shows the common options and examples on one screen, ``--help all`` every option.
 
 Every path is logged at INFO. Lightning checkpoints hold only the heads; training never runs the MLLM after labelling.
 

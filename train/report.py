@@ -1,7 +1,7 @@
 """The comparison report: every method on the demo test split, at matched prefill FLOPs.
 
     python train/report.py                     # writes runs/report/report.md, accuracy_vs_flops.png, exit_layers.png
-    python train/report.py --samples 500       # a quicker, noisier pass
+    python train/report.py --samples 500       # a quicker, noisier pass (500 records, seeded, stratified by qtype)
     python train/report.py --output_dir docs   # regenerate the committed docs/report.md and its PNGs
 
 Methods: static K (every K), calibrated K, exit heads (threshold sweep), FasterVLM / FastV (K = 2) / random keeping

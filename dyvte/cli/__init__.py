@@ -90,8 +90,9 @@ def _usage() -> str:
         "  -h, --help  show this message and exit",
         "  --version   print dyvte's version and exit",
         "",
-        "`dyvte COMMAND --help` lists a command's options (its train/ launcher's). Install the extras a command needs",
-        "with pip install 'dyvte[train,eval]' (in a clone: pip install -e \".[dev]\" -c constraints.txt).",
+        "`dyvte COMMAND --help`: its common options (--samples, --image_folder, --device, ..., the same on every",
+        "command) and examples; `dyvte COMMAND --help all`: every option. Install the extras a command needs with",
+        "pip install 'dyvte[train,eval]' (in a clone: pip install -e \".[dev]\" -c constraints.txt).",
         'Guide: docs/guide.md, "Command line".',
     ]
     return "\n".join(lines)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
+from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
+from dyvte.cli.shared import check_data_options  # noqa: E402
 from dyvte.data.records import build_inputs, iter_batches  # noqa: E402
 from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.exits.kl import POSITIONS  # noqa: E402
@@ -33,6 +37,8 @@ def check_arguments(
     batch_size: int,
     dtype: str,
     device: str = "cpu",
+    seed: int = 0,
+    image_folder: str | None = None,
 ) -> None:
     """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
     for name, eta in [("--threshold", threshold), *(("--report_thresholds", t) for t in report_thresholds)]:
@@ -40,7 +46,7 @@ def check_arguments(
             raise ValueError(f"{name}: a KL threshold eta must be a number > 0, got {eta!r}")
     if positions not in POSITIONS:
         raise ValueError(f"--positions must be one of {POSITIONS}, got {positions!r}")
-    check_positive_int("--samples", samples)
+    check_data_options(samples, seed, image_folder, samples_optional=False)
     check_positive_int("--batch_size", batch_size)
     check_dtype(dtype, check_device(device, "--device"), option="--dtype")
 
@@ -50,6 +56,7 @@ def main(
     data: str = "demo",
     split: str = "validation",
     samples: int = 100,
+    seed: int = 0,
     threshold: float = 3e-3,
     report_thresholds: list[float] = (1e-3, 3e-3, 1e-2),
     positions: str = "first",
@@ -57,6 +64,8 @@ def main(
     dtype: str = "float32",
     device: str = "cpu",
     prompt_template: str | None = None,
+    image_folder: str | None = None,
+    skip_bad_rows: bool = False,
     output: str = str(runs_dir("calibrate-demo")),
 ) -> dyvte.Calibration:
     """Calibrate the static exit layer.
@@ -65,7 +74,9 @@ def main(
         model: "demo" or a local model directory.
         data: "demo", a save_to_disk directory or a .json/.jsonl/.parquet records file.
         split: dataset split to calibrate on (never the test split you report).
-        samples: number of calibration samples (VTW used 20).
+        samples: a seeded random subset of this many records of the split, stratified by qtype, in dataset order
+            (VTW used 20).
+        seed: the seed of the ``samples`` draw.
         threshold: eta saved in the calibration file.
         report_thresholds: other etas whose chosen layer is printed.
         positions: "first" (first answer position, as VTW) or "answer" (every teacher-forced answer position).
@@ -74,12 +85,19 @@ def main(
         device: where the model runs: cpu, cuda or cuda:N (the batches follow it).
         prompt_template: prompt format string with {question} and the image placeholder, e.g.
             "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.data.prompts).
+        image_folder: resolve relative image paths against this folder (default: the records file's folder).
+        skip_bad_rows: skip bad records (missing or corrupt image, empty question or answer), counted in the log,
+            instead of failing on the first.
         output: directory for calibration.json (pass checkpoints/demo-calibration to regenerate the committed one).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    check_arguments(threshold, report_thresholds, positions, samples, batch_size, dtype, device)  # before any work
+    check_arguments(  # before any work
+        threshold, report_thresholds, positions, samples, batch_size, dtype, device, seed, image_folder
+    )
     mllm, processor = load_model(model, dtype, prompt_template, device=device)
-    records = load_records(data, split, samples)
+    records = load_records(
+        data, split, image_folder=image_folder, skip_bad_rows=skip_bad_rows, sample=samples, seed=seed
+    )
     batches = [
         build_inputs(processor, recs, with_answers=positions == "answer", offset=i * batch_size)
         for i, recs in enumerate(iter_batches(records, batch_size))
@@ -99,11 +117,52 @@ def main(
     return cal
 
 
+def short_help(prog: str) -> str:
+    """``calibrate``'s short help: the common options, its main options and examples (``--help all``: every one)."""
+    defaults = defaults_of(main)
+    common = option_lines(
+        ["samples", "seed", "image_folder", "skip_bad_rows", "prompt_template", "device", "dtype"], defaults
+    )
+    own = [
+        HelpOption("--model DIR", f'"demo" or a local model directory (default: {defaults["model"]})'),
+        HelpOption(
+            "--data PATH",
+            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {defaults["data"]})',
+        ),
+        HelpOption(
+            "--split NAME", f"the split to calibrate on, never the one you report (default: {defaults['split']})"
+        ),
+        HelpOption(
+            "--threshold ETA", f"the KL threshold saved with the chosen layer (default: {defaults['threshold']:g})"
+        ),
+        HelpOption(
+            "--positions WHERE", f"first (VTW) or answer: where the KL is measured (default: {defaults['positions']})"
+        ),
+        HelpOption("--output DIR", "where calibration.json goes (default: runs/calibrate-demo)"),
+        HelpOption("--config FILE", "options from a YAML file (configs/calibrate_demo.yaml)"),
+    ]
+    return format_help(
+        prog,
+        "VTW calibration: the per-layer KL curve of a model on a few samples and the static exit layer it chooses.",
+        [("common options (the same on every dyvte command)", common), ("calibrate options", own)],
+        [
+            f"{prog} --samples 20 --threshold 1e-3 --positions answer",
+            f"{prog} --model path/to/llava --data records.jsonl --image_folder images/ --device cuda --dtype bfloat16",
+        ],
+    )
+
+
 def run(args: list[str] | None = None, prog: str | None = None) -> dyvte.Calibration:
     """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/calibrate.py`` parses it.
+
+    ``-h`` / ``--help`` prints the short help (:func:`short_help`), ``--help all`` every option.
 
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``).
         prog: the program name in usage and help messages (default: the script's file name).
     """
+    mode, args = help_request(sys.argv[1:] if args is None else args)
+    if mode == "short":
+        print(short_help(prog or Path(sys.argv[0]).name))
+        raise SystemExit(0)
     return CLI(main, as_positional=False, args=args, **({"prog": prog} if prog else {}))

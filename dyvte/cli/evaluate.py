@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,8 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
+from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
+from dyvte.cli.shared import check_data_options  # noqa: E402
 from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
@@ -51,9 +54,11 @@ def check_arguments(
     dtype: str,
     output_dir: str,
     device: str = "cpu",
+    seed: int = 0,
+    image_folder: str | None = None,
 ) -> None:
     """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
-    check_positive_int("--samples", samples, optional=True)
+    check_data_options(samples, seed, image_folder)
     check_positive_int("--batch_size", batch_size)
     check_positive_int("--max_new_tokens", max_new_tokens)
     check_dtype(dtype, check_device(device, "--device"), option="--dtype")
@@ -128,12 +133,15 @@ def main(
     data: str = "demo",
     split: str = "test",
     samples: int | None = None,
+    seed: int = 0,
     methods: list[str] = ("full", "static:all"),
     batch_size: int = 100,
     max_new_tokens: int = 4,
     dtype: str = "float32",
     device: str = "cpu",
     prompt_template: str | None = None,
+    image_folder: str | None = None,
+    skip_bad_rows: bool = False,
     output_dir: str = str(runs_dir("eval")),
     plugins: list[str] = (),
 ) -> list[dyvte.EvalResult]:
@@ -146,7 +154,9 @@ def main(
         model: "demo" or a local model directory.
         data: "demo", a save_to_disk directory or a .json/.jsonl/.parquet records file.
         split: dataset split.
-        samples: evaluate the first N records (default: all).
+        samples: evaluate a seeded random subset of this many records, stratified by qtype, in dataset order
+            (default: all).
+        seed: the seed of the ``samples`` draw.
         methods: method strings (see the module docstring); the full model always runs first (the reference).
         batch_size: rows per generate call.
         max_new_tokens: generation length.
@@ -154,17 +164,24 @@ def main(
         device: where the model runs: cpu, cuda or cuda:N (the inputs follow it).
         prompt_template: prompt format string with {question} and the image placeholder, e.g.
             "USER: <image>\\n{question} ASSISTANT:", for a model without a chat template (dyvte.data.prompts).
+        image_folder: resolve relative image paths against this folder (default: the records file's folder).
+        skip_bad_rows: skip bad records (missing or corrupt image, empty question or answer), counted in the log,
+            instead of failing on the first.
         output_dir: where JSON and PNG go (default ``runs/eval`` under the working directory).
         plugins: ``.py`` files or module names to import first: they register exit policies or pruning methods
             (with a method syntax) that ``methods`` may then name.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    check_arguments(samples, methods, batch_size, max_new_tokens, dtype, output_dir, device)  # before any work
+    check_arguments(  # before any work
+        samples, methods, batch_size, max_new_tokens, dtype, output_dir, device, seed, image_folder
+    )
     load_plugins(list(plugins))
     mllm, processor = load_model(model, dtype, prompt_template, device=device)
     num_layers = resolve(mllm).num_layers
     chosen = resolve_methods(list(methods), mllm, num_layers)  # before any forward
-    records = load_records(data, split, samples)
+    records = load_records(
+        data, split, image_folder=image_folder, skip_bad_rows=skip_bad_rows, sample=samples, seed=seed
+    )
     if len(records) == 0:
         raise ValueError(f"--data {data} --split {split} holds no records to evaluate")
     out = Path(output_dir)
@@ -248,11 +265,52 @@ def summarize(
     write_text_atomic(out / "oracle.json", json.dumps(summary) + "\n")
 
 
+def short_help(prog: str) -> str:
+    """``evaluate``'s short help: the common options, its main options and examples (``--help all``: every one)."""
+    defaults = defaults_of(main)
+    common = option_lines(
+        ["samples", "seed", "image_folder", "skip_bad_rows", "prompt_template", "device", "dtype"], defaults
+    )
+    own = [
+        HelpOption("--model DIR", f'"demo" or a local model directory (default: {defaults["model"]})'),
+        HelpOption(
+            "--data PATH",
+            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {defaults["data"]})',
+        ),
+        HelpOption("--split NAME", f"the dataset split (default: {defaults['split']})"),
+        HelpOption(
+            "--methods LIST",
+            "method strings, the full model always first: full, static:K[,K...], static:all, calibrated:DIR, "
+            "heads:DIR[:P,...], fastervlm:R, random:R, fastv:K:R, A+B "
+            f"(default: {json.dumps(list(defaults['methods']))})",
+        ),
+        HelpOption("--output_dir DIR", "where results.json, one JSON per method and the plot go (default: runs/eval)"),
+        HelpOption("--plugins LIST", "files or modules that register more exit policies or pruning methods"),
+        HelpOption("--config FILE", "options from a YAML file (configs/evaluate_demo.yaml)"),
+    ]
+    return format_help(
+        prog,
+        "Run method strings over a dataset: accuracy, agreement with the full model, exit layers, prefill FLOPs and "
+        "wall clock.",
+        [("common options (the same on every dyvte command)", common), ("evaluate options", own)],
+        [
+            f'{prog} --methods \'["full", "heads:runs/fit-demo/exit-heads", "static:7"]\'',
+            f"{prog} --data records.jsonl --image_folder images/ --samples 500 --seed 1 --device cuda",
+        ],
+    )
+
+
 def run(args: list[str] | None = None, prog: str | None = None) -> list[dyvte.EvalResult]:
     """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/eval.py`` parses it.
+
+    ``-h`` / ``--help`` prints the short help (:func:`short_help`), ``--help all`` every option.
 
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``).
         prog: the program name in usage and help messages (default: the script's file name).
     """
+    mode, args = help_request(sys.argv[1:] if args is None else args)
+    if mode == "short":
+        print(short_help(prog or Path(sys.argv[0]).name))
+        raise SystemExit(0)
     return CLI(main, as_positional=False, args=args, **({"prog": prog} if prog else {}))

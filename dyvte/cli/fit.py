@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,12 +23,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
+from dyvte.cli.help import COMMON, HelpOption, format_help, help_request, option_lines  # noqa: E402
+from dyvte.cli.shared import option_values, rewrite_aliases  # noqa: E402
 from dyvte.data.sources import load_config  # noqa: E402
 from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
 from dyvte.exits.risk import calibration_records_needed, promise_text  # noqa: E402
-from dyvte.exits.rules import certify_thresholds, exit_savings  # noqa: E402
+from dyvte.exits.rules import LABEL_RULES, certify_thresholds, exit_savings  # noqa: E402
 from dyvte.train.label_data import ExitLabelData  # noqa: E402
 from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
+from dyvte.train.options import DataSource, LabelOptions, SplitSizes  # noqa: E402
 from dyvte.train.progress import RunProgressBar  # noqa: E402
 from dyvte.train.runs import (  # noqa: E402
     check_output_dir,
@@ -36,6 +41,7 @@ from dyvte.train.runs import (  # noqa: E402
     run_name,
     runs_dir,
 )
+from dyvte.utils.devices import check_device  # noqa: E402
 from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("fit")
@@ -109,12 +115,152 @@ class FitCLI(LightningCLI):
 #: checkpoints/README.md: on the demo this keeps test accuracy within 0.5 pt)
 DEFAULT_TOLERANCE = 0.01
 
+#: the default of ``--trainer.max_epochs``
+MAX_EPOCHS = 40
+
 #: ``ckpt_path`` values Lightning resolves itself
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 
+#: fit's flat spellings of its nested data options (the common options of every command, docs/guide.md)
+ALIASES = {
+    "--image_folder": "--data.source.image_folder",
+    "--skip_bad_rows": "--data.source.skip_bad_rows",
+    "--prompt_template": "--data.source.prompt_template",
+}
+
+#: common options of the other commands that fit does not take, and what it takes instead
+NOT_FIT_OPTIONS = {
+    "--samples": "fit takes no --samples: it sizes its splits with --data.splits.train_samples, "
+    "--data.splits.val_samples and --data.splits.calib_samples (validation and calibration records are held out at "
+    "random, seeded by --data.splits.split_seed)",
+    "--seed": "fit takes no --seed: --seed_everything seeds training, --data.splits.split_seed the held-out validation "
+    "and calibration records",
+    "--dtype": "fit takes no --dtype: it labels with the model in float32 and trains the heads in float32",
+}
+
+#: Lightning's accelerator names that mean the same device type
+_ACCELERATORS = {"gpu": "cuda"}
+
+
+def device_options(device: str) -> dict[str, str]:
+    """The ``--trainer.*`` options that put fit on ``device`` (``cpu``, ``cuda`` or ``cuda:N``), checked against
+    this machine.
+
+    ``cpu`` -> ``--trainer.accelerator cpu``; ``cuda`` -> ``--trainer.accelerator cuda --trainer.devices 1``;
+    ``cuda:N`` -> ``--trainer.accelerator cuda --trainer.devices [N]`` (one process on GPU N). Several GPUs:
+    ``--trainer.devices`` and ``--trainer.strategy`` themselves.
+
+    Raises:
+        ValueError: a malformed device, or CUDA (or GPU N) that this machine does not have (the message names
+            ``--device``).
+    """
+    dev = check_device(device, "--device")
+    if dev.type == "cpu":
+        return {"--trainer.accelerator": "cpu"}
+    return {"--trainer.accelerator": "cuda", "--trainer.devices": "1" if dev.index is None else f"[{dev.index}]"}
+
+
+def fit_arguments(args: Sequence[str]) -> list[str]:
+    """``args`` with fit's flat spellings of the common options turned into its nested ones, before LightningCLI
+    parses them: ``--image_folder``, ``--skip_bad_rows``, ``--prompt_template`` (:data:`ALIASES`) and ``--device``
+    (:func:`device_options`). The nested spellings keep working.
+
+    Raises:
+        ValueError: one option given in both spellings with different values, a flat option without a value, a bad
+            ``--device``, or ``--samples`` / ``--seed`` / ``--dtype``, which fit does not take (the message says
+            what it takes instead).
+    """
+    args = list(args)
+    found = option_values(args, [*NOT_FIT_OPTIONS, "--device", "--trainer.accelerator", "--trainer.devices"])
+    for name, reason in NOT_FIT_OPTIONS.items():
+        if name in found:
+            raise ValueError(reason)
+    args = rewrite_aliases(args, ALIASES, booleans=["--skip_bad_rows"])
+    devices = found.get("--device", [])
+    if not devices:
+        return args
+    if None in devices or len(set(devices)) > 1:
+        raise ValueError(f"--device needs one value (cpu, cuda or cuda:N), got {devices}")
+    wanted = device_options(devices[0])
+    for option, value in wanted.items():
+        given = {_ACCELERATORS.get(v, v) for v in found.get(option, []) if v is not None}
+        if given - {value}:
+            spelled = " ".join(f"{k} {v}" for k, v in wanted.items())
+            raise ValueError(
+                f"--device {devices[0]} is {spelled}, but {option} {', '.join(sorted(given))} is given too: give one"
+            )
+    out, i = [], 0
+    while i < len(args):
+        name, eq, _ = args[i].partition("=")
+        if name == "--device":
+            i += 1 if eq else 2
+            out += [token for pair in wanted.items() for token in pair]
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def short_help(prog: str) -> str:
+    """``fit``'s short help: the common options it takes (flat spellings of its nested ones), its main options and
+    examples; ``--help all`` is LightningCLI's full help."""
+    source = DataSource()
+    defaults = {"image_folder": source.image_folder, "skip_bad_rows": source.skip_bad_rows}
+    defaults["prompt_template"] = source.prompt_template
+    common = option_lines(["image_folder", "skip_bad_rows", "prompt_template"], defaults)
+    device = "where labelling and training run: cpu, cuda or cuda:N (sets --trainer.accelerator, --trainer.devices)"
+    common.append(HelpOption(f"--device {COMMON['device'][0]}", device))
+    own = [
+        HelpOption("--data.source.model DIR", f'"demo" or a local model directory (default: {source.model})'),
+        HelpOption(
+            "--data.source.data PATH",
+            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {source.data})',
+        ),
+        HelpOption(
+            "--data.splits.train_samples N",
+            "records to label for training (default: all; the demo: its measured sizes); also "
+            "--data.splits.val_samples, --data.splits.calib_samples (default: from the records given)",
+        ),
+        HelpOption(
+            "--data.labels.rule RULE",
+            f"what the heads learn: {', '.join(LABEL_RULES)} (default: {LabelOptions().rule})",
+        ),
+        HelpOption("--output_dir DIR", "where the heads and training.json go (default: runs/fit-<model>/exit-heads)"),
+        HelpOption(
+            "--tolerance EPS",
+            f"at most this share of answers differ from the full model's (default: {DEFAULT_TOLERANCE})",
+        ),
+        HelpOption(
+            "--trainer.max_epochs N",
+            f"training epochs (default: {MAX_EPOCHS}); every --trainer.* option is Lightning's",
+        ),
+        HelpOption("--ckpt_path FILE", "a Lightning checkpoint to resume from"),
+        HelpOption("--config FILE", "options from a YAML file (configs/fit_demo.yaml)"),
+    ]
+    return format_help(
+        prog,
+        "Train DyVTE exit heads on a frozen MLLM (default: the embedded demo model and data) and certify their "
+        "thresholds.",
+        [
+            ("common options (the same on every dyvte command; on fit, short for --data.source.*)", common),
+            ("fit options", own),
+        ],
+        [
+            f"{prog}                                   # demo -> runs/fit-demo/exit-heads",
+            f"{prog} --data.source.data llava.json --image_folder images/ --skip_bad_rows true --device cuda",
+        ],
+        notes=[
+            "Not fit options: --samples, --seed (--data.splits.* size and seed the splits), --dtype (labels in "
+            "float32)."
+        ],
+    )
+
+
 def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     """Label (or reuse the label cache), train the heads, save them and log the per-head validation table.
+
+    ``-h`` / ``--help`` prints the short help (:func:`short_help`), ``--help all`` every option.
 
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``).
@@ -123,13 +269,19 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     Returns:
         The ``training.json`` summary on global rank 0, ``{}`` on the other ranks.
     """
+    mode, args = help_request(sys.argv[1:] if args is None else args)
+    if mode == "short":
+        print(short_help(prog or Path(sys.argv[0]).name))
+        raise SystemExit(0)
+    if mode is None:
+        args = fit_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_lightning()
     datasets.disable_progress_bars()  # the label caches' "Saving the dataset" bars: the labelling bar says it all
     jobs = job_dir()
     with warnings.catch_warnings():
-        if prog is not None:  # from the dyvte command: sys.argv[1:] is [command, *args], not other arguments
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # the arguments are sys.argv[1:] (or the dyvte command's), rewritten: not other arguments than the command's
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = FitCLI(
             ExitHeadsModule,
             ExitLabelData,
@@ -140,7 +292,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
             seed_everything_default=0,  # an explicit seed: seed_everything(None) warns "No seed found" before seeding 0
             trainer_defaults={
                 "accelerator": "cpu",
-                "max_epochs": 40,
+                "max_epochs": MAX_EPOCHS,
                 "log_every_n_steps": 5,
                 "default_root_dir": str(jobs),
                 "logger": {

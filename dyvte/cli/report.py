@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import platform
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.data.sources import load_model, load_records  # noqa: E402
+from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
+from dyvte.cli.shared import check_data_options  # noqa: E402
+from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import OVERALL, format_per_type, method_kind, plot_sweep  # noqa: E402
 from dyvte.eval.methods import Full, load_plugins, parse_method  # noqa: E402
-from dyvte.train.runs import runs_dir
+from dyvte.train.runs import runs_dir  # noqa: E402
 from dyvte.utils.devices import check_device  # noqa: E402
 
 
@@ -33,6 +36,7 @@ def main(
     data: str = "demo",
     split: str = "test",
     samples: int | None = None,
+    seed: int = 0,
     heads: str = "checkpoints/demo-exit-heads",
     calibration: str = "checkpoints/demo-calibration",
     thresholds: list[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
@@ -49,6 +53,9 @@ def main(
     methods: list[str] = (),
     plugins: list[str] = (),
     device: str = "cpu",
+    dtype: str = "float32",
+    image_folder: str | None = None,
+    skip_bad_rows: bool = False,
 ) -> None:
     """Run every method and write the report.
 
@@ -56,7 +63,8 @@ def main(
         model: "demo" or a local model directory.
         data: "demo" or a records file / directory.
         split: dataset split.
-        samples: first N records (default: all).
+        samples: a seeded random subset of this many records, stratified by qtype, in dataset order (default: all).
+        seed: the seed of the ``samples`` draw.
         heads: exit-heads directory.
         calibration: calibration directory.
         thresholds: exit-head P(exit) thresholds of the sweep (one raw threshold for every head).
@@ -74,13 +82,20 @@ def main(
         methods: more method strings to run and report beside the built-in ones (any registered kind).
         plugins: ``.py`` files or module names to import first (they register the exit policies or pruning methods
             that ``methods`` names; see ``train/eval.py``).
-        device: where the model runs: cpu, cuda or cuda:N (the report is fp32 on either).
+        device: where the model runs: cpu, cuda or cuda:N.
+        dtype: float32 (the committed report's) or bfloat16 (float16 only with a CUDA --device).
+        image_folder: resolve relative image paths against this folder (default: the records file's folder).
+        skip_bad_rows: skip bad records (missing or corrupt image, empty question or answer), counted in the log,
+            instead of failing on the first.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    check_device(device, "--device")  # before any work
+    check_data_options(samples, seed, image_folder)  # before any work
+    check_dtype(dtype, check_device(device, "--device"), option="--dtype")
     load_plugins(list(plugins))
-    mllm, processor = load_model(model, prompt_template=prompt_template, device=device)
-    records = load_records(data, split, samples)
+    mllm, processor = load_model(model, dtype, prompt_template, device=device)
+    records = load_records(
+        data, split, image_folder=image_folder, skip_bad_rows=skip_bad_rows, sample=samples, seed=seed
+    )
     num_layers = resolve(mllm).num_layers
     ratios = ",".join(f"{1 - k:g}" for k in keep)
     specs = [
@@ -123,6 +138,7 @@ def main(
         wallclock,
         mixed_path=mixed,
         decode_path=decode,
+        dtype=dtype,
     )
     text = text.replace(PROMISE_MARK, promise(results, heads))
     (out / "report.md").write_text(text + "\n")
@@ -130,6 +146,9 @@ def main(
 
 
 PROMISE_MARK = "<!-- promise -->"
+
+#: how the report names each --dtype
+DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
 
 
 def promise(results: list, heads_dir: str) -> str:
@@ -182,6 +201,7 @@ def render(
     wallclock_path: str,
     mixed_path: str = "docs/mixed.md",
     decode_path: str = "docs/decode.md",
+    dtype: str = "float32",
 ) -> str:
     """The report's Markdown (``results[0]`` is the full model; ``again`` is its second timed pass)."""
     full = results[0]
@@ -210,7 +230,8 @@ def render(
         [
             "# dyvte comparison report",
             "",
-            f"Demo model on the {split} split ({samples} samples), greedy, fp32, torch {torch.__version__}, "
+            f"Demo model on the {split} split ({samples} samples), greedy, {DTYPE_NAMES.get(dtype, dtype)}, "
+            f"torch {torch.__version__}, "
             f"{torch.get_num_threads()} CPU threads on {platform.machine()}. One timed pass per method over the split "
             f"in batches of {batch_size} after one untimed warm-up batch (prefill = time to the first generated "
             "token, vision encoder included); the spread is the 10th–90th percentile of the per-batch prefill time "
@@ -304,11 +325,47 @@ def plot_exit_layers(result, num_layers: int, path: Path) -> None:
     plt.close(fig)
 
 
+def short_help(prog: str) -> str:
+    """``report``'s short help: the common options, its main options and examples (``--help all``: every one)."""
+    defaults = defaults_of(main)
+    common = option_lines(
+        ["samples", "seed", "image_folder", "skip_bad_rows", "prompt_template", "device", "dtype"], defaults
+    )
+    own = [
+        HelpOption("--model DIR", f'"demo" or a local model directory (default: {defaults["model"]})'),
+        HelpOption(
+            "--data PATH",
+            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {defaults["data"]})',
+        ),
+        HelpOption("--split NAME", f"the dataset split (default: {defaults['split']})"),
+        HelpOption("--heads DIR", f"the exit heads (default: {defaults['heads']})"),
+        HelpOption("--calibration DIR", f"the VTW calibration (default: {defaults['calibration']})"),
+        HelpOption("--methods LIST", "more method strings to report beside the built-in ones (see dyvte evaluate)"),
+        HelpOption("--output_dir DIR", "where report.md and its PNGs go (default: runs/report)"),
+    ]
+    return format_help(
+        prog,
+        "The comparison report: every method (static K, calibrated K, exit heads, FasterVLM, FastV, random, "
+        "compositions) at matched prefill FLOPs.",
+        [("common options (the same on every dyvte command)", common), ("report options", own)],
+        [
+            f"{prog} --samples 500                # a quicker, noisier pass -> runs/report/report.md",
+            f"{prog} --heads runs/fit-demo/exit-heads --calibration runs/calibrate-demo",
+        ],
+    )
+
+
 def run(args: list[str] | None = None, prog: str | None = None) -> None:
     """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/report.py`` parses it.
+
+    ``-h`` / ``--help`` prints the short help (:func:`short_help`), ``--help all`` every option.
 
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``).
         prog: the program name in usage and help messages (default: the script's file name).
     """
+    mode, args = help_request(sys.argv[1:] if args is None else args)
+    if mode == "short":
+        print(short_help(prog or Path(sys.argv[0]).name))
+        raise SystemExit(0)
     return CLI(main, as_positional=False, args=args, **({"prog": prog} if prog else {}))

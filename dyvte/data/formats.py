@@ -330,7 +330,7 @@ def _generate(path: str, root: str, skip_bad_rows: bool, limit: int | None, stam
             where = f"{path}, row {index} (line {line}" + (f", id {row_id!r})" if row_id is not None else ")")
             if not skip_bad_rows:
                 raise DataError(
-                    f"{where}: {bad} [{bad.reason}]; fix the row, or pass --data.source.skip_bad_rows true "
+                    f"{where}: {bad} [{bad.reason}]; fix the row, or pass --skip_bad_rows true "
                     "(skip_bad_rows=True) to skip such rows with a count in the log"
                 ) from None
             report.skip(bad.reason, str(row_id if row_id is not None else f"row {index}"))
@@ -379,7 +379,7 @@ def load_conversations(
         raise DataError(f"{path}: no such records file")
     root = Path(image_folder).resolve() if image_folder is not None else path.parent
     if not root.is_dir():
-        raise DataError(f"image folder {root} (--data.source.image_folder) does not exist")
+        raise DataError(f"image folder {root} (--image_folder) does not exist")
     stat = path.stat()
     kwargs = {
         "path": str(path),

@@ -13,6 +13,7 @@ import torch
 from dyvte.data.errors import DataError
 from dyvte.data.placement import CPU_DTYPES, DTYPES, check_dtype, check_placement
 from dyvte.data.records import check_answer, check_question, open_image
+from dyvte.data.subsets import subset_indices
 
 __all__ = ["CPU_DTYPES", "DTYPES", "check_dtype", "check_placement", "load_model", "load_records"]
 
@@ -135,6 +136,8 @@ def load_records(
     image_folder: str | None = None,
     columns: str | Mapping[str, str] | None = None,
     skip_bad_rows: bool = False,
+    sample: int | None = None,
+    seed: int = 0,
 ):
     """A dataset of (image, question, answer[, qtype]) records, every one checked before it is returned.
 
@@ -155,6 +158,12 @@ def load_records(
             ``"image=img,question=q,answer=a"`` (:func:`dyvte.data.formats.parse_columns`); unmapped fields keep their
             names.
         skip_bad_rows: skip bad records (counted in a warning, with the first few named) instead of failing.
+        sample: keep (and check) a seeded random subset of ``sample`` records, stratified by ``qtype`` when
+            the records have it, in their original order (:func:`dyvte.data.subsets.subset_indices`; the
+            ``--samples`` of the commands). The subset is drawn before the records are checked, so only its images
+            are opened; text-only or (with ``skip_bad_rows``) bad records in it leave fewer than ``sample``.
+            Exclusive with ``limit``. Conversation files are converted whole first (the conversion is cached).
+        seed: the seed of ``sample``'s draw.
 
     Rows without an image (text-only) are skipped and counted in the log, never an error.
 
@@ -170,17 +179,21 @@ def load_records(
 
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be None or at least 0, got {limit}")
+    if limit is not None and sample is not None:
+        raise ValueError(f"give limit ({limit}) or sample ({sample}), not both")
+    if sample is not None:
+        subset_indices(0, sample, seed=seed)  # checks sample and seed before any record is read
     from dyvte.data.formats import is_conversation_file, load_conversations, parse_columns
 
     mapping = parse_columns(columns)
-    options = {"limit": limit, "columns": mapping, "skip_bad_rows": skip_bad_rows}
+    options = {"limit": limit, "columns": mapping, "skip_bad_rows": skip_bad_rows, "sample": sample, "seed": seed}
     if name == "demo":
         from dyvte.demo import load_demo_dataset
 
         return _checked(_pick_split(load_demo_dataset(None), split, "demo"), f"demo [{split}]", None, **options)
     path = Path(name)
     if image_folder is not None and not Path(image_folder).is_dir():
-        raise DataError(f"image folder {image_folder} (--data.source.image_folder) does not exist")
+        raise DataError(f"image folder {image_folder} (--image_folder) does not exist")
     folder = Path(image_folder).resolve() if image_folder is not None else None
     if path.is_dir():
         ds = datasets.load_from_disk(str(path))
@@ -194,7 +207,8 @@ def load_records(
     if path.suffix.lower() == ".parquet":
         return _checked(_read_parquet(path), str(path), folder or path.resolve().parent, **options)
     if is_conversation_file(path):
-        return load_conversations(path, folder, skip_bad_rows, limit)
+        ds = load_conversations(path, folder, skip_bad_rows, limit)
+        return ds if sample is None else ds.select(subset_indices(len(ds), sample, _qtypes(ds["qtype"]), seed))
     return _json_dataset(path, folder or path.resolve().parent, **options)
 
 
@@ -234,8 +248,11 @@ def _check_records(
     root: Path | None,
     lines: Sequence[int] | None = None,
     skip_bad_rows: bool = False,
+    numbers: Sequence[int] | None = None,
 ) -> tuple[bool, list[int] | None]:
     """Check every record's question, answer and image (opened and loaded).
+
+    ``numbers``: each record's index in its source, for the messages, when ``records`` is a subset of it.
 
     Returns:
         ``(relative, kept)``: whether an image path is relative, and the indices of the records to keep (``None``:
@@ -250,7 +267,8 @@ def _check_records(
     text_only, bad, examples, total = 0, 0, [], 0
     for i, record in enumerate(records):
         total += 1
-        where = f"{source}, record {i}" + (f" (line {lines[i]})" if lines is not None else "")
+        number = i if numbers is None else numbers[i]
+        where = f"{source}, record {number}" + (f" (line {lines[i]})" if lines is not None else "")
         if record.get("image") is None:
             text_only += 1
             continue
@@ -261,7 +279,7 @@ def _check_records(
             open_image(image, where).close()
         except DataError as error:
             if not skip_bad_rows:
-                hint = "fix it, or pass --data.source.skip_bad_rows true (skip_bad_rows=True) to skip such records"
+                hint = "fix it, or pass --skip_bad_rows true (skip_bad_rows=True) to skip such records"
                 raise DataError(f"{error}; {hint}") from error
             bad += 1
             examples = examples if len(examples) >= 3 else [*examples, str(error)]
@@ -288,9 +306,17 @@ def _rename(ds, columns: Mapping[str, str], source: str):
 
 
 def _checked(
-    ds, source: str, root: Path | None, limit: int | None, columns: Mapping[str, str], skip_bad_rows: bool = False
+    ds,
+    source: str,
+    root: Path | None,
+    limit: int | None,
+    columns: Mapping[str, str],
+    skip_bad_rows: bool = False,
+    sample: int | None = None,
+    seed: int = 0,
 ):
-    """``ds`` limited, its columns and records checked, relative image paths resolved, ``image`` decoded by PIL."""
+    """``ds`` limited (or subsampled), its columns and records checked, relative image paths resolved, ``image``
+    decoded by PIL."""
     import datasets
 
     ds = _rename(ds, columns, source)
@@ -301,6 +327,11 @@ def _checked(
         raise DataError(f"{source}: has no records")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
+    numbers = None
+    if sample is not None and sample < len(ds):
+        qtypes = _qtypes(ds["qtype"]) if "qtype" in ds.column_names else None
+        numbers = subset_indices(len(ds), sample, qtypes, seed)
+        ds = ds.select(numbers)
     feature = ds.features["image"]
     readable = isinstance(feature, datasets.Image) or (
         isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary")
@@ -313,7 +344,7 @@ def _checked(
         for batch in ds.select_columns(list(REQUIRED)).iter(batch_size=256)
         for record in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
     )
-    relative, kept = _check_records(rows, source, root, None, skip_bad_rows)
+    relative, kept = _check_records(rows, source, root, None, skip_bad_rows, numbers)
     if kept is not None:
         ds = ds.select(kept)
     if relative:
@@ -327,6 +358,11 @@ def _checked(
         )
     logger.debug("checked the %d records of %s", len(ds), source)
     return ds.cast_column("image", datasets.Image())
+
+
+def _qtypes(values: Iterable[Any]) -> list[str | None]:
+    """Question types as the harness groups them (``str``; ``None`` stays ``None``), for stratified subsets."""
+    return [None if value is None else str(value) for value in values]
 
 
 def _read_parquet(path: Path):
@@ -405,7 +441,15 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     return rows, lines
 
 
-def _json_dataset(path: Path, root: Path, limit: int | None, columns: Mapping[str, str], skip_bad_rows: bool = False):
+def _json_dataset(
+    path: Path,
+    root: Path,
+    limit: int | None,
+    columns: Mapping[str, str],
+    skip_bad_rows: bool = False,
+    sample: int | None = None,
+    seed: int = 0,
+):
     """A ``.json`` / ``.jsonl`` records file as a checked ``datasets.Dataset`` (image paths resolved against
     ``root``)."""
     import datasets
@@ -428,13 +472,19 @@ def _json_dataset(path: Path, root: Path, limit: int | None, columns: Mapping[st
         raise DataError(f"{path}: records lack {missing} (fields: {keys})")
     if limit is not None:
         rows, lines = rows[:limit], None if lines is None else lines[:limit]
+    numbers = None
+    if sample is not None and sample < len(rows):
+        qtypes = _qtypes([row.get("qtype") for row in rows]) if "qtype" in keys else None
+        numbers = subset_indices(len(rows), sample, qtypes, seed)
+        rows, lines = [rows[i] for i in numbers], None if lines is None else [lines[i] for i in numbers]
     for i, row in enumerate(rows):
         image = row.get("image")
         if image is not None and not isinstance(image, str):
-            where = f"{path}, record {i}" + (f" (line {lines[i]})" if lines is not None else "")
+            number = i if numbers is None else numbers[i]
+            where = f"{path}, record {number}" + (f" (line {lines[i]})" if lines is not None else "")
             raise DataError(f"{where}: the image must be a path (a string), got {type(image).__name__}")
     rows = [{**row, "image": _absolute(row.get("image"), root)} for row in rows]
-    _, kept = _check_records(rows, str(path), None, lines, skip_bad_rows)
+    _, kept = _check_records(rows, str(path), None, lines, skip_bad_rows, numbers)
     if kept is not None:
         rows = [rows[i] for i in kept]
     columns = {key: [row.get(key) for row in rows] for key in keys}

@@ -118,19 +118,21 @@ def _normalized(text: str, prog: str) -> str:
 
 
 @pytest.mark.parametrize("command", list(LAUNCHERS))
-def test_command_help_is_the_launchers_help(command, capsys, monkeypatch, recwarn):
+@pytest.mark.parametrize("flags", [["--help"], ["-h"], ["--help", "all"]])
+def test_command_help_is_the_launchers_help(command, flags, capsys, monkeypatch, recwarn):
     monkeypatch.setenv("COLUMNS", "100")
-    monkeypatch.setattr(sys, "argv", [LAUNCHERS[command], "--help"])
+    monkeypatch.setattr(sys, "argv", [LAUNCHERS[command], *flags])
     with pytest.raises(SystemExit) as launcher_exit:
         runpy.run_path(str(REPO_ROOT / "train" / LAUNCHERS[command]), run_name="__main__")
     launcher = capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", ["dyvte", command, "--help"])
+    monkeypatch.setattr(sys, "argv", ["dyvte", command, *flags])
     with pytest.raises(SystemExit) as command_exit:
-        cli.main([command, "--help"])
+        cli.main([command, *flags])
     captured = capsys.readouterr()
     assert launcher_exit.value.code == command_exit.value.code == 0
     assert captured.out.startswith(f"usage: dyvte {command} ") and launcher.startswith(f"usage: {LAUNCHERS[command]} ")
     assert _normalized(captured.out, f"dyvte {command}") == _normalized(launcher, LAUNCHERS[command])
+    assert (len(launcher.splitlines()) <= 40) == (flags != ["--help", "all"])  # short help: one screen
     assert not [w for w in recwarn if "LightningCLI's args parameter" in str(w.message)]  # sys.argv: the command's
 
 
