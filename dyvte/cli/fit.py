@@ -31,7 +31,7 @@ from dyvte.exits.risk import calibration_records_needed, promise_text  # noqa: E
 from dyvte.exits.rules import LABEL_RULES, certify_thresholds, exit_savings  # noqa: E402
 from dyvte.train.label_data import ExitLabelData  # noqa: E402
 from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
-from dyvte.train.options import DataSource, LabelOptions, SplitSizes  # noqa: E402
+from dyvte.train.options import DataSource, LabelOptions  # noqa: E402
 from dyvte.train.progress import RunProgressBar  # noqa: E402
 from dyvte.train.runs import (  # noqa: E402
     check_output_dir,
