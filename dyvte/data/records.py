@@ -8,7 +8,6 @@ image, an absolute path, or ``{"bytes", "path"}`` as ``datasets`` stores images)
 from __future__ import annotations
 
 import io
-import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,8 +39,6 @@ __all__ = [
     "records_of",
     "teacher_force",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: What PIL raises for an unreadable image (truncated, corrupt, not an image, too large).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
