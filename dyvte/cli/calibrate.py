@@ -100,7 +100,7 @@ def main(
     )
     batches = [
         build_inputs(processor, recs, with_answers=positions == "answer", offset=i * batch_size)
-        for i, recs in enumerate(iter_batches(records, batch_size))
+        for i, recs in enumerate(iter_batches(records, batch_size, processor=processor))
     ]
     cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions)
     file = cal.save(output)

@@ -37,6 +37,7 @@ from typing import Any
 
 from PIL import Image
 
+from dyvte.data.answers import gold_text
 from dyvte.data.errors import DataError
 from dyvte.data.records import IMAGE_ERRORS, check_answer, check_question
 
@@ -452,7 +453,7 @@ def export_llava(records, output_dir: str | Path, samples: int, name: str = "lla
                 "image": image,
                 "conversations": [
                     {"from": "human", "value": f"{IMAGE_MARKER}\n{record['question']}"},
-                    {"from": "gpt", "value": str(record["answer"])},
+                    {"from": "gpt", "value": gold_text(record["answer"], f"record {i % count}")},
                 ],
             }
             file.write(json.dumps(row) + (",\n" if i < samples - 1 else "\n"))

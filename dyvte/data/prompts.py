@@ -14,6 +14,12 @@ or with ``prompt_template`` as ``template(q1) + " " + a1 + eos`` then ``turn(q2)
 template without a leading BOS and without its image placeholder (and the newline or space after it): the image
 and the BOS appear once.
 
+Special text in a question: a question (or an earlier turn) that contains the text of one of the model's special
+tokens (the image placeholder ``<image>``, a video placeholder, BOS / EOS, chat markers) would be read by the tokenizer
+as that token, not as text: an extra ``<image>`` breaks the processor's placeholder count deep inside transformers.
+:func:`check_special_text` refuses such a record with its index and the token, before any model work (dyvte does not
+rewrite questions: remove the marker; dyvte places the image itself).
+
 Doubled BOS: a template that writes ``{{ bos_token }}`` (or a ``prompt_template`` that starts with ``<s>``) on a
 tokenizer that adds its own BOS gives ``[bos, bos, ...]``, a prompt the model never saw in training.
 :func:`check_single_bos` refuses it with a message that says which of the two to drop.
@@ -21,6 +27,7 @@ tokenizer that adds its own BOS gives ``[bos, bos, ...]``, a prompt the model ne
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Sequence
@@ -36,7 +43,9 @@ __all__ = [
     "attach_prompt_template",
     "check_prompt_template",
     "check_single_bos",
+    "check_special_text",
     "render_prompt",
+    "special_texts",
 ]
 
 #: attribute under which :func:`attach_prompt_template` keeps the template on a processor (not saved with it)
@@ -76,6 +85,50 @@ def check_prompt_template(template: str, processor: Any = None) -> str:
             f"{template.count(token)}); e.g. '{EXAMPLE.replace('<image>', token)}'"
         )
     return template
+
+
+def special_texts(processor: Any) -> tuple[str, ...]:
+    """The texts a question may not contain: the processor's placeholder tokens (its string attributes named
+    ``*_token``, e.g. ``image_token``, ``video_token``, ``boi_token``) and the tokenizer's special tokens (BOS, EOS,
+    pad, unknown, added special tokens). Longest first; empty or blank ones left out."""
+    texts = {image_token(processor)}
+    attributes = getattr(processor, "__dict__", {})
+    texts.update(value for name, value in attributes.items() if name.endswith("_token") and isinstance(value, str))
+    tokenizer = getattr(processor, "tokenizer", None)
+    texts.update(getattr(tokenizer, "all_special_tokens", None) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts.update(token.content for token in decoder.values() if getattr(token, "special", False))
+    return tuple(sorted((t for t in texts if isinstance(t, str) and t.strip()), key=lambda t: (-len(t), t)))
+
+
+@functools.lru_cache(maxsize=8)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern:
+    """One regular expression for all the special texts, longest first (one scan of a question finds any)."""
+    return re.compile("|".join(re.escape(token) for token in sorted(specials, key=len, reverse=True)))
+
+
+def check_special_text(text: Any, where: str, specials: Sequence[str]) -> None:
+    """Refuse a question or answer that contains the text of a special token (see :func:`special_texts`).
+
+    Args:
+        text: the question (or an earlier turn's question / answer); non-strings are left to the other checks.
+        where: the record, for the message (e.g. ``"record 3"``).
+        specials: :func:`special_texts` of the processor.
+
+    Raises:
+        DataError: naming the record and the token.
+    """
+    if not isinstance(text, str) or not specials:
+        return
+    found = _special_pattern(tuple(specials)).search(text)
+    if found is not None:
+        found = found.group(0)
+        raise DataError(
+            f"{where}: {text!r:.120} contains {found!r}, the text of one of this model's special tokens (an image "
+            "or video placeholder, BOS/EOS, a chat marker): the tokenizer would read it as that token, not as text "
+            "(an extra image placeholder breaks the processor's placeholder count); remove it from the record (dyvte "
+            "places the image itself)"
+        )
 
 
 def attach_prompt_template(processor: Any, template: str | None) -> Any:

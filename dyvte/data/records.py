@@ -8,10 +8,7 @@ image, an absolute path, or ``{"bytes", "path"}`` as ``datasets`` stores images)
 from __future__ import annotations
 
 import io
-import math
-import numbers
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +16,16 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dyvte.data.answers import gold_text, normalize_answer
 from dyvte.data.errors import DataError
-from dyvte.data.prompts import check_prompt_template, check_single_bos, render_prompt
+from dyvte.data.images import small_images, to_rgb, warn_small
+from dyvte.data.prompts import (
+    check_prompt_template,
+    check_single_bos,
+    check_special_text,
+    render_prompt,
+    special_texts,
+)
 
 __all__ = [
     "DataError",
@@ -58,9 +63,9 @@ def check_question(question: Any, where: str) -> None:
 
 
 def check_answer(answer: Any, where: str) -> None:
-    """Refuse a missing, non-scalar or empty gold answer.
+    """Refuse a missing, non-scalar or empty gold answer (:func:`dyvte.data.answers.gold_text`'s rule).
 
-    Numbers are accepted (the harness compares ``str(answer)``); lists (several reference answers) are refused
+    Numbers are accepted (``3`` and ``3.0`` are the answer ``"3"``); lists (several reference answers) are refused
     rather than compared as their string form.
 
     Args:
@@ -68,23 +73,18 @@ def check_answer(answer: Any, where: str) -> None:
         where: the record, for the message.
 
     Raises:
-        DataError: the answer is missing, not a string or number, empty / whitespace only, or only punctuation that
-            :func:`normalize_answer` strips (no prediction could match it).
+        DataError: the answer is missing (``None`` or NaN), not a string or number, empty / whitespace only, or only
+            punctuation that :func:`normalize_answer` strips (no prediction could match it).
     """
-    if answer is None or (isinstance(answer, float) and math.isnan(answer)):  # NaN: pandas' missing value
-        raise DataError(f"{where} has no answer")
-    if not isinstance(answer, str | numbers.Real):
-        raise DataError(f"{where}: the answer must be a string, got {type(answer).__name__} {answer!r}")
-    if not str(answer).strip():
-        raise DataError(f"{where}: the answer is empty ({answer!r}): there is nothing to score or to learn")
-    if not normalize_answer(str(answer)):
-        raise DataError(
-            f"{where}: the answer {answer!r} is empty once normalized (exact match compares normalize_answer forms)"
-        )
+    gold_text(answer, where)
 
 
 def open_image(image: Any, where: str) -> Image.Image:
-    """The record's image, opened and fully loaded, so that a bad file fails here with its name.
+    """The record's image, opened, fully loaded (so that a bad file fails here with its name) and made the RGB image
+    a person sees (:func:`dyvte.data.images.to_rgb`: EXIF orientation, transparency over white, 16-bit scaled).
+
+    Every image that reaches a processor through dyvte comes through here, whatever its source (a path, bytes, a
+    records file, a PIL image of the caller's or one ``datasets`` decoded), so one file gives one image everywhere.
 
     Args:
         image: a PIL image, an absolute path, raw image bytes, or a ``{"bytes", "path"}`` mapping (``datasets``'
@@ -127,9 +127,12 @@ def open_image(image: Any, where: str) -> Image.Image:
     try:
         opened = image if isinstance(image, Image.Image) else Image.open(image)
         opened.load()
+        rgb = to_rgb(opened)
     except IMAGE_ERRORS as error:
         raise DataError(f"{where}: cannot read the image {name}: {error}") from error
-    return opened
+    if rgb is not opened and opened is not image:
+        opened.close()  # the file dyvte opened; a caller's own image stays open
+    return rgb
 
 
 def records_of(batch: Sequence[dict] | dict) -> list[dict]:
@@ -149,6 +152,13 @@ def _column(dataset, key: str) -> list[Any]:
     return list(dataset[key])
 
 
+def _has_column(dataset, key: str) -> bool:
+    """Whether any record has the field ``key`` (a ``datasets.Dataset``: whether it has the column)."""
+    if isinstance(dataset, Sequence):
+        return any(key in record for record in dataset)
+    return key in dataset.column_names
+
+
 def _image_name(dataset, index: int) -> str | None:
     """Best effort, for messages: the path of a ``datasets.Dataset`` record's undecodable image."""
     if not hasattr(dataset, "cast_column"):
@@ -162,7 +172,7 @@ def _image_name(dataset, index: int) -> str | None:
     return image.get("path") if isinstance(image, Mapping) else None
 
 
-def iter_batches(dataset, batch_size: int, answers: bool | None = None) -> Iterator[list[dict]]:
+def iter_batches(dataset, batch_size: int, answers: bool | None = None, processor: Any = None) -> Iterator[list[dict]]:
     """Yield lists of records of at most ``batch_size`` from a ``datasets.Dataset`` or a sequence of records.
 
     Before the first batch, every record's question (and answer, see ``answers``) is checked, so that a bad record
@@ -173,20 +183,31 @@ def iter_batches(dataset, batch_size: int, answers: bool | None = None) -> Itera
         batch_size: records per batch.
         answers: ``True``: every record needs a gold answer; ``None``: answers are checked where given (not
             ``None``); ``False``: answers are not checked.
+        processor: the model's processor: when given, no question, checked answer or earlier turn may contain the
+            text of one of its special tokens (:func:`dyvte.data.prompts.special_texts`, e.g. ``<image>``).
 
     Raises:
-        DataError: the dataset is empty, or a record's question / answer / image is bad (the message names it).
+        DataError: the dataset is empty, or a record's question / answer / image is bad, or holds a special token's
+            text (the message names the record and, for special text, the token).
     """
     if len(dataset) == 0:
         raise DataError("the dataset is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    specials = special_texts(processor) if processor is not None else ()
     for i, question in enumerate(_column(dataset, "question")):
         check_question(question, f"record {i}")
+        check_special_text(question, f"record {i}, the question", specials)
     if answers is not False:
         for i, answer in enumerate(_column(dataset, "answer")):
             if answers or answer is not None:
                 check_answer(answer, f"record {i}")
+                check_special_text(answer, f"record {i}, the answer", specials)
+    if specials and _has_column(dataset, "context"):
+        for i, context in enumerate(_column(dataset, "context")):
+            for turn in context or ():
+                for text in turn.values() if isinstance(turn, Mapping) else turn:
+                    check_special_text(text, f"record {i}, an earlier turn", specials)
     for start in range(0, len(dataset), batch_size):
         stop = min(start + batch_size, len(dataset))
         try:
@@ -204,8 +225,9 @@ def iter_batches(dataset, batch_size: int, answers: bool | None = None) -> Itera
         yield records_of(batch)
 
 
-def _context(record: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
-    """A record's earlier turns as ``(question, answer)`` pairs (``context``: mappings or pairs; none: ``[]``)."""
+def _context(record: Mapping[str, Any], where: str, specials: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """A record's earlier turns as ``(question, answer)`` pairs (``context``: mappings or pairs; none: ``[]``), none
+    holding the text of a special token (``specials``)."""
     context = record.get("context")
     if context is None:
         return []
@@ -215,14 +237,17 @@ def _context(record: Mapping[str, Any], where: str) -> list[tuple[str, str]]:
         check_question(q, f"{where}, an earlier turn")
         if not isinstance(a, str) or not a.strip():
             raise DataError(f"{where}: an earlier turn's answer is empty or not a string ({a!r})")
+        for text in (q, a):
+            check_special_text(text, f"{where}, an earlier turn", specials)
         turns.append((q, a))
     return turns
 
 
-def _prompt(processor, record: Mapping[str, Any], where: str, template: str | None) -> str:
+def _prompt(
+    processor, record: Mapping[str, Any], where: str, template: str | None, specials: Sequence[str] = ()
+) -> str:
     """The record's prompt (earlier turns, then its question) through :func:`dyvte.data.prompts.render_prompt`."""
-
-    return render_prompt(processor, record["question"], _context(record, where), template)
+    return render_prompt(processor, record["question"], _context(record, where, specials), template)
 
 
 def build_inputs(
@@ -264,15 +289,25 @@ def build_inputs(
         check_prompt_template(prompt_template, processor)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
+    specials = special_texts(processor)
     images, prompts = [], []
     for i, record in enumerate(records):
         where = f"record {offset + i}"
         check_question(record.get("question"), where)
+        check_special_text(record.get("question"), f"{where}, the question", specials)
         if with_answers and answer_ids is None:
             check_answer(record.get("answer"), where)
+            check_special_text(record.get("answer"), f"{where}, the answer", specials)
         images.append(open_image(record.get("image"), where))
     for i, record in enumerate(records):
-        prompts.append(_prompt(processor, record, f"record {offset + i}", prompt_template))
+        prompts.append(_prompt(processor, record, f"record {offset + i}", prompt_template, specials))
+    limit, small = small_images(images, processor)
+    warn_small(
+        [images[i].size for i in small],
+        [f"record {offset + i}" for i in small],
+        limit,
+        f"records {offset}..{offset + len(records) - 1}",
+    )
     # one list per row: a processor given a flat list may read it as one row's images (Gemma3 does)
     prompt = dict(processor(images=[[image] for image in images], text=prompts, padding=True, return_tensors="pt"))
     check_single_bos(processor, prompt.get("input_ids"), prompt.get("attention_mask"), offset, prompt_template)
@@ -295,9 +330,10 @@ def answer_token_ids(processor, records: Sequence[dict], offset: int = 0) -> lis
         raise DataError("the tokenizer has no end-of-sequence token to close teacher-forced answers")
     answers = []
     for i, record in enumerate(records):
-        ids = tokenizer(str(record["answer"]), add_special_tokens=False)["input_ids"]
+        text = gold_text(record["answer"], f"record {offset + i}")  # 3.0 (pandas) is the answer "3"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
-            raise DataError(f"record {offset + i}: the tokenizer cannot express the answer {record['answer']!r}")
+            raise DataError(f"record {offset + i}: the tokenizer cannot express the answer {text!r}")
         answers.append(torch.tensor([*ids, tokenizer.eos_token_id]))
     return answers
 
@@ -349,10 +385,3 @@ def _append_answers(prompt: dict[str, Any], answers: list[torch.Tensor], pad_id:
         out["attention_mask"][b, start:] = 1
         out["labels"][b, split:] = answer
     return out
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, first line, punctuation at the ends and repeated spaces removed: the exact-match form."""
-    text = text.strip().split("\n", 1)[0].lower()
-    text = re.sub(r"\s+", " ", text)
-    return text.strip(" .,;:!?\"'")

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from dyvte.data.answers import gold_text
 from dyvte.data.errors import DataError
+from dyvte.data.images import small_images, warn_small
 from dyvte.data.placement import CPU_DTYPES, DTYPES, check_dtype, check_placement
 from dyvte.data.records import check_answer, check_question, open_image
 from dyvte.data.subsets import subset_indices
@@ -237,6 +239,11 @@ def _absolute(image: Any, root: Path | None) -> Any:
     return image
 
 
+def _answer_texts(answers: list[Any]) -> dict[str, list[str]]:
+    """``datasets.map`` function (batched, ``input_columns=["answer"]``): checked gold answers as text."""
+    return {"answer": [gold_text(answer, "a checked record") for answer in answers]}
+
+
 def _absolute_batch(images: list[Any], root: str) -> dict[str, list[Any]]:
     """``datasets.map`` function (batched, ``input_columns=["image"]``): every relative image path made absolute."""
     return {"image": [_absolute(image, Path(root)) for image in images]}
@@ -250,7 +257,8 @@ def _check_records(
     skip_bad_rows: bool = False,
     numbers: Sequence[int] | None = None,
 ) -> tuple[bool, list[int] | None]:
-    """Check every record's question, answer and image (opened and loaded).
+    """Check every record's question, answer and image (opened and loaded); one warning names the records whose
+    images are degenerate (:func:`dyvte.data.images.small_images`).
 
     ``numbers``: each record's index in its source, for the messages, when ``records`` is a subset of it.
 
@@ -265,6 +273,8 @@ def _check_records(
     relative = False
     kept: list[int] = []
     text_only, bad, examples, total = 0, 0, [], 0
+    small: dict[str, tuple[int, int]] = {}  # record -> size of its degenerate image
+    limit = small_images([])[0]
     for i, record in enumerate(records):
         total += 1
         number = i if numbers is None else numbers[i]
@@ -276,7 +286,10 @@ def _check_records(
             check_question(record.get("question"), where)
             check_answer(record.get("answer"), where)
             image = _absolute(record.get("image"), root)
-            open_image(image, where).close()
+            opened = open_image(image, where)
+            if small_images([opened])[1]:
+                small[where] = opened.size
+            opened.close()
         except DataError as error:
             if not skip_bad_rows:
                 hint = "fix it, or pass --skip_bad_rows true (skip_bad_rows=True) to skip such records"
@@ -286,6 +299,7 @@ def _check_records(
             continue
         relative = relative or image is not record.get("image")
         kept.append(i)
+    warn_small(list(small.values()), [where.removeprefix(f"{source}, ") for where in small], limit, source)
     if text_only:
         logger.info("%s: skipped %d text-only records (no image)", source, text_only)
     if bad:
@@ -347,6 +361,10 @@ def _checked(
     relative, kept = _check_records(rows, source, root, None, skip_bad_rows, numbers)
     if kept is not None:
         ds = ds.select(kept)
+    if ds.features["answer"] not in (datasets.Value("string"), datasets.Value("large_string")):
+        features = ds.features.copy()
+        features["answer"] = datasets.Value("string")  # numbers as gold_text writes them: 3.0 (pandas) is "3"
+        ds = ds.map(_answer_texts, batched=True, input_columns=["answer"], features=features, desc="answers as text")
     if relative:
         ds = ds.map(
             _absolute_batch,
@@ -488,9 +506,10 @@ def _json_dataset(
     if kept is not None:
         rows = [rows[i] for i in kept]
     columns = {key: [row.get(key) for row in rows] for key in keys}
-    for key in ("answer", "qtype"):  # the harness compares str(answer) and groups by str(qtype): one Arrow type
-        if key in columns:
-            columns[key] = [None if value is None else str(value) for value in columns[key]]
+    # one Arrow type per column: gold answers as gold_text writes them (3.0 is "3"), qtype as text (the harness groups)
+    columns["answer"] = [None if value is None else gold_text(value, "a checked record") for value in columns["answer"]]
+    if "qtype" in columns:
+        columns["qtype"] = [None if value is None else str(value) for value in columns["qtype"]]
     try:
         ds = datasets.Dataset.from_dict(columns)
     except (pa.ArrowException, TypeError, ValueError) as error:

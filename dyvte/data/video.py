@@ -35,7 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import BatchFeature
+
+from dyvte.data.images import to_rgb
 
 __all__ = ["FramesVideoProcessor", "attach_frames_video_processor"]
 
@@ -67,8 +70,13 @@ class FramesVideoProcessor:
 
     def __call__(self, videos: Any, **kwargs: Any) -> BatchFeature:
         """Process ``videos`` (a video, or a list of videos; a video is a sequence of frames: PIL images or
-        ``(H, W, C)`` arrays, or one ``(F, H, W, C)`` array). Other keyword arguments are ignored."""
-        clips = _as_clips(videos)
+        ``(H, W, C)`` arrays, or one ``(F, H, W, C)`` array). Other keyword arguments are ignored.
+
+        PIL frames are first made the RGB image a person sees (:func:`dyvte.data.images.to_rgb`: EXIF orientation,
+        transparency over white, 16-bit scaled), as every image dyvte reads; arrays are passed as they are."""
+        clips = [
+            [to_rgb(frame) if isinstance(frame, Image.Image) else frame for frame in clip] for clip in _as_clips(videos)
+        ]
         if not clips:
             raise ValueError("no video to process")
         probe = self.image_processor(images=[clips[0][0]], return_tensors="pt")

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dyvte.data.records import build_inputs, iter_batches, normalize_answer
+from dyvte.data.answers import gold_text, normalize_answer
+from dyvte.data.records import build_inputs, iter_batches
 from dyvte.engine.registry import resolve, unwrap
 from dyvte.eval.flops import prefill_flops, prefill_kv_bytes
 from dyvte.eval.methods import Full, Method
@@ -200,11 +201,11 @@ def _evaluate(
     item_bytes = torch.finfo(model.dtype).bits // 8
     device = model_device(model)  # inputs go there; what the metrics read comes back to the host
     if warmup:  # one untimed batch, so the first method measured does not pay for allocator / kernel warm-up
-        records = next(iter_batches(dataset, batch_size, answers=True))
+        records = next(iter_batches(dataset, batch_size, answers=True, processor=processor))
         inputs = to_device(build_inputs(processor, records, dtype=model.dtype), device)
         with method.apply(model):
             model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    batches = iter_batches(dataset, batch_size, answers=True)
+    batches = iter_batches(dataset, batch_size, answers=True, processor=processor)
     for index, records in enumerate(tqdm(batches, total=num_batches, desc=method.name, disable=not progress)):
         host = build_inputs(processor, records, offset=index * batch_size, dtype=model.dtype)
         inputs = to_device(host, device)
@@ -240,7 +241,8 @@ def _evaluate(
         for row, record in enumerate(records):
             pred = predicted[row]
             ref = reference.answers[first + row] if reference is not None else pred
-            correct = torch.tensor([pred == normalize_answer(str(record["answer"]))])
+            where = f"record {first + row}"
+            correct = torch.tensor([pred == normalize_answer(gold_text(record["answer"], where))])
             agree = torch.tensor([pred == ref])
             for group in {OVERALL, str(record.get("qtype", OVERALL))}:
                 meters[group].update(correct, agree, relative[row : row + 1], exits[row : row + 1], kv[row : row + 1])

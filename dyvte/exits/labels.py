@@ -481,9 +481,8 @@ def _build_label_cache(
     columns: dict[str, list] = defaultdict(list)
     start_time = time.perf_counter()
     total = (len(dataset) + batch_size - 1) // batch_size
-    for b, records in enumerate(
-        tqdm(iter_batches(dataset, batch_size, answers=True), total=total, desc="labels", disable=not progress)
-    ):
+    batches = iter_batches(dataset, batch_size, answers=True, processor=processor)
+    for b, records in enumerate(tqdm(batches, total=total, desc="labels", disable=not progress)):
         began = time.perf_counter()
         batch = label_batch(
             model,

@@ -1,6 +1,7 @@
 """Records -> model inputs (dyvte.data.records): ``build_inputs`` and ``iter_batches`` refuse bad records in memory
 before any work, with a ``DataError`` naming the record (an empty question or answer, an unreadable image, a relative
-image path); answers are normalized for exact match. Records *files* are ``tests/data/test_sources.py``'s.
+image path, the text of a special token such as ``<image>``); answers are normalized for exact match. Records *files*
+are ``tests/data/test_sources.py``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import datasets
 import pytest
 from PIL import Image
 
+from dyvte.data.prompts import special_texts
 from dyvte.data.records import DataError, build_inputs, iter_batches, normalize_answer
+from dyvte.demo import load_demo_processor
 
 from .test_sources import png, record, truncated_png
 
@@ -80,3 +83,25 @@ def test_relative_image_path_in_memory_is_refused(tmp_path, monkeypatch):
 def test_normalize_answer():
     assert normalize_answer("  Seven.\nmore") == "seven"
     assert normalize_answer("A  b") == "a b"
+
+
+def test_special_token_text_in_a_question_is_refused_naming_the_record_and_token():
+    processor = load_demo_processor()
+    assert set(special_texts(processor)) == {"<image>", "<s>", "</s>", "<pad>", "<unk>"}
+    good = {"image": Image.new("RGB", (8, 8)), "question": "how many digits are there ?", "answer": "3"}
+    recs = [good] * 5 + [good | {"question": "<image> how many digits are there ?"}]
+    with pytest.raises(DataError, match=r"record 5, the question: '<image> how many .*' contains '<image>'"):
+        next(iter_batches(recs, 2, processor=processor))  # before the first batch: evaluate and labelling use this
+    assert len(next(iter_batches(recs, 2))) == 2  # without a processor there is no token to look for
+    with pytest.raises(DataError, match=r"record 3, the question: .* contains '<image>'"):
+        build_inputs(processor, recs[4:], offset=2)
+    with pytest.raises(DataError, match=r"record 1, the answer: 'yes </s>' contains '</s>'"):
+        next(iter_batches([good, good | {"answer": "yes </s>"}], 2, answers=True, processor=processor))
+    earlier = good | {"context": [{"question": "is there a <image> ?", "answer": "no"}]}
+    with pytest.raises(DataError, match=r"record 1, an earlier turn: 'is there a <image> \?' contains '<image>'"):
+        next(iter_batches([good, earlier], 2, processor=processor))
+    with pytest.raises(DataError, match=r"record 0, an earlier turn: .* contains '<image>'"):
+        build_inputs(processor, [earlier])
+    qwen_like = SimpleNamespace(image_token="<|image_pad|>", video_token="<|video_pad|>", tokenizer=SimpleNamespace())
+    assert special_texts(qwen_like) == ("<|image_pad|>", "<|video_pad|>")
+    assert special_texts(FakeProcessor()) == ()  # nothing to refuse: "<image>" is plain text to such a model

@@ -198,3 +198,102 @@ def test_evaluate_refuses_an_empty_gold_answer_before_generating():
     recs[2]["answer"] = ""
     with pytest.raises(DataError, match="record 2: the answer is empty"):
         dyvte.evaluate(model, processor, recs, progress=False)
+
+
+# ------------------------------------------------------------------ the data path, on the demo model (issue 28)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo model and processor, and the first demo test scenes (grey ``L`` images, white ink on black)."""
+    from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor
+
+    return load_demo_model(), load_demo_processor(), load_demo_dataset("test")
+
+
+def _evaluate(model, processor, dataset) -> dyvte.EvalResult:
+    return dyvte.evaluate(model, processor, dataset, batch_size=8, progress=False, warmup=False)
+
+
+def _save_as(kind: str, grey: np.ndarray, path) -> None:
+    """One demo scene saved so that a viewer shows exactly ``grey`` (the scene as its RGB image)."""
+    from PIL import Image
+
+    if kind == "plain":
+        Image.fromarray(grey).save(path)
+    elif kind == "rgba":  # black ink drawn only in alpha; over white it is the scene
+        Image.fromarray(np.dstack([np.zeros_like(grey)] * 3 + [255 - grey])).save(path)
+    elif kind == "la":
+        Image.fromarray(np.dstack([np.zeros_like(grey), 255 - grey]), mode="LA").save(path)
+    elif kind == "sixteen":  # a 16-bit greyscale PNG (I;16)
+        Image.fromarray(grey.astype(np.uint16) * 257).save(path)
+    elif kind in ("exif", "exif-jpeg"):  # stored rotated, with the EXIF tag that shows it upright
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        stored = Image.fromarray(grey).transpose(Image.Transpose.ROTATE_90)
+        stored.save(path, exif=exif.tobytes(), **({"quality": 95} if kind == "exif-jpeg" else {}))
+
+
+def test_images_saved_in_other_forms_give_the_demo_model_the_same_answers(demo, tmp_path):
+    from dyvte.data.sources import load_records
+
+    model, processor, scenes = demo
+    scenes = list(scenes.select(range(8)))
+    answers = {}
+    for kind in ("plain", "rgba", "la", "sixteen", "exif", "exif-jpeg"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        rows = []
+        for i, scene in enumerate(scenes):
+            name = f"{i}.jpg" if kind.endswith("jpeg") else f"{i}.png"
+            _save_as(kind, np.asarray(scene["image"]), folder / name)
+            rows.append({"image": name, "question": scene["question"], "answer": scene["answer"], "qtype": "all"})
+        (folder / "records.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        in_memory = [row | {"image": str(folder / row["image"])} for row in rows]  # absolute paths, in memory
+        answers[kind, "paths"] = _evaluate(model, processor, in_memory).answers
+        answers[kind, "records file"] = _evaluate(model, processor, load_records(str(folder / "records.jsonl"))).answers
+    reference = _evaluate(model, processor, scenes)  # the demo's own PIL images
+    assert reference.accuracy >= 0.75
+    for (kind, path), got in answers.items():
+        if kind != "exif-jpeg":  # lossless: the very scene
+            assert got == reference.answers, (kind, path)
+    assert answers["exif-jpeg", "paths"] == answers["exif-jpeg", "records file"]  # one file, one answer, any path
+
+
+def test_gold_answers_pandas_wrote_as_floats_score_as_ints(demo, tmp_path):
+    import pandas as pd
+
+    from dyvte.data.sources import load_records
+
+    model, processor, scenes = demo
+    numeric = scenes.filter(lambda r: r["answer"].isdigit()).select(range(8))
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i, scene in enumerate(numeric):
+        scene["image"].save(tmp_path / f"imgs/{i}.png")
+        rows.append({"image": f"imgs/{i}.png", "question": scene["question"], "answer": int(scene["answer"])})
+    pd.DataFrame(rows).to_parquet(tmp_path / "ints.parquet")
+    floats = pd.DataFrame([*rows, rows[0] | {"answer": None}])  # a missing value: the column becomes float64
+    assert floats["answer"].dtype == np.float64
+    floats.to_parquet(tmp_path / "floats.parquet")
+
+    reference = _evaluate(model, processor, numeric)  # the demo's string answers
+    assert reference.accuracy >= 0.75
+    ints = _evaluate(model, processor, load_records(str(tmp_path / "ints.parquet")))
+    from_file = _evaluate(model, processor, load_records(str(tmp_path / "floats.parquet"), skip_bad_rows=True))
+    in_memory = [record | {"answer": float(record["answer"])} for record in numeric]  # 3.0, never "3.0"
+    for result in (ints, from_file, _evaluate(model, processor, in_memory)):
+        assert result.accuracy == reference.accuracy and result.answers == reference.answers
+    with pytest.raises(DataError, match=r"record 1 has no answer \(nan"):
+        _evaluate(model, processor, [in_memory[0], in_memory[1] | {"answer": float("nan")}])
+
+
+def test_a_question_with_the_image_placeholder_fails_before_generating(demo, monkeypatch):
+    model, processor, scenes = demo
+    recs = list(scenes.select(range(8)))
+    recs[5] = recs[5] | {"question": "<image> " + recs[5]["question"]}
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda *args, **kwargs: calls.append(1))
+    with pytest.raises(DataError, match=r"record 5, the question: '<image> .*' contains '<image>'"):
+        dyvte.evaluate(model, processor, recs, batch_size=2, progress=False)
+    assert calls == []  # refused before the first of the 4 batches
