@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dyvte
+from dyvte.engine.fingerprint import model_fingerprint
 from dyvte.engine.registry import resolve
 from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig, head_features
 
@@ -65,6 +66,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "label_rule": None,
         "extra_inputs": None,
         "threshold_logits": None,
+        "model_fingerprint": model_fingerprint(model),  # fresh heads are tied to the model they were shaped for
     }
     from safetensors.torch import load_file
 
