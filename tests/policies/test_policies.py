@@ -24,8 +24,8 @@ import dyvte
 from dyvte.engine.fingerprint import ModelMismatchError, model_fingerprint
 from dyvte.engine.policy import POLICIES, ExitPolicy, register_policy
 
-from ..exits.test_kl import batches, prompt_batches
 from ..demo_models import fingerprint_warnings
+from ..exits.test_kl import batches, prompt_batches
 from ..tiny_models import TEMPLATE, make_batch, make_tiny, records
 
 ROWS = [[(32, 32)], [(32, 32), (32, 32)], []]
