@@ -99,7 +99,12 @@ def weights_digest(model: nn.Module) -> dict[str, str]:
                 continue
             flat = param.detach().reshape(-1)
             samples.append(flat[_sample_indices(flat.numel()).to(flat.device)].float())
-        values = torch.cat([s.cpu() for s in samples]) if samples else torch.zeros(0)
+        if not samples:
+            values = torch.zeros(0)
+        elif len({s.device for s in samples}) == 1:  # one copy to the host
+            values = torch.cat(samples).cpu()
+        else:  # a model spread over devices (device_map)
+            values = torch.cat([s.cpu() for s in samples])
     header = json.dumps(shapes).encode()
     return {
         name: _digest(header, values.to(dtype).view(torch.int16).numpy().tobytes()) for name, dtype in ROUNDINGS.items()
@@ -109,7 +114,9 @@ def weights_digest(model: nn.Module) -> dict[str, str]:
 def tokenizer_digest(processor: Any) -> str:
     """sha256 (16 hex digits) of a processor's (or tokenizer's) vocabulary, chat template and attached
     ``prompt_template``: what turns a question into the token ids the model sees."""
-    tokenizer = getattr(processor, "tokenizer", None) or processor
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:  # a tokenizer itself
+        tokenizer = processor
     get_vocab = getattr(tokenizer, "get_vocab", None)
     if not callable(get_vocab):
         raise TypeError(
