@@ -16,8 +16,7 @@ from dyvte.policies.calibrated import Calibration
 from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig
 from dyvte.policies.withdraw import Withdrawal, WithdrawalError, withdraw
 from dyvte.pruning.prune import Pruning, PruningError, prune
-
-__version__ = "0.2.0"
+from dyvte.utils.version import __version__
 
 __all__ = [
     "REGISTRY",

@@ -102,7 +102,7 @@ def main(
         build_inputs(processor, recs, with_answers=positions == "answer", offset=i * batch_size)
         for i, recs in enumerate(iter_batches(records, batch_size, processor=processor))
     ]
-    cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions)
+    cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions, processor=processor)
     file = cal.save(output)
     print(f"\nKL(P_withdrawn || P_full) at the {positions} answer position(s), {cal.num_samples} samples of {split}:\n")
     print("| K | mean KL |\n|---|---|")

@@ -33,6 +33,7 @@ from dyvte.eval.methods import (  # noqa: E402
     Method,
     PolicyRun,
     PruningRun,
+    allow_other_model,
     check_method,
     load_plugins,
     parse_method,
@@ -67,8 +68,15 @@ def check_arguments(
     check_output_dir("--output_dir", output_dir)
 
 
-def resolve_methods(specs: list[str], model, num_layers: int) -> list[Method]:
-    """Every method of every string, checked against ``model`` without running it; the full model left out.
+def resolve_methods(
+    specs: list[str], model, num_layers: int, processor=None, allow_other_models: bool = False
+) -> list[Method]:
+    """Every method of every string, checked against ``model`` (and its ``processor``) without running it; the full
+    model left out.
+
+    Exit heads and calibrations must have been made for ``model`` (their saved fingerprint: the same weights and,
+    with ``processor``, the same tokenizer and chat template), unless ``allow_other_models`` (then a mismatch is
+    logged as a warning).
 
     Raises:
         ValueError: a malformed string, a directory that does not load or does not fit the model, an out-of-range
@@ -79,7 +87,9 @@ def resolve_methods(specs: list[str], model, num_layers: int) -> list[Method]:
     seen: dict[str, tuple[str, Method]] = {}  # output file name -> (method string, method)
     for spec in specs:
         for method in parse_method(spec, num_layers):
-            check_method(method, model, spec)
+            if allow_other_models:
+                allow_other_model(method)
+            check_method(method, model, spec, processor)
             if isinstance(method, Full):
                 continue  # the full model always runs first, as the reference
             name = file_name(method.name)
@@ -144,6 +154,7 @@ def main(
     skip_bad_rows: bool = False,
     output_dir: str = str(runs_dir("eval")),
     plugins: list[str] = (),
+    allow_other_model: bool = False,
 ) -> list[dyvte.EvalResult]:
     """Run each method over the dataset and report.
 
@@ -170,6 +181,9 @@ def main(
         output_dir: where JSON and PNG go (default ``runs/eval`` under the working directory).
         plugins: ``.py`` files or module names to import first: they register exit policies or pruning methods
             (with a method syntax) that ``methods`` may then name.
+        allow_other_model: run exit heads (heads:DIR) and calibrations (calibrated:DIR) on this model although
+            their saved model fingerprint (weights, tokenizer) is another model's; each mismatch is logged as a
+            warning. Without it, that is an error before any forward: their promise was measured on the other model.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_arguments(  # before any work
@@ -178,7 +192,7 @@ def main(
     load_plugins(list(plugins))
     mllm, processor = load_model(model, dtype, prompt_template, device=device)
     num_layers = resolve(mllm).num_layers
-    chosen = resolve_methods(list(methods), mllm, num_layers)  # before any forward
+    chosen = resolve_methods(list(methods), mllm, num_layers, processor, allow_other_model)  # before any forward
     records = load_records(
         data, split, image_folder=image_folder, skip_bad_rows=skip_bad_rows, sample=samples, seed=seed
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from dyvte.data.adapters import adapter_base, check_adapter
 from dyvte.data.answers import gold_text
 from dyvte.data.errors import DataError
 from dyvte.data.images import small_images, warn_small
@@ -41,7 +42,8 @@ def load_model(
     so that every prompt built from it uses the template instead of the chat template (a model without one needs it).
 
     A directory holding a peft adapter (``adapter_config.json``) loads the base model it names (``"demo"`` or a
-    directory) and returns the ``PeftModel`` on it; dyvte unwraps it wherever it hooks the model.
+    directory) and returns the ``PeftModel`` on it; dyvte unwraps it wherever it hooks the model. An adapter whose
+    shapes do not fit that base is refused first (:func:`dyvte.data.adapters.check_adapter`).
 
     Args:
         name: ``"demo"`` or a local model (or peft adapter) directory.
@@ -91,11 +93,12 @@ def _load(name: str, torch_dtype: torch.dtype, device_map: Any):
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (use 'demo' for the embedded model)")
-    base_name = _adapter_base(path)
+    base_name = adapter_base(path)
     if base_name is not None:  # a peft adapter: load its base (by the name it records), then it
         from peft import PeftModel
 
         base, processor = _load(base_name, torch_dtype, device_map)
+        check_adapter(base, path)  # one clear error, not torch's size mismatch per tensor
         return PeftModel.from_pretrained(base, path).eval(), processor
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, **placement).eval()
     return model, AutoProcessor.from_pretrained(path)
@@ -116,18 +119,8 @@ def load_config(name: str = "demo"):
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (use 'demo' for the embedded model)")
-    base_name = _adapter_base(path)
+    base_name = adapter_base(path)
     return AutoConfig.from_pretrained(path) if base_name is None else load_config(base_name)
-
-
-def _adapter_base(path: Path) -> str | None:
-    """The base model a peft adapter directory names (``adapter_config.json``), or ``None`` for a model directory."""
-    config = path / "adapter_config.json"
-    if not config.is_file():
-        return None
-    import json
-
-    return json.loads(config.read_text())["base_model_name_or_path"]
 
 
 def load_records(

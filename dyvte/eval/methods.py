@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import logging
 import sys
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from dyvte.engine.handle import ComposedHandle
-from dyvte.engine.policy import POLICY_SYNTAX, make_policy
+from dyvte.engine.policy import POLICIES, POLICY_SYNTAX, make_policy
 from dyvte.engine.registry import unwrap
 from dyvte.policies.withdraw import withdraw
 from dyvte.pruning.prune import PRUNING_METHODS, prune
@@ -38,6 +39,7 @@ __all__ = [
     "MethodError",
     "PolicyRun",
     "PruningRun",
+    "allow_other_model",
     "check_method",
     "load_plugins",
     "method_forms",
@@ -230,16 +232,45 @@ def load_plugins(plugins: list[str]) -> None:
         logger.info("plugin %s loaded", plugin)
 
 
-def check_method(method: Method, model: nn.Module, spec: str | None = None) -> None:
+def allow_other_model(method: Method) -> Method:
+    """Let ``method``'s exit heads or calibration run on a model whose fingerprint differs from the one they saved
+    (with a warning naming what differs): ``allow_other_model=True`` in the options of every policy run whose
+    registered factory takes that keyword (``heads``, ``calibrated``). Returns ``method``, changed in place."""
+    if isinstance(method, Compose):
+        allow_other_model(method.outer)
+        allow_other_model(method.inner)
+    elif isinstance(method, PolicyRun) and method.policy in POLICIES:
+        if "allow_other_model" in inspect.signature(POLICIES[method.policy]).parameters:
+            method.options["allow_other_model"] = True
+    return method
+
+
+def _checked_objects(method: Method) -> Iterator[tuple[Any, bool]]:
+    """The options of ``method`` that check a model themselves (exit heads, calibrations), with the override."""
+    if isinstance(method, Compose):
+        yield from _checked_objects(method.outer)
+        yield from _checked_objects(method.inner)
+    elif isinstance(method, PolicyRun):
+        allowed = bool(method.options.get("allow_other_model", False))
+        for value in method.options.values():
+            if callable(getattr(value, "check_model", None)):
+                yield value, allowed
+
+
+def check_method(method: Method, model: nn.Module, spec: str | None = None, processor: Any = None) -> None:
     """Raise :class:`MethodError` unless ``method`` can run on ``model``, without running the model.
 
     The method's context is entered and left at once: that checks what it checks on entry (exit layers in range,
-    calibrations and exit heads made for this kind of model, pruning supported by the family, nesting) and leaves
-    the model exactly as before.
+    calibrations and exit heads made for this model, pruning supported by the family, nesting) and leaves the
+    model exactly as before. With ``processor``, the exit heads and calibrations it holds are checked against the
+    processor's tokenizer and chat template too (their model fingerprint).
     """
+    label = spec if spec is not None else method.name
     try:
         with method.apply(model):
             pass
+        if processor is not None:
+            for value, allowed in _checked_objects(method):
+                value.check_model(model, processor, allow_other_model=allowed)
     except Exception as err:  # whatever entering the method refuses, named with the method string
-        label = spec if spec is not None else method.name
         raise MethodError(f"method {label!r} ({method.name}) cannot run on this model: {err}") from err

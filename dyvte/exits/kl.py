@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from dyvte.engine.compat import logits_of
+from dyvte.engine.fingerprint import model_fingerprint
 from dyvte.engine.registry import resolve, unwrap
 from dyvte.policies.calibrated import POSITIONS, Calibration, choose_layer
 from dyvte.policies.withdraw import withdraw
@@ -25,6 +27,9 @@ from dyvte.utils.modes import eval_mode
 __all__ = ["calibrate", "kl_divergence", "scored_positions"]
 
 logger = logging.getLogger(__name__)
+
+#: a mean KL in (-KL_ROUNDING, 0) is float32 rounding of a zero divergence, and saved as 0 (a file refuses negatives)
+KL_ROUNDING = 1e-5
 
 
 def kl_divergence(logits_withdrawn: torch.Tensor, logits_full: torch.Tensor) -> torch.Tensor:
@@ -72,6 +77,7 @@ def calibrate(
     positions: str = "first",
     layers: Iterable[int] | None = None,
     progress: bool = True,
+    processor: Any = None,
 ) -> Calibration:
     """Choose the static exit layer by the VTW KL criterion.
 
@@ -84,16 +90,21 @@ def calibrate(
         positions: ``"first"`` (first answer position, as VTW) or ``"answer"`` (every answer position).
         layers: candidate layers (default ``0..L``; L is always added).
         progress: show a progress bar over layers.
+        processor: the model's processor, whose tokenizer and chat template the calibration's model fingerprint
+            records too (the weights are always recorded).
 
     Returns:
-        The :class:`Calibration`, with the whole KL curve (``nan`` for layers not scored).
+        The :class:`Calibration`, with the whole KL curve (``nan`` for layers not scored) and the model's
+        fingerprint (:func:`dyvte.engine.fingerprint.model_fingerprint`): applying it to another model is refused.
     """
     if not threshold > 0:
         raise ValueError(f"threshold eta must be > 0, got {threshold}")
     _check_positions(positions)
     model = unwrap(model)
     with eval_mode(model, "calibrate"):
-        return _calibrate(model, list(batches), threshold, positions, layers, progress)
+        calibration = _calibrate(model, list(batches), threshold, positions, layers, progress)
+    calibration.model_fingerprint = model_fingerprint(model, processor)
+    return calibration
 
 
 def _calibrate(
@@ -136,7 +147,8 @@ def _calibrate(
             kl[mask] = kl_divergence(logits[mask], reference)
             count = mask.sum(1)
             per_sample.append((kl.sum(1) / count.clamp(min=1))[count > 0])  # mean over a sample's positions
-        curve[layer] = float(torch.cat(per_sample).mean())
+        mean = float(torch.cat(per_sample).mean())
+        curve[layer] = 0.0 if -KL_ROUNDING < mean < 0 else mean  # a KL is >= 0: a tiny negative is float32 rounding
     chosen, met = choose_layer(curve, threshold, num_layers)
     if not met:
         scored = [curve[k] for k in candidates if k < num_layers]

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
 
+from dyvte.engine.fingerprint import check_fingerprint
 from dyvte.engine.policy import register_policy
 from dyvte.engine.registry import resolve
 from dyvte.policies.static import StaticExit
@@ -34,6 +36,9 @@ class Calibration:
         model_type: the calibrated model's ``model_type``.
         num_layers: its decoder layer count L.
         met: whether some K < L met the threshold.
+        model_fingerprint: the fingerprint of the calibrated model (:func:`dyvte.engine.fingerprint.model_fingerprint`):
+            :meth:`check_model` refuses any other model unless told to allow it. ``None`` (a file written before
+            fingerprints): accepted with a warning that the model cannot be checked.
     """
 
     layer: int
@@ -44,6 +49,7 @@ class Calibration:
     model_type: str
     num_layers: int
     met: bool
+    model_fingerprint: dict | None = None
 
     def save(self, directory: str | Path) -> Path:
         """Write ``calibration.json`` into ``directory`` (created if needed, written atomically); returns its path."""
@@ -54,7 +60,8 @@ class Calibration:
         """Raise ``ValueError`` (naming ``source``) unless the fields agree with each other.
 
         The stored layer must be the one its own KL curve and threshold choose, ``met`` must say whether a K < L
-        met the threshold, and the curve must hold ``L + 1`` values.
+        met the threshold, and the curve must hold ``L + 1`` values, each a KL divergence: a number >= 0 (never
+        negative, never infinite), or ``NaN`` for a layer K < L that was not scored (K = L is always scored).
         """
         problems = []
         if not isinstance(self.num_layers, int) or isinstance(self.num_layers, bool) or self.num_layers < 1:
@@ -64,6 +71,14 @@ class Calibration:
                 f"{source}: kl_per_layer must hold L + 1 = {self.num_layers + 1} values (K = 0..L), "
                 f"got {self.kl_per_layer!r:.80}"
             )
+        bad = _impossible_kl(self.kl_per_layer)
+        if bad:
+            raise ValueError(
+                f"{source}: kl_per_layer holds impossible KL values: {'; '.join(bad)} (a KL divergence is a number "
+                ">= 0; NaN marks a layer K < L that was not scored)"
+            )
+        if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, dict):
+            problems.append(f"model_fingerprint must be a dict or null, got {self.model_fingerprint!r:.80}")
         if self.positions not in POSITIONS:
             problems.append(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if not isinstance(self.threshold, (int, float)) or not self.threshold > 0:
@@ -99,23 +114,73 @@ class Calibration:
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
             raise ValueError(f"{file} is not a dyvte calibration file: {err}") from err
         calibration.validate(file)
+        calibration.source = str(file)
         return calibration
 
     def with_threshold(self, threshold: float) -> Calibration:
         """The same KL curve with the layer chosen for another eta (no model run needed)."""
         layer, met = choose_layer(self.kl_per_layer, threshold, self.num_layers)
         return Calibration(
-            layer, self.kl_per_layer, threshold, self.num_samples, self.positions, self.model_type, self.num_layers, met
+            layer,
+            self.kl_per_layer,
+            threshold,
+            self.num_samples,
+            self.positions,
+            self.model_type,
+            self.num_layers,
+            met,
+            self.model_fingerprint,
         )
 
-    def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` if ``model`` is not the kind of model this calibration was made for."""
+    def check_model(self, model: nn.Module, processor: object = None, *, allow_other_model: bool = False) -> None:
+        """Raise ``ValueError`` if ``model`` is not the model this calibration was made for.
+
+        The type and depth must match; then the saved model fingerprint must match ``model``'s (and, with
+        ``processor``, its tokenizer's): another model of the same shape has another KL curve.
+
+        Args:
+            model: the model the calibrated K is about to be applied to.
+            processor: its processor (compares the tokenizer and chat template too).
+            allow_other_model: accept a fingerprint mismatch with a warning instead of an error.
+
+        Raises:
+            ValueError: another model type or depth.
+            dyvte.engine.fingerprint.ModelMismatchError: the fingerprint differs (the message names each field).
+        """
         spec = resolve(model)
         if (spec.model_type, spec.num_layers) != (self.model_type, self.num_layers):
             raise ValueError(
                 f"calibration made for {self.model_type} with {self.num_layers} layers, "
                 f"not for {spec.model_type} with {spec.num_layers} layers"
             )
+        source = getattr(self, "source", None)
+        if not hasattr(self, "logged"):  # the warnings already logged for this calibration (not a saved field)
+            self.logged: set[str] = set()
+        check_fingerprint(
+            self.model_fingerprint,
+            model,
+            processor,
+            what=f"calibration {source}" if source else "this calibration",
+            allow_other_model=allow_other_model,
+            logged=self.logged,
+        )
+
+
+def _impossible_kl(curve: list) -> list[str]:
+    """``kl_per_layer[K] = value: why`` for each entry no KL curve can hold (K = L: the last entry)."""
+    last = len(curve) - 1
+    bad = []
+    for k, value in enumerate(curve):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad.append(f"kl_per_layer[{k}] = {value!r} is not a number")
+        elif math.isnan(value):
+            if k == last:
+                bad.append(f"kl_per_layer[{k}] = NaN, but K = L is always scored")
+        elif value < 0:
+            bad.append(f"kl_per_layer[{k}] = {value!r} is negative")
+        elif math.isinf(value):
+            bad.append(f"kl_per_layer[{k}] = {value!r} is infinite")
+    return bad
 
 
 def choose_layer(curve: list[float], threshold: float, num_layers: int) -> tuple[int, bool]:
@@ -126,15 +191,21 @@ def choose_layer(curve: list[float], threshold: float, num_layers: int) -> tuple
     return (meeting[0], True) if meeting else (num_layers, False)
 
 
-def calibrated(model: nn.Module, calibration: object | str | Path) -> StaticExit:
+def calibrated(model: nn.Module, calibration: object | str | Path, allow_other_model: bool = False) -> StaticExit:
     """The static policy at ``calibration``'s layer (a :class:`dyvte.Calibration`, or a path to its directory/file).
 
+    Args:
+        model: the model.
+        calibration: the calibration or its path.
+        allow_other_model: apply a calibration whose saved model fingerprint differs from the model's, with a
+            warning (:meth:`Calibration.check_model`); by default that is an error.
+
     Raises:
-        ValueError: the calibration was made for another kind of model, or its file is inconsistent.
+        ValueError: the calibration was made for another model, or its file is inconsistent.
     """
     if not isinstance(calibration, Calibration):
         calibration = Calibration.load(calibration)
-    calibration.check_model(model)
+    calibration.check_model(model, allow_other_model=allow_other_model)
     return StaticExit(calibration.layer)
 
 

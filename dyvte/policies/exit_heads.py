@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dyvte.engine.fingerprint import check_fingerprint, model_fingerprint
 from dyvte.engine.registry import resolve
 from dyvte.utils.io import atomic_path
 
@@ -142,6 +143,10 @@ class ExitHeadsConfig:
             attention mass on the visual tokens). For the ablation in docs/report.md only: the engine computes the
             ``2d`` features alone, so heads with extra inputs are scored offline (:mod:`dyvte.exits.rules`) and refused
             by ``withdraw``.
+        model_fingerprint: the fingerprint of the model the heads were trained on
+            (:func:`dyvte.engine.fingerprint.model_fingerprint`, recorded in the label cache that trained them):
+            :meth:`ExitHeads.check_model` refuses any other model unless told to allow it. ``None`` (heads saved
+            before fingerprints): accepted with a warning that the model cannot be checked.
     """
 
     model_type: str
@@ -155,6 +160,7 @@ class ExitHeadsConfig:
     label_rule: str | None = None
     extra_inputs: list[str] | None = None
     threshold_logits: list[float | None] | None = None
+    model_fingerprint: dict | None = None
 
     @property
     def input_size(self) -> int:
@@ -168,6 +174,8 @@ class ExitHeadsConfig:
             raise ValueError("exit heads need a decoder of at least 2 layers")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, dict):
+            raise ValueError(f"model_fingerprint must be a dict or null, got {self.model_fingerprint!r:.80}")
         unknown = sorted(set(self.extra_inputs or []) - set(EXTRA_WIDTH))
         if unknown:
             raise ValueError(f"extra_inputs: unknown {unknown}; known: {sorted(EXTRA_WIDTH)}")
@@ -211,6 +219,7 @@ class ExitHeads(nn.Module):
         super().__init__()
         self.config = config
         self.name_or_path: str | None = None  # the directory it was loaded from (names it in tables)
+        self.logged: set[str] = set()  # the model-check warnings already logged for these heads
         width, h = config.input_size, config.head_size
         self.heads = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(width), nn.Linear(width, h), nn.GELU(), nn.Linear(h, 1))
@@ -218,10 +227,13 @@ class ExitHeads(nn.Module):
         )
 
     @classmethod
-    def for_model(cls, model: nn.Module, head_size: int | None = None, threshold: float = 0.5) -> ExitHeads:
-        """Fresh heads shaped for ``model``."""
+    def for_model(
+        cls, model: nn.Module, head_size: int | None = None, threshold: float = 0.5, processor: object = None
+    ) -> ExitHeads:
+        """Fresh heads shaped for ``model``, carrying its fingerprint (with ``processor``: its tokenizer's too)."""
         spec = resolve(model)
         cfg = ExitHeadsConfig(spec.model_type, spec.text_config.hidden_size, spec.num_layers, head_size, threshold)
+        cfg.model_fingerprint = model_fingerprint(model, processor)
         return cls(cfg)
 
     @property
@@ -264,9 +276,23 @@ class ExitHeads(nn.Module):
         return 2 * (d2 * h + h)
 
     # ----------------------------------------------------------------------------------------------- checking
-    def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` unless ``model`` is the kind of model these heads were made for (and the engine can
-        compute their inputs)."""
+    def check_model(self, model: nn.Module, processor: object = None, *, allow_other_model: bool = False) -> None:
+        """Raise ``ValueError`` unless ``model`` is the model these heads were made for (and the engine can compute
+        their inputs).
+
+        The type, width and depth must match (heads of another shape cannot run). Then the saved model fingerprint
+        must match ``model``'s (and, with ``processor``, its tokenizer's): heads of the same shape trained on other
+        weights run, but their calibrated promise does not hold there.
+
+        Args:
+            model: the model the heads are about to be attached to.
+            processor: its processor (compares the tokenizer and chat template too).
+            allow_other_model: accept a fingerprint mismatch with a warning instead of an error.
+
+        Raises:
+            ValueError: extra inputs the engine does not compute, or another type / width / depth.
+            dyvte.engine.fingerprint.ModelMismatchError: the fingerprint differs (the message names each field).
+        """
         if self.config.extra_inputs:
             raise ValueError(
                 f"these exit heads read extra inputs {self.config.extra_inputs} (an ablation variant, docs/report.md) "
@@ -280,6 +306,14 @@ class ExitHeads(nn.Module):
                 "these exit heads were made for model_type={}, hidden_size={}, {} layers; the model is "
                 "model_type={}, hidden_size={}, {} layers".format(*want, *got)
             )
+        check_fingerprint(
+            self.config.model_fingerprint,
+            model,
+            processor,
+            what=f"exit heads {self.name_or_path}" if self.name_or_path else "these exit heads",
+            allow_other_model=allow_other_model,
+            logged=self.logged,
+        )
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -31,18 +31,21 @@ class LearnedExit(ExitPolicy):
         heads: exit heads made for the model.
         threshold: one P(exit) threshold for every head; ``None``: the heads' calibrated thresholds (or their
             config's single threshold).
+        allow_other_model: attach heads whose saved model fingerprint differs from the model's, with a warning
+            (:meth:`dyvte.ExitHeads.check_model`); by default that is an error.
     """
 
-    def __init__(self, heads: ExitHeads, threshold: float | None = None) -> None:
+    def __init__(self, heads: ExitHeads, threshold: float | None = None, allow_other_model: bool = False) -> None:
         if threshold is not None and not 0.0 <= threshold:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.heads = heads
         self.threshold = threshold
+        self.allow_other_model = allow_other_model
         self.thresholds = heads.exit_thresholds(threshold).tolist()  # one P(exit) per head, on the host (reading)
         self.logits = heads.exit_logits(threshold).tolist()  # what each head fires on, on the host
 
     def bind(self, spec: ModelSpec) -> None:
-        self.heads.check_model(spec.model)
+        self.heads.check_model(spec.model, allow_other_model=self.allow_other_model)
         super().bind(spec)
 
     def decide(self, layer: int, hidden: torch.Tensor, view: PolicyView) -> torch.Tensor:
@@ -56,8 +59,10 @@ class LearnedExit(ExitPolicy):
         return logits.float() >= self.logits[layer - 1]
 
 
-def _heads(model: nn.Module, heads: ExitHeads, threshold: float | None = None) -> LearnedExit:
-    return LearnedExit(heads, threshold)
+def _heads(
+    model: nn.Module, heads: ExitHeads, threshold: float | None = None, allow_other_model: bool = False
+) -> LearnedExit:
+    return LearnedExit(heads, threshold, allow_other_model)
 
 
 def _parse(argument: str, num_layers: int) -> list[dict[str, Any]]:

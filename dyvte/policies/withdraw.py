@@ -27,6 +27,7 @@ def withdraw(
     heads: Any = None,
     threshold: float | None = None,
     policy: ExitPolicy | str | None = None,
+    allow_other_model: bool = False,
     **options: Any,
 ) -> Withdrawal:
     """Withdraw every visual token of every row after decoder layer ``layer - 1`` (VTW).
@@ -41,11 +42,16 @@ def withdraw(
         layer: exit layer K in ``[0, L]``; ``0`` withdraws before the first layer, ``L`` never withdraws. A 1-D
             sequence gives each row of the batch its own exit layer (the batch size must then match).
         calibration: instead of ``layer``, a :class:`dyvte.Calibration` (or a path to its directory / JSON file):
-            its chosen layer is used, after checking that it was made for this kind of model.
+            its chosen layer is used, after checking that it was made for this model (type, depth and the saved
+            model fingerprint: the same weights).
         heads: instead of ``layer``, :class:`dyvte.ExitHeads` made for this model: each row leaves after the first
             layer whose head gives P(exit) >= ``threshold``; ``handle.exit_layers`` holds the per-row layers of the
             last prefill (L = no head fired, nothing withdrawn). Decoding runs on the cache prefill left.
         threshold: P(exit) threshold for ``heads`` (default: the heads' saved threshold; > 1 never fires).
+        allow_other_model: with ``heads`` or ``calibration``: use them on a model whose fingerprint differs from the
+            one they saved (another fine-tune of the same shape), with a warning naming what differs; by default
+            that is a :class:`dyvte.engine.fingerprint.ModelMismatchError` (a ``ValueError``), since their promise
+            was measured on the other model.
         policy: instead of the above, an :class:`dyvte.engine.policy.ExitPolicy` instance, or the name of a registered
         one
             (:func:`dyvte.engine.policy.register_policy`) built with ``**options``.
@@ -63,12 +69,16 @@ def withdraw(
         raise TypeError("pass exactly one of layer=, calibration=, heads= or policy=")
     if options and not isinstance(policy, str):
         raise TypeError(f"unexpected keyword arguments {sorted(options)} (options go with policy=<registered name>)")
+    if allow_other_model and heads is None and calibration is None:
+        raise TypeError("allow_other_model= applies to heads= and calibration= only")
     if heads is not None:
-        return Withdrawal(model, make_policy("heads", model, heads=heads, threshold=threshold))
+        policy = make_policy("heads", model, heads=heads, threshold=threshold, allow_other_model=allow_other_model)
+        return Withdrawal(model, policy)
     if threshold is not None:
         raise TypeError("threshold= applies to heads= only")
     if calibration is not None:
-        return Withdrawal(model, make_policy("calibrated", model, calibration=calibration))
+        policy = make_policy("calibrated", model, calibration=calibration, allow_other_model=allow_other_model)
+        return Withdrawal(model, policy)
     if layer is not None:
         return Withdrawal(model, make_policy("static", model, layer=layer))
     if isinstance(policy, ExitPolicy):

@@ -1,10 +1,13 @@
 """The label caches of ``ExitLabelData``: where each split's cache lives, which are reused, and labelling the rest.
 
 A label cache is the output of :func:`dyvte.exits.labels.build_label_cache` for one split, written in shards by every
-rank (:mod:`dyvte.exits.shards`) and merged by rank 0, whose ``meta.json`` marks it complete. Caches live under
-``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model weights, data and its files' sizes /
-times, split, samples or held-out indices, agree, loss_ratio) (:func:`cache_path`); a later run with the same key
-reuses the folder and says so in the log (:func:`missing_caches`).
+rank (:mod:`dyvte.exits.shards`) and merged by rank 0, whose ``meta.json`` marks it complete (and records the
+labelling model's fingerprint, :func:`dyvte.engine.fingerprint.model_fingerprint`, which the heads trained on it
+carry). Caches live under ``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model files'
+contents, and for an adapter its base's too; data and its files' sizes / times, split, samples or held-out indices,
+agree, loss_ratio) (:func:`cache_path`); a later run with the same key reuses the folder and says so in the log
+(:func:`missing_caches`). A cache labelled by other weights is never reused: the key reads the model files (a
+sample of the large ones), without loading the model.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import lightning as L
 from dyvte.data.formats import parse_columns
 from dyvte.data.prompts import attach_prompt_template
 from dyvte.demo import demo_checkpoint_dir
+from dyvte.engine.fingerprint import files_digest, model_fingerprint
 from dyvte.engine.registry import resolve
 from dyvte.exits.labels import LABEL_FORMAT
 from dyvte.train.options import DataSource, LabelOptions
 from dyvte.train.splits import Split, SplitPlan
 from dyvte.utils.io import write_text_atomic
 
-__all__ = ["LabelProgress", "cache_path", "format_duration", "label_missing", "missing_caches"]
+__all__ = ["LabelProgress", "cache_path", "format_duration", "label_missing", "missing_caches", "model_files_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +46,26 @@ def _files_stamp(data: str) -> list[str]:
     return [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
 
 
+def model_files_digest(model: str, depth: int = 0) -> str:
+    """The content digest of what :func:`dyvte.data.sources.load_model` loads for ``model`` (``"demo"`` or a
+    directory): its files (:func:`dyvte.engine.fingerprint.files_digest`) and, for a peft adapter, its base's, named
+    by ``adapter_config.json`` (an adapter on other base weights labels differently)."""
+    directory = demo_checkpoint_dir("demo-mllm") if model == "demo" else Path(model)
+    digest = files_digest(directory)
+    adapter = directory / "adapter_config.json"
+    if not adapter.is_file():
+        return digest
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base or depth > 8:
+        return digest
+    return f"{digest}+{model_files_digest(base, depth + 1)}"
+
+
 def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split, split_seed: int) -> Path:
     """The folder of ``part``'s label cache under ``root``, named by a digest of everything the labels depend on.
+
+    The model enters the key by its files' contents (:func:`model_files_digest`; an adapter's base too), beside its
+    path and weight files' sizes and times.
 
     Args:
         root: the folder of all label caches.
@@ -60,7 +82,7 @@ def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split
     weights = sorted(model_dir.glob("*.safetensors"))
     stamp = [f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights]
     key = [str(model_dir.resolve()), stamp, part.data, _files_stamp(part.data), part.split, part.samples]
-    key += [labels.agree, labels.loss_ratio, LABEL_FORMAT, part.start]
+    key += [labels.agree, labels.loss_ratio, LABEL_FORMAT, part.start, model_files_digest(source.model)]
     options = {
         "image_folder": str(Path(source.image_folder).resolve()) if source.image_folder else None,
         "columns": parse_columns(source.columns) or None,
@@ -138,6 +160,7 @@ def label_missing(
         model = model.to(trainer.strategy.root_device)
     attach_prompt_template(processor, source.prompt_template)
     spec = resolve(model)
+    fingerprint = model_fingerprint(model, processor)  # with the prompt template: the heads trained here carry it
     jobs = [(path, part, plan.records(part)) for path, part in todo.items()]
     mine = {  # the records this rank still labels, per cache (finished shards of a killed run are kept)
         path: sum(
@@ -193,6 +216,7 @@ def label_missing(
                 "model_type": spec.model_type,
                 "hidden_size": spec.text_config.hidden_size,
                 "num_layers": spec.num_layers,
+                "model_fingerprint": fingerprint,
                 "samples": len(cache),
                 "seconds": seconds,
                 "ms_per_sample": 1e3 * seconds * world / len(cache),

@@ -151,10 +151,12 @@ class ExitLabelData(L.LightningDataModule):
         return head_targets(columns, self.labels.rule, self.labels.kl_eta)
 
     def heads_config(self, head_size: int | None, threshold: float) -> ExitHeadsConfig:
-        """The heads' config for the labelled model."""
+        """The heads' config for the labelled model (with its fingerprint, from the label cache)."""
         self.setup()
         meta = self.meta
-        return ExitHeadsConfig(meta["model_type"], meta["hidden_size"], meta["num_layers"], head_size, threshold)
+        config = ExitHeadsConfig(meta["model_type"], meta["hidden_size"], meta["num_layers"], head_size, threshold)
+        config.model_fingerprint = meta.get("model_fingerprint")
+        return config
 
     def positive_weight(self) -> torch.Tensor:
         """``(L-1,)`` n_neg / n_pos per head in the training targets (1 where a head has no positives; all 1 with

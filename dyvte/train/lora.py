@@ -30,6 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dyvte.data.adapters import check_adapter
 from dyvte.data.records import build_inputs
 from dyvte.engine.compat import logits_of
 from dyvte.engine.registry import LORA_TARGETS, resolve
@@ -46,6 +47,7 @@ __all__ = [
     "compare_sweeps",
     "decoder_target_regex",
     "draw_exit_layers",
+    "load_adapter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,18 @@ def add_lora(
     if base_name is not None:
         peft_model.peft_config["default"].base_model_name_or_path = base_name
     return peft_model
+
+
+def load_adapter(model: nn.Module, directory: str | Path, **options: Any) -> PeftModel:
+    """``PeftModel.from_pretrained(model, directory, **options)`` in eval mode, once the adapter's shapes are checked
+    against ``model`` (:func:`dyvte.data.adapters.check_adapter`).
+
+    Raises:
+        dyvte.data.adapters.AdapterMismatchError: the adapter was trained on a base of other widths (one message
+            naming the adapter, its base and a module with both shapes, instead of torch's ``size mismatch`` list).
+    """
+    check_adapter(model, directory)
+    return PeftModel.from_pretrained(model, str(directory), **options).eval()
 
 
 def draw_exit_layers(

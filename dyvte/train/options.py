@@ -84,7 +84,7 @@ class SplitSizes:
             training and validation: the validation split's records right after the first ``val_samples`` (``None``:
             all of them), or, when validation is held out of the training records, that many more records held out
             with it (``None``: ``calib_fraction`` of them). 0: no calibration (the heads keep their single
-            ``threshold`` and carry no promise). ``train/fit.py`` refuses, before labelling, a calibration split too
+            ``threshold`` and carry no promise). fit refuses, before labelling, a calibration split too
             small to certify its ``--tolerance`` at ``--delta``
             (:func:`dyvte.exits.risk.calibration_records_needed`).
         calib_fraction: share of the records held out for calibration in the held-out case when ``calib_samples``

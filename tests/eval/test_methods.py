@@ -9,6 +9,7 @@ composed method (pruning + withdrawal) equals nesting the two by hand.
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -125,3 +126,31 @@ def test_directories_for_another_model_are_named_before_running(spec):
         with pytest.raises(ValueError, match=re.escape(f"method {spec!r} (") + r".*cannot run on this model"):
             check_method(method, model, spec)
     assert len(model._forward_pre_hooks) == hooks  # nothing left on the model
+
+
+@pytest.mark.parametrize(
+    "spec", [f"heads:{DEMO_HEADS}", f"calibrated:{DEMO_CALIBRATION}", f"random:0.5+heads:{DEMO_HEADS}"]
+)
+def test_demo_directories_on_the_lora_merged_demo_are_refused_unless_allowed(spec, caplog):
+    """The method strings of train/eval.py: refused before running, naming the weights; ``--allow_other_model``
+    (:func:`dyvte.eval.methods.allow_other_model`) runs them with a warning."""
+    pytest.importorskip("peft")
+    from dyvte.cli.evaluate import resolve_methods
+    from dyvte.eval.methods import MethodError, allow_other_model, check_method
+
+    from ..demo_models import demo_and_merged, fingerprint_warnings
+
+    demo, merged, processor = demo_and_merged()
+    (method,) = parse_method(spec, 8)
+    check_method(method, demo, spec, processor)  # made for the demo: its weights and tokenizer
+    with pytest.raises(MethodError, match=re.escape(f"method {spec!r} (") + r".*made for another model: weights"):
+        check_method(method, merged, spec, processor)
+    with pytest.raises(MethodError, match="allow_other_model=True"):
+        resolve_methods([spec], merged, 8, processor)
+    assert not merged._forward_pre_hooks
+    with caplog.at_level(logging.WARNING, logger="dyvte.engine.fingerprint"):
+        check_method(allow_other_model(method), merged, spec, processor)
+        (chosen,) = resolve_methods([spec], merged, 8, processor, allow_other_models=True)
+    assert chosen.name == method.name  # the override does not rename the method's results
+    warnings = [r.getMessage() for r in fingerprint_warnings(caplog)]
+    assert warnings and all("weights differ" in w and "Used anyway" in w for w in warnings)

@@ -8,14 +8,17 @@ the heads learn from are ``tests/exits/test_labels.py``'s; a save that fails mid
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 import dyvte
+from dyvte.engine.fingerprint import ModelMismatchError, model_fingerprint
 from dyvte.engine.registry import resolve
 from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig, head_features
 
+from ..demo_models import fingerprint_warnings
 from ..tiny_models import TEMPLATE, make_tiny
 
 
@@ -65,6 +68,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "label_rule": None,
         "extra_inputs": None,
         "threshold_logits": None,
+        "model_fingerprint": model_fingerprint(model),  # fresh heads are tied to the model they were shaped for
     }
     from safetensors.torch import load_file
 
@@ -137,3 +141,65 @@ def test_committed_demo_heads_record_a_promise_their_calibration_certifies():
     assert cal["family"] == "savings" and cal["tolerance"] == 0.01 and cal["delta"] == 0.1
     for p, logit in zip(config["thresholds"], config["threshold_logits"], strict=True):
         assert logit is not None and float(exit_logit(p)) == pytest.approx(logit, rel=1e-5, abs=1e-4)
+
+
+# ------------------------------------------------------------------------- heads tied to the model they were fit on
+@pytest.fixture(scope="module")
+def demo_and_merged():
+    pytest.importorskip("peft")
+    from ..demo_models import demo_and_merged
+
+    return demo_and_merged()
+
+
+def test_committed_demo_heads_carry_the_demo_models_fingerprint(demo_and_merged):
+    from ..demo_models import DEMO_HEADS
+
+    demo, _, processor = demo_and_merged
+    saved = ExitHeads.from_pretrained(DEMO_HEADS).config.model_fingerprint
+    assert saved == model_fingerprint(demo, processor)  # weights, tokenizer and chat template, as fit records them
+
+
+def test_demo_heads_are_refused_on_the_lora_merged_demo_unless_allowed(demo_and_merged, caplog):
+    """Issue 28: the merged demo has the heads' type, width and depth; there their "<= 1% differ" became 18.8%."""
+    from ..demo_models import DEMO_HEADS
+
+    demo, merged, processor = demo_and_merged
+    heads = ExitHeads.from_pretrained(DEMO_HEADS)
+    with pytest.raises(ModelMismatchError, match=r"exit heads .*demo-exit-heads was made for another model: weights"):
+        dyvte.withdraw(merged, heads=heads)
+    assert not merged._forward_pre_hooks  # refused before any hook
+    with pytest.raises(ModelMismatchError, match="weights differ"):
+        heads.check_model(merged, processor)
+    with caplog.at_level(logging.WARNING, logger="dyvte.engine.fingerprint"):
+        with dyvte.withdraw(demo, heads=heads):  # the demo itself: no warning
+            pass
+        heads.check_model(demo, processor)
+        assert not fingerprint_warnings(caplog)
+        with dyvte.withdraw(merged, heads=heads, allow_other_model=True) as handle:
+            assert merged._forward_pre_hooks and handle.layer is None  # attached: a run-time policy
+    (warning,) = [r.getMessage() for r in fingerprint_warnings(caplog)]
+    assert "weights differ" in warning and "Used anyway (allow_other_model=True)" in warning
+    assert not merged._forward_pre_hooks and not demo._forward_pre_hooks
+    with pytest.raises(TypeError, match="allow_other_model= applies to heads= and calibration= only"):
+        dyvte.withdraw(demo, layer=3, allow_other_model=True)
+
+
+def test_heads_saved_without_a_fingerprint_are_accepted_with_a_warning(tiny, tmp_path, caplog):
+    model, processor = tiny
+    heads = ExitHeads.for_model(model, processor=processor)
+    assert heads.config.model_fingerprint == model_fingerprint(model, processor)
+    heads.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "exit_heads_config.json").read_text())
+    del config["model_fingerprint"]  # as 0.2 wrote them
+    (tmp_path / "exit_heads_config.json").write_text(json.dumps(config))
+    old = ExitHeads.from_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dyvte.engine.fingerprint"):
+        with dyvte.withdraw(model, heads=old):
+            pass
+    (warning,) = [r.getMessage() for r in fingerprint_warnings(caplog)]
+    assert "carries no model fingerprint" in warning and str(tmp_path) in warning
+    config["model_fingerprint"] = "abc"
+    (tmp_path / "exit_heads_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model_fingerprint must be a dict or null"):
+        ExitHeads.from_pretrained(tmp_path)

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 
 import dyvte
+from dyvte.engine.fingerprint import ModelMismatchError, model_fingerprint
 from dyvte.engine.policy import POLICIES, ExitPolicy, register_policy
 
+from ..demo_models import fingerprint_warnings
 from ..exits.test_kl import batches, prompt_batches
 from ..tiny_models import TEMPLATE, make_batch, make_tiny, records
 
@@ -131,6 +134,81 @@ def test_calibration_for_another_model_or_corrupt_file_is_refused(tiny, tmp_path
     with pytest.raises(ValueError, match="not a dyvte calibration"):
         dyvte.Calibration.load(tmp_path / "bad")
     assert not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("curve", "match"),
+    [
+        ([-0.5, 0.2, 0.1, 0.0, 0.0], r"kl_per_layer\[0\] = -0.5 is negative"),  # would choose K = 0 (issue 28)
+        ([7.5, 0.25, 0.002, 0.001, float("nan")], r"kl_per_layer\[4\] = NaN, but K = L is always scored"),
+        ([7.5, float("inf"), 0.002, 0.001, 0.0], r"kl_per_layer\[1\] = inf is infinite"),
+        ([7.5, "0.2", 0.002, 0.001, 0.0], r"kl_per_layer\[1\] = '0.2' is not a number"),
+        ([7.5, 0.2, None, 0.001, 0.0], r"kl_per_layer\[2\] = None is not a number"),
+        ([7.5, 0.2, 0.002, 0.0], r"kl_per_layer must hold L \+ 1 = 5 values"),
+    ],
+)
+def test_an_impossible_kl_curve_is_refused_naming_the_layer(llava, tmp_path, curve, match):
+    """A KL divergence is a number >= 0; NaN only marks a layer K < L that was not scored."""
+    model = llava[0]
+    data = {"layer": 4, "kl_per_layer": curve, "threshold": 3e-3, "num_samples": 10, "positions": "first"}
+    data |= {"model_type": "llava", "num_layers": 4, "met": False}
+    (tmp_path / "calibration.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        dyvte.Calibration.load(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        dyvte.withdraw(model, calibration=tmp_path)
+    assert not model._forward_pre_hooks
+    nan = float("nan")
+    unscored = dyvte.Calibration(2, [nan, nan, 0.002, nan, 0.0], 3e-3, 10, "first", "llava", 4, True)
+    unscored.save(tmp_path / "ok")  # NaN where not scored (calibrate(layers=...)) is a valid curve
+    assert dyvte.Calibration.load(tmp_path / "ok").layer == 2
+
+
+@pytest.fixture(scope="module")
+def demo_and_merged():
+    pytest.importorskip("peft")
+    from ..demo_models import demo_and_merged
+
+    return demo_and_merged()
+
+
+def test_demo_calibration_is_refused_on_the_lora_merged_demo_unless_allowed(demo_and_merged, caplog):
+    from ..demo_models import DEMO_CALIBRATION
+
+    demo, merged, processor = demo_and_merged
+    calibration = dyvte.Calibration.load(DEMO_CALIBRATION)
+    assert calibration.model_fingerprint == model_fingerprint(demo, processor)  # the committed file carries it
+    with pytest.raises(ModelMismatchError, match=r"calibration .*calibration.json was made for another model: weights"):
+        dyvte.withdraw(merged, calibration=DEMO_CALIBRATION)
+    assert not merged._forward_pre_hooks
+    with pytest.raises(ModelMismatchError, match="weights differ"):
+        calibration.check_model(merged, processor)
+    with caplog.at_level(logging.WARNING, logger="dyvte.engine.fingerprint"):
+        with dyvte.withdraw(demo, calibration=calibration) as handle:  # its own model: no warning
+            assert handle.layer == calibration.layer
+        calibration.check_model(demo, processor)
+        assert not fingerprint_warnings(caplog)
+        with dyvte.withdraw(merged, calibration=calibration, allow_other_model=True) as handle:
+            assert handle.layer == calibration.layer
+    (warning,) = [r.getMessage() for r in fingerprint_warnings(caplog)]
+    assert "weights differ" in warning and "Used anyway (allow_other_model=True)" in warning
+
+
+def test_a_calibration_records_its_model_and_one_without_is_accepted_with_a_warning(tiny, tmp_path, caplog):
+    model, processor = tiny
+    cal = dyvte.calibrate(model, batches(processor, records(2), 2), progress=False, layers=[1], processor=processor)
+    assert cal.model_fingerprint == model_fingerprint(model, processor)
+    assert cal.with_threshold(1.0).model_fingerprint == cal.model_fingerprint
+    cal.save(tmp_path)
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    assert dyvte.Calibration.load(tmp_path).model_fingerprint == cal.model_fingerprint  # saved and loaded
+    del data["model_fingerprint"]  # a file written before fingerprints
+    (tmp_path / "calibration.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="dyvte.engine.fingerprint"):
+        with dyvte.withdraw(model, calibration=tmp_path):
+            pass
+    (warning,) = [r.getMessage() for r in fingerprint_warnings(caplog)]
+    assert "carries no model fingerprint" in warning
 
 
 # ------------------------------------------------------------------------------------------ a new policy

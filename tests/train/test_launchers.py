@@ -26,6 +26,7 @@ import dyvte
 import dyvte.data.sources
 from dyvte.cli import evaluate as evaluate_cli
 from dyvte.data.records import DataError
+from dyvte.engine.fingerprint import model_fingerprint
 from dyvte.policies.exit_heads import ExitHeads
 from dyvte.train.label_data import ExitLabelData
 from dyvte.train.options import DataSource, LabelOptions, SplitSizes
@@ -261,6 +262,11 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
     meta = {k: json.loads((Path(v) / "meta.json").read_text()) for k, v in written["label_cache"].items()}
     held = [set(meta[k]["source_indices"]) for k in ("train", "val", "calib")]
     assert not held[0] & held[1] and not held[0] & held[2] and not held[1] & held[2]
+    # the heads carry the fingerprint of the model that labelled their training data (issue 28)
+    model, processor = dyvte.data.sources.load_model(str(setup_dir / "model"))
+    fingerprint = model_fingerprint(model, processor)
+    assert all(m["model_fingerprint"] == fingerprint for m in meta.values())
+    assert ExitHeads.from_pretrained(setup_dir / "heads-heldout").config.model_fingerprint == fingerprint
 
 
 # -------------------------------------------------------------------- evaluate: everything checked before work

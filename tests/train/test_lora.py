@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -312,3 +313,31 @@ def test_evaluate_script_on_the_adapter_dir_and_side_by_side_comparison(adapter_
 def _approx_nested(expected: dict) -> dict:
     """``expected`` with every float wrapped in ``pytest.approx`` (nested dicts compare key by key)."""
     return {k: _approx_nested(v) if isinstance(v, dict) else pytest.approx(v) for k, v in expected.items()}
+
+
+def test_an_adapter_for_another_base_is_one_clear_error(tmp_path):
+    """An adapter of a 64-wide LLaVA loaded on the 128-wide demo: one error naming the adapter, its base and a module
+    with both shapes, before peft's ``load_state_dict`` lists a ``size mismatch`` per tensor."""
+    from dyvte.data.adapters import AdapterMismatchError, check_adapter
+    from dyvte.demo import demo_checkpoint_dir
+    from dyvte.train.lora import load_adapter
+
+    tiny, _ = make_tiny("llava", num_layers=NUM_LAYERS)
+    add_lora(tiny, rank=4, base_name="demo").save_pretrained(tmp_path / "adapter")  # records the demo as its base
+    demo, _ = load_model("demo")
+    with pytest.raises(AdapterMismatchError) as caught:
+        load_model(str(tmp_path / "adapter"))
+    message = str(caught.value)
+    assert "size mismatch" not in message and message.count("\n") == 0
+    assert f"LoRA adapter {tmp_path / 'adapter'} (trained on base_model_name_or_path='demo')" in message
+    first = r"model\.language_model\.layers\.0\.mlp\.down_proj"
+    assert re.search(rf": \d+ of its adapted factors do not fit, e.g. {first}: ", message)
+    assert "the adapter's lora_A has shape (4, 128), this model's module maps 384 -> 128 features" in message  # FFN
+    with pytest.raises(AdapterMismatchError, match="was trained on a base of another shape"):
+        load_adapter(demo, tmp_path / "adapter")
+    assert not any("lora_" in name for name, _ in demo.named_parameters())  # refused before peft touched the demo
+    check_adapter(demo, demo_checkpoint_dir("demo-lora-vtw"))  # the committed adapter fits its base
+    assert isinstance(load_adapter(load_model("demo")[0], demo_checkpoint_dir("demo-lora-vtw")), PeftModel)
+    idefics, _ = make_tiny("idefics3", num_layers=2)  # its decoder is model.text_model
+    with pytest.raises(AdapterMismatchError, match="adapts no module of this model"):
+        check_adapter(idefics, tmp_path / "adapter")
