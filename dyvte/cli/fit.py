@@ -379,7 +379,7 @@ def check_promise(data: ExitLabelData, tolerance: float, delta: float) -> dict[s
         f"{counts['val']:,}",
         f"{counts['calib']:,}",
     )
-    if data.splits.calib_samples == 0:
+    if data.plan.sizes.calib_samples == 0:
         log.warning(
             "no calibration (--data.splits.calib_samples 0): the heads keep --model.threshold and carry no promise"
         )

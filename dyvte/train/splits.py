@@ -9,6 +9,7 @@ out with them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from datasets import load_from_disk
 
 from dyvte.train.options import DataSource, SplitSizes
 
-__all__ = ["Split", "SplitPlan", "has_named_splits", "held_out_split"]
+__all__ = ["DEMO_SPLIT_SIZES", "Split", "SplitPlan", "has_named_splits", "held_out_split", "with_demo_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +85,32 @@ class Split:
     start: int = 0  # first record of ``split`` (calibration follows the validation records)
 
 
+#: the demo's split sizes, where the demo data is labelled and a size is not given: chosen by what they buy
+#: (``benchmarks/fit_sizes.py`` on validation records; checkpoints/README.md, "demo-exit-heads") so that
+#: ``python train/fit.py`` finishes in minutes; every other source is sized from its records (:class:`SplitSizes`)
+DEMO_SPLIT_SIZES = {"train_samples": 6000, "val_samples": 500, "calib_samples": 2000}
+
+
+def with_demo_sizes(source: DataSource, sizes: SplitSizes) -> SplitSizes:
+    """``sizes`` with :data:`DEMO_SPLIT_SIZES` in the sizes left ``None`` when ``source`` reads the demo data."""
+    if source.data != "demo" or source.val_data is not None:
+        return sizes
+    given = {name: value for name, value in DEMO_SPLIT_SIZES.items() if getattr(sizes, name) is None}
+    return dataclasses.replace(sizes, **given)
+
+
 class SplitPlan:
     """The ``train``, ``val`` and (unless there is none) ``calib`` splits of a source, worked out once.
 
     Args:
         source: the records and how to read them.
-        sizes: the split sizes and the held-out split's seed.
+        sizes: the split sizes and the held-out split's seed (on the demo data, :data:`DEMO_SPLIT_SIZES` fills the
+            sizes left ``None``).
     """
 
     def __init__(self, source: DataSource, sizes: SplitSizes) -> None:
         self.source = source
-        self.sizes = sizes
+        self.sizes = with_demo_sizes(source, sizes)
         self._parts: dict[str, Split] | None = None
         self._records = None  # the records validation is held out of, once loaded
 

@@ -30,6 +30,7 @@ from dyvte.engine.fingerprint import model_fingerprint
 from dyvte.policies.exit_heads import ExitHeads
 from dyvte.train.label_data import ExitLabelData
 from dyvte.train.options import DataSource, LabelOptions, SplitSizes
+from dyvte.train.splits import DEMO_SPLIT_SIZES
 
 from ..policies.test_policies import saved_calibration
 from ..scripts import REPO_ROOT, fit_args, load_script, make_fit_setup
@@ -199,9 +200,15 @@ def test_label_data_holds_validation_out_of_a_single_records_file(setup_dir):
         DataSource(model=str(setup_dir / "model"), data=jsonl, val_data=other), SplitSizes(calib_samples=0)
     )
     assert separate.split_indices() == {"train": None, "val": None}  # a separate validation file: nothing carved
-    demo = ExitLabelData(DataSource(data="demo"), SplitSizes(val_samples=2000))  # named splits: calibration follows
-    assert demo.split_indices() == {"train": None, "val": None, "calib": None}
-    assert demo.split_summary()["calib"] == "demo [validation] records 2000..14999"
+    demo = ExitLabelData(DataSource(data="demo"), SplitSizes(val_samples=2000, calib_samples=None))
+    assert demo.split_indices() == {"train": None, "val": None, "calib": None}  # named splits: calibration follows
+    sizes = DEMO_SPLIT_SIZES  # the demo data's sizes where none is given; any other source's come from its records
+    assert demo.split_summary()["calib"] == f"demo [validation] records 2000..{1999 + sizes['calib_samples']}"
+    assert ExitLabelData(DataSource(data="demo")).plan.counts() == {
+        "train": sizes["train_samples"],
+        "val": sizes["val_samples"],
+        "calib": sizes["calib_samples"],
+    }
     # sizes from the records given: 10% of a 500-record validation file validates (at least 100), the rest calibrates
     lines = (setup_dir / "records.jsonl").read_text().splitlines()
     (setup_dir / "val500.jsonl").write_text("\n".join(lines[i % len(lines)] for i in range(500)) + "\n")
