@@ -18,4 +18,8 @@ The job is :mod:`dyvte.cli.calibrate`; ``dyvte calibrate`` (the console script) 
 from dyvte.cli.calibrate import main, run  # noqa: F401  (main: the job, for scripts and tests that load this file)
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    from dyvte.cli import user_errors
+
+    sys.exit(user_errors(run, None, "calibrate.py"))  # a refused input: one error line, status 2

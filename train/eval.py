@@ -24,4 +24,8 @@ The job is :mod:`dyvte.cli.evaluate`; ``dyvte evaluate`` (the console script) an
 from dyvte.cli.evaluate import main, run  # noqa: F401  (main: the job, for scripts and tests that load this file)
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    from dyvte.cli import user_errors
+
+    sys.exit(user_errors(run, None, "eval.py"))  # a refused input: one error line, status 2

@@ -45,4 +45,8 @@ The job is :mod:`dyvte.cli.fit`; ``dyvte fit`` (the console script) and
 from dyvte.cli.fit import main  # noqa: F401  (main: the job, for scripts and tests that load this file)
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from dyvte.cli import user_errors
+
+    sys.exit(user_errors(main, None, "fit.py"))  # a refused input: one error line, status 2

@@ -17,4 +17,8 @@ The job is :mod:`dyvte.cli.report`; ``dyvte report`` (the console script) and
 from dyvte.cli.report import main, run  # noqa: F401  (main: the job, for scripts and tests that load this file)
 
 if __name__ == "__main__":
-    run()
+    import sys
+
+    from dyvte.cli import user_errors
+
+    sys.exit(user_errors(run, None, "report.py"))  # a refused input: one error line, status 2

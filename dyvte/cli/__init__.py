@@ -16,7 +16,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["COMMANDS", "EXTRAS", "Command", "MissingExtraError", "main", "missing_modules"]
+__all__ = ["COMMANDS", "EXTRAS", "Command", "MissingExtraError", "main", "missing_modules", "user_errors"]
+
+#: what a command raises for input it refuses (a bad option, record, file or model): one ``error:`` line on stderr and
+#: exit status 2 instead of a traceback (``DYVTE_TRACEBACK=1`` shows the traceback too)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 #: the import names each optional extra of pyproject.toml provides that a command needs
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -151,5 +155,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtraError as error:
         print(f"dyvte: error: {error}", file=sys.stderr)
         return 2
-    runner(rest, prog=f"dyvte {first}")
+    return user_errors(runner, rest, f"dyvte {first}")
+
+
+def user_errors(runner, args: Sequence[str] | None, prog: str) -> int:
+    """Run ``runner(args, prog=prog)``; a refusal (:data:`USER_ERRORS`: every dyvte error about its input is a
+    ``ValueError``) becomes ``<prog>: error: <message>`` on stderr and status 2, as argparse reports a bad option.
+    ``DYVTE_TRACEBACK=1`` re-raises it with its traceback.
+
+    Returns:
+        0 when the command ran, 2 when it refused its input.
+    """
+    try:
+        runner(args, prog=prog)
+    except USER_ERRORS as error:
+        if os.environ.get("DYVTE_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
     return 0

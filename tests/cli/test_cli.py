@@ -167,3 +167,24 @@ def test_fit_command_trains_and_writes_the_heads(setup_dir, recwarn):
     # sys.argv[1:] is pytest's here, not [command, *args]: LightningCLI's warning about both is silenced only for the
     # dyvte command, which passes its own arguments
     assert [str(w.message) for w in recwarn if "LightningCLI's args parameter" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("entry", ["launcher", "command"])
+def test_a_refused_input_is_one_error_line_and_status_2(tmp_path, entry):
+    """The main job on a calibration split too small for its 1% promise: `python train/fit.py` and `dyvte fit` print
+    one `error:` line naming what it needs (no traceback) and exit 2, before any label is written."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("DYVTE_TRACEBACK", None)
+    run = (
+        [sys.executable, str(REPO_ROOT / "train" / "fit.py")]
+        if entry == "launcher"
+        else [sys.executable, "-m", "dyvte", "fit"]
+    )
+    done = subprocess.run(
+        [*run, "--data.splits.calib_samples", "100"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
+    prog = "fit.py" if entry == "launcher" else "dyvte fit"
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{prog}: error: a promise of at most 1% disagreement" in done.stderr
+    assert "needs at least 230 calibration records" in done.stderr and "this run has 100" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs" / "label-cache").exists()
