@@ -88,7 +88,7 @@ class Split:
 #: the demo's split sizes, where the demo data is labelled and a size is not given: chosen by what they buy
 #: (``benchmarks/fit_sizes.py`` on validation records; checkpoints/README.md, "demo-exit-heads") so that
 #: ``python train/fit.py`` finishes in minutes; every other source is sized from its records (:class:`SplitSizes`)
-DEMO_SPLIT_SIZES = {"train_samples": 9000, "val_samples": 1000, "calib_samples": 2000}
+DEMO_SPLIT_SIZES = {"train_samples": 6000, "val_samples": 1000, "calib_samples": 2000}
 
 
 def with_demo_sizes(source: DataSource, sizes: SplitSizes) -> SplitSizes:
