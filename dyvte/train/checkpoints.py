@@ -219,13 +219,14 @@ class EpochCheckpoint(Checkpoint):
         where = f"in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}"
         saved = str(self.path) if self.path is not None and self.path.is_file() else self.resumed_from
         if saved is None or self.epochs_saved == 0:
-            if interrupted:  # a failure before any epoch ended: its traceback says all
-                log.error(
-                    "training %s %s, before any epoch ended: no checkpoint; start again with: %s",
-                    why,
-                    where,
-                    self.resume_command(None),
-                )
+            if not interrupted:
+                return  # a failure before any checkpoint: its traceback says all
+            log.error(
+                "training %s %s, before any epoch ended: no new checkpoint; start again with: %s",
+                why,
+                where,
+                self.resume_command(None),
+            )
             return
         log.error(
             "training %s %s: %s holds the training after epoch %d (an unfinished epoch is run again). Resume with: %s",
@@ -238,8 +239,10 @@ class EpochCheckpoint(Checkpoint):
 
     # ---------------------------------------------------------------------------------------------- the command
     def resume_command(self, checkpoint: str | None) -> str:
-        """The command that started the run, with its ``--ckpt_path`` replaced by ``--ckpt_path checkpoint`` (left
-        out when ``checkpoint`` is ``None``); arguments are quoted for a POSIX shell."""
+        """The command that started the run, with its ``--ckpt_path`` replaced by ``--ckpt_path checkpoint`` (the
+        command as it was when ``checkpoint`` is ``None``); arguments are quoted for a POSIX shell."""
+        if checkpoint is None:
+            return " ".join([self.program, *map(shlex.quote, self.args)])
         words, skip = [], False
         for word in self.args:
             if skip:
@@ -248,6 +251,5 @@ class EpochCheckpoint(Checkpoint):
                 skip = True
             elif not word.startswith("--ckpt_path="):
                 words.append(word)
-        if checkpoint is not None:
-            words += ["--ckpt_path", checkpoint]
+        words += ["--ckpt_path", checkpoint]
         return " ".join([self.program, *map(shlex.quote, words)])

@@ -133,7 +133,9 @@ def test_resume_command_replaces_the_checkpoint_and_quotes_arguments():
         "dyvte fit '--data.source.data=my records.json' --ckpt_path /runs/last.ckpt"
     )
     callback = EpochCheckpoint("python train/fit.py", ["--ckpt_path=last", "--trainer.max_epochs=3"])
-    assert callback.resume_command(None) == "python train/fit.py --trainer.max_epochs=3"
+    assert callback.resume_command("a.ckpt") == "python train/fit.py --trainer.max_epochs=3 --ckpt_path a.ckpt"
+    # stopped before its first checkpoint: the same command again (still resuming from what it resumed from)
+    assert callback.resume_command(None) == "python train/fit.py --ckpt_path=last --trainer.max_epochs=3"
 
 
 def test_generator_states_survive_a_weights_only_checkpoint(tmp_path):
