@@ -4,7 +4,7 @@
     python train/fit.py --config configs/fit_demo.yaml    # the same, from YAML
     python train/fit.py --trainer.strategy ddp --trainer.devices 2    # two processes on CPU
     python train/fit.py --trainer.accelerator cuda --trainer.devices 1    # label and train on a GPU
-    python train/fit.py --ckpt_path runs/fit-demo/logs/version_0/checkpoints/last.ckpt   # resume
+    python train/fit.py --ckpt_path last                 # resume: the newest runs/fit-demo/logs/*/checkpoints/last.ckpt
     python train/fit.py --data.source.data llava_format.json --image_folder images/   # LLaVA JSON
     python train/fit.py --data.labels.on_the_fly true --data.labels.rule dyvte-layer     # the paper's on-the-fly labels
     python train/fit.py --output_dir checkpoints/demo-exit-heads      # regenerate the committed demo heads
@@ -15,7 +15,7 @@ points at one, as in the last command):
 * ``runs/fit-demo/exit-heads``: the heads (``ExitHeads.save_pretrained``) and ``training.json`` (timings and the
   per-head validation precision / recall / exit rate that the run also logs as a table);
 * ``runs/fit-demo/logs/version_N``: Lightning's CSV logs (``metrics.csv``, ``hparams.yaml``, ``config.yaml``) and
-  ``checkpoints/last.ckpt`` (heads only);
+  ``checkpoints/last.ckpt`` (heads only, rewritten at the end of every epoch);
 * ``runs/label-cache/<split>-<samples>-<key>``: labels and head inputs, computed once per (model weights, data,
   split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.labels.relabel true`` labels again).
 
@@ -30,6 +30,12 @@ short for ``--data.source.*``; ``--samples`` and ``--seed`` are refused (the spl
 ``--data.splits.*``). ``--help`` shows the common options and examples on one screen, ``--help all`` every option.
 
 Every path is logged at INFO. Lightning checkpoints hold only the heads; training never runs the MLLM after labelling.
+
+Ctrl-C or SIGTERM during training exits non-zero (1, SIGTERM 143) with an error line that names the checkpoint, the
+epochs it holds and the exact command that resumes (the same arguments plus ``--ckpt_path <last.ckpt>``); an
+unfinished epoch is run again from its start. ``--ckpt_path last`` resumes from the newest ``last.ckpt`` of the same
+log folder, and is refused when there is none. A resumed run ends with the uninterrupted run's heads, bit for bit
+(the checkpoint carries the random generators' states, so the shuffles are the same).
 
 Validation never reuses training records: with a single records file and no ``--data.source.val_data`` (or
 ``--data.source.val_split`` equal to ``--data.source.train_split``), ``--data.splits.val_samples`` records

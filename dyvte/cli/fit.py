@@ -19,7 +19,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
@@ -29,6 +28,7 @@ from dyvte.data.sources import load_config  # noqa: E402
 from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
 from dyvte.exits.risk import calibration_records_needed, promise_text  # noqa: E402
 from dyvte.exits.rules import LABEL_RULES, certify_thresholds, exit_savings  # noqa: E402
+from dyvte.train.checkpoints import EpochCheckpoint, fit_resumable  # noqa: E402
 from dyvte.train.label_data import ExitLabelData  # noqa: E402
 from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
 from dyvte.train.options import DataSource, LabelOptions  # noqa: E402
@@ -64,7 +64,11 @@ class FitCLI(LightningCLI):
             help="where the trained heads and training.json are written (default: runs/fit-<model>/exit-heads, "
             "the model's folder name; pass checkpoints/demo-exit-heads to regenerate the committed demo heads)",
         )
-        parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to resume from")
+        parser.add_argument(
+            "--ckpt_path",
+            default=None,
+            help="checkpoint to resume from, or last: the newest last.ckpt under the --trainer.logger folder",
+        )
         parser.add_argument(
             "--tolerance",
             type=float,
@@ -235,7 +239,7 @@ def short_help(prog: str) -> str:
             "--trainer.max_epochs N",
             f"training epochs (default: {MAX_EPOCHS}); every --trainer.* option is Lightning's",
         ),
-        HelpOption("--ckpt_path FILE", "a Lightning checkpoint to resume from"),
+        HelpOption("--ckpt_path FILE|last", "resume: a checkpoint, or last (the newest last.ckpt of the run's logs)"),
         HelpOption("--config FILE", "options from a YAML file (configs/fit_demo.yaml)"),
     ]
     return format_help(
@@ -273,6 +277,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     if mode == "short":
         print(short_help(prog or Path(sys.argv[0]).name))
         raise SystemExit(0)
+    given = list(args)  # as typed: the resume command logged on Ctrl-C / SIGTERM repeats them
     if mode is None:
         args = fit_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -299,7 +304,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
                     "init_args": {"save_dir": str(jobs), "name": "logs"},
                 },
-                "callbacks": [ModelCheckpoint(save_last=True, save_top_k=0)],
+                "callbacks": [EpochCheckpoint(prog or f"python {sys.argv[0]}", given)],
             },
         )
     data: ExitLabelData = cli.datamodule
@@ -314,7 +319,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
             data.cache_root,
         )
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=data, ckpt_path=cli.config["ckpt_path"])
+    fit_resumable(cli.trainer, cli.model, data, cli.config["ckpt_path"])  # "last": the newest last.ckpt, or an error
     seconds = time.perf_counter() - start
     log_dir = str(Path(cli.trainer.log_dir).absolute())  # on every rank: under DDP it is a broadcast
     require_trained(cli.trainer, "exit heads", out)  # on every rank: global_step is the same everywhere

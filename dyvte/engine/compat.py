@@ -65,6 +65,7 @@ __all__ = [
     "chat_template",
     "check_cache",
     "keep_2d_masks",
+    "generate_taking",
     "image_token",
     "seal_cache",
 ]
@@ -457,6 +458,42 @@ def keep_2d_masks(model: nn.Module, pad: Callable[[], bool] = lambda: False) -> 
     def undo() -> None:
         if vars(model).get(MASKS_FOR_GENERATE) is passthrough:
             delattr(model, MASKS_FOR_GENERATE)
+
+    return undo
+
+
+GENERATE = "generate"
+
+
+def generate_taking(model: nn.Module, name: str, hold: Callable[[Any], None]) -> Callable[[], None]:
+    """Let ``model.generate`` take the keyword argument ``name`` that the model's ``forward`` does not declare
+    (``generate`` refuses such an argument: ``model_kwargs are not used by the model``); returns the undo.
+
+    An instance attribute wraps ``generate``: when a call gives ``name``, it is popped and its value handed to
+    ``hold`` for the duration of the call (``hold(None)`` after, however the call ends); other calls pass through
+    untouched. The class is untouched; the undo restores what the instance had before (usually nothing).
+    """
+    before = vars(model).get(GENERATE)  # an instance attribute someone else set, restored by the undo
+    original = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if name not in kwargs:
+            return original(*args, **kwargs)
+        hold(kwargs.pop(name))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            hold(None)
+
+    generate.__doc__ = original.__doc__
+    setattr(model, GENERATE, generate)
+
+    def undo() -> None:
+        if vars(model).get(GENERATE) is generate:
+            if before is None:
+                delattr(model, GENERATE)
+            else:
+                setattr(model, GENERATE, before)
 
     return undo
 

@@ -22,7 +22,18 @@ from dyvte.engine.grouping import RowGroup, row_index
 from dyvte.engine.layout import compose, pack_right, take
 from dyvte.engine.policy import PolicyView
 
-__all__ = ["CacheLayouts", "ForwardState", "GroupLayout", "WithdrawalError", "read_tokens", "read_valid"]
+__all__ = [
+    "VISUAL_MASK",
+    "CacheLayouts",
+    "ForwardState",
+    "GroupLayout",
+    "WithdrawalError",
+    "read_tokens",
+    "read_valid",
+]
+
+#: the keyword argument of a model call (or of ``generate``) that names its visual positions, for ``inputs_embeds``
+VISUAL_MASK = "visual_mask"
 
 
 class WithdrawalError(RuntimeError):
@@ -86,6 +97,20 @@ class CacheLayouts:
         self.columns = 0
         self._ref: weakref.ref | None = None  # the cache the last call returned (by identity)
         self._resets = 0  # its reset count then (generate resets and reuses a static cache)
+        # every live cache whose latest sequence some row withdrew from (held weakly: a cache dropped by its caller
+        # is freed and leaves this mapping), by identity
+        self._withdrawn: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+    def withdrawn_caches(self) -> list[Any]:
+        """The caches, still alive, that calls under this handle filled with a withdrawn layout (layers >= K hold only
+        the kept tokens): the last one and every earlier one (e.g. of an earlier ``generate`` in the same block)."""
+        return list(self._withdrawn.values())
+
+    def forget(self) -> None:
+        """Forget every cache and layout (the handle is removed)."""
+        self.groups.clear()
+        self._withdrawn.clear()
+        self._ref = None
 
     @property
     def cache(self) -> Any:
@@ -106,6 +131,12 @@ class CacheLayouts:
             return resets != self._resets  # generate() resets and reuses a static cache: a new prompt
         if cache_length_host(cache) == 0:  # a cache never seen: a fresh one is empty (read on the host)
             return True
+        if self._withdrawn.get(id(cache)) is cache:
+            raise WithdrawalError(
+                "this KV cache was filled by an earlier sequence under this withdrawal handle: a handle continues only "
+                "the cache of its latest call (it keeps one cache layout). Decode each sequence before starting the "
+                "next one, or prefill this one again."
+            )
         raise WithdrawalError(
             "the KV cache passed in was not produced under this withdrawal handle: its layers >= K hold a "
             "different token set. Prefill and decode under the same `withdraw(...)`."
@@ -144,6 +175,10 @@ class CacheLayouts:
             self._ref = weakref.ref(cache)
             self._resets = cache_resets(cache)
             self.columns = fwd.past + fwd.num_tokens
+            if self.groups:  # some row withdrew: the cache needs this handle's layouts to be continued
+                self._withdrawn[id(cache)] = cache
+            else:  # a full-length sequence (again: generate may reuse a cache for a new prompt)
+                self._withdrawn.pop(id(cache), None)
         else:
             self.groups.clear()
             self._ref = None
@@ -305,14 +340,15 @@ def read_tokens(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The call's ``input_ids`` (``None`` for ``inputs_embeds``) and ``(B, T)`` bool visual tokens.
 
-    Consumes ``kwargs["visual_mask"]`` (the caller's visual positions, for ``inputs_embeds``); else the visual
-    tokens are the ``input_ids`` among ``visual_ids(device)``, the placeholder ids on the ids' device.
+    Consumes ``kwargs["visual_mask"]`` (the caller's visual positions, for ``inputs_embeds``; given to ``generate``,
+    the withdrawal hands it to the prefill call); else the visual tokens are the ``input_ids`` among
+    ``visual_ids(device)``, the placeholder ids on the ids' device.
 
     Raises:
         WithdrawalError: no ``input_ids`` nor ``inputs_embeds``, a misshapen ``visual_mask``, or ``inputs_embeds``
             without one.
     """
-    visual_mask = kwargs.pop("visual_mask", None)
+    visual_mask = kwargs.pop(VISUAL_MASK, None)
     input_ids = kwargs.get(INPUT_IDS, args[0] if args else None)
     embeds = kwargs.get(INPUTS_EMBEDS)
     if input_ids is not None:
@@ -335,7 +371,9 @@ def read_tokens(
     else:
         raise WithdrawalError(
             "inputs_embeds without input_ids: dyvte cannot tell which positions are visual. Pass "
-            "visual_mask=<(B, T) bool tensor> to the model call (the withdrawal hook consumes it)."
+            f"{VISUAL_MASK}=<(B, T) bool tensor, True at the visual positions> to the model call or to generate "
+            "(model(inputs_embeds=..., visual_mask=...) or model.generate(inputs_embeds=..., visual_mask=...); the "
+            "withdrawal consumes it)."
         )
     return input_ids, visual
 

@@ -47,6 +47,7 @@ from dyvte.engine.compat import (
     cache_out,
     cache_repeat_rows,
     check_cache,
+    generate_taking,
     keep_2d_masks,
     logits_of,
     seal_cache,
@@ -56,7 +57,7 @@ from dyvte.engine.grouping import Handoff, wrap_forward
 from dyvte.engine.masks import LayerInputs
 from dyvte.engine.policy import ExitPolicy, PolicyView
 from dyvte.engine.registry import ModelSpec, resolve
-from dyvte.engine.state import CacheLayouts, ForwardState, WithdrawalError, read_tokens, read_valid
+from dyvte.engine.state import VISUAL_MASK, CacheLayouts, ForwardState, WithdrawalError, read_tokens, read_valid
 
 __all__ = ["Withdrawal", "WithdrawalError", "HANDLE_ATTR", "PRUNING_ATTR", "active_withdrawal"]
 
@@ -121,6 +122,8 @@ class Withdrawal:
         if isinstance(device, torch.device):  # copied here, not in the first prefill
             self._visual_ids(device)
         self._undo_masks: Any = None
+        self._undo_generate: Any = None
+        self._prompt_visual: torch.Tensor | None = None  # generate(..., visual_mask=...): for its prefill
         self._unwrap: list[Any] = []  # undoes of the wrapped layer forwards
         self._handoff = Handoff()  # the groups of the layer call about to run
         self._attach()
@@ -181,6 +184,8 @@ class Withdrawal:
                 self._unwrap.append(wrap_forward(layer, self._handoff.take, self.spec.names.layer_cache))
         # static caches: generate passes the 2-D mask (padded to the cache in decode steps), not 4-D ones
         self._undo_masks = keep_2d_masks(top, pad=lambda: getattr(top, PRUNING_ATTR, None) is None)
+        # generate(inputs_embeds=..., visual_mask=...): generate refuses a keyword its forward does not declare
+        self._undo_generate = generate_taking(top, VISUAL_MASK, self._hold_prompt_visual)
         setattr(top, HANDLE_ATTR, self)
 
     def remove(self) -> None:
@@ -192,23 +197,25 @@ class Withdrawal:
             undo()
         self._unwrap.clear()
         self._handoff.clear()
-        if self._undo_masks is not None:
-            self._undo_masks()
-            self._undo_masks = None
+        for undo in (self._undo_masks, self._undo_generate):
+            if undo is not None:
+                undo()
+        self._undo_masks = self._undo_generate = None
         top = self.spec.model
         if active_withdrawal(top) is self:
             delattr(top, HANDLE_ATTR)
         self._fwd = None
-        if self._layouts.groups:  # some row withdrew: the cache it filled is unusable without this handle
-            seal_cache(
-                self._layouts.cache,
-                WithdrawalError(
-                    "this KV cache was filled under dyvte.withdraw (layers >= K hold only the kept tokens) and its "
-                    "handle has been removed: decode under the same handle (inside its `with` block, or before "
-                    "handle.remove()), or prefill again without withdrawal"
-                ),
-            )
-        self._layouts.groups.clear()
+        self._prompt_visual = None
+        # every cache some row withdrew from (the last one and earlier ones, e.g. of an earlier generate in the
+        # block) is unusable without this handle's layouts: the unhooked model would fail deep inside attention
+        error = WithdrawalError(
+            "this KV cache was filled under dyvte.withdraw (layers >= K hold only the kept tokens) and its handle has "
+            "been removed: decode under the same handle (inside its `with` block, before its next prefill, or "
+            "before handle.remove()), or prefill again without withdrawal"
+        )
+        for cache in self._layouts.withdrawn_caches():
+            seal_cache(cache, error)
+        self._layouts.forget()
 
     def __enter__(self) -> Withdrawal:
         return self
@@ -224,7 +231,14 @@ class Withdrawal:
             ids = self._ids_on[device] = self.spec.visual_ids.to(device)
         return ids
 
+    def _hold_prompt_visual(self, mask: torch.Tensor | None) -> None:
+        """Keep the ``visual_mask`` given to ``generate`` for its first call, the prefill (``None``: it ended)."""
+        self._prompt_visual = mask
+
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._prompt_visual is not None:  # generate's first call is its prefill; decode steps read their ids
+            kwargs.setdefault(VISUAL_MASK, self._prompt_visual)
+            self._prompt_visual = None
         input_ids, visual = read_tokens(args, kwargs, self._visual_ids)
         batch, num_tokens = visual.shape
         past_cache = cache_in(kwargs, self.spec.names.cache)

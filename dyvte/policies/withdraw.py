@@ -62,7 +62,7 @@ def withdraw(
 
     Under withdrawal ``forward`` returns logits for the kept slots only, right-aligned per row; the handle's
     ``output_positions`` (``-1`` = padding slot) and ``to_input_positions`` map them back to input positions.
-    For ``inputs_embeds``-only calls pass ``visual_mask=`` (``(B, T)`` bool) to the model call.
+    For ``inputs_embeds``-only calls pass ``visual_mask=`` (``(B, T)`` bool) to the model call or to ``generate``.
     """
     model = unwrap(model)
     if sum(x is not None for x in (layer, calibration, heads, policy)) > 1:
