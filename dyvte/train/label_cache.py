@@ -3,8 +3,9 @@
 A label cache is the output of :func:`dyvte.exits.labels.build_label_cache` for one split, written in shards by every
 rank (:mod:`dyvte.exits.shards`) and merged by rank 0, whose ``meta.json`` marks it complete. Caches live under
 ``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model weights, data and its files' sizes /
-times, split, samples or held-out indices, agree, loss_ratio) (:func:`cache_path`); a later run with the same key
-reuses the folder and says so in the log (:func:`missing_caches`).
+times, split, samples or held-out indices, the records' digests, agree, loss_ratio) (:func:`cache_path`); a later run
+with the same key reuses the folder and says so in the log (:func:`missing_caches`). The records' digests
+(:mod:`dyvte.data.fingerprints`) hold their images' bytes, so images changed under their old names give a new cache.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def _files_stamp(data: str) -> list[str]:
     return [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
 
 
-def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split, split_seed: int) -> Path:
+def cache_path(
+    root: Path, source: DataSource, labels: LabelOptions, part: Split, split_seed: int, records: str | None = None
+) -> Path:
     """The folder of ``part``'s label cache under ``root``, named by a digest of everything the labels depend on.
 
     Args:
@@ -51,6 +54,8 @@ def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split
         labels: the labelling options (``agree`` and ``loss_ratio`` enter the key).
         part: the split.
         split_seed: the held-out split's seed (in the folder name of a held-out split).
+        records: one digest of the split's records (:func:`dyvte.data.fingerprints.combined_digest` of their
+            question, answer, context and image bytes), when known.
 
     Returns:
         ``<root>/<split>-<start>+<samples>-<digest>``, or ``<root>/<name>-<n>-of-<total>-seed<seed>-<digest>`` for a
@@ -72,6 +77,8 @@ def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split
         key.append(options)
     if part.indices is not None:
         key.append(part.indices)
+    if records is not None:
+        key.append(records)
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
     if part.indices is None:
         return root / f"{part.split}-{part.start}+{part.samples}-{digest}"
