@@ -178,6 +178,7 @@ def short_help(prog: str) -> str:
             "--positions WHERE", f"first (VTW) or answer: where the KL is measured (default: {defaults['positions']})"
         ),
         HelpOption("--output DIR", "where calibration.json goes (default: runs/calibrate-demo)"),
+        HelpOption("--overwrite true", "replace an --output that holds an earlier calibration (refused without)"),
         HelpOption("--config FILE", "options from a YAML file (configs/calibrate_demo.yaml)"),
     ]
     return format_help(

@@ -354,6 +354,7 @@ def short_help(prog: str) -> str:
             f"(default: {json.dumps(list(defaults['methods']))})",
         ),
         HelpOption("--output_dir DIR", "where results.json, one JSON per method and the plot go (default: runs/eval)"),
+        HelpOption("--overwrite true", "replace an --output_dir that holds an earlier evaluation (refused without)"),
         HelpOption("--plugins LIST", "files or modules that register more exit policies or pruning methods"),
         HelpOption("--config FILE", "options from a YAML file (configs/evaluate_demo.yaml)"),
     ]

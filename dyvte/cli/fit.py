@@ -254,6 +254,7 @@ def short_help(prog: str) -> str:
             f"what the heads learn: {', '.join(LABEL_RULES)} (default: {LabelOptions().rule})",
         ),
         HelpOption("--output_dir DIR", "where the heads and training.json go (default: runs/fit-<model>/exit-heads)"),
+        HelpOption("--overwrite true", "replace an --output_dir that holds earlier heads (refused without)"),
         HelpOption(
             "--tolerance EPS",
             f"at most this share of answers differ from the full model's (default: {DEFAULT_TOLERANCE})",

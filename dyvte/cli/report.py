@@ -368,6 +368,7 @@ def short_help(prog: str) -> str:
         HelpOption("--calibration DIR", f"the VTW calibration (default: {defaults['calibration']})"),
         HelpOption("--methods LIST", "more method strings to report beside the built-in ones (see dyvte evaluate)"),
         HelpOption("--output_dir DIR", "where report.md and its PNGs go (default: runs/report)"),
+        HelpOption("--overwrite true", "replace the report.md and PNGs of an earlier report there (refused without)"),
     ]
     return format_help(
         prog,
