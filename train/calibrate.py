@@ -4,8 +4,8 @@
     python train/calibrate.py --config configs/calibrate_demo.yaml
     python train/calibrate.py --threshold 1e-3 --samples 20 --positions answer   # 20 records, stratified by qtype
     python train/calibrate.py --device cuda --dtype bfloat16    # on a GPU (the batches follow the model)
-    python train/calibrate.py --config configs/calibrate_demo.yaml --output checkpoints/demo-calibration
-                                                                # regenerate the committed demo calibration
+    python train/calibrate.py --config configs/calibrate_demo.yaml --output checkpoints/demo-calibration \
+        --overwrite true                                        # regenerate the committed demo calibration
 
 Writes <output>/calibration.json (default ``<repo>/runs/calibrate-demo``, ignored by git; load it with
 dyvte.Calibration.load or dyvte.withdraw(model, calibration=dir)), logs where, and prints the KL curve and the layer

@@ -7,7 +7,7 @@
     python train/fit.py --ckpt_path last                 # resume: the newest runs/fit-demo/logs/*/checkpoints/last.ckpt
     python train/fit.py --data.source.data llava_format.json --image_folder images/   # LLaVA JSON
     python train/fit.py --data.labels.on_the_fly true --data.labels.rule dyvte-layer     # the paper's on-the-fly labels
-    python train/fit.py --output_dir checkpoints/demo-exit-heads      # regenerate the committed demo heads
+    python train/fit.py --output_dir checkpoints/demo-exit-heads --overwrite true   # regenerate the committed heads
 
 Outputs, all under ``<repo>/runs`` (ignored by git; a run never modifies a tracked file unless ``--output_dir``
 points at one, as in the last command):
@@ -17,7 +17,8 @@ points at one, as in the last command):
 * ``runs/fit-demo/logs/version_N``: Lightning's CSV logs (``metrics.csv``, ``hparams.yaml``, ``config.yaml``) and
   ``checkpoints/last.ckpt`` (heads only, rewritten at the end of every epoch);
 * ``runs/label-cache/<split>-<samples>-<key>``: labels and head inputs, computed once per (model weights, data,
-  split, samples, agree, loss_ratio); later runs reuse them and say so (``--data.labels.relabel true`` labels again).
+  split, samples, the records' digests with their images' bytes, agree, loss_ratio); later runs reuse them and say so
+  (``--data.labels.relabel true`` labels again).
 
 The device is Lightning's: ``--trainer.accelerator`` / ``--trainer.devices`` (default: the CPU); ``--device cuda:N``
 is short for ``--trainer.accelerator cuda --trainer.devices [N]`` (``cuda``: ``--trainer.devices 1``; ``cpu``:
@@ -43,6 +44,15 @@ Validation never reuses training records: with a single records file and no ``--
 ``training.json`` (``validation_split``) say so. A configuration that can run no optimizer step
 (``--trainer.max_epochs 0``, ``--trainer.max_steps 0``, ``--trainer.limit_train_batches 0``), an ``--output_dir`` that
 is a file or a missing ``--ckpt_path`` is refused before labelling; a run that ends with no step writes no heads.
+Held out is checked to be apart: validation or calibration records that are copies of training records (or
+calibration of validation records; compared by question, answer, earlier turns and image bytes) are warned about,
+and refused above 5% unless ``--allow_overlap true``.
+
+The output folder is written as a whole at the end (a temporary sibling swapped in), so no file of an earlier run
+survives beside the new heads. An ``--output_dir`` that holds earlier heads is refused before any work unless
+``--overwrite true``; the default ``runs/fit-<model>/exit-heads`` is the exception, replaced with a warning that
+names what it replaced (so that this command can be rerun as the README shows); give ``--output_dir`` to keep a
+run. A folder that holds anything but heads is never replaced, and one that cannot be written is refused first.
 
 The job is :mod:`dyvte.cli.fit`; ``dyvte fit`` (the console script) and
 ``python -m dyvte fit`` run it too, with the same options.

@@ -21,12 +21,17 @@ from jsonargparse import CLI  # noqa: E402
 import dyvte  # noqa: E402
 from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
 from dyvte.cli.shared import check_data_options  # noqa: E402
+from dyvte.data.fingerprints import short_digests, split_digests  # noqa: E402
 from dyvte.data.records import build_inputs, iter_batches  # noqa: E402
 from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.exits.kl import POSITIONS  # noqa: E402
-from dyvte.train.runs import runs_dir  # noqa: E402
+from dyvte.policies.calibrated import FILENAME  # noqa: E402
+from dyvte.train.runs import check_output_folder, is_default, runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
 from dyvte.utils.devices import check_device  # noqa: E402
+from dyvte.utils.io import staged_dir  # noqa: E402
+
+log = logging.getLogger("calibrate")
 
 
 def check_arguments(
@@ -39,8 +44,14 @@ def check_arguments(
     device: str = "cpu",
     seed: int = 0,
     image_folder: str | None = None,
-) -> None:
-    """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
+    output: str | None = None,
+    overwrite: bool = False,
+) -> str | None:
+    """Refuse bad arguments before the model is loaded or anything is written (each message names its option).
+
+    Returns:
+        What the run will replace in ``output`` (:func:`dyvte.train.runs.check_output_folder`), or ``None``.
+    """
     for name, eta in [("--threshold", threshold), *(("--report_thresholds", t) for t in report_thresholds)]:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0:
             raise ValueError(f"{name}: a KL threshold eta must be a number > 0, got {eta!r}")
@@ -49,6 +60,16 @@ def check_arguments(
     check_data_options(samples, seed, image_folder, samples_optional=False)
     check_positive_int("--batch_size", batch_size)
     check_dtype(dtype, check_device(device, "--device"), option="--dtype")
+    if output is None:
+        return None
+    return check_output_folder(
+        "--output",
+        output,
+        overwrite=overwrite,
+        default=is_default(output, runs_dir("calibrate-demo")),
+        marks=(FILENAME,),
+        what="calibration",
+    )
 
 
 def main(
@@ -67,6 +88,7 @@ def main(
     image_folder: str | None = None,
     skip_bad_rows: bool = False,
     output: str = str(runs_dir("calibrate-demo")),
+    overwrite: bool = False,
 ) -> dyvte.Calibration:
     """Calibrate the static exit layer.
 
@@ -88,12 +110,28 @@ def main(
         image_folder: resolve relative image paths against this folder (default: the records file's folder).
         skip_bad_rows: skip bad records (missing or corrupt image, empty question or answer), counted in the log,
             instead of failing on the first.
-        output: directory for calibration.json (pass checkpoints/demo-calibration to regenerate the committed one).
+        output: directory for calibration.json (pass checkpoints/demo-calibration --overwrite true to regenerate the
+            committed one).
+        overwrite: replace an ``output`` folder that holds an earlier calibration, as a whole, when this run
+            completes; without it such a folder is refused before any work (the default ``runs/calibrate-demo`` is
+            replaced with a warning). A folder holding anything else is never replaced.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    check_arguments(  # before any work
-        threshold, report_thresholds, positions, samples, batch_size, dtype, device, seed, image_folder
+    replacing = check_arguments(  # before any work
+        threshold,
+        report_thresholds,
+        positions,
+        samples,
+        batch_size,
+        dtype,
+        device,
+        seed,
+        image_folder,
+        output,
+        overwrite,
     )
+    if replacing:
+        log.log(logging.INFO if overwrite else logging.WARNING, "%s", replacing)
     mllm, processor = load_model(model, dtype, prompt_template, device=device)
     records = load_records(
         data, split, image_folder=image_folder, skip_bad_rows=skip_bad_rows, sample=samples, seed=seed
@@ -103,7 +141,10 @@ def main(
         for i, recs in enumerate(iter_batches(records, batch_size, processor=processor))
     ]
     cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions, processor=processor)
-    file = cal.save(output)
+    cal.record_digests = short_digests(split_digests(records))  # train/eval.py refuses to evaluate K on these records
+    with staged_dir(output) as folder:  # the whole folder or nothing: no file of an earlier run survives
+        cal.save(folder)
+    file = Path(output) / FILENAME
     print(f"\nKL(P_withdrawn || P_full) at the {positions} answer position(s), {cal.num_samples} samples of {split}:\n")
     print("| K | mean KL |\n|---|---|")
     for k, kl in enumerate(cal.kl_per_layer):
@@ -111,9 +152,7 @@ def main(
     print("\n| eta | chosen K |\n|---|---|")
     for eta in sorted({threshold, *report_thresholds}):
         print(f"| {eta:g} | {cal.with_threshold(eta).layer} |")
-    logging.getLogger("calibrate").info(
-        "calibration written to %s (eta=%g, K=%d)", file.absolute(), threshold, cal.layer
-    )
+    log.info("calibration written to %s (eta=%g, K=%d)", file.absolute(), threshold, cal.layer)
     return cal
 
 
@@ -139,6 +178,7 @@ def short_help(prog: str) -> str:
             "--positions WHERE", f"first (VTW) or answer: where the KL is measured (default: {defaults['positions']})"
         ),
         HelpOption("--output DIR", "where calibration.json goes (default: runs/calibrate-demo)"),
+        HelpOption("--overwrite true", "replace an --output that holds an earlier calibration (refused without)"),
         HelpOption("--config FILE", "options from a YAML file (configs/calibrate_demo.yaml)"),
     ]
     return format_help(

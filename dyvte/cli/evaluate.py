@@ -24,6 +24,7 @@ from jsonargparse import CLI  # noqa: E402
 import dyvte  # noqa: E402
 from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
 from dyvte.cli.shared import check_data_options  # noqa: E402
+from dyvte.data.fingerprints import Overlap, check_overlaps, count_in, split_digests  # noqa: E402
 from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import format_histogram, format_per_type, format_table, oracle_exit, plot_sweep  # noqa: E402
@@ -34,15 +35,16 @@ from dyvte.eval.methods import (  # noqa: E402
     PolicyRun,
     PruningRun,
     allow_other_model,
+    calibration_digests,
     check_method,
     load_plugins,
     parse_method,
 )
 from dyvte.eval.timing import TimingCheck, check_timings, machine_load, usable_cores  # noqa: E402
-from dyvte.train.runs import check_output_dir, runs_dir  # noqa: E402
+from dyvte.train.runs import check_output_folder, is_default, runs_dir  # noqa: E402
 from dyvte.utils.checks import check_positive_int  # noqa: E402
 from dyvte.utils.devices import check_device  # noqa: E402
-from dyvte.utils.io import write_text_atomic  # noqa: E402
+from dyvte.utils.io import staged_dir, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -57,15 +59,27 @@ def check_arguments(
     device: str = "cpu",
     seed: int = 0,
     image_folder: str | None = None,
-) -> None:
-    """Refuse bad arguments before the model is loaded or anything is written (each message names its option)."""
+    overwrite: bool = False,
+) -> str | None:
+    """Refuse bad arguments before the model is loaded or anything is written (each message names its option).
+
+    Returns:
+        What the run will replace in ``output_dir`` (:func:`dyvte.train.runs.check_output_folder`), or ``None``.
+    """
     check_data_options(samples, seed, image_folder)
     check_positive_int("--batch_size", batch_size)
     check_positive_int("--max_new_tokens", max_new_tokens)
     check_dtype(dtype, check_device(device, "--device"), option="--dtype")
     if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
         raise ValueError(f"--methods must be a list of method strings, e.g. '[full, \"static:all\"]', got {methods!r}")
-    check_output_dir("--output_dir", output_dir)
+    return check_output_folder(
+        "--output_dir",
+        output_dir,
+        overwrite=overwrite,
+        default=is_default(output_dir, runs_dir("eval")),
+        marks=("results.json",),
+        what="evaluation",
+    )
 
 
 def resolve_methods(
@@ -155,6 +169,8 @@ def main(
     output_dir: str = str(runs_dir("eval")),
     plugins: list[str] = (),
     allow_other_model: bool = False,
+    overwrite: bool = False,
+    allow_overlap: bool = False,
 ) -> list[dyvte.EvalResult]:
     """Run each method over the dataset and report.
 
@@ -184,10 +200,15 @@ def main(
         allow_other_model: run exit heads (heads:DIR) and calibrations (calibrated:DIR) on this model although
             their saved model fingerprint (weights, tokenizer) is another model's; each mismatch is logged as a
             warning. Without it, that is an error before any forward: their promise was measured on the other model.
+        overwrite: replace an ``output_dir`` that holds an earlier evaluation (its ``results.json``), as a whole,
+            when this run completes; without it such a folder is refused before any work (the default ``runs/eval``
+            is replaced with a warning). A folder holding anything else is never replaced.
+        allow_overlap: evaluate calibrated thresholds (``heads:DIR``, ``calibrated:DIR``) even when more than 5% of
+            the records are ones they were calibrated on; any such record is warned about.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    check_arguments(  # before any work
-        samples, methods, batch_size, max_new_tokens, dtype, output_dir, device, seed, image_folder
+    replacing = check_arguments(  # before any work
+        samples, methods, batch_size, max_new_tokens, dtype, output_dir, device, seed, image_folder, overwrite
     )
     load_plugins(list(plugins))
     mllm, processor = load_model(model, dtype, prompt_template, device=device)
@@ -198,18 +219,68 @@ def main(
     )
     if len(records) == 0:
         raise ValueError(f"--data {data} --split {split} holds no records to evaluate")
-    out = Path(output_dir)
+    check_calibration_overlap(chosen, records, allow_overlap, f"--data {data} --split {split}")  # before any forward
+    if replacing:
+        log.log(logging.INFO if overwrite else logging.WARNING, "%s", replacing)
     kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
     load_start = machine_load()
     full = dyvte.evaluate(mllm, processor, records, Full(), **kwargs)
     results = [full] + [dyvte.evaluate(mllm, processor, records, m, reference=full, **kwargs) for m in chosen]
     timing = time_again(mllm, processor, records, full, load_start, kwargs)
+    with staged_dir(output_dir) as out:  # the whole folder or nothing: no file of an earlier run survives
+        write_results(results, timing, out, model, data, split, dtype, device, len(records), num_layers)
+    log.info(
+        "results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", Path(output_dir).absolute()
+    )
+    return results
+
+
+def check_calibration_overlap(methods: list[Method], records, allow: bool, what: str) -> None:
+    """Refuse, before any forward, to evaluate calibrated thresholds on the records that calibrated them.
+
+    Heads saved by ``train/fit.py`` and calibrations saved by ``train/calibrate.py`` keep the digests of their
+    calibration records (:func:`dyvte.eval.methods.calibration_digests`); the records evaluated are compared with them
+    (:mod:`dyvte.data.fingerprints`): a warning for any overlap, an error above 5% unless ``allow``.
+
+    Raises:
+        ValueError: naming the method, the counts and ``--allow_overlap``.
+    """
+    stored = [(method.name, digests) for method in methods if (digests := calibration_digests(method)) is not None]
+    if not stored:
+        return
+    evaluated = split_digests(records)
+    check_overlaps(
+        [
+            Overlap(f"records of {what}", f"records {name} was calibrated on", count_in(evaluated, d), len(evaluated))
+            for name, d in stored
+        ],
+        allow,
+        "thresholds evaluated on their own calibration records look better than they are on new records (the promise "
+        "is about new records)",
+        log=log,
+    )
+
+
+def write_results(
+    results: list[dyvte.EvalResult],
+    timing: TimingCheck,
+    out: Path,
+    model: str,
+    data: str,
+    split: str,
+    dtype: str,
+    device: str,
+    samples: int,
+    num_layers: int,
+) -> None:
+    """Write every result, ``results.json`` and the plot into ``out`` and print the tables."""
+    full = results[0]
     for r in results:
         r.save(out / file_name(r.method))
     saved = {**{r.method: r.metrics for r in results}, "timing": timing.record()}
     write_text_atomic(out / "results.json", json.dumps(saved, indent=1) + "\n")
-    plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
-    print(f"\n{model} on {data}/{split}, {len(records)} samples, {dtype} on {device}\n")
+    plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({samples} samples)")
+    print(f"\n{model} on {data}/{split}, {samples} samples, {dtype} on {device}\n")
     print(format_table(results, unreliable=not timing.reliable))
     print(timing_note(timing))
     print("\naccuracy per question type\n")
@@ -220,8 +291,6 @@ def main(
     static[num_layers] = static.get(num_layers, full)
     if sorted(static) == list(range(num_layers + 1)):
         summarize(full, static, [r for r in results[1:] if not r.method.startswith("static")], num_layers, out)
-    log.info("results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", out.absolute())
-    return results
 
 
 def time_again(mllm, processor, records, full: dyvte.EvalResult, load_start: float | None, kwargs: dict) -> TimingCheck:
@@ -299,6 +368,7 @@ def short_help(prog: str) -> str:
             f"(default: {json.dumps(list(defaults['methods']))})",
         ),
         HelpOption("--output_dir DIR", "where results.json, one JSON per method and the plot go (default: runs/eval)"),
+        HelpOption("--overwrite true", "replace an --output_dir that holds an earlier evaluation (refused without)"),
         HelpOption("--plugins LIST", "files or modules that register more exit policies or pruning methods"),
         HelpOption("--config FILE", "options from a YAML file (configs/evaluate_demo.yaml)"),
     ]

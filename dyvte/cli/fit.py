@@ -24,25 +24,28 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 from dyvte.cli.help import COMMON, HelpOption, format_help, help_request, option_lines  # noqa: E402
 from dyvte.cli.shared import option_values, rewrite_aliases  # noqa: E402
+from dyvte.data.fingerprints import check_overlaps, short_digests  # noqa: E402
 from dyvte.data.sources import load_config  # noqa: E402
 from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
 from dyvte.exits.risk import calibration_records_needed, promise_text  # noqa: E402
 from dyvte.exits.rules import LABEL_RULES, certify_thresholds, exit_savings  # noqa: E402
+from dyvte.policies.exit_heads import CONFIG_NAME  # noqa: E402
 from dyvte.train.checkpoints import EpochCheckpoint, fit_resumable  # noqa: E402
 from dyvte.train.label_data import ExitLabelData  # noqa: E402
 from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
 from dyvte.train.options import DataSource, LabelOptions  # noqa: E402
 from dyvte.train.progress import RunProgressBar  # noqa: E402
 from dyvte.train.runs import (  # noqa: E402
-    check_output_dir,
+    check_output_folder,
     check_training_budget,
+    is_default,
     quiet_lightning,
     require_trained,
     run_name,
     runs_dir,
 )
 from dyvte.utils.devices import check_device  # noqa: E402
-from dyvte.utils.io import write_text_atomic  # noqa: E402
+from dyvte.utils.io import staged_dir, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("fit")
 
@@ -77,12 +80,34 @@ class FitCLI(LightningCLI):
             "(e.g. 0.01 = 1%%), except with probability --delta; certified on the --data.splits.calib_samples records",
         )
         parser.add_argument("--delta", type=float, default=0.1, help="probability that the --tolerance promise fails")
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="replace an --output_dir that holds an earlier run's heads, as a whole, when this run completes "
+            "(without it such a folder is refused before any work; the default runs/fit-<model>/exit-heads is "
+            "replaced with a warning)",
+        )
+        parser.add_argument(
+            "--allow_overlap",
+            type=bool,
+            default=False,
+            help="run even when more than 5%% of the validation or calibration records are copies of training "
+            "records (or calibration of validation records); any copy is warned about",
+        )
 
     def before_instantiate_classes(self) -> None:
         """Refuse what cannot give trained heads or cannot be written, before the model is loaded or labelled."""
         check_training_budget(self.config["trainer"], "exit heads")
-        self._name_outputs()
-        check_output_dir("--output_dir", self.config["output_dir"])
+        default = self._name_outputs()
+        self.replacing = check_output_folder(
+            "--output_dir",
+            self.config["output_dir"],
+            overwrite=self.config["overwrite"],
+            default=default,
+            marks=(CONFIG_NAME,),
+            what="fit run's exit heads",
+        )
         for option, value in (("--tolerance", self.config["tolerance"]), ("--delta", self.config["delta"])):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{option} must be in (0, 1), got {value!r}")
@@ -99,9 +124,10 @@ class FitCLI(LightningCLI):
             trainer["callbacks"] = [*(user if isinstance(user, list) else [user]), RunProgressBar()]
         return super().instantiate_trainer(**kwargs)
 
-    def _name_outputs(self) -> None:
+    def _name_outputs(self) -> bool:
         """Outputs named after the model: ``--output_dir`` and the Lightning logs go under ``runs/fit-<model>``
-        unless given (the demo's ``runs/fit-demo`` is only the default of the demo)."""
+        unless given (the demo's ``runs/fit-demo`` is only the default of the demo). Returns whether
+        ``--output_dir`` is that default folder (given or not)."""
         model = self.config["data"]["source"]["model"]
         jobs, placeholder = job_dir(model), str(job_dir())
         if self.config["output_dir"] is None:
@@ -113,6 +139,7 @@ class FitCLI(LightningCLI):
         init = getattr(logger, "init_args", None)
         if init is not None and getattr(init, "save_dir", None) == placeholder:
             init.save_dir = str(jobs)
+        return is_default(self.config["output_dir"], jobs / "exit-heads")
 
 
 #: the default promise: at most 1% of answers differ from the full model's (fixed before any test figure was seen;
@@ -231,6 +258,7 @@ def short_help(prog: str) -> str:
             f"what the heads learn: {', '.join(LABEL_RULES)} (default: {LabelOptions().rule})",
         ),
         HelpOption("--output_dir DIR", "where the heads and training.json go (default: runs/fit-<model>/exit-heads)"),
+        HelpOption("--overwrite true", "replace an --output_dir that holds earlier heads (refused without)"),
         HelpOption(
             "--tolerance EPS",
             f"at most this share of answers differ from the full model's (default: {DEFAULT_TOLERANCE})",
@@ -309,7 +337,10 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         )
     data: ExitLabelData = cli.datamodule
     check_promise(data, cli.config["tolerance"], cli.config["delta"])
+    check_split_overlap(data, cli.config["allow_overlap"])
     out = Path(cli.config["output_dir"]).absolute()  # logged and recorded absolute: YAML paths are relative to cwd
+    if rank_zero_only.rank == 0 and cli.replacing:
+        log.log(logging.INFO if cli.config["overwrite"] else logging.WARNING, "%s", cli.replacing)
     if rank_zero_only.rank == 0:
         logger = cli.trainer.logger
         log.info(
@@ -328,7 +359,6 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     heads = cli.model.heads
     heads.config.label_rule = data.labels.rule
     calibration = certify(heads, data, cli.config["tolerance"], cli.config["delta"])
-    heads.save_pretrained(out)
     features, targets = data.tensors["val"]
     per_head = head_validation(heads, features, targets)
     caches = data.cache_paths()
@@ -341,7 +371,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         "label_rule": data.labels.rule,
         "threshold": heads.config.threshold,
         "thresholds": heads.config.thresholds,
-        "calibration": calibration,
+        "calibration": None if calibration is None else {k: v for k, v in calibration.items() if k != "record_digests"},
         "promise": calibration["promise"] if calibration else "none: no calibration, the heads keep one threshold",
         "val_samples": len(targets),
         "validation_split": data.split_summary(),
@@ -349,7 +379,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         "logs": log_dir,
         "label_cache": {name: str(path) for name, path in caches.items()},
     }
-    write_text_atomic(out / "training.json", json.dumps(summary, indent=2) + "\n")
+    with staged_dir(out) as folder:  # the whole folder or nothing: no file of an earlier run survives beside these
+        heads.save_pretrained(folder)
+        write_text_atomic(folder / "training.json", json.dumps(summary, indent=2) + "\n")
     log.info(
         "validation of each head's exit decision at threshold %s (%d samples, label rule %r; precision: of the "
         "samples it exits, the share labelled safe; recall: of the samples labelled safe, the share it exits):\n%s",
@@ -412,6 +444,33 @@ def check_promise(data: ExitLabelData, tolerance: float, delta: float) -> dict[s
     return counts
 
 
+def check_split_overlap(data: ExitLabelData, allow: bool) -> None:
+    """Refuse, before labelling, validation or calibration records that are mostly copies of training records (or
+    calibration records of validation records), compared by record digest (:meth:`SplitPlan.overlaps`
+    <dyvte.train.splits.SplitPlan.overlaps>): a warning with the counts for any copy, an error above
+    :data:`dyvte.data.fingerprints.MAX_OVERLAP` unless ``allow`` (``--allow_overlap true``).
+
+    Raises:
+        ValueError: naming the counts, their shares and ``--allow_overlap``.
+    """
+    overlaps = data.plan.overlaps()
+    check_overlaps(
+        overlaps,
+        allow,
+        "validation on copies of training records overstates the heads, and a promise certified on copies of the "
+        "records the heads (or their Platt scaling) saw does not hold for new records",
+        done="Nothing was labelled.",
+        log=log,
+    )
+    if not any(overlap.count for overlap in overlaps):
+        log.info(
+            "held-out records: none of the validation or calibration records is a copy of a training record, nor a "
+            "calibration record of a validation record (%s records compared by question, answer, earlier turns and "
+            "image bytes)",
+            f"{sum(data.plan.counts().values()):,}",
+        )
+
+
 def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
     """Choose the heads' thresholds on the calibration split (Learn-then-Test) and store them in their config."""
     if "calib" not in data.columns:
@@ -433,6 +492,8 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
     )
     result = chosen.result
     record = {**chosen.record(), "label_rule": data.labels.rule, "source": data.split_summary()}
+    # which records certified the thresholds, so that evaluate can refuse to test them on those very records
+    record["record_digests"] = short_digests(data.plan.digests("calib"))
     record["promise"] = promise_text(tolerance, delta, result.samples)
     room = calibration_records_needed(tolerance, delta, tolerance / 2)
     if result.samples < room:

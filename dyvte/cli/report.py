@@ -21,14 +21,18 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
+from dyvte.cli.evaluate import check_calibration_overlap  # noqa: E402
 from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
 from dyvte.cli.shared import check_data_options  # noqa: E402
 from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
 from dyvte.eval.harness import OVERALL, format_per_type, method_kind, plot_sweep  # noqa: E402
 from dyvte.eval.methods import Full, load_plugins, parse_method  # noqa: E402
-from dyvte.train.runs import runs_dir  # noqa: E402
+from dyvte.train.runs import check_output_files, is_default, runs_dir  # noqa: E402
 from dyvte.utils.devices import check_device  # noqa: E402
+from dyvte.utils.io import staged_files  # noqa: E402
+
+log = logging.getLogger("report")
 
 
 def main(
@@ -56,6 +60,8 @@ def main(
     dtype: str = "float32",
     image_folder: str | None = None,
     skip_bad_rows: bool = False,
+    overwrite: bool = False,
+    allow_overlap: bool = False,
 ) -> None:
     """Run every method and write the report.
 
@@ -87,10 +93,25 @@ def main(
         image_folder: resolve relative image paths against this folder (default: the records file's folder).
         skip_bad_rows: skip bad records (missing or corrupt image, empty question or answer), counted in the log,
             instead of failing on the first.
+        overwrite: replace the report.md and PNGs an earlier report left in ``output_dir`` (its other files are
+            never touched); without it they are refused before any work (in the default ``runs/report`` they are
+            replaced with a warning).
+        allow_overlap: report calibrated thresholds even when more than 5% of the records are ones they were
+            calibrated on (any such record is warned about).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_data_options(samples, seed, image_folder)  # before any work
     check_dtype(dtype, check_device(device, "--device"), option="--dtype")
+    replacing = check_output_files(
+        "--output_dir",
+        output_dir,
+        OUTPUTS,
+        overwrite=overwrite,
+        default=is_default(output_dir, runs_dir("report")),
+        what="report",
+    )
+    if replacing:
+        log.log(logging.INFO if overwrite else logging.WARNING, "%s", replacing)
     load_plugins(list(plugins))
     mllm, processor = load_model(model, dtype, prompt_template, device=device)
     records = load_records(
@@ -110,6 +131,7 @@ def main(
         *methods,
     ]
     chosen_methods = [m for spec in specs for m in parse_method(spec, num_layers)]
+    check_calibration_overlap(chosen_methods, records, allow_overlap, f"--data {data} --split {split}")
     full = dyvte.evaluate(mllm, processor, records, Full(), batch_size=batch_size, max_new_tokens=4)
     results = [full] + [
         dyvte.evaluate(mllm, processor, records, m, reference=full, batch_size=batch_size, max_new_tokens=4)
@@ -122,11 +144,8 @@ def main(
     if again.answers != full.answers:
         raise RuntimeError("the full model answered differently on its second pass: generation is not deterministic")
     again = dataclasses.replace(again, method="full, timed again last")
-    out = Path(output_dir)
-    plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
     mark = "calibrated" if compose_threshold is None else f"p={compose_threshold:g}"
     chosen = next(r for r in results if r.method.startswith("heads") and mark in r.method)
-    plot_exit_layers(chosen, num_layers, out / "exit_layers.png")
     text = render(
         results,
         again,
@@ -141,11 +160,18 @@ def main(
         dtype=dtype,
     )
     text = text.replace(PROMISE_MARK, promise(results, heads))
-    (out / "report.md").write_text(text + "\n")
-    print((out / "report.md").read_text())
+    with staged_files(output_dir) as out:  # the three files replace the earlier ones together, or none does
+        plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({len(records)} samples)")
+        plot_exit_layers(chosen, num_layers, out / "exit_layers.png")
+        (out / "report.md").write_text(text + "\n")
+    print(text)
+    log.info("report written to %s (%s)", Path(output_dir).absolute(), ", ".join(OUTPUTS))
 
 
 PROMISE_MARK = "<!-- promise -->"
+
+#: the files report writes into --output_dir
+OUTPUTS = ("report.md", "accuracy_vs_flops.png", "exit_layers.png")
 
 #: how the report names each --dtype
 DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}
@@ -342,6 +368,7 @@ def short_help(prog: str) -> str:
         HelpOption("--calibration DIR", f"the VTW calibration (default: {defaults['calibration']})"),
         HelpOption("--methods LIST", "more method strings to report beside the built-in ones (see dyvte evaluate)"),
         HelpOption("--output_dir DIR", "where report.md and its PNGs go (default: runs/report)"),
+        HelpOption("--overwrite true", "replace the report.md and PNGs of an earlier report there (refused without)"),
     ]
     return format_help(
         prog,

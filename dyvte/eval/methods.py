@@ -28,6 +28,8 @@ from torch import nn
 from dyvte.engine.handle import ComposedHandle
 from dyvte.engine.policy import POLICIES, POLICY_SYNTAX, make_policy
 from dyvte.engine.registry import unwrap
+from dyvte.policies.calibrated import Calibration
+from dyvte.policies.exit_heads import ExitHeads
 from dyvte.policies.withdraw import withdraw
 from dyvte.pruning.prune import PRUNING_METHODS, prune
 from dyvte.utils.syntax import ArgumentError, MethodSyntax
@@ -40,6 +42,7 @@ __all__ = [
     "PolicyRun",
     "PruningRun",
     "allow_other_model",
+    "calibration_digests",
     "check_method",
     "load_plugins",
     "method_forms",
@@ -274,3 +277,25 @@ def check_method(method: Method, model: nn.Module, spec: str | None = None, proc
                 value.check_model(model, processor, allow_other_model=allowed)
     except Exception as err:  # whatever entering the method refuses, named with the method string
         raise MethodError(f"method {label!r} ({method.name}) cannot run on this model: {err}") from err
+
+
+def calibration_digests(method: Method) -> list[str] | None:
+    """The digests (:func:`dyvte.data.fingerprints.short_digests`) of the records that chose the thresholds ``method``
+    runs at, when it runs at calibrated ones and they were saved with them, else ``None``.
+
+    * ``heads:DIR`` at the heads' calibrated thresholds (no ``P``): ``calibration["record_digests"]`` of the heads'
+      config (saved by ``train/fit.py``); at a threshold ``P`` of the caller's, ``None`` (nothing was calibrated);
+    * ``calibrated:DIR``: the calibration's ``record_digests`` (saved by ``train/calibrate.py``);
+    * ``A+B``: those of the withdrawal ``B``.
+    """
+    if isinstance(method, Compose):
+        return calibration_digests(method.inner)
+    if not isinstance(method, PolicyRun):
+        return None
+    for value in method.options.values():
+        if isinstance(value, Calibration):
+            return value.record_digests
+        if isinstance(value, ExitHeads) and method.options.get("threshold") is None:
+            calibration = value.config.calibration if value.config.thresholds is not None else None
+            return (calibration or {}).get("record_digests")
+    return None

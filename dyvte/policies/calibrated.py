@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -39,6 +40,9 @@ class Calibration:
         model_fingerprint: the fingerprint of the calibrated model (:func:`dyvte.engine.fingerprint.model_fingerprint`):
             :meth:`check_model` refuses any other model unless told to allow it. ``None`` (a file written before
             fingerprints): accepted with a warning that the model cannot be checked.
+        record_digests: the digests of the records it was calibrated on, in the compact form of
+            :func:`dyvte.data.fingerprints.short_digests` (``train/calibrate.py`` saves them, so that ``train/eval.py``
+            can refuse to evaluate the layer on those very records); ``None``: not known.
     """
 
     layer: int
@@ -50,6 +54,7 @@ class Calibration:
     num_layers: int
     met: bool
     model_fingerprint: dict | None = None
+    record_digests: list[str] | None = None
 
     def save(self, directory: str | Path) -> Path:
         """Write ``calibration.json`` into ``directory`` (created if needed, written atomically); returns its path."""
@@ -85,6 +90,9 @@ class Calibration:
             problems.append(f"threshold eta must be > 0, got {self.threshold!r}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             problems.append(f"num_samples must be a positive int, got {self.num_samples!r}")
+        digests = self.record_digests
+        if digests is not None and (not isinstance(digests, list) or not all(isinstance(d, str) for d in digests)):
+            problems.append(f"record_digests must be null or a list of hex strings, got {digests!r:.80}")
         if not problems:
             layer, met = choose_layer(self.kl_per_layer, self.threshold, self.num_layers)
             if (self.layer, self.met) != (layer, met):
@@ -120,17 +128,7 @@ class Calibration:
     def with_threshold(self, threshold: float) -> Calibration:
         """The same KL curve with the layer chosen for another eta (no model run needed)."""
         layer, met = choose_layer(self.kl_per_layer, threshold, self.num_layers)
-        return Calibration(
-            layer,
-            self.kl_per_layer,
-            threshold,
-            self.num_samples,
-            self.positions,
-            self.model_type,
-            self.num_layers,
-            met,
-            self.model_fingerprint,
-        )
+        return dataclasses.replace(self, layer=layer, threshold=threshold, met=met)
 
     def check_model(self, model: nn.Module, processor: object = None, *, allow_other_model: bool = False) -> None:
         """Raise ``ValueError`` if ``model`` is not the model this calibration was made for.

@@ -5,9 +5,10 @@ rank (:mod:`dyvte.exits.shards`) and merged by rank 0, whose ``meta.json`` marks
 labelling model's fingerprint, :func:`dyvte.engine.fingerprint.model_fingerprint`, which the heads trained on it
 carry). Caches live under ``<repo>/runs/label-cache`` by default (ignored by git), one folder per (model files'
 contents, and for an adapter its base's too; data and its files' sizes / times, split, samples or held-out indices,
-agree, loss_ratio) (:func:`cache_path`); a later run with the same key reuses the folder and says so in the log
-(:func:`missing_caches`). A cache labelled by other weights is never reused: the key reads the model files (a
-sample of the large ones), without loading the model.
+the records' digests, agree, loss_ratio) (:func:`cache_path`); a later run with the same key reuses the folder and
+says so in the log (:func:`missing_caches`). A cache labelled by other weights is never reused: the key reads the
+model files (a sample of the large ones), without loading the model. The records' digests
+(:mod:`dyvte.data.fingerprints`) hold their images' bytes, so images changed under their old names give a new cache.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def model_files_digest(model: str, depth: int = 0) -> str:
     return f"{digest}+{model_files_digest(base, depth + 1)}"
 
 
-def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split, split_seed: int) -> Path:
+def cache_path(
+    root: Path, source: DataSource, labels: LabelOptions, part: Split, split_seed: int, records: str | None = None
+) -> Path:
     """The folder of ``part``'s label cache under ``root``, named by a digest of everything the labels depend on.
 
     The model enters the key by its files' contents (:func:`model_files_digest`; an adapter's base too), beside its
@@ -73,6 +76,8 @@ def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split
         labels: the labelling options (``agree`` and ``loss_ratio`` enter the key).
         part: the split.
         split_seed: the held-out split's seed (in the folder name of a held-out split).
+        records: one digest of the split's records (:func:`dyvte.data.fingerprints.combined_digest` of their
+            question, answer, context and image bytes), when known.
 
     Returns:
         ``<root>/<split>-<start>+<samples>-<digest>``, or ``<root>/<name>-<n>-of-<total>-seed<seed>-<digest>`` for a
@@ -94,6 +99,8 @@ def cache_path(root: Path, source: DataSource, labels: LabelOptions, part: Split
         key.append(options)
     if part.indices is not None:
         key.append(part.indices)
+    if records is not None:
+        key.append(records)
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
     if part.indices is None:
         return root / f"{part.split}-{part.start}+{part.samples}-{digest}"

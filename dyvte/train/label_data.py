@@ -24,6 +24,7 @@ import torch
 from datasets import load_from_disk
 from torch.utils.data import DataLoader, TensorDataset
 
+from dyvte.data.fingerprints import combined_digest
 from dyvte.engine.registry import resolve
 from dyvte.exits.rules import head_targets
 from dyvte.policies.exit_heads import ExitHeadsConfig
@@ -68,7 +69,7 @@ class ExitLabelData(L.LightningDataModule):
         check_positive_int("batch_size (--data.batch_size)", batch_size)
         self.save_hyperparameters()
         self.source, self.splits, self.labels, self.batch_size = source, splits, labels, batch_size
-        self.plan = SplitPlan(source, splits)
+        self.plan = SplitPlan(source, splits, digest_dir=self.cache_root / "record-digests")
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.columns: dict[str, dict[str, np.ndarray]] = {}  # each split's label-cache columns
         self.meta: dict | None = None
@@ -97,7 +98,14 @@ class ExitLabelData(L.LightningDataModule):
     def cache_paths(self) -> dict[str, Path]:
         """The label-cache folder of each split: ``{"train": ..., "val": ...}`` (no ``train`` with ``on_the_fly``)."""
         return {
-            name: cache_path(self.cache_root, self.source, self.labels, part, self.splits.split_seed)
+            name: cache_path(
+                self.cache_root,
+                self.source,
+                self.labels,
+                part,
+                self.splits.split_seed,
+                records=combined_digest(self.plan.digests(name)),  # an image changed under its old name: new cache
+            )
             for name, part in self.plan.parts().items()
             if not (name == "train" and self.labels.on_the_fly)
         }

@@ -2,8 +2,11 @@
 
 :func:`runs_dir` and :func:`default_label_cache_dir` place outputs under ``runs/`` of the working directory (ignored
 by git). :func:`check_training_budget` and :func:`require_trained` keep the launchers from saving weights that never
-trained; :func:`check_output_dir` refuses an output directory that is a file. :func:`quiet_lightning` silences
-Lightning's known harmless console messages.
+trained; :func:`check_output_dir` refuses an output directory that is a file, and :func:`check_output_folder` /
+:func:`check_output_files` everything a run could not write as a whole (docs/guide.md, "Output folders"): a folder
+that holds an earlier run is replaced only with ``--overwrite true`` (or when it is the launcher's default folder under
+``runs/``, with a warning), a folder that holds anything else is never replaced, and a folder that cannot be written
+is refused before the model loads. :func:`quiet_lightning` silences Lightning's known harmless console messages.
 """
 
 from __future__ import annotations
@@ -11,19 +14,24 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+
+from dyvte.utils.io import check_writable
 
 __all__ = [
     "LIGHTNING_TIPS",
     "NO_STEP_OPTIONS",
     "RANK_ZERO_LOGGERS",
     "check_output_dir",
+    "check_output_files",
+    "check_output_folder",
     "check_training_budget",
     "default_label_cache_dir",
+    "is_default",
     "quiet_lightning",
     "require_trained",
     "run_name",
@@ -80,6 +88,106 @@ def check_output_dir(option: str, path: str | None) -> None:
     """Raise ``ValueError`` when ``path`` (the value of ``option``) is an existing file, not a directory."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"{option} {path} is an existing file, not a directory")
+
+
+def _listing(names: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e, ... (12 entries)``."""
+    names = sorted(names)
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_output_folder(
+    option: str,
+    path: str | Path,
+    *,
+    overwrite: bool,
+    default: bool,
+    marks: Sequence[str],
+    what: str,
+) -> str | None:
+    """Refuse, before the model loads, an output folder that a run could not replace as a whole with its own outputs.
+
+    A run writes its whole folder into a temporary sibling and swaps it in at the end
+    (:func:`dyvte.utils.io.staged_dir`), so that no file of an earlier run survives beside its outputs. So:
+
+    * a path that is an existing file is refused (:func:`check_output_dir`);
+    * a non-empty folder that holds none of ``marks`` (the files only this launcher writes) is refused, whatever
+      ``overwrite`` says: it is not an earlier run's output, and a launcher replaces nothing else;
+    * a folder that holds an earlier run is refused unless ``overwrite`` (``--overwrite true``) or ``default`` (the
+      launcher's own default folder under ``runs/``, which the README's commands rerun);
+    * a folder (or parent) that cannot be written is refused (:func:`dyvte.utils.io.check_writable`).
+
+    Args:
+        option: the option that names the folder, for the messages (``"--output_dir"``).
+        path: the folder.
+        overwrite: ``--overwrite true`` was given.
+        default: ``path`` is the launcher's default folder.
+        marks: file names that only this launcher's output holds (e.g. ``["results.json"]``).
+        what: what the launcher writes, for the messages (``"evaluation"``).
+
+    Returns:
+        ``None`` when there is nothing to replace, else a line saying what the run will replace (to log).
+
+    Raises:
+        ValueError: one of the cases above; the message names ``option`` and the folder, and what to do.
+    """
+    check_output_dir(option, str(path))
+    folder = Path(path)
+    entries = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    replaced = None
+    if entries:
+        listing = _listing(entries)
+        if not any((folder / mark).is_file() for mark in marks):
+            raise ValueError(
+                f"{option} {path} is not empty ({listing}) and holds no {' or '.join(marks)}: it is not the output "
+                f"of an earlier {what}, and dyvte replaces only its own output folders as a whole; choose a new or "
+                "empty folder. Nothing was run."
+            )
+        if not (overwrite or default):
+            raise ValueError(
+                f"{option} {path} holds an earlier {what} ({listing}): pass --overwrite true to replace that folder "
+                f"as a whole when this run completes, or choose another {option}. Nothing was run."
+            )
+        replaced = f"the earlier {what} in {path} ({listing}) will be replaced as a whole when this run completes"
+        if default and not overwrite:
+            replaced += f" (the default {option}; give {option} DIR to keep both)"
+    check_writable(folder, option)
+    return replaced
+
+
+def check_output_files(
+    option: str, folder: str | Path, names: Sequence[str], *, overwrite: bool, default: bool, what: str
+) -> str | None:
+    """:func:`check_output_folder` for a launcher that writes the files ``names`` into a folder that may hold other
+    things (``report.py --output_dir docs``): those files (written together at the end,
+    :func:`dyvte.utils.io.staged_files`) are replaced only with ``overwrite`` or in the ``default`` folder, other
+    files are never touched, and the folder must be writable.
+
+    Returns:
+        ``None`` when none of ``names`` exists, else a line saying which files the run will replace (to log).
+
+    Raises:
+        ValueError: ``folder`` is a file, holds some of ``names`` without ``overwrite`` (not ``default``), or cannot
+            be written.
+    """
+    check_output_dir(option, str(folder))
+    there = [name for name in names if (Path(folder) / name).exists()]
+    replaced = None
+    if there:
+        if not (overwrite or default):
+            raise ValueError(
+                f"{option} {folder} already holds {', '.join(there)} of an earlier {what}: pass --overwrite true to "
+                f"replace them when this run completes, or choose another {option}. Nothing was run."
+            )
+        replaced = f"{', '.join(there)} in {folder} (an earlier {what}) will be replaced when this run completes"
+    check_writable(folder, option)
+    return replaced
+
+
+def is_default(path: str | Path, default: str | Path) -> bool:
+    """Whether ``path`` is the folder ``default`` (both taken against the working directory)."""
+    return Path(path).resolve() == Path(default).resolve()
 
 
 def require_trained(trainer: L.Trainer, what: str, output: Path) -> None:

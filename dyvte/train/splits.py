@@ -5,11 +5,19 @@ a single records file or a split-less ``save_to_disk`` directory, or ``val_split
 held-out split is carved from them instead (:func:`held_out_split`), logged and recorded in ``training.json``
 (:meth:`SplitPlan.summary`). Calibration records follow the validation records of the validation split, or are held
 out with them.
+
+Held out is not the same as apart: a records file with duplicated records, or ``val_data`` that is a copy of the
+training file, gives validation and calibration records that are copies of training records. Each record's digest
+(:mod:`dyvte.data.fingerprints`: question, answer, earlier turns and image bytes) finds them:
+:meth:`SplitPlan.overlaps` counts the copies (``train/fit.py`` warns, and refuses above 5% unless
+``--allow_overlap true``), and :meth:`SplitPlan.digests` also keys the label caches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +26,9 @@ from typing import Any
 import numpy as np
 from datasets import load_from_disk
 
+from dyvte.data.fingerprints import Overlap, count_in, fingerprint_records, source_stamp
 from dyvte.train.options import DataSource, SplitSizes
+from dyvte.utils.io import write_text_atomic
 
 __all__ = ["DEMO_SPLIT_SIZES", "Split", "SplitPlan", "has_named_splits", "held_out_split", "with_demo_sizes"]
 
@@ -106,13 +116,19 @@ class SplitPlan:
         source: the records and how to read them.
         sizes: the split sizes and the held-out split's seed (on the demo data, :data:`DEMO_SPLIT_SIZES` fills the
             sizes left ``None``).
+        digest_dir: where the record digests of splits whose images are stored in their source files (the demo,
+            ``save_to_disk`` folders, parquet with image bytes) are kept between runs, keyed by the files' sizes and
+            times, so that a run whose label caches exist reads no record (``None``: not kept).
     """
 
-    def __init__(self, source: DataSource, sizes: SplitSizes) -> None:
+    def __init__(self, source: DataSource, sizes: SplitSizes, digest_dir: Path | None = None) -> None:
         self.source = source
         self.sizes = with_demo_sizes(source, sizes)
+        self.digest_dir = digest_dir
         self._parts: dict[str, Split] | None = None
         self._records = None  # the records validation is held out of, once loaded
+        self._loaded: dict[str, Any] = {}  # each split's records, once read
+        self._digests: dict[str, list[str]] = {}  # each split's record digests, once computed
 
     def held_out(self) -> bool:
         """Whether validation would come from the training records, so that it is held out of them."""
@@ -250,7 +266,7 @@ class SplitPlan:
         train.total = val.total = calib.total = total
         logger.info(
             "validation: %d records and calibration: %d records held out at random (seed %d) from the %d records "
-            "of %s, disjoint from the %d training records (pass --data.source.val_data for a separate validation set)",
+            "of %s; training takes %d of the others (pass --data.source.val_data for a separate validation set)",
             len(val.indices),
             len(calib.indices),
             sizes.split_seed,
@@ -266,11 +282,72 @@ class SplitPlan:
         return load_records(data, split, limit, **self.source.record_options())
 
     def records(self, part: Split):
-        """The records of ``part``, in order."""
+        """The records of ``part``, in order (read once)."""
+        if part.name in self._loaded:
+            return self._loaded[part.name]
         if part.indices is None and part.start:
             records = self.load(part.data, part.split, part.start + part.samples)
-            return records.select(range(part.start, len(records)))
-        if part.indices is None:
-            return self.load(part.data, part.split, part.samples)
-        source = self._records if self._records is not None else self.load(part.data, part.split)
-        return source.select(part.indices)
+            records = records.select(range(part.start, len(records)))
+        elif part.indices is None:
+            records = self.load(part.data, part.split, part.samples)
+        else:
+            if self._records is None:
+                self._records = self.load(part.data, part.split)
+            records = self._records.select(part.indices)
+        self._loaded[part.name] = records
+        return records
+
+    def digests(self, name: str) -> list[str]:
+        """The digest of every record of split ``name`` (``train``, ``val`` or ``calib``), in order
+        (:func:`dyvte.data.fingerprints.record_digest`).
+
+        A split held out of the training records is hashed from them (already read); another split is read and
+        hashed once, and, when its images are stored in its source files, its digests are kept under ``digest_dir``
+        against the files' sizes and times.
+        """
+        if name in self._digests:
+            return self._digests[name]
+        part = self.parts()[name]
+        if part.indices is not None:
+            if "all" not in self._digests:
+                if self._records is None:
+                    self._records = self.load(part.data, part.split)
+                self._digests["all"] = fingerprint_records(self._records).digests
+            digests = [self._digests["all"][i] for i in part.indices]
+        else:
+            digests = self._stored_digests(part)
+        self._digests[name] = digests
+        return digests
+
+    def _stored_digests(self, part: Split) -> list[str]:
+        """:meth:`digests` of a split that is not held out: read from ``digest_dir`` when kept there, else
+        computed (and kept when its images are stored in its source files)."""
+        file = None
+        if self.digest_dir is not None:
+            options = {**self.source.record_options()}
+            if options["image_folder"]:
+                options["image_folder"] = str(Path(options["image_folder"]).resolve())
+            key = [1, _source_key(part.data), part.split, part.start, part.samples, options, source_stamp(part.data)]
+            file = self.digest_dir / f"{part.split}-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json"
+            if file.is_file():
+                try:
+                    return json.loads(file.read_text())["digests"]
+                except (OSError, ValueError, KeyError):
+                    logger.info("record digests %s unreadable: computing them again", file)
+        prints = fingerprint_records(self.records(part))
+        if file is not None and prints.embedded:
+            write_text_atomic(file, json.dumps({"source": f"{part.data} [{part.split}]", "digests": prints.digests}))
+        return prints.digests
+
+    def overlaps(self) -> list[Overlap]:
+        """How many validation and calibration records are copies of training records, and calibration records of
+        validation records (by record digest, :meth:`digests`)."""
+        parts = self.parts()
+        train = set(self.digests("train"))
+        val = self.digests("val")
+        found = [Overlap("validation records", "training records", count_in(val, train), len(val))]
+        if "calib" in parts:
+            calib = self.digests("calib")
+            found.append(Overlap("calibration records", "training records", count_in(calib, train), len(calib)))
+            found.append(Overlap("calibration records", "validation records", count_in(calib, set(val)), len(calib)))
+        return found

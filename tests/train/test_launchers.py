@@ -25,6 +25,7 @@ import torch
 import dyvte
 import dyvte.data.sources
 from dyvte.cli import evaluate as evaluate_cli
+from dyvte.data.fingerprints import short_digests, split_digests
 from dyvte.data.records import DataError
 from dyvte.engine.fingerprint import model_fingerprint
 from dyvte.policies.exit_heads import ExitHeads
@@ -232,11 +233,14 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
     """`fit.py --data.source.data file.jsonl` validated on its own training records; now on a held-out split."""
     cache = setup_dir / "cache-heldout"
     args = fit_args(setup_dir, "heads-heldout", 1, [f"--data.labels.cache_dir={cache}"])
-    with caplog.at_level(logging.INFO, logger="dyvte.train.splits"):
+    with caplog.at_level(logging.INFO):
         summary = load_script("train/fit.py").main(args)
     assert "validation: 4 records and calibration: 2 records held out at random (seed 0) from the 12 records of" in (
         caplog.text
     )
+    # held out by index is not apart: the records were compared, and the log says so rather than "disjoint"
+    assert "none of the validation or calibration records is a copy of a training record" in caplog.text
+    assert "disjoint" not in caplog.text
     written = json.loads((setup_dir / "heads-heldout" / "training.json").read_text())
     assert written["validation_split"] == summary["validation_split"]
     expected = {
@@ -259,6 +263,11 @@ def test_fit_without_val_data_validates_on_held_out_records(setup_dir, caplog):
     assert "in about 1 run in 10 the realized share may exceed 70%" in calibration["promise"]
     heads = ExitHeads.from_pretrained(setup_dir / "heads-heldout")
     assert heads.config.calibration["promise"] == calibration["promise"]
+    # the heads keep their calibration records' digests (for evaluate's check), training.json does not repeat them
+    calib_indices = json.loads((Path(written["label_cache"]["calib"]) / "meta.json").read_text())["source_indices"]
+    calib_records = dyvte.data.sources.load_records(str(setup_dir / "records.jsonl")).select(calib_indices)
+    assert heads.config.calibration["record_digests"] == short_digests(split_digests(calib_records))
+    assert "record_digests" not in calibration
     from datasets import load_from_disk
 
     caches = {k: load_from_disk(v).with_format("torch")[:] for k, v in written["label_cache"].items()}
