@@ -65,4 +65,4 @@ if __name__ == "__main__":
 
     from dyvte.cli import user_errors
 
-    sys.exit(user_errors(main, None, "fit.py"))  # a refused input: one error line, status 2
+    sys.exit(user_errors(main, None, None, "fit.py"))  # a refused input: one error line, status 2

@@ -21,4 +21,4 @@ if __name__ == "__main__":
 
     from dyvte.cli import user_errors
 
-    sys.exit(user_errors(run, None, "report.py"))  # a refused input: one error line, status 2
+    sys.exit(user_errors(run, None, None, "report.py"))  # a refused input: one error line, status 2

@@ -158,10 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return user_errors(runner, rest, f"dyvte {first}")
 
 
-def user_errors(runner, args: Sequence[str] | None, prog: str) -> int:
+def user_errors(runner, args: Sequence[str] | None, prog: str | None, name: str | None = None) -> int:
     """Run ``runner(args, prog=prog)``; a refusal (:data:`USER_ERRORS`: every dyvte error about its input is a
-    ``ValueError``) becomes ``<prog>: error: <message>`` on stderr and status 2, as argparse reports a bad option.
-    ``DYVTE_TRACEBACK=1`` re-raises it with its traceback.
+    ``ValueError``) becomes ``<name>: error: <message>`` on stderr (``name``: default ``prog``) and status 2, as
+    argparse reports a bad option. ``DYVTE_TRACEBACK=1`` re-raises it with its traceback.
 
     Returns:
         0 when the command ran, 2 when it refused its input.
@@ -171,6 +171,6 @@ def user_errors(runner, args: Sequence[str] | None, prog: str) -> int:
     except USER_ERRORS as error:
         if os.environ.get("DYVTE_TRACEBACK"):
             raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{name or prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
