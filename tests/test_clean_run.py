@@ -2,7 +2,8 @@
 
 The clone holds the project's ``.gitignore`` and a committed copy of ``checkpoints/``; ``$DYVTE_CHECKPOINTS``
 points at it and the run starts in it, as ``python train/fit.py`` from a fresh clone would. Only the model and data
-are the tiny ones of ``tests/scripts.py`` (seconds instead of minutes); every output path is left at its default.
+are the tiny ones of ``tests/scripts.py`` (seconds instead of minutes); every output path is left at its default
+(``runs/fit-model``: outputs are named after the model folder, ``model`` here).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def fit(clone: Path, setup: Path, *extra: str) -> Run:
         "--data.labels.batch_size=4",
         "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false",
+        "--tolerance=0.7",  # a promise the setup's 2 calibration records can certify (1% needs 230)
         *extra,
     ]
     with run_in(clone) as result:
@@ -153,8 +155,8 @@ def test_first_run_leaves_git_status_clean_and_checkpoints_untouched(first, clon
 
 def test_outputs_are_where_the_log_says(first, clone):
     run = first[0]
-    heads_dir = clone / "runs" / "fit-demo" / "exit-heads"
-    logs_dir = clone / "runs" / "fit-demo" / "logs" / "version_0"
+    heads_dir = clone / "runs" / "fit-model" / "exit-heads"
+    logs_dir = clone / "runs" / "fit-model" / "logs" / "version_0"
     assert f"fit: heads and training.json written to {heads_dir} " in "\n".join(run.logged("fit"))
     assert sorted(p.name for p in heads_dir.iterdir()) == [
         "exit_heads.safetensors",
@@ -177,7 +179,7 @@ def test_outputs_are_where_the_log_says(first, clone):
 
 def test_head_table_equals_a_recomputation_from_the_cached_labels(first, clone):
     run = first[0]
-    heads = ExitHeads.from_pretrained(clone / "runs" / "fit-demo" / "exit-heads")
+    heads = ExitHeads.from_pretrained(clone / "runs" / "fit-model" / "exit-heads")
     cache = load_from_disk(run.summary["label_cache"]["val"]).with_format("numpy")[:]
     safe = head_targets(cache, "agreement").bool().numpy()  # head j: answer kept at K = j + 1 and every later K
     with torch.no_grad():
@@ -222,7 +224,9 @@ def test_later_runs_reuse_the_label_cache_and_relabel_on_request(first, clone, s
     (caches[0] / "stale").write_text("left over")
     relabelled = fit(clone, setup, "--data.labels.relabel=true")
     assert not [m for m in relabelled.messages if "reusing the cached labels" in m]
-    assert len([m for m in relabelled.messages if m.startswith("dyvte.train.label_cache: labelling ")]) == 3
+    labelling = [m for m in relabelled.messages if m.startswith("dyvte.train.label_cache: labelling ")]
+    assert len([m for m in labelling if "≈" not in m]) == 3  # each split again, after the whole run's estimate
+    assert len([m for m in labelling if "≈" in m]) == 1
     assert not (caches[0] / "stale").exists() and all((p / "meta.json").is_file() for p in caches)
     assert relabelled.summary["val_heads"] == again.summary["val_heads"]  # same labels, same seed: same heads
     assert git(clone, "status", "--porcelain", "--untracked-files=all") == ""

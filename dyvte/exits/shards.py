@@ -133,7 +133,7 @@ def label_shards(
         os.replace(temporary, path)  # the shard appears complete, or not at all
         done.append(index)
         seconds = time.perf_counter() - start
-        logger.debug(
+        logger.info(
             "rank %d: shard %d/%d (records %d..%d) labelled in %.1f s (%.1f ms/sample) -> %s",
             rank,
             index + 1,

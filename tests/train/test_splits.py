@@ -109,6 +109,7 @@ def test_images_changed_under_their_names_give_a_new_label_cache(tmp_path):
         for i, r in enumerate(records(12))
     ]
     (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "model").mkdir()  # the cache key reads the model folder's files (none here: no model is loaded)
     source = DataSource(model=str(tmp_path / "model"), data=str(tmp_path / "records.jsonl"))
     sizes, labels = SplitSizes(val_samples=4), LabelOptions(cache_dir=str(tmp_path / "cache"))
     before = ExitLabelData(source, sizes, labels).cache_paths()
@@ -139,6 +140,7 @@ def test_digests_of_a_source_that_holds_its_images_are_kept_between_runs(tmp_pat
         data.save_to_disk(str(tmp_path / "data"))
 
     save(0)
+    (tmp_path / "model").mkdir()  # the cache key reads the model folder's files (none here: no model is loaded)
     source = DataSource(model=str(tmp_path / "model"), data=str(tmp_path / "data"))
     sizes, labels = SplitSizes(val_samples=2), LabelOptions(cache_dir=str(tmp_path / "cache"))
     first = ExitLabelData(source, sizes, labels).cache_paths()
