@@ -85,6 +85,7 @@ USE_CACHE = "use_cache"
 # the base model's vision-encoder entry points its forward calls (``self.get_image_features(...)``), per modality
 ENCODER_METHODS: tuple[str, ...] = ("get_image_features", "get_video_features")
 LOGITS = "logits"  # output field of every model call
+LOGITS_TO_KEEP = "logits_to_keep"  # top-level argument: the LM head runs on the last N positions only
 TOP_ARGS: tuple[str, ...] = (INPUT_IDS, INPUTS_EMBEDS, ATTENTION_MASK)
 LAYER_ARGS: tuple[str, ...] = (HIDDEN_STATES, ATTENTION_MASK, POSITION_EMBEDDINGS, POSITION_IDS)
 # DeepStack (Qwen3-VL): the text decoder's arguments holding the visual positions and the per-layer features it adds

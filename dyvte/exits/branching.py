@@ -18,13 +18,14 @@ instead of ``L + 1`` (``benchmarks/label_cost.py`` measures it).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from dyvte.engine.compat import ENCODER_METHODS, logits_of
+from dyvte.engine.compat import ENCODER_METHODS, LOGITS_TO_KEEP, logits_of
 from dyvte.engine.registry import resolve
 from dyvte.policies.withdraw import withdraw
 
@@ -139,6 +140,11 @@ class Branches:
         self._outputs: list[Any] = []
         self._num_tokens = 0
 
+    def _keeps_logits(self) -> bool:
+        """Whether the model's forward takes ``logits_to_keep`` (then a withdrawn branch asked for its ``last``
+        positions runs the LM head on its last ``last`` output slots only, which hold every one of them)."""
+        return _accepts(self.model.forward, LOGITS_TO_KEEP)
+
     @property
     def model(self) -> nn.Module:
         """The top-level model."""
@@ -210,15 +216,24 @@ class Branches:
             _swap(self.spec.layers[j], _FORWARD, _replay(self.spec.layers[j].forward, self._outputs[j]))
             for j in range(layer)
         ]
+        keep = {LOGITS_TO_KEEP: last} if last is not None and self._keeps_logits() else {}
         try:
             with withdraw(self.model, layer=layer) as handle:
-                logits = logits_of(self.model(**self._inputs, **self._kwargs))  # (B, T_out, V)
+                logits = logits_of(self.model(**self._inputs, **self._kwargs, **keep))  # (B, T_out or last, V)
                 if last is None:
                     return handle.to_input_positions(logits)
                 return _last_positions(logits, handle.output_positions, num_tokens, last)
         finally:
             for step in reversed(undo):
                 step()
+
+
+def _accepts(forward: Callable[..., Any], name: str) -> bool:
+    """Whether ``forward`` takes a keyword argument ``name``."""
+    try:
+        return name in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _last_positions(logits: torch.Tensor, positions: torch.Tensor | None, num_tokens: int, last: int) -> torch.Tensor:

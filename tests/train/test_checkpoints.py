@@ -52,6 +52,9 @@ def _signalled_run(root: Path, name: str, signum: int) -> tuple[subprocess.Popen
     """Start ``train/fit.py`` for ``EPOCHS`` epochs; a thread collects its log and sends ``signum`` as soon as the
     first epoch's checkpoint is logged."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    # the same intra-op thread count as this process, which trains the uninterrupted run and the resumed one: other
+    # thread counts sum in another order (1e-7 differences, not the bit-exact equality the test asserts)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     args = fit_args(root, name, EPOCHS, _runs(root, name))
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "train" / "fit.py"), *args],
