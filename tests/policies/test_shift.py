@@ -185,6 +185,22 @@ def test_exists_questions_alone_fire(demo_heads):
     assert np.mean(fired) >= 0.9
 
 
+def test_evaluate_warns_when_shifted(caplog):
+    """`dyvte evaluate` logs a warning naming the head and the meaning when a result's shift check fired."""
+    from dyvte.cli.evaluate import warn_if_shifted
+    from dyvte.eval.harness import EvalResult
+
+    rng = np.random.default_rng(3)
+    reference = score_reference(torch.as_tensor(rng.normal(size=(5000, 2))), torch.full((2,), math.inf))
+    moved = shift_report([rng.normal(1.0, 1, 200), rng.normal(size=200)], reference).to_dict()
+    result = EvalResult("heads(x)", {}, [], [], [], [], moved)
+    with caplog.at_level("INFO"):
+        warn_if_shifted(result)
+        warn_if_shifted(EvalResult("full", {}, [], [], []))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "head 0" in warnings[0].getMessage() and MEANING_SHIFTED in warnings[0].getMessage()
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def test_demo_model_through_withdraw_and_the_harness_stays_quiet():
     """The demo model on 48 demo validation records, evaluated under the committed heads: the harness reports the
