@@ -226,6 +226,8 @@ def main(
     load_start = machine_load()
     full = dyvte.evaluate(mllm, processor, records, Full(), **kwargs)
     results = [full] + [dyvte.evaluate(mllm, processor, records, m, reference=full, **kwargs) for m in chosen]
+    for result in results:
+        warn_if_shifted(result)
     timing = time_again(mllm, processor, records, full, load_start, kwargs)
     with staged_dir(output_dir) as out:  # the whole folder or nothing: no file of an earlier run survives
         write_results(results, timing, out, model, data, split, dtype, device, len(records), num_layers)
@@ -259,6 +261,29 @@ def check_calibration_overlap(methods: list[Method], records, allow: bool, what:
         "is about new records)",
         log=log,
     )
+
+
+def warn_if_shifted(result: dyvte.EvalResult) -> None:
+    """Log a warning when the method's exit-head scores did not look like their calibration records' (the
+    ``shift`` report of a ``heads:`` method, :func:`dyvte.policies.shift.shift_report`)."""
+    shift = result.shift
+    if shift is None:
+        return
+    if shift["shifted"]:
+        tested = [h for h in shift["heads"] if h["p_value"] is not None]
+        worst = min(tested, key=lambda h: h["p_value"])
+        log.warning(
+            "%s: the exit heads' scores shifted (head %d: KS %.3g, Bonferroni p = %.3g < alpha = %g, %d rows): %s",
+            result.method,
+            worst["head"],
+            worst["statistic"],
+            min(1.0, worst["p_value"] * shift["tested"]),
+            shift["alpha"],
+            worst["n"],
+            shift["meaning"],
+        )
+    else:
+        log.info("%s: shift check: the exit heads' scores look like their calibration records'", result.method)
 
 
 def write_results(

@@ -30,6 +30,7 @@ from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
 from dyvte.exits.risk import calibration_records_needed, promise_text  # noqa: E402
 from dyvte.exits.rules import LABEL_RULES, certify_thresholds, exit_savings  # noqa: E402
 from dyvte.policies.exit_heads import CONFIG_NAME  # noqa: E402
+from dyvte.policies.shift import reference_from_features  # noqa: E402
 from dyvte.train.checkpoints import EpochCheckpoint, fit_resumable  # noqa: E402
 from dyvte.train.label_data import ExitLabelData  # noqa: E402
 from dyvte.train.module import ExitHeadsModule, format_head_table, head_validation  # noqa: E402
@@ -504,6 +505,8 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
     record["savings"] = [round(float(x), 6) for x in savings]
     heads.config.thresholds, heads.config.threshold_logits = chosen.thresholds, chosen.logits
     heads.config.calibration = record
+    # the calibration distribution of each head's scores, what withdraw(heads=...).shift_report() tests against
+    heads.config.score_reference = reference_from_features(heads, data.tensors["calib"][0])
     if result.parameter is None:
         log.warning(
             "calibration: no threshold keeps at most %.3g disagreement with probability >= %.3g on %d samples; the "

@@ -2,7 +2,8 @@
 
 ``dyvte.withdraw`` returns a :class:`dyvte.Withdrawal`, ``dyvte.prune`` a :class:`dyvte.Pruning` (before the LLM) or a
 FastV withdrawal; each satisfies :class:`Handle`, with ``None`` for what does not apply to it. A new pruning method's
-handle satisfies it too, and the harness (:mod:`dyvte.evaluate`, :mod:`dyvte.eval.methods`) reads nothing else.
+handle satisfies it too, and the harness (:mod:`dyvte.evaluate`, :mod:`dyvte.eval.methods`) reads nothing else,
+except the optional ``shift_monitor`` / ``shift_report()`` of a withdrawal by learned exits (read with ``getattr``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ class ComposedHandle:
     @property
     def visual_after(self) -> torch.Tensor | None:
         return self._pick("visual_after")
+
+    @property
+    def shift_monitor(self) -> object:
+        """The inner handle's score monitor, if it keeps one."""
+        return getattr(self.inner, "shift_monitor", None)
+
+    def shift_report(self, alpha: float = 0.01) -> object:
+        """The inner handle's shift report (:meth:`dyvte.engine.withdrawal.Withdrawal.shift_report`), or ``None``."""
+        report = getattr(self.inner, "shift_report", None)
+        return None if report is None else report(alpha)
 
     def remove(self) -> None:
         self.inner.remove()

@@ -182,3 +182,11 @@ class ExitPolicy:
     def visual_after(self) -> torch.Tensor | None:
         """``(B,)`` visual tokens per row that stay after the exit (FastV), or ``None`` (all go)."""
         return None
+
+    #: what a policy that watches its scores for a shift keeps (:class:`dyvte.policies.shift.ScoreMonitor`)
+    shift_monitor: Any = None
+
+    def shift_report(self, alpha: float = 0.01) -> Any:
+        """Whether the policy's scores at use time look like its calibration data's (learned exits:
+        :meth:`dyvte.policies.learned.LearnedExit.shift_report`); ``None`` for a policy with nothing to check."""
+        return None

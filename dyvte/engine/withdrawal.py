@@ -160,6 +160,18 @@ class Withdrawal:
         """``(B,)`` visual tokens per row that stay after the exit (FastV), or ``None``."""
         return self.policy.visual_after
 
+    @property
+    def shift_monitor(self) -> Any:
+        """The policy's score monitor (learned exits: :class:`dyvte.policies.shift.ScoreMonitor`), or ``None``."""
+        return self.policy.shift_monitor
+
+    def shift_report(self, alpha: float = 0.01) -> Any:
+        """Whether the exit scores seen so far by this handle look like the calibration records' (learned exits:
+        a :class:`dyvte.policies.shift.ShiftReport` per head, with ``shifted`` at false-alarm rate ``alpha``);
+        ``None`` for a policy with nothing to check. Reads the scores kept on the device (host syncs here, never in
+        the forward)."""
+        return self.policy.shift_report(alpha)
+
     def _attach(self) -> None:
         top = self.spec.model
         if active_withdrawal(top) is not None:

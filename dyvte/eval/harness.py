@@ -29,6 +29,7 @@ from dyvte.data.records import build_inputs, iter_batches
 from dyvte.engine.registry import resolve, unwrap
 from dyvte.eval.flops import prefill_flops, prefill_kv_bytes
 from dyvte.eval.methods import Full, Method
+from dyvte.policies.shift import ScoreMonitor
 from dyvte.utils.checks import check_positive_int
 from dyvte.utils.devices import model_device, to_device
 from dyvte.utils.io import atomic_path, write_text_atomic
@@ -62,6 +63,9 @@ class EvalResult:
         exit_layers: per-sample exit layers, in dataset order.
         relative_flops: per-sample prefill FLOPs relative to the full model, in dataset order.
         qtypes: per-sample question types, in dataset order.
+        shift: for learned exits whose heads carry a ``score_reference``: the shift check over every evaluated
+            row (:class:`dyvte.policies.shift.ShiftReport` as a dict: per head n, KS statistic, p-value; ``alpha``,
+            ``shifted``, ``meaning``); ``None`` otherwise.
     """
 
     method: str
@@ -70,6 +74,7 @@ class EvalResult:
     exit_layers: list[int] = field(repr=False)
     relative_flops: list[float] = field(repr=False)
     qtypes: list[str] = field(default_factory=list, repr=False)
+    shift: dict | None = field(default=None, repr=False)
 
     @property
     def accuracy(self) -> float:
@@ -197,6 +202,7 @@ def _evaluate(
     qtypes: list[str] = []
     prefill_s = total_s = 0.0
     batch_ms: list[float] = []  # prefill ms per sample of each batch (the spread)
+    pooled: ScoreMonitor | None = None  # learned exits: every batch's head scores, for the shift check
     num_batches = (len(dataset) + batch_size - 1) // batch_size
     item_bytes = torch.finfo(model.dtype).bits // 8
     device = model_device(model)  # inputs go there; what the metrics read comes back to the host
@@ -215,6 +221,10 @@ def _evaluate(
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=[clock])
             total_s += time.perf_counter() - start
             exits = _host(handle.exit_layers) if handle is not None and handle.exit_layers is not None else None
+            monitor = getattr(handle, "shift_monitor", None)  # learned exits: the scores of this batch's rows
+            if monitor is not None:
+                pooled = pooled or ScoreMonitor(monitor.num_heads, monitor.reference, window=None)
+                pooled.extend(monitor)
             # pruning handles say what the LLM received (fed_*) and how many visual tokens stay after the exit
             fed = {
                 "fed_tokens": None if handle is None else _host(handle.fed_tokens),
@@ -255,7 +265,12 @@ def _evaluate(
     metrics[OVERALL]["total_ms"] = 1e3 * total_s / len(answers)
     p10, p90 = torch.tensor(batch_ms, dtype=torch.float64).quantile(torch.tensor([0.1, 0.9], dtype=torch.float64))
     metrics[OVERALL]["prefill_ms_p10"], metrics[OVERALL]["prefill_ms_p90"] = float(p10), float(p90)
-    return EvalResult(method.name, metrics, answers, exits_all, flops_all, qtypes)
+    shift = None
+    if pooled is not None and pooled.reference is not None:
+        report = pooled.report()
+        shift = report.to_dict()
+        logger.info("%s: %s", method.name, report.summary())
+    return EvalResult(method.name, metrics, answers, exits_all, flops_all, qtypes, shift)
 
 
 def _host(value: Any) -> Any:

@@ -28,6 +28,7 @@ from torch import nn
 
 from dyvte.engine.fingerprint import check_fingerprint, model_fingerprint
 from dyvte.engine.registry import resolve
+from dyvte.policies.shift import check_reference
 from dyvte.utils.io import atomic_path
 
 __all__ = [
@@ -147,6 +148,10 @@ class ExitHeadsConfig:
             (:func:`dyvte.engine.fingerprint.model_fingerprint`, recorded in the label cache that trained them):
             :meth:`ExitHeads.check_model` refuses any other model unless told to allow it. ``None`` (heads saved
             before fingerprints): accepted with a warning that the model cannot be checked.
+        score_reference: the calibration distribution of each head's logits over the calibration records that reach
+            it at the certified thresholds (:func:`dyvte.policies.shift.score_reference`: quantiles and counts), what
+            ``withdraw(heads=...).shift_report()`` tests the scores seen at use time against; ``None``: heads saved
+            before it existed (no shift check).
     """
 
     model_type: str
@@ -161,6 +166,7 @@ class ExitHeadsConfig:
     extra_inputs: list[str] | None = None
     threshold_logits: list[float | None] | None = None
     model_fingerprint: dict | None = None
+    score_reference: dict | None = None
 
     @property
     def input_size(self) -> int:
@@ -176,6 +182,8 @@ class ExitHeadsConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, dict):
             raise ValueError(f"model_fingerprint must be a dict or null, got {self.model_fingerprint!r:.80}")
+        if self.score_reference is not None:
+            check_reference(self.score_reference, self.num_layers - 1)
         unknown = sorted(set(self.extra_inputs or []) - set(EXTRA_WIDTH))
         if unknown:
             raise ValueError(f"extra_inputs: unknown {unknown}; known: {sorted(EXTRA_WIDTH)}")

@@ -17,6 +17,7 @@ from dyvte.engine.layout import take
 from dyvte.engine.policy import ExitPolicy, PolicyView, register_policy
 from dyvte.engine.registry import ModelSpec
 from dyvte.policies.exit_heads import ExitHeads, head_features
+from dyvte.policies.shift import DEFAULT_ALPHA, DEFAULT_WINDOW, ScoreMonitor, ShiftReport
 from dyvte.utils.syntax import ArgumentError, MethodSyntax, float_in, items
 
 __all__ = ["LearnedExit"]
@@ -33,9 +34,22 @@ class LearnedExit(ExitPolicy):
             config's single threshold).
         allow_other_model: attach heads whose saved model fingerprint differs from the model's, with a warning
             (:meth:`dyvte.ExitHeads.check_model`); by default that is an error.
+        monitor_shift: keep the scores of the rows reaching each head for :meth:`shift_report` (device tensors, read
+            only by the report: no host sync in the forward); ``None``: when the heads carry a ``score_reference``.
+        shift_window: rows per head the monitor keeps (the most recent).
+
+    Attributes:
+        shift_monitor: the :class:`dyvte.policies.shift.ScoreMonitor`, or ``None`` when not monitoring.
     """
 
-    def __init__(self, heads: ExitHeads, threshold: float | None = None, allow_other_model: bool = False) -> None:
+    def __init__(
+        self,
+        heads: ExitHeads,
+        threshold: float | None = None,
+        allow_other_model: bool = False,
+        monitor_shift: bool | None = None,
+        shift_window: int | None = DEFAULT_WINDOW,
+    ) -> None:
         if threshold is not None and not 0.0 <= threshold:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
         self.heads = heads
@@ -43,20 +57,45 @@ class LearnedExit(ExitPolicy):
         self.allow_other_model = allow_other_model
         self.thresholds = heads.exit_thresholds(threshold).tolist()  # one P(exit) per head, on the host (reading)
         self.logits = heads.exit_logits(threshold).tolist()  # what each head fires on, on the host
+        reference = heads.config.score_reference
+        if monitor_shift is None:
+            monitor_shift = reference is not None
+        self.shift_monitor = ScoreMonitor(heads.num_heads, reference, shift_window) if monitor_shift else None
+        self._reach: torch.Tensor | None = None  # (B,) rows no head has fired on yet in this prefill (device)
 
     def bind(self, spec: ModelSpec) -> None:
         self.heads.check_model(spec.model, allow_other_model=self.allow_other_model)
         super().bind(spec)
 
+    def start(self, view: PolicyView, kwargs: dict[str, Any]) -> None:
+        """A new sequence: every row reaches the first head again."""
+        if view.new_sequence:
+            self._reach = None
+
     def decide(self, layer: int, hidden: torch.Tensor, view: PolicyView) -> torch.Tensor:
-        """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``)."""
+        """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``); with a
+        shift monitor, the logits of the rows that reached the head are kept (on the device)."""
         visual, valid = view.visual, view.valid
         if view.idx is not None:  # the current layout of the hidden states
             visual = take(visual, view.idx, 1) & (view.idx >= 0)
             valid = take(valid, view.idx, 1) & (view.idx >= 0)
         with torch.no_grad():
             logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
-        return logits.float() >= self.logits[layer - 1]
+        fires = logits.float() >= self.logits[layer - 1]
+        if self.shift_monitor is not None:  # device work only: the engine ignores rows that left, the monitor too
+            reach = self._reach if self._reach is not None else torch.ones_like(fires)
+            self.shift_monitor.record(layer - 1, logits, reach)
+            self._reach = reach & ~fires
+        return fires
+
+    def shift_report(self, alpha: float = DEFAULT_ALPHA) -> ShiftReport | None:
+        """Whether the scores seen so far look like the calibration records' (:func:`dyvte.policies.shift.shift_report`;
+        ``None`` when not monitoring).
+
+        Raises:
+            ValueError: monitoring heads that carry no ``score_reference``.
+        """
+        return None if self.shift_monitor is None else self.shift_monitor.report(alpha)
 
 
 def _heads(

@@ -109,6 +109,25 @@ def test_heads_read_once_per_layer_while_a_row_is_in(llava, threshold):
         assert exits == [NUM_LAYERS] * 3 and calls[0] == NUM_LAYERS
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.7, 1.5])
+def test_watching_the_heads_scores_for_a_shift_reads_nothing_more(llava, threshold):
+    """The shift monitor keeps the scores on the device: the same reads per call as without it, and each head kept
+    the logits of exactly the rows that reached it (those whose exit layer is later)."""
+    from dyvte.policies.learned import LearnedExit
+
+    model, inputs = llava
+    heads = random_heads(model)
+    counts = {}
+    for monitor in (False, True):
+        policy = LearnedExit(heads, threshold, monitor_shift=monitor)
+        with dyvte.withdraw(model, policy=policy) as handle:
+            counts[monitor] = count_syncs(model, inputs, cache_implementation="static")
+            exits = handle.exit_layers.tolist()
+    assert counts[True] == counts[False]
+    seen = [len(s) for s in handle.shift_monitor.scores()]
+    assert seen == [sum(e > j for e in exits) for j in range(NUM_LAYERS - 1)], (exits, seen)
+
+
 def test_mixed_heads_exits_are_really_mixed(llava):
     """The threshold sweep above covers a batch whose rows leave at different layers."""
     model, inputs = llava

@@ -69,6 +69,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "extra_inputs": None,
         "threshold_logits": None,
         "model_fingerprint": model_fingerprint(model),  # fresh heads are tied to the model they were shaped for
+        "score_reference": None,  # set by fit's calibration (the shift check's reference)
     }
     from safetensors.torch import load_file
 
@@ -77,6 +78,9 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
     loaded = ExitHeads.from_pretrained(tmp_path)
     feats = torch.randn(2, 3, 128)
     assert torch.equal(loaded(feats), heads.eval()(feats))
+    heads.config.score_reference = {"num_quantiles": 2, "n": [5, 1, 0], "quantiles": [[-1.0, 2.0], [0.5, 0.5], None]}
+    heads.save_pretrained(tmp_path)
+    assert ExitHeads.from_pretrained(tmp_path).config.score_reference == heads.config.score_reference
 
 
 def test_heads_for_another_model_or_corrupt_files_are_refused(tiny, tmp_path):
