@@ -544,3 +544,25 @@ def test_every_launcher_takes_prompt_template(tmp_path):
         assert "prompt_template" in inspect.signature(load_script(script).main).parameters, script
     for cls in (DataSource, AdaptModule):
         assert "prompt_template" in inspect.signature(cls).parameters, cls
+
+
+def test_fit_with_group_by_qtype_saves_a_per_group_promise(setup_dir, caplog):
+    """`--group_by qtype --margin 0.1 --tolerance 0.99`: the calibration records' types are counted before labelling,
+    each certified at delta / G on its own records at 0.99 x 0.9; the saved record and promise say so."""
+    cache = setup_dir / "cache-grouped"
+    extra = ["--tolerance=0.99", "--margin=0.1", "--group_by=qtype", f"--data.labels.cache_dir={cache}"]
+    with caplog.at_level(logging.INFO):
+        summary = load_script("train/fit.py").main(fit_args(setup_dir, "heads-grouped", 1, extra))
+    assert "calibration groups by qtype:" in caplog.text
+    calibration = ExitHeads.from_pretrained(setup_dir / "heads-grouped").config.calibration
+    sizes = calibration["group_sizes"]
+    assert set(sizes) <= {"a", "b"} and sum(sizes.values()) == calibration["samples"] == 2
+    assert calibration["group_by"] == "qtype" and calibration["margin"] == 0.1
+    assert calibration["level"] == pytest.approx(0.1 / len(sizes))
+    assert calibration["certified_at"] == pytest.approx(0.891)
+    assert calibration["covers"]["groups"] == sizes and calibration["covers"]["delta"] == 0.1
+    assert (
+        f"in each of the {len(sizes)} groups by qtype" in calibration["promise"]
+        and "margin 0.1" in (calibration["promise"])
+    )
+    assert summary["promise"] == calibration["promise"]
