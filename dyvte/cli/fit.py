@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
+import numpy as np  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
@@ -27,7 +28,7 @@ from dyvte.cli.shared import option_values, rewrite_aliases  # noqa: E402
 from dyvte.data.fingerprints import check_overlaps, short_digests  # noqa: E402
 from dyvte.data.sources import load_config  # noqa: E402
 from dyvte.eval.flops import relative_flops_per_exit  # noqa: E402
-from dyvte.exits.risk import calibration_records_needed, promise_text  # noqa: E402
+from dyvte.exits.risk import calibration_records_needed, promise_text, small_groups  # noqa: E402
 from dyvte.exits.rules import LABEL_RULES, certify_thresholds, exit_savings  # noqa: E402
 from dyvte.policies.exit_heads import CONFIG_NAME  # noqa: E402
 from dyvte.policies.shift import reference_from_features  # noqa: E402
@@ -82,6 +83,21 @@ class FitCLI(LightningCLI):
         )
         parser.add_argument("--delta", type=float, default=0.1, help="probability that the --tolerance promise fails")
         parser.add_argument(
+            "--margin",
+            type=float,
+            default=DEFAULT_MARGIN,
+            help="share of --tolerance kept in reserve, in [0, 1): the calibration records certify tolerance x "
+            "(1 - margin), so a moderate shift between calibration and use still keeps --tolerance "
+            f"(default {DEFAULT_MARGIN:g}, chosen on validation data: benchmarks/promise_shift.py)",
+        )
+        parser.add_argument(
+            "--group_by",
+            default="none",
+            help="none (one pooled promise) or qtype: at most --tolerance differ in EACH question type, every type "
+            "certified at --delta / G (Bonferroni over G types); every type needs its own calibration records, and "
+            "a run where one has too few is refused before labelling (label caches keep only the qtype column)",
+        )
+        parser.add_argument(
             "--overwrite",
             type=bool,
             default=False,
@@ -112,6 +128,15 @@ class FitCLI(LightningCLI):
         for option, value in (("--tolerance", self.config["tolerance"]), ("--delta", self.config["delta"])):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{option} must be in (0, 1), got {value!r}")
+        if not 0.0 <= self.config["margin"] < 1.0:
+            raise ValueError(
+                f"--margin must be in [0, 1) (0.25 certifies 75% of --tolerance), got {self.config['margin']!r}"
+            )
+        if self.config["group_by"] not in GROUP_BY:
+            raise ValueError(
+                f"--group_by must be one of {', '.join(GROUP_BY)}, got {self.config['group_by']!r} (the label caches "
+                "keep only the qtype column of the records; grouping by another column is not supported yet)"
+            )
         ckpt = self.config["ckpt_path"]
         if ckpt is not None and ckpt not in LIGHTNING_CKPT_NAMES and not Path(ckpt).is_file():
             raise ValueError(f"--ckpt_path {ckpt}: no such checkpoint file")
@@ -146,6 +171,13 @@ class FitCLI(LightningCLI):
 #: the default promise: at most 1% of answers differ from the full model's (fixed before any test figure was seen;
 #: checkpoints/README.md: on the demo this keeps test accuracy within 0.5 pt)
 DEFAULT_TOLERANCE = 0.01
+
+#: the default ``--margin``: the share of the tolerance kept in reserve (chosen on held-out validation records by
+#: benchmarks/promise_shift.py, docs/guide.md; the test split was not read for it)
+DEFAULT_MARGIN = 0.0
+
+#: ``--group_by`` values: one pooled promise, or one per question type (the column label caches keep)
+GROUP_BY = ("none", "qtype")
 
 #: the default of ``--trainer.max_epochs``
 MAX_EPOCHS = 40
@@ -338,6 +370,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         )
     data: ExitLabelData = cli.datamodule
     check_promise(data, cli.config["tolerance"], cli.config["delta"])
+    check_groups(data, cli.config["group_by"], cli.config["tolerance"], cli.config["delta"], cli.config["margin"])
     check_split_overlap(data, cli.config["allow_overlap"])
     out = Path(cli.config["output_dir"]).absolute()  # logged and recorded absolute: YAML paths are relative to cwd
     if rank_zero_only.rank == 0 and cli.replacing:
@@ -359,7 +392,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         return {}
     heads = cli.model.heads
     heads.config.label_rule = data.labels.rule
-    calibration = certify(heads, data, cli.config["tolerance"], cli.config["delta"])
+    calibration = certify(
+        heads, data, cli.config["tolerance"], cli.config["delta"], cli.config["margin"], cli.config["group_by"]
+    )
     features, targets = data.tensors["val"]
     per_head = head_validation(heads, features, targets)
     caches = data.cache_paths()
@@ -472,8 +507,60 @@ def check_split_overlap(data: ExitLabelData, allow: bool) -> None:
         )
 
 
-def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict | None:
-    """Choose the heads' thresholds on the calibration split (Learn-then-Test) and store them in their config."""
+def calibration_groups(data: ExitLabelData, group_by: str) -> list[str] | None:
+    """Each calibration record's group under ``--group_by`` (``None`` for ``none``), read from the records
+    themselves, before any labelling (a record without a ``qtype`` is in group ``all``, as in the label cache)."""
+    if group_by == "none":
+        return None
+    records = data.plan.records(data.plan.parts()["calib"])
+    if group_by not in records.column_names:
+        return ["all"] * len(records)
+    return [str(q) for q in records[group_by]]
+
+
+def check_groups(data: ExitLabelData, group_by: str, tolerance: float, delta: float, margin: float) -> None:
+    """Refuse, before labelling, a calibration split on which the promise cannot be certified at ``tolerance x
+    (1 - margin)``: with ``--group_by qtype`` every type needs ``calibration_records_needed(ε (1 - m), δ / G)``
+    records of its own (small groups are refused, not merged: a merged group would promise nothing about either of
+    its types); pooled, the whole split does.
+
+    Raises:
+        ValueError: naming each group that is too small, its records and what it needs, and the options that help.
+    """
+    if data.plan.sizes.calib_samples == 0:
+        return
+    groups = calibration_groups(data, group_by)
+    if groups is None:
+        sizes = {"all": data.plan.counts()["calib"]}
+    else:
+        names, counts = np.unique(np.asarray(groups, dtype=str), return_counts=True)
+        sizes = {str(name): int(n) for name, n in zip(names, counts, strict=True)}
+        log.info(
+            "calibration groups by %s: %s (each certified at delta / %d = %.3g)",
+            group_by,
+            ", ".join(f"{name} {n:,}" for name, n in sizes.items()),
+            len(sizes),
+            delta / len(sizes),
+        )
+    small = small_groups(sizes, tolerance, delta, margin)
+    if small:
+        listed = ", ".join(f"{name}: {sizes[name]:,} of {need:,}" for name, need in small.items())
+        what = f"each {group_by} group" if groups is not None else "the calibration split"
+        raise ValueError(
+            f"certifying at most {100 * tolerance:g}% disagreement with --margin {margin:g} (certified at "
+            f"{100 * tolerance * (1 - margin):.3g}%) at --delta {delta:g}{f' / {len(sizes)} groups' if groups else ''} "
+            f"needs more calibration records in {what} ({listed}). Give more calibration records "
+            "(--data.splits.calib_samples, --data.source.val_data), lower --margin, raise --tolerance, or use "
+            "--group_by none. Nothing was labelled."
+        )
+
+
+def certify(
+    heads, data: ExitLabelData, tolerance: float, delta: float, margin: float = 0.0, group_by: str = "none"
+) -> dict | None:
+    """Choose the heads' thresholds on the calibration split (Learn-then-Test: pooled, or per ``group_by`` group at
+    ``delta / G``; certified at ``tolerance x (1 - margin)``) and store them in their config, with the promise in
+    words: what it covers (exchangeability, δ, calibration size, groups, margin)."""
     if "calib" not in data.columns:
         log.info(
             "no calibration split (--data.splits.calib_samples 0): the heads keep threshold %g", heads.config.threshold
@@ -482,20 +569,34 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
     val = data.columns["val"]
     flops = relative_flops_per_exit(load_config(data.source.model), val["tokens"], val["visual"])  # (N, L+1)
     savings = exit_savings(flops.numpy())  # (L-1,) what an exit at K = j + 1 saves, on validation
+    calib = data.columns["calib"]
+    groups = None if group_by == "none" else calib[group_by]
     chosen = certify_thresholds(
         heads,
         data.tensors["calib"][0],
-        data.columns["calib"]["match"],
+        calib["match"],
         tolerance,
         delta,
         data.tensors["val"],
         savings=savings,
+        groups=groups,
+        margin=margin,
     )
     result = chosen.result
     record = {**chosen.record(), "label_rule": data.labels.rule, "source": data.split_summary()}
+    record["group_by"] = group_by
     # which records certified the thresholds, so that evaluate can refuse to test them on those very records
     record["record_digests"] = short_digests(data.plan.digests("calib"))
-    record["promise"] = promise_text(tolerance, delta, result.samples)
+    record["promise"] = promise_text(tolerance, delta, result.samples, margin, chosen.group_sizes, group_by)
+    record["covers"] = {
+        "exchangeability": "new records drawn like the calibration records"
+        + (f" (within each {group_by} group)" if chosen.group_sizes else ""),
+        "delta": delta,
+        "calibration_records": result.samples,
+        "groups": chosen.group_sizes,
+        "margin": margin,
+        "certified_at": result.certified_at,
+    }
     room = calibration_records_needed(tolerance, delta, tolerance / 2)
     if result.samples < room:
         record["warning"] = (
@@ -509,24 +610,36 @@ def certify(heads, data: ExitLabelData, tolerance: float, delta: float) -> dict 
     heads.config.score_reference = reference_from_features(heads, data.tensors["calib"][0])
     if result.parameter is None:
         log.warning(
-            "calibration: no threshold keeps at most %.3g disagreement with probability >= %.3g on %d samples; the "
-            "saved heads never fire (raise --tolerance or --data.splits.calib_samples)",
+            "calibration: no threshold keeps at most %.3g disagreement (certified at %.3g, margin %g%s) with "
+            "probability >= %.3g on %d samples; the saved heads never fire (raise --tolerance or "
+            "--data.splits.calib_samples, lower --margin)",
             tolerance,
+            result.certified_at,
+            margin,
+            f", every {group_by} group" if chosen.group_sizes else "",
             1 - delta,
             result.samples,
         )
     else:
+        per_group = ""
+        if result.groups:
+            per_group = " per group: " + ", ".join(
+                f"{name} {g['errors']}/{g['samples']:,}" for name, g in sorted(result.groups.items())
+            )
         log.info(
             "calibration: per-head thresholds %s (head j fires when its Platt-scaled P(unsafe) <= %.6g x the "
             "share of the largest saving it brings; scaled on validation) keep the disagreement with the full "
-            "model <= %.3g with probability >= %.3g (Learn-then-Test on %d held-out samples: %d disagreements, "
-            "%.1f%% exit early). The promise: %s",
+            "model <= %.3g with probability >= %.3g (Learn-then-Test at %.3g = tolerance x (1 - margin %g) on %d "
+            "held-out samples: %d disagreements%s, %.1f%% exit early). The promise: %s",
             [round(t, 4) for t in chosen.thresholds],
             result.parameter,
             tolerance,
             1 - delta,
+            result.certified_at,
+            margin,
             result.samples,
             result.errors,
+            per_group,
             100 * result.exit_rate,
             record["promise"],
         )

@@ -43,6 +43,7 @@ __all__ = [
     "platt_thresholds",
     "agrees_at",
     "disagreement_at",
+    "group_disagreement_at",
     "LABEL_RULES",
     "check_rule",
     "exit_ok",
@@ -112,6 +113,16 @@ def disagreement_at(logits: torch.Tensor, match: np.ndarray, thresholds: torch.T
     ``thresholds``."""
     exits = first_exit(logits, thresholds).numpy()
     return int((~agrees_at(match, exits)).sum()), float((exits < logits.shape[1] + 1).mean())
+
+
+def group_disagreement_at(
+    logits: torch.Tensor, match: np.ndarray, thresholds: torch.Tensor, codes: np.ndarray, num_groups: int
+) -> tuple[np.ndarray, float]:
+    """``(disagreements per group (num_groups,), exit rate)`` as :func:`disagreement_at`, counted per group
+    (``codes``: ``(N,)`` each sample's group number in ``0..num_groups-1``)."""
+    exits = first_exit(logits, thresholds).numpy()
+    wrong = ~agrees_at(match, exits)
+    return np.bincount(codes[wrong], minlength=num_groups), float((exits < logits.shape[1] + 1).mean())
 
 
 def platt_scaling(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,16 +195,20 @@ class ThresholdCertificate:
             :data:`dyvte.exits.risk.NEVER` marks a head that never fires).
         result: the Learn-then-Test record.
         family: the threshold family walked (``"savings"``, ``"platt"`` or ``"global"``).
+        group_sizes: each group's calibration records (``None``: pooled).
     """
 
     logits: list[float | None]
     thresholds: list[float]
     result: LttResult
     family: str
+    group_sizes: dict[str, int] | None = None
 
     def record(self) -> dict:
-        """A JSON-ready record for the heads' config."""
-        return {**self.result.as_dict(), "family": self.family}
+        """A JSON-ready record for the heads' config: the Learn-then-Test record (with groups: each group's
+        calibration records, disagreements and p-value at the chosen λ, ``groups``), the family, and ``group_sizes``
+        (each group's calibration records, also when nothing was certified)."""
+        return {**self.result.as_dict(), "family": self.family, "group_sizes": self.group_sizes}
 
 
 def certify_thresholds(
@@ -204,6 +219,8 @@ def certify_thresholds(
     delta: float,
     reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     savings: torch.Tensor | None = None,
+    groups: np.ndarray | None = None,
+    margin: float = 0.0,
 ) -> ThresholdCertificate:
     """Choose the heads' thresholds on held-out calibration samples with the promise of :mod:`dyvte.exits.risk`.
 
@@ -219,7 +236,10 @@ def certify_thresholds(
     * ``"global"`` (neither): every raw P(exit) is compared with λ.
 
     Either way, with calibration and new samples from one distribution,
-    ``P(disagreement rate on new samples > tolerance) <= delta``.
+    ``P(disagreement rate on new samples > tolerance) <= delta``. With ``groups`` the promise is per group:
+    ``P(some group's disagreement rate > tolerance) <= delta``, each group tested at ``delta / G``
+    (:func:`dyvte.exits.risk.learn_then_test`); with ``margin`` the calibration records certify
+    ``tolerance * (1 - margin)``.
 
     Args:
         heads: the trained :class:`dyvte.policies.exit_heads.ExitHeads`.
@@ -231,6 +251,8 @@ def certify_thresholds(
             put the heads on one scale.
         savings: ``(L-1,)`` mean relative prefill FLOPs saved by an exit at K = j + 1 (:func:`exit_savings`),
             computed on data other than the calibration samples; needs ``reference``.
+        groups: ``(N,)`` each calibration sample's group (e.g. the label cache's ``qtype``); ``None``: pooled.
+        margin: in ``[0, 1)``, the share of ``tolerance`` kept in reserve.
 
     Returns:
         The :class:`ThresholdCertificate` (every threshold ``NEVER`` when nothing can be certified).
@@ -264,11 +286,33 @@ def certify_thresholds(
             def thresholds(lam: float) -> torch.Tensor:
                 return platt_thresholds(a, b, savings_levels(savings, lam))
 
-    result = learn_then_test(
-        lambda lam: disagreement_at(logits, match, thresholds(lam)), len(logits), tolerance, delta, grid
-    )
+    if groups is None:
+        sizes = None
+        result = learn_then_test(
+            lambda lam: disagreement_at(logits, match, thresholds(lam)),
+            len(logits),
+            tolerance,
+            delta,
+            grid,
+            margin=margin,
+        )
+    else:
+        labels = np.asarray(groups).astype(str)
+        if labels.shape != (len(logits),):
+            raise ValueError(f"groups: one label per calibration sample ({len(logits)}) expected, got {labels.shape}")
+        names, codes = np.unique(labels, return_inverse=True)
+        sizes = {str(name): int(n) for name, n in zip(names, np.bincount(codes), strict=True)}
+        result = learn_then_test(
+            lambda lam: group_disagreement_at(logits, match, thresholds(lam), codes, len(names)),
+            len(logits),
+            tolerance,
+            delta,
+            grid,
+            sizes,
+            margin,
+        )
     chosen = torch.full((num_heads,), math.inf) if result.parameter is None else thresholds(result.parameter)
     chosen = chosen.float().double()  # what a float32 comparison sees, so the record reads what fires
     readable = torch.where(torch.isinf(chosen) & (chosen > 0), NEVER, torch.sigmoid(chosen))
     as_logits = [None if math.isinf(t) and t > 0 else float(t) for t in chosen.tolist()]
-    return ThresholdCertificate(as_logits, [float(t) for t in readable], result, family)
+    return ThresholdCertificate(as_logits, [float(t) for t in readable], result, family, sizes)

@@ -139,6 +139,36 @@ def test_savings_calibration_keeps_its_promise_over_many_calibration_draws():
         certify_thresholds(Fixed(), logits, match, tolerance, delta, reference, savings=torch.zeros(3))
 
 
+def test_grouped_certificate_refuses_what_one_bad_group_breaks():
+    """Every sample exits at K = 1 at any λ below sigmoid(5); 12 of group b's 1,000 then disagree, none of a's.
+    Pooled (12 / 2,000) certifies 1% at δ = 0.1 and fires; per group (b: 12 / 1,000 at δ / 2) nothing can be
+    certified where anyone exits, so the heads never fire on these samples; the record carries each group's size."""
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    n = 1000
+    logits = torch.full((2 * n, 1), 5.0)
+    match = np.ones((2 * n, 2), dtype=bool)
+    match[n : n + 12, 1] = False  # group b's first 12 change their answer at K = 1
+    groups = np.array(["a"] * n + ["b"] * n)
+    pooled = certify_thresholds(Fixed(), logits, match, 0.01, 0.1)
+    assert pooled.logits[0] is not None and pooled.result.errors == 12 and pooled.result.exit_rate == 1.0
+    grouped = certify_thresholds(Fixed(), logits, match, 0.01, 0.1, groups=groups)
+    assert grouped.logits[0] > 5.0 and grouped.result.exit_rate == 0.0 and grouped.result.errors == 0
+    record = grouped.record()
+    assert record["group_sizes"] == {"a": n, "b": n} and record["level"] == pytest.approx(0.05)
+    # with b clean, the grouped rule certifies the same exit and records each group's errors and p-value
+    clean = certify_thresholds(Fixed(), logits, np.ones((2 * n, 2), dtype=bool), 0.01, 0.1, groups=groups)
+    assert clean.logits[0] is not None and set(clean.record()["groups"]) == {"a", "b"}
+    assert all(g["errors"] == 0 and g["p_value"] <= 0.05 for g in clean.record()["groups"].values())
+    # a margin of 0.5 refuses the pooled exit that 12 / 2,000 certified at margin 0 (0.5% is not certified)
+    assert certify_thresholds(Fixed(), logits, match, 0.01, 0.1, margin=0.5).result.exit_rate == 0.0
+    with pytest.raises(ValueError, match="one label per calibration sample"):
+        certify_thresholds(Fixed(), logits, match, 0.01, 0.1, groups=groups[:10])
+
+
 @pytest.fixture(scope="module")
 def demo():
     from dyvte.demo import load_demo_dataset, load_demo_model, load_demo_processor

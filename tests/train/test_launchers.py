@@ -135,6 +135,35 @@ def test_fit_refuses_a_promise_it_cannot_make_before_work(setup_dir, monkeypatch
     assert not (setup_dir / "heads-promise").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("--margin=1", r"--margin must be in \[0, 1\) .*got 1\.0"),
+        ("--margin=-0.1", r"--margin must be in \[0, 1\) .*got -0\.1"),
+        ("--group_by=writer", r"--group_by must be one of none, qtype, got 'writer' .*only the qtype column"),
+    ],
+)
+def test_fit_refuses_a_bad_margin_or_grouping_before_work(setup_dir, monkeypatch, extra, message):
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
+    cache = setup_dir / "cache-options"
+    args = fit_args(setup_dir, "heads-options", 1, [extra, f"--data.labels.cache_dir={cache}"])
+    with pytest.raises(ValueError, match=message):
+        load_script("train/fit.py").main(args)
+    assert not cache.exists() and not (setup_dir / "heads-options").exists()
+
+
+@pytest.mark.parametrize(("grouping", "where"), [("none", "the calibration split"), ("qtype", "each qtype group")])
+def test_fit_refuses_groups_or_a_margin_too_small_to_certify_before_labelling(setup_dir, monkeypatch, grouping, where):
+    """The setup's 2 calibration records certify 70% at delta 0.1, but not 35% (margin 0.5): 6 would be needed
+    pooled, more per qtype group (each at delta / G); refused before the model is loaded, naming the groups."""
+    monkeypatch.setattr(dyvte.data.sources, "load_model", _forbid)
+    cache = setup_dir / f"cache-groups-{grouping}"
+    extra = ["--margin=0.5", f"--group_by={grouping}", f"--data.labels.cache_dir={cache}"]
+    with pytest.raises(ValueError, match=f"certified at 35%.*needs more calibration records in {where} .*labelled"):
+        load_script("train/fit.py").main(fit_args(setup_dir, "heads-groups", 1, extra))
+    assert not cache.exists() and not (setup_dir / "heads-groups").exists()
+
+
 def test_fit_refuses_a_calibration_split_too_small_for_its_promise_before_labelling(setup_dir, monkeypatch):
     """A 1% promise at delta 0.1 needs 230 calibration records: with the setup's 2, fit says so and what to change,
     before the model is loaded or anything is labelled; 0 calibration records is a choice (no promise), allowed."""
@@ -515,3 +544,25 @@ def test_every_launcher_takes_prompt_template(tmp_path):
         assert "prompt_template" in inspect.signature(load_script(script).main).parameters, script
     for cls in (DataSource, AdaptModule):
         assert "prompt_template" in inspect.signature(cls).parameters, cls
+
+
+def test_fit_with_group_by_qtype_saves_a_per_group_promise(setup_dir, caplog):
+    """`--group_by qtype --margin 0.1 --tolerance 0.99`: the calibration records' types are counted before labelling,
+    each certified at delta / G on its own records at 0.99 x 0.9; the saved record and promise say so."""
+    cache = setup_dir / "cache-grouped"
+    extra = ["--tolerance=0.99", "--margin=0.1", "--group_by=qtype", f"--data.labels.cache_dir={cache}"]
+    with caplog.at_level(logging.INFO):
+        summary = load_script("train/fit.py").main(fit_args(setup_dir, "heads-grouped", 1, extra))
+    assert "calibration groups by qtype:" in caplog.text
+    calibration = ExitHeads.from_pretrained(setup_dir / "heads-grouped").config.calibration
+    sizes = calibration["group_sizes"]
+    assert set(sizes) <= {"a", "b"} and sum(sizes.values()) == calibration["samples"] == 2
+    assert calibration["group_by"] == "qtype" and calibration["margin"] == 0.1
+    assert calibration["level"] == pytest.approx(0.1 / len(sizes))
+    assert calibration["certified_at"] == pytest.approx(0.891)
+    assert calibration["covers"]["groups"] == sizes and calibration["covers"]["delta"] == 0.1
+    assert (
+        f"in each of the {len(sizes)} groups by qtype" in calibration["promise"]
+        and "margin 0.1" in (calibration["promise"])
+    )
+    assert summary["promise"] == calibration["promise"]
