@@ -235,11 +235,15 @@ def measure(args: argparse.Namespace) -> list[str]:
             t = time_labelling(model, processor, records, branch, args.max_new_tokens, warmup=model is demo)
             full = t["full_once"]
             decoded = _decoded_share(model, processor, records, args.max_new_tokens)
-            projected = (t["total"] - t["second_pass"] + args.project_differ * t["second_pass"] / decoded) / full
+            if decoded > 0:  # the second pass scaled to the projected share of decoded rows
+                second = args.project_differ * t["second_pass"] / decoded
+                projected = f"{(t['total'] - t['second_pass'] + second) / full:.2f}"
+            else:
+                projected = "—"  # no row was decoded: nothing to scale
             rows.append(
                 f"| {name} | {len(records)} | {'branching' if branch else 'whole forward per K'} "
                 f"| {len(records) / t['total']:.3g} | {t['total'] / full:.2f} ({decoded:.0%} decoded) "
-                f"| {projected:.2f} | {t['generate'] / full:.2f} "
+                f"| {projected} | {t['generate'] / full:.2f} "
                 f"| {t['full'] / full:.2f} | {t['withdrawn'] / full:.2f} | {1e3 * full:.0f} |"
             )
             logger.info(rows[-1])
@@ -253,7 +257,7 @@ def _decoded_share(model, processor, records: list[dict], max_new_tokens: int) -
 
     with torch.no_grad():
         correct = label_batch(model, processor, records, max_new_tokens=max_new_tokens)["correct"][:, -1]
-    return max(float(1 - correct.mean()), 1.0 / len(records))
+    return float(1 - correct.mean())
 
 
 def main() -> None:
