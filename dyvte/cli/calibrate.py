@@ -19,7 +19,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
+from dyvte.cli.help import (  # noqa: E402
+    COMMON,
+    HelpOption,
+    defaults_of,
+    format_help,
+    help_request,
+    option_lines,
+    source_options,
+)
 from dyvte.cli.shared import check_data_options  # noqa: E402
 from dyvte.data.fingerprints import short_digests, split_digests  # noqa: E402
 from dyvte.data.records import build_inputs, iter_batches  # noqa: E402
@@ -159,18 +167,9 @@ def main(
 def short_help(prog: str) -> str:
     """``calibrate``'s short help: the common options, its main options and examples (``--help all``: every one)."""
     defaults = defaults_of(main)
-    common = option_lines(
-        ["samples", "seed", "image_folder", "skip_bad_rows", "prompt_template", "device", "dtype"], defaults
-    )
+    common = option_lines(list(COMMON), defaults)
     own = [
-        HelpOption("--model DIR", f'"demo" or a local model directory (default: {defaults["model"]})'),
-        HelpOption(
-            "--data PATH",
-            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {defaults["data"]})',
-        ),
-        HelpOption(
-            "--split NAME", f"the split to calibrate on, never the one you report (default: {defaults['split']})"
-        ),
+        *source_options(defaults, "the split to calibrate on, never the one you report"),
         HelpOption(
             "--threshold ETA", f"the KL threshold saved with the chosen layer (default: {defaults['threshold']:g})"
         ),

@@ -22,7 +22,15 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
+from dyvte.cli.help import (  # noqa: E402
+    COMMON,
+    HelpOption,
+    defaults_of,
+    format_help,
+    help_request,
+    option_lines,
+    source_options,
+)
 from dyvte.cli.shared import check_data_options  # noqa: E402
 from dyvte.data.fingerprints import Overlap, check_overlaps, count_in, split_digests  # noqa: E402
 from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
@@ -376,16 +384,9 @@ def summarize(
 def short_help(prog: str) -> str:
     """``evaluate``'s short help: the common options, its main options and examples (``--help all``: every one)."""
     defaults = defaults_of(main)
-    common = option_lines(
-        ["samples", "seed", "image_folder", "skip_bad_rows", "prompt_template", "device", "dtype"], defaults
-    )
+    common = option_lines(list(COMMON), defaults)
     own = [
-        HelpOption("--model DIR", f'"demo" or a local model directory (default: {defaults["model"]})'),
-        HelpOption(
-            "--data PATH",
-            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {defaults["data"]})',
-        ),
-        HelpOption("--split NAME", f"the dataset split (default: {defaults['split']})"),
+        *source_options(defaults),
         HelpOption(
             "--methods LIST",
             "method strings, the full model always first: full, static:K[,K...], static:all, calibrated:DIR, "

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COMMON", "HelpOption", "defaults_of", "format_help", "help_request", "option_lines"]
+__all__ = ["COMMON", "HelpOption", "defaults_of", "format_help", "help_request", "option_lines", "source_options"]
 
 #: the most lines a short help may take (a terminal screen)
 MAX_LINES = 40
@@ -93,6 +93,19 @@ def option_lines(
             text += f" (default: {_shown(defaults[name])})"
         lines.append(HelpOption(f"--{name} {metavar}", text))
     return lines
+
+
+def source_options(defaults: dict[str, Any], split: str = "the dataset split") -> list[HelpOption]:
+    """The short-help lines of ``--model``, ``--data`` and ``--split`` (``split``: what the split is for), with their
+    ``defaults``: the first of each command's own options but fit's."""
+    return [
+        HelpOption("--model DIR", f'"demo" or a local model directory (default: {defaults["model"]})'),
+        HelpOption(
+            "--data PATH",
+            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {defaults["data"]})',
+        ),
+        HelpOption("--split NAME", f"{split} (default: {defaults['split']})"),
+    ]
 
 
 def format_help(

@@ -22,7 +22,15 @@ from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
 from dyvte.cli.evaluate import check_calibration_overlap  # noqa: E402
-from dyvte.cli.help import HelpOption, defaults_of, format_help, help_request, option_lines  # noqa: E402
+from dyvte.cli.help import (  # noqa: E402
+    COMMON,
+    HelpOption,
+    defaults_of,
+    format_help,
+    help_request,
+    option_lines,
+    source_options,
+)
 from dyvte.cli.shared import check_data_options  # noqa: E402
 from dyvte.data.sources import check_dtype, load_model, load_records  # noqa: E402
 from dyvte.engine.registry import resolve  # noqa: E402
@@ -354,16 +362,9 @@ def plot_exit_layers(result, num_layers: int, path: Path) -> None:
 def short_help(prog: str) -> str:
     """``report``'s short help: the common options, its main options and examples (``--help all``: every one)."""
     defaults = defaults_of(main)
-    common = option_lines(
-        ["samples", "seed", "image_folder", "skip_bad_rows", "prompt_template", "device", "dtype"], defaults
-    )
+    common = option_lines(list(COMMON), defaults)
     own = [
-        HelpOption("--model DIR", f'"demo" or a local model directory (default: {defaults["model"]})'),
-        HelpOption(
-            "--data PATH",
-            f'"demo", a save_to_disk folder or a .json/.jsonl/.parquet file (default: {defaults["data"]})',
-        ),
-        HelpOption("--split NAME", f"the dataset split (default: {defaults['split']})"),
+        *source_options(defaults),
         HelpOption("--heads DIR", f"the exit heads (default: {defaults['heads']})"),
         HelpOption("--calibration DIR", f"the VTW calibration (default: {defaults['calibration']})"),
         HelpOption("--methods LIST", "more method strings to report beside the built-in ones (see dyvte evaluate)"),
