@@ -12,7 +12,7 @@ Then, reported apart and used for nothing: the same certified heads on the demo'
 is disjoint from training and validation (the demo's own writer shift): realized disagreement overall and worst
 qtype, and in how many seeds each stays within the tolerance.
 
-    python benchmarks/promise_shift.py --seeds 5 --cache_dir /work/main/runs/ablate-heads/labels
+    python benchmarks/promise_shift.py --seeds 5 --cache_dir runs/ablate-heads/labels
 """
 
 from __future__ import annotations
