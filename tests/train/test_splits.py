@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import dyvte.data.sources
-from dyvte.cli import fit as fit_cli
+from dyvte.train.certify import check_split_overlap
 from dyvte.train.label_data import ExitLabelData
 from dyvte.train.options import DataSource, LabelOptions, SplitSizes
 from dyvte.train.splits import SplitPlan
@@ -83,19 +83,18 @@ def test_duplicated_records_are_not_called_disjoint(setup_dir, monkeypatch, capl
     twins = {name: sum((i + 12) % 24 in set(indices["train"]) for i in indices[name]) for name in ("val", "calib")}
     assert counts[("validation records", "training records")] == twins["val"] > 0
     assert counts[("calibration records", "training records")] == twins["calib"]
-    fit = fit_cli
     with pytest.raises(ValueError, match=r"validation records .* are copies of training records.*--allow_overlap"):
-        fit.check_split_overlap(data, allow=False)
+        check_split_overlap(data, allow=False)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        fit.check_split_overlap(data, allow=True)  # --allow_overlap true: warned, with the counts
+        check_split_overlap(data, allow=True)  # --allow_overlap true: warned, with the counts
     assert f"{twins['val']} of the 4 validation records" in caplog.text and "(--allow_overlap true)" in caplog.text
 
 
 def test_distinct_records_pass_and_the_log_says_they_were_compared(setup_dir, caplog):
     data = ExitLabelData(DataSource(data=str(setup_dir / "records.jsonl")), SplitSizes(val_samples=4))
     with caplog.at_level(logging.INFO):
-        fit_cli.check_split_overlap(data, allow=False)
+        check_split_overlap(data, allow=False)
     assert set(_counts(data).values()) == {0}
     assert "none of the validation or calibration records is a copy of a training record" in caplog.text
 
