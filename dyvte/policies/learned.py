@@ -19,6 +19,7 @@ from dyvte.engine.registry import ModelSpec
 from dyvte.policies.exit_heads import ExitHeads, head_features
 from dyvte.policies.shift import DEFAULT_ALPHA, DEFAULT_WINDOW, ScoreMonitor, ShiftReport
 from dyvte.utils.syntax import ArgumentError, MethodSyntax, float_in, items
+from dyvte.utils.threads import PerThread
 
 __all__ = ["LearnedExit"]
 
@@ -42,6 +43,8 @@ class LearnedExit(ExitPolicy):
         shift_monitor: the :class:`dyvte.policies.shift.ScoreMonitor`, or ``None`` when not monitoring.
     """
 
+    _reach = PerThread()  # (B,) rows no head has fired on yet in this prefill (device), per calling thread
+
     def __init__(
         self,
         heads: ExitHeads,
@@ -61,7 +64,6 @@ class LearnedExit(ExitPolicy):
         if monitor_shift is None:
             monitor_shift = reference is not None
         self.shift_monitor = ScoreMonitor(heads.num_heads, reference, shift_window) if monitor_shift else None
-        self._reach: torch.Tensor | None = None  # (B,) rows no head has fired on yet in this prefill (device)
 
     def bind(self, spec: ModelSpec) -> None:
         self.heads.check_model(spec.model, allow_other_model=self.allow_other_model)
