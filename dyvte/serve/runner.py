@@ -312,7 +312,9 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         """One model call for ``jobs`` (one method; greedy, or one sampled job)."""
-        jobs = [job for job in jobs if not job.cancelled.is_set()]
+        waiting = len(jobs)
+        jobs = [job for job in jobs if not job.cancelled.is_set()]  # clients gone while queued
+        self.metrics.cancel(waiting - len(jobs))
         if not jobs:
             return
         try:
@@ -342,8 +344,11 @@ class Batcher:
                     **options,
                 )
             watch.close()
-        for job, block, tokens in zip(jobs, watch.blocks or [], watch.completion, strict=False):
-            self.metrics.row(job, block, tokens)
+        for job, block, tokens, done in zip(jobs, watch.blocks or [], watch.completion, watch.done, strict=False):
+            if done == "cancelled":
+                self.metrics.cancel()
+            else:
+                self.metrics.row(job, block, tokens)
         self.metrics.batch(len(jobs))
 
 
