@@ -128,6 +128,8 @@ def test_max_tokens_stop_and_seed(client, offline, records):
     cut = client.chat.completions.create(model=MODEL, messages=messages(records[index]), stop=[stop])
     assert cut.choices[0].message.content == answers[index][: answers[index].find(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    never = client.chat.completions.create(model=MODEL, messages=messages(records[index]), stop=["\u00a7\u00a7"])
+    assert (never.choices[0].message.content, never.choices[0].finish_reason) == (answers[index], "stop")
     sampled = [
         client.chat.completions.create(model=MODEL, messages=messages(records[1]), temperature=1.0, seed=7)
         for _ in range(2)
