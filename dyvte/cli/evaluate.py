@@ -1,7 +1,7 @@
 """``dyvte evaluate``: methods on a dataset, with accuracy, agreement with the full model, exit layers, prefill FLOPs
 and wall clock.
 
-``python train/eval.py`` runs the same job with the same options; its docstring lists the method strings
+``python train/evaluate.py`` runs the same job with the same options; its docstring lists the method strings
 (``full``, ``static:K``, ``heads:DIR``, ``fastervlm:R``, ``A+B``, registered kinds with ``--plugins``) and the
 outputs (``results.json``, one JSON per method and ``accuracy_vs_flops.png`` under ``--output_dir``, default
 ``runs/eval``). Needs the ``dyvte[train,eval]`` extras (jsonargparse, torchmetrics, matplotlib).
@@ -411,7 +411,7 @@ def short_help(prog: str) -> str:
 
 
 def run(args: list[str] | None = None, prog: str | None = None) -> list[dyvte.EvalResult]:
-    """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/eval.py`` parses it.
+    """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/evaluate.py`` parses it.
 
     ``-h`` / ``--help`` prints the short help (:func:`short_help`), ``--help all`` every option.
 

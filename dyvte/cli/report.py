@@ -95,7 +95,7 @@ def main(
         prompt_template: prompt format string with {question} for a model without a chat template (dyvte.data.prompts).
         methods: more method strings to run and report beside the built-in ones (any registered kind).
         plugins: ``.py`` files or module names to import first (they register the exit policies or pruning methods
-            that ``methods`` names; see ``train/eval.py``).
+            that ``methods`` names; see ``train/evaluate.py``).
         device: where the model runs: cpu, cuda or cuda:N.
         dtype: float32 (the committed report's) or bfloat16 (float16 only with a CUDA --device).
         image_folder: resolve relative image paths against this folder (default: the records file's folder).

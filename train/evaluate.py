@@ -1,10 +1,10 @@
 """Evaluate methods on a dataset: accuracy, agreement with the full model, exit layers, prefill FLOPs, wall clock.
 
-    python train/eval.py                                     # demo test split: full model and every static K
-    python train/eval.py --config configs/evaluate_demo.yaml
-    python train/eval.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
-    python train/eval.py --device cuda --dtype bfloat16      # on a GPU (float16 too; never float16 on CPU)
-    python train/eval.py --samples 500 --seed 1              # 500 records drawn at random, stratified by qtype
+    python train/evaluate.py                                     # demo test split: full model and every static K
+    python train/evaluate.py --config configs/evaluate_demo.yaml
+    python train/evaluate.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
+    python train/evaluate.py --device cuda --dtype bfloat16      # on a GPU (float16 too; never float16 on CPU)
+    python train/evaluate.py --samples 500 --seed 1              # 500 records drawn at random, stratified by qtype
 
 Method strings: full, static:K[,K...], static:all, calibrated:DIR, heads:DIR[:P,...], fastervlm:R, random:R,
 fastv:K:R (R = fraction of visual tokens pruned), A+B, and every kind registered with a method syntax
@@ -28,4 +28,4 @@ if __name__ == "__main__":
 
     from dyvte.cli import user_errors
 
-    sys.exit(user_errors(run, None, None, "eval.py"))  # a refused input: one error line, status 2
+    sys.exit(user_errors(run, None, None, "evaluate.py"))  # a refused input: one error line, status 2
