@@ -57,9 +57,9 @@ def benchmark_data(name: str, data: str, prompt: str = "auto", scenes: int = DEM
         return load_benchmark(name, data, text)
     if name not in DEMO_BENCHMARKS:
         raise ValueError(f"--data demo: the demo has a {' and a '.join(DEMO_BENCHMARKS)} set, not {name!r}")
-    from dyvte.demo.benchmarks import build_mme, build_pope, test_scenes, write_benchmark
+    from dyvte.demo.benchmarks import build_mme, build_pope, held_out_scenes, write_benchmark
 
-    picked = test_scenes(scenes)
+    picked = held_out_scenes(scenes)
     rows = build_pope(picked) if name == "pope" else build_mme(picked)
     with tempfile.TemporaryDirectory(prefix="dyvte-demo-bench-") as folder:  # read back through the public layout
         return load_benchmark(name, write_benchmark(rows, Path(folder) / f"{name}.parquet"), text)

@@ -26,12 +26,12 @@ import numpy as np
 
 from dyvte.demo.data import EMPTY, SceneConfig
 
-__all__ = ["build_mme", "build_pope", "test_scenes", "write_benchmark"]
+__all__ = ["build_mme", "build_pope", "held_out_scenes", "write_benchmark"]
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 
-def test_scenes(count: int, path: str | Path | None = None) -> list[tuple[Any, list[int]]]:
+def held_out_scenes(count: int, path: str | Path | None = None) -> list[tuple[Any, list[int]]]:
     """The first ``count`` scenes of the demo's test split as ``(PIL image, grid)``.
 
     Raises:

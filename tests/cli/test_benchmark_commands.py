@@ -9,7 +9,7 @@ import pytest
 
 from dyvte.cli import evaluate as evaluate_cli
 from dyvte.cli import report as report_cli
-from dyvte.demo.benchmarks import build_mme, build_pope, test_scenes, write_benchmark
+from dyvte.demo.benchmarks import build_mme, build_pope, held_out_scenes, write_benchmark
 
 HEADS = "checkpoints/demo-exit-heads"
 
@@ -17,7 +17,7 @@ HEADS = "checkpoints/demo-exit-heads"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench")
-    scenes = test_scenes(4)
+    scenes = held_out_scenes(4)
     return {
         "pope": write_benchmark(build_pope(scenes, per_image=2), folder / "pope.parquet"),
         "mme": write_benchmark(build_mme(scenes), folder / "mme.parquet"),

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from dyvte.demo import load_demo_dataset
-from dyvte.demo.benchmarks import build_mme, build_pope, test_scenes, write_benchmark
+from dyvte.demo.benchmarks import build_mme, build_pope, held_out_scenes, write_benchmark
 from dyvte.eval.scorers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def scenes():
-    return test_scenes(12)
+    return held_out_scenes(12)
 
 
 def test_scenes_are_the_test_splits(scenes):
@@ -23,7 +23,7 @@ def test_scenes_are_the_test_splits(scenes):
     for (image, grid), record in zip(scenes, test, strict=True):
         assert np.array_equal(np.asarray(image), np.asarray(record["image"])) and grid == list(record["grid"])
     with pytest.raises(ValueError, match="scenes must be in 1..2000"):
-        test_scenes(0)
+        held_out_scenes(0)
 
 
 def test_pope_set_is_balanced_and_true(scenes):
@@ -46,7 +46,7 @@ def test_pope_set_is_balanced_and_true(scenes):
                 for x in rows
                 if x["image_source"] == r["image_source"] and x["category"] == "popular" and x["answer"] == "no"
             ]
-            assert popularity[digit] >= max(popularity[d] for d in absent if d not in asked)
+            assert popularity[digit] >= max((popularity[d] for d in absent if d not in asked), default=0)
 
 
 def test_mme_set_pairs_one_yes_one_no_per_subtask_and_every_answer_is_true(scenes):
