@@ -149,10 +149,12 @@ def test_mme_acc_and_acc_plus(tmp_path):
     assert loaded.records[0]["question"] == "Is there a thing 0?\nAnswer the question using a single word or phrase."
     preds = ["yes", "No.", "Yes", "yes", "YES", "no", "no", "yes"]
     s = score(loaded, preds)
-    assert s["existence"] == pytest.approx({"acc": 75.0, "acc_plus": 50.0, "score": 125.0, "questions": 4, "images": 2})
+    assert s["existence"] == pytest.approx(
+        {"acc": 75.0, "acc_plus": 50.0, "score": 125.0, "questions": 4, "images": 2, "unparsed": 0}
+    )
     assert s["count"]["score"] == 200.0
     assert s["code_reasoning"] == pytest.approx(
-        {"acc": 0.0, "acc_plus": 0.0, "score": 0.0, "questions": 2, "images": 1}
+        {"acc": 0.0, "acc_plus": 0.0, "score": 0.0, "questions": 2, "images": 1, "unparsed": 0}
     )
     assert s["perception"] == {"total": 325.0, "subtasks": 2, "of": 10}
     assert s["cognition"] == {"total": 0.0, "subtasks": 1, "of": 4}

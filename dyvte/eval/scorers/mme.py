@@ -82,12 +82,15 @@ def read_mme(path: str | Path, prompt: str = SHORT_ANSWER) -> Loaded:
 
 
 def score_mme(loaded: Loaded, predictions: list[str]) -> dict[str, dict[str, float] | float]:
-    """Per subtask present: acc, acc_plus, score, questions, images; ``"perception"`` and ``"cognition"``: the
-    totals over the subtasks present, and which of the 10 / 4 those are."""
+    """Per subtask present: acc, acc_plus, score, questions, images, unparsed (answers neither yes nor no);
+    ``"perception"`` and ``"cognition"``: the totals over the subtasks present, and which of the 10 / 4 those are."""
     right: dict[str, list[bool]] = defaultdict(list)
+    unparsed: dict[str, int] = defaultdict(int)
     images: dict[str, dict[str, bool]] = defaultdict(dict)
     for pred, gold in zip(predictions, loaded.gold, strict=True):
-        ok = yes_no(pred) == gold["label"]
+        said = yes_no(pred)
+        ok = said == gold["label"]
+        unparsed[gold["subtask"]] += said is None
         right[gold["subtask"]].append(ok)
         seen = images[gold["subtask"]]
         seen[gold["image"]] = seen.get(gold["image"], True) and ok
@@ -102,6 +105,7 @@ def score_mme(loaded: Loaded, predictions: list[str]) -> dict[str, dict[str, flo
                 "score": acc + plus,
                 "questions": len(right[subtask]),
                 "images": len(images[subtask]),
+                "unparsed": unparsed[subtask],
             }
     for name, group in (("perception", PERCEPTION), ("cognition", COGNITION)):
         present = [s for s in group if s in out]
