@@ -141,12 +141,19 @@ def run_table(
     ]
     columns = list(dict.fromkeys(c for row in rows for c in row["scores"]))
     loads = (load_start, machine_load())
+    cores = usable_cores()
+    loaded_note = (
+        f" The machine was busy (1-minute load above its {cores} usable cores): the prefill times are noisy; the "
+        "FLOPs and scores are not affected."
+        if any(x is not None and x > cores for x in loads)
+        else ""
+    )
     text = "\n".join(
         [
             table_markdown(rows, columns),
             "",
             f"Greedy, {max_new_tokens} new tokens, batches of {batch_size}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads on {platform.machine()} ({usable_cores()} usable cores, 1-minute load "
+            f"{torch.get_num_threads()} threads on {platform.machine()} ({cores} usable cores, 1-minute load "
             + "/".join("-" if x is None else f"{x:.2f}" for x in loads)
             + " at start/end). Records: "
             + ", ".join(f"{name} {d['records']}" for name, d in details.items())
@@ -155,7 +162,8 @@ def run_table(
                 f"{name}: {json.dumps(d['prompt']) if d['prompt'] else 'the question alone'}"
                 for name, d in details.items()
             )
-            + ".",
+            + "."
+            + loaded_note,
         ]
     )
     return text, {"rows": rows, "benchmarks": details, "load": loads}
