@@ -3,9 +3,9 @@
 The layers, bottom to top (docs/design.md, "Module map"): ``utils`` < ``engine`` < ``policies`` < ``pruning``, with
 ``demo`` and ``data`` beside them, then ``exits``, ``eval``, ``train`` and ``cli`` (the ``dyvte`` command, on top of
 everything), with ``integrations`` (the lmms-eval plugin) beside ``cli``. ``dyvte/__init__.py`` re-exports from any
-layer and ``dyvte/__main__.py`` runs the command; no layer imports either, except that ``cli``, above the public API, uses it (``dyvte.evaluate``, ``dyvte.__version__``).
-Every import counts, at module level or inside a function, except those under ``if TYPE_CHECKING:`` (they never
-run).
+layer and ``dyvte/__main__.py`` runs the command; no layer imports either, except that ``cli``, above the public API,
+uses it (``dyvte.evaluate``, ``dyvte.__version__``). Every import counts, at module level or inside a function,
+except those under ``if TYPE_CHECKING:`` (they never run).
 """
 
 from __future__ import annotations

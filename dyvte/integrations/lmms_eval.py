@@ -45,7 +45,8 @@ from dyvte.data.records import build_inputs, teacher_force
 from dyvte.data.sources import load_model
 from dyvte.engine.registry import resolve, unwrap
 from dyvte.eval.flops import prefill_flops
-from dyvte.eval.methods import MethodError, allow_other_model, check_method, parse_method
+from dyvte.eval.methods import MethodError, check_method, method_forms, parse_method
+from dyvte.eval.methods import allow_other_model as allow_other
 from dyvte.integrations.lmms_entry import MODEL_ID
 from dyvte.utils.devices import model_device, to_device
 from dyvte.utils.io import write_text_atomic
@@ -159,7 +160,7 @@ class DyVTELMM(lmms):
                 f"method {self.method_spec!r} gives {len(methods)} methods ({', '.join(m.name for m in methods)}); "
                 "lmms-eval runs one model per run: give one method per run"
             )
-        self.method = allow_other_model(methods[0]) if other else methods[0]
+        self.method = allow_other(methods[0]) if other else methods[0]
         check_method(self.method, self.model, self.method_spec, self.processor)
         self.device = model_device(self.model)
         #: one dict per request answered (task, split, doc_id, request, exit_layer, relative_flops, ...)
@@ -331,7 +332,7 @@ class DyVTELMM(lmms):
     def _write_stats(self) -> None:
         for task, means in self.task_means().items():
             logger.info(
-                "dyvte %s on %s: mean exit layer %.3f, relative prefill FLOPs %.4f, visual tokens fed %.1f (%d samples)",
+                "dyvte %s on %s: mean exit layer %.3f, relative prefill FLOPs %.4f, visual tokens fed %.1f (%d samples)",  # noqa: E501
                 self.method.name,
                 task,
                 means["exit_layer"],
@@ -372,6 +373,4 @@ def _cut(text: str, until: Sequence[str]) -> str:
 
 
 def _forms() -> str:
-    from dyvte.eval.methods import method_forms
-
     return "; ".join(method_forms().values())
