@@ -2,7 +2,7 @@
 
 The layers, bottom to top (docs/design.md, "Module map"): ``utils`` < ``engine`` < ``policies`` < ``pruning``, with
 ``demo`` and ``data`` beside them, then ``exits``, ``eval``, ``train`` and ``cli`` (the ``dyvte`` command, on top of
-everything), with ``integrations`` (the lmms-eval plugin) beside ``cli``. ``dyvte/__init__.py`` re-exports from any
+everything), with ``integrations`` (the lmms-eval plugin) just below ``cli``. ``dyvte/__init__.py`` re-exports from any
 layer and ``dyvte/__main__.py`` runs the command; no layer imports either, except that ``cli``, above the public API,
 uses it (``dyvte.evaluate``, ``dyvte.__version__``). Every import counts, at module level or inside a function,
 except those under ``if TYPE_CHECKING:`` (they never run).
@@ -28,9 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "exits": {"utils", "engine", "policies", "pruning", "data"},
     "eval": {"utils", "engine", "policies", "pruning", "demo", "data", "exits"},
     "train": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval"},
-    "cli": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval", "train"},
-    # outside harnesses (the lmms-eval plugin), beside cli: every layer below cli, never cli
+    # outside harnesses (the lmms-eval plugin): every layer below cli, never cli
     "integrations": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval", "train"},
+    "cli": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval", "train", "integrations"},
 }
 
 #: the package's entry points, outside every layer: the public API and ``python -m dyvte``

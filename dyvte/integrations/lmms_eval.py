@@ -332,7 +332,8 @@ class DyVTELMM(lmms):
     def _write_stats(self) -> None:
         for task, means in self.task_means().items():
             logger.info(
-                "dyvte %s on %s: mean exit layer %.3f, relative prefill FLOPs %.4f, visual tokens fed %.1f (%d samples)",  # noqa: E501
+                "dyvte %s on %s: mean exit layer %.3f, relative prefill FLOPs %.4f, visual tokens fed %.1f "
+                "(%d samples)",
                 self.method.name,
                 task,
                 means["exit_layer"],

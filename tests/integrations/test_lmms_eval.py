@@ -11,6 +11,7 @@ names ``lmms_eval`` (CI).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -202,6 +203,45 @@ def test_loglikelihood_of_the_greedy_answer_is_greedy_and_batches_equal_rows(rec
     assert [s for s, _ in alone] == pytest.approx([s for s, _ in scored], abs=1e-4)
     assert {r["exit_layer"] for r in lm.sample_stats} == {4}
     assert len(lm.sample_stats) == 4 * len(records)
+
+
+@pytest.mark.parametrize(
+    ("visuals", "found"),
+    [([], "got 0 visuals (none)"), (["a.mp4"], "got 1 visuals (str)"), (["two", "images"], "got 2 visuals")],
+    ids=["text-only", "video-path", "two"],
+)
+def test_requests_without_exactly_one_image_are_named(records, visuals, found):
+    """dyvte answers one image per question: a text-only, video or multi-image document names its task and doc."""
+    from lmms_eval.api.instance import Instance
+
+    from dyvte.data.errors import DataError
+
+    lm = _model(f"pretrained={REPO_ROOT / DEMO_MODEL},method=full")
+    lm.task_dict = {"videos": {"test": records}}
+    images = [records[0]["image"]] * 2 if visuals == ["two", "images"] else visuals
+    request = Instance(
+        "generate_until",
+        ("how many digits are there ?", {}, lambda doc: images, 3, "videos", "test"),
+        idx=0,
+        metadata={"task": "videos", "doc_id": 3, "repeats": 1},
+    )
+    with pytest.raises(DataError, match=re.escape("task 'videos', split 'test', doc 3") + ".*" + re.escape(found)):
+        lm.generate_until([request])
+    with pytest.raises(NotImplementedError, match="single-round tasks"):
+        lm.generate_until_multi_round([request])
+
+
+def test_sampling_settings_are_warned_once_and_decoding_stays_greedy(records, caplog):
+    lm = _model(f"pretrained={REPO_ROOT / DEMO_MODEL},method=full,batch_size=4")
+    lm.task_dict = {"demo": {"test": records}}
+    greedy = lm.generate_until(_requests("generate_until", [(r["question"], {"until": ["\n\n"]}) for r in records]))
+    sampled = {"do_sample": True, "temperature": 0.9, "until": ["\n\n"]}
+    with caplog.at_level(logging.WARNING, logger="dyvte.integrations.lmms_eval"):
+        again = lm.generate_until(_requests("generate_until", [(r["question"], dict(sampled)) for r in records]))
+    assert again == greedy
+    assert [r.getMessage() for r in caplog.records].count(
+        "dyvte decodes greedily (as its harness measures); the task's sampling settings are ignored"
+    ) == 1
 
 
 @pytest.mark.parametrize(
