@@ -26,6 +26,8 @@ LMMS_EVAL="lmms-eval==0.7.3"
 DEPS=(pytz loguru evaluate sacrebleu tenacity pytablewriter "filelock>=3.10,<4" datasets accelerate PyYAML)
 
 python -m pip install --quiet --no-deps "$LMMS_EVAL" "${pin[@]}"
+# pip then warns that lmms-eval's other requirements (wandb, yt-dlp, av, ...) are not installed: expected, they are
+# what --no-deps leaves out
 python -m pip install --quiet "${DEPS[@]}" "${pin[@]}"
 
 banned=$(python -m pip list 2>/dev/null \
