@@ -152,8 +152,9 @@ class DyVTELMM(lmms):
         if not isinstance(method, str) or not method.strip():
             raise MethodError(f"dyvte model_args: method is empty; expected one of {_forms()}")
         self.method_spec = method.strip()
-        self.model, self.processor = load_model(str(pretrained), str(dtype), device=device or None)
-        self.spec = resolve(unwrap(self.model))
+        model, self.processor = load_model(str(pretrained), str(dtype), device=device or None)
+        self.model = unwrap(model)  # as the harness runs it (a peft model's adapters stay in its layers)
+        self.spec = resolve(self.model)
         methods = parse_method(self.method_spec, self.spec.num_layers)
         if len(methods) != 1:
             raise MethodError(
@@ -300,7 +301,7 @@ class DyVTELMM(lmms):
             exits = torch.full((ids.shape[0],), self.spec.num_layers)
         fed_tokens = tokens if measured["fed_tokens"] is None else measured["fed_tokens"]
         fed_visual = visual if measured["fed_visual"] is None else measured["fed_visual"]
-        config = unwrap(self.model).config
+        config = self.model.config
         flops = prefill_flops(config, fed_tokens, fed_visual, exits, visual_after=measured["visual_after"]).flops
         relative = flops / prefill_flops(config, tokens, visual).full
         for row, a in enumerate(args):
