@@ -153,6 +153,20 @@ def test_lmms_eval_cli_names_a_bad_method_and_writes_no_results(tmp_path):
 # ------------------------------------------------------------------------------------ in process (no CLI)
 
 
+def test_lmms_eval_resolves_the_model_name_to_the_plugin():
+    """``--model dyvte`` through lmms-eval's own registry (the entry point's manifest), and the legacy
+    ``register_model`` registry, give the plugin class."""
+    _require_entry_point()
+    import lmms_eval.models
+    from lmms_eval.api.registry import MODEL_REGISTRY
+
+    from dyvte.integrations.lmms_eval import DyVTELMM
+
+    assert "dyvte" in lmms_eval.models.list_available_models()
+    assert lmms_eval.models.get_model("dyvte") is DyVTELMM
+    assert MODEL_REGISTRY["dyvte"] is DyVTELMM
+
+
 def _model(args: str):
     _require_lmms_eval()
     from dyvte.integrations.lmms_eval import DyVTELMM
