@@ -42,14 +42,14 @@ from PIL import Image
 
 from dyvte.data.errors import DataError
 from dyvte.data.records import build_inputs, teacher_force
-from dyvte.data.sources import load_model
+from dyvte.data.sources import load_config, load_model
 from dyvte.engine.registry import resolve, unwrap
 from dyvte.eval.flops import prefill_flops
 from dyvte.eval.methods import MethodError, check_method, method_forms, parse_method
 from dyvte.eval.methods import allow_other_model as allow_other
 from dyvte.integrations.lmms_entry import MODEL_ID
 from dyvte.utils.devices import model_device, to_device
-from dyvte.utils.io import write_text_atomic
+from dyvte.utils.io import check_writable, write_text_atomic
 from dyvte.utils.modes import eval_mode
 
 __all__ = ["DyVTELMM", "parse_model_args"]
@@ -152,10 +152,16 @@ class DyVTELMM(lmms):
         if not isinstance(method, str) or not method.strip():
             raise MethodError(f"dyvte model_args: method is empty; expected one of {_forms()}")
         self.method_spec = method.strip()
+        if self.stats_path is not None:
+            check_writable(self.stats_path.parent, "dyvte model_args: stats_path's folder")
+        # the method string first, against the config's depth (no weights read), so that a typo costs no model load
+        depth = load_config(str(pretrained)).get_text_config().num_hidden_layers
+        methods = parse_method(self.method_spec, depth)
         model, self.processor = load_model(str(pretrained), str(dtype), device=device or None)
         self.model = unwrap(model)  # as the harness runs it (a peft model's adapters stay in its layers)
         self.spec = resolve(self.model)
-        methods = parse_method(self.method_spec, self.spec.num_layers)
+        if self.spec.num_layers != depth:
+            methods = parse_method(self.method_spec, self.spec.num_layers)
         if len(methods) != 1:
             raise MethodError(
                 f"method {self.method_spec!r} gives {len(methods)} methods ({', '.join(m.name for m in methods)}); "

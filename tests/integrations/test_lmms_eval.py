@@ -279,6 +279,18 @@ def test_bad_model_args_are_named(args, error, match):
         _model(f"pretrained={REPO_ROOT / DEMO_MODEL},{args}")
 
 
+def test_a_method_typo_is_refused_before_the_model_loads(monkeypatch):
+    import dyvte
+    import dyvte.integrations.lmms_eval as plugin
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(plugin, "load_model", no_load)
+    with pytest.raises(dyvte.MethodError, match="unknown method 'hedas'"):
+        _model(f"pretrained={REPO_ROOT / DEMO_MODEL},method=hedas:x")
+
+
 def test_a_missing_model_directory_is_named():
     with pytest.raises(FileNotFoundError, match="model directory .*nowhere does not exist"):
         _model("pretrained=/nowhere,method=full")
