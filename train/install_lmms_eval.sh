@@ -12,8 +12,8 @@
 #   pytablewriter                                the results table the CLI prints at the end (lmms_eval.utils)
 #   filelock < 4                                 lmms_eval.evaluator patches filelock._api, which filelock 4 removed
 #   datasets, accelerate, PyYAML                 imported by lmms_eval too (already there with dyvte[train])
-# The same list, less lmms-eval itself, is the extra dyvte[lmms-eval] in pyproject.toml (tests/test_install_lmms_eval.py
-# checks that they agree). Every version comes from the lock file constraints.txt; set LMMS_CONSTRAINTS= (empty) to
+# The same list, less lmms-eval itself, is the extra dyvte[lmms-eval] in pyproject.toml
+# (tests/integrations/test_install_lmms_eval.py checks that they agree). Every version comes from the lock file constraints.txt; set LMMS_CONSTRAINTS= (empty) to
 # resolve freely (.ci/lock does, to refresh the lock).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

@@ -7,7 +7,7 @@ installed by ``train/install_lmms_eval.sh``; the entry point ``dyvte`` of the gr
 ``--model_args`` (comma-separated ``key=value``; a piece without ``=`` continues the previous value, so
 ``method=static:4,6`` reads as one value and is then refused as two methods):
 
-* ``pretrained``: ``demo`` or a local ``from_pretrained`` directory (or peft adapter), as ``train/eval.py --model``.
+* ``pretrained``: ``demo`` or a local ``from_pretrained`` directory (or peft adapter), as ``train/evaluate.py --model``.
 * ``method``: one method string of :func:`dyvte.eval.methods.parse_method`: ``full``, ``static:K``,
   ``calibrated:DIR``, ``heads:DIR[:P]``, ``fastervlm:R``, ``random:R``, ``fastv:K:R``, ``A+B``; checked against the
   model (:func:`dyvte.eval.methods.check_method`) before any request runs.

@@ -2,7 +2,7 @@
 
 The CLI runs the task ``dyvte_demo`` (dyvte/integrations/lmms_tasks, the demo's test split read from the committed
 ``checkpoints/demo-data``) and its accuracy, per-sample answers and exit layers must equal ``dyvte.evaluate`` (the
-harness of ``train/eval.py``) on the same records with the same batch size; bad ``--model_args`` are refused with a
+harness of ``train/evaluate.py``) on the same records with the same batch size; bad ``--model_args`` are refused with a
 message naming them. Needs lmms-eval (``bash train/install_lmms_eval.sh``) and a dyvte install that declares the
 ``lmms_eval.models`` entry point (``pip install -e .``): skipped without them, failed where ``DYVTE_REQUIRE_TOOLS``
 names ``lmms_eval`` (CI).
