@@ -9,11 +9,13 @@
 # what its import path needs is added (measured: `python -m lmms_eval --model dyvte ... --tasks dyvte_demo` runs with
 # exactly these, and imports none of torchvision, timm, cv2, decord):
 #   pytz, loguru, evaluate, sacrebleu, tenacity  imported by lmms_eval, lmms_eval.api.model.lmms, lmms_eval.evaluator
-#   pytablewriter                                the results table the CLI prints at the end (lmms_eval.utils)
+#   pytablewriter (and its own dependencies)     the results table the CLI prints at the end (lmms_eval.utils)
 #   filelock < 4                                 lmms_eval.evaluator patches filelock._api, which filelock 4 removed
 #   datasets, accelerate, PyYAML                 imported by lmms_eval too (already there with dyvte[train])
-# The same list, less lmms-eval itself, is the extra dyvte[lmms-eval] in pyproject.toml
-# (tests/integrations/test_install_lmms_eval.py checks that they agree). Every version comes from the lock file constraints.txt; set LMMS_CONSTRAINTS= (empty) to
+# DEPS, resolved normally, is the extra dyvte[lmms-eval] in pyproject.toml (tests/integrations/test_install_lmms_eval.py
+# checks that they agree). TABLE is installed with --no-deps too: pytablewriter 1.x needs typepy[datetime], whose
+# python-dateutil < 3 conflicts with the locked 4.0 (a resolver then falls back to pytablewriter 0.38, which prints
+# the table's header as A, B, C...); the table needs none of typepy's date parsing. Every version comes from the lock file constraints.txt; set LMMS_CONSTRAINTS= (empty) to
 # resolve freely (.ci/lock does, to refresh the lock).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,12 +25,14 @@ if [ -n "$constraints" ]; then
   pin=(-c "$constraints")
 fi
 LMMS_EVAL="lmms-eval==0.7.3"
-DEPS=(pytz loguru evaluate sacrebleu tenacity pytablewriter "filelock>=3.10,<4" datasets accelerate PyYAML)
+DEPS=(pytz loguru evaluate sacrebleu tenacity "filelock>=3.10,<4" datasets accelerate PyYAML)
+TABLE=("pytablewriter>=1.2,<2" DataProperty mbstrdecoder pathvalidate tabledata tcolorpy typepy chardet)
 
 python -m pip install --quiet --no-deps "$LMMS_EVAL" "${pin[@]}"
 # pip then warns that lmms-eval's other requirements (wandb, yt-dlp, av, ...) are not installed: expected, they are
 # what --no-deps leaves out
 python -m pip install --quiet "${DEPS[@]}" "${pin[@]}"
+python -m pip install --quiet --no-deps "${TABLE[@]}" "${pin[@]}"
 
 banned=$(python -m pip list 2>/dev/null \
   | grep -iE '^(torchvision|timm|open.clip|opencv-python|opencv-python-headless|opencv-contrib-python) ' || true)
@@ -45,6 +49,7 @@ import lmms_eval  # noqa: F401
 import lmms_eval.api.model  # noqa: F401
 import lmms_eval.evaluator  # noqa: F401
 import lmms_eval.models  # noqa: F401  (builds the model registry from the lmms_eval.models entry points)
+import pytablewriter  # noqa: F401  (lmms_eval.utils.make_table)
 
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {"torchvision", "timm", "cv2", "decord", "open_clip"})
 if loaded:

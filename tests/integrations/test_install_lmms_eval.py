@@ -31,11 +31,17 @@ def _name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9_.-]+)", requirement).group(1)).lower()
 
 
-def _script_packages() -> tuple[str, list[str]]:
+def _script_list(text: str, name: str) -> list[str]:
+    """The items of the bash array ``name=(...)`` in the script."""
+    items = re.search(rf"^{name}=\((.*)\)$", text, re.M).group(1)
+    return [d.strip('"') for d in re.findall(r'"[^"]+"|\S+', items)]
+
+
+def _script_packages() -> tuple[str, list[str], list[str]]:
+    """The script's lmms-eval requirement, its resolved dependencies (DEPS) and its --no-deps table stack (TABLE)."""
     text = SCRIPT.read_text()
     lmms = re.search(r'^LMMS_EVAL="([^"]+)"', text, re.M).group(1)
-    deps = re.search(r"^DEPS=\((.*)\)$", text, re.M).group(1)
-    return lmms, [d.strip('"') for d in re.findall(r'"[^"]+"|\S+', deps)]
+    return lmms, _script_list(text, "DEPS"), _script_list(text, "TABLE")
 
 
 def test_the_running_environment_has_no_torchvision_timm_or_opencv():
@@ -49,16 +55,16 @@ def test_the_running_environment_has_no_torchvision_timm_or_opencv():
 def test_the_script_installs_the_extra_and_every_package_is_locked():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     extra = project["optional-dependencies"]["lmms-eval"]
-    lmms, deps = _script_packages()
-    assert {_name(d) for d in deps} == {_name(e) for e in extra}
-    assert not {_name(d) for d in [lmms, *deps]} & BANNED
+    lmms, deps, table = _script_packages()
+    assert {_name(d) for d in deps} == {_name(e) for e in extra}  # the extra: what resolves safely
+    assert not {_name(d) for d in [lmms, *deps, *table]} & BANNED
     pins = {
         _name(line): line.split("==", 1)[1]
         for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     }
     assert pins.get("lmms-eval") == lmms.split("==", 1)[1]  # the version the script installs is the locked one
-    missing = sorted({_name(d) for d in deps} - set(pins))
+    missing = sorted({_name(d) for d in [*deps, *table]} - set(pins))
     assert not missing, f"not pinned in constraints.txt: {missing}"
     assert int(pins["filelock"].split(".")[0]) < 4  # lmms_eval.evaluator needs filelock._api
     # lmms-eval is never an ordinary dependency: its metadata would pull torchvision, timm and opencv
