@@ -2,10 +2,10 @@
 
 The layers, bottom to top (docs/design.md, "Module map"): ``utils`` < ``engine`` < ``policies`` < ``pruning``, with
 ``demo`` and ``data`` beside them, then ``exits``, ``eval``, ``train`` and ``cli`` (the ``dyvte`` command, on top of
-everything). ``dyvte/__init__.py`` re-exports from any layer and ``dyvte/__main__.py`` runs the command; no layer
-imports either, except that ``cli``, above the public API, uses it (``dyvte.evaluate``, ``dyvte.__version__``).
-Every import counts, at module level or inside a function, except those under ``if TYPE_CHECKING:`` (they never
-run).
+everything), with ``integrations`` (the lmms-eval plugin) just below ``cli``. ``dyvte/__init__.py`` re-exports from any
+layer and ``dyvte/__main__.py`` runs the command; no layer imports either, except that ``cli``, above the public API,
+uses it (``dyvte.evaluate``, ``dyvte.__version__``). Every import counts, at module level or inside a function,
+except those under ``if TYPE_CHECKING:`` (they never run).
 """
 
 from __future__ import annotations
@@ -29,7 +29,21 @@ ALLOWED: dict[str, set[str]] = {
     "eval": {"utils", "engine", "policies", "pruning", "demo", "data", "exits"},
     "train": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval"},
     "serve": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval"},
-    "cli": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval", "train", "serve"},
+    # outside harnesses (the lmms-eval plugin): every layer below cli, never cli
+    "integrations": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval", "train"},
+    "cli": {
+        "utils",
+        "engine",
+        "policies",
+        "pruning",
+        "demo",
+        "data",
+        "exits",
+        "eval",
+        "train",
+        "serve",
+        "integrations",
+    },
 }
 
 #: the package's entry points, outside every layer: the public API and ``python -m dyvte``
