@@ -19,7 +19,7 @@ Rows (one change each against the first):
 * ``per-qtype Platt``: the same heads, Platt-scaled per question type (needs each request's question type at run
   time, which ``withdraw`` does not have: offline only);
 * ``monotone (geometric mean of heads k-1, k)``: an exit needs the evidence of two consecutive heads;
-* ``36k`` / ``48k``: more training records.
+* ``36k`` / ``48k`` / ``96k``: more training records (labelled once into the caches, ≈ 110 records per second).
 
     python benchmarks/heads_savings.py --seeds 2 --output runs/heads-savings/table.md
 """
@@ -82,6 +82,7 @@ CANDIDATES = [
     Candidate("monotone (geometric mean of heads k-1, k)", BASE, smooth=True),
     Candidate("36k training records", _row("36k", train=36000)),
     Candidate("48k training records", _row("48k", train=48000)),
+    Candidate("96k training records", _row("96k", train=96000)),
 ]
 
 
