@@ -314,7 +314,7 @@ def build_dataset(seed: int = 0, sizes: DatasetSizes | None = None, cfg: SceneCo
     return datasets.DatasetDict(out)
 
 
-def _features():
+def dataset_features():
     """The stored dataset's ``datasets.Features``."""
     import datasets
 
@@ -345,7 +345,7 @@ def build_records(split: str, start: int, stop: int, seed: int = 0, cfg: SceneCo
     if not 0 <= start <= stop:
         raise ValueError(f"build_records: 0 <= start <= stop expected, got {start}, {stop}")
     cfg = cfg or SceneConfig()
-    features = _features()
+    features = dataset_features()
     records = []
     for index, rec in zip(range(stop), iter_records(split, seed, cfg), strict=False):
         if index >= start:
