@@ -620,6 +620,8 @@ def soak(
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("httpx", "httpx2"):  # the openai client's transport logs every request at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = parse_args(argv)
     from dyvte.demo import demo_checkpoint_dir, load_demo_dataset
 
