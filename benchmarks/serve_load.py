@@ -495,6 +495,7 @@ def build_shape_model(name: str, directory: Path) -> tuple[Path, Path]:
     processor.image_processor.crop_size = {"height": side, "width": side}
     processor.patch_size = patch
     tok = processor.tokenizer
+    tok.model_max_length = 1024  # 576 visual tokens + the question
     vision = CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=side,
         patch_size=patch, projection_dim=64,
