@@ -1,4 +1,4 @@
-"""The ``dyvte`` command: ``dyvte fit | calibrate | evaluate | report`` (also ``python -m dyvte ...``).
+"""The ``dyvte`` command: ``dyvte fit | calibrate | evaluate | report | serve`` (also ``python -m dyvte ...``).
 
 Each command is the job of a launcher of ``train/`` (``dyvte fit`` = ``python train/fit.py``, same options, same
 outputs), implemented in a module of this package (:mod:`dyvte.cli.fit`, ...). This dispatcher imports a command's
@@ -26,6 +26,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("lightning", "jsonargparse", "datasets", "torchmetrics"),
     "eval": ("torchmetrics", "matplotlib"),
+    "serve": ("fastapi", "uvicorn"),
 }
 
 
@@ -58,6 +59,13 @@ COMMANDS: dict[str, Command] = {
     ),
     "report": Command(
         "report", "run", "the comparison report: every method at matched prefill FLOPs", ("train", "eval"), "report.py"
+    ),
+    "serve": Command(
+        "serve",
+        "run",
+        "an OpenAI-compatible server with per-request withdrawal and a chat page",
+        ("serve",),
+        "serve.py",
     ),
 }
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dyvte.engine.compat import ATTENTION_MASK, HIDDEN_STATES, POSITION_EMBEDDINGS, POSITION_IDS, CaptureCache
+from dyvte.utils.threads import PerThread
 
 __all__ = ["Handoff", "RowGroup", "row_index", "run_grouped", "wrap_forward"]
 
@@ -134,8 +135,7 @@ class Handoff:
     wrapped forward takes them (:meth:`take`), once; a call of another module finds none.
     """
 
-    def __init__(self) -> None:
-        self._pending: tuple[nn.Module, list[RowGroup]] | None = None
+    _pending = PerThread()  # (module, groups): per thread, each thread's layer call takes its own
 
     def put(self, module: nn.Module, groups: list[RowGroup] | None) -> None:
         """Leave ``groups`` for the call of ``module`` about to run (``None``: run it on the whole batch)."""

@@ -34,6 +34,8 @@ position ids over the current layout); :mod:`dyvte.engine.grouping` (grouped exe
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -58,6 +60,7 @@ from dyvte.engine.masks import LayerInputs
 from dyvte.engine.policy import ExitPolicy, PolicyView
 from dyvte.engine.registry import ModelSpec, resolve
 from dyvte.engine.state import VISUAL_MASK, CacheLayouts, ForwardState, WithdrawalError, read_tokens, read_valid
+from dyvte.utils.threads import PerThread
 
 __all__ = ["Withdrawal", "WithdrawalError", "HANDLE_ATTR", "PRUNING_ATTR", "active_withdrawal"]
 
@@ -97,6 +100,19 @@ class Withdrawal:
     """Run the layers after a mixed exit once per group of rows, each at its own width (docs/design.md §4,
     "Grouped execution"); ``False`` runs them on the whole batch at its widest row's width (same outputs)."""
 
+    # per-call state, kept per thread (docs/design.md §4, "Threads"): threads calling the model under one handle each
+    # run their own prefill and decode steps, with their own exits and cache layouts
+    exit_layers = PerThread()
+    output_positions = PerThread()
+    _fwd = PerThread()  # the call in progress
+    _exits = PerThread(factory=lambda self: [])  # host: each row's exit layer in the last new sequence
+    _plan = PerThread(factory=lambda self: {})  # host: layer -> rows leaving there, for continuations
+    _exits_planned = PerThread(True)  # the last new sequence's exits were planned on the host
+    _layouts = PerThread(factory=lambda self: self._new_layouts())  # the cache the calls filled, its layouts
+    _inputs = PerThread(factory=lambda self: LayerInputs(self.spec, self._layouts, self.policy.keeps_visual))
+    _last_tokens = PerThread(0)
+    _prompt_visual = PerThread()  # generate(..., visual_mask=...): for its prefill
+
     def __init__(self, model: nn.Module, policy: ExitPolicy) -> None:
         """Hook ``model`` (the top-level model) with ``policy``; :func:`dyvte.withdraw` builds both from its
         arguments."""
@@ -107,15 +123,9 @@ class Withdrawal:
         self.spec: ModelSpec = resolve(model)
         self.policy = policy
         policy.bind(self.spec)
-        self.exit_layers: torch.Tensor | None = None
-        self.output_positions: torch.Tensor | None = None
-        self._fwd: ForwardState | None = None
-        self._exits: list[int] = []  # host: each row's exit layer in the last new sequence
-        self._plan: dict[int, list[int]] = {}  # host: layer -> rows leaving there, for continuations
-        self._exits_planned = True  # the last new sequence's exits were planned on the host
-        self._layouts = CacheLayouts()  # the cache the calls filled, and its layout per group of layers
-        self._inputs = LayerInputs(self.spec, self._layouts, policy.keeps_visual)
-        self._last_tokens = 0
+        # every thread's cache layouts (weakly: a finished thread's go with it), sealed when the handle is removed
+        self._all_layouts: weakref.WeakSet[CacheLayouts] = weakref.WeakSet()
+        self._all_lock = threading.Lock()
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._ids_on: dict[torch.device, torch.Tensor] = {}
         device = getattr(self.spec.model, "device", None)
@@ -123,7 +133,6 @@ class Withdrawal:
             self._visual_ids(device)
         self._undo_masks: Any = None
         self._undo_generate: Any = None
-        self._prompt_visual: torch.Tensor | None = None  # generate(..., visual_mask=...): for its prefill
         self._unwrap: list[Any] = []  # undoes of the wrapped layer forwards
         self._handoff = Handoff()  # the groups of the layer call about to run
         self._attach()
@@ -133,6 +142,13 @@ class Withdrawal:
     def model(self) -> nn.Module:
         """The hooked top-level model."""
         return self.spec.model
+
+    def _new_layouts(self) -> CacheLayouts:
+        """A thread's first cache layouts, registered so that :meth:`remove` seals its caches too."""
+        layouts = CacheLayouts()
+        with self._all_lock:
+            self._all_layouts.add(layouts)
+        return layouts
 
     @property
     def layer(self) -> int | None:
@@ -225,9 +241,12 @@ class Withdrawal:
             "been removed: decode under the same handle (inside its `with` block, before its next prefill, or "
             "before handle.remove()), or prefill again without withdrawal"
         )
-        for cache in self._layouts.withdrawn_caches():
-            seal_cache(cache, error)
-        self._layouts.forget()
+        with self._all_lock:
+            every = list(self._all_layouts)
+        for layouts in every:  # every thread's: a cache filled in another thread is as unusable
+            for cache in layouts.withdrawn_caches():
+                seal_cache(cache, error)
+            layouts.forget()
 
     def __enter__(self) -> Withdrawal:
         return self

@@ -33,6 +33,7 @@ from dyvte.engine.compat import HIDDEN_STATES, POSITION_EMBEDDINGS, USE_CACHE
 from dyvte.engine.policy import ExitPolicy, PolicyView, register_policy
 from dyvte.engine.registry import AttentionNames, ModelSpec, UnsupportedModelError
 from dyvte.engine.withdrawal import Withdrawal, WithdrawalError, active_withdrawal
+from dyvte.utils.threads import PerThread
 
 DEFAULT_NAMES = AttentionNames()
 
@@ -145,6 +146,14 @@ class FastVRanking(ExitPolicy):
 
     keeps_visual = True  # the kept visual tokens keep the model's own attention among themselves
 
+    # per-call state, per calling thread (docs/design.md §4, "Threads")
+    kept_visual = PerThread()
+    _visual_after = PerThread()
+    scores = PerThread()
+    _input_ids = PerThread()  # input_ids of the current call
+    _prompt_ids = PerThread()  # (B, T_p) input_ids of the last ranked call
+    _cacheless = PerThread(False)  # the current call runs without a KV cache
+
     def __init__(self, layer: int, ratio: float) -> None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
             raise ValueError(f"FastV ratio R (fraction of visual tokens pruned) must be in [0, 1), got {ratio!r}")
@@ -157,13 +166,7 @@ class FastVRanking(ExitPolicy):
             )
         self._k = layer
         self.ratio = float(ratio)
-        self.kept_visual: torch.Tensor | None = None
-        self._visual_after: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
         self._handle: Withdrawal | None = None
-        self._input_ids: torch.Tensor | None = None  # input_ids of the current call
-        self._prompt_ids: torch.Tensor | None = None  # (B, T_p) input_ids of the last ranked call
-        self._cacheless = False  # the current call runs without a KV cache
 
     def bind(self, spec: ModelSpec) -> None:
         super().bind(spec)

@@ -19,6 +19,7 @@ from dyvte.engine.registry import ModelSpec
 from dyvte.policies.exit_heads import ExitHeads, head_features
 from dyvte.policies.shift import DEFAULT_ALPHA, DEFAULT_WINDOW, ScoreMonitor, ShiftReport
 from dyvte.utils.syntax import ArgumentError, MethodSyntax, float_in, items
+from dyvte.utils.threads import PerThread
 
 __all__ = ["LearnedExit"]
 
@@ -42,6 +43,9 @@ class LearnedExit(ExitPolicy):
         shift_monitor: the :class:`dyvte.policies.shift.ScoreMonitor`, or ``None`` when not monitoring.
     """
 
+    _reach = PerThread()  # (B,) rows no head has fired on yet in this prefill (device), per calling thread
+    _scores = PerThread(factory=lambda self: {})  # head -> ((B,) logits, (B,) reached) of the thread's last prefill
+
     def __init__(
         self,
         heads: ExitHeads,
@@ -61,7 +65,6 @@ class LearnedExit(ExitPolicy):
         if monitor_shift is None:
             monitor_shift = reference is not None
         self.shift_monitor = ScoreMonitor(heads.num_heads, reference, shift_window) if monitor_shift else None
-        self._reach: torch.Tensor | None = None  # (B,) rows no head has fired on yet in this prefill (device)
 
     def bind(self, spec: ModelSpec) -> None:
         self.heads.check_model(spec.model, allow_other_model=self.allow_other_model)
@@ -71,6 +74,7 @@ class LearnedExit(ExitPolicy):
         """A new sequence: every row reaches the first head again."""
         if view.new_sequence:
             self._reach = None
+            self._scores = {}
 
     def decide(self, layer: int, hidden: torch.Tensor, view: PolicyView) -> torch.Tensor:
         """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``); with a
@@ -82,11 +86,28 @@ class LearnedExit(ExitPolicy):
         with torch.no_grad():
             logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
         fires = logits.float() >= self.logits[layer - 1]
+        reach = self._reach if self._reach is not None else torch.ones_like(fires)
+        self._scores[layer - 1] = (logits.detach().float(), reach)
         if self.shift_monitor is not None:  # device work only: the engine ignores rows that left, the monitor too
-            reach = self._reach if self._reach is not None else torch.ones_like(fires)
             self.shift_monitor.record(layer - 1, logits, reach)
-            self._reach = reach & ~fires
+        self._reach = reach & ~fires
         return fires
+
+    def exit_probabilities(self) -> list[list[float | None]]:
+        """Per row of the calling thread's last prefill, each head's P(exit) (``sigmoid`` of its logit) where the
+        row reached the head, ``None`` where it had left before it (its later heads never ran on its full state).
+        Reads the kept device tensors (one host read per head); ``[]`` before any prefill."""
+        scores = self._scores
+        if not scores:
+            return []
+        batch = next(iter(scores.values()))[0].shape[0]
+        rows: list[list[float | None]] = [[None] * self.heads.num_heads for _ in range(batch)]
+        for head, (logits, reach) in scores.items():
+            probability, reached = torch.sigmoid(logits).tolist(), reach.tolist()
+            for row in range(batch):
+                if reached[row]:
+                    rows[row][head] = probability[row]
+        return rows
 
     def shift_report(self, alpha: float = DEFAULT_ALPHA) -> ShiftReport | None:
         """Whether the scores seen so far look like the calibration records' (:func:`dyvte.policies.shift.shift_report`;

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -284,27 +285,30 @@ class ScoreMonitor:
         self._pending: list[deque[tuple[torch.Tensor, torch.Tensor]]] = [deque() for _ in range(num_heads)]
         self._pending_rows = [0] * num_heads  # rows offered (reached or not), known from shapes
         self._host: list[np.ndarray] = [np.zeros(0, dtype=np.float32) for _ in range(num_heads)]
+        self._lock = threading.RLock()  # threads calling the model under one handle record into one monitor
 
     def record(self, head: int, logits: torch.Tensor, reach: torch.Tensor) -> None:
         """Keep head ``head``'s ``(B,)`` logits and ``(B,)`` bool mask of the rows that reached it (device; no sync)."""
-        pending = self._pending[head]
-        pending.append((logits.detach().float(), reach))
-        self._pending_rows[head] += logits.shape[0]
-        if self.window is not None:  # drop whole old entries while the rest still offers window rows
-            while len(pending) > 1 and self._pending_rows[head] - pending[0][0].shape[0] >= self.window:
-                self._pending_rows[head] -= pending.popleft()[0].shape[0]
-                self._host[head] = self._host[head][:0]  # older than anything pending
+        with self._lock:
+            pending = self._pending[head]
+            pending.append((logits.detach().float(), reach))
+            self._pending_rows[head] += logits.shape[0]
+            if self.window is not None:  # drop whole old entries while the rest still offers window rows
+                while len(pending) > 1 and self._pending_rows[head] - pending[0][0].shape[0] >= self.window:
+                    self._pending_rows[head] -= pending.popleft()[0].shape[0]
+                    self._host[head] = self._host[head][:0]  # older than anything pending
 
     def scores(self) -> list[np.ndarray]:
         """Per head, the float32 logits of the rows that reached it (host; the pending device tensors are read)."""
-        for j, pending in enumerate(self._pending):
-            parts = [self._host[j]]
-            while pending:
-                logits, reach = pending.popleft()
-                parts.append(logits[reach].cpu().numpy().astype(np.float32))
-            self._pending_rows[j] = 0
-            self._host[j] = self._trim(np.concatenate(parts))
-        return [s.copy() for s in self._host]
+        with self._lock:
+            for j, pending in enumerate(self._pending):
+                parts = [self._host[j]]
+                while pending:
+                    logits, reach = pending.popleft()
+                    parts.append(logits[reach].cpu().numpy().astype(np.float32))
+                self._pending_rows[j] = 0
+                self._host[j] = self._trim(np.concatenate(parts))
+            return [s.copy() for s in self._host]
 
     def extend(self, other: ScoreMonitor) -> None:
         """Add ``other``'s scores (e.g. one handle's per batch) after this monitor's."""

@@ -46,7 +46,7 @@ from dyvte.engine.compat import (
 )
 from dyvte.engine.registry import UnsupportedModelError, _get_path, resolve
 from dyvte.engine.withdrawal import PRUNING_ATTR
-from dyvte.pruning.prompt import ShortPrompt, continue_prompt, pad_id, shorten_prompt
+from dyvte.pruning.prompt import continue_prompt, pad_id, shorten_prompt
 from dyvte.pruning.registry import PRUNING_METHODS
 from dyvte.pruning.scoring import (
     KEPT_ATTR,
@@ -60,6 +60,7 @@ from dyvte.pruning.scoring import (
     token_id,
     vision_attention,
 )
+from dyvte.utils.threads import PerThread
 
 __all__ = ["Pruning"]
 
@@ -82,6 +83,18 @@ class Pruning:
 
     exit_layers: torch.Tensor | None = None
     visual_after: torch.Tensor | None = None
+
+    # per-call state, per calling thread (docs/design.md §4, "Threads")
+    kept_columns = PerThread()
+    kept_features = PerThread()
+    kept_video_features = PerThread()
+    fed_tokens = PerThread()
+    fed_visual = PerThread()
+    _prompt_len = PerThread(0)
+    _short = PerThread()  # the last new sequence's shortened prompt
+    _cache_ref = PerThread()
+    _cache_resets = PerThread(0)
+    _capture = PerThread()
 
     def __init__(
         self,
@@ -131,16 +144,6 @@ class Pruning:
         self.score_layer = feature_layer % (len(encoder_layers) + 1) - 1  # hidden_states[i] is layer i-1's output
         if self.score_layer < 0:
             raise UnsupportedModelError("vision_feature_layer selects the patch embeddings: no attention to score by")
-        self.kept_columns: torch.Tensor | None = None
-        self.kept_features: list[torch.Tensor] | None = None
-        self.kept_video_features: list[torch.Tensor] | None = None
-        self.fed_tokens: torch.Tensor | None = None
-        self.fed_visual: torch.Tensor | None = None
-        self._prompt_len = 0
-        self._short: ShortPrompt | None = None  # the last new sequence's shortened prompt
-        self._cache_ref: weakref.ref | None = None
-        self._cache_resets = 0
-        self._capture: list[torch.Tensor] | None = None
         self._hooks: list[Any] = []
         self._undo_masks: Any = None
         seq_len = self.view_tokens + self.offset  # S, encoder tokens per view
