@@ -2,7 +2,8 @@
 
 Starts ``train/serve.py`` on 127.0.0.1 (the demo model and heads), opens ``/`` in Debian's ``chromium`` through
 ``chromedriver`` and ``selenium`` (the driver path is given explicitly: Selenium Manager never downloads anything),
-asks the question of a demo test record whose heads exit early (the latest such exit among the first 16), clicks "Ask the full model", and saves a PNG:
+asks the question of a demo test record whose heads exit early (the latest such exit among the first 16), clicks
+"Ask the full model", and saves a PNG:
 
     python benchmarks/page_screenshot.py                              # -> docs/serve_page.png (the README's picture)
     python benchmarks/page_screenshot.py --output runs/serve/page.png --record 7
