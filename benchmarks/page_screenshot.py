@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO_ROOT / "docs" / "serve_page.png"), help="PNG to write")
     parser.add_argument("--record", type=int, help="demo test record (default: the first whose heads exit early)")
     parser.add_argument("--width", type=int, default=1200)
-    parser.add_argument("--height", type=int, default=560)
+    parser.add_argument("--height", type=int, default=740)
     args = parser.parse_args(argv)
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not chromedriver:
@@ -133,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = Path(tmp) / "scene.png"
         record["image"].save(image)
         with chrome(chromium, chromedriver, args.width, args.height) as driver:
+            ask(driver, server.url, image, record["question"])  # a warm-up: the first request's times include it
             shown = ask(driver, server.url, image, record["question"])
             full = ask_full(driver)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            driver.execute_script("window.scrollTo(0, 0)")
             driver.save_screenshot(args.output)
     logger.info("record %d %r: page %s, full %s", index, record["question"], shown, full)
     logger.info("wrote %s", args.output)
