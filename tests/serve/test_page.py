@@ -17,6 +17,9 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
     chromedriver = require_program("chromedriver", tool="chromium", install=INSTALL_CHROMIUM)
     require_module("selenium", tool="selenium", install="pip install selenium (constraints.txt)")
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never try to download a driver or browser
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     from dyvte.demo import demo_checkpoint_dir, load_demo_dataset
 
     load = load_script("benchmarks/serve_load.py")
@@ -35,11 +38,24 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
 
     with load.start_server(log_path=tmp_path / "server.log") as server:
         with page.chrome(chromium, chromedriver) as driver:
+            driver.get(f"{server.url}/")  # asking without an image: the page says what is missing, sends nothing
+            driver.find_element(By.ID, "question").send_keys(records[index]["question"])
+            driver.find_element(By.ID, "ask").click()
+            no_image = driver.find_element(By.ID, "error").text
             shown = page.ask(driver, server.url, image, records[index]["question"])  # the server's default: heads
             full = page.ask_full(driver)
             screenshot = REPO_ROOT / "runs" / "serve" / "page.png"
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(screenshot))
+            # a method the server was not started with: the page shows the server's 400 message, keeps the question
+            driver.find_element(By.ID, "static-layer").send_keys("3")
+            driver.find_element(By.ID, "ask").click()
+            state = lambda: driver.find_element(By.ID, "answer").get_attribute("data-done")
+            WebDriverWait(driver, 60).until(lambda _: state() != "false")
+            assert state() == "error"
+            refused = driver.find_element(By.ID, "error").text
+            assert driver.find_element(By.ID, "question").get_attribute("value") == records[index]["question"]
+            again = page.ask(driver, server.url, image, records[index]["question"])  # and the server still answers
         assert server.process.poll() is None, server.log_tail()
 
     assert shown["answer"] == answer.strip()
@@ -55,3 +71,6 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
     assert full["exit_layer"] == str(num_layers)
     assert full["agree"] == ("agree" if full_answer.strip() == answer.strip() else "differ")
     assert screenshot.stat().st_size > 1000
+    assert no_image == "pick or drop an image first"
+    assert refused.startswith("400: ") and "static:3" in refused, refused
+    assert (again["answer"], again["exit_layer"]) == (shown["answer"], shown["exit_layer"])
