@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "exits": {"utils", "engine", "policies", "pruning", "data"},
     "eval": {"utils", "engine", "policies", "pruning", "demo", "data", "exits"},
     "train": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval"},
-    "cli": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval", "train"},
+    "serve": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval"},
+    "cli": {"utils", "engine", "policies", "pruning", "demo", "data", "exits", "eval", "train", "serve"},
 }
 
 #: the package's entry points, outside every layer: the public API and ``python -m dyvte``

@@ -40,6 +40,7 @@ class Metrics:
         self.flops = self.flops_saved = 0.0
         self.batches = self.batch_rows = 0
         self.in_flight = 0
+        self.cancelled = 0  # rows whose client went away before their answer ended
 
     def error(self, kind: str) -> None:
         """Count a refused (4xx, by its code) or failed (5xx, by exception name) request."""
@@ -56,6 +57,11 @@ class Metrics:
             self.exits[block["exit_layer"]] += 1
             self.flops += withdrawn
             self.flops_saved += full - withdrawn
+
+    def cancel(self, rows: int = 1) -> None:
+        """Count rows ended (or never run) because their client went away."""
+        with self._lock:
+            self.cancelled += rows
 
     def batch(self, rows: int) -> None:
         """Count one model call of ``rows`` rows."""
@@ -113,6 +119,7 @@ class Metrics:
             )
             family("batches_total", "counter", "model calls", [({}, self.batches)])
             family("batch_rows_total", "counter", "rows of the model calls", [({}, self.batch_rows)])
+            family("requests_cancelled_total", "counter", "rows whose client went away", [({}, self.cancelled)])
             family("requests_in_flight", "gauge", "requests being answered", [({}, self.in_flight)])
         report = shift_report() if shift_report is not None else None
         if report is not None:

@@ -11,7 +11,6 @@ that went away while the other rows continue. Nothing here depends on timing but
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -89,6 +88,7 @@ class ServedModel:
         self.max_positions: int | None = getattr(text, "max_position_embeddings", None)
         self.processor_lock = threading.Lock()  # a fast tokenizer refuses concurrent calls ("Already borrowed")
         self._policies: dict[float | None, LearnedExit] = {}
+        self._active: tuple[tuple[str, float | None], Withdrawal] | None = None  # the attached handle, by method
         if heads is not None:
             self._policies[None] = LearnedExit(heads)  # its shift monitor sees every default-heads request
             Withdrawal(model, self._policies[None]).remove()  # checks the heads against the model now, not per call
@@ -120,16 +120,33 @@ class ServedModel:
             )
         return tokens
 
-    def handle(self, method: str, threshold: float | None) -> contextlib.AbstractContextManager:
-        """The withdrawal a sub-batch runs under (a context manager giving the handle, ``None`` for ``full``)."""
+    def handle(self, method: str, threshold: float | None) -> Withdrawal | None:
+        """The withdrawal a sub-batch runs under (``None`` for ``full``: the model unhooked).
+
+        The handle stays attached between batches of the same method (attaching one costs milliseconds: hooks and
+        the heads' model check) and is replaced when the method changes; only the worker thread calls this.
+        """
+        key = (method, threshold)
+        if self._active is not None and self._active[0] == key:
+            return self._active[1]
+        self.release()
         if method == "full":
-            return contextlib.nullcontext(None)
+            return None
         if method.startswith("static:"):
-            return Withdrawal(self.model, StaticExit(int(method.partition(":")[2])))
-        policy = self._policies.get(threshold)
-        if policy is None:
-            policy = self._policies[threshold] = LearnedExit(self.heads, threshold, monitor_shift=False)
-        return Withdrawal(self.model, policy)
+            handle = Withdrawal(self.model, StaticExit(int(method.partition(":")[2])))
+        else:
+            policy = self._policies.get(threshold)
+            if policy is None:
+                policy = self._policies[threshold] = LearnedExit(self.heads, threshold, monitor_shift=False)
+            handle = Withdrawal(self.model, policy)
+        self._active = (key, handle)
+        return handle
+
+    def release(self) -> None:
+        """Remove the attached withdrawal, if any (the model is as loaded)."""
+        if self._active is not None:
+            self._active[1].remove()
+            self._active = None
 
     def shift_report(self) -> Any:
         """The default heads' shift check over the requests served (``None`` without heads or a reference)."""
@@ -292,6 +309,8 @@ class Batcher:
         """Run what is queued, then stop the worker (waits up to ``timeout`` seconds)."""
         self._stop.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.served.release()
 
     def _loop(self) -> None:
         while not (self._stop.is_set() and self._queue.empty()):
@@ -312,7 +331,9 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> None:
         """One model call for ``jobs`` (one method; greedy, or one sampled job)."""
-        jobs = [job for job in jobs if not job.cancelled.is_set()]
+        waiting = len(jobs)
+        jobs = [job for job in jobs if not job.cancelled.is_set()]  # clients gone while queued
+        self.metrics.cancel(waiting - len(jobs))
         if not jobs:
             return
         try:
@@ -332,18 +353,21 @@ class Batcher:
             options = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
             if first.seed is not None:
                 torch.manual_seed(first.seed)
-        with served.handle(first.method, first.threshold) as handle:
-            watch = RowWatch(jobs, served.processor.tokenizer, lambda: served.blocks(_label(first), inputs, handle))
-            with torch.inference_mode():
-                served.model.generate(
-                    **inputs,
-                    max_new_tokens=max(job.request.max_tokens for job in jobs),
-                    stopping_criteria=StoppingCriteriaList([watch]),
-                    **options,
-                )
-            watch.close()
-        for job, block, tokens in zip(jobs, watch.blocks or [], watch.completion, strict=False):
-            self.metrics.row(job, block, tokens)
+        handle = served.handle(first.method, first.threshold)
+        watch = RowWatch(jobs, served.processor.tokenizer, lambda: served.blocks(_label(first), inputs, handle))
+        with torch.inference_mode():
+            served.model.generate(
+                **inputs,
+                max_new_tokens=max(job.request.max_tokens for job in jobs),
+                stopping_criteria=StoppingCriteriaList([watch]),
+                **options,
+            )
+        watch.close()
+        for job, block, tokens, done in zip(jobs, watch.blocks or [], watch.completion, watch.done, strict=False):
+            if done == "cancelled":
+                self.metrics.cancel()
+            else:
+                self.metrics.row(job, block, tokens)
         self.metrics.batch(len(jobs))
 
 

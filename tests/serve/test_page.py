@@ -15,7 +15,8 @@ INSTALL_CHROMIUM = "apt-get install chromium chromium-driver"
 def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(tmp_path, monkeypatch):
     chromium = require_program("chromium", tool="chromium", install=INSTALL_CHROMIUM)
     chromedriver = require_program("chromedriver", tool="chromium", install=INSTALL_CHROMIUM)
-    require_module("selenium", tool="selenium", install="pip install selenium (constraints.txt)")
+    require_module("selenium", tool="selenium", install="pip install -e '.[serve-tests]'")
+    require_module("fastapi", tool="serve", install="pip install -e '.[serve]'")
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never try to download a driver or browser
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

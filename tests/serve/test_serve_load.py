@@ -36,8 +36,9 @@ def test_summary_counts_errors_lost_and_differing_answers():
 
 @pytest.mark.slow
 def test_smoke_load_loses_nothing_and_matches_offline(tmp_path):
-    require_module("openai", tool="openai", install="pip install openai (constraints.txt)")
-    require_module("psutil", tool="psutil")
+    require_module("openai", tool="serve", install="pip install -e '.[dev]'")
+    require_module("fastapi", tool="serve", install="pip install -e '.[serve]'")
+    require_module("psutil", tool="serve", install="pip install -e '.[serve-tests]'")
     out = tmp_path / "load.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "benchmarks/serve_load.py", "--smoke", "--json", str(out)]
