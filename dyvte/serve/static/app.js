@@ -45,10 +45,13 @@ function setupImageInput() {
 
 // --------------------------------------------------------------------------------------------------- requesting
 
+// static:K when a K is typed, heads:P when a P is, else the select's method ("" = the server's default)
 function chosenMethod() {
   const layer = $("static-layer").value.trim();
   if (layer !== "") return `static:${layer}`;
-  return $("method").value;  // "" = the server's default method
+  const threshold = $("threshold").value.trim();
+  if (threshold !== "") return `heads:${threshold}`;
+  return $("method").value;
 }
 
 function requestBody(method) {
