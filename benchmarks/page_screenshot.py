@@ -58,8 +58,11 @@ def _wait_done(driver: Any, element_id: str, timeout: float) -> str:
     return element.text
 
 
-def ask(driver: Any, url: str, image: Path, question: str, timeout: float = 120.0) -> dict[str, Any]:
-    """Load the page, upload ``image``, ask ``question`` (the server's default method), wait for the streamed answer.
+def ask(
+    driver: Any, url: str, image: Path, question: str, timeout: float = 120.0, fields: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Load the page, upload ``image``, ask ``question``, wait for the streamed answer. The method is the server's
+    default unless ``fields`` types into the method inputs (``{"static-layer": "4"}``, ``{"threshold": "0.5"}``).
 
     Returns the answer and what the withdrawal panel shows: ``exit_layer``, ``num_layers``, ``flops_saved``,
     ``kv_saved`` (texts) and ``bars`` (``[(layer, probability text, is the exit bar)]``).
@@ -72,6 +75,8 @@ def ask(driver: Any, url: str, image: Path, question: str, timeout: float = 120.
     preview = driver.find_element(By.ID, "preview")
     WebDriverWait(driver, 30).until(lambda d: (preview.get_attribute("src") or "").startswith("data:image/"))
     driver.find_element(By.ID, "question").send_keys(question)
+    for element_id, value in (fields or {}).items():
+        driver.find_element(By.ID, element_id).send_keys(value)
     driver.find_element(By.ID, "ask").click()
     answer = _wait_done(driver, "answer", timeout)
     text = lambda element_id: driver.find_element(By.ID, element_id).text

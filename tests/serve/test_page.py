@@ -29,7 +29,7 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
     dataset = load_demo_dataset("test")
     records = [dataset[i] for i in range(16)]
     num_layers = 8
-    reference = load.offline_reference(model_dir, heads_dir, records, ["heads", "full"], 16)
+    reference = load.offline_reference(model_dir, heads_dir, records, ["heads", "full", "heads:0.5"], 16)
     index = page.early_exit_record(records, [reference["heads", i][1] for i in range(len(records))], num_layers)
     answer, exit_layer = reference["heads", index]
     full_answer, _ = reference["full", index]
@@ -57,6 +57,7 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
             refused = driver.find_element(By.ID, "error").text
             assert driver.find_element(By.ID, "question").get_attribute("value") == records[index]["question"]
             again = page.ask(driver, server.url, image, records[index]["question"])  # and the server still answers
+            other = page.ask(driver, server.url, image, records[index]["question"], fields={"threshold": "0.5"})
         assert server.process.poll() is None, server.log_tail()
 
     assert shown["answer"] == answer.strip()
@@ -75,3 +76,5 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
     assert no_image == "pick or drop an image first"
     assert refused.startswith("400: ") and "static:3" in refused, refused
     assert (again["answer"], again["exit_layer"]) == (shown["answer"], shown["exit_layer"])
+    other_answer, other_exit = reference["heads:0.5", index]
+    assert (other["answer"], other["exit_layer"]) == (other_answer.strip(), str(other_exit))  # heads:P, P = 0.5
