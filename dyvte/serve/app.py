@@ -82,7 +82,9 @@ def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None = Non
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def create_app(state: State, load: Callable[[], ServedModel] | None = None, on_ready: Callable[[], None] = None):
+def create_app(
+    state: State, load: Callable[[], ServedModel] | None = None, on_ready: Callable[[], None] | None = None
+) -> FastAPI:
     """The FastAPI app over ``state``; ``load`` (optional) runs in a background thread at startup and its model is
     served once it returns (``/health`` 503 until then); ``on_ready`` runs after that."""
 

@@ -8,15 +8,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from ..tools import require_module
-from .server import Offline, demo_records, messages, post, running_server
+from .server import Offline, demo_records, get, messages, post, running_server
 
 require_module("fastapi", tool="serve", install="pip install -e '.[serve]'")
 
-GATHER_S = 2.0  # --batch_timeout: the request is still in flight when SIGTERM comes
+GATHER_S = 3.0  # --batch_timeout: the request is still in flight (gathering its batch) when SIGTERM comes
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,10 @@ def test_a_local_image_path_is_read_with_the_flag(server, offline, tmp_path):
     record = demo_records(1)[0]
     path = tmp_path / "digits.png"
     record["image"].save(path)
-    for reference in (str(path), f"file://{path}"):
-        status, answer = post(url, {"messages": messages(record, reference)})
+    references = (str(path), f"file://{path}")
+    with ThreadPoolExecutor(len(references)) as pool:  # one gathering window for both
+        answers = list(pool.map(lambda reference: post(url, {"messages": messages(record, reference)}), references))
+    for status, answer in answers:
         assert status == 200, answer
         assert (answer["choices"][0]["message"]["content"], answer["dyvte"]["exit_layer"]) == offline.answer(record)
 
@@ -49,7 +52,10 @@ def test_sigterm_drains_the_request_in_flight(server, offline):
     result = {}
     asking = threading.Thread(target=lambda: result.update(answer=post(url, {"messages": messages(record)})))
     asking.start()
-    time.sleep(GATHER_S / 4)  # the request waits in its batch's gathering window
+    deadline = time.monotonic() + 30
+    while "dyvte_requests_in_flight 1" not in get(url, "/metrics"):  # queued, in its batch's gathering window
+        assert time.monotonic() < deadline and asking.is_alive(), "the request never got in flight"
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     asking.join(60)
     status, answer = result["answer"]

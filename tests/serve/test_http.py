@@ -116,6 +116,25 @@ def test_concurrent_requests_batch_and_each_equals_its_request_alone(server, cli
     assert calls < len(records)  # some requests shared a model call (one per method and gathering window)
 
 
+def test_max_tokens_stop_and_seed(client, offline, records):
+    """A row ends at its own max_tokens ("length") or at a stop string (cut out, "stop"); a seeded sampled request
+    answers the same twice."""
+    text, _ = offline.answer(records[0], max_tokens=1)
+    short = client.chat.completions.create(model=MODEL, messages=messages(records[0]), max_tokens=1)
+    assert (short.choices[0].message.content, short.choices[0].finish_reason) == (text, "length")
+    answers = {i: offline.answer(record)[0] for i, record in enumerate(records)}
+    index = next(i for i, answer in answers.items() if len(answer.strip()) >= 2)  # a multi-character answer
+    stop = answers[index].strip()[1]
+    cut = client.chat.completions.create(model=MODEL, messages=messages(records[index]), stop=[stop])
+    assert cut.choices[0].message.content == answers[index][: answers[index].find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    sampled = [
+        client.chat.completions.create(model=MODEL, messages=messages(records[1]), temperature=1.0, seed=7)
+        for _ in range(2)
+    ]
+    assert sampled[0].choices[0].message.content == sampled[1].choices[0].message.content
+
+
 def bomb() -> str:
     """A 5000 x 5000 PNG of a few KB: 25 M pixels, above the server's 4096 x 4096 cap."""
     buffer = io.BytesIO()
