@@ -159,7 +159,7 @@ def label_caches(
     """Label (once) and load the train / val / calib / test caches (those in ``names``)."""
     from datasets import load_from_disk
 
-    from dyvte.data.sources import load_model, load_records
+    from dyvte.data.sources import load_model
     from dyvte.exits.labels import build_label_cache
 
     val_end = args.val_samples + args.calib_samples
@@ -180,7 +180,7 @@ def label_caches(
                 model, processor = load_model(args.model)
                 if hasattr(model, "merge_and_unload"):  # a LoRA adapter (demo-lora-vtw): label the merged model
                     model = model.merge_and_unload().eval()
-            records = load_records(data, split, stop).select(range(start, stop))
+            records = split_records(data, split, start, stop)
             log.info("labelling %d %s records (%s %d..%d) into %s", stop - start, name, split, start, stop - 1, path)
             began = time.perf_counter()
             cache = build_label_cache(model, processor, records, batch_size=args.label_batch_size, progress=False)
@@ -189,6 +189,20 @@ def label_caches(
             write_text_atomic(path / "done.json", json.dumps({"seconds": seconds, "samples": stop - start}) + "\n")
         loaded.setdefault(name, []).append(load_from_disk(str(path)).with_format("numpy")[:])
     return {name: {k: np.concatenate([c[k] for c in cs]) for k in cs[0]} for name, cs in loaded.items()}
+
+
+def split_records(data: str, split: str, start: int, stop: int):
+    """Records ``start..stop-1`` of ``split``; on the demo, records past the committed split come from the same
+    deterministic stream (:func:`dyvte.demo.data.build_records`, prefix-stable with ``checkpoints/demo-data``)."""
+    from dyvte.data.sources import load_records
+
+    if data == "demo":
+        from dyvte.demo import load_demo_dataset
+        from dyvte.demo.data import build_records
+
+        if stop > len(load_demo_dataset(split)):
+            return build_records(split, start, stop)
+    return load_records(data, split, stop).select(range(start, stop))
 
 
 def relative_flops(columns: dict[str, np.ndarray], model: str) -> np.ndarray:

@@ -2,8 +2,8 @@
 
     python train/adapt.py --config configs/adapt_demo.yaml       # -> runs/adapt-demo/lora-vtw (adapter only)
     python train/adapt.py --config configs/adapt_demo.yaml --model.distill 0 --output_dir runs/lora-ce
-    python train/eval.py --model demo --methods '[full, "static:all"]' --output_dir runs/eval-base
-    python train/eval.py --model runs/adapt-demo/lora-vtw --methods '[full, "static:all"]' \
+    python train/evaluate.py --model demo --methods '[full, "static:all"]' --output_dir runs/eval-base
+    python train/evaluate.py --model runs/adapt-demo/lora-vtw --methods '[full, "static:all"]' \
         --output_dir runs/eval-lora
     python train/adapt.py compare --base runs/eval-base --adapted runs/eval-lora    # side by side, earliest K
     python train/adapt.py --config configs/adapt_demo.yaml --output_dir checkpoints/demo-lora-vtw
@@ -75,7 +75,7 @@ class AdaptCLI(LightningCLI):
 
 
 def compare(base: str, adapted: str, tolerance: float = 0.005) -> None:
-    """Print base vs adapted accuracy for every K from two ``train/eval.py`` output directories.
+    """Print base vs adapted accuracy for every K from two ``train/evaluate.py`` output directories.
 
     Args:
         base: the base model's evaluate output directory (``full`` + ``static:all``).

@@ -3,6 +3,8 @@
     python train/report.py                     # writes runs/report/report.md, accuracy_vs_flops.png, exit_layers.png
     python train/report.py --samples 500       # a quicker, noisier pass (500 records, seeded, stratified by qtype)
     python train/report.py --output_dir docs --overwrite true   # regenerate the committed docs/report.md and PNGs
+    python train/report.py --benchmarks pope=pope.parquet mme=mme.parquet   # the paper-style benchmark table
+    python train/report.py --benchmarks pope=demo mme=demo --output_dir docs     # docs/benchmarks.md, on the demo
 
 Methods: static K (every K), calibrated K, exit heads (threshold sweep), FasterVLM / FastV (K = 2) / random keeping
 50/25/10/5% of the visual tokens, and FasterVLM + exit heads. Accuracy, agreement with the full model, relative

@@ -55,7 +55,7 @@ COMMANDS: dict[str, Command] = {
         "calibrate", "run", "VTW calibration: per-layer KL curve and the static exit layer", ("train",), "calibrate.py"
     ),
     "evaluate": Command(
-        "evaluate", "run", "run method strings over a dataset: accuracy, FLOPs, exits", ("train", "eval"), "eval.py"
+        "evaluate", "run", "run method strings over a dataset: accuracy, FLOPs, exits", ("train", "eval"), "evaluate.py"
     ),
     "report": Command(
         "report", "run", "the comparison report: every method at matched prefill FLOPs", ("train", "eval"), "report.py"

@@ -149,7 +149,9 @@ def main(
         for i, recs in enumerate(iter_batches(records, batch_size, processor=processor))
     ]
     cal = dyvte.calibrate(mllm, batches, threshold=threshold, positions=positions, processor=processor)
-    cal.record_digests = short_digests(split_digests(records))  # train/eval.py refuses to evaluate K on these records
+    cal.record_digests = short_digests(
+        split_digests(records)
+    )  # train/evaluate.py refuses to evaluate K on these records
     with staged_dir(output) as folder:  # the whole folder or nothing: no file of an earlier run survives
         cal.save(folder)
     file = Path(output) / FILENAME

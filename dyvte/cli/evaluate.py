@@ -1,7 +1,7 @@
 """``dyvte evaluate``: methods on a dataset, with accuracy, agreement with the full model, exit layers, prefill FLOPs
 and wall clock.
 
-``python train/eval.py`` runs the same job with the same options; its docstring lists the method strings
+``python train/evaluate.py`` runs the same job with the same options; its docstring lists the method strings
 (``full``, ``static:K``, ``heads:DIR``, ``fastervlm:R``, ``A+B``, registered kinds with ``--plugins``) and the
 outputs (``results.json``, one JSON per method and ``accuracy_vs_flops.png`` under ``--output_dir``, default
 ``runs/eval``). Needs the ``dyvte[train,eval]`` extras (jsonargparse, torchmetrics, matplotlib).
@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
+from dyvte.cli.benchmarks import benchmark_data, score_results  # noqa: E402
 from dyvte.cli.help import (  # noqa: E402
     COMMON,
     HelpOption,
@@ -179,6 +180,8 @@ def main(
     allow_other_model: bool = False,
     overwrite: bool = False,
     allow_overlap: bool = False,
+    benchmark: str | None = None,
+    benchmark_prompt: str = "auto",
 ) -> list[dyvte.EvalResult]:
     """Run each method over the dataset and report.
 
@@ -213,18 +216,35 @@ def main(
             is replaced with a warning). A folder holding anything else is never replaced.
         allow_overlap: evaluate calibrated thresholds (``heads:DIR``, ``calibrated:DIR``) even when more than 5% of
             the records are ones they were calibrated on; any such record is warned about.
+        benchmark: score ``data`` as this standard benchmark (pope, mme, gqa, textvqa, vqav2, scienceqa, mmbench):
+            ``data`` is a parquet file in the benchmark's HF ``datasets`` layout (:mod:`dyvte.eval.scorers`), or
+            ``demo`` for the demo's own POPE / MME-style set; each method's benchmark scores go to ``results.json``
+            under ``"benchmark"`` and are printed. ``split`` is not used and ``samples`` is refused.
+        benchmark_prompt: the instruction after each benchmark question: ``auto`` (LLaVA-1.5's for the benchmark,
+            none on the demo's sets), ``llava``, ``none`` or the text itself.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     replacing = check_arguments(  # before any work
         samples, methods, batch_size, max_new_tokens, dtype, output_dir, device, seed, image_folder, overwrite
     )
+    loaded = None
+    if benchmark is not None:  # the file is read and checked before the model loads
+        if samples is not None:
+            raise ValueError(
+                "--samples does not apply with --benchmark (it would break MME's pairs and MMBench's circular "
+                "groups): write a smaller benchmark file instead"
+            )
+        loaded = benchmark_data(benchmark, data, benchmark_prompt)
     load_plugins(list(plugins))
     mllm, processor = load_model(model, dtype, prompt_template, device=device)
     num_layers = resolve(mllm).num_layers
     chosen = resolve_methods(list(methods), mllm, num_layers, processor, allow_other_model)  # before any forward
-    records = load_records(
-        data, split, image_folder=image_folder, skip_bad_rows=skip_bad_rows, sample=samples, seed=seed
-    )
+    if loaded is not None:
+        records = loaded.records
+    else:
+        records = load_records(
+            data, split, image_folder=image_folder, skip_bad_rows=skip_bad_rows, sample=samples, seed=seed
+        )
     if len(records) == 0:
         raise ValueError(f"--data {data} --split {split} holds no records to evaluate")
     check_calibration_overlap(chosen, records, allow_overlap, f"--data {data} --split {split}")  # before any forward
@@ -237,8 +257,9 @@ def main(
     for result in results:
         warn_if_shifted(result)
     timing = time_again(mllm, processor, records, full, load_start, kwargs)
+    scores = None if loaded is None else {"name": benchmark, "prompt": loaded.prompt, **score_results(loaded, results)}
     with staged_dir(output_dir) as out:  # the whole folder or nothing: no file of an earlier run survives
-        write_results(results, timing, out, model, data, split, dtype, device, len(records), num_layers)
+        write_results(results, timing, out, model, data, split, dtype, device, len(records), num_layers, scores)
     log.info(
         "results written to %s (results.json, one JSON per method, accuracy_vs_flops.png)", Path(output_dir).absolute()
     )
@@ -305,17 +326,24 @@ def write_results(
     device: str,
     samples: int,
     num_layers: int,
+    benchmark: dict | None = None,
 ) -> None:
-    """Write every result, ``results.json`` and the plot into ``out`` and print the tables."""
+    """Write every result, ``results.json`` and the plot into ``out`` and print the tables (with ``benchmark``: the
+    benchmark's scores per method, :func:`dyvte.cli.benchmarks.score_results`, saved under ``"benchmark"``)."""
     full = results[0]
     for r in results:
         r.save(out / file_name(r.method))
     saved = {**{r.method: r.metrics for r in results}, "timing": timing.record()}
+    if benchmark is not None:
+        saved["benchmark"] = benchmark
     write_text_atomic(out / "results.json", json.dumps(saved, indent=1) + "\n")
     plot_sweep(results, out / "accuracy_vs_flops.png", title=f"{model} / {split} ({samples} samples)")
     print(f"\n{model} on {data}/{split}, {samples} samples, {dtype} on {device}\n")
     print(format_table(results, unreliable=not timing.reliable))
     print(timing_note(timing))
+    if benchmark is not None:
+        print(f"\n{benchmark['name']} scores (dyvte.eval.scorers)\n")
+        print(benchmark_markdown(results, benchmark))
     print("\naccuracy per question type\n")
     print(format_per_type(results, "accuracy"))
     print("\nagreement with the full model per question type\n")
@@ -324,6 +352,18 @@ def write_results(
     static[num_layers] = static.get(num_layers, full)
     if sorted(static) == list(range(num_layers + 1)):
         summarize(full, static, [r for r in results[1:] if not r.method.startswith("static")], num_layers, out)
+
+
+def benchmark_markdown(results: list[dyvte.EvalResult], benchmark: dict) -> str:
+    """One row per method: the benchmark's headline scores, relative prefill FLOPs and prefill time."""
+    columns = list(dict.fromkeys(c for r in results for c in benchmark[r.method]["headline"]))
+    lines = ["| method | " + " | ".join(columns) + " | rel. prefill FLOPs | prefill ms/sample |"]
+    lines.append("|---" * (len(columns) + 3) + "|")
+    for r in results:
+        m, head = r.metrics["all"], benchmark[r.method]["headline"]
+        cells = " | ".join(f"{head[c]:.1f}" for c in columns)
+        lines.append(f"| {r.method} | {cells} | {m['relative_flops']:.3f} | {m['prefill_ms']:.2f} |")
+    return "\n".join(lines)
 
 
 def time_again(mllm, processor, records, full: dyvte.EvalResult, load_start: float | None, kwargs: dict) -> TimingCheck:
@@ -393,6 +433,11 @@ def short_help(prog: str) -> str:
             "heads:DIR[:P,...], fastervlm:R, random:R, fastv:K:R, A+B "
             f"(default: {json.dumps(list(defaults['methods']))})",
         ),
+        HelpOption(
+            "--benchmark NAME",
+            "score --data as a standard benchmark: pope, mme, gqa, textvqa, vqav2, scienceqa, mmbench (--data: its "
+            "parquet file, or demo for the demo's POPE / MME-style set)",
+        ),
         HelpOption("--output_dir DIR", "where results.json, one JSON per method and the plot go (default: runs/eval)"),
         HelpOption("--overwrite true", "replace an --output_dir that holds an earlier evaluation (refused without)"),
         HelpOption("--plugins LIST", "files or modules that register more exit policies or pruning methods"),
@@ -406,12 +451,13 @@ def short_help(prog: str) -> str:
         [
             f'{prog} --methods \'["full", "heads:runs/fit-demo/exit-heads", "static:7"]\'',
             f"{prog} --data records.jsonl --image_folder images/ --samples 500 --seed 1 --device cuda",
+            f"{prog} --benchmark pope --data pope.parquet --methods '[\"heads:runs/fit-demo/exit-heads\"]'",
         ],
     )
 
 
 def run(args: list[str] | None = None, prog: str | None = None) -> list[dyvte.EvalResult]:
-    """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/eval.py`` parses it.
+    """Run :func:`main` on the command line, parsed by jsonargparse as ``python train/evaluate.py`` parses it.
 
     ``-h`` / ``--help`` prints the short help (:func:`short_help`), ``--help all`` every option.
 

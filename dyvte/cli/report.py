@@ -8,6 +8,7 @@ Writes ``report.md``, ``accuracy_vs_flops.png`` and ``exit_layers.png`` under ``
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -21,7 +22,8 @@ import torch  # noqa: E402
 from jsonargparse import CLI  # noqa: E402
 
 import dyvte  # noqa: E402
-from dyvte.cli.evaluate import check_calibration_overlap  # noqa: E402
+from dyvte.cli.benchmarks import TABLE_OUTPUTS, benchmark_data, parse_benchmarks, run_table  # noqa: E402
+from dyvte.cli.evaluate import check_calibration_overlap, resolve_methods  # noqa: E402
 from dyvte.cli.help import (  # noqa: E402
     COMMON,
     HelpOption,
@@ -70,8 +72,12 @@ def main(
     skip_bad_rows: bool = False,
     overwrite: bool = False,
     allow_overlap: bool = False,
+    benchmarks: list[str] = (),
+    benchmark_prompt: str = "auto",
+    table_methods: list[str] | None = None,
+    benchmarks_table: str = "docs/benchmarks.md",
 ) -> None:
-    """Run every method and write the report.
+    """Run every method and write the report; with ``benchmarks``, the paper-style benchmark table instead.
 
     Args:
         model: "demo" or a local model directory.
@@ -95,7 +101,7 @@ def main(
         prompt_template: prompt format string with {question} for a model without a chat template (dyvte.data.prompts).
         methods: more method strings to run and report beside the built-in ones (any registered kind).
         plugins: ``.py`` files or module names to import first (they register the exit policies or pruning methods
-            that ``methods`` names; see ``train/eval.py``).
+            that ``methods`` names; see ``train/evaluate.py``).
         device: where the model runs: cpu, cuda or cuda:N.
         dtype: float32 (the committed report's) or bfloat16 (float16 only with a CUDA --device).
         image_folder: resolve relative image paths against this folder (default: the records file's folder).
@@ -106,8 +112,36 @@ def main(
             replaced with a warning).
         allow_overlap: report calibrated thresholds even when more than 5% of the records are ones they were
             calibrated on (any such record is warned about).
+        benchmarks: ``NAME=PATH`` entries (``pope=pope.parquet``, ``mme=demo``; on the command line also
+            ``--benchmarks pope=A mme=B``): write the paper-style table instead of the report: one row per method
+            (the full model and ``table_methods``), one column per benchmark's headline score
+            (:mod:`dyvte.eval.scorers`), with relative prefill FLOPs and prefill time, into
+            ``<output_dir>/benchmarks.md`` and ``benchmarks.json``.
+        benchmark_prompt: the instruction after each benchmark question (``auto``: LLaVA-1.5's, none on the demo's
+            sets; ``llava``; ``none``; or the text).
+        table_methods: the table's methods (default: static K = 3L/4, ``calibrated:<calibration>``,
+            ``heads:<heads>`` at their calibrated thresholds, FasterVLM keeping ``keep[1]`` of the visual tokens).
+        benchmarks_table: the table written by ``--benchmarks`` (included in the report as is).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if benchmarks:
+        return benchmark_table(
+            model,
+            list(benchmarks),
+            benchmark_prompt,
+            table_methods,
+            heads,
+            calibration,
+            list(keep),
+            batch_size,
+            output_dir,
+            prompt_template,
+            list(plugins),
+            device,
+            dtype,
+            overwrite,
+            allow_overlap,
+        )
     check_data_options(samples, seed, image_folder)  # before any work
     check_dtype(dtype, check_device(device, "--device"), option="--dtype")
     replacing = check_output_files(
@@ -166,6 +200,7 @@ def main(
         mixed_path=mixed,
         decode_path=decode,
         dtype=dtype,
+        benchmarks_path=benchmarks_table,
     )
     text = text.replace(PROMISE_MARK, promise(results, heads))
     with staged_files(output_dir) as out:  # the three files replace the earlier ones together, or none does
@@ -236,6 +271,7 @@ def render(
     mixed_path: str = "docs/mixed.md",
     decode_path: str = "docs/decode.md",
     dtype: str = "float32",
+    benchmarks_path: str = "docs/benchmarks.md",
 ) -> str:
     """The report's Markdown (``results[0]`` is the full model; ``again`` is its second timed pass)."""
     full = results[0]
@@ -297,6 +333,14 @@ def render(
             "calibrated K and the pruning methods shorten every row at once. The realistic-shape table below times "
             "the heads at batch 1, and the mixed-exit section times a grouped batch.",
             "",
+            "## Standard benchmarks (paper-style table)",
+            "",
+            "Each method's headline score on benchmark files in their public layouts (`dyvte.eval.scorers`), with "
+            "its relative prefill FLOPs and prefill time: `train/report.py --benchmarks`, included from "
+            f"`{benchmarks_path}`:",
+            "",
+            included(benchmarks_path, "train/report.py --benchmarks pope=demo mme=demo --output_dir docs"),
+            "",
             "## Accuracy per question type",
             "",
             format_per_type(results, "accuracy"),
@@ -329,6 +373,64 @@ def render(
             included(decode_path, "benchmarks/decode.py"),
         ]
     )
+
+
+def benchmark_table(
+    model: str,
+    benchmarks: list[str],
+    prompt: str,
+    table_methods: list[str] | None,
+    heads: str,
+    calibration: str,
+    keep: list[float],
+    batch_size: int,
+    output_dir: str,
+    prompt_template: str | None,
+    plugins: list[str],
+    device: str,
+    dtype: str,
+    overwrite: bool,
+    allow_overlap: bool,
+) -> None:
+    """``report --benchmarks``: the paper-style table (:func:`main`'s ``benchmarks``); every file is read and every
+    method checked before the first forward."""
+    check_dtype(dtype, check_device(device, "--device"), option="--dtype")
+    replacing = check_output_files(
+        "--output_dir",
+        output_dir,
+        TABLE_OUTPUTS,
+        overwrite=overwrite,
+        default=is_default(output_dir, runs_dir("report")),
+        what="benchmark table",
+    )
+    paths = parse_benchmarks(benchmarks)
+    sets = {name: benchmark_data(name, path, prompt) for name, path in paths.items()}
+    if replacing:
+        log.log(logging.INFO if overwrite else logging.WARNING, "%s", replacing)
+    load_plugins(plugins)
+    mllm, processor = load_model(model, dtype, prompt_template, device=device)
+    num_layers = resolve(mllm).num_layers
+    if table_methods is None:
+        keep_share = keep[1] if len(keep) > 1 else keep[0]
+        table_methods = [
+            f"static:{3 * num_layers // 4}",
+            f"calibrated:{calibration}",
+            f"heads:{heads}",
+            f"fastervlm:{1 - keep_share:g}",
+        ]
+    chosen = resolve_methods(list(table_methods), mllm, num_layers, processor)
+    for name, loaded in sets.items():
+        check_calibration_overlap(chosen, loaded.records, allow_overlap, f"--benchmarks {name}")
+    text, saved = run_table(mllm, processor, sets, chosen, batch_size, max_new_tokens=4)
+    command = "python train/report.py --benchmarks " + " ".join(benchmarks)
+    if not is_default(output_dir, runs_dir("report")):
+        command += f" --output_dir {output_dir}"
+    text = f"Generated by `{command}` ({model} model, {DTYPE_NAMES.get(dtype, dtype)}).\n\n{text}"
+    with staged_files(output_dir) as out:
+        (out / "benchmarks.md").write_text(text + "\n")
+        (out / "benchmarks.json").write_text(json.dumps({"command": command, **saved}, indent=1) + "\n")
+    print(text)
+    log.info("benchmark table written to %s (%s)", Path(output_dir).absolute(), ", ".join(TABLE_OUTPUTS))
 
 
 def included(path: str, script: str) -> str:
@@ -368,6 +470,11 @@ def short_help(prog: str) -> str:
         HelpOption("--heads DIR", f"the exit heads (default: {defaults['heads']})"),
         HelpOption("--calibration DIR", f"the VTW calibration (default: {defaults['calibration']})"),
         HelpOption("--methods LIST", "more method strings to report beside the built-in ones (see dyvte evaluate)"),
+        HelpOption(
+            "--benchmarks NAME=PATH ...",
+            "the paper-style table instead: one row per method, one column per benchmark (pope, mme, gqa, textvqa, "
+            "vqav2, scienceqa, mmbench; PATH a parquet file, or demo for pope / mme) -> benchmarks.md",
+        ),
         HelpOption("--output_dir DIR", "where report.md and its PNGs go (default: runs/report)"),
         HelpOption("--overwrite true", "replace the report.md and PNGs of an earlier report there (refused without)"),
     ]
@@ -379,8 +486,31 @@ def short_help(prog: str) -> str:
         [
             f"{prog} --samples 500                # a quicker, noisier pass -> runs/report/report.md",
             f"{prog} --heads runs/fit-demo/exit-heads --calibration runs/calibrate-demo",
+            f"{prog} --benchmarks pope=pope.parquet mme=mme.parquet --output_dir runs/table",
         ],
     )
+
+
+def list_option(args: list[str], name: str) -> list[str]:
+    """``args`` with ``NAME a b c`` (space-separated values up to the next option) written as ``NAME=["a","b","c"]``,
+    the JSON list jsonargparse parses; ``NAME=[...]`` and ``NAME '[...]'`` stay as they are."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] != name:
+            out.append(args[i])
+            i += 1
+            continue
+        values = []
+        i += 1
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        if len(values) == 1 and values[0].lstrip().startswith("["):
+            out += [name, values[0]]
+        else:
+            out.append(f"{name}={json.dumps(values)}")
+    return out
 
 
 def run(args: list[str] | None = None, prog: str | None = None) -> None:
@@ -393,6 +523,7 @@ def run(args: list[str] | None = None, prog: str | None = None) -> None:
         prog: the program name in usage and help messages (default: the script's file name).
     """
     mode, args = help_request(sys.argv[1:] if args is None else args)
+    args = list_option(args, "--benchmarks")
     if mode == "short":
         print(short_help(prog or Path(sys.argv[0]).name))
         raise SystemExit(0)

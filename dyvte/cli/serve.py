@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -137,7 +138,7 @@ def main(options: argparse.Namespace) -> None:
         host=options.host,
         port=options.port,
         log_level="warning",
-        timeout_graceful_shutdown=int(round(options.drain_timeout)) or None,
+        timeout_graceful_shutdown=math.ceil(options.drain_timeout),  # None would wait forever
     )
     server = uvicorn.Server(config)
     server.run()  # on SIGTERM / SIGINT: stops listening, drains, then re-raises the signal (uvicorn)

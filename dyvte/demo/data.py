@@ -310,7 +310,15 @@ def build_dataset(seed: int = 0, sizes: DatasetSizes | None = None, cfg: SceneCo
 
     sizes = sizes or DatasetSizes()
     cfg = cfg or SceneConfig()
-    features = datasets.Features(
+    out = {split: build_records(split, 0, n, seed, cfg) for split, n in sizes.as_dict().items()}
+    return datasets.DatasetDict(out)
+
+
+def _features():
+    """The stored dataset's ``datasets.Features``."""
+    import datasets
+
+    return datasets.Features(
         {
             "image": datasets.Image(),
             "question": datasets.Value("string"),
@@ -320,15 +328,30 @@ def build_dataset(seed: int = 0, sizes: DatasetSizes | None = None, cfg: SceneCo
             "sources": datasets.Sequence(datasets.Value("int16")),
         }
     )
-    out = {}
-    for split, n in sizes.as_dict().items():
-        records = []
-        for _, rec in zip(range(n), iter_records(split, seed, cfg), strict=False):
+
+
+def build_records(split: str, start: int, stop: int, seed: int = 0, cfg: SceneConfig | None = None):
+    """Records ``start..stop-1`` of one split's deterministic stream, as :func:`build_dataset` stores them.
+
+    Prefix-stable: ``build_records(split, a, b)`` equals records ``a..b-1`` of ``build_dataset(...)[split]`` for any
+    stored size ``>= b``, images included, so a run may take more training records than ``checkpoints/demo-data``
+    holds (only records ``start..`` are rendered).
+
+    Returns:
+        ``datasets.Dataset`` with the stored dataset's columns.
+    """
+    import datasets
+
+    if not 0 <= start <= stop:
+        raise ValueError(f"build_records: 0 <= start <= stop expected, got {start}, {stop}")
+    cfg = cfg or SceneConfig()
+    features = _features()
+    records = []
+    for index, rec in zip(range(stop), iter_records(split, seed, cfg), strict=False):
+        if index >= start:
             rec["image"] = Image.fromarray(render_scene(rec["sources"], cfg))
             records.append(rec)
-        if records:
-            out[split] = datasets.Dataset.from_list(records, features=features)
-        else:
-            out[split] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-        logger.info("built %s: %d records", split, n)
-    return datasets.DatasetDict(out)
+    logger.info("built %s records %d..%d", split, start, stop - 1)
+    if records:
+        return datasets.Dataset.from_list(records, features=features)
+    return datasets.Dataset.from_dict({k: [] for k in features}, features=features)

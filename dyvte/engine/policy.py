@@ -57,7 +57,7 @@ POLICY_SYNTAX: dict[str, MethodSyntax] = {}
 def register_policy(name: str, factory: PolicyFactory, syntax: MethodSyntax | None = None) -> PolicyFactory:
     """Register ``factory`` (``factory(model, **options) -> ExitPolicy``) under ``name``; returns it unchanged.
 
-    With ``syntax``, the evaluation harness runs the policy from method strings ``name:ARGS`` (``train/eval.py
+    With ``syntax``, the evaluation harness runs the policy from method strings ``name:ARGS`` (``train/evaluate.py
     --methods``, the report, compositions ``pruning+name:ARGS``) and names its table rows, with no other edit.
 
     Raises:

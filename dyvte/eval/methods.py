@@ -7,7 +7,7 @@ LLM received from ``fed_tokens`` / ``fed_visual`` / ``visual_after``.
 This module keeps no list of methods. A method string ``KIND:ARGS`` is parsed by the
 :class:`dyvte.utils.syntax.MethodSyntax` registered with ``KIND``: an exit policy's
 (:func:`dyvte.engine.policy.register_policy`) or a pruning method's (:func:`dyvte.pruning.prune.register_pruning`).
-A new policy registered with a syntax therefore runs in ``train/eval.py`` and the report with no edit here.
+A new policy registered with a syntax therefore runs in ``train/evaluate.py`` and the report with no edit here.
 """
 
 from __future__ import annotations

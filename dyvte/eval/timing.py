@@ -1,6 +1,6 @@
 """When a run's wall-clock timings are noise: the full model timed twice, and the machine's load around the run.
 
-``train/eval.py`` (like ``train/report.py``) times the full model first and again after every other method. The two
+``train/evaluate.py`` (like ``train/report.py``) times the full model first and again after every other method. The two
 passes bracket the sweep: if they differ by more than :data:`MAX_DRIFT` of their mean, the machine's speed changed
 during the run (another job, thermal throttling, a frequency governor), and a method's time cannot be told from the
 drift. A 1-minute load average above the number of usable cores at the start or at the end means the timed process

@@ -14,7 +14,9 @@ Label rules (``ok[K]``: "exiting at K is acceptable"):
   checkpoints/README.md).
 
 Targets: head j (exit layer K = j + 1) learns ``safe_from[K]``: ``ok`` at K and at every later exit layer, the
-oracle's own target; ``dyvte-layer`` keeps the paper's per-layer target ``dyvte[K]`` (not monotone).
+oracle's own target; the ``-layer`` rules keep the per-layer target ``ok[K]`` (not monotone): ``dyvte-layer`` the
+paper's, ``agreement-layer`` ``match[K]``, exactly the promised risk of a first exit at K (an answer that equals the
+full model's at K is not made wrong by a later layer's disagreement).
 
 Exits: the first head j with P(exit) >= its threshold gives K = j + 1; none gives L (nothing withdrawn). Before a
 row's exit no token has left, so the heads read exactly the cached full-model features: the simulated exit layer
@@ -52,7 +54,7 @@ __all__ = [
     "safe_from",
 ]
 
-LABEL_RULES = ("agreement", "kl", "dyvte", "dyvte-layer")
+LABEL_RULES = ("agreement", "agreement-layer", "kl", "dyvte", "dyvte-layer")
 
 
 def check_rule(rule: str) -> str:
@@ -69,7 +71,7 @@ def check_rule(rule: str) -> str:
 def exit_ok(columns: Mapping[str, np.ndarray], rule: str, eta: float = 0.05) -> np.ndarray:
     """``(N, L)`` bool: exiting at K = 0..L-1 is acceptable under ``rule`` (``eta``: the ``kl`` rule's bound)."""
     rule = check_rule(rule)
-    if rule == "agreement":
+    if rule in ("agreement", "agreement-layer"):
         return np.asarray(columns["match"], dtype=bool)
     if rule == "kl":
         return np.asarray(columns["kl"]) <= eta
@@ -85,7 +87,7 @@ def head_targets(columns: Mapping[str, np.ndarray], rule: str, eta: float = 0.05
     """``(N, L-1)`` float targets of heads j = 0..L-2 (exit layer j + 1) under ``rule`` (module docstring)."""
     rule = check_rule(rule)
     ok = exit_ok(columns, rule, eta)
-    target = ok if rule == "dyvte-layer" else safe_from(ok)
+    target = ok if rule.endswith("-layer") else safe_from(ok)
     return torch.from_numpy(np.ascontiguousarray(target[:, 1:])).float()
 
 

@@ -41,8 +41,8 @@ class Calibration:
             :meth:`check_model` refuses any other model unless told to allow it. ``None`` (a file written before
             fingerprints): accepted with a warning that the model cannot be checked.
         record_digests: the digests of the records it was calibrated on, in the compact form of
-            :func:`dyvte.data.fingerprints.short_digests` (``train/calibrate.py`` saves them, so that ``train/eval.py``
-            can refuse to evaluate the layer on those very records); ``None``: not known.
+            :func:`dyvte.data.fingerprints.short_digests` (``train/calibrate.py`` saves them, so that
+            ``train/evaluate.py`` can refuse to evaluate the layer on those very records); ``None``: not known.
     """
 
     layer: int

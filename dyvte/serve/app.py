@@ -24,7 +24,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -142,7 +141,12 @@ def create_app(
             return JSONResponse(error_body("the chat page is not installed (dyvte/serve/static/index.html)"), 404)
         return FileResponse(index)
 
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    @app.get("/static/{name:path}")
+    async def static(name: str) -> Response:
+        path = (STATIC / name).resolve()
+        if not path.is_relative_to(STATIC) or not path.is_file():  # nothing outside the page's folder
+            return JSONResponse(error_body(f"no file {name!r} in the chat page's folder", None, "http_404"), 404)
+        return FileResponse(path)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

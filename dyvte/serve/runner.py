@@ -220,14 +220,15 @@ class RowWatch(StoppingCriteria):
             token = last[row]
             self.completion[row] += 1
             if token in self.eos:
-                self.finish(row, "stop")
+                self.advance(row, final="stop")
                 continue
             self.tokens[row].append(token)
-            self.advance(row, final=self.completion[row] >= job.request.max_tokens)
+            self.advance(row, final="length" if self.completion[row] >= job.request.max_tokens else None)
         return torch.tensor([reason is not None for reason in self.done], device=input_ids.device)
 
-    def advance(self, row: int, final: bool) -> None:
-        """Emit the row's new text; a stop string ends it; ``final``: its last token (``length``)."""
+    def advance(self, row: int, final: str | None) -> None:
+        """Emit the row's new text; a stop string ends it (cut out); ``final``: the row ends here for that reason
+        (``stop``: its end token, ``length``: its ``max_tokens``), with all its text."""
         stops = self.jobs[row].request.stop
         text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
@@ -235,9 +236,9 @@ class RowWatch(StoppingCriteria):
             self.emit_text(row, text[:cut])
             self.finish(row, "stop")
             return
-        if final:
+        if final is not None:
             self.emit_text(row, text)
-            self.finish(row, "length")
+            self.finish(row, final)
             return
         hold = max((len(s) - 1 for s in stops), default=0)  # the start of a stop string may still be coming
         self.emit_text(row, text[: len(text) - hold] if hold else text)
@@ -250,9 +251,7 @@ class RowWatch(StoppingCriteria):
             self.sent[row] = text
 
     def finish(self, row: int, reason: str) -> None:
-        """End the row: its remaining text, then the ``end`` event with usage and its ``dyvte`` block."""
-        if reason == "stop" and not self.jobs[row].request.stop:
-            self.emit_text(row, self.tokenizer.decode(self.tokens[row], skip_special_tokens=True))
+        """End the row: the ``end`` event with usage and its ``dyvte`` block (its text was emitted)."""
         self.done[row] = reason
         job = self.jobs[row]
         usage = {
@@ -266,7 +265,7 @@ class RowWatch(StoppingCriteria):
         """After ``generate``: end every row still open (``length``; a cancelled one silently)."""
         for row in range(len(self.jobs)):
             if self.done[row] is None:
-                self.advance(row, final=True) if self.tokens[row] else self.finish(row, "length")
+                self.advance(row, final="length")
 
 
 def _ids(value: Any) -> list[int]:

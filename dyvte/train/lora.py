@@ -328,7 +328,7 @@ def _sweep(run_dir: Path) -> tuple[dict[int, dict[str, float]], EvalResult]:
 
 
 def compare_sweeps(base_dir: str | Path, adapted_dir: str | Path, tolerance: float = 0.005) -> tuple[str, dict]:
-    """Side-by-side accuracy vs exit layer K of two ``train/eval.py`` runs (``full`` + ``static:all``).
+    """Side-by-side accuracy vs exit layer K of two ``train/evaluate.py`` runs (``full`` + ``static:all``).
 
     Args:
         base_dir: output directory of the base model's run.

@@ -22,7 +22,7 @@ from ..scripts import REPO_ROOT, fit_args, load_script, make_fit_setup
 LAUNCHERS = {
     "fit": "fit.py",
     "calibrate": "calibrate.py",
-    "evaluate": "eval.py",
+    "evaluate": "evaluate.py",
     "report": "report.py",
     "serve": "serve.py",
 }
@@ -38,7 +38,7 @@ def test_help_lists_every_command_on_one_screen(capsys):
         assert any(line.startswith(f"  {name} ") for line in lines), name
         assert f"the same as python train/{launcher}" in text
     assert "needs dyvte[train]; the same as python train/fit.py" in text
-    assert "needs dyvte[train,eval]; the same as python train/eval.py" in text
+    assert "needs dyvte[train,eval]; the same as python train/evaluate.py" in text
     assert "needs dyvte[serve]; the same as python train/serve.py" in text
 
 

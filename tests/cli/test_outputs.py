@@ -112,7 +112,8 @@ def test_a_folder_that_is_not_a_runs_output_is_never_replaced(setup_dir, tmp_pat
 
 
 def test_the_default_folder_is_replaced_with_a_warning(setup_dir, tmp_path, monkeypatch, caplog):
-    """`python train/eval.py` twice: the default runs/eval is the latest run's, and the log says what it replaced."""
+    """`python train/evaluate.py` twice: the default runs/eval is the latest run's, and the log says what it
+    replaced."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "eval"
     out.mkdir(parents=True)

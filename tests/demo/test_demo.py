@@ -26,7 +26,7 @@ from dyvte.demo import (
     num_image_tokens,
     prepare_generation_inputs,
 )
-from dyvte.demo.data import DatasetSizes, load_digit_images, render_scene, split_digit_pools
+from dyvte.demo.data import DatasetSizes, build_records, load_digit_images, render_scene, split_digit_pools
 from dyvte.demo.model import scene_pixel_values
 
 from ..scripts import REPO_ROOT
@@ -213,6 +213,19 @@ def test_stored_dataset_matches_the_builder():
     for split in stored:
         head = stored[split].select(range(5))
         assert head["question"] == rebuilt[split]["question"] and head["sources"] == rebuilt[split]["sources"]
+
+
+def test_records_past_the_stored_split_continue_its_stream():
+    """build_records(split, a, b) is records a..b-1 of the split as build_dataset stores it, images included."""
+    whole = build_dataset(seed=3, sizes=DatasetSizes(train=40, validation=0, test=0))["train"]
+    tail = build_records("train", 25, 40, seed=3)
+    assert len(tail) == 15
+    assert tail["question"] == whole["question"][25:] and tail["sources"] == whole["sources"][25:]
+    assert [np.asarray(i).tolist() for i in tail["image"][:3]] == [
+        np.asarray(i).tolist() for i in whole["image"][25:28]
+    ]
+    with pytest.raises(ValueError, match="start <= stop"):
+        build_records("train", 5, 2)
 
 
 # ------------------------------------------------------------------------------------------------ recipe

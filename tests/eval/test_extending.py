@@ -1,5 +1,5 @@
 """A new exit policy and a new pruning method, each one file plus one registration made outside the package, run
-end to end through the harness's method strings (``train/eval.py --plugins ... --methods ...``) into its tables."""
+end to end through the harness's method strings (``train/evaluate.py --plugins ... --methods ...``) into its tables."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_a_registered_policy_and_pruning_method_run_through_the_harness(plugin, 
     with pytest.raises(MethodError, match="unknown method 'middle'"):
         parse_method("middle", 4)  # nothing is registered until the plugin is loaded
 
-    script = load_script("train/eval.py")
+    script = load_script("train/evaluate.py")
     out = tmp_path / "eval"
     methods = ["middle", "static:2", "keepfirst:0.5", "random:0.5", "keepfirst:0.5+middle"]
     results = script.main(
@@ -66,7 +66,7 @@ def test_a_registered_policy_and_pruning_method_run_through_the_harness(plugin, 
 
 
 def test_a_missing_plugin_is_named_before_any_model_loads(tmp_path, monkeypatch):
-    from dyvte.cli import evaluate as script  # where main looks load_model up (train/eval.py re-exports main)
+    from dyvte.cli import evaluate as script  # where main looks load_model up (train/evaluate.py re-exports main)
 
     def forbid(*args, **kwargs):
         raise AssertionError("the model was loaded")

@@ -132,7 +132,7 @@ def test_directories_for_another_model_are_named_before_running(spec):
     "spec", [f"heads:{DEMO_HEADS}", f"calibrated:{DEMO_CALIBRATION}", f"random:0.5+heads:{DEMO_HEADS}"]
 )
 def test_demo_directories_on_the_lora_merged_demo_are_refused_unless_allowed(spec, caplog):
-    """The method strings of train/eval.py: refused before running, naming the weights; ``--allow_other_model``
+    """The method strings of train/evaluate.py: refused before running, naming the weights; ``--allow_other_model``
     (:func:`dyvte.eval.methods.allow_other_model`) runs them with a warning."""
     pytest.importorskip("peft")
     from dyvte.cli.evaluate import resolve_methods

@@ -50,9 +50,13 @@ def test_rules_targets_and_first_exit():
     assert head_targets(columns, "kl", eta=0.05).tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 0]]
     assert head_targets(columns, "kl", eta=0.25).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0]]
     assert head_targets(columns, "dyvte-layer").tolist() == paper[:, 1:].astype(float).tolist()
+    # agreement-layer: match[K] alone, the risk of a first exit at K (row 0 agrees at K = 2 and 3, not at 1)
+    assert head_targets(columns, "agreement-layer").tolist() == match[:, 1:].astype(float).tolist()
     assert check_rule("dyvte-layer") == "dyvte-layer" and check_rule("dyvte") == "dyvte"
     assert exit_ok(columns, "dyvte").tolist() == paper.tolist()
-    with pytest.raises(ValueError, match="label_rule must be one of agreement, kl, dyvte, dyvte-layer"):
+    with pytest.raises(
+        ValueError, match="label_rule must be one of agreement, agreement-layer, kl, dyvte, dyvte-layer"
+    ):
         check_rule("safe")
     logits = exit_logit(torch.tensor([[0.1, 0.9, 0.2], [0.95, 0.1, 0.1], [0.1, 0.1, 0.1]])).float()
     assert first_exit(logits, exit_logit(torch.tensor([0.9, 0.9, 0.9]))).tolist() == [2, 1, 4]

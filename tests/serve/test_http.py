@@ -14,6 +14,8 @@ import re
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -128,6 +130,8 @@ def test_max_tokens_stop_and_seed(client, offline, records):
     cut = client.chat.completions.create(model=MODEL, messages=messages(records[index]), stop=[stop])
     assert cut.choices[0].message.content == answers[index][: answers[index].find(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    never = client.chat.completions.create(model=MODEL, messages=messages(records[index]), stop=["\u00a7\u00a7"])
+    assert (never.choices[0].message.content, never.choices[0].finish_reason) == (answers[index], "stop")
     sampled = [
         client.chat.completions.create(model=MODEL, messages=messages(records[1]), temperature=1.0, seed=7)
         for _ in range(2)
@@ -250,3 +254,13 @@ def test_metrics_are_prometheus_text_with_exits_flops_and_the_heads_shift_check(
         assert metric(server, f"dyvte_{name}") > 0, name
     assert 'dyvte_request_errors_total{type="invalid_json"} 1' in text
     assert metric(server, "dyvte_exit_head_shift_rows") > 0 and "dyvte_exit_heads_shifted" in text
+
+
+def test_static_files_stay_inside_the_page_folder(server):
+    """``/static/<file>`` serves the chat page's folder only: a path out of it is a 404 with OpenAI's error JSON."""
+    for path in ("/static/..%2Fapp.py", "/static/..%2F..%2Fserve%2Fapp.py", "/static/no-such-file.js"):
+        try:
+            urllib.request.urlopen(f"{server}{path}", timeout=30)
+            raise AssertionError(f"{path} was served")
+        except urllib.error.HTTPError as error:
+            assert error.code == 404 and "error" in json.loads(error.read())

@@ -39,10 +39,18 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
 
     with load.start_server(log_path=tmp_path / "server.log") as server:
         with page.chrome(chromium, chromedriver) as driver:
-            driver.get(f"{server.url}/")  # asking without an image: the page says what is missing, sends nothing
+            driver.get(f"{server.url}/")  # bad input on the page: it says what is wrong and sends nothing
+            driver.find_element(By.ID, "ask").click()
+            no_question = driver.find_element(By.ID, "error").text
             driver.find_element(By.ID, "question").send_keys(records[index]["question"])
             driver.find_element(By.ID, "ask").click()
             no_image = driver.find_element(By.ID, "error").text
+            notes = tmp_path / "notes.txt"
+            notes.write_text("not an image")
+            driver.find_element(By.ID, "image-input").send_keys(str(notes))
+            WebDriverWait(driver, 10).until(lambda d: "not an image" in d.find_element(By.ID, "error").text)
+            not_image = driver.find_element(By.ID, "error").text
+            assert driver.find_element(By.ID, "answer").get_attribute("data-done") == "false"  # nothing was asked
             shown = page.ask(driver, server.url, image, records[index]["question"])  # the server's default: heads
             full = page.ask_full(driver)
             screenshot = REPO_ROOT / "runs" / "serve" / "page.png"
@@ -73,7 +81,9 @@ def test_page_streams_the_offline_answer_and_exit_layer_and_compares_with_full(t
     assert full["exit_layer"] == str(num_layers)
     assert full["agree"] == ("agree" if full_answer.strip() == answer.strip() else "differ")
     assert screenshot.stat().st_size > 1000
+    assert no_question == "type a question first"
     assert no_image == "pick or drop an image first"
+    assert not_image == "notes.txt is not an image (text/plain)"
     assert refused.startswith("400: ") and "static:3" in refused, refused
     assert (again["answer"], again["exit_layer"]) == (shown["answer"], shown["exit_layer"])
     other_answer, other_exit = reference["heads:0.5", index]

@@ -1,4 +1,4 @@
-"""The launchers (``train/fit.py``, ``adapt.py``, ``eval.py``, ``calibrate.py``, ``ablate_splits.py``) on bad
+"""The launchers (``train/fit.py``, ``adapt.py``, ``evaluate.py``, ``calibrate.py``, ``ablate_splits.py``) on bad
 arguments: each is refused with a message that names it, before any work, or handled correctly, never a silent wrong
 answer.
 
@@ -329,7 +329,7 @@ def _counting_loader(monkeypatch, script, forwards: list[int]) -> None:
 
 def test_evaluate_checks_every_method_before_the_full_model_runs(tmp_path, monkeypatch):
     """The issue's call: `'["static:0,1","static:9"]'` on the 8-layer demo ran full, K = 0, K = 1, then crashed."""
-    script = evaluate_cli  # the module whose load_model main calls (train/eval.py only re-exports main)
+    script = evaluate_cli  # the module whose load_model main calls (train/evaluate.py only re-exports main)
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     out = tmp_path / "eval"
@@ -357,7 +357,7 @@ def _two_heads_named_alike(root: Path) -> list[str]:
     ],
 )
 def test_evaluate_refuses_bad_methods_before_any_forward(setup_dir, tmp_path, monkeypatch, methods, match):
-    script = evaluate_cli  # the module whose load_model main calls (train/eval.py only re-exports main)
+    script = evaluate_cli  # the module whose load_model main calls (train/evaluate.py only re-exports main)
     forwards: list[int] = []
     _counting_loader(monkeypatch, script, forwards)
     methods = methods or _two_heads_named_alike(tmp_path)
@@ -414,7 +414,7 @@ CPU_FP16 = (
 @pytest.mark.parametrize(
     ("job", "kwargs"),
     [
-        ("dyvte.cli.evaluate", {"output_dir": "eval"}),  # train/eval.py, dyvte evaluate
+        ("dyvte.cli.evaluate", {"output_dir": "eval"}),  # train/evaluate.py, dyvte evaluate
         ("dyvte.cli.calibrate", {"output": "calibration"}),  # train/calibrate.py, dyvte calibrate
     ],
 )
@@ -540,7 +540,7 @@ def test_every_launcher_takes_prompt_template(tmp_path):
         calibrate(**kwargs, output=str(tmp_path / "cal"))
     calibrate(**kwargs, output=str(tmp_path / "cal"), prompt_template="USER: <image>\n{question} ASSISTANT:")
     assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["num_samples"] == 4
-    for script in ("train/calibrate.py", "train/eval.py", "train/report.py"):
+    for script in ("train/calibrate.py", "train/evaluate.py", "train/report.py"):
         assert "prompt_template" in inspect.signature(load_script(script).main).parameters, script
     for cls in (DataSource, AdaptModule):
         assert "prompt_template" in inspect.signature(cls).parameters, cls

@@ -1,10 +1,12 @@
 """Evaluate methods on a dataset: accuracy, agreement with the full model, exit layers, prefill FLOPs, wall clock.
 
-    python train/eval.py                                     # demo test split: full model and every static K
-    python train/eval.py --config configs/evaluate_demo.yaml
-    python train/eval.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
-    python train/eval.py --device cuda --dtype bfloat16      # on a GPU (float16 too; never float16 on CPU)
-    python train/eval.py --samples 500 --seed 1              # 500 records drawn at random, stratified by qtype
+    python train/evaluate.py                                     # demo test split: full model and every static K
+    python train/evaluate.py --config configs/evaluate_demo.yaml
+    python train/evaluate.py --config configs/evaluate_heads.yaml    # calibrated K and exit heads
+    python train/evaluate.py --device cuda --dtype bfloat16      # on a GPU (float16 too; never float16 on CPU)
+    python train/evaluate.py --samples 500 --seed 1              # 500 records drawn at random, stratified by qtype
+    python train/evaluate.py --benchmark pope --data pope.parquet   # a standard benchmark's file, scored its way
+    python train/evaluate.py --benchmark mme --data demo         # the demo's own MME-style set
 
 Method strings: full, static:K[,K...], static:all, calibrated:DIR, heads:DIR[:P,...], fastervlm:R, random:R,
 fastv:K:R (R = fraction of visual tokens pruned), A+B, and every kind registered with a method syntax
@@ -17,6 +19,10 @@ reliable, reasons, drift, loads, cores), <output_dir>/<method>.json, and
 <output_dir>/accuracy_vs_flops.png (default ``runs/eval`` under the working directory, ignored by git; with every
 static K also oracle.json), logs where, and prints the tables. Nothing is written under checkpoints/.
 
+``--benchmark pope|mme|gqa|textvqa|vqav2|scienceqa|mmbench --data FILE.parquet`` reads the benchmark's HF
+``datasets`` parquet layout and adds its published scores per method to the output (:mod:`dyvte.eval.scorers`,
+docs/guide.md "Standard benchmarks").
+
 The job is :mod:`dyvte.cli.evaluate`; ``dyvte evaluate`` (the console script) and
 ``python -m dyvte evaluate`` run it too, with the same options.
 """
@@ -28,4 +34,4 @@ if __name__ == "__main__":
 
     from dyvte.cli import user_errors
 
-    sys.exit(user_errors(run, None, None, "eval.py"))  # a refused input: one error line, status 2
+    sys.exit(user_errors(run, None, None, "evaluate.py"))  # a refused input: one error line, status 2
