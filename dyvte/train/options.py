@@ -131,8 +131,8 @@ class LabelOptions:
     Attributes:
         rule: what head j learns (:mod:`dyvte.exits.rules`): ``"agreement"`` (default: withdrawal at j + 1 and at
             every later exit layer gives the full model's answer), ``"kl"`` (answer KL <= ``kl_eta`` there),
-            ``"dyvte"`` (the paper's rule, made monotone the same way) or ``"dyvte-layer"`` (the paper's rule at
-            j + 1 only).
+            ``"dyvte"`` (the paper's rule, made monotone the same way), ``"dyvte-layer"`` (the paper's rule at
+            j + 1 only) or ``"agreement-layer"`` (the full model's answer at j + 1 only).
         kl_eta: the ``kl`` rule's bound, in nats.
         agree: DyVTE agreement threshold (the ``dyvte`` rules).
         loss_ratio: DyVTE loss-ratio threshold (the ``dyvte`` rules).

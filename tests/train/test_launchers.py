@@ -465,7 +465,7 @@ def test_report_refuses_cuda_without_it_before_loading(tmp_path, monkeypatch):
         ({"labels": {"loss_ratio": 0.9}}, r"loss_ratio \(--data.labels.loss_ratio\) must be >= 1"),
         (
             {"labels": {"rule": "safe"}},
-            r"--data.labels.rule: label_rule must be one of agreement, kl, dyvte, dyvte-layer",
+            r"--data.labels.rule: label_rule must be one of agreement, agreement-layer, kl, dyvte, dyvte-layer",
         ),
         ({"labels": {"kl_eta": 0.0}}, r"kl_eta \(--data.labels.kl_eta\) must be > 0"),
         (
