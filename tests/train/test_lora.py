@@ -263,7 +263,7 @@ def _oracle_comparison(base_dir: Path, adapted_dir: Path, gold: list[str], toler
 
 
 def test_evaluate_script_on_the_adapter_dir_and_side_by_side_comparison(adapter_dir, setup_dir, capsys):
-    evaluate_main = _load_script("eval").main
+    evaluate_main = _load_script("evaluate").main
     common = {"split": "train", "batch_size": 6, "max_new_tokens": 2}
     # gold answers = the base model's own full answers: accuracy is then agreement with it, which withdrawal changes
     # K by K (the tiny models never produce the records' answers: every accuracy would be 0 and every K "earliest")
