@@ -44,7 +44,6 @@ import ablate_heads as ab  # noqa: E402
 from dyvte.exits.risk import default_grid, learn_then_test  # noqa: E402
 from dyvte.exits.rules import exit_savings, head_targets, platt_scaling  # noqa: E402
 from dyvte.policies.exit_heads import head_inputs  # noqa: E402
-from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("heads_savings")
 
@@ -172,30 +171,14 @@ def evaluate(candidate: Candidate, heads: torch.nn.Module, data: dict, args: arg
     }
 
 
-def cell(values: list[float], fmt: str) -> str:
-    """``mean (min–max)``."""
-    return f"{np.mean(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Train, certify and score every candidate; log and write the Markdown table; return the rows."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ab.bench_parser(__doc__, 2, "runs/heads-savings/table.md")
     parser.add_argument("--rows", default=None, help="comma-separated row-name prefixes (default: every row)")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--tolerance", type=float, default=0.01)
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--cache_dir", default="runs/ablate-heads/labels")
-    parser.add_argument("--output", default="runs/heads-savings/table.md")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ab.quiet_lightning()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     wanted = [c for c in CANDIDATES if args.rows is None or any(c.name.startswith(p) for p in args.rows.split(","))]
     train_samples = max(c.train.train for c in wanted)
-    sizes = argparse.Namespace(val_samples=2000, calib_samples=13000, train_samples=train_samples, model="demo")
-    sizes.label_batch_size = 64
-    caches = ab.label_caches("demo", Path(args.cache_dir), sizes, names=("train", "val", "calib"))
+    caches = ab.bench_caches(args.cache_dir, train_samples, ("train", "val", "calib"))
     data = {
         "train": caches["train"],
         "val": caches["val"],
@@ -228,14 +211,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         s = row["seeds"]
         lines.append(
-            f"| {row['name']} | {cell([100 * x['share'] for x in s], '.1f')}% | "
-            f"{cell([x['disagreement'] for x in s], '.4f')} | {cell([x['worst'] for x in s], '.4f')} |"
+            f"| {row['name']} | {ab.spread([100 * x['share'] for x in s], '.1f')}% | "
+            f"{ab.spread([x['disagreement'] for x in s], '.4f')} | {ab.spread([x['worst'] for x in s], '.4f')} |"
         )
-    table = "\n".join(lines)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, table + "\n")
-    log.info("wrote %s\n%s", out, table)
+    ab.write_table(args.output, "\n".join(lines))
     return rows
 
 

@@ -21,7 +21,6 @@ within the tolerance in every seed and both directions.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -112,22 +111,11 @@ def half_caches(root: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Train, certify on half A, score on half B; write and log the table; return the rows."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--train", type=int, default=24000)
+    parser = ab.bench_parser(__doc__, 5, "runs/margin-shift/table.md")
+    parser.add_argument("--train", type=int, default=24000, help="training records (the first N)")
     parser.add_argument("--margins", default="0,0.1,0.25,0.5")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--tolerance", type=float, default=0.01)
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--cache_dir", default="runs/ablate-heads/labels")
-    parser.add_argument("--output", default="runs/margin-shift/table.md")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ab.quiet_lightning()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    sizes = argparse.Namespace(val_samples=2000, calib_samples=13000, train_samples=args.train, model="demo")
-    sizes.label_batch_size = 64
-    caches = ab.label_caches("demo", Path(args.cache_dir), sizes, names=("train", "val"))
+    caches = ab.bench_caches(args.cache_dir, args.train, ("train", "val"))
     halves = half_caches(Path(args.cache_dir))
     directions = {}
     for source, target in (("A", "B"), ("B", "A")):
@@ -191,16 +179,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         dis = [r["disagreement"] for r in group]
         ok = sum(d <= args.tolerance for d in dis)
         lines.append(
-            f"| {direction} | {margin:g} | {np.mean(cal_rate):.4f} | "
-            f"{np.mean(share):.0f} ({min(share):.0f}–{max(share):.0f})% | {np.mean(dis):.4f} "
-            f"({min(dis):.4f}–{max(dis):.4f}) | {ok}/{len(group)} |"
+            f"| {direction} | {margin:g} | {np.mean(cal_rate):.4f} | {ab.spread(share, '.0f')}% | "
+            f"{ab.spread(dis, '.4f')} | {ok}/{len(group)} |"
         )
     lines += ["", f"Chosen (smallest margin within the tolerance in every seed and both directions): {chosen}"]
-    table = "\n".join(lines)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, table + "\n")
-    log.info("wrote %s\n%s", out, table)
+    ab.write_table(args.output, "\n".join(lines))
     return rows
 
 

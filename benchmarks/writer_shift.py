@@ -12,7 +12,6 @@ it stays within the tolerance, the worst question type, and the share of the ora
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -28,7 +27,6 @@ import ablate_heads as ab  # noqa: E402
 
 from dyvte.exits.rules import certify_thresholds, exit_savings, head_targets, outcome  # noqa: E402
 from dyvte.policies.exit_heads import first_exit, head_inputs  # noqa: E402
-from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("writer_shift")
 
@@ -48,22 +46,11 @@ def score(heads: torch.nn.Module, columns: dict, flops: np.ndarray, thresholds: 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Train, certify and score every seed; write and log the Markdown table; return the rows."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=10)
+    parser = ab.bench_parser(__doc__, 10, "runs/writer-shift/table.md")
     parser.add_argument("--train", type=int, default=24000, help="training records (the first N)")
-    parser.add_argument("--margins", default="0,0.25")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--tolerance", type=float, default=0.01)
-    parser.add_argument("--delta", type=float, default=0.1)
-    parser.add_argument("--cache_dir", default="runs/ablate-heads/labels")
-    parser.add_argument("--output", default="runs/writer-shift/table.md")
+    parser.add_argument("--margins", default="0,0.1,0.25")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ab.quiet_lightning()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    sizes = argparse.Namespace(val_samples=2000, calib_samples=13000, train_samples=args.train, model="demo")
-    sizes.label_batch_size = 64
-    caches = ab.label_caches("demo", Path(args.cache_dir), sizes)
+    caches = ab.bench_caches(args.cache_dir, args.train, ("train", "val", "calib", "test"))
     calib, test = caches["calib"], caches["test"]
     flops = ab.relative_flops(test, "demo")
     savings = exit_savings(ab.relative_flops(caches["val"], "demo"))
@@ -106,8 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             group = [r for r in rows if (r["grouping"], r["margin"]) == (grouping, margin)]
 
             def cell(key: str, fmt: str, scale: float = 1.0, group: list[dict] = group) -> str:
-                values = [scale * r[key] for r in group]
-                return f"{np.mean(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+                return ab.spread([scale * r[key] for r in group], fmt)
 
             held = sum(r["disagreement"] <= args.tolerance for r in group)
             worst = sum(r["worst"] <= args.tolerance for r in group)
@@ -115,11 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"| {grouping} | {margin:g} | {cell('share', '.0f', 100)}% | {cell('disagreement', '.4f')} | "
                 f"{held}/{len(group)} | {cell('worst', '.4f')} | {worst}/{len(group)} |"
             )
-    table = "\n".join(lines)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, table + "\n")
-    log.info("wrote %s\n%s", out, table)
+    ab.write_table(args.output, "\n".join(lines))
     return rows
 
 

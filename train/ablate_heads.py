@@ -205,6 +205,43 @@ def split_records(data: str, split: str, start: int, stop: int):
     return load_records(data, split, stop).select(range(start, stop))
 
 
+def bench_parser(doc: str, seeds: int, output: str) -> argparse.ArgumentParser:
+    """The options the heads benchmarks (``benchmarks/heads_savings.py``, ``writer_shift.py``, ``margin_shift.py``)
+    share: seeds, epochs, the promise, the label caches and the table's path."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--cache_dir", default=str(runs_dir("ablate-heads") / "labels"), help="label caches")
+    parser.add_argument("--output", default=output, help="the Markdown table")
+    return parser
+
+
+def bench_caches(cache_dir: str, train: int, names: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """Logging as the benchmarks print it, then the demo's label caches ``names`` (the first ``train`` training
+    records; validation 0..1999 and 2000..14999, test 0..1999), labelled once."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_lightning()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    sizes = argparse.Namespace(val_samples=2000, calib_samples=13000, train_samples=train, model="demo")
+    sizes.label_batch_size = 64
+    return label_caches("demo", Path(cache_dir), sizes, names=names)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """``mean (min–max)`` of ``values``."""
+    return f"{np.mean(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def write_table(path: str | Path, table: str) -> None:
+    """Write the Markdown ``table`` to ``path`` and log both."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, table + "\n")
+    log.info("wrote %s\n%s", out, table)
+
+
 def relative_flops(columns: dict[str, np.ndarray], model: str) -> np.ndarray:
     """``(N, L+1)`` each sample's prefill FLOPs at exit layer K = 0..L relative to the full model."""
     return relative_flops_per_exit(load_config(model), columns["tokens"], columns["visual"]).numpy()
