@@ -18,30 +18,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ablate_heads as ab  # noqa: E402
+import promise_shift  # noqa: E402
 
-from dyvte.exits.rules import certify_thresholds, exit_savings, head_targets, outcome  # noqa: E402
-from dyvte.policies.exit_heads import first_exit, head_inputs  # noqa: E402
+from dyvte.exits.rules import certify_thresholds, exit_savings, head_targets  # noqa: E402
+from dyvte.policies.exit_heads import head_inputs  # noqa: E402
 
 log = logging.getLogger("writer_shift")
-
-
-def score(heads: torch.nn.Module, columns: dict, flops: np.ndarray, thresholds: torch.Tensor) -> dict[str, float]:
-    """Share of the oracle's savings, disagreement overall and in the worst question type."""
-    with torch.no_grad():
-        exits = first_exit(heads(head_inputs(columns, None)).float(), thresholds).numpy()
-    wrong = ~outcome(columns, exits)["agree"]
-    qtypes = np.asarray(columns["qtype"]).astype(str)
-    return {
-        "share": ab.oracle_share(columns, flops, exits),
-        "disagreement": float(wrong.mean()),
-        "worst": max(float(wrong[qtypes == q].mean()) for q in np.unique(qtypes)),
-    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -75,9 +63,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     margin=margin,
                 )
                 thresholds = torch.tensor([math.inf if x is None else x for x in cert.logits])
-                rows.append(
-                    {"seed": seed, "grouping": grouping, "margin": margin} | score(heads, test, flops, thresholds)
-                )
+                scores = promise_shift.score(heads, test, flops, thresholds)
+                del scores["worst_qtype"]  # this table reports the worst value only
+                rows.append({"seed": seed, "grouping": grouping, "margin": margin} | scores)
                 log.info("%s", rows[-1])
     lines = [
         f"Demo test split (2,000 records, handwriting no training or validation record shows); {args.seeds} training "
