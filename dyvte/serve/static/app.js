@@ -189,32 +189,22 @@ function busy(on) {
   $("ask-full").disabled = on || !state.last;
 }
 
-async function ask() {
-  showError("");
-  const question = $("question").value.trim();
-  if (!question) { showError("type a question first"); return; }
-  if (!state.imageUrl) { showError("pick or drop an image first"); return; }
-  state.question = question;
-  state.last = null;
-  const method = chosenMethod();
-  const answer = $("answer");
-  answer.textContent = "";
-  answer.dataset.done = "false";
-  $("answer-method").textContent = "";
-  $("answer-timing").textContent = "";
-  $("full-box").hidden = true;
+// Streams the answer of a request with `method` into the element `target` (its data-done: "false" while streaming,
+// then "true" or "error"), with the buttons busy and `status` on the status line meanwhile. onBlock(dyvte) gets each
+// dyvte block as it arrives; onDone(result) shows the rest of streamChat's result once the stream has ended.
+async function streamAnswer(target, method, status, onBlock, onDone) {
+  target.textContent = "";
+  target.dataset.done = "false";
   busy(true);
-  setStatus("asking…");
+  setStatus(status);
   try {
-    const result = await streamChat(requestBody(method), (text) => { answer.textContent = text; }, renderBlock);
-    answer.textContent = result.text;
-    $("answer-method").textContent = result.dyvte ? `(${result.dyvte.method})` : "";
-    $("answer-timing").textContent = timing(result);
-    state.last = result;
-    answer.dataset.done = "true";
+    const result = await streamChat(requestBody(method), (text) => { target.textContent = text; }, onBlock);
+    target.textContent = result.text;
+    onDone(result);
+    target.dataset.done = "true";
     setStatus("done");
   } catch (error) {
-    answer.dataset.done = "error";
+    target.dataset.done = "error";
     showError(String(error.message || error));
     setStatus("failed");
   } finally {
@@ -222,33 +212,35 @@ async function ask() {
   }
 }
 
+async function ask() {
+  showError("");
+  const question = $("question").value.trim();
+  if (!question) { showError("type a question first"); return; }
+  if (!state.imageUrl) { showError("pick or drop an image first"); return; }
+  state.question = question;
+  state.last = null;
+  $("answer-method").textContent = "";
+  $("answer-timing").textContent = "";
+  $("full-box").hidden = true;
+  await streamAnswer($("answer"), chosenMethod(), "asking…", renderBlock, (result) => {
+    $("answer-method").textContent = result.dyvte ? `(${result.dyvte.method})` : "";
+    $("answer-timing").textContent = timing(result);
+    state.last = result;
+  });
+}
+
 async function askFull() {
   if (!state.last) return;
   showError("");
-  const full = $("full-answer");
-  full.textContent = "";
-  full.dataset.done = "false";
   $("full-box").hidden = false;
   $("full-timing").textContent = "";
   $("answers-agree").textContent = "–";
-  busy(true);
-  setStatus("asking the full model…");
-  try {
-    const result = await streamChat(requestBody("full"), (text) => { full.textContent = text; }, () => {});
-    full.textContent = result.text;
+  await streamAnswer($("full-answer"), "full", "asking the full model…", () => {}, (result) => {
     $("full-method").textContent = result.dyvte ? `(${result.dyvte.method})` : "";
     $("full-exit-layer").textContent = result.dyvte ? String(result.dyvte.exit_layer) : "–";
     $("full-timing").textContent = timing(result);
     $("answers-agree").textContent = result.text === state.last.text ? "agree" : "differ";
-    full.dataset.done = "true";
-    setStatus("done");
-  } catch (error) {
-    full.dataset.done = "error";
-    showError(String(error.message || error));
-    setStatus("failed");
-  } finally {
-    busy(false);
-  }
+  });
 }
 
 async function loadServerInfo() {
