@@ -3,7 +3,8 @@
 The rule (DyVTE): with the ground-truth answer teacher-forced, withdrawal at K is safe when the withdrawn model's
 argmax tokens agree with the full model's on more than ``agree`` (99%) of the answer positions AND its answer loss
 is at most ``loss_ratio`` (1.03) times the full model's (``<=`` rather than ``<`` so that identical predictions are
-always safe, even at zero loss).
+always safe, even at zero loss). The rule and the other per-sample measures on logits are in
+:mod:`dyvte.exits.safety` (re-exported here); this module runs the model to get them.
 
 Two ways to get labels:
 
@@ -31,6 +32,14 @@ from dyvte.data.records import answer_token_ids, build_inputs, iter_batches, tea
 from dyvte.engine.compat import HIDDEN_STATES, POSITION_EMBEDDINGS, hidden_states_of, logit_lens, logits_of
 from dyvte.engine.registry import ModelSpec, resolve, unwrap
 from dyvte.exits.branching import Branches
+from dyvte.exits.safety import (
+    answer_argmax_equal,
+    answer_kl,
+    answer_loss,
+    exit_safe,
+    final_prompt_slot,
+    smallest_safe_layer,
+)
 from dyvte.policies.exit_heads import head_features
 from dyvte.policies.withdraw import withdraw
 from dyvte.utils.checks import check_positive_int
@@ -53,83 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def _answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` bool: positions whose next token is a labelled answer token."""
-    return torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
-
-
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean next-token cross-entropy over the answer tokens: ``(B, T, V), (B, T) -> (B,)``."""
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the token each position predicts
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none"
-    )  # (B, T)
-    mask = targets != -100
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def exit_safe(
-    full_logits: torch.Tensor,
-    withdrawn_logits: torch.Tensor,
-    labels: torch.Tensor,
-    agree: float = 0.99,
-    loss_ratio: float = 1.03,
-) -> torch.Tensor:
-    """The DyVTE rule per sample.
-
-    Args:
-        full_logits: ``(B, T, V)`` the full model's logits at the input positions (teacher forcing).
-        withdrawn_logits: ``(B, T, V)`` the withdrawn model's logits at the same positions (only the answer
-            positions are read).
-        labels: ``(B, T)`` answer token ids, -100 elsewhere.
-        agree: required fraction of answer positions where the argmax tokens agree (strictly more than it).
-        loss_ratio: the withdrawn answer loss may be at most this times the full model's.
-
-    Returns:
-        ``(B,)`` bool, True where withdrawal is safe.
-    """
-    positions = _answer_positions(labels)
-    counts = positions.sum(1)
-    if bool((counts == 0).any()):
-        raise ValueError("every sample needs at least one answer token (labels != -100)")
-    same = (full_logits.argmax(-1) == withdrawn_logits.argmax(-1)) & positions
-    agreement = same.sum(1).float() / counts.float()
-    return (agreement > agree) & (
-        answer_loss(withdrawn_logits, labels) <= loss_ratio * answer_loss(full_logits, labels)
-    )
-
-
-def smallest_safe_layer(safe: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` safety at K = 0..L-1 -> ``(B,)`` the smallest K with every K' >= K safe (L if none is)."""
-    num_layers = safe.shape[1]
-    unsafe = torch.where(~safe, torch.arange(num_layers, device=safe.device), -1)  # (B, L)
-    return unsafe.amax(1) + 1
-
-
-def _final_prompt_slot(labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` the slot before each row's first answer token."""
-    return (labels != -100).long().argmax(1) - 1
-
-
-def _answer_argmax_equal(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` bool: at every answer position the argmax is the teacher-forced answer token (greedy decoding under
-    these logits would write exactly the labelled answer, end token included)."""
-    positions = _answer_positions(labels)
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    wrong = (logits.argmax(-1) != targets) & positions
-    return ~wrong.any(1)
-
-
-def answer_kl(full_logits: torch.Tensor, withdrawn_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` mean over the answer positions of ``KL(P_withdrawn || P_full)`` in float32 (VTW's direction, as in
-    :mod:`dyvte.calibrate`)."""
-    positions = _answer_positions(labels)
-    log_w = withdrawn_logits.float().log_softmax(-1)
-    log_f = full_logits.float().log_softmax(-1)
-    kl = (log_w.exp() * (log_w - log_f)).sum(-1)  # (B, T)
-    return (kl * positions).sum(1) / positions.sum(1).clamp(min=1)
 
 
 def _greedy_answers(model: nn.Module, prompt: dict, eos_id: int, max_new_tokens: int) -> list[torch.Tensor]:
@@ -351,7 +283,7 @@ def _forced_columns(
         full_logits, states = logits_of(out), hidden_states_of(out)  # (B, T, V), L + 1 x (B, T, d)
         visual = torch.isin(forced["input_ids"], spec.visual_ids.to(labels.device))
         valid = forced["attention_mask"].bool()
-        final = _final_prompt_slot(labels)
+        final = final_prompt_slot(labels)
         features = torch.stack(
             [head_features(states[j + 1], visual, valid, final) for j in range(num_layers - 1)], dim=1
         )  # (B, L-1, 2d)
@@ -360,13 +292,13 @@ def _forced_columns(
         correct = torch.ones(rows, num_layers + 1, dtype=torch.bool)
         kl = torch.zeros(rows, num_layers)
         paper = torch.ones(rows, num_layers, dtype=torch.bool)
-        same = _answer_argmax_equal(full_logits, labels).cpu()
+        same = answer_argmax_equal(full_logits, labels).cpu()
         correct[:, num_layers] = same
         window = _window(labels)
         labels, full_logits = labels[:, -window:], full_logits[:, -window:]  # (B, W), (B, W, V)
         for layer in range(num_layers):
             logits = withdrawn(layer, window)  # (B, W, V)
-            correct[:, layer] = match[:, layer] = _answer_argmax_equal(logits, labels).cpu()
+            correct[:, layer] = match[:, layer] = answer_argmax_equal(logits, labels).cpu()
             kl[:, layer] = answer_kl(full_logits, logits, labels).cpu()
             paper[:, layer] = exit_safe(full_logits, logits, labels, agree, loss_ratio).cpu()
     columns = {
@@ -392,7 +324,7 @@ def _match_columns(
         labels, full_logits = labels[:, -window:], logits_of(out)[:, -window:]
         for layer in range(num_layers):
             logits = withdrawn(layer, window)
-            match[:, layer] = _answer_argmax_equal(logits, labels).cpu()
+            match[:, layer] = answer_argmax_equal(logits, labels).cpu()
             kl[:, layer] = answer_kl(full_logits, logits, labels).cpu()
     return match, kl
 
@@ -546,5 +478,5 @@ def _on_the_fly_labels(
         logits = handle.to_input_positions(logits_of(out))  # (2B, T, V)
     visual = torch.isin(inputs["input_ids"], spec.visual_ids.to(device))
     hidden = hidden_states_of(out)[layer][:batch]  # output of layer K-1 for the full copies: (B, T, d)
-    features = head_features(hidden, visual, inputs["attention_mask"].bool(), _final_prompt_slot(labels))
+    features = head_features(hidden, visual, inputs["attention_mask"].bool(), final_prompt_slot(labels))
     return features, exit_safe(logits[:batch], logits[batch:], labels, agree, loss_ratio)

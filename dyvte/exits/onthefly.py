@@ -20,7 +20,7 @@ from torch import nn
 from dyvte.data.records import build_inputs
 from dyvte.engine.compat import hidden_states_of, logits_of
 from dyvte.engine.registry import resolve, unwrap
-from dyvte.exits.labels import exit_safe
+from dyvte.exits.safety import exit_safe
 from dyvte.policies.exit_heads import head_features
 from dyvte.policies.withdraw import withdraw
 from dyvte.utils.devices import model_device, to_device
