@@ -68,6 +68,7 @@ class Row:
     train: int = 3000
     eta: float = 0.01
     family: str = "savings"
+    layer_change: bool = False
 
 
 ROWS = [
@@ -282,7 +283,7 @@ def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module
     config = ExitHeadsConfig("llava", hidden, num_layers, extra_inputs=extra, label_rule=row.rule)
     L.seed_everything(seed, verbose=False)
     data = HeadTensorData(tensors["train"], tensors["val"], config)
-    module = ExitHeadsModule(head_size=row.head_size, balance=row.balance)
+    module = ExitHeadsModule(head_size=row.head_size, balance=row.balance, layer_change=row.layer_change)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,

@@ -152,6 +152,9 @@ class ExitHeadsConfig:
             it at the certified thresholds (:func:`dyvte.policies.shift.score_reference`: quantiles and counts), what
             ``withdraw(heads=...).shift_report()`` tests the scores seen at use time against; ``None``: heads saved
             before it existed (no shift check).
+        layer_change: each head also reads how the features changed since the previous head's layer (head j's
+            features minus head j - 1's; head 0's own features, against zeros), so that it sees whether the text
+            tokens are still taking in the image (docs/guide.md, "Toward 75%").
     """
 
     model_type: str
@@ -167,11 +170,18 @@ class ExitHeadsConfig:
     threshold_logits: list[float | None] | None = None
     model_fingerprint: dict | None = None
     score_reference: dict | None = None
+    layer_change: bool = False
+
+    @property
+    def feature_size(self) -> int:
+        """Width of one layer's features: ``2d`` plus the extra inputs."""
+        return 2 * self.hidden_size + sum(EXTRA_WIDTH[name] for name in self.extra_inputs or [])
 
     @property
     def input_size(self) -> int:
-        """Width of each head's input: ``2d`` plus the extra inputs."""
-        return 2 * self.hidden_size + sum(EXTRA_WIDTH[name] for name in self.extra_inputs or [])
+        """Width of each head's input: the layer's features, and with ``layer_change`` their change since the
+        previous head's layer too."""
+        return self.feature_size * (2 if self.layer_change else 1)
 
     def __post_init__(self) -> None:
         if self.head_size is None:
@@ -184,6 +194,8 @@ class ExitHeadsConfig:
             raise ValueError(f"model_fingerprint must be a dict or null, got {self.model_fingerprint!r:.80}")
         if self.score_reference is not None:
             check_reference(self.score_reference, self.num_layers - 1)
+        if not isinstance(self.layer_change, bool):
+            raise ValueError(f"layer_change must be true or false, got {self.layer_change!r:.80}")
         unknown = sorted(set(self.extra_inputs or []) - set(EXTRA_WIDTH))
         if unknown:
             raise ValueError(f"extra_inputs: unknown {unknown}; known: {sorted(EXTRA_WIDTH)}")
@@ -249,13 +261,23 @@ class ExitHeads(nn.Module):
         """L - 1."""
         return len(self.heads)
 
-    def layer_logits(self, head: int, features: torch.Tensor) -> torch.Tensor:
-        """Exit logit of head ``head`` for ``(B, 2d)`` features: ``(B,)``."""
+    def layer_logits(self, head: int, features: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Exit logit of head ``head`` for ``(B, w)`` features: ``(B,)``. ``previous``: head ``head - 1``'s ``(B, w)``
+        features of the same rows, read by heads with ``layer_change`` (``None`` for head 0: zeros)."""
+        if self.config.layer_change:
+            if previous is None:
+                if head != 0:
+                    raise ValueError(f"head {head} reads the change since head {head - 1}: pass its features")
+                previous = torch.zeros_like(features)
+            features = torch.cat([features, features - previous], dim=-1)
         return self.heads[head](features.to(self.heads[head][1].weight.dtype)).squeeze(-1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Exit logits of every head: ``(B, L-1, 2d) -> (B, L-1)``."""
-        return torch.stack([self.layer_logits(j, features[:, j]) for j in range(self.num_heads)], dim=1)
+        """Exit logits of every head: ``(B, L-1, w) -> (B, L-1)`` (``w``: :attr:`ExitHeadsConfig.feature_size`)."""
+        return torch.stack(
+            [self.layer_logits(j, features[:, j], features[:, j - 1] if j else None) for j in range(self.num_heads)],
+            dim=1,
+        )
 
     def exit_thresholds(self, threshold: float | None = None) -> torch.Tensor:
         """``(L-1,)`` float32 P(exit) threshold of each head: ``threshold`` for every head when given, else the

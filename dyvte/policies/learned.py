@@ -45,6 +45,7 @@ class LearnedExit(ExitPolicy):
 
     _reach = PerThread()  # (B,) rows no head has fired on yet in this prefill (device), per calling thread
     _scores = PerThread(factory=lambda self: {})  # head -> ((B,) logits, (B,) reached) of the thread's last prefill
+    _previous = PerThread()  # (head, (B, w) features) of the last head run in this prefill, for layer_change heads
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class LearnedExit(ExitPolicy):
         if view.new_sequence:
             self._reach = None
             self._scores = {}
+            self._previous = None
 
     def decide(self, layer: int, hidden: torch.Tensor, view: PolicyView) -> torch.Tensor:
         """Rows whose head ``layer - 1`` fires on the output of layer ``layer - 1`` (the input of ``layer``); with a
@@ -83,8 +85,17 @@ class LearnedExit(ExitPolicy):
         if view.idx is not None:  # the current layout of the hidden states
             visual = take(visual, view.idx, 1) & (view.idx >= 0)
             valid = take(valid, view.idx, 1) & (view.idx >= 0)
+        head = layer - 1
         with torch.no_grad():
-            logits = self.heads.layer_logits(layer - 1, head_features(hidden, visual, valid))  # (B,)
+            features = head_features(hidden, visual, valid)  # (B, 2d)
+            previous = None
+            if self.heads.config.layer_change and head > 0:
+                if self._previous is None or self._previous[0] != head - 1:
+                    raise RuntimeError(f"exit head {head} reads head {head - 1}'s features, which did not run")
+                previous = self._previous[1]
+            logits = self.heads.layer_logits(head, features, previous)  # (B,)
+        if self.heads.config.layer_change:
+            self._previous = (head, features)
         fires = logits.float() >= self.logits[layer - 1]
         reach = self._reach if self._reach is not None else torch.ones_like(fires)
         self._scores[layer - 1] = (logits.detach().float(), reach)

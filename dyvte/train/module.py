@@ -9,6 +9,7 @@ logs and writes to ``training.json``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ class ExitHeadsModule(L.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         balance: weigh each head's positives by its n_neg / n_pos.
+        layer_change: heads that also read the change of their features since the previous head's layer
+            (:attr:`dyvte.policies.exit_heads.ExitHeadsConfig.layer_change`).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class ExitHeadsModule(L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 1e-4,
         balance: bool = True,
+        layer_change: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("head_size (--model.head_size)", head_size, optional=True)
@@ -67,7 +71,8 @@ class ExitHeadsModule(L.LightningModule):
         if self.heads is not None:
             return
         data: ExitLabelData = self.trainer.datamodule
-        self.heads = ExitHeads(data.heads_config(self.hparams.head_size, self.hparams.threshold))
+        config = data.heads_config(self.hparams.head_size, self.hparams.threshold)
+        self.heads = ExitHeads(dataclasses.replace(config, layer_change=bool(self.hparams.layer_change)))
         weight = data.positive_weight() if self.hparams.balance else torch.ones(self.heads.num_heads)
         self.register_buffer("pos_weight", weight, persistent=False)
         n = self.heads.num_heads

@@ -14,6 +14,7 @@ On a tiny LLaVA: every head and the threshold that never fires; on Qwen3-VL, hea
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -21,7 +22,8 @@ import torch
 
 import dyvte
 from dyvte.data.video import attach_frames_video_processor
-from dyvte.policies.exit_heads import ExitHeads
+from dyvte.engine.registry import resolve
+from dyvte.policies.exit_heads import ExitHeads, first_exit, head_features
 
 from ..families import MODEL_TYPES, representatives
 from ..families import family as entry
@@ -151,3 +153,48 @@ def test_head_firing_on_layer_k_equals_static_withdrawal_at_k_plus_1(llava, head
             assert torch.equal(model(**inputs).logits, static)
         assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), static_tokens)
         assert handle.exit_layers.tolist() == [head + 1] * 3
+
+
+# ------------------------------------------------------------------------------------------ layer-change heads
+def layer_change_heads(model: Any, seed: int = 5) -> ExitHeads:
+    """Sharpened random heads (as :func:`sharpened_heads`) that also read their features' change since the previous
+    head's layer."""
+    torch.manual_seed(seed)
+    config = dataclasses.replace(ExitHeads.for_model(model).config, layer_change=True)
+    heads = ExitHeads(config).eval()
+    with torch.no_grad():
+        for head in heads.heads:
+            head[3].weight.mul_(30.0)
+            head[3].bias.fill_(-1.0)
+    return heads
+
+
+def test_layer_change_heads_exit_where_their_offline_features_say(llava, tmp_path):
+    """At run time, a layer-change head reads the change since the previous head's layer exactly as the offline
+    ``(B, L-1, 2d)`` features give it (what the heads train and are certified on); saved and loaded, the same; every
+    row equals the row alone."""
+    model, processor = llava
+    inputs = dict(make_batch(processor, "llava", IMAGE_ROWS))
+    heads = layer_change_heads(model)
+    heads.save_pretrained(tmp_path / "heads")
+    loaded = ExitHeads.from_pretrained(tmp_path / "heads")
+    assert loaded.config.layer_change and loaded.config.input_size == 4 * model.config.text_config.hidden_size
+    with torch.no_grad():
+        states = model(**inputs, output_hidden_states=True).hidden_states  # L + 1 of (B, T, d)
+    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids)
+    valid = inputs["attention_mask"].bool()
+    features = torch.stack([head_features(states[j + 1], visual, valid) for j in range(heads.num_heads)], dim=1)
+    with torch.no_grad():
+        offline = first_exit(heads(features), heads.exit_logits()).tolist()
+    for attached in (heads, loaded):
+        with dyvte.withdraw(model, heads=attached) as handle, torch.no_grad():
+            model(**inputs)
+            assert handle.exit_layers.tolist() == offline
+    assert len(set(offline)) > 1, offline  # rows leave at different layers
+
+    def alone(row: int) -> dict:
+        return dict(make_batch(processor, "llava", [IMAGE_ROWS[row]], row_ids=[row]))
+
+    check_heads_rows_alone(model, inputs, heads, alone)
+    with pytest.raises(ValueError, match="head 1 reads the change since head 0"):
+        heads.layer_logits(1, features[:, 1])
