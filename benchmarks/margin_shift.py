@@ -69,14 +69,16 @@ def pool_halves(seed: int = 0, cfg: SceneConfig | None = None) -> dict[str, np.n
     return {name: np.asarray(sorted(v), dtype=np.int64) for name, v in halves.items()}
 
 
-def half_records(name: str, pool: np.ndarray, count: int, seed: int = 0):
-    """``count`` scenes drawn from ``pool`` alone, with the demo's question mix (a ``datasets.Dataset``)."""
+def half_records(name: str, pool: np.ndarray, count: int, seed: int = 0, stream: int = 7):
+    """``count`` scenes drawn from ``pool`` alone, with the demo's question mix (a ``datasets.Dataset``); ``stream``
+    tells independent streams of scenes apart (7: the calibration and measuring scenes, 8: heads' training scenes,
+    ``benchmarks/heads_data.py``)."""
     import datasets
     from PIL import Image
 
     cfg = SceneConfig()
     names, p = QuestionMix().normalized()
-    rng = np.random.default_rng([seed, 7, ord(name)])
+    rng = np.random.default_rng([seed, stream, ord(name)])
     records = []
     for _ in range(count):
         rec = sample_record(rng, pool, cfg, names[int(rng.choice(len(names), p=p))])

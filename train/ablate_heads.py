@@ -90,6 +90,9 @@ ROWS = [
 
 #: training records are labelled in caches of this many (a larger row reuses the smaller rows' caches)
 TRAIN_CHUNK = 12000
+#: ``valtrain``: heads' training records from the validation handwriting pool, after the 15,000 records that scale and
+#: calibrate (validation records 15000.. of the same deterministic stream), labelled in caches of this many
+VALTRAIN_START, VALTRAIN_CHUNK = 15000, 24000
 
 
 @dataclass
@@ -166,7 +169,11 @@ def label_caches(
     val_end = args.val_samples + args.calib_samples
     train_stop = max(r.train for r in ROWS) if args.train_samples is None else args.train_samples
     chunks = [(a, min(a + TRAIN_CHUNK, train_stop)) for a in range(0, train_stop, TRAIN_CHUNK)]  # labelled apart
-    parts = [("train", "train", a, b) for a, b in chunks] + [
+    valtrain = [
+        (VALTRAIN_START + a, VALTRAIN_START + min(a + VALTRAIN_CHUNK, train_stop))
+        for a in range(0, train_stop, VALTRAIN_CHUNK)
+    ]
+    parts = [("train", "train", a, b) for a, b in chunks] + [("valtrain", "validation", a, b) for a, b in valtrain] + [
         ("val", "validation", 0, args.val_samples),
         ("calib", "validation", args.val_samples, val_end),
         ("test", "test", 0, 2000),
