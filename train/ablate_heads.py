@@ -173,11 +173,15 @@ def label_caches(
         (VALTRAIN_START + a, VALTRAIN_START + min(a + VALTRAIN_CHUNK, train_stop))
         for a in range(0, train_stop, VALTRAIN_CHUNK)
     ]
-    parts = [("train", "train", a, b) for a, b in chunks] + [("valtrain", "validation", a, b) for a, b in valtrain] + [
-        ("val", "validation", 0, args.val_samples),
-        ("calib", "validation", args.val_samples, val_end),
-        ("test", "test", 0, 2000),
-    ]
+    parts = (
+        [("train", "train", a, b) for a, b in chunks]
+        + [("valtrain", "validation", a, b) for a, b in valtrain]
+        + [
+            ("val", "validation", 0, args.val_samples),
+            ("calib", "validation", args.val_samples, val_end),
+            ("test", "test", 0, 2000),
+        ]
+    )
     parts = [part for part in parts if part[0] in names]
     model = processor = None
     loaded: dict[str, list[dict[str, np.ndarray]]] = {}

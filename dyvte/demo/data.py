@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -355,3 +356,36 @@ def build_records(split: str, start: int, stop: int, seed: int = 0, cfg: SceneCo
     if records:
         return datasets.Dataset.from_list(records, features=features)
     return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+
+
+def export_records(split: str, start: int, stop: int, output: str | Path, overwrite: bool = False) -> Path:
+    """Write records ``start..stop-1`` of the demo split's stream (:func:`build_records`) as a ``save_to_disk``
+    folder that ``train/fit.py --data.source.data`` reads, e.g. validation records 15000.. for heads that learn from
+    handwriting the model never trained on (docs/guide.md, "Toward 75%").
+
+    The folder is written beside ``output`` and renamed into place once complete, so an interrupted export leaves
+    nothing half-written.
+
+    Raises:
+        ValueError: an unknown split, a bad range, or ``output`` exists without ``overwrite``.
+    """
+    import shutil
+    import tempfile
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    records = build_records(split, start, stop)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        records.save_to_disk(str(tmp))
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %d %s records (%d..%d) to %s", len(records), split, start, stop - 1, output)
+    return output

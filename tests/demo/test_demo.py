@@ -228,6 +228,28 @@ def test_records_past_the_stored_split_continue_its_stream():
         build_records("train", 5, 2)
 
 
+def test_exported_records_are_read_by_fit_as_the_stream_gives_them(tmp_path):
+    """export_records (train/demo_records.py) writes a stream range that load_records (fit's reader) reads back as
+    build_records gives it; an existing folder is refused unless overwritten, and the old one is kept."""
+    from dyvte.data.sources import load_records
+    from dyvte.demo.data import export_records
+
+    out = export_records("validation", 1003, 1010, tmp_path / "records")
+    read = load_records(str(out), "train")
+    built = build_records("validation", 1003, 1010)
+    assert len(read) == 7 and read["question"] == built["question"] and read["answer"] == built["answer"]
+    assert [np.asarray(i).tolist() for i in read["image"]] == [np.asarray(i).tolist() for i in built["image"]]
+    stored = load_demo_dataset("validation").select(range(1003, 1010))  # inside the stored split: the same records
+    assert read["question"] == stored["question"] and read["sources"] == stored["sources"]
+    with pytest.raises(ValueError, match="exists"):
+        export_records("validation", 0, 2, out)
+    assert len(load_records(str(out), "train")) == 7
+    assert len(load_records(str(export_records("validation", 0, 2, out, overwrite=True)), "train")) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["records"]  # no temporary folder left
+    with pytest.raises(ValueError, match="split must be one of"):
+        export_records("valid", 0, 2, tmp_path / "x")
+
+
 # ------------------------------------------------------------------------------------------------ recipe
 
 
