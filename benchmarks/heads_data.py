@@ -39,10 +39,12 @@ log = logging.getLogger("heads_data")
 
 #: the heads' training scenes of each half: a stream apart from the calibration and measuring scenes
 TRAIN_STREAM = 8
+#: training scenes are labelled in caches of this many
+CHUNK = 24000
 
 
 def half_training_caches(root: Path, count: int) -> dict[str, dict[str, np.ndarray]]:
-    """Label (once) and load ``count`` training scenes of each validation half."""
+    """Label (once, in chunks of :data:`CHUNK`) and load ``count`` training scenes of each validation half."""
     from datasets import load_from_disk
 
     from dyvte.data.sources import load_model
@@ -51,16 +53,20 @@ def half_training_caches(root: Path, count: int) -> dict[str, dict[str, np.ndarr
     halves = ms.pool_halves()
     out, model, processor = {}, None, None
     for name in ("A", "B"):
-        path = root / f"valhalftrain-{name}-0-{count}"
-        if not (path / "done.json").is_file():
-            if model is None:
-                model, processor = load_model("demo")
-            began = time.perf_counter()
-            records = ms.half_records(name, halves[name], count, stream=TRAIN_STREAM)
-            log.info("labelling %d training scenes of validation half %s into %s", count, name, path)
-            build_label_cache(model, processor, records, batch_size=64, progress=False).save_to_disk(str(path))
-            write_text_atomic(path / "done.json", json.dumps({"seconds": time.perf_counter() - began}) + "\n")
-        out[name] = load_from_disk(str(path)).with_format("numpy")[:]
+        parts = []
+        for start in range(0, count, CHUNK):
+            stop = min(start + CHUNK, count)
+            path = root / f"valhalftrain-{name}-{start}-{stop}"
+            if not (path / "done.json").is_file():
+                if model is None:
+                    model, processor = load_model("demo")
+                began = time.perf_counter()
+                records = ms.half_records(name, halves[name], stop, stream=TRAIN_STREAM, start=start)
+                log.info("labelling training scenes %d..%d of validation half %s into %s", start, stop - 1, name, path)
+                build_label_cache(model, processor, records, batch_size=64, progress=False).save_to_disk(str(path))
+                write_text_atomic(path / "done.json", json.dumps({"seconds": time.perf_counter() - began}) + "\n")
+            parts.append(load_from_disk(str(path)).with_format("numpy")[:])
+        out[name] = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     return out
 
 

@@ -69,10 +69,10 @@ def pool_halves(seed: int = 0, cfg: SceneConfig | None = None) -> dict[str, np.n
     return {name: np.asarray(sorted(v), dtype=np.int64) for name, v in halves.items()}
 
 
-def half_records(name: str, pool: np.ndarray, count: int, seed: int = 0, stream: int = 7):
-    """``count`` scenes drawn from ``pool`` alone, with the demo's question mix (a ``datasets.Dataset``); ``stream``
-    tells independent streams of scenes apart (7: the calibration and measuring scenes, 8: heads' training scenes,
-    ``benchmarks/heads_data.py``)."""
+def half_records(name: str, pool: np.ndarray, count: int, seed: int = 0, stream: int = 7, start: int = 0):
+    """Scenes ``start..count-1`` drawn from ``pool`` alone, with the demo's question mix (a ``datasets.Dataset``);
+    ``stream`` tells independent streams of scenes apart (7: the calibration and measuring scenes, 8: heads' training
+    scenes, ``benchmarks/heads_data.py``)."""
     import datasets
     from PIL import Image
 
@@ -80,10 +80,11 @@ def half_records(name: str, pool: np.ndarray, count: int, seed: int = 0, stream:
     names, p = QuestionMix().normalized()
     rng = np.random.default_rng([seed, stream, ord(name)])
     records = []
-    for _ in range(count):
+    for index in range(count):
         rec = sample_record(rng, pool, cfg, names[int(rng.choice(len(names), p=p))])
-        rec["image"] = Image.fromarray(render_scene(rec["sources"], cfg))
-        records.append(rec)
+        if index >= start:  # earlier scenes are drawn (the stream advances) but not rendered
+            rec["image"] = Image.fromarray(render_scene(rec["sources"], cfg))
+            records.append(rec)
     return datasets.Dataset.from_list(records, features=dataset_features())
 
 
