@@ -117,6 +117,12 @@ def test_bad_calibrated_thresholds_and_ablation_inputs_are_refused(tiny, tmp_pat
         (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "thresholds": thresholds}))
         with pytest.raises(ValueError, match=match):
             ExitHeads.from_pretrained(tmp_path)
+    (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "layer_change": "yes"}))
+    with pytest.raises(ValueError, match="layer_change must be true or false, got 'yes'"):
+        ExitHeads.from_pretrained(tmp_path)
+    (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "layer_change": True}))
+    with pytest.raises(ValueError):  # heads saved without the change input cannot load as heads that read it
+        ExitHeads.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"extra_inputs: unknown \['logits'\]"):
         ExitHeadsConfig("llava", 64, 4, extra_inputs=["logits"])
     lens = ExitHeads(ExitHeadsConfig("llava", 64, 4, extra_inputs=["lens"]))
