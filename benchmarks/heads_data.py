@@ -76,11 +76,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train", type=int, default=24000, help="training records or scenes per row")
     parser.add_argument("--margins", default="0,0.1")
     parser.add_argument("--layer_change", action="store_true", help="also rows with layer-change heads")
+    parser.add_argument(
+        "--sources", default="train,half", help="which rows: train (training handwriting), half (validation half)"
+    )
     args = parser.parse_args(argv)
     caches = ab.bench_caches(args.cache_dir, args.train, ("train", "val"))
     root = Path(args.cache_dir)
     halves = ms.half_caches(root)
-    own = half_training_caches(root, args.train)
+    own = half_training_caches(root, args.train) if "half" in args.sources else {}
     margins = [float(m) for m in args.margins.split(",")]
     variants = [False, True] if args.layer_change else [False]
     rows = []
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         held = halves[target]
         flops, savings = ab.relative_flops(held, "demo"), exit_savings(ab.relative_flops(ref, "demo"))
         reference = (head_inputs(ref, None), head_targets(ref, "agreement"))
-        for data, change in [(d, c) for d in ("training handwriting", "validation half") for c in variants]:
+        names = {"train": "training handwriting", "half": "validation half"}
+        sources = [names[k] for k in args.sources.split(",")]
+        for data, change in [(d, c) for d in sources for c in variants]:
             train = caches["train"] if data == "training handwriting" else own[source]
             for seed in range(args.seeds):
                 row = ab.Row("heads", train=args.train, layer_change=change)

@@ -127,3 +127,20 @@ def test_gpu_script_stops_at_once_without_cuda_and_without_an_output(tmp_path):
     assert "--smoke" in done.stderr and not (tmp_path / "gpu.md").exists()
     done = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "usage:" in done.stderr
+
+
+def test_validation_half_scenes_keep_to_their_half_and_continue_their_stream():
+    """benchmarks/heads_data.py's heads learn from scenes of one validation half, labelled in chunks: each chunk is the
+    continuation of the same stream (so chunks add up to the scenes one call would draw), every digit image comes
+    from the half, and the training stream is not the calibration stream."""
+    from dyvte.demo.data import split_digit_pools
+
+    ms = load_script("benchmarks/margin_shift.py")
+    halves = ms.pool_halves()
+    assert not set(halves["A"]) & set(halves["B"])
+    assert sorted([*halves["A"], *halves["B"]]) == sorted(split_digit_pools(0)["validation"])
+    whole = ms.half_records("A", halves["A"], 10, stream=8)
+    tail = ms.half_records("A", halves["A"], 10, stream=8, start=6)
+    assert tail["question"] == whole["question"][6:] and tail["sources"] == whole["sources"][6:]
+    assert {s for scene in whole["sources"] for s in scene if s >= 0} <= set(halves["A"].tolist())
+    assert ms.half_records("A", halves["A"], 10)["sources"] != whole["sources"]  # stream 7: the calibration scenes
