@@ -77,13 +77,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--margins", default="0,0.1")
     parser.add_argument("--layer_change", action="store_true", help="also rows with layer-change heads")
     parser.add_argument(
-        "--sources", default="train,half", help="which rows: train (training handwriting), half (validation half)"
+        "--sources",
+        default="train,half",
+        help="which rows: train (training handwriting), half (validation half), mix (half of the records from each)",
     )
     args = parser.parse_args(argv)
     caches = ab.bench_caches(args.cache_dir, args.train, ("train", "val"))
     root = Path(args.cache_dir)
     halves = ms.half_caches(root)
-    own = half_training_caches(root, args.train) if "half" in args.sources else {}
+    own = half_training_caches(root, args.train) if {"half", "mix"} & set(args.sources.split(",")) else {}
     margins = [float(m) for m in args.margins.split(",")]
     variants = [False, True] if args.layer_change else [False]
     rows = []
@@ -93,10 +95,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         held = halves[target]
         flops, savings = ab.relative_flops(held, "demo"), exit_savings(ab.relative_flops(ref, "demo"))
         reference = (head_inputs(ref, None), head_targets(ref, "agreement"))
-        names = {"train": "training handwriting", "half": "validation half"}
+        names = {"train": "training handwriting", "half": "validation half", "mix": "both (half each)"}
         sources = [names[k] for k in args.sources.split(",")]
         for data, change in [(d, c) for d in sources for c in variants]:
-            train = caches["train"] if data == "training handwriting" else own[source]
+            train = {"training handwriting": caches["train"], "validation half": own.get(source)}.get(data)
+            if train is None:  # both: the first half of the records from each, interleaved
+                half = args.train // 2
+                train = {
+                    k: np.stack([caches["train"][k][:half], own[source][k][:half]], axis=1).reshape(
+                        2 * half, *caches["train"][k].shape[1:]
+                    )
+                    for k in caches["train"]
+                }
             for seed in range(args.seeds):
                 row = ab.Row("heads", train=args.train, layer_change=change)
                 heads = ab.train_row(row, {"train": train, "val": caches["val"]}, seed, args.epochs)
