@@ -70,6 +70,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "threshold_logits": None,
         "model_fingerprint": model_fingerprint(model),  # fresh heads are tied to the model they were shaped for
         "score_reference": None,  # set by fit's calibration (the shift check's reference)
+        "layer_change": False,
     }
     from safetensors.torch import load_file
 
