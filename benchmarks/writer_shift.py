@@ -8,12 +8,12 @@ grouping (pooled; per ``qtype`` at δ / G) and margin: the realized disagreement
 it stays within the tolerance, the worst question type, and the share of the oracle's savings. Nothing is chosen here.
 
 ``--heads_data validation``: the heads learn from validation records 15000.. instead (the validation handwriting,
-which the model never trained on; ``benchmarks/heads_data.py`` chose it on validation halves), the recipe of the
-committed heads since issue 31; ``--layer_change``: heads that also read their features' change since the previous
-head's layer.
+which the model never trained on; ``benchmarks/heads_data.py`` compared the two on validation halves and chose margin
+0.25 for this recipe; docs/guide.md, "Heads that learn from handwriting the model never saw"); ``--layer_change``:
+heads that also read their features' change since the previous head's layer.
 
     python benchmarks/writer_shift.py --seeds 10 --output runs/writer-shift/table.md
-    python benchmarks/writer_shift.py --seeds 10 --heads_data validation --output runs/writer-shift/validation.md
+    python benchmarks/writer_shift.py --seeds 10 --heads_data validation --output runs/writer-shift/validation-24k.md
 """
 
 from __future__ import annotations

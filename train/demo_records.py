@@ -1,7 +1,8 @@
 """Write a range of the demo's deterministic record stream as a records folder for ``train/fit.py``.
 
-The committed exit heads learn from validation records 15000..38999 (validation handwriting, which the demo model
-never trained on; validation records 0..14999 Platt-scale and calibrate them):
+Heads that learn from handwriting the demo model never trained on take validation records 15000..38999 (validation
+records 0..14999 Platt-scale and calibrate them; docs/guide.md, "Heads that learn from handwriting the model never
+saw"):
 
     python train/demo_records.py --split validation --start 15000 --stop 39000
 
