@@ -139,13 +139,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "| seeds ≤ tolerance |",
         "|---|---|---|---:|---|---|---:|",
     ]
-    keys = sorted({(r["direction"], r["data"], r["layer_change"], r["margin"]) for r in rows})
-    for direction, data, change, margin in keys:
-        group = [
-            r
-            for r in rows
-            if (r["direction"], r["data"], r["layer_change"], r["margin"]) == (direction, data, change, margin)
-        ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["direction"], r["data"], r["layer_change"], r["margin"]), []).append(r)
+    for (direction, data, change, margin), group in sorted(groups.items(), key=lambda item: item[0]):
         dis = [r["disagreement"] for r in group]
         lines.append(
             f"| {direction} | {data} | {'yes' if change else 'no'} | {margin:g} | "
