@@ -10,10 +10,13 @@ it stays within the tolerance, the worst question type, and the share of the ora
 ``--heads_data validation``: the heads learn from validation records 15000.. instead (the validation handwriting,
 which the model never trained on; ``benchmarks/heads_data.py`` compared the two on validation halves and chose margin
 0.25 for this recipe; docs/guide.md, "Heads that learn from handwriting the model never saw"); ``--layer_change``:
-heads that also read their features' change since the previous head's layer.
+heads that also read their features' change since the previous head's layer; ``--members 3``: the average of three
+sets of heads trained side by side (``--model.members``; docs/guide.md, "Averaged heads").
 
     python benchmarks/writer_shift.py --seeds 10 --output runs/writer-shift/table.md
     python benchmarks/writer_shift.py --seeds 10 --heads_data validation --output runs/writer-shift/validation-24k.md
+    python benchmarks/writer_shift.py --seeds 10 --heads_data validation --members 3 --margins 0.1,0.25 \
+        --output runs/writer-shift/validation-24k-members3.md
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "validation records 15000.. (validation handwriting, which the model never trained on)",
     )
     parser.add_argument("--layer_change", action="store_true", help="heads that read the change since the last layer")
+    parser.add_argument("--members", type=int, default=1, help="average of this many heads trained side by side")
     args = parser.parse_args(argv)
     source = "train" if args.heads_data == "train" else "valtrain"
     caches = ab.bench_caches(args.cache_dir, args.train, (source, "val", "calib", "test"))
@@ -64,7 +68,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for seed in range(args.seeds):
         began = time.perf_counter()
         heads = ab.train_row(
-            ab.Row("shipped", train=args.train, layer_change=args.layer_change), caches, seed, args.epochs
+            ab.Row("shipped", train=args.train, layer_change=args.layer_change, members=args.members),
+            caches,
+            seed,
+            args.epochs,
         )
         log.info("seed %d trained in %.0f s", seed, time.perf_counter() - began)
         for grouping in ("pooled", "qtype"):
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 log.info("%s", rows[-1])
     lines = [
         f"Demo test split (2,000 records, handwriting no training or validation record shows); {args.seeds} training "
-        f"seeds of the shipped recipe ({args.train:,} training records of the {args.heads_data} handwriting; "
+        f"seeds of the shipped recipe ({args.train:,} training records of the {args.heads_data} handwriting"
+        f"{'' if args.members == 1 else f', the average of {args.members} sets of heads'}; "
         f"certified at tolerance {args.tolerance:g}, "
         f"δ = {args.delta:g} on validation records 2000..14999); mean (min–max) over seeds:",
         "",

@@ -69,6 +69,7 @@ class Row:
     eta: float = 0.01
     family: str = "savings"
     layer_change: bool = False
+    members: int = 1
 
 
 ROWS = [
@@ -294,7 +295,9 @@ def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module
     config = ExitHeadsConfig("llava", hidden, num_layers, extra_inputs=extra, label_rule=row.rule)
     L.seed_everything(seed, verbose=False)
     data = HeadTensorData(tensors["train"], tensors["val"], config)
-    module = ExitHeadsModule(head_size=row.head_size, balance=row.balance, layer_change=row.layer_change)
+    module = ExitHeadsModule(
+        head_size=row.head_size, balance=row.balance, layer_change=row.layer_change, members=row.members
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,

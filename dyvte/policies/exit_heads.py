@@ -155,6 +155,9 @@ class ExitHeadsConfig:
         layer_change: each head also reads how the features changed since the previous head's layer (head j's
             features minus head j - 1's; head 0's own features, against zeros), so that it sees whether the text
             tokens are still taking in the image (docs/guide.md, "Toward 75%").
+        members: how many independently trained sets of heads these are the average of (:meth:`ExitHeads.average`:
+            each head's logit is the mean of the members' logits, folded into one head of ``head_size`` = the sum of
+            the members' widths); 1: heads trained alone. For the record: the heads run the same either way.
     """
 
     model_type: str
@@ -171,6 +174,7 @@ class ExitHeadsConfig:
     model_fingerprint: dict | None = None
     score_reference: dict | None = None
     layer_change: bool = False
+    members: int = 1
 
     @property
     def feature_size(self) -> int:
@@ -196,6 +200,8 @@ class ExitHeadsConfig:
             check_reference(self.score_reference, self.num_layers - 1)
         if not isinstance(self.layer_change, bool):
             raise ValueError(f"layer_change must be true or false, got {self.layer_change!r:.80}")
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise ValueError(f"members must be a positive integer, got {self.members!r:.80}")
         unknown = sorted(set(self.extra_inputs or []) - set(EXTRA_WIDTH))
         if unknown:
             raise ValueError(f"extra_inputs: unknown {unknown}; known: {sorted(EXTRA_WIDTH)}")
@@ -255,6 +261,67 @@ class ExitHeads(nn.Module):
         cfg = ExitHeadsConfig(spec.model_type, spec.text_config.hidden_size, spec.num_layers, head_size, threshold)
         cfg.model_fingerprint = model_fingerprint(model, processor)
         return cls(cfg)
+
+    @classmethod
+    def average(cls, members: list[ExitHeads]) -> ExitHeads:
+        """One set of heads whose logits are the mean of ``members``' logits (an ensemble, folded exactly).
+
+        Each member's head is ``LayerNorm -> Linear -> GELU -> Linear``. The members' LayerNorm scales and shifts
+        are folded into their first linear layers, which are stacked (width: the sum of the members' widths), and the
+        output layer averages: ``mean_i(w2_i . GELU(W1_i (g_i * n(x) + b_i) + c1_i) + c2_i)`` with ``n`` the shared
+        normalisation. The result is an ordinary :class:`ExitHeads` (saved, loaded and run like any other), equal to
+        the members' mean logit up to float rounding. Thresholds, calibration and score reference are not carried
+        over: certify the average.
+
+        Raises:
+            ValueError: no members, or members of different models, inputs, layer norms or label rules.
+        """
+        if not members:
+            raise ValueError("average() needs at least one set of exit heads")
+        first = members[0].config
+        shape = ("model_type", "hidden_size", "num_layers", "extra_inputs", "layer_change", "label_rule")
+        for other in members[1:]:
+            diff = [k for k in shape if getattr(other.config, k) != getattr(first, k)]
+            if diff:
+                raise ValueError(f"exit heads to average differ in {', '.join(diff)}: they are not of one model")
+        eps = {m.heads[j][0].eps for m in members for j in range(m.num_heads)}
+        if len(eps) != 1:
+            raise ValueError(f"exit heads to average use different LayerNorm eps {sorted(eps)}")
+        config = ExitHeadsConfig(
+            first.model_type,
+            first.hidden_size,
+            first.num_layers,
+            head_size=sum(m.config.head_size for m in members),
+            threshold=first.threshold,
+            label_rule=first.label_rule,
+            extra_inputs=first.extra_inputs,
+            model_fingerprint=first.model_fingerprint,
+            layer_change=first.layer_change,
+            members=sum(m.config.members for m in members),
+        )
+        (norm_eps,) = eps
+        out = cls(config)
+        total = config.members
+        with torch.no_grad():
+            for j, head in enumerate(out.heads):
+                norm, first_linear, _, last_linear = head
+                norm.eps = norm_eps
+                norm.weight.fill_(1.0)
+                norm.bias.zero_()
+                weights, biases, outs = [], [], []
+                for m in members:
+                    m_norm, m_first, _, m_last = m.heads[j]
+                    g, b = m_norm.weight.double(), m_norm.bias.double()  # (w,)
+                    w1 = m_first.weight.double()  # (h_i, w)
+                    weights.append(w1 * g[None])
+                    biases.append(w1 @ b + m_first.bias.double())
+                    # a member that is itself an average of n members weighs n / total
+                    outs.append(m_last.weight.double() * (m.config.members / total))
+                first_linear.weight.copy_(torch.cat(weights))
+                first_linear.bias.copy_(torch.cat(biases))
+                last_linear.weight.copy_(torch.cat(outs, dim=1))
+                last_linear.bias.copy_(sum(m.heads[j][3].bias.double() * (m.config.members / total) for m in members))
+        return out.eval()
 
     @property
     def num_heads(self) -> int:

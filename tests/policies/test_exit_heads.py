@@ -71,6 +71,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "model_fingerprint": model_fingerprint(model),  # fresh heads are tied to the model they were shaped for
         "score_reference": None,  # set by fit's calibration (the shift check's reference)
         "layer_change": False,
+        "members": 1,  # trained alone, not an average (ExitHeads.average)
     }
     from safetensors.torch import load_file
 
@@ -82,6 +83,55 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
     heads.config.score_reference = {"num_quantiles": 2, "n": [5, 1, 0], "quantiles": [[-1.0, 2.0], [0.5, 0.5], None]}
     heads.save_pretrained(tmp_path)
     assert ExitHeads.from_pretrained(tmp_path).config.score_reference == heads.config.score_reference
+
+
+@pytest.mark.parametrize("layer_change", [False, True])
+def test_averaged_heads_equal_the_mean_of_their_members_logits(tmp_path, layer_change):
+    torch.manual_seed(0)
+    members = []
+    for width in (8, 8, 16):  # members of different widths, with LayerNorm scales and shifts that are not 1 and 0
+        heads = ExitHeads(ExitHeadsConfig("llava", 16, 5, head_size=width, layer_change=layer_change))
+        for param in heads.parameters():
+            param.data.normal_()
+        members.append(heads.eval())
+    average = ExitHeads.average(members)
+    assert (average.config.head_size, average.config.members) == (32, 3)
+    feats = 3 * torch.randn(64, 4, 32) + 1  # (B, L-1, 2d)
+    with torch.no_grad():
+        mean = torch.stack([m(feats) for m in members]).mean(0)
+        assert torch.allclose(average(feats), mean, rtol=0, atol=1e-4 * mean.abs().max())
+        # the average of an average and one more set weighs each of the four sets alike
+        again = ExitHeads.average([average, members[0]])
+        assert again.config.members == 4
+        four = (3 * mean + members[0](feats)) / 4
+        assert torch.allclose(again(feats), four, rtol=0, atol=1e-4 * four.abs().max())
+        average.save_pretrained(tmp_path)
+        loaded = ExitHeads.from_pretrained(tmp_path)
+        assert loaded.config.members == 3 and torch.equal(loaded(feats), average(feats))
+        # and at run time: one head at a time, as LearnedExit calls them
+        for j in range(4):
+            previous = feats[:, j - 1] if j else None
+            step = torch.stack([m.layer_logits(j, feats[:, j], previous) for m in members]).mean(0)
+            assert torch.allclose(loaded.layer_logits(j, feats[:, j], previous), step, atol=1e-4 * mean.abs().max())
+
+
+def test_averages_of_heads_that_do_not_match_are_refused(tmp_path):
+    base = ExitHeads(ExitHeadsConfig("llava", 16, 5))
+    with pytest.raises(ValueError, match="at least one"):
+        ExitHeads.average([])
+    for other, field in (
+        (ExitHeadsConfig("llava", 16, 4), "num_layers"),
+        (ExitHeadsConfig("qwen2_vl", 16, 5), "model_type"),
+        (ExitHeadsConfig("llava", 16, 5, layer_change=True), "layer_change"),
+    ):
+        with pytest.raises(ValueError, match=f"differ in {field}"):
+            ExitHeads.average([base, ExitHeads(other)])
+    base.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "exit_heads_config.json").read_text())
+    for bad in (0, 1.5, True):
+        (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "members": bad}))
+        with pytest.raises(ValueError, match="members must be a positive integer"):
+            ExitHeads.from_pretrained(tmp_path)
 
 
 def test_heads_for_another_model_or_corrupt_files_are_refused(tiny, tmp_path):
