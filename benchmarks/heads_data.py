@@ -8,32 +8,25 @@ handwriting): heads learn either from ``--train`` training records (the stored t
 scenes of one half (a scene stream of their own, apart from the calibration scenes); each is Platt-scaled on 2,000 and
 certified (Learn-then-Test at ``--tolerance`` / ``--delta``, each margin) on 7,000 scenes of that half, and measured
 on 9,000 scenes of the other half, handwriting neither learning nor calibration saw. Both directions; mean (min–max)
-over seeds. ``--layer_change`` adds rows with heads that also read their features' change since the previous layer.
+over seeds. ``--layer_change`` adds rows with heads that also read their features' change since the previous layer;
+``--members 3``: every row's heads are the average of three sets trained side by side (``--model.members``).
 
     python benchmarks/heads_data.py --seeds 2 --output runs/heads-data/table.md
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ablate_heads as ab  # noqa: E402
 import margin_shift as ms  # noqa: E402
-
-from dyvte.exits.rules import certify_thresholds, exit_savings, head_targets, outcome  # noqa: E402
-from dyvte.policies.exit_heads import first_exit, head_inputs  # noqa: E402
-from dyvte.utils.io import write_text_atomic  # noqa: E402
 
 log = logging.getLogger("heads_data")
 
@@ -45,27 +38,16 @@ CHUNK = 24000
 
 def half_training_caches(root: Path, count: int) -> dict[str, dict[str, np.ndarray]]:
     """Label (once, in chunks of :data:`CHUNK`) and load ``count`` training scenes of each validation half."""
-    from datasets import load_from_disk
-
-    from dyvte.data.sources import load_model
-    from dyvte.exits.labels import build_label_cache
-
-    halves = ms.pool_halves()
-    out, model, processor = {}, None, None
+    halves, loaded, out = ms.pool_halves(), {}, {}
     for name in ("A", "B"):
         parts = []
         for start in range(0, count, CHUNK):
             stop = min(start + CHUNK, count)
-            path = root / f"valhalftrain-{name}-{start}-{stop}"
-            if not (path / "done.json").is_file():
-                if model is None:
-                    model, processor = load_model("demo")
-                began = time.perf_counter()
-                records = ms.half_records(name, halves[name], stop, stream=TRAIN_STREAM, start=start)
-                log.info("labelling training scenes %d..%d of validation half %s into %s", start, stop - 1, name, path)
-                build_label_cache(model, processor, records, batch_size=64, progress=False).save_to_disk(str(path))
-                write_text_atomic(path / "done.json", json.dumps({"seconds": time.perf_counter() - began}) + "\n")
-            parts.append(load_from_disk(str(path)).with_format("numpy")[:])
+
+            def records(name: str = name, start: int = start, stop: int = stop):
+                return ms.half_records(name, halves[name], stop, stream=TRAIN_STREAM, start=start)
+
+            parts.append(ms.labelled(root / f"valhalftrain-{name}-{start}-{stop}", records, loaded))
         out[name] = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     return out
 
@@ -76,6 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train", type=int, default=24000, help="training records or scenes per row")
     parser.add_argument("--margins", default="0,0.1")
     parser.add_argument("--layer_change", action="store_true", help="also rows with layer-change heads")
+    parser.add_argument("--members", type=int, default=1, help="every row's heads: the average of this many sets")
     parser.add_argument(
         "--sources",
         default="train,half",
@@ -90,14 +73,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     variants = [False, True] if args.layer_change else [False]
     rows = []
     for source, target in (("A", "B"), ("B", "A")):
-        ref = {k: v[: ms.REFERENCE] for k, v in halves[source].items()}
-        cal = {k: v[ms.REFERENCE :] for k, v in halves[source].items()}
-        held = halves[target]
-        flops, savings = ab.relative_flops(held, "demo"), exit_savings(ab.relative_flops(ref, "demo"))
-        reference = (head_inputs(ref, None), head_targets(ref, "agreement"))
+        d = ms.direction(halves[source], halves[target])
         names = {"train": "training handwriting", "half": "validation half", "mix": "both (half each)"}
         sources = [names[k] for k in args.sources.split(",")]
-        for data, change in [(d, c) for d in sources for c in variants]:
+        for data, change in [(d_, c) for d_ in sources for c in variants]:
             train = {"training handwriting": caches["train"], "validation half": own.get(source)}.get(data)
             if train is None:  # both: the first half of the records from each, interleaved
                 half = args.train // 2
@@ -108,31 +87,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for k in caches["train"]
                 }
             for seed in range(args.seeds):
-                row = ab.Row("heads", train=args.train, layer_change=change)
+                row = ab.Row("heads", train=args.train, layer_change=change, members=args.members)
                 heads = ab.train_row(row, {"train": train, "val": caches["val"]}, seed, args.epochs)
-                for margin in margins:
-                    cert = certify_thresholds(
-                        heads, head_inputs(cal, None), cal["match"], args.tolerance, args.delta, reference, savings,
-                        margin=margin,
-                    )  # fmt: skip
-                    thresholds = torch.tensor([math.inf if x is None else x for x in cert.logits])
-                    with torch.no_grad():
-                        exits = first_exit(heads(head_inputs(held, None)).float(), thresholds).numpy()
+                for measured in ms.measure(heads, d, margins, args.tolerance, args.delta):
                     rows.append(
-                        {
-                            "direction": f"{source} -> {target}",
-                            "data": data,
-                            "layer_change": change,
-                            "seed": seed,
-                            "margin": margin,
-                            "share": ab.oracle_share(held, flops, exits),
-                            "disagreement": float((~outcome(held, exits)["agree"]).mean()),
-                        }
+                        {"direction": f"{source} -> {target}", "data": data, "layer_change": change, "seed": seed}
+                        | measured
                     )
                     log.info("%s", rows[-1])
     lines = [
         f"The validation pool's digit images in two halves; heads learn from {args.train:,} records of the named "
-        f"handwriting, are certified at tolerance {args.tolerance:g}, δ = {args.delta:g} on 7,000 scenes of one half "
+        f"handwriting{'' if args.members == 1 else f' (each the average of {args.members} sets of heads)'}, "
+        f"are certified at tolerance {args.tolerance:g}, δ = {args.delta:g} on 7,000 scenes of one half "
         f"and measured on 9,000 scenes of the other; {args.seeds} seeds, mean (min–max):",
         "",
         "| direction | heads learn from | layer change | margin | share of oracle savings | disagreement "

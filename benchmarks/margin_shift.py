@@ -88,28 +88,72 @@ def half_records(name: str, pool: np.ndarray, count: int, seed: int = 0, stream:
     return datasets.Dataset.from_list(records, features=dataset_features())
 
 
-def half_caches(root: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Label (once) and load the two halves' label caches."""
+def labelled(path: Path, records, loaded: dict) -> dict[str, np.ndarray]:
+    """The label cache at ``path`` as numpy columns, labelled first (``records()``: the scenes) unless a complete one
+    is there; ``loaded`` keeps the demo model once loaded (``{}`` to start)."""
     from datasets import load_from_disk
 
     from dyvte.data.sources import load_model
     from dyvte.exits.labels import build_label_cache
 
-    halves = pool_halves()
-    out = {}
-    model = processor = None
+    if not (path / "done.json").is_file():
+        if not loaded:
+            loaded["model"], loaded["processor"] = load_model("demo")
+        began = time.perf_counter()
+        scenes = records()
+        log.info("labelling %d scenes into %s", len(scenes), path)
+        cache = build_label_cache(loaded["model"], loaded["processor"], scenes, batch_size=64, progress=False)
+        cache.save_to_disk(str(path))
+        write_text_atomic(path / "done.json", json.dumps({"seconds": time.perf_counter() - began}) + "\n")
+    return load_from_disk(str(path)).with_format("numpy")[:]
+
+
+def half_caches(root: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Label (once) and load the two halves' label caches."""
+    halves, loaded, out = pool_halves(), {}, {}
     for name, count in SIZES.items():
-        path = root / f"valhalf-{name}-0-{count}"
-        if not (path / "done.json").is_file():
-            if model is None:
-                model, processor = load_model("demo")
-            began = time.perf_counter()
-            records = half_records(name, halves[name], count)
-            log.info("labelling %d scenes of validation half %s into %s", count, name, path)
-            build_label_cache(model, processor, records, batch_size=64, progress=False).save_to_disk(str(path))
-            write_text_atomic(path / "done.json", json.dumps({"seconds": time.perf_counter() - began}) + "\n")
-        out[name] = load_from_disk(str(path)).with_format("numpy")[:]
+
+        def records(name: str = name, count: int = count):
+            return half_records(name, halves[name], count)
+
+        out[name] = labelled(root / f"valhalf-{name}-0-{count}", records, loaded)
     return out
+
+
+def direction(source: dict[str, np.ndarray], held: dict[str, np.ndarray]) -> dict:
+    """What heads are certified on (``source``'s scenes after the first :data:`REFERENCE`, which Platt-scale) and
+    measured on (``held``), with the FLOPs and savings the certification and the share read."""
+    ref = {k: v[:REFERENCE] for k, v in source.items()}
+    return {
+        "cal": {k: v[REFERENCE:] for k, v in source.items()},
+        "held": held,
+        "flops": ab.relative_flops(held, "demo"),
+        "savings": exit_savings(ab.relative_flops(ref, "demo")),
+        "reference": (head_inputs(ref, None), head_targets(ref, "agreement")),
+    }
+
+
+def measure(heads: torch.nn.Module, d: dict, margins: list[float], tolerance: float, delta: float) -> list[dict]:
+    """Per margin: certify ``heads`` on ``d``'s calibration scenes (Learn-then-Test, pooled), then measure on its held
+    scenes: ``margin``, ``calibration_rate``, ``share`` of the oracle's savings and ``disagreement``."""
+    rows = []
+    for margin in margins:
+        cert = certify_thresholds(
+            heads, head_inputs(d["cal"], None), d["cal"]["match"], tolerance, delta, d["reference"], d["savings"],
+            margin=margin,
+        )  # fmt: skip
+        thresholds = torch.tensor([math.inf if x is None else x for x in cert.logits])
+        with torch.no_grad():
+            exits = first_exit(heads(head_inputs(d["held"], None)).float(), thresholds).numpy()
+        rows.append(
+            {
+                "margin": margin,
+                "calibration_rate": int(cert.result.errors) / len(d["cal"]["match"]),
+                "share": ab.oracle_share(d["held"], d["flops"], exits),
+                "disagreement": float((~outcome(d["held"], exits)["agree"]).mean()),
+            }
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -120,48 +164,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     caches = ab.bench_caches(args.cache_dir, args.train, ("train", "val"))
     halves = half_caches(Path(args.cache_dir))
-    directions = {}
-    for source, target in (("A", "B"), ("B", "A")):
-        ref = {k: v[:REFERENCE] for k, v in halves[source].items()}
-        cal = {k: v[REFERENCE:] for k, v in halves[source].items()}
-        held = halves[target]
-        directions[f"{source} -> {target}"] = {
-            "cal": cal,
-            "held": held,
-            "flops": ab.relative_flops(held, "demo"),
-            "savings": exit_savings(ab.relative_flops(ref, "demo")),
-            "reference": (head_inputs(ref, None), head_targets(ref, "agreement")),
-        }
+    directions = {f"{a} -> {b}": direction(halves[a], halves[b]) for a, b in (("A", "B"), ("B", "A"))}
     margins = [float(m) for m in args.margins.split(",")]
     rows = []
     for seed in range(args.seeds):
         heads = ab.train_row(ab.Row("shipped", train=args.train), caches, seed, args.epochs)
-        for direction, d in directions.items():
-            for margin in margins:
-                cert = certify_thresholds(
-                    heads,
-                    head_inputs(d["cal"], None),
-                    d["cal"]["match"],
-                    args.tolerance,
-                    args.delta,
-                    d["reference"],
-                    d["savings"],
-                    margin=margin,
-                )
-                thresholds = torch.tensor([math.inf if x is None else x for x in cert.logits])
-                with torch.no_grad():
-                    exits = first_exit(heads(head_inputs(d["held"], None)).float(), thresholds).numpy()
-                wrong = ~outcome(d["held"], exits)["agree"]
-                rows.append(
-                    {
-                        "seed": seed,
-                        "direction": direction,
-                        "margin": margin,
-                        "calibration_rate": int(cert.result.errors) / len(d["cal"]["match"]),
-                        "share": ab.oracle_share(d["held"], d["flops"], exits),
-                        "disagreement": float(wrong.mean()),
-                    }
-                )
+        for name, d in directions.items():
+            for row in measure(heads, d, margins, args.tolerance, args.delta):
+                rows.append({"seed": seed, "direction": name} | row)
                 log.info("%s", rows[-1])
     chosen = next(
         (m for m in margins if all(r["disagreement"] <= args.tolerance for r in rows if r["margin"] == m)), None

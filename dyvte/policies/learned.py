@@ -62,6 +62,7 @@ class LearnedExit(ExitPolicy):
         self.allow_other_model = allow_other_model
         self.thresholds = heads.exit_thresholds(threshold).tolist()  # one P(exit) per head, on the host (reading)
         self.logits = heads.exit_logits(threshold).tolist()  # what each head fires on, on the host
+        self.layer_change = heads.config.layer_change  # heads that read the previous head's features too
         reference = heads.config.score_reference
         if monitor_shift is None:
             monitor_shift = reference is not None
@@ -89,12 +90,12 @@ class LearnedExit(ExitPolicy):
         with torch.no_grad():
             features = head_features(hidden, visual, valid)  # (B, 2d)
             previous = None
-            if self.heads.config.layer_change and head > 0:
+            if self.layer_change and head > 0:
                 if self._previous is None or self._previous[0] != head - 1:
                     raise RuntimeError(f"exit head {head} reads head {head - 1}'s features, which did not run")
                 previous = self._previous[1]
             logits = self.heads.layer_logits(head, features, previous)  # (B,)
-        if self.heads.config.layer_change:
+        if self.layer_change:
             self._previous = (head, features)
         fires = logits.float() >= self.logits[layer - 1]
         reach = self._reach if self._reach is not None else torch.ones_like(fires)
