@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     output = args.output or f"runs/demo-records/{args.split}-{args.start}-{args.stop}"
     try:
-        path = export_records(args.split, args.start, args.stop, output, overwrite=args.overwrite)
+        path = export_records(args.split, args.start, args.stop, output, overwrite=args.overwrite, progress=True)
     except ValueError as err:
         parser.error(str(err))
     logging.getLogger("demo_records").info("records folder: %s", path.resolve())

@@ -331,8 +331,11 @@ def dataset_features():
     )
 
 
-def build_records(split: str, start: int, stop: int, seed: int = 0, cfg: SceneConfig | None = None):
-    """Records ``start..stop-1`` of one split's deterministic stream, as :func:`build_dataset` stores them.
+def build_records(
+    split: str, start: int, stop: int, seed: int = 0, cfg: SceneConfig | None = None, progress: bool = False
+):
+    """Records ``start..stop-1`` of one split's deterministic stream, as :func:`build_dataset` stores them
+    (``progress``: a bar with an ETA over the records rendered).
 
     Prefix-stable: ``build_records(split, a, b)`` equals records ``a..b-1`` of ``build_dataset(...)[split]`` for any
     stored size ``>= b``, images included, so a run may take more training records than ``checkpoints/demo-data``
@@ -347,24 +350,30 @@ def build_records(split: str, start: int, stop: int, seed: int = 0, cfg: SceneCo
         raise ValueError(f"build_records: 0 <= start <= stop expected, got {start}, {stop}")
     cfg = cfg or SceneConfig()
     features = dataset_features()
+    from tqdm.auto import tqdm
+
     records = []
-    for index, rec in zip(range(stop), iter_records(split, seed, cfg), strict=False):
-        if index >= start:
-            rec["image"] = Image.fromarray(render_scene(rec["sources"], cfg))
-            records.append(rec)
+    with tqdm(total=stop - start, desc=f"rendering {split} records", unit="record", disable=not progress) as bar:
+        for index, rec in zip(range(stop), iter_records(split, seed, cfg), strict=False):
+            if index >= start:
+                rec["image"] = Image.fromarray(render_scene(rec["sources"], cfg))
+                records.append(rec)
+                bar.update()
     logger.info("built %s records %d..%d", split, start, stop - 1)
     if records:
         return datasets.Dataset.from_list(records, features=features)
     return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
 
 
-def export_records(split: str, start: int, stop: int, output: str | Path, overwrite: bool = False) -> Path:
+def export_records(
+    split: str, start: int, stop: int, output: str | Path, overwrite: bool = False, progress: bool = False
+) -> Path:
     """Write records ``start..stop-1`` of the demo split's stream (:func:`build_records`) as a ``save_to_disk``
     folder that ``train/fit.py --data.source.data`` reads, e.g. validation records 15000.. for heads that learn from
     handwriting the model never trained on (docs/guide.md, "Toward 75%").
 
     The folder is written beside ``output`` and renamed into place once complete, so an interrupted export leaves
-    nothing half-written.
+    nothing half-written. ``progress``: a bar with an ETA while the records render, and one while they are saved.
 
     Raises:
         ValueError: an unknown split, a bad range, or ``output`` exists without ``overwrite``.
@@ -377,7 +386,7 @@ def export_records(split: str, start: int, stop: int, output: str | Path, overwr
     output = Path(output)
     if output.exists() and not overwrite:
         raise ValueError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
-    records = build_records(split, start, stop)
+    records = build_records(split, start, stop, progress=progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
