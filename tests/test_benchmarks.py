@@ -144,3 +144,51 @@ def test_validation_half_scenes_keep_to_their_half_and_continue_their_stream():
     assert tail["question"] == whole["question"][6:] and tail["sources"] == whole["sources"][6:]
     assert {s for scene in whole["sources"] for s in scene if s >= 0} <= set(halves["A"].tolist())
     assert ms.half_records("A", halves["A"], 10)["sources"] != whole["sources"]  # stream 7: the calibration scenes
+
+
+def test_margin_measurement_certifies_on_one_set_and_scores_another():
+    """benchmarks/margin_shift.py's per-margin measurement (shared with heads_data.py): heads that know every sample's
+    safe layer exit each sample at it (all of the oracle's savings, no disagreement); noisy heads keep the certified
+    rate on the calibration records, and a larger margin never saves more."""
+    import numpy as np
+
+    ms = load_script("benchmarks/margin_shift.py")
+    rng = np.random.default_rng(0)
+    n, layers = 6000, 8
+
+    def columns(count: int) -> dict[str, np.ndarray]:
+        safe = rng.integers(1, layers + 1, count)  # each sample's smallest safe K, 1..L (L: never)
+        match = np.arange(layers)[None] >= safe[:, None]  # (N, L) agreement at K = 0..L-1
+        return {
+            "match": match,
+            "correct": np.concatenate([match, np.ones((count, 1), bool)], axis=1),
+            "features": np.zeros((count, layers - 1, 2), np.float32),
+            "tokens": np.full(count, 120),
+            "visual": np.full(count, 100),
+            "safe": safe,
+        }
+
+    source, held = columns(n), columns(n)
+
+    class Heads(torch.nn.Module):
+        def __init__(self, noise: float) -> None:
+            super().__init__()
+            self.noise = noise
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:  # logit = +4 where safe from K = j + 1
+            return features[..., 0] + self.noise * features[..., 1]
+
+    for cols in (source, held):
+        safe_from = np.arange(1, layers)[None] >= cols["safe"][:, None]  # (N, L-1)
+        cols["features"][..., 0] = np.where(safe_from, 4.0, -4.0)
+        cols["features"][..., 1] = rng.standard_normal(safe_from.shape)
+    d = ms.direction(source, held)
+    assert len(d["cal"]["match"]) == n - ms.REFERENCE
+    perfect = ms.measure(Heads(0.0), d, [0.0, 0.25], 0.01, 0.1)
+    assert [r["disagreement"] for r in perfect] == [0.0, 0.0] and [r["calibration_rate"] for r in perfect] == [0, 0]
+    assert all(r["share"] == pytest.approx(1.0) for r in perfect)
+    noisy = ms.measure(Heads(3.0), d, [0.0, 0.25, 0.5], 0.01, 0.1)
+    for r in noisy:
+        assert 0 < r["calibration_rate"] <= 0.01 * (1 - r["margin"])
+        assert 0 < r["share"] < 1
+    assert noisy[0]["share"] >= noisy[1]["share"] >= noisy[2]["share"]
