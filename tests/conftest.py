@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores; one OpenMP thread each
+    # (spinning OpenMP threads of several workers on the same cores slow every one of them many times over);
+    # set before torch loads, and inherited by the subprocesses the tests start
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import pytest
 
