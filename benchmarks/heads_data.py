@@ -9,7 +9,7 @@ scenes of one half (a scene stream of their own, apart from the calibration scen
 certified (Learn-then-Test at ``--tolerance`` / ``--delta``, each margin) on 7,000 scenes of that half, and measured
 on 9,000 scenes of the other half, handwriting neither learning nor calibration saw. Both directions; mean (min–max)
 over seeds. ``--layer_change`` adds rows with heads that also read their features' change since the previous layer;
-``--members 3``: every row's heads are the average of three sets trained side by side (``--model.members``).
+``--members 3``: every row's heads are the average of three sets trained apart (``ExitHeads.average``).
 
     python benchmarks/heads_data.py --seeds 2 --output runs/heads-data/table.md
 """
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train", type=int, default=24000, help="training records or scenes per row")
     parser.add_argument("--margins", default="0,0.1")
     parser.add_argument("--layer_change", action="store_true", help="also rows with layer-change heads")
-    parser.add_argument("--members", type=int, default=1, help="every row's heads: the average of this many sets")
+    parser.add_argument(
+        "--members", type=int, default=1, help="every row's heads: the average of this many sets trained apart"
+    )
     parser.add_argument(
         "--sources",
         default="train,half",

@@ -11,12 +11,12 @@ it stays within the tolerance, the worst question type, and the share of the ora
 which the model never trained on; ``benchmarks/heads_data.py`` compared the two on validation halves and chose margin
 0.25 for this recipe; docs/guide.md, "Heads that learn from handwriting the model never saw"); ``--layer_change``:
 heads that also read their features' change since the previous head's layer; ``--members 3``: the average of three
-sets of heads trained side by side (``--model.members``; docs/guide.md, "Averaged heads").
+sets of heads trained apart (seeds 3s..3s+2, folded by ``ExitHeads.average``; docs/guide.md, "Averaged heads").
 
     python benchmarks/writer_shift.py --seeds 10 --output runs/writer-shift/table.md
     python benchmarks/writer_shift.py --seeds 10 --heads_data validation --output runs/writer-shift/validation-24k.md
     python benchmarks/writer_shift.py --seeds 10 --heads_data validation --members 3 --margins 0.1,0.25 \
-        --output runs/writer-shift/validation-24k-members3.md
+        --output runs/writer-shift/validation-24k-average3.md
 """
 
 from __future__ import annotations
@@ -54,7 +54,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "validation records 15000.. (validation handwriting, which the model never trained on)",
     )
     parser.add_argument("--layer_change", action="store_true", help="heads that read the change since the last layer")
-    parser.add_argument("--members", type=int, default=1, help="average of this many heads trained side by side")
+    parser.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="the average of this many sets of heads trained apart (ExitHeads.average)",
+    )
     args = parser.parse_args(argv)
     source = "train" if args.heads_data == "train" else "valtrain"
     caches = ab.bench_caches(args.cache_dir, args.train, (source, "val", "calib", "test"))

@@ -44,6 +44,7 @@ from dyvte.exits.labels import smallest_safe_layer  # noqa: E402
 from dyvte.exits.risk import learn_then_test  # noqa: E402
 from dyvte.exits.rules import agrees_at, certify_thresholds, exit_savings, head_targets, outcome  # noqa: E402
 from dyvte.policies.exit_heads import (  # noqa: E402
+    ExitHeads,
     ExitHeadsConfig,
     first_exit,  # noqa: E402
     head_inputs,
@@ -69,7 +70,7 @@ class Row:
     eta: float = 0.01
     family: str = "savings"
     layer_change: bool = False
-    members: int = 1
+    members: int = 1  # > 1: the average of this many sets of heads trained apart
 
 
 ROWS = [
@@ -282,7 +283,9 @@ def oracle_layers(columns: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module:
-    """Train one row's heads with Lightning (the module ``train/fit.py`` uses) on cached tensors."""
+    """Train one row's heads with Lightning (the module ``train/fit.py`` uses) on cached tensors; with
+    ``row.members`` M > 1, M sets trained apart (seeds ``seed * M .. seed * M + M - 1``: each its own initialisation
+    and batch order) and folded into their average (:meth:`ExitHeads.average`)."""
     extra = list(row.extra) or None
     train = caches["train"]
     n = min(row.train, len(train["match"]))
@@ -293,21 +296,22 @@ def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module
     }
     num_layers, hidden = sub["match"].shape[1], sub["features"].shape[-1] // 2
     config = ExitHeadsConfig("llava", hidden, num_layers, extra_inputs=extra, label_rule=row.rule)
-    L.seed_everything(seed, verbose=False)
-    data = HeadTensorData(tensors["train"], tensors["val"], config)
-    module = ExitHeadsModule(
-        head_size=row.head_size, balance=row.balance, layer_change=row.layer_change, members=row.members
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=data)
-    return module.heads.eval()
+    sets = []
+    for member_seed in range(seed * row.members, (seed + 1) * row.members):
+        L.seed_everything(member_seed, verbose=False)
+        data = HeadTensorData(tensors["train"], tensors["val"], config)
+        module = ExitHeadsModule(head_size=row.head_size, balance=row.balance, layer_change=row.layer_change)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, datamodule=data)
+        sets.append(module.heads.eval())
+    return sets[0] if len(sets) == 1 else ExitHeads.average(sets)
 
 
 def main(argv: list[str] | None = None) -> dict:

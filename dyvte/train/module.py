@@ -44,10 +44,6 @@ class ExitHeadsModule(L.LightningModule):
         balance: weigh each head's positives by its n_neg / n_pos.
         layer_change: heads that also read the change of their features since the previous head's layer
             (:attr:`dyvte.policies.exit_heads.ExitHeadsConfig.layer_change`).
-        members: train this many sets of heads side by side, each from its own initialisation and on its own loss
-            (the same batches), and keep their average (:meth:`ExitHeads.average`, folded into one set of heads
-            ``members`` times as wide) when training ends; 1: one set. Costs ``members`` times the training
-            compute, nothing at inference beyond the wider heads (docs/guide.md, "Averaged heads").
     """
 
     def __init__(
@@ -58,11 +54,9 @@ class ExitHeadsModule(L.LightningModule):
         weight_decay: float = 1e-4,
         balance: bool = True,
         layer_change: bool = False,
-        members: int = 1,
     ) -> None:
         super().__init__()
         check_positive_int("head_size (--model.head_size)", head_size, optional=True)
-        check_positive_int("members (--model.members)", members)
         if not 0.0 <= threshold <= 1.0:  # checked here, not after labelling when the heads are shaped
             raise ValueError(f"threshold (--model.threshold) must be a P(exit) in [0, 1], got {threshold!r}")
         if not lr > 0:
@@ -70,49 +64,25 @@ class ExitHeadsModule(L.LightningModule):
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay (--model.weight_decay) must be >= 0, got {weight_decay!r}")
         self.save_hyperparameters()
-        self.heads: ExitHeads | None = None  # with members > 1: their average, once training ends
-        self.members: torch.nn.ModuleList | None = None  # members > 1: the sets of heads in training
+        self.heads: ExitHeads | None = None
 
     def setup(self, stage: str) -> None:
         """Shape the heads from the datamodule's model (before a checkpoint is restored)."""
-        if self.heads is not None or self.members is not None:
+        if self.heads is not None:
             return
         data: ExitLabelData = self.trainer.datamodule
         config = data.heads_config(self.hparams.head_size, self.hparams.threshold)
-        config = dataclasses.replace(config, layer_change=bool(self.hparams.layer_change))
-        if self.hparams.members == 1:
-            self.heads = ExitHeads(config)
-        else:
-            self.members = torch.nn.ModuleList(ExitHeads(config) for _ in range(self.hparams.members))
-        weight = data.positive_weight() if self.hparams.balance else torch.ones(config.num_layers - 1)
+        self.heads = ExitHeads(dataclasses.replace(config, layer_change=bool(self.hparams.layer_change)))
+        weight = data.positive_weight() if self.hparams.balance else torch.ones(self.heads.num_heads)
         self.register_buffer("pos_weight", weight, persistent=False)
-        n = config.num_layers - 1
+        n = self.heads.num_heads
         self.precision_metric = MultilabelPrecision(n, threshold=self.hparams.threshold, average=None)
         self.recall_metric = MultilabelRecall(n, threshold=self.hparams.threshold, average=None)
 
-    def _trained(self) -> list[ExitHeads]:
-        """The sets of heads being trained (one unless ``members > 1``)."""
-        return [self.heads] if self.members is None else list(self.members)
-
-    def _losses(
-        self, features: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sum of the members' BCE losses (each member's gradient is its own loss's, as if trained alone) and
-        their mean logits ``(B, L-1)``. ``mask``: ``(B, L-1)`` weights of the labels that count."""
-        total, logits = 0.0, []
-        for heads in self._trained():
-            member = heads(features)  # (B, L-1)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                member, targets, pos_weight=self.pos_weight, reduction="none" if mask is not None else "mean"
-            )
-            total = total + (loss if mask is None else (loss * mask).sum() / mask.sum())
-            logits.append(member)
-        return total, torch.stack(logits).mean(0)
-
     def _loss(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The members' mean loss (for the log: one scale whatever ``members``) and mean logits."""
-        total, logits = self._losses(features, targets)
-        return total / len(self._trained()), logits
+        logits = self.heads(features)  # (B, L-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight)
+        return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | list[dict], batch_idx: int) -> torch.Tensor:
         if isinstance(batch, list) and isinstance(
@@ -121,11 +91,15 @@ class ExitHeadsModule(L.LightningModule):
             features, targets, mask = (
                 t.to(self.device) for t in self.trainer.datamodule.fresh_batch(batch, self.global_step)
             )
-            loss, _ = self._losses(features, targets, mask)
-            self.log("train/loss", loss / len(self._trained()), prog_bar=True, batch_size=len(batch))
+            logits = self.heads(features)  # (B, L-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, targets, pos_weight=self.pos_weight, reduction="none"
+            )
+            loss = (loss * mask).sum() / mask.sum()
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
             return loss
-        loss, _ = self._losses(*batch)
-        self.log("train/loss", loss / len(self._trained()), prog_bar=True)
+        loss, _ = self._loss(*batch)
+        self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -137,20 +111,14 @@ class ExitHeadsModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         precision, recall = self.precision_metric.compute(), self.recall_metric.compute()
-        for j in range(len(precision)):  # head j decides exit layer j + 1
+        for j in range(self.heads.num_heads):  # head j decides exit layer j + 1
             self.log(f"val/precision_exit{j + 1}", precision[j], sync_dist=True)
             self.log(f"val/recall_exit{j + 1}", recall[j], sync_dist=True)
         self.precision_metric.reset()
         self.recall_metric.reset()
 
-    def on_fit_end(self) -> None:
-        """With ``members > 1``: :attr:`heads` becomes the members' average (one set of heads, what is saved)."""
-        if self.members is not None:
-            self.heads = ExitHeads.average(list(self.members)).to(self.device).train(self.training)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for heads in self._trained() for p in heads.parameters()]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(self.heads.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
 
 # --------------------------------------------------------------------------------------------- validation summary

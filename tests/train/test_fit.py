@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig
-from dyvte.train.module import ExitHeadsModule
+from dyvte.policies.exit_heads import ExitHeads
 
 from ..scripts import REPO_ROOT, fit_args, make_fit_setup
 
@@ -54,53 +52,6 @@ def test_fit_writes_only_heads_and_resumes(setup_dir):
     assert [h["exit_layer"] for h in training["val_heads"]] == [1, 2, 3] and training["val_samples"] == 4
     assert Path(training["logs"]).parent == setup_dir / "runs" / "logs"  # the --trainer.logger save_dir given
     assert {Path(p).parent for p in training["label_cache"].values()} == {setup_dir / "cache"}
-
-
-def test_fit_with_members_saves_their_average(setup_dir):
-    main = _fit_main()
-    main(fit_args(setup_dir, "heads-members", 2, ["--model.members=3", "--model.head_size=16"]))
-    heads = ExitHeads.from_pretrained(setup_dir / "heads-members")
-    assert (heads.config.members, heads.config.head_size) == (3, 48)
-    assert heads.config.threshold_logits is not None  # the average is what was certified
-    ckpt = max((setup_dir / "runs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
-    assert {k.split(".")[0] for k in state} == {"members"}  # the members train; the average is made at the end
-    members = []
-    for i in range(3):
-        member = ExitHeads(dataclasses.replace(heads.config, head_size=16, members=1))
-        member.load_state_dict(
-            {k.removeprefix(f"members.{i}."): v for k, v in state.items() if k.startswith(f"members.{i}.")}
-        )
-        members.append(member.eval())
-    assert not torch.equal(members[0].heads[0][1].weight, members[1].heads[0][1].weight)  # each its own start
-    feats = torch.randn(5, 3, 2 * heads.config.hidden_size)
-    with torch.no_grad():
-        mean = torch.stack([m(feats) for m in members]).mean(0)
-        assert torch.allclose(heads(feats), mean, atol=1e-5)
-
-
-def test_each_member_learns_from_its_own_loss():
-    """The members' summed loss gives each member the gradient of its own loss, as if it trained alone."""
-    module = ExitHeadsModule(members=2)
-    config = ExitHeadsConfig("llava", 8, 4, head_size=4)
-    torch.manual_seed(0)
-    module.members = torch.nn.ModuleList([ExitHeads(config), ExitHeads(config)])
-    module.register_buffer("pos_weight", torch.tensor([3.0, 1.0, 0.5]), persistent=False)
-    feats, targets = torch.randn(6, 3, 16), torch.randint(0, 2, (6, 3)).float()
-    loss, logits = module._losses(feats, targets)
-    loss.backward()
-    for member in module.members:
-        together = [p.grad.clone() for p in member.parameters()]
-        member.zero_grad()
-        alone = torch.nn.functional.binary_cross_entropy_with_logits(
-            member(feats), targets, pos_weight=module.pos_weight
-        )
-        alone.backward()
-        assert all(torch.allclose(a, p.grad) for a, p in zip(together, member.parameters(), strict=True))
-    with torch.no_grad():
-        assert torch.allclose(logits, (module.members[0](feats) + module.members[1](feats)) / 2)
-    with pytest.raises(ValueError, match=r"members \(--model.members\)"):
-        ExitHeadsModule(members=0)
 
 
 @pytest.mark.slow
