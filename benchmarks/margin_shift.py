@@ -120,31 +120,32 @@ def half_caches(root: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def direction(source: dict[str, np.ndarray], held: dict[str, np.ndarray]) -> dict:
+def direction(source: dict[str, np.ndarray], held: dict[str, np.ndarray], visual: bool = False) -> dict:
     """What heads are certified on (``source``'s scenes after the first :data:`REFERENCE`, which Platt-scale) and
-    measured on (``held``), with the FLOPs and savings the certification and the share read."""
+    measured on (``held``), with the FLOPs and savings the certification and the share read (``visual``: for heads
+    that read the visual tokens' pooled states too)."""
     ref = {k: v[:REFERENCE] for k, v in source.items()}
     return {
         "cal": {k: v[REFERENCE:] for k, v in source.items()},
         "held": held,
         "flops": ab.relative_flops(held, "demo"),
         "savings": exit_savings(ab.relative_flops(ref, "demo")),
-        "reference": (head_inputs(ref, None), head_targets(ref, "agreement")),
+        "reference": (head_inputs(ref, None, visual), head_targets(ref, "agreement")),
     }
 
 
 def measure(heads: torch.nn.Module, d: dict, margins: list[float], tolerance: float, delta: float) -> list[dict]:
     """Per margin: certify ``heads`` on ``d``'s calibration scenes (Learn-then-Test, pooled), then measure on its held
     scenes: ``margin``, ``calibration_rate``, ``share`` of the oracle's savings and ``disagreement``."""
-    rows = []
+    rows, visual = [], ab.reads_visual(heads)
     for margin in margins:
+        cal = head_inputs(d["cal"], None, visual)
         cert = certify_thresholds(
-            heads, head_inputs(d["cal"], None), d["cal"]["match"], tolerance, delta, d["reference"], d["savings"],
-            margin=margin,
-        )  # fmt: skip
+            heads, cal, d["cal"]["match"], tolerance, delta, d["reference"], d["savings"], margin=margin
+        )
         thresholds = torch.tensor([math.inf if x is None else x for x in cert.logits])
         with torch.no_grad():
-            exits = first_exit(heads(head_inputs(d["held"], None)).float(), thresholds).numpy()
+            exits = first_exit(heads(head_inputs(d["held"], None, visual)).float(), thresholds).numpy()
         rows.append(
             {
                 "margin": margin,

@@ -49,7 +49,7 @@ def score(heads: torch.nn.Module, columns: dict, flops: np.ndarray, thresholds: 
     """Share of oracle savings, disagreement overall and in the worst qtype (and which) of ``heads`` at
     ``thresholds`` on ``columns``."""
     with torch.no_grad():
-        exits = first_exit(heads(head_inputs(columns, None)).float(), thresholds).numpy()
+        exits = first_exit(heads(head_inputs(columns, None, ab.reads_visual(heads))).float(), thresholds).numpy()
     wrong = ~outcome(columns, exits)["agree"]
     qtypes = np.asarray(columns["qtype"]).astype(str)
     per_type = {q: float(wrong[qtypes == q].mean()) for q in np.unique(qtypes)}

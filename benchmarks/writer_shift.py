@@ -11,12 +11,16 @@ it stays within the tolerance, the worst question type, and the share of the ora
 which the model never trained on; ``benchmarks/heads_data.py`` compared the two on validation halves and chose margin
 0.25 for this recipe; docs/guide.md, "Heads that learn from handwriting the model never saw"); ``--layer_change``:
 heads that also read their features' change since the previous head's layer; ``--members 3``: the average of three
-sets of heads trained apart (seeds 3s..3s+2, folded by ``ExitHeads.average``; docs/guide.md, "Averaged heads").
+sets of heads trained apart (seeds 3s..3s+2, folded by ``ExitHeads.average``; docs/guide.md, "Averaged heads");
+``--visual_inputs``: heads that also read the visual tokens' pooled states at their layer (label caches of their own,
+``*-visual``; docs/guide.md, "Heads that see the image").
 
     python benchmarks/writer_shift.py --seeds 10 --output runs/writer-shift/table.md
     python benchmarks/writer_shift.py --seeds 10 --heads_data validation --output runs/writer-shift/validation-24k.md
     python benchmarks/writer_shift.py --seeds 10 --heads_data validation --members 3 --margins 0.1,0.25 \
         --output runs/writer-shift/validation-24k-average3.md
+    python benchmarks/writer_shift.py --seeds 10 --heads_data validation --visual_inputs --margins 0.1,0.25 \
+        --output runs/writer-shift/validation-24k-visual.md
 """
 
 from __future__ import annotations
@@ -60,20 +64,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=1,
         help="the average of this many sets of heads trained apart (ExitHeads.average)",
     )
+    parser.add_argument(
+        "--visual_inputs", action="store_true", help="heads that also read the visual tokens' pooled states"
+    )
     args = parser.parse_args(argv)
     source = "train" if args.heads_data == "train" else "valtrain"
-    caches = ab.bench_caches(args.cache_dir, args.train, (source, "val", "calib", "test"))
+    visual = args.visual_inputs
+    caches = ab.bench_caches(args.cache_dir, args.train, (source, "val", "calib", "test"), visual)
     caches["train"] = caches[source]
     calib, test = caches["calib"], caches["test"]
     flops = ab.relative_flops(test, "demo")
     savings = exit_savings(ab.relative_flops(caches["val"], "demo"))
-    reference = (head_inputs(caches["val"], None), head_targets(caches["val"], "agreement"))
+    reference = (head_inputs(caches["val"], None, visual), head_targets(caches["val"], "agreement"))
     margins = [float(m) for m in args.margins.split(",")]
     rows = []
     for seed in range(args.seeds):
         began = time.perf_counter()
         heads = ab.train_row(
-            ab.Row("shipped", train=args.train, layer_change=args.layer_change, members=args.members),
+            ab.Row("shipped", train=args.train, layer_change=args.layer_change, members=args.members, visual=visual),
             caches,
             seed,
             args.epochs,
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for margin in margins:
                 cert = certify_thresholds(
                     heads,
-                    head_inputs(calib, None),
+                    head_inputs(calib, None, visual),
                     calib["match"],
                     args.tolerance,
                     args.delta,
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines = [
         f"Demo test split (2,000 records, handwriting no training or validation record shows); {args.seeds} training "
         f"seeds of the shipped recipe ({args.train:,} training records of the {args.heads_data} handwriting"
-        f"{'' if args.members == 1 else f', the average of {args.members} sets of heads'}; "
+        f"{'' if args.members == 1 else f', the average of {args.members} sets of heads'}"
+        f"{', reading the visual tokens too' if visual else ''}; "
         f"certified at tolerance {args.tolerance:g}, "
         f"δ = {args.delta:g} on validation records 2000..14999); mean (min–max) over seeds:",
         "",

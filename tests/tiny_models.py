@@ -837,13 +837,17 @@ def random_heads(model: Any, seed: int = 0, head_size: int | None = 4, std: floa
     return heads.eval()
 
 
-def sharpened_heads(model: Any, seed: int = 3) -> Any:
+def sharpened_heads(model: Any, seed: int = 3, visual_inputs: bool = False) -> Any:
     """Randomly initialised exit heads (seeded before they are built) whose output layers are scaled by 30 with bias
-    -1, so that the rows of a batch disagree about when to leave; eval mode."""
+    -1, so that the rows of a batch disagree about when to leave; eval mode (``visual_inputs``: heads that also read
+    the visual tokens' pooled states)."""
+    import dataclasses
+
     from dyvte import ExitHeads
 
     torch.manual_seed(seed)
-    heads = ExitHeads.for_model(model).eval()
+    config = dataclasses.replace(ExitHeads.for_model(model).config, visual_inputs=visual_inputs)
+    heads = ExitHeads(config).eval()
     with torch.no_grad():
         for head in heads.heads:
             head[3].weight.mul_(30.0)

@@ -71,6 +71,7 @@ class Row:
     family: str = "savings"
     layer_change: bool = False
     members: int = 1  # > 1: the average of this many sets of heads trained apart
+    visual: bool = False  # heads that also read the visual tokens' pooled states (caches labelled with them)
 
 
 ROWS = [
@@ -113,18 +114,18 @@ class Scope:
 
 def score(heads: torch.nn.Module, row: Row, caches: dict, scope: Scope, tolerance: float) -> dict:
     """Calibrate ``heads`` at ``tolerance`` and score them on the calibration split and on test."""
-    extra = list(row.extra) or None
-    reference = (head_inputs(caches["val"], extra), head_targets(caches["val"], row.rule, row.eta))
+    extra, visual = list(row.extra) or None, row.visual
+    reference = (head_inputs(caches["val"], extra, visual), head_targets(caches["val"], row.rule, row.eta))
     calib = scope.calib
     savings = scope.savings if row.family == "savings" else None
     cal = certify_thresholds(
-        heads, head_inputs(calib, extra), calib["match"], tolerance, scope.delta, reference, savings=savings
+        heads, head_inputs(calib, extra, visual), calib["match"], tolerance, scope.delta, reference, savings=savings
     )
     thresholds = torch.tensor([math.inf if t is None else t for t in cal.logits])  # (L-1,) logit thresholds
     out = {"tolerance": tolerance, "calib_errors": cal.result.errors, "level": cal.result.parameter}
     for name, columns, flops in (("", scope.test, scope.flops), ("calib_", calib, scope.calib_flops)):
         with torch.no_grad():
-            logits = heads(head_inputs(columns, extra)).float()
+            logits = heads(head_inputs(columns, extra, visual)).float()
         exits = first_exit(logits, thresholds).numpy()
         res = outcome(columns, exits)
         out[f"{name}accuracy"] = float(res["correct"].mean())
@@ -160,9 +161,14 @@ def table_row(
 
 
 def label_caches(
-    data: str, root: Path, args: argparse.Namespace, names: tuple[str, ...] = ("train", "val", "calib", "test")
+    data: str,
+    root: Path,
+    args: argparse.Namespace,
+    names: tuple[str, ...] = ("train", "val", "calib", "test"),
+    visual: bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Label (once) and load the train / val / calib / test caches (those in ``names``)."""
+    """Label (once) and load the train / val / calib / test caches (those in ``names``); ``visual``: caches that
+    also keep the visual tokens' pooled states (folders ending in ``-visual``)."""
     from datasets import load_from_disk
 
     from dyvte.data.sources import load_model
@@ -188,7 +194,7 @@ def label_caches(
     model = processor = None
     loaded: dict[str, list[dict[str, np.ndarray]]] = {}
     for name, split, start, stop in parts:
-        path = root / f"{name}-{split}-{start}-{stop}"
+        path = root / f"{name}-{split}-{start}-{stop}{'-visual' if visual else ''}"
         if not (path / "done.json").is_file():
             if model is None:
                 model, processor = load_model(args.model)
@@ -197,7 +203,9 @@ def label_caches(
             records = split_records(data, split, start, stop)
             log.info("labelling %d %s records (%s %d..%d) into %s", stop - start, name, split, start, stop - 1, path)
             began = time.perf_counter()
-            cache = build_label_cache(model, processor, records, batch_size=args.label_batch_size, progress=False)
+            cache = build_label_cache(
+                model, processor, records, batch_size=args.label_batch_size, progress=False, visual_inputs=visual
+            )
             cache.save_to_disk(str(path))
             seconds = time.perf_counter() - began
             write_text_atomic(path / "done.json", json.dumps({"seconds": seconds, "samples": stop - start}) + "\n")
@@ -232,15 +240,18 @@ def bench_parser(doc: str, seeds: int, output: str) -> argparse.ArgumentParser:
     return parser
 
 
-def bench_caches(cache_dir: str, train: int, names: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+def bench_caches(
+    cache_dir: str, train: int, names: tuple[str, ...], visual: bool = False
+) -> dict[str, dict[str, np.ndarray]]:
     """Logging as the benchmarks print it, then the demo's label caches ``names`` (the first ``train`` training
-    records; validation 0..1999 and 2000..14999, test 0..1999), labelled once."""
+    records; validation 0..1999 and 2000..14999, test 0..1999), labelled once (``visual``: with the visual tokens'
+    pooled states)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     quiet_lightning()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     sizes = argparse.Namespace(val_samples=2000, calib_samples=13000, train_samples=train, model="demo")
     sizes.label_batch_size = 64
-    return label_caches("demo", Path(cache_dir), sizes, names=names)
+    return label_caches("demo", Path(cache_dir), sizes, names=names, visual=visual)
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -277,6 +288,11 @@ def write_outputs(out: Path, table: str, results: dict, what: str) -> None:
     log.info("%s (also in %s):\n%s", what, out / "table.md", table)
 
 
+def reads_visual(heads: torch.nn.Module) -> bool:
+    """Whether ``heads`` read the visual tokens' pooled states besides the text features (their config says)."""
+    return bool(getattr(getattr(heads, "config", None), "visual_inputs", False))
+
+
 def oracle_layers(columns: dict[str, np.ndarray]) -> np.ndarray:
     """Each sample's smallest K with the full model's answer at K and every later exit layer (L if none)."""
     return smallest_safe_layer(torch.as_tensor(np.asarray(columns["match"], dtype=bool))).numpy()
@@ -286,16 +302,16 @@ def train_row(row: Row, caches: dict, seed: int, epochs: int) -> torch.nn.Module
     """Train one row's heads with Lightning (the module ``train/fit.py`` uses) on cached tensors; with
     ``row.members`` M > 1, M sets trained apart (seeds ``seed * M .. seed * M + M - 1``: each its own initialisation
     and batch order) and folded into their average (:meth:`ExitHeads.average`)."""
-    extra = list(row.extra) or None
+    extra, visual = list(row.extra) or None, row.visual
     train = caches["train"]
     n = min(row.train, len(train["match"]))
     sub = {k: v[:n] for k, v in train.items()}
     tensors = {
-        "train": (head_inputs(sub, extra), head_targets(sub, row.rule, row.eta)),
-        "val": (head_inputs(caches["val"], extra), head_targets(caches["val"], row.rule, row.eta)),
+        "train": (head_inputs(sub, extra, visual), head_targets(sub, row.rule, row.eta)),
+        "val": (head_inputs(caches["val"], extra, visual), head_targets(caches["val"], row.rule, row.eta)),
     }
     num_layers, hidden = sub["match"].shape[1], sub["features"].shape[-1] // 2
-    config = ExitHeadsConfig("llava", hidden, num_layers, extra_inputs=extra, label_rule=row.rule)
+    config = ExitHeadsConfig("llava", hidden, num_layers, extra_inputs=extra, label_rule=row.rule, visual_inputs=visual)
     sets = []
     for member_seed in range(seed * row.members, (seed + 1) * row.members):
         L.seed_everything(member_seed, verbose=False)

@@ -40,7 +40,7 @@ from dyvte.exits.safety import (
     final_prompt_slot,
     smallest_safe_layer,
 )
-from dyvte.policies.exit_heads import head_features
+from dyvte.policies.exit_heads import head_features, visual_pool
 from dyvte.policies.withdraw import withdraw
 from dyvte.utils.checks import check_positive_int
 from dyvte.utils.devices import model_device, to_device
@@ -167,6 +167,7 @@ def label_batch(
     loss_ratio: float = 1.03,
     max_new_tokens: int = 8,
     branch: bool = True,
+    visual_inputs: bool = False,
 ) -> dict[str, np.ndarray]:
     """Everything the exit heads learn from and are calibrated and scored on, for one batch of records.
 
@@ -191,6 +192,9 @@ def label_batch(
         branch: run each withdrawn forward as a branch of the full one (:class:`dyvte.exits.branching.Branches`:
             layers ``0..K-1`` and the vision encoder are replayed, about two full forwards for all K together);
             ``False`` runs the whole withdrawn model once per K (``L + 1`` forwards; the same labels, for comparison).
+        visual_inputs: also return ``visual_features`` ``(B, L-1, 2d)``: the visual tokens' pooled states after each
+            layer (:func:`dyvte.policies.exit_heads.visual_pool`), what heads with ``visual_inputs`` read besides
+            ``features``.
 
     Returns:
         Columns, one row per record (``L`` decoder layers, ``d`` hidden size):
@@ -206,7 +210,7 @@ def label_batch(
     gold = answer_token_ids(processor, records, offset)
     forced = to_device(teacher_force(processor, prompt, gold, model.dtype), device)
     labels = forced.pop("labels")  # (B, T')
-    columns, same = _forced_columns(spec, model, forced, labels, branch, agree, loss_ratio)
+    columns, same = _forced_columns(spec, model, forced, labels, branch, agree, loss_ratio, visual_inputs)
     suppressed = set(getattr(model.generation_config, "suppress_tokens", None) or [])
     plain = _argmax_is_greedy(model)
     stops = _stop_ids(model, processor.tokenizer.eos_token_id)
@@ -274,6 +278,7 @@ def _forced_columns(
     branch: bool,
     agree: float,
     loss_ratio: float,
+    visual_inputs: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """:func:`label_batch`'s columns from the gold-forced batch: head inputs, ``correct``, ``dyvte``, and ``match`` /
     ``kl`` as if the gold answer were the full model's (right where it is); with ``(B,)`` bool: the full model's argmax
@@ -286,6 +291,11 @@ def _forced_columns(
         final = final_prompt_slot(labels)
         features = torch.stack(
             [head_features(states[j + 1], visual, valid, final) for j in range(num_layers - 1)], dim=1
+        )  # (B, L-1, 2d)
+        pooled = (
+            torch.stack([visual_pool(states[j + 1], visual, valid) for j in range(num_layers - 1)], dim=1)
+            if visual_inputs
+            else None
         )  # (B, L-1, 2d)
         extras = _extras(spec, model, states, probe, visual, valid, final, rows)
         match = torch.ones(rows, num_layers, dtype=torch.bool)
@@ -309,6 +319,8 @@ def _forced_columns(
         "kl": kl,
         "dyvte": paper,
     }
+    if pooled is not None:
+        columns["visual_features"] = pooled.float().cpu()
     return columns, same.clone()
 
 
@@ -329,13 +341,15 @@ def _match_columns(
     return match, kl
 
 
-def label_features(num_layers: int, width: int):
+def label_features(num_layers: int, width: int, visual_inputs: bool = False):
     """The ``datasets`` schema of a label cache (:func:`label_batch`'s columns plus ``qtype`` and ``index``)."""
     from datasets import Array2D, Features, Sequence, Value  # lazy: only the label cache needs datasets
 
+    visual = {"visual_features": Array2D((num_layers - 1, width), "float32")} if visual_inputs else {}
     return Features(
         {
             "features": Array2D((num_layers - 1, width), "float32"),
+            **visual,
             "extras": Array2D((num_layers - 1, 3), "float32"),
             "match": Sequence(Value("bool"), length=num_layers),
             "correct": Sequence(Value("bool"), length=num_layers + 1),
@@ -365,6 +379,7 @@ def build_label_cache(
     max_new_tokens: int = 8,
     progress: bool = True,
     on_batch: Callable[[int, float], None] | None = None,
+    visual_inputs: bool = False,
 ) -> Dataset:
     """:func:`label_batch` over a dataset, once per sample, as a ``datasets.Dataset``.
 
@@ -378,6 +393,8 @@ def build_label_cache(
         max_new_tokens: greedy answer length bound.
         progress: show a progress bar.
         on_batch: called after each batch with its number of records and seconds (a caller's progress bar).
+        visual_inputs: also keep ``visual_features``, the inputs heads with ``visual_inputs`` read (as many floats
+            again as ``features``).
 
     Returns:
         The columns of :func:`label_batch` plus ``qtype`` and ``index`` (row in ``dataset``); every label rule of
@@ -392,7 +409,16 @@ def build_label_cache(
     check_positive_int("build_label_cache: max_new_tokens", max_new_tokens)
     with eval_mode(model, "build_label_cache (labelling)"):
         return _build_label_cache(
-            unwrap(model), processor, dataset, batch_size, agree, loss_ratio, max_new_tokens, progress, on_batch
+            unwrap(model),
+            processor,
+            dataset,
+            batch_size,
+            agree,
+            loss_ratio,
+            max_new_tokens,
+            progress,
+            on_batch,
+            visual_inputs,
         )
 
 
@@ -406,6 +432,7 @@ def _build_label_cache(
     max_new_tokens: int,
     progress: bool,
     on_batch: Callable[[int, float], None] | None,
+    visual_inputs: bool = False,
 ) -> Dataset:
     from datasets import Dataset
 
@@ -424,6 +451,7 @@ def _build_label_cache(
             agree=agree,
             loss_ratio=loss_ratio,
             max_new_tokens=max_new_tokens,
+            visual_inputs=visual_inputs,
         )
         for key, value in batch.items():
             columns[key].extend(value)
@@ -433,7 +461,7 @@ def _build_label_cache(
             on_batch(len(records), time.perf_counter() - began)
     elapsed = time.perf_counter() - start_time
     logger.info("labels for %d samples in %.1f s (%.1f ms/sample)", len(dataset), elapsed, 1e3 * elapsed / len(dataset))
-    schema = label_features(spec.num_layers, 2 * spec.text_config.hidden_size)
+    schema = label_features(spec.num_layers, 2 * spec.text_config.hidden_size, visual_inputs)
     return Dataset.from_dict(dict(columns), features=schema)
 
 

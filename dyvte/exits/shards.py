@@ -70,6 +70,7 @@ def label_shards(
     loss_ratio: float = 1.03,
     progress: bool = False,
     on_batch: Callable[[int, float], None] | None = None,
+    visual_inputs: bool = False,
 ) -> list[int]:
     """Label this rank's shards of ``records`` that are not on disk yet, writing each as soon as it is done.
 
@@ -87,6 +88,7 @@ def label_shards(
         progress: show a progress bar per shard.
         on_batch: called after each labelled batch with its number of records and seconds (one progress bar over
             every shard, :func:`dyvte.train.label_cache.label_missing`).
+        visual_inputs: also keep the visual tokens' pooled states (:func:`dyvte.exits.labels.build_label_cache`).
 
     Returns:
         The indices of the shards this call labelled (finished shards already on disk are skipped).
@@ -118,6 +120,7 @@ def label_shards(
                 loss_ratio=loss_ratio,
                 progress=progress,
                 on_batch=on_batch,
+                visual_inputs=visual_inputs,
             )
         except DataError as error:
             raise DataError(

@@ -7,7 +7,8 @@ is withdrawn.
 
 Input of head ``j`` (docs/design.md §2): the concatenation of the mean hidden state of the non-visual tokens that
 follow the row's last visual token (excluding the final prompt token) and the final prompt token's hidden state,
-``(B, 2d)``.
+``(B, 2d)``. Heads with ``visual_inputs`` also read the visual tokens at the same layer, pooled: their mean and
+their elementwise max (``(B, 4d)`` in all; docs/design.md §2).
 Each head is ``LayerNorm(2d) -> Linear(2d, h) -> GELU -> Linear(h, 1)``; by default ``h = max(128, d // 32)``, about
 0.5% of a 7B decoder's parameters (the original 2d->2048->2 per layer is 8%); the floor of 128 makes them relatively
 bigger on small decoders (14% of the 1.7 M demo decoder, still 0.3% of its prefill FLOPs). Heads fire on logits
@@ -42,6 +43,7 @@ __all__ = [
     "first_exit",
     "head_features",
     "head_inputs",
+    "visual_pool",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,8 +84,29 @@ def first_exit(logits: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return first + 1  # L - 1 + 1 = L when no head fires
 
 
+def visual_pool(hidden: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(B, 2d)``: [mean ; elementwise max] of each row's visual tokens' states (zeros for a row without any).
+
+    Args:
+        hidden: ``(B, T, d)`` hidden states after a decoder layer.
+        visual: ``(B, T)`` bool, slot holds a visual token.
+        valid: ``(B, T)`` bool, slot holds a real token (not padding).
+    """
+    slots = visual & valid  # (B, T)
+    count = slots.sum(1, keepdim=True)  # (B, 1)
+    mean = (hidden * slots[..., None].to(hidden.dtype)).sum(1) / count.clamp(min=1).to(hidden.dtype)  # (B, d)
+    lowest = torch.finfo(hidden.dtype).min
+    peak = hidden.masked_fill(~slots[..., None], lowest).amax(1)  # (B, d)
+    peak = torch.where(count > 0, peak, torch.zeros_like(peak))
+    return torch.cat([mean, peak], dim=-1)
+
+
 def head_features(
-    hidden: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor, final: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    visual: torch.Tensor,
+    valid: torch.Tensor,
+    final: torch.Tensor | None = None,
+    visual_inputs: bool = False,
 ) -> torch.Tensor:
     """The exit heads' input for each row.
 
@@ -93,10 +116,12 @@ def head_features(
         valid: ``(B, T)`` bool, slot holds a real token (not padding).
         final: ``(B,)`` slot of each row's final prompt token (default: the last slot, as in prefill; a
             teacher-forced sequence passes the slot before its answer).
+        visual_inputs: append the visual tokens' pooled states (:func:`visual_pool`).
 
     Returns:
         ``(B, 2d)``: [mean of the non-visual tokens after the last visual token and before the final prompt token
-        (zeros when there are none) ; the final prompt token's state].
+        (zeros when there are none) ; the final prompt token's state]; ``(B, 4d)`` with ``visual_inputs``:
+        [... ; mean of the visual tokens ; their elementwise max].
     """
     batch, num_slots = hidden.shape[:2]
     if final is None:
@@ -106,13 +131,27 @@ def head_features(
     text = valid & ~visual & (slots > last_visual[:, None]) & (slots < final[:, None])  # (B, T)
     weights = text.to(hidden.dtype)
     mean = (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)  # (B, d)
-    return torch.cat([mean, hidden[torch.arange(batch, device=hidden.device), final]], dim=-1)
+    parts = [mean, hidden[torch.arange(batch, device=hidden.device), final]]
+    if visual_inputs:
+        parts.append(visual_pool(hidden, visual, valid))
+    return torch.cat(parts, dim=-1)
 
 
-def head_inputs(columns, extra_inputs: list[str] | None = None) -> torch.Tensor:
-    """``(N, L-1, width)`` float32 head inputs from a label cache's columns: ``features`` plus the named
-    ``extras`` (see :class:`ExitHeadsConfig`)."""
+def head_inputs(columns, extra_inputs: list[str] | None = None, visual_inputs: bool = False) -> torch.Tensor:
+    """``(N, L-1, width)`` float32 head inputs from a label cache's columns: ``features``, with ``visual_inputs``
+    the ``visual_features`` column after them, then the named ``extras`` (see :class:`ExitHeadsConfig`).
+
+    Raises:
+        ValueError: ``visual_inputs`` and a label cache without ``visual_features``.
+    """
     inputs = torch.as_tensor(columns["features"], dtype=torch.float32)
+    if visual_inputs:
+        if "visual_features" not in columns:
+            raise ValueError(
+                "these exit heads read the visual tokens' pooled states, and the label cache has no visual_features "
+                "column: label with --data.labels.visual_inputs true (build_label_cache(..., visual_inputs=True))"
+            )
+        inputs = torch.cat([inputs, torch.as_tensor(columns["visual_features"], dtype=torch.float32)], dim=-1)
     if extra_inputs:
         extras = torch.as_tensor(columns["extras"], dtype=torch.float32)
         picked = [extras[..., EXTRA_COLUMNS[name]] for name in extra_inputs]
@@ -158,6 +197,10 @@ class ExitHeadsConfig:
         members: how many independently trained sets of heads these are the average of (:meth:`ExitHeads.average`:
             each head's logit is the mean of the members' logits, folded into one head of ``head_size`` = the sum of
             the members' widths); 1: heads trained alone. For the record: the heads run the same either way.
+        visual_inputs: each head also reads the visual tokens' states at its layer, pooled (their mean and
+            elementwise max, :func:`visual_pool`; ``4d`` features): what the image still holds that the text tokens
+            have not taken in. Labelled with ``--data.labels.visual_inputs true`` (the label cache's
+            ``visual_features``); ``withdraw`` computes them at run time (docs/guide.md, "Heads that see the image").
     """
 
     model_type: str
@@ -175,11 +218,13 @@ class ExitHeadsConfig:
     score_reference: dict | None = None
     layer_change: bool = False
     members: int = 1
+    visual_inputs: bool = False
 
     @property
     def feature_size(self) -> int:
-        """Width of one layer's features: ``2d`` plus the extra inputs."""
-        return 2 * self.hidden_size + sum(EXTRA_WIDTH[name] for name in self.extra_inputs or [])
+        """Width of one layer's features: ``2d`` (``4d`` with ``visual_inputs``) plus the extra inputs."""
+        text = 2 * self.hidden_size * (2 if self.visual_inputs else 1)
+        return text + sum(EXTRA_WIDTH[name] for name in self.extra_inputs or [])
 
     @property
     def input_size(self) -> int:
@@ -200,6 +245,8 @@ class ExitHeadsConfig:
             check_reference(self.score_reference, self.num_layers - 1)
         if not isinstance(self.layer_change, bool):
             raise ValueError(f"layer_change must be true or false, got {self.layer_change!r:.80}")
+        if not isinstance(self.visual_inputs, bool):
+            raise ValueError(f"visual_inputs must be true or false, got {self.visual_inputs!r:.80}")
         if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
             raise ValueError(f"members must be a positive integer, got {self.members!r:.80}")
         unknown = sorted(set(self.extra_inputs or []) - set(EXTRA_WIDTH))
@@ -279,7 +326,8 @@ class ExitHeads(nn.Module):
         if not members:
             raise ValueError("average() needs at least one set of exit heads")
         first = members[0].config
-        shape = ("model_type", "hidden_size", "num_layers", "extra_inputs", "layer_change", "label_rule")
+        shape = ("model_type", "hidden_size", "num_layers", "extra_inputs", "layer_change", "visual_inputs")
+        shape += ("label_rule",)
         for other in members[1:]:
             diff = [k for k in shape if getattr(other.config, k) != getattr(first, k)]
             if diff:
@@ -297,6 +345,7 @@ class ExitHeads(nn.Module):
             extra_inputs=first.extra_inputs,
             model_fingerprint=first.model_fingerprint,
             layer_change=first.layer_change,
+            visual_inputs=first.visual_inputs,
             members=sum(m.config.members for m in members),
         )
         (norm_eps,) = eps

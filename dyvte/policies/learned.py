@@ -63,6 +63,7 @@ class LearnedExit(ExitPolicy):
         self.thresholds = heads.exit_thresholds(threshold).tolist()  # one P(exit) per head, on the host (reading)
         self.logits = heads.exit_logits(threshold).tolist()  # what each head fires on, on the host
         self.layer_change = heads.config.layer_change  # heads that read the previous head's features too
+        self.visual_inputs = heads.config.visual_inputs  # heads that read the visual tokens' pooled states too
         reference = heads.config.score_reference
         if monitor_shift is None:
             monitor_shift = reference is not None
@@ -88,7 +89,7 @@ class LearnedExit(ExitPolicy):
             valid = take(valid, view.idx, 1) & (view.idx >= 0)
         head = layer - 1
         with torch.no_grad():
-            features = head_features(hidden, visual, valid)  # (B, 2d)
+            features = head_features(hidden, visual, valid, visual_inputs=self.visual_inputs)  # (B, 2d or 4d)
             previous = None
             if self.layer_change and head > 0:
                 if self._previous is None or self._previous[0] != head - 1:

@@ -73,7 +73,7 @@ def cache_path(
     Args:
         root: the folder of all label caches.
         source: the model and the records options.
-        labels: the labelling options (``agree`` and ``loss_ratio`` enter the key).
+        labels: the labelling options (``agree``, ``loss_ratio`` and ``visual_inputs`` enter the key).
         part: the split.
         split_seed: the held-out split's seed (in the folder name of a held-out split).
         records: one digest of the split's records (:func:`dyvte.data.fingerprints.combined_digest` of their
@@ -93,6 +93,7 @@ def cache_path(
         "columns": parse_columns(source.columns) or None,
         "skip_bad_rows": source.skip_bad_rows,
         "prompt_template": source.prompt_template,
+        "visual_inputs": labels.visual_inputs,  # caches with the visual tokens' pooled states too
     }
     options = {k: v for k, v in options.items() if v not in (None, False)}
     if options:  # only when given, so that existing caches keep their keys
@@ -212,6 +213,7 @@ def label_missing(
                 agree=labels.agree,
                 loss_ratio=labels.loss_ratio,
                 on_batch=progress.update,
+                visual_inputs=labels.visual_inputs,
             )
         except BaseException:
             progress.close()

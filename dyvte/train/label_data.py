@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dyvte.data.fingerprints import combined_digest
 from dyvte.engine.registry import resolve
 from dyvte.exits.rules import head_targets
-from dyvte.policies.exit_heads import ExitHeadsConfig
+from dyvte.policies.exit_heads import ExitHeadsConfig, head_inputs
 from dyvte.train.label_cache import cache_path, label_missing, missing_caches
 from dyvte.train.module import positive_weight
 from dyvte.train.options import DataSource, LabelOptions, SplitSizes
@@ -134,8 +134,8 @@ class ExitLabelData(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------------ serving
     def setup(self, stage: str | None = None) -> None:
-        """Load the caches into tensors: features ``(N, L-1, 2d)`` and targets ``(N, L-1)`` (under a multi-process
-        strategy, every rank first labels its shards of the missing caches)."""
+        """Load the caches into tensors: head inputs ``(N, L-1, 2d)`` (``4d`` with ``visual_inputs``) and targets
+        ``(N, L-1)`` (under a multi-process strategy, every rank first labels its shards of the missing caches)."""
         if self.tensors:
             return
         if self._world()[1] > 1:
@@ -151,7 +151,7 @@ class ExitLabelData(L.LightningDataModule):
             columns = load_from_disk(str(path)).with_format("numpy")[:]
             self.meta = json.loads((path / "meta.json").read_text())
             self.columns[name] = columns
-            self.tensors[name] = (torch.tensor(columns["features"], dtype=torch.float32), self.targets(columns))
+            self.tensors[name] = (head_inputs(columns, visual_inputs=self.labels.visual_inputs), self.targets(columns))
 
     def targets(self, columns: Mapping[str, np.ndarray]) -> torch.Tensor:
         """Head targets ``(N, L-1)`` of a label cache's columns under the label rule
@@ -163,6 +163,7 @@ class ExitLabelData(L.LightningDataModule):
         self.setup()
         meta = self.meta
         config = ExitHeadsConfig(meta["model_type"], meta["hidden_size"], meta["num_layers"], head_size, threshold)
+        config.visual_inputs = self.labels.visual_inputs
         config.model_fingerprint = meta.get("model_fingerprint")
         return config
 

@@ -149,9 +149,13 @@ class LabelOptions:
             sample draws one exit layer, full and withdrawn copies run in one forward, and only that layer's head
             learns from it (``rule`` must be ``dyvte-layer``; no training label cache, no class balancing).
             Validation and calibration still use label caches.
+        visual_inputs: heads that also read the visual tokens' states at their layer, pooled (mean and elementwise
+            max; :attr:`dyvte.policies.exit_heads.ExitHeadsConfig.visual_inputs`). The label caches keep those inputs
+            too (twice the features' size; a key of their own).
 
     Raises:
-        ValueError: an unknown rule, a value out of range, or ``on_the_fly`` with a rule other than ``dyvte-layer``.
+        ValueError: an unknown rule, a value out of range, ``on_the_fly`` with a rule other than ``dyvte-layer``, or
+            with ``visual_inputs``.
     """
 
     rule: str = "agreement"
@@ -163,6 +167,7 @@ class LabelOptions:
     relabel: bool = False
     shard_size: int = 1024
     on_the_fly: bool = False
+    visual_inputs: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -177,6 +182,11 @@ class LabelOptions:
             raise ValueError(
                 f"--data.labels.on_the_fly labels one exit layer per sample with the paper's rule at that layer only; "
                 f"pass --data.labels.rule dyvte-layer (got {self.rule!r})"
+            )
+        if self.on_the_fly and self.visual_inputs:
+            raise ValueError(
+                "--data.labels.on_the_fly labels only the plain head inputs; heads with --data.labels.visual_inputs "
+                "learn from label caches (drop one of the two)"
             )
         if not 0.0 <= self.agree < 1.0:
             raise ValueError(

@@ -29,10 +29,11 @@ from dyvte.exits.labels import (
     on_the_fly_labels,
     smallest_safe_layer,
 )
+from dyvte.policies.exit_heads import first_exit, head_inputs
 
 from ..families import MODEL_TYPES
 from ..families import family as family_of
-from ..tiny_models import TEMPLATE, WORDS, make_batch, make_tiny, records
+from ..tiny_models import TEMPLATE, WORDS, make_batch, make_tiny, records, sharpened_heads
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,31 @@ def test_cached_labels_equal_generation_under_withdrawal_and_on_the_fly_labels(t
         assert exit_safe(full_logits, withdrawn, labels).tolist() == cache["dyvte"][:, layer].tolist()
     with pytest.raises(ValueError, match="exit layer"):
         on_the_fly_labels(model, inputs, 0)
+
+
+def test_visual_label_columns_are_what_visual_heads_read_at_run_time(tiny):
+    """A label cache with ``visual_inputs`` keeps every column of the plain one, plus ``visual_features``: the
+    visual tokens' pooled states after each layer. Heads that read them exit at run time (a batch of prompts under
+    ``withdraw``) exactly where the cache's head inputs say, the inputs they are trained and certified on."""
+    model, processor = tiny
+    recs = records(6)
+    options = {"batch_size": 4, "max_new_tokens": 2, "progress": False}
+    plain = build_label_cache(model, processor, recs, **options)
+    cache = build_label_cache(model, processor, recs, **options, visual_inputs=True)
+    plain, cache = plain.with_format("numpy")[:], cache.with_format("numpy")[:]
+    assert set(cache) == set(plain) | {"visual_features"}
+    for key in plain:
+        np.testing.assert_array_equal(cache[key], plain[key], err_msg=key)
+    assert cache["visual_features"].shape == (6, 3, 128)
+    heads = sharpened_heads(model, seed=4, visual_inputs=True)
+    inputs = head_inputs(cache, visual_inputs=True)  # (N, L-1, 4d)
+    assert inputs.shape == (6, 3, 256)
+    with torch.no_grad():
+        offline = first_exit(heads(inputs), heads.exit_logits()).tolist()
+    assert len(set(offline)) > 1, offline  # rows leave at different layers
+    with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
+        model(**build_inputs(processor, recs))
+        assert handle.exit_layers.tolist() == offline
 
 
 def test_labels_of_a_model_in_training_mode_are_the_eval_mode_labels(dropout_model, caplog):

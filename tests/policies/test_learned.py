@@ -86,11 +86,24 @@ def test_heads_that_never_fire_and_a_head_that_fires(tiny: Any) -> None:
         assert handle.exit_layers.tolist() == [2] * count
 
 
-def test_rows_leaving_at_different_layers_equal_rows_alone(tiny: Any) -> None:
+@pytest.mark.parametrize("visual_inputs", [False, True])
+def test_rows_leaving_at_different_layers_equal_rows_alone(tiny: Any, visual_inputs: bool) -> None:
     family, model, encode, count = tiny
     inputs = encode()
     assert inputs["input_ids"].shape[0] == count
-    check_heads_rows_alone(model, inputs, sharpened_heads(model), encode, generate)  # rows disagree when to leave
+    check_heads_rows_alone(model, inputs, disagreeing_heads(model, inputs, visual_inputs), encode, generate)
+
+
+def disagreeing_heads(model: Any, inputs: dict, visual_inputs: bool) -> ExitHeads:
+    """Sharpened random heads (the first seed from 3 on) under which the rows of ``inputs`` leave at different
+    layers."""
+    for seed in range(3, 40):
+        heads = sharpened_heads(model, seed=seed, visual_inputs=visual_inputs)
+        with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
+            model(**inputs)
+            if len(set(handle.exit_layers.tolist())) > 1:
+                return heads
+    raise AssertionError("no seed sends the rows out at different layers")
 
 
 # ----------------------------------------------------------------------------------------------- DeepStack
@@ -198,3 +211,38 @@ def test_layer_change_heads_exit_where_their_offline_features_say(llava, tmp_pat
     check_heads_rows_alone(model, inputs, heads, alone)
     with pytest.raises(ValueError, match="head 1 reads the change since head 0"):
         heads.layer_logits(1, features[:, 1])
+
+
+# ------------------------------------------------------------------------------------------ heads that see the image
+def test_visual_input_heads_exit_where_their_offline_features_say(llava, tmp_path):
+    """Heads that also read the visual tokens' pooled states: at run time (a padded batch with a row without images,
+    rows leaving at different layers, so that later heads run on a compacted layout) each row exits where the
+    offline ``(B, L-1, 4d)`` features say (``head_features(..., visual_inputs=True)`` on the full model's states, what
+    the label cache keeps: tests/exits/test_labels.py); saved and loaded, the same; every row equals the row alone."""
+    model, processor = llava
+    inputs = dict(make_batch(processor, "llava", IMAGE_ROWS))
+    heads = sharpened_heads(model, seed=12, visual_inputs=True)
+    heads.save_pretrained(tmp_path / "heads")
+    loaded = ExitHeads.from_pretrained(tmp_path / "heads")
+    hidden = model.config.text_config.hidden_size
+    assert loaded.config.visual_inputs and loaded.config.input_size == 4 * hidden
+    with torch.no_grad():
+        states = model(**inputs, output_hidden_states=True).hidden_states  # L + 1 of (B, T, d)
+    visual = torch.isin(inputs["input_ids"], resolve(model).visual_ids)
+    valid = inputs["attention_mask"].bool()
+    features = torch.stack(
+        [head_features(states[j + 1], visual, valid, visual_inputs=True) for j in range(heads.num_heads)], dim=1
+    )  # (B, L-1, 4d)
+    assert features[2, :, 2 * hidden :].abs().sum() == 0  # the row without images pools nothing
+    with torch.no_grad():
+        offline = first_exit(heads(features), heads.exit_logits()).tolist()
+    assert len(set(offline)) > 1, offline  # rows leave at different layers
+    for attached in (heads, loaded):
+        with dyvte.withdraw(model, heads=attached) as handle, torch.no_grad():
+            model(**inputs)
+            assert handle.exit_layers.tolist() == offline
+
+    def alone(row: int) -> dict:
+        return dict(make_batch(processor, "llava", [IMAGE_ROWS[row]], row_ids=[row]))
+
+    check_heads_rows_alone(model, inputs, heads, alone)
