@@ -43,6 +43,8 @@ def test_fresh_labels_equal_the_cached_labels_at_each_samples_layer(setup):
 def test_on_the_fly_needs_the_per_layer_rule():
     with pytest.raises(ValueError, match=r"--data.labels.on_the_fly .*--data.labels.rule dyvte-layer"):
         ExitLabelData(labels=LabelOptions(on_the_fly=True))
+    with pytest.raises(ValueError, match=r"--data.labels.on_the_fly labels only the plain head inputs"):
+        LabelOptions(on_the_fly=True, rule="dyvte-layer", visual_inputs=True)
 
 
 @pytest.mark.slow

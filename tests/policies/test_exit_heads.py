@@ -16,7 +16,7 @@ import torch
 import dyvte
 from dyvte.engine.fingerprint import ModelMismatchError, model_fingerprint
 from dyvte.engine.registry import resolve
-from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig, head_features
+from dyvte.policies.exit_heads import ExitHeads, ExitHeadsConfig, head_features, visual_pool
 
 from ..demo_models import fingerprint_warnings
 from ..tiny_models import TEMPLATE, make_tiny
@@ -72,6 +72,7 @@ def test_default_size_is_small_and_save_load_round_trip(tiny, tmp_path):
         "score_reference": None,  # set by fit's calibration (the shift check's reference)
         "layer_change": False,
         "members": 1,  # trained alone, not an average (ExitHeads.average)
+        "visual_inputs": False,  # the text tokens' features only
     }
     from safetensors.torch import load_file
 
@@ -123,6 +124,7 @@ def test_averages_of_heads_that_do_not_match_are_refused(tmp_path):
         (ExitHeadsConfig("llava", 16, 4), "num_layers"),
         (ExitHeadsConfig("qwen2_vl", 16, 5), "model_type"),
         (ExitHeadsConfig("llava", 16, 5, layer_change=True), "layer_change"),
+        (ExitHeadsConfig("llava", 16, 5, visual_inputs=True), "visual_inputs"),
     ):
         with pytest.raises(ValueError, match=f"differ in {field}"):
             ExitHeads.average([base, ExitHeads(other)])
@@ -132,6 +134,30 @@ def test_averages_of_heads_that_do_not_match_are_refused(tmp_path):
         (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "members": bad}))
         with pytest.raises(ValueError, match="members must be a positive integer"):
             ExitHeads.from_pretrained(tmp_path)
+    (tmp_path / "exit_heads_config.json").write_text(json.dumps({**config, "visual_inputs": "yes"}))
+    with pytest.raises(ValueError, match="visual_inputs must be true or false, got 'yes'"):
+        ExitHeads.from_pretrained(tmp_path)
+
+
+def test_visual_pool_is_the_mean_and_max_of_the_real_visual_tokens():
+    """The visual inputs pool only real visual slots (padding and text excluded, in any layout); a row without
+    visual tokens gets zeros; features put them after the text tokens' ``2d``."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 6, 4)  # (B, T, d)
+    visual = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    hidden[0, 4] = 100.0  # a padding slot marked visual: never pooled
+    pooled = visual_pool(hidden, visual, valid)  # (B, 2d)
+    for row, slots in ((0, [1, 2]), (1, [0, 1])):
+        torch.testing.assert_close(pooled[row, :4], hidden[row, slots].mean(0))
+        torch.testing.assert_close(pooled[row, 4:], hidden[row, slots].amax(0))
+    assert torch.equal(pooled[2], torch.zeros(8))
+    features = head_features(hidden, visual, valid, visual_inputs=True)
+    assert features.shape == (3, 16)
+    assert torch.equal(features[:, :8], head_features(hidden, visual, valid)) and torch.equal(features[:, 8:], pooled)
+    config = ExitHeadsConfig("llava", 4, 3, visual_inputs=True)
+    assert (config.feature_size, config.input_size) == (16, 16)
+    assert ExitHeadsConfig("llava", 4, 3, visual_inputs=True, layer_change=True).input_size == 32
 
 
 def test_heads_for_another_model_or_corrupt_files_are_refused(tiny, tmp_path):

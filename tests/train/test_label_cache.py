@@ -21,8 +21,16 @@ from ..tiny_models import make_tiny
 PART = Split("val", "demo", "validation", 100)
 
 
-def key(root, model: str):
-    return cache_path(root, DataSource(model=model), LabelOptions(), PART, 0)
+def key(root, model: str, labels: LabelOptions | None = None):
+    return cache_path(root, DataSource(model=model), labels or LabelOptions(), PART, 0)
+
+
+def test_caches_with_visual_inputs_have_a_key_of_their_own(tmp_path):
+    """A cache without the visual tokens' pooled states cannot serve heads that read them, nor the other way round;
+    the plain key is the one caches had before the option existed."""
+    plain = key(tmp_path, "demo")
+    assert key(tmp_path, "demo", LabelOptions(visual_inputs=True)) != plain
+    assert key(tmp_path, "demo", LabelOptions(visual_inputs=False)) == plain
 
 
 def test_the_demo_and_its_lora_adaptation_label_into_different_caches(tmp_path):

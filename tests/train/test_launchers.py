@@ -566,3 +566,38 @@ def test_fit_with_group_by_qtype_saves_a_per_group_promise(setup_dir, caplog):
         and "margin 0.1" in (calibration["promise"])
     )
     assert summary["promise"] == calibration["promise"]
+
+
+def test_fit_with_visual_inputs_trains_heads_that_run_as_they_were_trained(setup_dir):
+    """`--data.labels.visual_inputs true`: the label caches keep the visual tokens' pooled states, the heads read them
+    (``4d`` inputs, saved in their config) and are certified and given a score reference on them; under ``withdraw``
+    each training record exits where the cached inputs say (at a raw threshold that sends rows out at different
+    layers)."""
+    from datasets import load_from_disk
+
+    from dyvte.data.records import build_inputs
+    from dyvte.policies.exit_heads import exit_logit, first_exit, head_inputs
+
+    cache = setup_dir / "cache-visual"
+    extra = [f"--data.labels.cache_dir={cache}", "--data.labels.visual_inputs=true"]
+    summary = load_script("train/fit.py").main(fit_args(setup_dir, "heads-visual", 2, extra))
+    heads = ExitHeads.from_pretrained(setup_dir / "heads-visual")
+    model, processor = dyvte.data.sources.load_model(str(setup_dir / "model"))
+    hidden = model.config.text_config.hidden_size
+    assert heads.config.visual_inputs and heads.config.input_size == 4 * hidden
+    assert heads.config.score_reference is not None and heads.config.calibration["samples"] == 2
+    train = Path(summary["label_cache"]["train"])
+    columns = load_from_disk(str(train)).with_format("numpy")[:]
+    assert columns["visual_features"].shape == (len(columns["match"]), heads.num_heads, 2 * hidden)
+    with torch.no_grad():
+        logits = heads(head_inputs(columns, visual_inputs=True))  # (N, L-1)
+    first = logits[:, 0].sort().values
+    half = len(first) // 2
+    threshold = float(torch.sigmoid((first[half - 1] + first[half]) / 2))  # head 0 fires on half of the rows
+    offline = first_exit(logits, exit_logit(torch.full((heads.num_heads,), threshold))).tolist()
+    assert len(set(offline)) > 1, offline  # rows leave at different layers: the comparison can fail
+    indices = json.loads((train / "meta.json").read_text())["source_indices"]
+    recs = list(dyvte.data.sources.load_records(str(setup_dir / "records.jsonl")).select(indices))
+    with dyvte.withdraw(model, heads=heads, threshold=threshold) as handle, torch.no_grad():
+        model(**build_inputs(processor, recs))
+        assert handle.exit_layers.tolist() == offline
