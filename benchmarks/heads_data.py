@@ -9,7 +9,8 @@ scenes of one half (a scene stream of their own, apart from the calibration scen
 certified (Learn-then-Test at ``--tolerance`` / ``--delta``, each margin) on 7,000 scenes of that half, and measured
 on 9,000 scenes of the other half, handwriting neither learning nor calibration saw. Both directions; mean (min–max)
 over seeds. ``--layer_change`` adds rows with heads that also read their features' change since the previous layer;
-``--members 3``: every row's heads are the average of three sets trained apart (``ExitHeads.average``).
+``--members 3``: every row's heads are the average of three sets trained apart (``ExitHeads.average``);
+``--visual_inputs``: heads that also read the visual tokens' pooled states (label caches of their own, ``*-visual``).
 
     python benchmarks/heads_data.py --seeds 2 --output runs/heads-data/table.md
 """
@@ -36,8 +37,9 @@ TRAIN_STREAM = 8
 CHUNK = 24000
 
 
-def half_training_caches(root: Path, count: int) -> dict[str, dict[str, np.ndarray]]:
-    """Label (once, in chunks of :data:`CHUNK`) and load ``count`` training scenes of each validation half."""
+def half_training_caches(root: Path, count: int, visual: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Label (once, in chunks of :data:`CHUNK`) and load ``count`` training scenes of each validation half
+    (``visual``: with the visual tokens' pooled states)."""
     halves, loaded, out = ms.pool_halves(), {}, {}
     for name in ("A", "B"):
         parts = []
@@ -47,7 +49,7 @@ def half_training_caches(root: Path, count: int) -> dict[str, dict[str, np.ndarr
             def records(name: str = name, start: int = start, stop: int = stop):
                 return ms.half_records(name, halves[name], stop, stream=TRAIN_STREAM, start=start)
 
-            parts.append(ms.labelled(root / f"valhalftrain-{name}-{start}-{stop}", records, loaded))
+            parts.append(ms.labelled(root / f"valhalftrain-{name}-{start}-{stop}", records, loaded, visual))
         out[name] = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
     return out
 
@@ -62,24 +64,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--members", type=int, default=1, help="every row's heads: the average of this many sets trained apart"
     )
     parser.add_argument(
+        "--visual_inputs", action="store_true", help="heads that also read the visual tokens' pooled states"
+    )
+    parser.add_argument(
         "--sources",
         default="train,half",
         help="which rows: train (training handwriting), half (validation half), mix (half of the records from each)",
     )
     args = parser.parse_args(argv)
-    caches = ab.bench_caches(args.cache_dir, args.train, ("train", "val"))
+    visual = args.visual_inputs
+    needs_train = bool({"train", "mix"} & set(args.sources.split(",")))
+    caches = ab.bench_caches(args.cache_dir, args.train, ("train", "val") if needs_train else ("val",), visual)
     root = Path(args.cache_dir)
-    halves = ms.half_caches(root)
-    own = half_training_caches(root, args.train) if {"half", "mix"} & set(args.sources.split(",")) else {}
+    halves = ms.half_caches(root, visual)
+    own = half_training_caches(root, args.train, visual) if {"half", "mix"} & set(args.sources.split(",")) else {}
     margins = [float(m) for m in args.margins.split(",")]
     variants = [False, True] if args.layer_change else [False]
     rows = []
     for source, target in (("A", "B"), ("B", "A")):
-        d = ms.direction(halves[source], halves[target])
+        d = ms.direction(halves[source], halves[target], visual)
         names = {"train": "training handwriting", "half": "validation half", "mix": "both (half each)"}
         sources = [names[k] for k in args.sources.split(",")]
         for data, change in [(d_, c) for d_ in sources for c in variants]:
-            train = {"training handwriting": caches["train"], "validation half": own.get(source)}.get(data)
+            train = {"training handwriting": caches.get("train"), "validation half": own.get(source)}.get(data)
             if train is None:  # both: the first half of the records from each, interleaved
                 half = args.train // 2
                 train = {
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for k in caches["train"]
                 }
             for seed in range(args.seeds):
-                row = ab.Row("heads", train=args.train, layer_change=change, members=args.members)
+                row = ab.Row("heads", train=args.train, layer_change=change, members=args.members, visual=visual)
                 heads = ab.train_row(row, {"train": train, "val": caches["val"]}, seed, args.epochs)
                 for measured in ms.measure(heads, d, margins, args.tolerance, args.delta):
                     rows.append(
@@ -99,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     log.info("%s", rows[-1])
     lines = [
         f"The validation pool's digit images in two halves; heads learn from {args.train:,} records of the named "
-        f"handwriting{'' if args.members == 1 else f' (each the average of {args.members} sets of heads)'}, "
+        f"handwriting{'' if args.members == 1 else f' (each the average of {args.members} sets of heads)'}"
+        f"{', reading the visual tokens too' if visual else ''}, "
         f"are certified at tolerance {args.tolerance:g}, δ = {args.delta:g} on 7,000 scenes of one half "
         f"and measured on 9,000 scenes of the other; {args.seeds} seeds, mean (min–max):",
         "",

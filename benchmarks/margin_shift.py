@@ -88,35 +88,40 @@ def half_records(name: str, pool: np.ndarray, count: int, seed: int = 0, stream:
     return datasets.Dataset.from_list(records, features=dataset_features())
 
 
-def labelled(path: Path, records, loaded: dict) -> dict[str, np.ndarray]:
+def labelled(path: Path, records, loaded: dict, visual: bool = False) -> dict[str, np.ndarray]:
     """The label cache at ``path`` as numpy columns, labelled first (``records()``: the scenes) unless a complete one
-    is there; ``loaded`` keeps the demo model once loaded (``{}`` to start)."""
+    is there; ``loaded`` keeps the demo model once loaded (``{}`` to start); ``visual``: with the visual tokens'
+    pooled states, in ``path`` + ``-visual``."""
     from datasets import load_from_disk
 
     from dyvte.data.sources import load_model
     from dyvte.exits.labels import build_label_cache
 
+    if visual:
+        path = path.with_name(path.name + "-visual")
     if not (path / "done.json").is_file():
         if not loaded:
             loaded["model"], loaded["processor"] = load_model("demo")
         began = time.perf_counter()
         scenes = records()
         log.info("labelling %d scenes into %s", len(scenes), path)
-        cache = build_label_cache(loaded["model"], loaded["processor"], scenes, batch_size=64, progress=False)
+        cache = build_label_cache(
+            loaded["model"], loaded["processor"], scenes, batch_size=64, progress=False, visual_inputs=visual
+        )
         cache.save_to_disk(str(path))
         write_text_atomic(path / "done.json", json.dumps({"seconds": time.perf_counter() - began}) + "\n")
     return load_from_disk(str(path)).with_format("numpy")[:]
 
 
-def half_caches(root: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Label (once) and load the two halves' label caches."""
+def half_caches(root: Path, visual: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Label (once) and load the two halves' label caches (``visual``: with the visual tokens' pooled states)."""
     halves, loaded, out = pool_halves(), {}, {}
     for name, count in SIZES.items():
 
         def records(name: str = name, count: int = count):
             return half_records(name, halves[name], count)
 
-        out[name] = labelled(root / f"valhalf-{name}-0-{count}", records, loaded)
+        out[name] = labelled(root / f"valhalf-{name}-0-{count}", records, loaded, visual)
     return out
 
 
