@@ -292,6 +292,10 @@ def short_help(prog: str) -> str:
             "--data.labels.rule RULE",
             f"what the heads learn: {', '.join(LABEL_RULES)} (default: {LabelOptions().rule})",
         ),
+        HelpOption(
+            "--data.labels.visual_inputs",
+            "true: the heads also read the visual tokens' pooled states at their layer (default: false)",
+        ),
         HelpOption("--output_dir DIR", "where the heads and training.json go (default: runs/fit-<model>/exit-heads)"),
         HelpOption("--overwrite true", "replace an --output_dir that holds earlier heads (refused without)"),
         HelpOption(
