@@ -146,6 +146,8 @@ def test_visual_label_columns_are_what_visual_heads_read_at_run_time(tiny):
     with dyvte.withdraw(model, heads=heads) as handle, torch.no_grad():
         model(**build_inputs(processor, recs))
         assert handle.exit_layers.tolist() == offline
+    with pytest.raises(ValueError, match="no visual_features column: label with --data.labels.visual_inputs true"):
+        head_inputs(plain, visual_inputs=True)
 
 
 def test_labels_of_a_model_in_training_mode_are_the_eval_mode_labels(dropout_model, caplog):
