@@ -192,3 +192,41 @@ def test_margin_measurement_certifies_on_one_set_and_scores_another():
         assert 0 < r["calibration_rate"] <= 0.01 * (1 - r["margin"])
         assert 0 < r["share"] < 1
     assert noisy[0]["share"] >= noisy[1]["share"] >= noisy[2]["share"]
+
+
+def test_benchmark_rows_with_visual_heads_read_the_visual_columns():
+    """``--visual_inputs`` in the heads benchmarks: a row's heads are shaped for ``features`` + ``visual_features``
+    (``4d``), are certified and scored on both, and a cache without the visual column is refused, not read short."""
+    import numpy as np
+
+    ab = load_script("train/ablate_heads.py")
+    ms = load_script("benchmarks/margin_shift.py")
+    rng = np.random.default_rng(1)
+    layers, d = 8, 3  # the demo's depth: FLOPs and savings are read from its config
+
+    def columns(count: int) -> dict[str, np.ndarray]:
+        safe = rng.integers(1, layers + 1, count)
+        match = np.arange(layers)[None] >= safe[:, None]  # (N, L)
+        safe_from = (np.arange(1, layers)[None] >= safe[:, None]).astype(np.float32)  # (N, L-1)
+        visual = rng.standard_normal((count, layers - 1, 2 * d)).astype(np.float32)
+        visual[..., 0] = 4 * safe_from - 2  # only the visual column says when a sample is safe
+        return {
+            "match": match,
+            "correct": np.concatenate([match, np.ones((count, 1), bool)], axis=1),
+            "features": rng.standard_normal((count, layers - 1, 2 * d)).astype(np.float32),
+            "visual_features": visual,
+            "kl": np.zeros((count, layers), np.float32),
+            "dyvte": match,
+            "tokens": np.full(count, 120),
+            "visual": np.full(count, 100),
+        }
+
+    caches = {"train": columns(512), "val": columns(128)}
+    heads = ab.train_row(ab.Row("visual", train=512, visual=True), caches, seed=0, epochs=3)
+    assert heads.config.visual_inputs and heads.config.input_size == 4 * d and ab.reads_visual(heads)
+    source, held = columns(2500), columns(2000)
+    d_ = ms.direction(source, held, visual=True)
+    (row,) = ms.measure(heads, d_, [0.0], 0.05, 0.1)
+    assert row["share"] > 0.5 and row["disagreement"] <= 0.05  # the heads learned from the visual column
+    with pytest.raises(ValueError, match="no visual_features column"):
+        ms.direction({k: v for k, v in source.items() if k != "visual_features"}, held, visual=True)
