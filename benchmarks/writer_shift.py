@@ -19,8 +19,10 @@ sets of heads trained apart (seeds 3s..3s+2, folded by ``ExitHeads.average``; do
     python benchmarks/writer_shift.py --seeds 10 --heads_data validation --output runs/writer-shift/validation-24k.md
     python benchmarks/writer_shift.py --seeds 10 --heads_data validation --members 3 --margins 0.1,0.25 \
         --output runs/writer-shift/validation-24k-average3.md
-    python benchmarks/writer_shift.py --seeds 10 --heads_data validation --visual_inputs --margins 0.1,0.25 \
+    python benchmarks/writer_shift.py --seeds 10 --heads_data validation --visual_inputs --margins 0,0.1,0.25 \
         --output runs/writer-shift/validation-24k-visual.md
+    python benchmarks/writer_shift.py --seeds 10 --train 48000 --heads_data validation --visual_inputs \
+        --margins 0.1,0.25,0.5 --output runs/writer-shift/validation-48k-visual.md
 """
 
 from __future__ import annotations
